@@ -1,0 +1,24 @@
+//! The `fedquic/1` wire protocol, with no I/O: typed control messages on a
+//! length-prefixed stream, and tensor streams (a header, then raw
+//! little-endian f32 bodies that may arrive in chunks of any size).
+//!
+//! Everything here treats its input as hostile: lengths are checked before
+//! anything is allocated, unknown tags and versions are typed errors, and no
+//! decode path can panic.
+
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod tensor;
+
+pub use error::{ProtocolError, Result};
+pub use frame::{FrameDecoder, MAX_CONTROL_FRAME, decode_message, encode_message, frame_len};
+pub use message::{
+    Codec, EvalResult, EvaluateTask, FitInstructions, FitTask, Hello, Message, Metrics,
+    PROTOCOL_VERSION, Reject, SUPPORTED_VERSIONS, Welcome, negotiate_version,
+};
+pub use tensor::{
+    BodyDecoder, DType, StreamKind, TENSOR_PREFIX_LEN, TENSOR_STREAM_MAGIC, TensorHeader,
+    TensorLimits, TensorMeta, decode_header, decode_tensor_stream, encode_f32_body, encode_header,
+    header_len_from_prefix,
+};

@@ -1,0 +1,157 @@
+//! Control-stream messages. Small by construction: models never travel here,
+//! they go on their own tensor streams (see [`crate::tensor`]).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ProtocolError, Result};
+
+/// The protocol version this build speaks best.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Every version this build can speak, newest first.
+pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+
+/// Named scalar metrics (loss, accuracy, ...), in a stable order.
+pub type Metrics = Vec<(String, f64)>;
+
+/// How tensor bodies are encoded on the wire.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// Raw little-endian IEEE-754 f32.
+    F32,
+}
+
+/// The client's opening message on the control stream.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Hello {
+    /// Protocol versions the client speaks.
+    pub versions: Vec<u16>,
+    /// Codecs the client can decode and encode.
+    pub codecs: Vec<Codec>,
+    /// Free-form software identification, for logs.
+    pub agent: String,
+}
+
+/// The aggregator's answer to an acceptable [`Hello`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Welcome {
+    pub version: u16,
+    pub codec: Codec,
+    /// The model spec string (for example `mlp:784-200-200-10`).
+    pub model_spec: String,
+    /// The identity the aggregator knows this client by (its certificate name).
+    pub client_name: String,
+}
+
+/// Local training settings sent with each fit task.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FitInstructions {
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    /// FedProx proximal term; 0 is plain FedAvg.
+    pub proximal_mu: f32,
+    /// Seed for the client's shuffling, so a run can be replayed.
+    pub seed: u64,
+}
+
+impl FitInstructions {
+    /// Checks values a client must not trust blindly.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str| {
+            Err(ProtocolError::Malformed(format!(
+                "fit instructions: {what}"
+            )))
+        };
+        if self.epochs == 0 || self.epochs > 10_000 {
+            return bad("epochs must be in 1..=10000");
+        }
+        if self.batch_size == 0 || self.batch_size > 1 << 20 {
+            return bad("batch size must be in 1..=1048576");
+        }
+        if !self.learning_rate.is_finite() || self.learning_rate <= 0.0 {
+            return bad("learning rate must be finite and positive");
+        }
+        if !self.proximal_mu.is_finite() || self.proximal_mu < 0.0 {
+            return bad("proximal mu must be finite and non-negative");
+        }
+        Ok(())
+    }
+}
+
+/// Train on the global model that follows on a tensor stream with the same task id.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct FitTask {
+    pub round: u64,
+    pub task_id: u64,
+    pub config: FitInstructions,
+}
+
+/// Evaluate the global model that follows on a tensor stream with the same task id.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EvaluateTask {
+    pub round: u64,
+    pub task_id: u64,
+}
+
+/// A client's answer to an [`EvaluateTask`].
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EvalResult {
+    pub round: u64,
+    pub task_id: u64,
+    pub examples: u64,
+    pub loss: f64,
+    pub accuracy: f64,
+}
+
+/// Why the aggregator turned a client away, and when to come back if ever.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Reject {
+    pub reason: String,
+    /// `Some` means "try again after this long"; `None` means "do not retry".
+    pub retry_after_ms: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    FitTask(FitTask),
+    EvaluateTask(EvaluateTask),
+    EvalResult(EvalResult),
+    /// The client could not complete a task (bad data, training diverged...).
+    TaskFailed {
+        task_id: u64,
+        reason: String,
+    },
+    /// The aggregator accepted the update for this task.
+    UpdateAccepted {
+        task_id: u64,
+    },
+    /// The aggregator refused the update for this task; the connection stays up.
+    UpdateRejected {
+        task_id: u64,
+        reason: String,
+    },
+    /// Nothing to do for now; stay connected.
+    Wait {
+        round: u64,
+    },
+    Reject(Reject),
+    Heartbeat,
+    /// The sender is closing the session on purpose.
+    Bye {
+        reason: String,
+    },
+}
+
+/// Picks the newest version both sides speak.
+pub fn negotiate_version(offered: &[u16]) -> Result<u16> {
+    SUPPORTED_VERSIONS
+        .iter()
+        .copied()
+        .find(|v| offered.contains(v))
+        .ok_or_else(|| ProtocolError::NoCommonVersion {
+            offered: offered.iter().copied().take(16).collect(),
+            supported: SUPPORTED_VERSIONS.to_vec(),
+        })
+}

@@ -1,0 +1,409 @@
+//! Tensor streams: one model (or one update) on its own unidirectional
+//! stream.
+//!
+//! Layout: `b"FQT1"`, a u32 little-endian header length, a postcard
+//! [`TensorHeader`], then the body: each tensor's values in header order,
+//! row-major, as little-endian f32, with no padding. The body may arrive in
+//! chunks of any size (even splitting a float); [`BodyDecoder`] reassembles
+//! it straight into the caller's buffer and checks every value is finite.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ProtocolError, Result};
+use crate::message::{Codec, Metrics};
+
+pub const TENSOR_STREAM_MAGIC: [u8; 4] = *b"FQT1";
+/// Magic plus the header length.
+pub const TENSOR_PREFIX_LEN: usize = 8;
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// The aggregator's global model, for a fit or evaluate task.
+    GlobalModel,
+    /// A client's update: the delta `w_local - w_global`.
+    Update,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct TensorMeta {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub dtype: DType,
+}
+
+impl TensorMeta {
+    pub fn f32(name: impl Into<String>, shape: &[usize]) -> Self {
+        TensorMeta {
+            name: name.into(),
+            shape: shape.iter().map(|&d| d as u64).collect(),
+            dtype: DType::F32,
+        }
+    }
+
+    /// Number of elements, or `None` on overflow.
+    pub fn elements(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TensorHeader {
+    pub kind: StreamKind,
+    pub round: u64,
+    pub task_id: u64,
+    pub codec: Codec,
+    pub tensors: Vec<TensorMeta>,
+    /// Training examples behind an update (its FedAvg weight); 0 for models.
+    pub num_examples: u64,
+    /// Training metrics of an update (loss, accuracy...); empty for models.
+    pub metrics: Metrics,
+    /// Exact length of the body in bytes.
+    pub body_len: u64,
+}
+
+impl TensorHeader {
+    /// Total number of values across all tensors (checked).
+    pub fn total_values(&self) -> Result<u64> {
+        let mut total = 0u64;
+        for t in &self.tensors {
+            let n = t.elements().ok_or_else(|| ProtocolError::BadTensor {
+                name: t.name.clone(),
+                reason: "element count overflows".into(),
+            })?;
+            total = total.checked_add(n).ok_or(ProtocolError::TooManyValues {
+                values: u64::MAX,
+                max: u64::MAX,
+            })?;
+        }
+        Ok(total)
+    }
+
+    /// Checks that the stream carries exactly the expected tensors, in order.
+    pub fn check_layout(&self, expected: &[TensorMeta]) -> Result<()> {
+        if self.tensors.len() != expected.len() {
+            return Err(ProtocolError::LayoutMismatch(format!(
+                "{} tensors, expected {}",
+                self.tensors.len(),
+                expected.len()
+            )));
+        }
+        for (got, want) in self.tensors.iter().zip(expected) {
+            if got != want {
+                return Err(ProtocolError::LayoutMismatch(format!(
+                    "got tensor '{}' {:?} {:?}, expected '{}' {:?} {:?}",
+                    truncate(&got.name),
+                    &got.shape[..got.shape.len().min(8)],
+                    got.dtype,
+                    want.name,
+                    want.shape,
+                    want.dtype
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// Bounds that a receiver enforces on a tensor stream before allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorLimits {
+    pub max_header_bytes: usize,
+    pub max_tensors: usize,
+    pub max_name_bytes: usize,
+    pub max_rank: usize,
+    /// The largest number of values a stream may carry; set it from the
+    /// model spec so a peer cannot make us allocate more than the model.
+    pub max_values: u64,
+}
+
+impl Default for TensorLimits {
+    fn default() -> Self {
+        TensorLimits {
+            max_header_bytes: 1 << 20,
+            max_tensors: 4096,
+            max_name_bytes: 256,
+            max_rank: 8,
+            max_values: 1 << 30,
+        }
+    }
+}
+
+impl TensorLimits {
+    /// Limits for streams that must carry exactly `values` values.
+    pub fn for_model(values: u64) -> Self {
+        TensorLimits {
+            max_values: values,
+            ..Self::default()
+        }
+    }
+}
+
+/// Encodes the stream prefix and header. The body follows as
+/// [`encode_f32_body`] output.
+pub fn encode_header(header: &TensorHeader) -> Result<Vec<u8>> {
+    let mut prefix = Vec::with_capacity(256);
+    prefix.extend_from_slice(&TENSOR_STREAM_MAGIC);
+    prefix.extend_from_slice(&[0u8; 4]);
+    let mut out =
+        postcard::to_extend(header, prefix).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    let len = out.len() - TENSOR_PREFIX_LEN;
+    let len32 = u32::try_from(len).map_err(|_| ProtocolError::Encode("header too large".into()))?;
+    out[4..8].copy_from_slice(&len32.to_le_bytes());
+    Ok(out)
+}
+
+/// Appends `values` as little-endian f32 bytes.
+pub fn encode_f32_body(values: &[f32], out: &mut Vec<u8>) {
+    out.reserve(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Checks the 8-byte prefix and returns the header's length.
+pub fn header_len_from_prefix(
+    prefix: &[u8; TENSOR_PREFIX_LEN],
+    limits: &TensorLimits,
+) -> Result<usize> {
+    let mut magic = [0u8; 4];
+    magic.copy_from_slice(&prefix[..4]);
+    if magic != TENSOR_STREAM_MAGIC {
+        return Err(ProtocolError::BadMagic { found: magic });
+    }
+    let len = u32::from_le_bytes([prefix[4], prefix[5], prefix[6], prefix[7]]) as usize;
+    if len > limits.max_header_bytes {
+        return Err(ProtocolError::HeaderTooLarge {
+            len,
+            max: limits.max_header_bytes,
+        });
+    }
+    if len == 0 {
+        return Err(ProtocolError::Malformed("empty tensor header".into()));
+    }
+    Ok(len)
+}
+
+/// Decodes and validates a header (the bytes after the prefix).
+pub fn decode_header(bytes: &[u8], limits: &TensorLimits) -> Result<TensorHeader> {
+    if bytes.len() > limits.max_header_bytes {
+        return Err(ProtocolError::HeaderTooLarge {
+            len: bytes.len(),
+            max: limits.max_header_bytes,
+        });
+    }
+    let (header, rest) = postcard::take_from_bytes::<TensorHeader>(bytes)
+        .map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(ProtocolError::TrailingBytes {
+            trailing: rest.len(),
+        });
+    }
+    if header.tensors.len() > limits.max_tensors {
+        return Err(ProtocolError::TooManyTensors {
+            count: header.tensors.len(),
+            max: limits.max_tensors,
+        });
+    }
+    for t in &header.tensors {
+        let bad = |reason: &str| ProtocolError::BadTensor {
+            name: truncate(&t.name).to_string(),
+            reason: reason.into(),
+        };
+        if t.name.is_empty() || t.name.len() > limits.max_name_bytes {
+            return Err(bad("name must be 1 to max_name_bytes bytes"));
+        }
+        if t.shape.len() > limits.max_rank {
+            return Err(bad("rank exceeds the limit"));
+        }
+        if t.shape.contains(&0) {
+            return Err(bad("zero-sized dimension"));
+        }
+    }
+    let values = header.total_values()?;
+    if values > limits.max_values {
+        return Err(ProtocolError::TooManyValues {
+            values,
+            max: limits.max_values,
+        });
+    }
+    let element = match header.codec {
+        Codec::F32 => DType::F32.size() as u64,
+    };
+    if header.tensors.iter().any(|t| t.dtype != DType::F32) {
+        return Err(ProtocolError::Malformed(
+            "codec f32 carries only f32 tensors".into(),
+        ));
+    }
+    let expected = values * element;
+    if header.body_len != expected {
+        return Err(ProtocolError::BodyLengthMismatch {
+            declared: header.body_len,
+            expected,
+        });
+    }
+    if header.metrics.iter().any(|(_, v)| !v.is_finite()) {
+        return Err(ProtocolError::Malformed("non-finite metric".into()));
+    }
+    Ok(header)
+}
+
+/// Reassembles an f32 body from chunks of any size, writing each value into
+/// the caller's buffer as soon as its four bytes are in.
+#[derive(Debug)]
+pub struct BodyDecoder {
+    declared: u64,
+    received: u64,
+    /// Bytes of a float split across chunks.
+    carry: [u8; 4],
+    carry_len: usize,
+    written: usize,
+}
+
+impl BodyDecoder {
+    pub fn new(header: &TensorHeader) -> Self {
+        BodyDecoder {
+            declared: header.body_len,
+            received: 0,
+            carry: [0; 4],
+            carry_len: 0,
+            written: 0,
+        }
+    }
+
+    /// Number of values needed in the output buffer.
+    pub fn values(&self) -> usize {
+        (self.declared / 4) as usize
+    }
+
+    /// Decodes `chunk` into `out` (which must hold [`Self::values`] values).
+    /// Fails on overrun or on any non-finite value.
+    pub fn push(&mut self, mut chunk: &[u8], out: &mut [f32]) -> Result<()> {
+        if out.len() < self.values() {
+            return Err(ProtocolError::OutputTooSmall {
+                have: out.len(),
+                need: self.values(),
+            });
+        }
+        let remaining = self.declared - self.received;
+        if chunk.len() as u64 > remaining {
+            return Err(ProtocolError::BodyOverrun {
+                declared: self.declared,
+            });
+        }
+        self.received += chunk.len() as u64;
+        if self.carry_len > 0 {
+            let take = (4 - self.carry_len).min(chunk.len());
+            self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&chunk[..take]);
+            self.carry_len += take;
+            chunk = &chunk[take..];
+            if self.carry_len < 4 {
+                return Ok(());
+            }
+            self.store(f32::from_le_bytes(self.carry), out)?;
+            self.carry_len = 0;
+        }
+        let whole = chunk.len() / 4 * 4;
+        let dst = &mut out[self.written..self.written + whole / 4];
+        for (d, b) in dst.iter_mut().zip(chunk[..whole].chunks_exact(4)) {
+            *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        // Checked after the vectorisable copy loop; cheap compared to the network.
+        if let Some(i) = dst.iter().position(|v| !v.is_finite()) {
+            return Err(ProtocolError::NonFinite {
+                index: self.written + i,
+            });
+        }
+        self.written += whole / 4;
+        let tail = &chunk[whole..];
+        self.carry[..tail.len()].copy_from_slice(tail);
+        self.carry_len = tail.len();
+        Ok(())
+    }
+
+    fn store(&mut self, v: f32, out: &mut [f32]) -> Result<()> {
+        if !v.is_finite() {
+            return Err(ProtocolError::NonFinite {
+                index: self.written,
+            });
+        }
+        out[self.written] = v;
+        self.written += 1;
+        Ok(())
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.received == self.declared
+    }
+
+    /// Fails unless the whole declared body arrived.
+    pub fn finish(&self) -> Result<()> {
+        if self.is_complete() {
+            Ok(())
+        } else {
+            Err(ProtocolError::BodyTruncated {
+                got: self.received,
+                declared: self.declared,
+            })
+        }
+    }
+}
+
+/// Decodes a whole tensor stream held in memory (tests, fuzzing, files).
+pub fn decode_tensor_stream(
+    bytes: &[u8],
+    limits: &TensorLimits,
+) -> Result<(TensorHeader, Vec<f32>)> {
+    let prefix: &[u8; TENSOR_PREFIX_LEN] = bytes
+        .get(..TENSOR_PREFIX_LEN)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(ProtocolError::Malformed(
+            "stream shorter than its prefix".into(),
+        ))?;
+    let header_len = header_len_from_prefix(prefix, limits)?;
+    let header_end = TENSOR_PREFIX_LEN + header_len;
+    let header_bytes = bytes
+        .get(TENSOR_PREFIX_LEN..header_end)
+        .ok_or(ProtocolError::Malformed(
+            "stream shorter than its header".into(),
+        ))?;
+    let header = decode_header(header_bytes, limits)?;
+    let body = &bytes[header_end..];
+    // The body length is known and bounded now; only allocate for what arrived.
+    if (body.len() as u64) < header.body_len {
+        return Err(ProtocolError::BodyTruncated {
+            got: body.len() as u64,
+            declared: header.body_len,
+        });
+    }
+    let mut decoder = BodyDecoder::new(&header);
+    let mut values = vec![0f32; decoder.values()];
+    decoder.push(body, &mut values)?;
+    decoder.finish()?;
+    Ok((header, values))
+}
