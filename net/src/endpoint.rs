@@ -1,0 +1,513 @@
+//! quinn endpoints on UDP sockets with large kernel buffers.
+//!
+//! With the kernel's default ~208 KiB receive buffer, bursts of handshakes
+//! (hundreds of clients connecting at once) overflow the socket and packets
+//! are dropped; [`UDP_BUFFER_BYTES`] avoids that.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use quinn::{EndpointConfig, TokioRuntime};
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Requested size of the UDP receive and send buffers.
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// Errors of endpoint creation.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("QUIC endpoints must be created inside a tokio runtime")]
+    NoRuntime,
+    #[error("cannot create a UDP socket for {addr}: {source}")]
+    Socket {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("address {addr} is already in use (is another instance running?)")]
+    AddrInUse {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the QUIC endpoint on {addr}: {source}")]
+    Endpoint {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Warn once per process about a small buffer; later occurrences go to debug.
+static WARNED_SMALL_BUFFER: AtomicBool = AtomicBool::new(false);
+
+fn report_small_buffer(addr: SocketAddr, which: &str, granted: usize) {
+    if WARNED_SMALL_BUFFER.swap(true, Ordering::Relaxed) {
+        tracing::debug!(%addr, which, granted, "UDP buffer smaller than requested");
+    } else {
+        tracing::warn!(
+            %addr,
+            which,
+            requested = UDP_BUFFER_BYTES,
+            granted,
+            "the OS granted a smaller UDP {which} buffer than requested; bursts of \
+             connections may drop packets (raise net.core.rmem_max / wmem_max)"
+        );
+    }
+}
+
+/// A non-blocking UDP socket bound to `addr` with enlarged buffers.
+fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, EndpointError> {
+    let socket_err = |source| EndpointError::Socket { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .map_err(socket_err)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        // Best effort dual stack, as quinn does for its own sockets.
+        if let Err(e) = socket.set_only_v6(false) {
+            tracing::debug!(%addr, %e, "cannot make the socket dual-stack");
+        }
+    }
+    // Failing to enlarge a buffer is not fatal: the sizes are checked below.
+    if let Err(e) = socket.set_recv_buffer_size(UDP_BUFFER_BYTES) {
+        tracing::debug!(%addr, %e, "cannot set SO_RCVBUF");
+    }
+    if let Err(e) = socket.set_send_buffer_size(UDP_BUFFER_BYTES) {
+        tracing::debug!(%addr, %e, "cannot set SO_SNDBUF");
+    }
+    // Linux reports twice the granted size (bookkeeping overhead included),
+    // so a capped request shows up as less than what was asked.
+    match socket.recv_buffer_size() {
+        Ok(granted) if granted < UDP_BUFFER_BYTES => report_small_buffer(addr, "receive", granted),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(%addr, %e, "cannot read SO_RCVBUF"),
+    }
+    match socket.send_buffer_size() {
+        Ok(granted) if granted < UDP_BUFFER_BYTES => report_small_buffer(addr, "send", granted),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(%addr, %e, "cannot read SO_SNDBUF"),
+    }
+    socket.bind(&addr.into()).map_err(|source| {
+        if source.kind() == io::ErrorKind::AddrInUse {
+            EndpointError::AddrInUse { addr, source }
+        } else {
+            EndpointError::Bind { addr, source }
+        }
+    })?;
+    socket.set_nonblocking(true).map_err(socket_err)?;
+    Ok(socket.into())
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, EndpointError> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(EndpointError::NoRuntime);
+    }
+    let socket = udp_socket(addr)?;
+    quinn::Endpoint::new(
+        EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(TokioRuntime),
+    )
+    .map_err(|source| EndpointError::Endpoint { addr, source })
+}
+
+/// A server endpoint listening on `listen`. Must be called inside a tokio
+/// runtime. Port 0 picks a free port: see `Endpoint::local_addr`.
+pub fn server_endpoint(
+    listen: SocketAddr,
+    config: quinn::ServerConfig,
+) -> Result<quinn::Endpoint, EndpointError> {
+    endpoint(listen, Some(config))
+}
+
+/// A client endpoint on an ephemeral IPv4 port (`0.0.0.0:0`) whose default
+/// client configuration is `config`. Must be called inside a tokio runtime.
+pub fn client_endpoint(config: quinn::ClientConfig) -> Result<quinn::Endpoint, EndpointError> {
+    client_endpoint_on(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)), config)
+}
+
+/// A client endpoint on an ephemeral port of the same address family as
+/// `server`, so that it can reach it.
+pub fn client_endpoint_for(
+    server: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let bind = match server {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    client_endpoint_on(bind, config)
+}
+
+/// A client endpoint bound to `bind` whose default client configuration
+/// is `config`.
+pub fn client_endpoint_on(
+    bind: SocketAddr,
+    config: quinn::ClientConfig,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let mut endpoint = endpoint(bind, None)?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::{Duration, SystemTime};
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::pki::{self, CertAuthority, Issued};
+    use crate::tls::{
+        self, Identity, TransportSettings, client_config, load_ca_pem, peer_name, server_config,
+    };
+
+    const STEP: Duration = Duration::from_secs(5);
+    const PAYLOAD: &[u8] = b"weights: 0.25 0.5 0.125";
+
+    /// Every await of the tests goes through this, so a bug cannot hang the suite.
+    async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+        match tokio::time::timeout(STEP, fut).await {
+            Ok(v) => v,
+            Err(_) => panic!("timed out: {what}"),
+        }
+    }
+
+    /// What the echo server saw of one incoming connection.
+    #[derive(Debug, PartialEq)]
+    enum Seen {
+        /// Handshake succeeded; the client's name.
+        Admitted(Option<String>),
+        /// The handshake failed on the server side.
+        Refused(String),
+    }
+
+    struct Server {
+        endpoint: quinn::Endpoint,
+        addr: SocketAddr,
+        seen: mpsc::UnboundedReceiver<Seen>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            self.endpoint.close(0u32.into(), b"test over");
+            self.task.abort();
+        }
+    }
+
+    /// An echo server: on each connection, echoes one bi stream back.
+    fn start_server(ca: &CertAuthority, server: &Issued) -> Server {
+        let roots = load_ca_pem(ca.cert_pem()).expect("roots");
+        let id = Identity::from_pem(&server.cert_pem, &server.key_pem).expect("identity");
+        let config = server_config(roots, id, &TransportSettings::default()).expect("config");
+        let endpoint =
+            server_endpoint(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config).expect("endpoint");
+        let addr = endpoint.local_addr().expect("local addr");
+        let (tx, seen) = mpsc::unbounded_channel();
+        let accepting = endpoint.clone();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let conn = match incoming.await {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            let _ = tx.send(Seen::Refused(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Seen::Admitted(peer_name(&conn)));
+                    let echo = async {
+                        let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+                        let data = recv.read_to_end(1 << 20).await.ok()?;
+                        send.write_all(&data).await.ok()?;
+                        send.finish().ok()?;
+                        conn.closed().await;
+                        Some(())
+                    };
+                    let _ = tokio::time::timeout(STEP, echo).await;
+                });
+            }
+        });
+        Server {
+            endpoint,
+            addr,
+            seen,
+            task,
+        }
+    }
+
+    fn client(ca_pem: &str, identity: Option<&Issued>) -> quinn::Endpoint {
+        let roots = load_ca_pem(ca_pem).expect("roots");
+        let identity =
+            identity.map(|i| Identity::from_pem(&i.cert_pem, &i.key_pem).expect("client identity"));
+        let config =
+            client_config(roots, identity, &TransportSettings::default()).expect("client config");
+        client_endpoint_for(SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), config).expect("endpoint")
+    }
+
+    /// Connects and does one echo round trip; the error says which step failed.
+    async fn round_trip(endpoint: &quinn::Endpoint, server: SocketAddr) -> Result<Vec<u8>, String> {
+        let connecting = endpoint
+            .connect(server, "localhost")
+            .map_err(|e| format!("connect: {e}"))?;
+        let conn = within("handshake", connecting)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let result = async {
+            let (mut send, mut recv) = within("open_bi", conn.open_bi())
+                .await
+                .map_err(|e| format!("open_bi: {e}"))?;
+            within("write", send.write_all(PAYLOAD))
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            send.finish().map_err(|e| format!("finish: {e}"))?;
+            within("read", recv.read_to_end(1 << 20))
+                .await
+                .map_err(|e| format!("read: {e}"))
+        }
+        .await;
+        conn.close(0u32.into(), b"done");
+        result
+    }
+
+    async fn next_seen(server: &mut Server) -> Seen {
+        within("server report", server.seen.recv())
+            .await
+            .expect("server task alive")
+    }
+
+    fn setup() -> (CertAuthority, Issued) {
+        let ca = CertAuthority::generate("fedquic test CA").expect("CA");
+        let server = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into()])
+            .expect("server cert");
+        (ca, server)
+    }
+
+    /// A refused client: no application data may come back, the server
+    /// reports a failed handshake, and an honest client still gets through.
+    async fn assert_refused(server: &mut Server, ca: &CertAuthority, bad: quinn::Endpoint) {
+        let result = round_trip(&bad, server.addr).await;
+        assert!(result.is_err(), "refused client got data back: {result:?}");
+        match next_seen(server).await {
+            Seen::Refused(reason) => assert!(!reason.is_empty()),
+            other => panic!("server admitted the client: {other:?}"),
+        }
+        let honest = ca.issue_client("honest").expect("client");
+        let good = client(ca.cert_pem(), Some(&honest));
+        let echoed = round_trip(&good, server.addr).await.expect("honest client");
+        assert_eq!(echoed, PAYLOAD);
+        assert_eq!(
+            next_seen(server).await,
+            Seen::Admitted(Some("honest".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_round_trip_and_peer_name() {
+        let (ca, server_cert) = setup();
+        let mut server = start_server(&ca, &server_cert);
+        let client_cert = ca.issue_client("client-001").expect("client");
+        let endpoint = client(ca.cert_pem(), Some(&client_cert));
+        let echoed = round_trip(&endpoint, server.addr)
+            .await
+            .expect("round trip");
+        assert_eq!(echoed, PAYLOAD);
+        assert_eq!(
+            next_seen(&mut server).await,
+            Seen::Admitted(Some("client-001".into()))
+        );
+        // Several clients in a row on the same server.
+        for i in 2..5 {
+            let name = pki::client_name(i);
+            let cert = ca.issue_client(&name).expect("client");
+            let endpoint = client(ca.cert_pem(), Some(&cert));
+            assert_eq!(
+                round_trip(&endpoint, server.addr)
+                    .await
+                    .expect("round trip"),
+                PAYLOAD
+            );
+            assert_eq!(next_seen(&mut server).await, Seen::Admitted(Some(name)));
+        }
+    }
+
+    #[tokio::test]
+    async fn files_written_by_init_dir_and_add_client_work_end_to_end() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        pki::init_dir(dir, &["localhost".into()], 1, false).expect("init");
+        pki::add_client(dir, "late-joiner").expect("add");
+        let roots = || tls::load_ca_file(&dir.join("ca.pem")).expect("roots");
+        let server_id = Identity::from_files(&dir.join("server.pem"), &dir.join("server.key"))
+            .expect("server identity");
+        let config =
+            server_config(roots(), server_id, &TransportSettings::default()).expect("config");
+        let endpoint =
+            server_endpoint(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config).expect("endpoint");
+        let addr = endpoint.local_addr().expect("addr");
+        let accept = endpoint.clone();
+        let names = tokio::spawn(async move {
+            let mut names = Vec::new();
+            for _ in 0..2 {
+                let Some(incoming) = accept.accept().await else {
+                    break;
+                };
+                if let Ok(conn) = incoming.await {
+                    names.push(peer_name(&conn));
+                    if let Ok((mut send, mut recv)) = conn.accept_bi().await
+                        && let Ok(data) = recv.read_to_end(1024).await
+                    {
+                        let _ = send.write_all(&data).await;
+                        let _ = send.finish();
+                        conn.closed().await;
+                    }
+                }
+            }
+            names
+        });
+        for name in ["client-001", "late-joiner"] {
+            let id = Identity::from_files(
+                &dir.join(format!("{name}.pem")),
+                &dir.join(format!("{name}.key")),
+            )
+            .expect("client identity");
+            let config =
+                client_config(roots(), Some(id), &TransportSettings::default()).expect("config");
+            let client = client_endpoint(config).expect("client endpoint");
+            assert_eq!(round_trip(&client, addr).await.expect(name), PAYLOAD);
+        }
+        let names = within("server", names).await.expect("server task");
+        assert_eq!(
+            names,
+            vec![
+                Some("client-001".to_string()),
+                Some("late-joiner".to_string())
+            ]
+        );
+        endpoint.close(0u32.into(), b"");
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let (ca, server_cert) = setup();
+        let mut server = start_server(&ca, &server_cert);
+        let bad = client(ca.cert_pem(), None);
+        assert_refused(&mut server, &ca, bad).await;
+    }
+
+    #[tokio::test]
+    async fn client_with_certificate_from_another_ca_is_refused() {
+        let (ca, server_cert) = setup();
+        let mut server = start_server(&ca, &server_cert);
+        let rogue_ca = CertAuthority::generate("fedquic test CA").expect("rogue CA");
+        let rogue = rogue_ca.issue_client("client-001").expect("rogue client");
+        // The rogue client trusts the real server, so only its own
+        // certificate can be the reason for the refusal.
+        let bad = client(ca.cert_pem(), Some(&rogue));
+        assert_refused(&mut server, &ca, bad).await;
+    }
+
+    #[tokio::test]
+    async fn expired_client_certificate_is_refused() {
+        let (ca, server_cert) = setup();
+        let mut server = start_server(&ca, &server_cert);
+        let now = SystemTime::now();
+        let expired = ca
+            .issue_client_with_validity(
+                "client-001",
+                now - Duration::from_secs(10 * 24 * 3600),
+                now - Duration::from_secs(24 * 3600),
+            )
+            .expect("expired client");
+        let bad = client(ca.cert_pem(), Some(&expired));
+        assert_refused(&mut server, &ca, bad).await;
+    }
+
+    #[tokio::test]
+    async fn server_certificate_as_client_certificate_is_refused() {
+        let (ca, server_cert) = setup();
+        let mut server = start_server(&ca, &server_cert);
+        // Signed by the right CA but without the clientAuth usage.
+        let bad = client(ca.cert_pem(), Some(&server_cert));
+        assert_refused(&mut server, &ca, bad).await;
+    }
+
+    #[tokio::test]
+    async fn client_checking_against_the_wrong_ca_fails_to_connect() {
+        let (ca, server_cert) = setup();
+        let mut server = start_server(&ca, &server_cert);
+        let client_cert = ca.issue_client("client-001").expect("client");
+        let other_ca = CertAuthority::generate("fedquic test CA").expect("other CA");
+        let endpoint = client(other_ca.cert_pem(), Some(&client_cert));
+        let connecting = endpoint.connect(server.addr, "localhost").expect("connect");
+        let result = within("handshake", connecting).await;
+        let err = result.expect_err("client accepted a server from another CA");
+        assert!(
+            err.to_string().to_lowercase().contains("certificate"),
+            "unexpected error: {err}"
+        );
+        // The server keeps serving honest clients.
+        let good = client(ca.cert_pem(), Some(&client_cert));
+        assert_eq!(
+            round_trip(&good, server.addr).await.expect("honest"),
+            PAYLOAD
+        );
+        loop {
+            if next_seen(&mut server).await == Seen::Admitted(Some("client-001".into())) {
+                break;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn wrong_server_name_fails_to_connect() {
+        let (ca, server_cert) = setup();
+        let server = start_server(&ca, &server_cert);
+        let client_cert = ca.issue_client("client-001").expect("client");
+        let endpoint = client(ca.cert_pem(), Some(&client_cert));
+        let connecting = endpoint
+            .connect(server.addr, "aggregator.example")
+            .expect("connect");
+        assert!(within("handshake", connecting).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn binding_a_used_address_names_it() {
+        let (ca, server_cert) = setup();
+        let server = start_server(&ca, &server_cert);
+        let roots = load_ca_pem(ca.cert_pem()).expect("roots");
+        let id = Identity::from_pem(&server_cert.cert_pem, &server_cert.key_pem).expect("id");
+        let config = server_config(roots, id, &TransportSettings::default()).expect("config");
+        let err = server_endpoint(server.addr, config).expect_err("address in use");
+        assert!(matches!(err, EndpointError::AddrInUse { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(&server.addr.to_string()), "{text}");
+        assert!(text.contains("already in use"), "{text}");
+    }
+
+    #[test]
+    fn endpoints_need_a_runtime() {
+        let (ca, _) = setup();
+        let roots = load_ca_pem(ca.cert_pem()).expect("roots");
+        let config = client_config(roots, None, &TransportSettings::default()).expect("config");
+        assert!(matches!(
+            client_endpoint(config),
+            Err(EndpointError::NoRuntime)
+        ));
+    }
+}

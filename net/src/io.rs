@@ -1,0 +1,141 @@
+//! Framed `fedquic/1` I/O over quinn streams: control messages on the
+//! bidirectional control stream, tensor streams on unidirectional streams.
+
+use fedquic_protocol::{
+    BodyDecoder, Message, ProtocolError, TENSOR_PREFIX_LEN, TensorHeader, TensorLimits,
+    decode_header, decode_message, encode_f32_body, encode_header, encode_message, frame_len,
+    header_len_from_prefix,
+};
+use thiserror::Error;
+
+/// Values per write when sending a tensor body (1 MiB of bytes).
+const SEND_CHUNK_VALUES: usize = 256 * 1024;
+
+#[derive(Debug, Error)]
+pub enum IoError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("read failed: {0}")]
+    Read(#[from] quinn::ReadError),
+    #[error("write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("stream ended in the middle of a {what}")]
+    Truncated { what: &'static str },
+    #[error("stream already closed")]
+    ClosedStream,
+}
+
+/// `read_exact` that names what was cut short when the stream ends early.
+async fn read_exact_named(
+    recv: &mut quinn::RecvStream,
+    buf: &mut [u8],
+    what: &'static str,
+) -> Result<(), IoError> {
+    recv.read_exact(buf).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(_) => IoError::Truncated { what },
+        quinn::ReadExactError::ReadError(e) => IoError::Read(e),
+    })
+}
+
+impl From<quinn::ClosedStream> for IoError {
+    fn from(_: quinn::ClosedStream) -> Self {
+        IoError::ClosedStream
+    }
+}
+
+/// Writes one control message.
+pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Result<(), IoError> {
+    let frame = encode_message(msg)?;
+    send.write_all(&frame).await?;
+    Ok(())
+}
+
+/// Reads one control message; `Ok(None)` when the peer finished the stream
+/// cleanly between messages.
+pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Option<Message>, IoError> {
+    let mut prefix = [0u8; 4];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            return Err(IoError::Truncated {
+                what: "frame prefix",
+            });
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
+    }
+    // The length is checked against MAX_CONTROL_FRAME before we allocate.
+    let len = frame_len(prefix)?;
+    let mut payload = vec![0u8; len];
+    read_exact_named(recv, &mut payload, "control frame").await?;
+    Ok(Some(decode_message(&payload)?))
+}
+
+/// Sends a tensor stream (header then body) on a new unidirectional stream
+/// and finishes it. Returns the bytes written.
+pub async fn send_tensors(
+    conn: &quinn::Connection,
+    header: &TensorHeader,
+    values: &[f32],
+) -> Result<u64, IoError> {
+    let mut send = conn.open_uni().await?;
+    let written = write_tensors(&mut send, header, values).await?;
+    send.finish()?;
+    Ok(written)
+}
+
+/// Writes a tensor stream to an open stream, encoding the body in bounded
+/// chunks so no second full copy of the model is ever made.
+pub async fn write_tensors(
+    send: &mut quinn::SendStream,
+    header: &TensorHeader,
+    values: &[f32],
+) -> Result<u64, IoError> {
+    if header.body_len != values.len() as u64 * 4 {
+        return Err(ProtocolError::BodyLengthMismatch {
+            declared: header.body_len,
+            expected: values.len() as u64 * 4,
+        }
+        .into());
+    }
+    let head = encode_header(header)?;
+    send.write_all(&head).await?;
+    let mut buf = Vec::with_capacity(SEND_CHUNK_VALUES.min(values.len()) * 4);
+    for chunk in values.chunks(SEND_CHUNK_VALUES) {
+        buf.clear();
+        encode_f32_body(chunk, &mut buf);
+        send.write_all(&buf).await?;
+    }
+    Ok(head.len() as u64 + header.body_len)
+}
+
+/// Reads and validates a tensor stream's header.
+pub async fn read_tensor_header(
+    recv: &mut quinn::RecvStream,
+    limits: &TensorLimits,
+) -> Result<TensorHeader, IoError> {
+    let mut prefix = [0u8; TENSOR_PREFIX_LEN];
+    read_exact_named(recv, &mut prefix, "tensor header").await?;
+    let len = header_len_from_prefix(&prefix, limits)?;
+    let mut bytes = vec![0u8; len];
+    read_exact_named(recv, &mut bytes, "tensor header").await?;
+    Ok(decode_header(&bytes, limits)?)
+}
+
+/// Reads a tensor body straight into `out` as chunks arrive (no intermediate
+/// copy of the whole body), checking length and finiteness. Fails if the
+/// stream carries more or fewer bytes than the header declared.
+pub async fn read_tensor_body(
+    recv: &mut quinn::RecvStream,
+    header: &TensorHeader,
+    out: &mut [f32],
+) -> Result<(), IoError> {
+    let mut decoder = BodyDecoder::new(header);
+    while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+        decoder.push(&chunk.bytes, out)?;
+    }
+    decoder.finish()?;
+    Ok(())
+}

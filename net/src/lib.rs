@@ -1,0 +1,12 @@
+//! fedquic transport: the PKI (certificate generation with rcgen), mutual-TLS
+//! configurations for quinn/rustls, UDP endpoints tuned for many connections,
+//! and framed I/O of the `fedquic/1` protocol over QUIC streams.
+//!
+//! The protocol crate stays pure (bytes in, messages out); this crate is the
+//! thin async layer that moves those bytes over real connections, shared by
+//! the aggregator, the client and the simulator.
+
+pub mod endpoint;
+pub mod io;
+pub mod pki;
+pub mod tls;

@@ -1,0 +1,788 @@
+//! The federation's private PKI: one certificate authority that signs the
+//! aggregator's server certificate and one client certificate per
+//! participant (generated with rcgen, ECDSA P-256, PEM text).
+//!
+//! A client's identity is the common name of its certificate; the aggregator
+//! trusts exactly the certificates signed by this CA (mutual TLS).
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rcgen::string::{BmpString, Ia5String, PrintableString, TeletexString, UniversalString};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, DnsName};
+use time::OffsetDateTime;
+use x509_parser::asn1_rs::Tag;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::ParsedExtension;
+use x509_parser::x509::X509Name;
+
+/// File names inside a PKI directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// The CA's private key file.
+pub const CA_KEY_FILE: &str = "ca.key";
+/// The aggregator's certificate file.
+pub const SERVER_CERT_FILE: &str = "server.pem";
+/// The aggregator's private key file.
+pub const SERVER_KEY_FILE: &str = "server.key";
+
+/// Validity of a freshly generated CA.
+pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Default validity of issued server and client certificates.
+pub const LEAF_VALIDITY: Duration = Duration::from_secs(2 * 365 * 24 * 3600);
+/// Certificates are back-dated by this much to tolerate small clock skew.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// Longest accepted client name (the X.509 upper bound of a common name).
+pub const MAX_CLIENT_NAME_LEN: usize = 64;
+
+/// Errors of certificate generation and PKI directory handling.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("invalid CA certificate: {0}")]
+    InvalidCaCert(String),
+    #[error("invalid CA private key: {0}")]
+    InvalidCaKey(String),
+    #[error("the CA private key does not match the CA certificate")]
+    KeyMismatch,
+    #[error("invalid client name {name:?}: {reason}")]
+    InvalidClientName { name: String, reason: String },
+    #[error("invalid server name {name:?}: {reason}")]
+    InvalidServerName { name: String, reason: String },
+    #[error("at least one server name (DNS name or IP address) is required")]
+    NoServerNames,
+    #[error("invalid validity period: {0}")]
+    InvalidValidity(String),
+    #[error("{} already exists; refusing to overwrite it (use --force to replace the whole PKI)", .0.display())]
+    AlreadyExists(PathBuf),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A freshly issued certificate and its private key, both PEM text.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Issued")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"[redacted]")
+            .finish()
+    }
+}
+
+/// A certificate authority able to issue server and client certificates.
+pub struct CertAuthority {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for CertAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertAuthority")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"[redacted]")
+            .finish()
+    }
+}
+
+fn to_datetime(t: SystemTime) -> Result<OffsetDateTime, PkiError> {
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map_err(|_| PkiError::InvalidValidity("time before 1970".into()))?
+        .as_secs();
+    let secs =
+        i64::try_from(secs).map_err(|_| PkiError::InvalidValidity("time out of range".into()))?;
+    OffsetDateTime::from_unix_timestamp(secs)
+        .map_err(|e| PkiError::InvalidValidity(format!("time out of range: {e}")))
+}
+
+/// `(now - BACKDATE, now + validity)`.
+fn default_validity(validity: Duration) -> Result<(SystemTime, SystemTime), PkiError> {
+    let now = SystemTime::now();
+    let not_before = now.checked_sub(BACKDATE).unwrap_or(now);
+    let not_after = now
+        .checked_add(validity)
+        .ok_or_else(|| PkiError::InvalidValidity("validity overflows".into()))?;
+    Ok((not_before, not_after))
+}
+
+fn set_validity(
+    params: &mut CertificateParams,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<(), PkiError> {
+    if not_after <= not_before {
+        return Err(PkiError::InvalidValidity(
+            "not_after must be later than not_before".into(),
+        ));
+    }
+    params.not_before = to_datetime(not_before)?;
+    params.not_after = to_datetime(not_after)?;
+    Ok(())
+}
+
+fn common_name_dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+/// Rebuilds an rcgen distinguished name from a parsed certificate subject,
+/// keeping every attribute's string type so that issued certificates name
+/// their issuer byte for byte as the CA names itself.
+fn dn_from_x509(name: &X509Name<'_>) -> Result<DistinguishedName, PkiError> {
+    let bad = |what: &str| PkiError::InvalidCaCert(format!("unsupported subject: {what}"));
+    let mut dn = DistinguishedName::new();
+    for rdn in name.iter() {
+        let mut attrs = rdn.iter();
+        let (Some(attr), None) = (attrs.next(), attrs.next()) else {
+            return Err(bad("multi-valued or empty RDN"));
+        };
+        let oid: Vec<u64> = attr
+            .attr_type()
+            .iter()
+            .ok_or_else(|| bad("attribute OID"))?
+            .collect();
+        let data = attr.attr_value().data;
+        let text = || std::str::from_utf8(data).map_err(|_| bad("attribute is not UTF-8"));
+        let value = match attr.attr_value().header.tag() {
+            Tag::Utf8String => DnValue::Utf8String(text()?.to_owned()),
+            Tag::PrintableString => DnValue::PrintableString(
+                PrintableString::try_from(text()?).map_err(|_| bad("PrintableString"))?,
+            ),
+            Tag::Ia5String => {
+                DnValue::Ia5String(Ia5String::try_from(text()?).map_err(|_| bad("IA5String"))?)
+            }
+            Tag::T61String => DnValue::TeletexString(
+                TeletexString::try_from(text()?).map_err(|_| bad("TeletexString"))?,
+            ),
+            Tag::BmpString => DnValue::BmpString(
+                BmpString::from_utf16be(data.to_vec()).map_err(|_| bad("BMPString"))?,
+            ),
+            Tag::UniversalString => DnValue::UniversalString(
+                UniversalString::from_utf32be(data.to_vec()).map_err(|_| bad("UniversalString"))?,
+            ),
+            _ => return Err(bad("attribute string type")),
+        };
+        dn.push(DnType::from_oid(&oid), value);
+    }
+    Ok(dn)
+}
+
+fn generate_key() -> Result<KeyPair, PkiError> {
+    Ok(KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?)
+}
+
+impl CertAuthority {
+    /// Generates a self-signed CA (ECDSA P-256, valid 10 years).
+    pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        if common_name.is_empty() {
+            return Err(PkiError::InvalidCaCert("empty common name".into()));
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name_dn(common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let (not_before, not_after) = default_validity(CA_VALIDITY)?;
+        set_validity(&mut params, not_before, not_after)?;
+        let key = generate_key()?;
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads an existing CA (certificate and PKCS#8 private key, PEM) so that
+    /// it can issue more certificates.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, PkiError> {
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| PkiError::InvalidCaCert(format!("PEM: {e}")))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| PkiError::InvalidCaCert(format!("X.509: {e}")))?;
+        if !x509.is_ca() {
+            return Err(PkiError::InvalidCaCert(
+                "the certificate is not a CA (basicConstraints CA:TRUE missing)".into(),
+            ));
+        }
+        if let Ok(Some(ku)) = x509.key_usage()
+            && !ku.value.key_cert_sign()
+        {
+            return Err(PkiError::InvalidCaCert(
+                "the certificate may not sign certificates (keyCertSign missing)".into(),
+            ));
+        }
+        let key = KeyPair::from_pem(key_pem).map_err(|e| PkiError::InvalidCaKey(e.to_string()))?;
+        if key.subject_public_key_info() != x509.public_key().raw {
+            return Err(PkiError::KeyMismatch);
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn_from_x509(x509.subject())?;
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        if let Some(ski) = subject_key_id(&x509) {
+            params.key_identifier_method = KeyIdMethod::PreSpecified(ski);
+        }
+        Ok(Self {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads the CA stored in a PKI directory (`ca.pem`, `ca.key`).
+    pub fn from_dir(dir: &Path) -> Result<Self, PkiError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let key = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        Self::from_pem(&cert, &key)
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA private key, PEM (PKCS#8).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    fn sign(&self, params: &CertificateParams) -> Result<Issued, PkiError> {
+        let key = generate_key()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues the aggregator's certificate, valid [`LEAF_VALIDITY`].
+    ///
+    /// Each name becomes a subject alternative name: an IP address if it
+    /// parses as one, else a DNS name. The common name is the first name.
+    pub fn issue_server(&self, names: &[String]) -> Result<Issued, PkiError> {
+        let (not_before, not_after) = default_validity(LEAF_VALIDITY)?;
+        self.issue_server_with_validity(names, not_before, not_after)
+    }
+
+    /// [`issue_server`](Self::issue_server) with an explicit validity period.
+    pub fn issue_server_with_validity(
+        &self,
+        names: &[String],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Issued, PkiError> {
+        let first = names.first().ok_or(PkiError::NoServerNames)?;
+        let mut sans = Vec::with_capacity(names.len());
+        for name in names {
+            let invalid = |reason: &str| PkiError::InvalidServerName {
+                name: name.clone(),
+                reason: reason.into(),
+            };
+            if let Ok(ip) = name.parse::<IpAddr>() {
+                sans.push(SanType::IpAddress(ip));
+            } else {
+                DnsName::try_from(name.as_str())
+                    .map_err(|_| invalid("neither an IP address nor a valid DNS name"))?;
+                let ia5 = Ia5String::try_from(name.as_str()).map_err(|_| invalid("not ASCII"))?;
+                sans.push(SanType::DnsName(ia5));
+            }
+        }
+        let mut params = leaf_params(first, ExtendedKeyUsagePurpose::ServerAuth);
+        params.subject_alt_names = sans;
+        set_validity(&mut params, not_before, not_after)?;
+        self.sign(&params)
+    }
+
+    /// Issues a client certificate, valid [`LEAF_VALIDITY`]. The common
+    /// name is `name` (the client's identity, see
+    /// [`validate_client_name`]); it is also a DNS SAN when it is a valid
+    /// DNS name.
+    pub fn issue_client(&self, name: &str) -> Result<Issued, PkiError> {
+        let (not_before, not_after) = default_validity(LEAF_VALIDITY)?;
+        self.issue_client_with_validity(name, not_before, not_after)
+    }
+
+    /// [`issue_client`](Self::issue_client) with an explicit validity period
+    /// (for instance an already expired one, for tests).
+    pub fn issue_client_with_validity(
+        &self,
+        name: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<Issued, PkiError> {
+        validate_client_name(name)?;
+        let mut params = leaf_params(name, ExtendedKeyUsagePurpose::ClientAuth);
+        if DnsName::try_from(name).is_ok()
+            && let Ok(ia5) = Ia5String::try_from(name)
+        {
+            params.subject_alt_names = vec![SanType::DnsName(ia5)];
+        }
+        set_validity(&mut params, not_before, not_after)?;
+        self.sign(&params)
+    }
+}
+
+fn leaf_params(cn: &str, eku: ExtendedKeyUsagePurpose) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name_dn(cn);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![eku];
+    params.use_authority_key_identifier_extension = true;
+    params
+}
+
+fn subject_key_id(x509: &X509Certificate<'_>) -> Option<Vec<u8>> {
+    x509.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+            _ => None,
+        })
+}
+
+/// Checks a client name: 1 to 64 characters of `[A-Za-z0-9._-]`, not
+/// starting with '.', and not one of the reserved file stems `ca`/`server`.
+pub fn validate_client_name(name: &str) -> Result<(), PkiError> {
+    let invalid = |reason: &str| {
+        Err(PkiError::InvalidClientName {
+            name: name.to_owned(),
+            reason: reason.to_owned(),
+        })
+    };
+    if name.is_empty() {
+        return invalid("empty");
+    }
+    if name.len() > MAX_CLIENT_NAME_LEN {
+        return invalid("longer than 64 characters");
+    }
+    if name.starts_with('.') {
+        return invalid("starts with '.'");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return invalid("only letters, digits, '.', '_' and '-' are allowed");
+    }
+    if name == "ca" || name == "server" {
+        return invalid("reserved for the CA and server files");
+    }
+    Ok(())
+}
+
+/// Writes `contents` to `path`. Private files are created with mode 0600
+/// (set at creation, never widened). Without `overwrite`, an existing file
+/// is an [`PkiError::AlreadyExists`] error.
+fn write_file(path: &Path, contents: &str, private: bool, overwrite: bool) -> Result<(), PkiError> {
+    if overwrite && private {
+        // The mode only applies when the file is created: replace it.
+        match fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
+    let mut options = OpenOptions::new();
+    options.write(true);
+    if overwrite {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(if private { 0o600 } else { 0o644 });
+    }
+    let mut file = options.open(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            PkiError::AlreadyExists(path.to_path_buf())
+        } else {
+            io_err(path)(e)
+        }
+    })?;
+    file.write_all(contents.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(path))
+}
+
+fn refuse_existing(paths: &[&Path]) -> Result<(), PkiError> {
+    for path in paths {
+        if fs::symlink_metadata(path).is_ok() {
+            return Err(PkiError::AlreadyExists(path.to_path_buf()));
+        }
+    }
+    Ok(())
+}
+
+/// The name of the `index`-th (1-based) client generated by [`init_dir`].
+pub fn client_name(index: usize) -> String {
+    format!("client-{index:03}")
+}
+
+/// Writes a fresh PKI into `dir` (created if missing): `ca.pem`, `ca.key`,
+/// `server.pem`, `server.key` and `client-001.pem`/`.key` ... for `clients`
+/// clients. Refuses to overwrite any of these files unless `force`.
+/// Private keys are created with mode 0600. Returns the paths written.
+pub fn init_dir(
+    dir: &Path,
+    server_names: &[String],
+    clients: usize,
+    force: bool,
+) -> Result<Vec<PathBuf>, PkiError> {
+    if server_names.is_empty() {
+        return Err(PkiError::NoServerNames);
+    }
+    let mut files: Vec<(PathBuf, bool, String)> = Vec::with_capacity(4 + 2 * clients);
+    let ca = CertAuthority::generate("fedquic CA")?;
+    files.push((dir.join(CA_CERT_FILE), false, ca.cert_pem().to_owned()));
+    files.push((dir.join(CA_KEY_FILE), true, ca.key_pem().to_owned()));
+    let server = ca.issue_server(server_names)?;
+    files.push((dir.join(SERVER_CERT_FILE), false, server.cert_pem));
+    files.push((dir.join(SERVER_KEY_FILE), true, server.key_pem));
+    for index in 1..=clients {
+        let name = client_name(index);
+        let client = ca.issue_client(&name)?;
+        files.push((dir.join(format!("{name}.pem")), false, client.cert_pem));
+        files.push((dir.join(format!("{name}.key")), true, client.key_pem));
+    }
+
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    if !force {
+        let paths: Vec<&Path> = files.iter().map(|(p, _, _)| p.as_path()).collect();
+        refuse_existing(&paths)?;
+    }
+    for (path, private, contents) in &files {
+        write_file(path, contents, *private, force)?;
+    }
+    Ok(files.into_iter().map(|(p, _, _)| p).collect())
+}
+
+/// Issues one more client certificate signed by the CA in `dir` and writes
+/// `NAME.pem` and `NAME.key` (mode 0600). Refuses to overwrite existing
+/// files. Returns the paths written.
+pub fn add_client(dir: &Path, name: &str) -> Result<Vec<PathBuf>, PkiError> {
+    validate_client_name(name)?;
+    let cert_path = dir.join(format!("{name}.pem"));
+    let key_path = dir.join(format!("{name}.key"));
+    refuse_existing(&[&cert_path, &key_path])?;
+    let ca = CertAuthority::from_dir(dir)?;
+    let issued = ca.issue_client(name)?;
+    write_file(&key_path, &issued.key_pem, true, false)?;
+    if let Err(e) = write_file(&cert_path, &issued.cert_pem, false, false) {
+        // Do not leave a key without its certificate behind.
+        let _ = fs::remove_file(&key_path);
+        return Err(e);
+    }
+    Ok(vec![cert_path, key_path])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::extensions::GeneralName;
+
+    fn parse(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).expect("PEM")
+    }
+
+    #[test]
+    fn ca_and_leaf_certificates_have_the_expected_fields() {
+        let ca = CertAuthority::generate("test CA").expect("CA");
+        let ca_der = parse(ca.cert_pem());
+        let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).expect("x509");
+        assert!(ca_x509.is_ca());
+        assert!(
+            ca_x509
+                .key_usage()
+                .expect("ku")
+                .expect("ku")
+                .value
+                .key_cert_sign()
+        );
+
+        let server = ca
+            .issue_server(&["localhost".into(), "127.0.0.1".into()])
+            .expect("server");
+        let der = parse(&server.cert_pem);
+        let (_, x) = x509_parser::parse_x509_certificate(&der).expect("x509");
+        assert!(!x.is_ca());
+        assert_eq!(x.issuer(), ca_x509.subject());
+        let cn = x.subject().iter_common_name().next().expect("cn");
+        assert_eq!(cn.as_str().expect("str"), "localhost");
+        let eku = x.extended_key_usage().expect("eku").expect("eku").value;
+        assert!(eku.server_auth && !eku.client_auth);
+        let san = x
+            .subject_alternative_name()
+            .expect("san")
+            .expect("san")
+            .value;
+        assert!(
+            san.general_names
+                .contains(&GeneralName::DNSName("localhost"))
+        );
+        assert!(
+            san.general_names
+                .contains(&GeneralName::IPAddress(&[127, 0, 0, 1]))
+        );
+
+        let client = ca.issue_client("client-007").expect("client");
+        let der = parse(&client.cert_pem);
+        let (_, x) = x509_parser::parse_x509_certificate(&der).expect("x509");
+        let eku = x.extended_key_usage().expect("eku").expect("eku").value;
+        assert!(eku.client_auth && !eku.server_auth);
+        let cn = x.subject().iter_common_name().next().expect("cn");
+        assert_eq!(cn.as_str().expect("str"), "client-007");
+        verify_client(ca.cert_pem(), &client.cert_pem).expect("accepted by rustls");
+        // A server certificate is not a client certificate.
+        assert!(verify_client(ca.cert_pem(), &server.cert_pem).is_err());
+    }
+
+    /// Verifies `cert_pem` as a client certificate the way the aggregator does.
+    fn verify_client(ca_pem: &str, cert_pem: &str) -> Result<(), rustls::Error> {
+        use rustls::server::WebPkiClientVerifier;
+        let roots = crate::tls::load_ca_pem(ca_pem).expect("roots");
+        let verifier = WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .expect("verifier");
+        verifier
+            .verify_client_cert(&parse(cert_pem), &[], rustls::pki_types::UnixTime::now())
+            .map(|_| ())
+    }
+
+    #[test]
+    fn bad_inputs_are_rejected() {
+        let ca = CertAuthority::generate("test CA").expect("CA");
+        assert!(matches!(ca.issue_server(&[]), Err(PkiError::NoServerNames)));
+        assert!(matches!(
+            ca.issue_server(&["not a host".into()]),
+            Err(PkiError::InvalidServerName { .. })
+        ));
+        let now = SystemTime::now();
+        assert!(matches!(
+            ca.issue_client_with_validity("c", now, now - Duration::from_secs(1)),
+            Err(PkiError::InvalidValidity(_))
+        ));
+        let other = CertAuthority::generate("other").expect("CA");
+        assert!(matches!(
+            CertAuthority::from_pem(ca.cert_pem(), other.key_pem()),
+            Err(PkiError::KeyMismatch)
+        ));
+        let leaf = ca.issue_client("leaf").expect("leaf");
+        assert!(matches!(
+            CertAuthority::from_pem(&leaf.cert_pem, &leaf.key_pem),
+            Err(PkiError::InvalidCaCert(_))
+        ));
+        assert!(matches!(
+            CertAuthority::from_pem("garbage", ca.key_pem()),
+            Err(PkiError::InvalidCaCert(_))
+        ));
+        assert!(matches!(
+            CertAuthority::from_pem(ca.cert_pem(), "garbage"),
+            Err(PkiError::InvalidCaKey(_))
+        ));
+    }
+
+    #[test]
+    fn reloaded_ca_issues_certificates_that_chain_to_it() {
+        let ca = CertAuthority::generate("reload CA").expect("CA");
+        let again = CertAuthority::from_pem(ca.cert_pem(), ca.key_pem()).expect("reload");
+        let ca_der = parse(ca.cert_pem());
+        let (_, ca_x509) = x509_parser::parse_x509_certificate(&ca_der).expect("x509");
+        let client = again.issue_client("late").expect("client");
+        let der = parse(&client.cert_pem);
+        let (_, x) = x509_parser::parse_x509_certificate(&der).expect("x509");
+        assert_eq!(x.issuer().as_raw(), ca_x509.subject().as_raw());
+        verify_client(ca.cert_pem(), &client.cert_pem).expect("accepted by rustls");
+        let other = CertAuthority::generate("reload CA").expect("CA");
+        assert!(verify_client(other.cert_pem(), &client.cert_pem).is_err());
+    }
+
+    #[test]
+    fn client_names_are_validated() {
+        for ok in ["a", "client-001", "Alice_2.eu", &"x".repeat(64)] {
+            validate_client_name(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "",
+            ".hidden",
+            "a/b",
+            "..",
+            "a b",
+            "é",
+            "ca",
+            "server",
+            &"x".repeat(65),
+        ] {
+            assert!(
+                matches!(
+                    validate_client_name(bad),
+                    Err(PkiError::InvalidClientName { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[cfg(unix)]
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(path).expect("metadata").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn init_dir_writes_everything_and_refuses_to_overwrite() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("certs");
+        let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let written = init_dir(&dir, &names, 3, false).expect("init");
+        let expected: Vec<PathBuf> = [
+            "ca.pem",
+            "ca.key",
+            "server.pem",
+            "server.key",
+            "client-001.pem",
+            "client-001.key",
+            "client-002.pem",
+            "client-002.key",
+            "client-003.pem",
+            "client-003.key",
+        ]
+        .iter()
+        .map(|f| dir.join(f))
+        .collect();
+        assert_eq!(written, expected);
+        for path in &written {
+            let text = fs::read_to_string(path).expect("read");
+            let is_key = path.extension().is_some_and(|e| e == "key");
+            let marker = if is_key {
+                "-----BEGIN PRIVATE KEY-----"
+            } else {
+                "-----BEGIN CERTIFICATE-----"
+            };
+            assert!(text.starts_with(marker), "{}", path.display());
+            #[cfg(unix)]
+            if is_key {
+                assert_eq!(mode(path), 0o600, "{}", path.display());
+            }
+        }
+
+        let ca_before = fs::read_to_string(dir.join("ca.pem")).expect("read");
+        let err = init_dir(&dir, &names, 1, false).expect_err("must refuse");
+        assert!(matches!(err, PkiError::AlreadyExists(ref p) if p == &dir.join("ca.pem")));
+        assert!(err.to_string().contains("already exists"), "{err}");
+        assert_eq!(
+            fs::read_to_string(dir.join("ca.pem")).expect("read"),
+            ca_before
+        );
+
+        // A lone leftover CA key is enough to refuse.
+        let other = tmp.path().join("other");
+        fs::create_dir_all(&other).expect("mkdir");
+        fs::write(other.join("ca.key"), "x").expect("write");
+        assert!(matches!(
+            init_dir(&other, &names, 0, false),
+            Err(PkiError::AlreadyExists(_))
+        ));
+
+        let rewritten = init_dir(&dir, &names, 1, true).expect("force");
+        assert_eq!(rewritten.len(), 6);
+        assert_ne!(
+            fs::read_to_string(dir.join("ca.pem")).expect("read"),
+            ca_before
+        );
+        #[cfg(unix)]
+        assert_eq!(mode(&dir.join("ca.key")), 0o600);
+    }
+
+    #[test]
+    fn add_client_issues_from_the_dir_ca_and_refuses_duplicates() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        init_dir(dir, &["localhost".to_string()], 1, false).expect("init");
+        let written = add_client(dir, "alice").expect("add");
+        assert_eq!(written, vec![dir.join("alice.pem"), dir.join("alice.key")]);
+        #[cfg(unix)]
+        assert_eq!(mode(&dir.join("alice.key")), 0o600);
+
+        verify_client(
+            &fs::read_to_string(dir.join("ca.pem")).expect("read"),
+            &fs::read_to_string(dir.join("alice.pem")).expect("read"),
+        )
+        .expect("signed by the dir's CA");
+
+        let key_before = fs::read_to_string(dir.join("alice.key")).expect("read");
+        assert!(matches!(
+            add_client(dir, "alice"),
+            Err(PkiError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            add_client(dir, "client-001"),
+            Err(PkiError::AlreadyExists(_))
+        ));
+        assert_eq!(
+            fs::read_to_string(dir.join("alice.key")).expect("read"),
+            key_before
+        );
+        for bad in ["", ".x", "../evil", "a/b", "ca", "server"] {
+            assert!(
+                matches!(
+                    add_client(dir, bad),
+                    Err(PkiError::InvalidClientName { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(
+            !tmp.path()
+                .parent()
+                .expect("parent")
+                .join("evil.pem")
+                .exists()
+        );
+
+        // Without a CA in the directory the error names the missing file.
+        let empty = tempfile::tempdir().expect("tempdir");
+        let err = add_client(empty.path(), "bob").expect_err("no CA");
+        assert!(err.to_string().contains("ca.pem"), "{err}");
+        assert!(!empty.path().join("bob.key").exists());
+    }
+}

@@ -1,0 +1,411 @@
+//! Mutual TLS 1.3 configurations for quinn (rustls with the ring provider),
+//! and helpers to read identities out of certificates.
+//!
+//! The aggregator requires a client certificate signed by the federation's
+//! CA; a client verifies the aggregator against the same CA. The ALPN
+//! protocol is [`ALPN`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use x509_parser::extensions::GeneralName;
+
+/// The application protocol negotiated with ALPN.
+pub const ALPN: &[u8] = b"fedquic/1";
+
+/// Errors of TLS material loading and configuration building.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid PEM in {what}: {source}")]
+    Pem {
+        what: String,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("no certificate found in {0}")]
+    NoCertificate(String),
+    #[error("invalid CA certificate: {0}")]
+    InvalidCa(#[source] rustls::Error),
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("cannot build the client certificate verifier: {0}")]
+    Verifier(#[from] VerifierBuilderError),
+    #[error("TLS configuration unusable for QUIC: {0}")]
+    Quic(#[from] NoInitialCipherSuite),
+    #[error("invalid transport setting: {0}")]
+    Transport(String),
+    #[error("cannot parse certificate: {0}")]
+    Certificate(String),
+    #[error("certificate has neither a common name nor a DNS name")]
+    NoName,
+}
+
+fn read(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn parse_certs(pem: &str, what: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            what: what.to_owned(),
+            source,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(what.to_owned()));
+    }
+    Ok(certs)
+}
+
+/// A certificate chain (end entity first) and its private key.
+pub struct Identity {
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("name", &self.name().ok())
+            .field("chain_len", &self.cert_chain.len())
+            .field("key", &"[redacted]")
+            .finish()
+    }
+}
+
+impl Identity {
+    /// Parses a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1
+    /// or SEC1).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let cert_chain = parse_certs(cert_pem, "certificate")?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| TlsError::Pem {
+                what: "private key".to_owned(),
+                source,
+            })?;
+        Ok(Self { cert_chain, key })
+    }
+
+    /// Reads a PEM certificate chain and private key from files.
+    pub fn from_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let cert_pem = read(cert)?;
+        let key_pem = read(key)?;
+        let cert_chain = parse_certs(&cert_pem, &cert.display().to_string())?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|source| TlsError::Pem {
+                what: key.display().to_string(),
+                source,
+            })?;
+        Ok(Self { cert_chain, key })
+    }
+
+    /// The name ([`cert_name`]) of the end-entity certificate.
+    pub fn name(&self) -> Result<String, TlsError> {
+        let leaf = self
+            .cert_chain
+            .first()
+            .ok_or_else(|| TlsError::NoCertificate("identity".into()))?;
+        cert_name(leaf)
+    }
+}
+
+/// Builds a root store from every certificate of a PEM text.
+pub fn load_ca_pem(pem: &str) -> Result<RootCertStore, TlsError> {
+    load_ca(pem, "CA certificate")
+}
+
+/// Builds a root store from a PEM file.
+pub fn load_ca_file(path: &Path) -> Result<RootCertStore, TlsError> {
+    load_ca(&read(path)?, &path.display().to_string())
+}
+
+fn load_ca(pem: &str, what: &str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for der in parse_certs(pem, what)? {
+        roots.add(der).map_err(TlsError::InvalidCa)?;
+    }
+    Ok(roots)
+}
+
+/// QUIC transport tuning shared by the aggregator and the clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportSettings {
+    /// Interval of keep-alive packets (zero disables them).
+    pub keep_alive: Duration,
+    /// A connection silent for this long is closed (zero: never).
+    pub idle_timeout: Duration,
+    /// Unidirectional streams the peer may have open at once.
+    pub max_concurrent_uni_streams: u32,
+    /// Bidirectional streams the peer may have open at once.
+    pub max_concurrent_bidi_streams: u32,
+    /// Bytes a peer may send on one stream ahead of the reader.
+    pub stream_receive_window: u64,
+    /// Bytes a peer may send on the whole connection ahead of the reader.
+    pub receive_window: u64,
+    /// Bytes this side keeps in flight/buffered for sending on a connection.
+    pub send_window: u64,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(60),
+            max_concurrent_uni_streams: 8,
+            max_concurrent_bidi_streams: 2,
+            // Multi-MB models: one stream can fill a fast link without
+            // stalling on flow control, yet a connection is bounded.
+            stream_receive_window: 16 << 20,
+            receive_window: 32 << 20,
+            send_window: 32 << 20,
+        }
+    }
+}
+
+fn varint(value: u64, what: &str) -> Result<VarInt, TlsError> {
+    VarInt::from_u64(value).map_err(|_| TlsError::Transport(format!("{what} {value} is too large")))
+}
+
+impl TransportSettings {
+    /// The quinn transport configuration for these settings.
+    pub fn transport_config(&self) -> Result<TransportConfig, TlsError> {
+        let mut config = TransportConfig::default();
+        config.keep_alive_interval((!self.keep_alive.is_zero()).then_some(self.keep_alive));
+        let idle = if self.idle_timeout.is_zero() {
+            None
+        } else {
+            Some(IdleTimeout::try_from(self.idle_timeout).map_err(|_| {
+                TlsError::Transport(format!("idle timeout {:?} is too large", self.idle_timeout))
+            })?)
+        };
+        config.max_idle_timeout(idle);
+        config.max_concurrent_uni_streams(self.max_concurrent_uni_streams.into());
+        config.max_concurrent_bidi_streams(self.max_concurrent_bidi_streams.into());
+        config.stream_receive_window(varint(self.stream_receive_window, "stream receive window")?);
+        config.receive_window(varint(self.receive_window, "receive window")?);
+        config.send_window(self.send_window);
+        Ok(config)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The aggregator's configuration: TLS 1.3 only, a client certificate
+/// signed by one of `roots` is required, ALPN [`ALPN`].
+pub fn server_config(
+    roots: RootCertStore,
+    identity: Identity,
+    transport: &TransportSettings,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain, identity.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport.transport_config()?));
+    Ok(config)
+}
+
+/// A client's configuration: TLS 1.3 only, the server must present a
+/// certificate signed by one of `roots`, ALPN [`ALPN`]. `identity` is the
+/// client certificate (`None` sends none, which the aggregator refuses).
+pub fn client_config(
+    roots: RootCertStore,
+    identity: Option<Identity>,
+    transport: &TransportSettings,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots);
+    let mut tls = match identity {
+        Some(identity) => builder.with_client_auth_cert(identity.cert_chain, identity.key)?,
+        None => builder.with_no_client_auth(),
+    };
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport.transport_config()?));
+    Ok(config)
+}
+
+/// The peer's identity as seen over `conn`: the [`cert_name`] of the
+/// end-entity certificate it presented. `None` when it presented none (a
+/// client connection whose server sent no certificate cannot exist) or the
+/// certificate carries no usable name.
+pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    cert_name(chain.first()?).ok()
+}
+
+fn parse_x509<'a>(
+    der: &'a CertificateDer<'_>,
+) -> Result<x509_parser::certificate::X509Certificate<'a>, TlsError> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| cert)
+        .map_err(|e| TlsError::Certificate(e.to_string()))
+}
+
+/// The name of a certificate: its subject common name, else its first DNS
+/// subject alternative name.
+pub fn cert_name(der: &CertificateDer<'_>) -> Result<String, TlsError> {
+    let cert = parse_x509(der)?;
+    if let Some(cn) = cert
+        .subject()
+        .iter_common_name()
+        .find_map(|attr| attr.as_str().ok())
+        .filter(|cn| !cn.is_empty())
+    {
+        return Ok(cn.to_owned());
+    }
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::Certificate(e.to_string()))?;
+    san.and_then(|san| {
+        san.value.general_names.iter().find_map(|name| match name {
+            GeneralName::DNSName(dns) if !dns.is_empty() => Some((*dns).to_owned()),
+            _ => None,
+        })
+    })
+    .ok_or(TlsError::NoName)
+}
+
+fn unix_to_system(secs: i64) -> Option<SystemTime> {
+    let magnitude = Duration::from_secs(secs.unsigned_abs());
+    if secs >= 0 {
+        UNIX_EPOCH.checked_add(magnitude)
+    } else {
+        UNIX_EPOCH.checked_sub(magnitude)
+    }
+}
+
+/// The end of a certificate's validity period.
+pub fn cert_not_after(der: &CertificateDer<'_>) -> Result<SystemTime, TlsError> {
+    let secs = parse_x509(der)?.validity().not_after.timestamp();
+    unix_to_system(secs).ok_or_else(|| TlsError::Certificate("notAfter out of range".into()))
+}
+
+/// The start of a certificate's validity period.
+pub fn cert_not_before(der: &CertificateDer<'_>) -> Result<SystemTime, TlsError> {
+    let secs = parse_x509(der)?.validity().not_before.timestamp();
+    unix_to_system(secs).ok_or_else(|| TlsError::Certificate("notBefore out of range".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::CertAuthority;
+
+    #[test]
+    fn names_and_dates_are_read_from_certificates() {
+        let ca = CertAuthority::generate("names CA").expect("CA");
+        let client = ca.issue_client("client-042").expect("client");
+        let id = Identity::from_pem(&client.cert_pem, &client.key_pem).expect("identity");
+        assert_eq!(cert_name(&id.cert_chain[0]).expect("name"), "client-042");
+        assert_eq!(id.name().expect("name"), "client-042");
+        assert_eq!(id.clone().name().expect("name"), "client-042");
+        assert!(!format!("{id:?}").contains("PRIVATE"));
+
+        let now = SystemTime::now();
+        let start = now - Duration::from_secs(3 * 24 * 3600);
+        let end = now - Duration::from_secs(24 * 3600);
+        let expired = ca
+            .issue_client_with_validity("old", start, end)
+            .expect("expired");
+        let der = &Identity::from_pem(&expired.cert_pem, &expired.key_pem)
+            .expect("identity")
+            .cert_chain[0];
+        let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).expect("epoch").as_secs();
+        assert_eq!(secs(cert_not_after(der).expect("not after")), secs(end));
+        assert_eq!(secs(cert_not_before(der).expect("not before")), secs(start));
+
+        let server = ca.issue_server(&["10.0.0.1".into()]).expect("server");
+        let der = &Identity::from_pem(&server.cert_pem, &server.key_pem)
+            .expect("identity")
+            .cert_chain[0];
+        assert_eq!(cert_name(der).expect("name"), "10.0.0.1");
+    }
+
+    #[test]
+    fn bad_pem_is_a_typed_error() {
+        assert!(matches!(
+            load_ca_pem("nothing here"),
+            Err(TlsError::NoCertificate(_))
+        ));
+        let ca = CertAuthority::generate("x").expect("CA");
+        assert!(Identity::from_pem(ca.cert_pem(), "no key").is_err());
+        assert!(matches!(
+            Identity::from_pem("", ca.key_pem()),
+            Err(TlsError::NoCertificate(_))
+        ));
+        let err = Identity::from_files(Path::new("/nonexistent/c.pem"), Path::new("/x.key"))
+            .expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/c.pem"), "{err}");
+        assert!(cert_name(&CertificateDer::from(vec![1, 2, 3])).is_err());
+    }
+
+    #[test]
+    fn configs_build_with_default_and_custom_transport() {
+        let ca = CertAuthority::generate("cfg CA").expect("CA");
+        let server = ca.issue_server(&["localhost".into()]).expect("server");
+        let id = Identity::from_pem(&server.cert_pem, &server.key_pem).expect("id");
+        let roots = || load_ca_pem(ca.cert_pem()).expect("roots");
+        let settings = TransportSettings::default();
+        server_config(roots(), id.clone(), &settings).expect("server config");
+        client_config(roots(), Some(id.clone()), &settings).expect("client config");
+        client_config(roots(), None, &settings).expect("client config");
+        let zero = TransportSettings {
+            keep_alive: Duration::ZERO,
+            idle_timeout: Duration::ZERO,
+            ..settings.clone()
+        };
+        zero.transport_config().expect("zero timeouts");
+        let huge = TransportSettings {
+            stream_receive_window: u64::MAX,
+            ..settings
+        };
+        assert!(matches!(
+            huge.transport_config(),
+            Err(TlsError::Transport(_))
+        ));
+        // A key that does not match the certificate is refused.
+        let other = ca.issue_server(&["localhost".into()]).expect("server");
+        let mismatched = Identity::from_pem(&server.cert_pem, &other.key_pem).expect("id");
+        assert!(server_config(roots(), mismatched, &TransportSettings::default()).is_err());
+    }
+}
