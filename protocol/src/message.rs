@@ -138,9 +138,12 @@ pub enum Message {
     },
     Reject(Reject),
     Heartbeat,
-    /// The sender is closing the session on purpose.
+    /// The sender is closing the session on purpose. From the aggregator,
+    /// `finished` means the federated run is complete (clients exit);
+    /// otherwise clients reconnect later (for example after a restart).
     Bye {
         reason: String,
+        finished: bool,
     },
 }
 

@@ -1,0 +1,17 @@
+//! fedquic aggregator: the round engine (a pure state machine), the FedAvg
+//! strategy, the checkpoint store, and the QUIC server that drives them.
+
+pub mod checkpoint;
+pub mod config;
+pub mod engine;
+pub mod server;
+pub mod setup;
+pub mod strategy;
+
+#[cfg(test)]
+mod engine_tests;
+
+pub use config::AggregatorConfig;
+pub use engine::{Action, EngineConfig, RoundEngine, RoundOutcome};
+pub use server::{CentralEval, RoundRecord, RunSummary, Server, ServerError, ServerSetup};
+pub use setup::{SetupError, setup_from_config};

@@ -1,0 +1,919 @@
+//! The QUIC server: the async shell around the [`RoundEngine`].
+//!
+//! One task (the hub) owns the engine and carries out its actions; one task
+//! per connection moves bytes. Updates are decoded straight into one of a
+//! bounded pool of model-sized buffers and folded into the round's single
+//! accumulator as soon as they are complete and valid, so memory is
+//! O(model x max_inflight_updates) whatever the number of clients.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fedquic_net::io::{
+    IoError, read_message, read_tensor_body, read_tensor_header, send_tensors, write_message,
+};
+use fedquic_protocol::{
+    Codec, EvalResult, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, TensorLimits,
+    TensorMeta, Welcome, negotiate_version,
+};
+use fedquic_train::{Dataset, Model};
+use serde::Serialize;
+use thiserror::Error;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::{debug, info, warn};
+
+use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::engine::{Action, ClientId, EngineConfig, RoundEngine, RoundOutcome};
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Endpoint(#[from] fedquic_net::endpoint::EndpointError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("cannot write metrics to {path}: {source}")]
+    Metrics {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("run aborted: {0}")]
+    Aborted(String),
+    #[error("invalid server setup: {0}")]
+    Setup(String),
+}
+
+/// The global model evaluated centrally after every round.
+pub struct CentralEval {
+    pub model: Model,
+    pub test: Arc<Dataset>,
+}
+
+/// Everything the server needs, already loaded and checked.
+pub struct ServerSetup {
+    pub listen: SocketAddr,
+    pub tls: quinn::ServerConfig,
+    pub engine: EngineConfig,
+    pub model_spec: String,
+    pub layout: Vec<TensorMeta>,
+    pub initial_model: Vec<f32>,
+    /// Rounds already completed (non-zero when resuming).
+    pub completed_rounds: u64,
+    pub central_eval: Option<CentralEval>,
+    pub checkpoints: Option<CheckpointStore>,
+    pub metrics_path: Option<PathBuf>,
+    pub max_clients: usize,
+    pub max_inflight_updates: usize,
+    pub handshake_timeout: Duration,
+    /// Receives each round's record as soon as it is written (progress bars).
+    pub records: Option<mpsc::UnboundedSender<RoundRecord>>,
+}
+
+/// One line of the metrics file.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundRecord {
+    #[serde(flatten)]
+    pub outcome: RoundOutcome,
+    pub test_loss: Option<f64>,
+    pub test_accuracy: Option<f64>,
+    pub test_examples: Option<usize>,
+    pub bytes_down: u64,
+    pub bytes_up: u64,
+    /// Wall time of the round: training, transfers, evaluation, checkpoint.
+    pub seconds: f64,
+    pub central_eval_seconds: f64,
+    pub checkpoint_seconds: f64,
+    /// Seconds since the server started.
+    pub elapsed_seconds: f64,
+}
+
+#[derive(Debug)]
+pub struct RunSummary {
+    pub rounds_completed: u64,
+    pub final_model: Arc<Vec<f32>>,
+    pub records: Vec<RoundRecord>,
+    /// False when the run was stopped (Ctrl-C) before its last round.
+    pub finished: bool,
+}
+
+/// Bounded pool of update buffers: at most `permits` updates are held in
+/// memory at once, and buffers are reused across rounds.
+struct BufferPool {
+    len: usize,
+    free: Mutex<Vec<Vec<f32>>>,
+    permits: Arc<Semaphore>,
+}
+
+struct PooledBuffer {
+    buf: Vec<f32>,
+    pool: Arc<BufferPool>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl BufferPool {
+    async fn acquire(self: &Arc<Self>) -> Option<PooledBuffer> {
+        let permit = Arc::clone(&self.permits).acquire_owned().await.ok()?;
+        let buf = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_else(|| vec![0f32; self.len]);
+        Some(PooledBuffer {
+            buf,
+            pool: Arc::clone(self),
+            _permit: permit,
+        })
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.pool.free.lock() {
+            free.push(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
+enum ToHub {
+    Joined {
+        client: ClientId,
+        conn_id: u64,
+        handle: mpsc::UnboundedSender<ToConn>,
+    },
+    Left {
+        client: ClientId,
+        conn_id: u64,
+    },
+    Update {
+        client: ClientId,
+        conn_id: u64,
+        header: TensorHeader,
+        delta: PooledBuffer,
+    },
+    UpdateFailed {
+        client: ClientId,
+        conn_id: u64,
+        task_id: Option<u64>,
+        reason: String,
+    },
+    TaskFailed {
+        client: ClientId,
+        conn_id: u64,
+        task_id: u64,
+        reason: String,
+    },
+    Eval {
+        client: ClientId,
+        conn_id: u64,
+        result: EvalResult,
+    },
+}
+
+enum ToConn {
+    Fit {
+        message: Message,
+        header: TensorHeader,
+        model: Arc<Vec<f32>>,
+    },
+    Send(Message),
+    Close {
+        reason: String,
+        finished: bool,
+    },
+}
+
+/// State shared by the hub and the connection tasks.
+struct Shared {
+    model_spec: String,
+    layout: Vec<TensorMeta>,
+    limits: TensorLimits,
+    pool: Arc<BufferPool>,
+    hub: mpsc::UnboundedSender<ToHub>,
+    connected: AtomicUsize,
+    max_clients: usize,
+    handshake_timeout: Duration,
+    bytes_down: AtomicU64,
+    bytes_up: AtomicU64,
+    next_conn_id: AtomicU64,
+}
+
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    setup: ServerSetup,
+}
+
+impl Server {
+    /// Binds the UDP socket; the server runs when [`Server::run`] is awaited.
+    pub fn bind(setup: ServerSetup) -> Result<Server, ServerError> {
+        let values: usize = setup
+            .layout
+            .iter()
+            .map(|t| t.elements().unwrap_or(u64::MAX) as usize)
+            .sum();
+        if values != setup.initial_model.len() {
+            return Err(ServerError::Setup(format!(
+                "model has {} values but its layout needs {values}",
+                setup.initial_model.len()
+            )));
+        }
+        let endpoint = fedquic_net::endpoint::server_endpoint(setup.listen, setup.tls.clone())?;
+        Ok(Server { endpoint, setup })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Runs rounds until the last one is done, the run aborts, or
+    /// `shutdown` completes (then it says goodbye to clients and returns).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, ServerError> {
+        let Server { endpoint, setup } = self;
+        let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+        let values = setup.initial_model.len();
+        let shared = Arc::new(Shared {
+            model_spec: setup.model_spec.clone(),
+            layout: setup.layout.clone(),
+            limits: TensorLimits::for_model(values as u64),
+            pool: Arc::new(BufferPool {
+                len: values,
+                free: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(setup.max_inflight_updates.max(1))),
+            }),
+            hub: hub_tx,
+            connected: AtomicUsize::new(0),
+            max_clients: setup.max_clients,
+            handshake_timeout: setup.handshake_timeout,
+            bytes_down: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            next_conn_id: AtomicU64::new(1),
+        });
+        info!(
+            addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            model = %setup.model_spec, params = values, "aggregator listening"
+        );
+        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared)));
+        let result = Hub::new(setup, Arc::clone(&shared))
+            .run(hub_rx, shutdown)
+            .await;
+        acceptor.abort();
+        // Let the goodbyes reach the clients, then close what is left.
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while shared.connected.load(Ordering::Relaxed) > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        endpoint.close(0u32.into(), b"aggregator stopped");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        result
+    }
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => serve_connection(conn, shared).await,
+                // With mutual TLS this is where clients without a valid
+                // certificate from our CA end up.
+                Err(e) => warn!(%remote, error = %e, "refused connection: TLS handshake failed"),
+            }
+        });
+    }
+}
+
+/// Decrements the connected-clients count however the connection ends.
+struct ConnectedGuard<'a>(&'a AtomicUsize);
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
+    let remote = conn.remote_address();
+    let Some(client) = fedquic_net::tls::peer_name(&conn) else {
+        warn!(%remote, "refused connection: client certificate has no usable name");
+        conn.close(1u32.into(), b"certificate has no name");
+        return;
+    };
+    let (mut send, mut recv) = match tokio::time::timeout(shared.handshake_timeout, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let hello = read_message(&mut recv).await?;
+        Ok::<_, IoError>((send, recv, hello))
+    })
+    .await
+    {
+        Ok(Ok((send, recv, Some(Message::Hello(hello))))) => {
+            match negotiate_version(&hello.versions) {
+                Ok(_) => (send, recv),
+                Err(e) => {
+                    let mut send = send;
+                    reject(&conn, &mut send, &client, &e.to_string(), None).await;
+                    return;
+                }
+            }
+        }
+        Ok(Ok((mut send, _, other))) => {
+            let what = other
+                .map(|m| format!("{m:?}"))
+                .unwrap_or_else(|| "end of stream".into());
+            reject(
+                &conn,
+                &mut send,
+                &client,
+                &format!("expected Hello, got {what:.60}"),
+                None,
+            )
+            .await;
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!(%client, %remote, error = %e, "refused connection during hello");
+            return;
+        }
+        Err(_) => {
+            warn!(%client, %remote, "refused connection: no hello within the handshake timeout");
+            conn.close(2u32.into(), b"handshake timeout");
+            return;
+        }
+    };
+    let count = shared.connected.fetch_add(1, Ordering::Relaxed) + 1;
+    let _guard = ConnectedGuard(&shared.connected);
+    if count > shared.max_clients {
+        reject(&conn, &mut send, &client, "aggregator is full", Some(5_000)).await;
+        return;
+    }
+    let welcome = Message::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        codec: Codec::F32,
+        model_spec: shared.model_spec.clone(),
+        client_name: client.clone(),
+    });
+    if let Err(e) = write_message(&mut send, &welcome).await {
+        warn!(%client, error = %e, "lost connection while welcoming");
+        return;
+    }
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let (to_conn, mut commands) = mpsc::unbounded_channel();
+    if shared
+        .hub
+        .send(ToHub::Joined {
+            client: client.clone(),
+            conn_id,
+            handle: to_conn,
+        })
+        .is_err()
+    {
+        return;
+    }
+    info!(%client, %remote, "client connected");
+
+    // The control stream is read by its own task: reads are not cancel-safe
+    // inside select!, channel receives are.
+    let (msg_tx, mut messages) = mpsc::channel(16);
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = read_message(&mut recv).await;
+            let stop = !matches!(msg, Ok(Some(_)));
+            if msg_tx.send(msg).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+
+    let end_reason: String = loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(ToConn::Fit { message, header, model }) => {
+                    if let Err(e) = write_message(&mut send, &message).await {
+                        break format!("write failed: {e}");
+                    }
+                    let conn = conn.clone();
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        match send_tensors(&conn, &header, &model).await {
+                            Ok(bytes) => { shared.bytes_down.fetch_add(bytes, Ordering::Relaxed); }
+                            Err(e) => debug!(error = %e, "model transfer failed"),
+                        }
+                    });
+                }
+                Some(ToConn::Send(message)) => {
+                    if let Err(e) = write_message(&mut send, &message).await {
+                        break format!("write failed: {e}");
+                    }
+                }
+                Some(ToConn::Close { reason, finished }) => {
+                    let _ = write_message(&mut send, &Message::Bye { reason: reason.clone(), finished }).await;
+                    let _ = send.finish();
+                    // Wait (briefly) for the client to close, so the goodbye is delivered.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    break reason;
+                }
+                None => break "aggregator stopped".into(),
+            },
+            msg = messages.recv() => match msg {
+                Some(Ok(Some(Message::EvalResult(result)))) => {
+                    let _ = shared.hub.send(ToHub::Eval { client: client.clone(), conn_id, result });
+                }
+                Some(Ok(Some(Message::TaskFailed { task_id, reason }))) => {
+                    let _ = shared.hub.send(ToHub::TaskFailed { client: client.clone(), conn_id, task_id, reason });
+                }
+                Some(Ok(Some(Message::Heartbeat))) => {}
+                Some(Ok(Some(Message::Bye { reason, .. }))) => break format!("client said bye: {reason:.80}"),
+                Some(Ok(Some(other))) => {
+                    let reason = format!("unexpected message from client: {other:?}");
+                    reject(&conn, &mut send, &client, &reason, None).await;
+                    break reason;
+                }
+                Some(Ok(None)) | None => break "client closed the control stream".into(),
+                Some(Err(e)) => {
+                    if matches!(e, IoError::Protocol(_)) {
+                        reject(&conn, &mut send, &client, &e.to_string(), None).await;
+                    }
+                    break e.to_string();
+                }
+            },
+            uni = conn.accept_uni() => match uni {
+                Ok(stream) => {
+                    tokio::spawn(receive_update(stream, client.clone(), conn_id, Arc::clone(&shared)));
+                }
+                Err(e) => break format!("connection lost: {e}"),
+            },
+        }
+    };
+    reader.abort();
+    info!(%client, reason = %end_reason, "client disconnected");
+    let _ = shared.hub.send(ToHub::Left { client, conn_id });
+}
+
+async fn reject(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    client: &str,
+    reason: &str,
+    retry_after_ms: Option<u64>,
+) {
+    warn!(%client, %reason, "rejecting client");
+    let msg = Message::Reject(Reject {
+        reason: reason.to_string(),
+        retry_after_ms,
+    });
+    let _ = write_message(send, &msg).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+    conn.close(3u32.into(), b"rejected");
+}
+
+/// Reads one update stream into a pooled buffer, validating as it goes, and
+/// hands it to the hub. Nothing reaches the accumulator unless the whole
+/// update arrived and passed every check.
+async fn receive_update(
+    mut stream: quinn::RecvStream,
+    client: ClientId,
+    conn_id: u64,
+    shared: Arc<Shared>,
+) {
+    let fail = |task_id: Option<u64>, reason: String| {
+        let _ = shared.hub.send(ToHub::UpdateFailed {
+            client: client.clone(),
+            conn_id,
+            task_id,
+            reason,
+        });
+    };
+    let header = match read_tensor_header(&mut stream, &shared.limits).await {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = stream.stop(1u32.into());
+            return fail(None, format!("bad update header: {e}"));
+        }
+    };
+    if header.kind != StreamKind::Update {
+        let _ = stream.stop(1u32.into());
+        return fail(Some(header.task_id), "expected an update stream".into());
+    }
+    if let Err(e) = header.check_layout(&shared.layout) {
+        let _ = stream.stop(1u32.into());
+        return fail(Some(header.task_id), e.to_string());
+    }
+    let Some(mut delta) = shared.pool.acquire().await else {
+        return;
+    };
+    match read_tensor_body(&mut stream, &header, &mut delta.buf).await {
+        Ok(()) => {
+            shared
+                .bytes_up
+                .fetch_add(header.body_len, Ordering::Relaxed);
+            let _ = shared.hub.send(ToHub::Update {
+                client: client.clone(),
+                conn_id,
+                header,
+                delta,
+            });
+        }
+        Err(e) => {
+            let _ = stream.stop(1u32.into());
+            fail(Some(header.task_id), format!("update discarded: {e}"));
+        }
+    }
+}
+
+struct Hub {
+    engine: RoundEngine,
+    shared: Arc<Shared>,
+    clients: HashMap<ClientId, (u64, mpsc::UnboundedSender<ToConn>)>,
+    model_spec: String,
+    central_eval: Option<CentralEval>,
+    checkpoints: Option<CheckpointStore>,
+    metrics_path: Option<PathBuf>,
+    records_tx: Option<mpsc::UnboundedSender<RoundRecord>>,
+    records: Vec<RoundRecord>,
+    started: Instant,
+    round_started: Option<Instant>,
+}
+
+impl Hub {
+    fn new(setup: ServerSetup, shared: Arc<Shared>) -> Hub {
+        Hub {
+            engine: RoundEngine::new(setup.engine, setup.initial_model, setup.completed_rounds),
+            shared,
+            clients: HashMap::new(),
+            model_spec: setup.model_spec,
+            central_eval: setup.central_eval,
+            checkpoints: setup.checkpoints,
+            metrics_path: setup.metrics_path,
+            records_tx: setup.records,
+            records: Vec::new(),
+            started: Instant::now(),
+            round_started: None,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<ToHub>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<RunSummary, ServerError> {
+        tokio::pin!(shutdown);
+        let actions = self.engine.start(Instant::now());
+        let mut outcome = self.execute(actions).await;
+        while outcome.is_none() {
+            let deadline = self.engine.next_deadline();
+            let actions = tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => break,
+                },
+                _ = sleep_until(deadline) => self.engine.tick(Instant::now()),
+                _ = &mut shutdown => {
+                    info!("shutting down: the round in progress is dropped, completed rounds are checkpointed");
+                    self.close_all("aggregator shutting down", false);
+                    outcome = Some(Ok(false));
+                    break;
+                }
+            };
+            outcome = self.execute(actions).await;
+        }
+        let finished = match outcome {
+            Some(Ok(finished)) => finished,
+            Some(Err(e)) => {
+                self.close_all(&format!("run aborted: {e}"), true);
+                return Err(e);
+            }
+            None => false,
+        };
+        Ok(RunSummary {
+            rounds_completed: self.engine.completed_rounds(),
+            final_model: self.engine.global_model(),
+            records: self.records,
+            finished,
+        })
+    }
+
+    fn is_current(&self, client: &str, conn_id: u64) -> bool {
+        self.clients
+            .get(client)
+            .is_some_and(|(id, _)| *id == conn_id)
+    }
+
+    fn handle(&mut self, ev: ToHub) -> Vec<Action> {
+        let now = Instant::now();
+        match ev {
+            ToHub::Joined {
+                client,
+                conn_id,
+                handle,
+            } => {
+                let mut actions = Vec::new();
+                if let Some((_, old)) = self.clients.insert(client.clone(), (conn_id, handle)) {
+                    // A reconnect replaces the old session; its task is forfeited.
+                    let _ = old.send(ToConn::Close {
+                        reason: "replaced by a newer connection".into(),
+                        finished: false,
+                    });
+                    actions.extend(self.engine.client_left(&client, now));
+                }
+                actions.extend(self.engine.client_joined(client, now));
+                actions
+            }
+            ToHub::Left { client, conn_id } => {
+                if self.is_current(&client, conn_id) {
+                    self.clients.remove(&client);
+                    self.engine.client_left(&client, now)
+                } else {
+                    Vec::new()
+                }
+            }
+            ToHub::Update {
+                client,
+                conn_id,
+                header,
+                delta,
+            } => {
+                if !self.is_current(&client, conn_id) {
+                    return Vec::new();
+                }
+                self.engine.update_received(
+                    &client,
+                    header.task_id,
+                    header.round,
+                    header.num_examples,
+                    &header.metrics,
+                    &delta.buf,
+                    now,
+                )
+                // `delta` goes back to the pool here.
+            }
+            ToHub::UpdateFailed {
+                client,
+                conn_id,
+                task_id,
+                reason,
+            } => {
+                if !self.is_current(&client, conn_id) {
+                    return Vec::new();
+                }
+                warn!(%client, ?task_id, %reason, "update rejected");
+                self.send(
+                    &client,
+                    Message::UpdateRejected {
+                        task_id: task_id.unwrap_or(0),
+                        reason,
+                    },
+                );
+                match task_id {
+                    Some(task_id) => self.engine.task_failed(&client, task_id, now),
+                    None => Vec::new(),
+                }
+            }
+            ToHub::TaskFailed {
+                client,
+                conn_id,
+                task_id,
+                reason,
+            } => {
+                if !self.is_current(&client, conn_id) {
+                    return Vec::new();
+                }
+                warn!(%client, task_id, %reason, "client failed its task");
+                self.engine.task_failed(&client, task_id, now)
+            }
+            ToHub::Eval {
+                client,
+                conn_id,
+                result,
+            } => {
+                if !self.is_current(&client, conn_id) {
+                    return Vec::new();
+                }
+                self.engine.eval_received(&client, &result, now)
+            }
+        }
+    }
+
+    fn send(&self, client: &str, message: Message) {
+        if let Some((_, handle)) = self.clients.get(client) {
+            let _ = handle.send(ToConn::Send(message));
+        }
+    }
+
+    fn send_model(
+        &mut self,
+        client: &str,
+        message: Message,
+        kind: StreamKind,
+        round: u64,
+        task_id: u64,
+    ) {
+        let model = self.engine.global_model();
+        let header = TensorHeader {
+            kind,
+            round,
+            task_id,
+            codec: Codec::F32,
+            tensors: self.shared.layout.clone(),
+            num_examples: 0,
+            metrics: Vec::new(),
+            body_len: model.len() as u64 * 4,
+        };
+        if let Some((_, handle)) = self.clients.get(client) {
+            let _ = handle.send(ToConn::Fit {
+                message,
+                header,
+                model,
+            });
+        }
+    }
+
+    fn close_all(&mut self, reason: &str, finished: bool) {
+        for (_, handle) in self.clients.values() {
+            let _ = handle.send(ToConn::Close {
+                reason: reason.to_string(),
+                finished,
+            });
+        }
+    }
+
+    /// Carries out actions in order. Returns `Some(finished)` when the run is over.
+    async fn execute(&mut self, actions: Vec<Action>) -> Option<Result<bool, ServerError>> {
+        for action in actions {
+            match action {
+                Action::SendFit { client, task } => {
+                    self.round_started.get_or_insert_with(Instant::now);
+                    let (round, task_id) = (task.round, task.task_id);
+                    self.send_model(
+                        &client,
+                        Message::FitTask(task),
+                        StreamKind::GlobalModel,
+                        round,
+                        task_id,
+                    );
+                }
+                Action::SendEvaluate { client, task } => {
+                    let (round, task_id) = (task.round, task.task_id);
+                    self.send_model(
+                        &client,
+                        Message::EvaluateTask(task),
+                        StreamKind::GlobalModel,
+                        round,
+                        task_id,
+                    );
+                }
+                Action::UpdateAccepted { client, task_id } => {
+                    self.send(&client, Message::UpdateAccepted { task_id });
+                }
+                Action::UpdateRejected {
+                    client,
+                    task_id,
+                    reason,
+                } => {
+                    warn!(%client, task_id, %reason, "update rejected");
+                    self.send(&client, Message::UpdateRejected { task_id, reason });
+                }
+                Action::RoundRetry {
+                    round,
+                    attempt,
+                    answered,
+                    needed,
+                } => {
+                    warn!(
+                        round,
+                        attempt,
+                        answered,
+                        needed,
+                        "too few updates: retrying the round with a new selection"
+                    );
+                }
+                Action::RoundFinished(outcome) => {
+                    if let Err(e) = self.finish_round(outcome).await {
+                        return Some(Err(e));
+                    }
+                }
+                Action::Finished => {
+                    info!(
+                        rounds = self.engine.completed_rounds(),
+                        "federated run complete"
+                    );
+                    self.close_all("federated run complete", true);
+                    return Some(Ok(true));
+                }
+                Action::Aborted { reason } => return Some(Err(ServerError::Aborted(reason))),
+            }
+        }
+        None
+    }
+
+    async fn finish_round(&mut self, outcome: RoundOutcome) -> Result<(), ServerError> {
+        let global = self.engine.global_model();
+        let mut record = RoundRecord {
+            outcome,
+            test_loss: None,
+            test_accuracy: None,
+            test_examples: None,
+            bytes_down: self.shared.bytes_down.swap(0, Ordering::Relaxed),
+            bytes_up: self.shared.bytes_up.swap(0, Ordering::Relaxed),
+            seconds: 0.0,
+            central_eval_seconds: 0.0,
+            checkpoint_seconds: 0.0,
+            elapsed_seconds: 0.0,
+        };
+        if let Some(mut eval) = self.central_eval.take() {
+            let t = Instant::now();
+            let model = Arc::clone(&global);
+            let joined = tokio::task::spawn_blocking(move || {
+                let stats = eval
+                    .model
+                    .set_parameters(&model)
+                    .and_then(|()| eval.model.evaluate_all(&eval.test));
+                (eval, stats)
+            })
+            .await;
+            match joined {
+                Ok((eval, stats)) => {
+                    match stats {
+                        Ok(s) => {
+                            record.test_loss = Some(s.loss as f64);
+                            record.test_accuracy = Some(s.accuracy as f64);
+                            record.test_examples = Some(s.examples);
+                        }
+                        Err(e) => warn!(error = %e, "central evaluation failed"),
+                    }
+                    self.central_eval = Some(eval);
+                }
+                Err(e) => warn!(error = %e, "central evaluation panicked; disabled"),
+            }
+            record.central_eval_seconds = t.elapsed().as_secs_f64();
+        }
+        if let Some(store) = self.checkpoints.clone() {
+            let t = Instant::now();
+            let (round, spec, model) = (
+                record.outcome.round,
+                self.model_spec.clone(),
+                Arc::clone(&global),
+            );
+            tokio::task::spawn_blocking(move || store.save(round, &spec, &model))
+                .await
+                .map_err(|e| ServerError::Setup(format!("checkpoint task failed: {e}")))??;
+            record.checkpoint_seconds = t.elapsed().as_secs_f64();
+        }
+        let now = Instant::now();
+        record.seconds = self
+            .round_started
+            .take()
+            .map(|t| now.duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        record.elapsed_seconds = now.duration_since(self.started).as_secs_f64();
+        info!(
+            round = record.outcome.round,
+            answered = record.outcome.clients_answered,
+            selected = record.outcome.clients_selected,
+            dropped = record.outcome.clients_dropped,
+            test_accuracy = record
+                .test_accuracy
+                .map(|a| format!("{a:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            seconds = format!("{:.2}", record.seconds),
+            "round finished"
+        );
+        if let Some(path) = &self.metrics_path {
+            append_json_line(path, &record)?;
+        }
+        if let Some(tx) = &self.records_tx {
+            let _ = tx.send(record.clone());
+        }
+        self.records.push(record);
+        Ok(())
+    }
+}
+
+fn append_json_line(path: &PathBuf, record: &RoundRecord) -> Result<(), ServerError> {
+    use std::io::Write;
+    let err = |source| ServerError::Metrics {
+        path: path.clone(),
+        source,
+    };
+    let mut line = serde_json::to_vec(record).map_err(|e| err(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(&line).map_err(err)?;
+    f.flush().map_err(err)
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}

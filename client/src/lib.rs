@@ -1,0 +1,13 @@
+//! fedquic edge client: the [`Trainer`] trait and the built-in trainer, and
+//! the QUIC session that receives global models, trains, and streams back
+//! updates, reconnecting with jittered backoff while the aggregator is away.
+
+pub mod backoff;
+pub mod data;
+pub mod session;
+pub mod trainer;
+
+pub use backoff::Backoff;
+pub use data::{ClientData, PartitionSpec};
+pub use session::{ClientError, ClientOptions, ClientReport, run_client};
+pub use trainer::{EvalOutcome, FitOutcome, LocalTrainer, Trainer, TrainerError};

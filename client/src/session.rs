@@ -1,0 +1,404 @@
+//! The client's QUIC session: connect, say hello, then serve fit and
+//! evaluate tasks until the aggregator says the run is complete. Lost
+//! connections are retried with jittered exponential backoff.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedquic_net::io::{
+    IoError, read_message, read_tensor_body, read_tensor_header, send_tensors, write_message,
+};
+use fedquic_protocol::{
+    Codec, EvalResult, FitTask, Hello, Message, SUPPORTED_VERSIONS, StreamKind, TensorHeader,
+    TensorLimits, TensorMeta,
+};
+use fedquic_train::layout::ParamLayout;
+use thiserror::Error;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::trainer::{Trainer, TrainerError};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error("the aggregator refused this client: {0}")]
+    Rejected(String),
+    #[error("the aggregator's model cannot be trained here: {0}")]
+    Incompatible(#[from] TrainerError),
+    #[error("gave up after {attempts} connection attempts; last error: {last}")]
+    GaveUp { attempts: u32, last: String },
+    #[error("cannot create the client endpoint: {0}")]
+    Endpoint(#[from] fedquic_net::endpoint::EndpointError),
+}
+
+/// Everything a client needs to reach its aggregator.
+#[derive(Clone)]
+pub struct ClientOptions {
+    pub server: SocketAddr,
+    /// The name the aggregator's certificate must carry.
+    pub server_name: String,
+    pub tls: quinn::ClientConfig,
+    /// Reconnect waits.
+    pub backoff: Backoff,
+    /// Give up after this many failed connection attempts in a row (None: never).
+    pub max_attempts: Option<u32>,
+    /// Bounds a single connection attempt, hello included.
+    pub connect_timeout: Duration,
+    /// Shared by clients in one process so training does not oversubscribe the cores.
+    pub training_slots: Option<Arc<Semaphore>>,
+    /// Reuse this endpoint (one UDP socket for many simulated clients);
+    /// otherwise each client binds its own.
+    pub endpoint: Option<quinn::Endpoint>,
+}
+
+/// What a client did during its run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientReport {
+    pub fit_tasks: u64,
+    pub evaluate_tasks: u64,
+    pub sessions: u32,
+    pub bytes_up: u64,
+}
+
+enum SessionEnd {
+    /// The federated run is complete.
+    Finished,
+    /// Come back later (after at least this long, if given).
+    Retry {
+        after: Option<Duration>,
+        reason: String,
+    },
+}
+
+enum SessionError {
+    Fatal(ClientError),
+    Transient(String),
+}
+
+impl From<IoError> for SessionError {
+    fn from(e: IoError) -> Self {
+        SessionError::Transient(e.to_string())
+    }
+}
+
+/// Runs the client until the aggregator completes the federated run.
+pub async fn run_client<T: Trainer>(
+    opts: ClientOptions,
+    trainer: T,
+) -> Result<ClientReport, ClientError> {
+    let endpoint = match &opts.endpoint {
+        Some(e) => e.clone(),
+        None => fedquic_net::endpoint::client_endpoint_for(opts.server, opts.tls.clone())?,
+    };
+    let mut backoff = opts.backoff.clone();
+    let mut trainer = Some(Box::new(trainer) as Box<dyn Trainer>);
+    let mut report = ClientReport::default();
+    let mut failures = 0u32;
+    loop {
+        let welcomed = &mut false;
+        let result = session(&endpoint, &opts, &mut trainer, &mut report, welcomed).await;
+        if *welcomed {
+            backoff.reset();
+            failures = 0;
+        }
+        let (after, reason) = match result {
+            Ok(SessionEnd::Finished) => return Ok(report),
+            Ok(SessionEnd::Retry { after, reason }) => (after, reason),
+            Err(SessionError::Fatal(e)) => return Err(e),
+            Err(SessionError::Transient(reason)) => (None, reason),
+        };
+        failures += 1;
+        if opts.max_attempts.is_some_and(|max| failures >= max) {
+            return Err(ClientError::GaveUp {
+                attempts: failures,
+                last: reason,
+            });
+        }
+        let wait = backoff.next_delay().max(after.unwrap_or_default());
+        info!(%reason, wait_ms = wait.as_millis() as u64, "reconnecting later");
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    opts: &ClientOptions,
+    trainer: &mut Option<Box<dyn Trainer>>,
+    report: &mut ClientReport,
+    welcomed: &mut bool,
+) -> Result<SessionEnd, SessionError> {
+    report.sessions += 1;
+    let (conn, mut send, mut recv, layout) = tokio::time::timeout(opts.connect_timeout, async {
+        let connecting = endpoint
+            .connect_with(opts.tls.clone(), opts.server, &opts.server_name)
+            .map_err(|e| SessionError::Transient(format!("cannot connect: {e}")))?;
+        let conn = connecting
+            .await
+            .map_err(|e| SessionError::Transient(format!("cannot connect: {e}")))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(IoError::from)?;
+        let hello = Hello {
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            codecs: vec![Codec::F32],
+            agent: concat!("fedquic-client/", env!("CARGO_PKG_VERSION")).into(),
+        };
+        write_message(&mut send, &Message::Hello(hello)).await?;
+        // With mutual TLS a refused certificate shows here, on the first read.
+        match read_message(&mut recv).await? {
+            Some(Message::Welcome(w)) => {
+                let layout: ParamLayout =
+                    w.model_spec
+                        .parse()
+                        .map_err(|e: fedquic_train::TrainError| {
+                            SessionError::Fatal(ClientError::Incompatible(TrainerError::Train(e)))
+                        })?;
+                info!(client = %w.client_name, model = %w.model_spec, "joined the federation");
+                Ok((conn, send, recv, layout))
+            }
+            Some(Message::Reject(r)) => match r.retry_after_ms {
+                Some(ms) => Err(SessionError::Transient(format!(
+                    "aggregator busy ({}), retry after {ms} ms",
+                    r.reason
+                ))),
+                None => Err(SessionError::Fatal(ClientError::Rejected(r.reason))),
+            },
+            other => Err(SessionError::Transient(format!(
+                "expected Welcome, got {other:?}"
+            ))),
+        }
+    })
+    .await
+    .map_err(|_| SessionError::Transient("connection attempt timed out".into()))??;
+    *welcomed = true;
+    let mut t = trainer
+        .take()
+        .ok_or_else(|| SessionError::Transient("trainer lost".into()))?;
+    let prepared = t.prepare(&layout);
+    *trainer = Some(t);
+    prepared.map_err(|e| SessionError::Fatal(e.into()))?;
+    let wire_layout = layout.wire_layout();
+    let limits = TensorLimits::for_model(layout.num_params() as u64);
+
+    loop {
+        let msg = match read_message(&mut recv).await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Ok(SessionEnd::Retry {
+                    after: None,
+                    reason: "aggregator closed the session".into(),
+                });
+            }
+            Err(e) => {
+                return Ok(SessionEnd::Retry {
+                    after: None,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        match msg {
+            Message::FitTask(task) => {
+                let answer = fit_task(&conn, &task, trainer, opts, &wire_layout, &limits).await?;
+                match answer {
+                    Ok(bytes) => {
+                        report.fit_tasks += 1;
+                        report.bytes_up += bytes;
+                    }
+                    Err(reason) => {
+                        warn!(round = task.round, %reason, "fit task failed");
+                        write_message(
+                            &mut send,
+                            &Message::TaskFailed {
+                                task_id: task.task_id,
+                                reason,
+                            },
+                        )
+                        .await?;
+                    }
+                }
+            }
+            Message::EvaluateTask(task) => {
+                let model =
+                    receive_model(&conn, task.round, task.task_id, &wire_layout, &limits).await?;
+                let outcome = run_trainer(trainer, opts, move |t| {
+                    t.set_parameters(&model)?;
+                    let r = t.evaluate();
+                    t.release();
+                    r
+                })
+                .await?;
+                let reply = match outcome {
+                    Ok(e) => Message::EvalResult(EvalResult {
+                        round: task.round,
+                        task_id: task.task_id,
+                        examples: e.examples,
+                        loss: e.loss,
+                        accuracy: e.accuracy,
+                    }),
+                    Err(e) => Message::TaskFailed {
+                        task_id: task.task_id,
+                        reason: e.to_string(),
+                    },
+                };
+                write_message(&mut send, &reply).await?;
+                report.evaluate_tasks += 1;
+            }
+            Message::UpdateAccepted { task_id } => debug!(task_id, "update accepted"),
+            Message::UpdateRejected { task_id, reason } => {
+                warn!(task_id, %reason, "aggregator rejected our update")
+            }
+            Message::Wait { .. } | Message::Heartbeat => {}
+            Message::Bye { reason, finished } => {
+                info!(%reason, "aggregator said goodbye");
+                conn.close(0u32.into(), b"bye");
+                return Ok(if finished {
+                    SessionEnd::Finished
+                } else {
+                    SessionEnd::Retry {
+                        after: Some(Duration::from_secs(1)),
+                        reason,
+                    }
+                });
+            }
+            Message::Reject(r) => {
+                return match r.retry_after_ms {
+                    Some(ms) => Ok(SessionEnd::Retry {
+                        after: Some(Duration::from_millis(ms)),
+                        reason: r.reason,
+                    }),
+                    None => Err(SessionError::Fatal(ClientError::Rejected(r.reason))),
+                };
+            }
+            other => {
+                return Ok(SessionEnd::Retry {
+                    after: None,
+                    reason: format!("unexpected message {other:?}"),
+                });
+            }
+        }
+    }
+}
+
+/// Receives the global model for a task on its own stream.
+async fn receive_model(
+    conn: &quinn::Connection,
+    round: u64,
+    task_id: u64,
+    layout: &[TensorMeta],
+    limits: &TensorLimits,
+) -> Result<Vec<f32>, SessionError> {
+    let mut stream = conn.accept_uni().await.map_err(IoError::from)?;
+    let header = read_tensor_header(&mut stream, limits).await?;
+    if header.kind != StreamKind::GlobalModel || header.task_id != task_id || header.round != round
+    {
+        return Err(SessionError::Transient(format!(
+            "expected the model for task {task_id} of round {round}, got {:?} for task {} of round {}",
+            header.kind, header.task_id, header.round
+        )));
+    }
+    header
+        .check_layout(layout)
+        .map_err(|e| SessionError::Transient(e.to_string()))?;
+    let mut model = vec![0f32; limits.max_values as usize];
+    read_tensor_body(&mut stream, &header, &mut model).await?;
+    Ok(model)
+}
+
+/// Runs `work` on the trainer on a blocking thread, within a training slot.
+async fn run_trainer<R: Send + 'static>(
+    trainer: &mut Option<Box<dyn Trainer>>,
+    opts: &ClientOptions,
+    work: impl FnOnce(&mut dyn Trainer) -> Result<R, TrainerError> + Send + 'static,
+) -> Result<Result<R, TrainerError>, SessionError> {
+    let _slot = match &opts.training_slots {
+        Some(s) => Some(
+            s.clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| SessionError::Transient("shutting down".into()))?,
+        ),
+        None => None,
+    };
+    let mut t = trainer
+        .take()
+        .ok_or_else(|| SessionError::Transient("trainer lost".into()))?;
+    let (t, result) = tokio::task::spawn_blocking(move || {
+        let r = work(t.as_mut());
+        (t, r)
+    })
+    .await
+    .map_err(|e| {
+        SessionError::Fatal(ClientError::Incompatible(TrainerError::Other(format!(
+            "trainer panicked: {e}"
+        ))))
+    })?;
+    *trainer = Some(t);
+    Ok(result)
+}
+
+/// Receives the model, trains, and streams the delta back. The inner
+/// result is the task's own outcome (bytes sent, or why training failed).
+async fn fit_task(
+    conn: &quinn::Connection,
+    task: &FitTask,
+    trainer: &mut Option<Box<dyn Trainer>>,
+    opts: &ClientOptions,
+    layout: &[TensorMeta],
+    limits: &TensorLimits,
+) -> Result<Result<u64, String>, SessionError> {
+    if let Err(e) = task.config.validate() {
+        return Ok(Err(e.to_string()));
+    }
+    let global = receive_model(conn, task.round, task.task_id, layout, limits).await?;
+    let config = task.config.clone();
+    let trained = run_trainer(trainer, opts, move |t| {
+        t.set_parameters(&global)?;
+        let outcome = t.fit(&config);
+        // The delta overwrites the received copy: one model copy beyond the trainer's.
+        let mut delta = global;
+        let result = outcome.and_then(|o| {
+            let local = t.parameters();
+            if local.len() != delta.len() {
+                return Err(TrainerError::Other(format!(
+                    "trainer returned {} parameters, model has {}",
+                    local.len(),
+                    delta.len()
+                )));
+            }
+            if local.iter().any(|v| !v.is_finite()) {
+                return Err(TrainerError::Other(
+                    "training diverged (non-finite parameters)".into(),
+                ));
+            }
+            for (d, l) in delta.iter_mut().zip(local) {
+                *d = l - *d;
+            }
+            Ok((o, delta))
+        });
+        t.release();
+        result
+    })
+    .await?;
+    let (outcome, delta) = match trained {
+        Ok(x) => x,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let header = TensorHeader {
+        kind: StreamKind::Update,
+        round: task.round,
+        task_id: task.task_id,
+        codec: Codec::F32,
+        tensors: layout.to_vec(),
+        num_examples: outcome.examples,
+        metrics: outcome.metrics,
+        body_len: delta.len() as u64 * 4,
+    };
+    let bytes = send_tensors(conn, &header, &delta).await?;
+    debug!(
+        round = task.round,
+        task = task.task_id,
+        bytes,
+        "update sent"
+    );
+    Ok(Ok(bytes))
+}
