@@ -2,9 +2,13 @@
 //! moment it arrives, so memory is O(model) however many clients answer.
 
 /// Weighted running sum of client deltas (FedAvg, McMahan et al. 2017).
+///
+/// The sum is kept in f64 so that the order in which updates arrive (which
+/// the network decides) practically never changes the f32 result: the same
+/// seed gives the same run.
 #[derive(Debug, Clone)]
 pub struct FedAvgAccumulator {
-    sum: Vec<f32>,
+    sum: Vec<f64>,
     total_weight: f64,
     updates: usize,
 }
@@ -22,9 +26,8 @@ impl FedAvgAccumulator {
     /// values are finite (the tensor stream decoder does both).
     pub fn fold(&mut self, delta: &[f32], weight: f64) {
         debug_assert_eq!(delta.len(), self.sum.len());
-        let w = weight as f32;
         for (s, d) in self.sum.iter_mut().zip(delta) {
-            *s += w * d;
+            *s += weight * *d as f64;
         }
         self.total_weight += weight;
         self.updates += 1;
@@ -43,9 +46,9 @@ impl FedAvgAccumulator {
     /// Does nothing if no update was folded.
     pub fn apply_mean(&mut self, global: &mut [f32]) {
         if self.total_weight > 0.0 {
-            let inv = (1.0 / self.total_weight) as f32;
+            let inv = 1.0 / self.total_weight;
             for (g, s) in global.iter_mut().zip(&self.sum) {
-                *g += s * inv;
+                *g = (*g as f64 + s * inv) as f32;
             }
         }
         self.reset();

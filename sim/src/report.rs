@@ -1,0 +1,75 @@
+//! Simulation outputs: the per-round table, `rounds.csv` and `results.json`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use fedquic_aggregator::server::RoundRecord;
+
+use crate::simulate::SimResult;
+
+pub const TABLE_HEADER: &str =
+    "round  clients  train loss  test loss  test acc  MB down   MB up  seconds";
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map(|x| format!("{x:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn table_row(r: &RoundRecord) -> String {
+    let o = &r.outcome;
+    format!(
+        "{:>5}  {:>7}  {:>10}  {:>9}  {:>8}  {:>7.2}  {:>6.2}  {:>7.2}",
+        o.round,
+        format!("{}/{}", o.clients_answered, o.clients_selected),
+        opt(o.train_loss, 4),
+        opt(r.test_loss, 4),
+        opt(r.test_accuracy.map(|a| a * 100.0), 2),
+        r.bytes_down as f64 / 1e6,
+        r.bytes_up as f64 / 1e6,
+        r.seconds,
+    )
+}
+
+pub fn rounds_csv(records: &[RoundRecord]) -> String {
+    let mut out = String::from(
+        "round,attempts,clients_selected,clients_answered,clients_dropped,updates_rejected,examples,train_loss,train_accuracy,test_loss,test_accuracy,federated_loss,federated_accuracy,bytes_down,bytes_up,seconds,elapsed_seconds\n",
+    );
+    let f = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
+    for r in records {
+        let o = &r.outcome;
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6}",
+            o.round,
+            o.attempts,
+            o.clients_selected,
+            o.clients_answered,
+            o.clients_dropped,
+            o.updates_rejected,
+            o.examples,
+            f(o.train_loss),
+            f(o.train_accuracy),
+            f(r.test_loss),
+            f(r.test_accuracy),
+            f(o.federated_eval.as_ref().map(|e| e.loss)),
+            f(o.federated_eval.as_ref().map(|e| e.accuracy)),
+            r.bytes_down,
+            r.bytes_up,
+            r.seconds,
+            r.elapsed_seconds,
+        );
+    }
+    out
+}
+
+pub fn write_outputs(dir: &Path, result: &SimResult) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let csv = dir.join("rounds.csv");
+    std::fs::write(&csv, rounds_csv(&result.rounds))
+        .with_context(|| format!("writing {}", csv.display()))?;
+    let json = dir.join("results.json");
+    let text = serde_json::to_string_pretty(result)?;
+    std::fs::write(&json, text).with_context(|| format!("writing {}", json.display()))?;
+    Ok(())
+}
