@@ -1,12 +1,309 @@
-//! `bench-overhead`: the framework's own cost per round, with training
-//! replaced by adding a fixed delta.
-#[derive(clap::Args, Debug)]
-pub struct OverheadArgs {}
-#[derive(clap::Args, Debug)]
-pub struct ServeArgs {}
-pub fn run_overhead(_a: OverheadArgs) -> anyhow::Result<()> {
-    anyhow::bail!("todo")
+//! `bench-overhead`: what the framework itself costs per round. K clients
+//! whose "training" adds a fixed delta to a P-parameter model (no
+//! learning), over the same QUIC + mutual TLS path as a real run. The
+//! aggregator runs in its own process (this binary, `bench-serve`), so its
+//! peak memory is measured apart from the clients'.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fedquic_aggregator::EngineConfig;
+use fedquic_aggregator::server::{Server, ServerSetup};
+use fedquic_client::{
+    Backoff, ClientOptions, EvalOutcome, FitOutcome, Trainer, TrainerError, run_client,
+};
+use fedquic_net::pki::{self, client_name};
+use fedquic_net::tls::{self, Identity, TransportSettings};
+use fedquic_protocol::FitInstructions;
+use fedquic_train::layout::ParamLayout;
+use serde::{Deserialize, Serialize};
+
+use crate::pki::SERVER_NAME;
+
+/// The delta each benchmark client adds to every parameter.
+pub const BENCH_DELTA: f32 = 1e-3;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct OverheadArgs {
+    /// Clients (all of them train every round).
+    #[arg(long, default_value_t = 10)]
+    pub clients: usize,
+    /// Model parameters (one f32 tensor).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub params: usize,
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u64,
 }
-pub fn serve(_a: ServeArgs) -> anyhow::Result<()> {
-    anyhow::bail!("todo")
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    #[arg(long)]
+    pub certs: PathBuf,
+    #[arg(long)]
+    pub clients: usize,
+    #[arg(long)]
+    pub params: usize,
+    #[arg(long)]
+    pub rounds: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ServeReport {
+    pub round_seconds: Vec<f64>,
+    pub peak_rss_bytes: Option<u64>,
+    /// Every parameter must have moved by exactly rounds x BENCH_DELTA.
+    pub max_error: f64,
+}
+
+/// A "trainer" that adds [`BENCH_DELTA`] to every parameter.
+#[derive(Default)]
+pub struct FixedDeltaTrainer {
+    params: Vec<f32>,
+}
+
+impl Trainer for FixedDeltaTrainer {
+    fn prepare(&mut self, _layout: &ParamLayout) -> Result<(), TrainerError> {
+        Ok(())
+    }
+    fn parameters(&self) -> &[f32] {
+        &self.params
+    }
+    fn set_parameters(&mut self, params: &[f32]) -> Result<(), TrainerError> {
+        self.params.clear();
+        self.params.extend_from_slice(params);
+        Ok(())
+    }
+    fn fit(&mut self, _config: &FitInstructions) -> Result<FitOutcome, TrainerError> {
+        for p in &mut self.params {
+            *p += BENCH_DELTA;
+        }
+        Ok(FitOutcome {
+            examples: 1,
+            metrics: Vec::new(),
+        })
+    }
+    fn evaluate(&mut self) -> Result<EvalOutcome, TrainerError> {
+        Err(TrainerError::Other(
+            "the overhead benchmark does not evaluate".into(),
+        ))
+    }
+    fn release(&mut self) {
+        self.params = Vec::new();
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 0 {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    })
+}
+
+/// The aggregator side, run as a child process by [`run_overhead`].
+pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let layout = ParamLayout::Vector(args.params);
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let tls = tls::server_config(
+            tls::load_ca_file(&args.certs.join(pki::CA_CERT_FILE))?,
+            Identity::from_files(
+                &args.certs.join(pki::SERVER_CERT_FILE),
+                &args.certs.join(pki::SERVER_KEY_FILE),
+            )?,
+            &TransportSettings::default(),
+        )?;
+        let setup = ServerSetup {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls,
+            engine: EngineConfig {
+                rounds: args.rounds,
+                fraction_fit: 1.0,
+                min_fit_clients: args.clients,
+                max_fit_clients: args.clients,
+                min_available_clients: args.clients,
+                round_deadline: Duration::from_secs(600),
+                fit: FitInstructions {
+                    epochs: 1,
+                    batch_size: 1,
+                    learning_rate: 1.0,
+                    proximal_mu: 0.0,
+                    seed: 0,
+                },
+                fraction_evaluate: 0.0,
+                min_evaluate_clients: 0,
+                max_round_retries: 0,
+                seed: 0,
+            },
+            model_spec: layout.to_string(),
+            layout: layout.wire_layout(),
+            initial_model: layout.initial_parameters(0)?,
+            completed_rounds: 0,
+            central_eval: None,
+            checkpoints: None,
+            metrics_path: None,
+            max_clients: args.clients + 8,
+            max_inflight_updates: 4,
+            handshake_timeout: Duration::from_secs(60),
+            records: None,
+        };
+        let server = Server::bind(setup)?;
+        println!("LISTENING {}", server.local_addr()?);
+        let summary = server.run(std::future::pending()).await?;
+        let expected = args.rounds as f64 * BENCH_DELTA as f64;
+        let max_error = summary
+            .final_model
+            .iter()
+            .map(|v| (*v as f64 - expected).abs())
+            .fold(0.0, f64::max);
+        let report = ServeReport {
+            round_seconds: summary.records.iter().map(|r| r.seconds).collect(),
+            peak_rss_bytes: peak_rss_bytes(),
+            max_error,
+        };
+        println!("RESULT {}", serde_json::to_string(&report)?);
+        anyhow::Ok(())
+    })
+}
+
+/// Runs the benchmark and prints its results.
+pub fn run_overhead(args: OverheadArgs) -> anyhow::Result<()> {
+    if args.clients == 0 || args.params == 0 || args.rounds == 0 {
+        bail!("--clients, --params and --rounds must be at least 1");
+    }
+    let certs = tempfile_dir()?;
+    pki::init_dir(
+        certs.path(),
+        &[SERVER_NAME.to_string(), "127.0.0.1".to_string()],
+        args.clients,
+        false,
+    )?;
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let mut child = Command::new(exe)
+        .args(["bench-serve", "--certs"])
+        .arg(certs.path())
+        .args([
+            "--clients",
+            &args.clients.to_string(),
+            "--params",
+            &args.params.to_string(),
+        ])
+        .args(["--rounds", &args.rounds.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the aggregator process")?;
+    let stdout = child
+        .stdout
+        .take()
+        .context("no stdout from the aggregator process")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr: SocketAddr = match lines.next() {
+        Some(Ok(line)) if line.starts_with("LISTENING ") => line["LISTENING ".len()..].parse()?,
+        other => {
+            let _ = child.kill();
+            bail!("aggregator process did not start: {other:?}");
+        }
+    };
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let client_result: anyhow::Result<()> = runtime.block_on(async {
+        let roots = tls::load_ca_file(&certs.path().join(pki::CA_CERT_FILE))?;
+        let mut handles = Vec::new();
+        let mut endpoint = None;
+        for i in 1..=args.clients {
+            let name = client_name(i);
+            let identity = Identity::from_files(
+                &certs.path().join(format!("{name}.pem")),
+                &certs.path().join(format!("{name}.key")),
+            )?;
+            let tls =
+                tls::client_config(roots.clone(), Some(identity), &TransportSettings::default())?;
+            let ep = match &endpoint {
+                Some(e) => Arc::clone(e),
+                None => Arc::new(fedquic_net::endpoint::client_endpoint_for(
+                    addr,
+                    tls.clone(),
+                )?),
+            };
+            endpoint.get_or_insert_with(|| Arc::clone(&ep));
+            let opts = ClientOptions {
+                server: addr,
+                server_name: SERVER_NAME.into(),
+                tls,
+                backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2), i as u64),
+                max_attempts: Some(20),
+                connect_timeout: Duration::from_secs(30),
+                training_slots: None,
+                endpoint: Some((*ep).clone()),
+            };
+            handles.push(tokio::spawn(run_client(opts, FixedDeltaTrainer::default())));
+        }
+        for h in handles {
+            h.await??;
+        }
+        Ok(())
+    });
+    let mut report = None;
+    for line in lines {
+        let line = line?;
+        if let Some(json) = line.strip_prefix("RESULT ") {
+            report = Some(serde_json::from_str::<ServeReport>(json)?);
+        }
+    }
+    let status = child.wait()?;
+    client_result?;
+    let report =
+        report.with_context(|| format!("aggregator process ended ({status}) without a result"))?;
+    if report.max_error > 1e-4 {
+        bail!(
+            "aggregation is wrong: parameters off by {} from the expected sum",
+            report.max_error
+        );
+    }
+    let median_s = median(&report.round_seconds).unwrap_or(f64::NAN);
+    println!(
+        "bench-overhead: K={} clients, P={} params, {} rounds, mutual TLS on",
+        args.clients, args.params, args.rounds
+    );
+    println!(
+        "round seconds: {}",
+        report
+            .round_seconds
+            .iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("median seconds per round: {median_s:.3}");
+    match report.peak_rss_bytes {
+        Some(b) => println!("aggregator peak memory (VmHWM): {:.1} MB", b as f64 / 1e6),
+        None => println!("aggregator peak memory: unavailable on this platform"),
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("fedquic-bench-")
+        .tempdir()
+        .context("creating a temporary directory")
 }
