@@ -1,0 +1,238 @@
+//! The deployment quickstart as a user runs it: `certs init`, the
+//! aggregator daemon and three client processes, each a separate binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn client_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_fedquic-client"))
+}
+
+/// The aggregator binary lives next to the client's in the target dir;
+/// build it if this test runs alone (`cargo test -p fedquic-client`).
+fn aggregator_bin() -> PathBuf {
+    let path = client_bin().with_file_name(format!(
+        "fedquic-aggregator{}",
+        std::env::consts::EXE_SUFFIX
+    ));
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "-p",
+                "fedquic-aggregator",
+                "--bin",
+                "fedquic-aggregator",
+            ])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building fedquic-aggregator failed");
+    }
+    path
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_with_timeout(mut child: Child, limit: Duration, what: &str) -> Output {
+    let start = Instant::now();
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not finish within {limit:?}\nstdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn run_aggregator(dir: &Path, port: u16, extra: &[&str]) -> Child {
+    Command::new(aggregator_bin())
+        .args(["run", "--config"])
+        .arg(dir.join("aggregator.toml"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--certs"])
+        .arg(dir.join("certs"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn quickstart_with_separate_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = Command::new(aggregator_bin())
+        .args(["certs", "init", "--dir"])
+        .arg(&certs)
+        .args(["--clients", "3"])
+        .output()
+        .unwrap();
+    assert_success(&out, "certs init");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(certs.join("client-002.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "private keys are owner-only");
+    }
+
+    std::fs::write(
+        dir.path().join("aggregator.toml"),
+        r#"
+[model]
+spec = "mlp:784-16-10"
+[rounds]
+count = 2
+fraction_fit = 1.0
+min_fit_clients = 3
+min_available_clients = 3
+deadline_secs = 60
+[fit]
+epochs = 1
+batch_size = 10
+learning_rate = 0.1
+[evaluate]
+test_data = "synthetic:600/200"
+"#,
+    )
+    .unwrap();
+    let port = free_udp_port();
+    let aggregator = run_aggregator(dir.path(), port, &[]);
+    let clients: Vec<Child> = (1..=3)
+        .map(|i| {
+            Command::new(client_bin())
+                .args([
+                    "--server",
+                    &format!("127.0.0.1:{port}"),
+                    "--server-name",
+                    "localhost",
+                    "--certs",
+                ])
+                .arg(&certs)
+                .args([
+                    "--name",
+                    &format!("client-{i:03}"),
+                    "--data",
+                    "synthetic:600/200",
+                ])
+                .args([
+                    "--partition",
+                    &format!("{i}/3"),
+                    "--max-attempts",
+                    "40",
+                    "--max-backoff",
+                    "1",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let agg_out = wait_with_timeout(aggregator, Duration::from_secs(120), "aggregator");
+    assert_success(&agg_out, "aggregator");
+    assert!(String::from_utf8_lossy(&agg_out.stdout).contains("run complete: 2 rounds"));
+    for (i, c) in clients.into_iter().enumerate() {
+        let out = wait_with_timeout(c, Duration::from_secs(30), "client");
+        assert_success(&out, &format!("client {}", i + 1));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("2 fit tasks"),
+            "client {} trained twice",
+            i + 1
+        );
+    }
+
+    let metrics = std::fs::read_to_string(dir.path().join("state/metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["round"], i as u64 + 1);
+        assert_eq!(l["clients_answered"], 3);
+        assert!(l["test_accuracy"].as_f64().unwrap() > 0.0);
+        assert!(l["bytes_up"].as_u64().unwrap() > 0);
+    }
+    for round in 1..=2 {
+        assert!(
+            dir.path()
+                .join(format!("state/checkpoints/round-{round:06}.ckpt"))
+                .exists()
+        );
+    }
+
+    // Resuming a finished run has nothing left to do, and says so.
+    let resumed = wait_with_timeout(
+        run_aggregator(dir.path(), free_udp_port(), &["--resume"]),
+        Duration::from_secs(30),
+        "resume",
+    );
+    assert_success(&resumed, "aggregator --resume");
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("run complete: 2 rounds"));
+
+    // A second `certs init` must not overwrite the PKI.
+    let again = Command::new(aggregator_bin())
+        .args(["certs", "init", "--dir"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+}
+
+#[test]
+fn bad_arguments_get_clear_errors() {
+    let out = Command::new(client_bin())
+        .args(["--server", "127.0.0.1:1", "--data", "synthetic"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--certs DIR --name NAME"));
+    let out = Command::new(client_bin())
+        .args([
+            "--server",
+            "127.0.0.1:1",
+            "--certs",
+            "/nonexistent",
+            "--name",
+            "x",
+            "--data",
+            "mnist:/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mnist"), "{err}");
+}
