@@ -281,11 +281,7 @@ impl RoundEngine {
         self.connected.remove(client);
         let mut actions = Vec::new();
         match &mut self.phase {
-            Phase::Fit(f) => {
-                if f.pending.remove(client).is_some() {
-                    f.dropped += 1;
-                }
-            }
+            Phase::Fit(f) => f.dropped += usize::from(f.pending.remove(client).is_some()),
             Phase::Evaluate(e) => {
                 e.pending.remove(client);
             }
@@ -295,6 +291,9 @@ impl RoundEngine {
         actions
     }
 
+    // The arguments are the update header's fields; a struct for them would
+    // only be unpacked again here.
+    #[allow(clippy::too_many_arguments)]
     /// An update arrived whole and decoded (the shell checked its layout and
     /// that every value is finite).
     pub fn update_received(

@@ -55,9 +55,7 @@ fn all_messages() -> Vec<Message> {
             retry_after_ms: None,
         }),
         Message::Heartbeat,
-        Message::Bye {
-            reason: "done".into(),
-        },
+        Message::Bye { reason: "done".into(), finished: true },
     ]
 }
 
