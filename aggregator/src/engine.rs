@@ -349,8 +349,11 @@ impl RoundEngine {
         });
         match verdict {
             Err(reason) => {
-                if f.pending.remove(client).is_some() {
-                    // A selected client sent an unusable answer: it has had its turn.
+                // An unusable answer to the client's *current* task ends its
+                // turn; a late answer to an older task must not cost it the
+                // task it holds now.
+                if round == self.round && f.pending.get(client) == Some(&task_id) {
+                    f.pending.remove(client);
                     f.dropped += 1;
                 }
                 f.rejected += 1;
@@ -445,7 +448,7 @@ impl RoundEngine {
 
     fn fit_count(&self) -> usize {
         let n = self.connected.len();
-        let wanted = (self.config.fraction_fit * n as f64).ceil() as usize;
+        let wanted = fraction_of(self.config.fraction_fit, n);
         wanted
             .max(self.config.min_fit_clients)
             .min(self.config.max_fit_clients)
@@ -554,8 +557,7 @@ impl RoundEngine {
             fit_seconds: now.duration_since(f.started).as_secs_f64(),
             evaluate_seconds: 0.0,
         };
-        let eval_count = ((self.config.fraction_evaluate * self.connected.len() as f64).ceil()
-            as usize)
+        let eval_count = fraction_of(self.config.fraction_evaluate, self.connected.len())
             .max(self.config.min_evaluate_clients)
             .min(self.connected.len());
         if self.config.fraction_evaluate > 0.0 && eval_count > 0 {
@@ -612,6 +614,11 @@ impl RoundEngine {
             self.try_start_fit(1, now, actions);
         }
     }
+}
+
+/// ceil(fraction * n), immune to float error such as 0.07 * 100 = 7.000000000000001.
+fn fraction_of(fraction: f64, n: usize) -> usize {
+    ((fraction * n as f64) - 1e-9).ceil().max(0.0) as usize
 }
 
 fn metric(metrics: &Metrics, name: &str) -> Option<f64> {

@@ -262,7 +262,6 @@ fn task_ids_and_seeds_are_unique_across_a_selection() {
 }
 
 #[test]
-#[ignore = "bug: fit_count's ceil(fraction * n) rounds float error up (0.07 * 100 = 7.000000000000001 -> 8 clients)"]
 fn selection_size_is_not_inflated_by_float_rounding() {
     let mut cfg = config();
     cfg.fraction_fit = 0.07;
@@ -785,7 +784,6 @@ fn stragglers_late_update_is_stale_in_the_next_round() {
 }
 
 #[test]
-#[ignore = "bug: a straggler's late update for an old task evicts it from the task it holds now"]
 fn straggler_late_update_does_not_cost_it_the_next_round() {
     let t0 = Instant::now();
     let mut cfg = config();
@@ -809,7 +807,6 @@ fn straggler_late_update_does_not_cost_it_the_next_round() {
 }
 
 #[test]
-#[ignore = "bug: an update for an earlier attempt's task evicts the client from the retry, so the retry can never reach min_fit"]
 fn retry_survives_a_late_update_from_the_previous_attempt() {
     let t0 = Instant::now();
     let mut cfg = config();

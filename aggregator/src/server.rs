@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fedquic_net::io::{
-    IoError, read_message, read_tensor_body, read_tensor_header, send_tensors, write_message,
+    IoError, read_message, read_tensor_body, read_tensor_header, send_shared_tensors, write_message,
 };
 use fedquic_protocol::{
     Codec, EvalResult, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, TensorLimits,
@@ -399,7 +399,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                     let conn = conn.clone();
                     let shared = Arc::clone(&shared);
                     tokio::spawn(async move {
-                        match send_tensors(&conn, &header, &model).await {
+                        match send_shared_tensors(&conn, &header, model).await {
                             Ok(bytes) => { shared.bytes_down.fetch_add(bytes, Ordering::Relaxed); }
                             Err(e) => debug!(error = %e, "model transfer failed"),
                         }

@@ -47,7 +47,7 @@ pub fn setup_from_config(
     let identity = Identity::from_files(&config.cert_path(), &config.key_path())?;
     let transport = TransportSettings {
         idle_timeout: Duration::from_secs_f64(config.limits.idle_timeout_secs),
-        ..TransportSettings::default()
+        ..TransportSettings::aggregator()
     };
     let server_tls = tls::server_config(roots, identity, &transport)?;
 

@@ -111,6 +111,49 @@ pub async fn write_tensors(
     Ok(head.len() as u64 + header.body_len)
 }
 
+/// The model's bytes, shared without copying: on little-endian machines an
+/// f32 slice already is its wire encoding.
+#[cfg(target_endian = "little")]
+struct SharedModelBytes(std::sync::Arc<Vec<f32>>);
+
+#[cfg(target_endian = "little")]
+impl AsRef<[u8]> for SharedModelBytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(self.0.as_slice())
+    }
+}
+
+/// Sends one model to a peer on a new unidirectional stream, sharing the
+/// model's memory with every other transfer of it: sending the global model
+/// to a thousand clients holds one copy, not a thousand.
+pub async fn send_shared_tensors(
+    conn: &quinn::Connection,
+    header: &TensorHeader,
+    values: std::sync::Arc<Vec<f32>>,
+) -> Result<u64, IoError> {
+    #[cfg(target_endian = "little")]
+    {
+        if header.body_len != values.len() as u64 * 4 {
+            return Err(ProtocolError::BodyLengthMismatch {
+                declared: header.body_len,
+                expected: values.len() as u64 * 4,
+            }
+            .into());
+        }
+        let mut send = conn.open_uni().await?;
+        let head = encode_header(header)?;
+        send.write_all(&head).await?;
+        let body = bytes::Bytes::from_owner(SharedModelBytes(values));
+        send.write_chunk(body).await?;
+        send.finish()?;
+        Ok(head.len() as u64 + header.body_len)
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        send_tensors(conn, header, &values).await
+    }
+}
+
 /// Reads and validates a tensor stream's header.
 pub async fn read_tensor_header(
     recv: &mut quinn::RecvStream,

@@ -188,6 +188,21 @@ impl Default for TransportSettings {
     }
 }
 
+impl TransportSettings {
+    /// The aggregator's settings: small per-stream receive windows, so that
+    /// uploads waiting for an update buffer are held back by QUIC flow
+    /// control at the clients instead of piling up in the aggregator's
+    /// memory (1 MiB per stream is ample on low-latency links; raise it for
+    /// links with a large bandwidth-delay product).
+    pub fn aggregator() -> Self {
+        TransportSettings {
+            stream_receive_window: 1 << 20,
+            receive_window: 2 << 20,
+            ..Self::default()
+        }
+    }
+}
+
 fn varint(value: u64, what: &str) -> Result<VarInt, TlsError> {
     VarInt::from_u64(value).map_err(|_| TlsError::Transport(format!("{what} {value} is too large")))
 }

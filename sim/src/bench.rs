@@ -130,7 +130,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 &args.certs.join(pki::SERVER_CERT_FILE),
                 &args.certs.join(pki::SERVER_KEY_FILE),
             )?,
-            &TransportSettings::default(),
+            &TransportSettings::aggregator(),
         )?;
         let setup = ServerSetup {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),

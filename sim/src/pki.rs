@@ -22,13 +22,16 @@ pub struct SimPki {
 }
 
 impl SimPki {
-    pub fn new(transport: TransportSettings) -> Result<Self, SimPkiError> {
+    pub fn new(
+        server_transport: TransportSettings,
+        transport: TransportSettings,
+    ) -> Result<Self, SimPkiError> {
         let ca = CertAuthority::generate("fedquic-sim CA")?;
         let issued = ca.issue_server(&[SERVER_NAME.to_string(), "127.0.0.1".to_string()])?;
         let server = tls::server_config(
             tls::load_ca_pem(ca.cert_pem())?,
             Identity::from_pem(&issued.cert_pem, &issued.key_pem)?,
-            &transport,
+            &server_transport,
         )?;
         Ok(SimPki {
             server,

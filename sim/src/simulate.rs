@@ -125,8 +125,10 @@ pub async fn simulate(
         ..aggregator.engine_config()
     };
 
-    let transport = TransportSettings::default();
-    let pki = SimPki::new(transport)?;
+    let pki = SimPki::new(
+        TransportSettings::aggregator(),
+        TransportSettings::default(),
+    )?;
     let (records_tx, mut records_rx) = mpsc::unbounded_channel();
     let setup = ServerSetup {
         listen: SocketAddr::from(([127, 0, 0, 1], 0)),
