@@ -55,7 +55,10 @@ fn all_messages() -> Vec<Message> {
             retry_after_ms: None,
         }),
         Message::Heartbeat,
-        Message::Bye { reason: "done".into(), finished: true },
+        Message::Bye {
+            reason: "done".into(),
+            finished: true,
+        },
     ]
 }
 
