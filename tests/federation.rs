@@ -84,6 +84,7 @@ async fn start(clients: usize, rounds: u64) -> Federation {
         max_inflight_updates: 2,
         handshake_timeout: Duration::from_secs(10),
         records: None,
+        allowlist: None,
     };
     let server = Server::bind(setup).unwrap();
     let addr = server.local_addr().unwrap();

@@ -36,6 +36,15 @@ pub struct AggregatorConfig {
     pub evaluate: EvaluateConfig,
     pub state: StateConfig,
     pub limits: LimitsConfig,
+    pub admission: AdmissionConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Client names (certificate subjects) admitted; empty admits every
+    /// client with a valid, unrevoked certificate from the CA.
+    pub allowlist: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -47,6 +56,9 @@ pub struct CertsConfig {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Certificate revocation list (written by `certs revoke`); loaded when
+    /// the file exists, and revoked client certificates are refused.
+    pub crl: PathBuf,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -127,6 +139,7 @@ impl Default for AggregatorConfig {
             evaluate: EvaluateConfig::default(),
             state: StateConfig::default(),
             limits: LimitsConfig::default(),
+            admission: AdmissionConfig::default(),
         }
     }
 }
@@ -138,6 +151,7 @@ impl Default for CertsConfig {
             ca: PathBuf::from("ca.pem"),
             cert: PathBuf::from("server.pem"),
             key: PathBuf::from("server.key"),
+            crl: PathBuf::from("crl.pem"),
         }
     }
 }
@@ -304,6 +318,9 @@ impl AggregatorConfig {
     }
     pub fn key_path(&self) -> PathBuf {
         self.in_certs(&self.certs.key)
+    }
+    pub fn crl_path(&self) -> PathBuf {
+        self.in_certs(&self.certs.crl)
     }
     pub fn checkpoint_dir(&self) -> PathBuf {
         self.state

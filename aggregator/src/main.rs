@@ -69,6 +69,14 @@ enum CertsCommand {
         #[arg(long)]
         name: String,
     },
+    /// Revoke a client's certificate: rewrites DIR/crl.pem, which the
+    /// aggregator loads at start (restart it to apply).
+    Revoke {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long)]
+        name: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -133,6 +141,13 @@ fn main() -> anyhow::Result<()> {
             for path in written {
                 println!("wrote {}", path.display());
             }
+            Ok(())
+        }
+        Command::Certs {
+            command: CertsCommand::Revoke { dir, name },
+        } => {
+            let crl = fedquic_net::pki::revoke(&dir, &name)?;
+            println!("revoked {name}; wrote {}", crl.display());
             Ok(())
         }
         Command::Certs {

@@ -71,6 +71,8 @@ pub struct ServerSetup {
     pub handshake_timeout: Duration,
     /// Receives each round's record as soon as it is written (progress bars).
     pub records: Option<mpsc::UnboundedSender<RoundRecord>>,
+    /// When set, only these client names are admitted.
+    pub allowlist: Option<std::collections::HashSet<String>>,
 }
 
 /// One line of the metrics file.
@@ -197,6 +199,7 @@ struct Shared {
     connected: AtomicUsize,
     max_clients: usize,
     handshake_timeout: Duration,
+    allowlist: Option<std::collections::HashSet<String>>,
     bytes_down: AtomicU64,
     bytes_up: AtomicU64,
     next_conn_id: AtomicU64,
@@ -248,6 +251,7 @@ impl Server {
             connected: AtomicUsize::new(0),
             max_clients: setup.max_clients,
             handshake_timeout: setup.handshake_timeout,
+            allowlist: setup.allowlist.clone(),
             bytes_down: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
@@ -345,10 +349,29 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             return;
         }
     };
+    if shared
+        .allowlist
+        .as_ref()
+        .is_some_and(|names| !names.contains(&client))
+    {
+        reject(
+            &conn,
+            &mut send,
+            &client,
+            &format!("client '{client}' is not on the aggregator's allowlist"),
+            None,
+        )
+        .await;
+        return;
+    }
     let count = shared.connected.fetch_add(1, Ordering::Relaxed) + 1;
     let _guard = ConnectedGuard(&shared.connected);
     if count > shared.max_clients {
-        reject(&conn, &mut send, &client, "aggregator is full", Some(5_000)).await;
+        let reason = format!(
+            "aggregator is full ({} clients connected)",
+            shared.max_clients
+        );
+        reject(&conn, &mut send, &client, &reason, Some(5_000)).await;
         return;
     }
     let welcome = Message::Welcome(Welcome {

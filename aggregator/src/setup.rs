@@ -49,7 +49,15 @@ pub fn setup_from_config(
         idle_timeout: Duration::from_secs_f64(config.limits.idle_timeout_secs),
         ..TransportSettings::aggregator()
     };
-    let server_tls = tls::server_config(roots, identity, &transport)?;
+    let crl_path = config.crl_path();
+    let crls = if crl_path.exists() {
+        let crls = tls::load_crl_file(&crl_path)?;
+        info!(path = %crl_path.display(), "certificate revocation list loaded");
+        crls
+    } else {
+        Vec::new()
+    };
+    let server_tls = tls::server_config_with_crls(roots, identity, crls, &transport)?;
 
     std::fs::create_dir_all(&config.state.dir).map_err(|source| SetupError::StateDir {
         path: config.state.dir.clone(),
@@ -119,5 +127,7 @@ pub fn setup_from_config(
         max_inflight_updates: config.limits.max_inflight_updates,
         handshake_timeout: Duration::from_secs_f64(config.limits.handshake_timeout_secs),
         records: None,
+        allowlist: (!config.admission.allowlist.is_empty())
+            .then(|| config.admission.allowlist.iter().cloned().collect()),
     })
 }

@@ -62,6 +62,8 @@ pub enum PkiError {
     NoServerNames,
     #[error("invalid validity period: {0}")]
     InvalidValidity(String),
+    #[error("client {0} is already revoked")]
+    AlreadyRevoked(String),
     #[error("{} already exists; refusing to overwrite it (use --force to replace the whole PKI)", .0.display())]
     AlreadyExists(PathBuf),
     #[error("{}: {source}", path.display())]
@@ -510,6 +512,118 @@ pub fn add_client(dir: &Path, name: &str) -> Result<Vec<PathBuf>, PkiError> {
         return Err(e);
     }
     Ok(vec![cert_path, key_path])
+}
+
+/// File in a PKI directory holding the certificate revocation list.
+pub const CRL_FILE: &str = "crl.pem";
+/// The record of revocations the CRL is rebuilt from: one line per
+/// revoked certificate, `SERIAL_HEX NAME UNIX_TIME`.
+pub const REVOKED_FILE: &str = "revoked.txt";
+/// How long a CRL is valid; re-run `certs revoke` (or any revocation) before then.
+pub const CRL_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+impl CertAuthority {
+    /// Signs a CRL listing `revoked` (certificate serial numbers and when
+    /// they were revoked). `number` must grow with every CRL issued.
+    pub fn issue_crl(
+        &self,
+        revoked: &[(Vec<u8>, SystemTime)],
+        number: u64,
+    ) -> Result<String, PkiError> {
+        let now = SystemTime::now();
+        let this_update = to_datetime(now.checked_sub(BACKDATE).unwrap_or(now))?;
+        let next_update = to_datetime(now + CRL_VALIDITY)?;
+        let revoked_certs = revoked
+            .iter()
+            .map(|(serial, at)| {
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(serial),
+                    revocation_time: to_datetime(*at)?,
+                    reason_code: Some(rcgen::RevocationReason::CessationOfOperation),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, PkiError>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update,
+            next_update,
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+}
+
+/// The serial number of a PEM certificate, as raw big-endian bytes.
+pub fn cert_serial(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| PkiError::InvalidCaCert(format!("not a PEM certificate: {e}")))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| PkiError::InvalidCaCert(format!("cannot parse certificate: {e}")))?;
+    Ok(cert.tbs_certificate.raw_serial().to_vec())
+}
+
+/// Revokes client NAME's certificate (`dir/NAME.pem`): records it in
+/// `revoked.txt` and rewrites `crl.pem`, signed by the CA in `dir`. The
+/// aggregator loads `crl.pem` at start and refuses revoked certificates in
+/// the TLS handshake. Revoking twice is an error.
+pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
+    validate_client_name(name)?;
+    let cert_path = dir.join(format!("{name}.pem"));
+    let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+    let serial = cert_serial(&cert_pem)?;
+    let ca = CertAuthority::from_dir(dir)?;
+    let record_path = dir.join(REVOKED_FILE);
+    let record = match fs::read_to_string(&record_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(&record_path)(e)),
+    };
+    let serial_hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+    let mut revoked = Vec::new();
+    for (i, line) in record
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = || {
+            PkiError::InvalidValidity(format!(
+                "{}: line {} is malformed",
+                record_path.display(),
+                i + 1
+            ))
+        };
+        let mut fields = line.split_whitespace();
+        let hex = fields.next().ok_or_else(bad)?;
+        let _name = fields.next().ok_or_else(bad)?;
+        let at: u64 = fields.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+        if hex == serial_hex {
+            return Err(PkiError::AlreadyRevoked(name.to_string()));
+        }
+        let bytes = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+            })
+            .collect::<Option<Vec<u8>>>()
+            .ok_or_else(bad)?;
+        revoked.push((bytes, UNIX_EPOCH + Duration::from_secs(at)));
+    }
+    let now = SystemTime::now();
+    revoked.push((serial, now));
+    let crl = ca.issue_crl(&revoked, revoked.len() as u64)?;
+    let unix = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let record = format!("{record}{serial_hex} {name} {unix}\n");
+    write_file(&record_path, &record, false, true)?;
+    let crl_path = dir.join(CRL_FILE);
+    write_file(&crl_path, &crl, false, true)?;
+    Ok(crl_path)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 use x509_parser::extensions::GeneralName;
 
@@ -233,6 +233,21 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Reads every CRL in a PEM file (as written by [`crate::pki::revoke`]).
+pub fn load_crl_file(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            what: "certificate revocation list".into(),
+            source,
+        })?;
+    Ok(crls)
+}
+
 /// The aggregator's configuration: TLS 1.3 only, a client certificate
 /// signed by one of `roots` is required, ALPN [`ALPN`].
 pub fn server_config(
@@ -240,9 +255,21 @@ pub fn server_config(
     identity: Identity,
     transport: &TransportSettings,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_with_crls(roots, identity, Vec::new(), transport)
+}
+
+/// [`server_config`] that also refuses client certificates listed in any of
+/// `crls` (certificate revocation lists signed by the CA).
+pub fn server_config_with_crls(
+    roots: RootCertStore,
+    identity: Identity,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    transport: &TransportSettings,
+) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).build()?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .with_crls(crls)
+        .build()?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)

@@ -165,6 +165,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_inflight_updates: 4,
             handshake_timeout: Duration::from_secs(60),
             records: None,
+            allowlist: None,
         };
         let server = Server::bind(setup)?;
         println!("LISTENING {}", server.local_addr()?);

@@ -148,6 +148,7 @@ pub async fn simulate(
         max_inflight_updates: config.threads.max(2) * 2,
         handshake_timeout: Duration::from_secs(60),
         records: Some(records_tx),
+        allowlist: None,
     };
     if let Some(out) = &config.out {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

@@ -1,0 +1,407 @@
+//! The aggregator under faults and hostile clients, over real QUIC + mTLS:
+//! dropouts mid-upload, a client that stalls forever, malformed updates,
+//! oversized frames, wrong versions, stream and idle limits.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use fedquic::net::io::write_message;
+use fedquic::net::pki::CertAuthority;
+use fedquic::protocol::{Message, SUPPORTED_VERSIONS, TensorMeta, encode_f32_body, encode_header};
+
+/// The exact FedAvg of `(delta, examples)` updates applied to a zero model.
+fn fedavg(updates: &[(f32, u64)]) -> f32 {
+    let total: f64 = updates.iter().map(|(_, n)| *n as f64).sum();
+    (updates
+        .iter()
+        .map(|(d, n)| *d as f64 * *n as f64)
+        .sum::<f64>()
+        / total) as f32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_percent_vanish_mid_upload_and_their_partial_updates_are_discarded() {
+    let ca = CertAuthority::generate("robustness CA").unwrap();
+    let agg = start(&ca, Options::new(engine(10, 5, 1, Duration::from_secs(20))));
+    let honest_updates: Vec<(f32, u64)> = (0..7)
+        .map(|i| (0.5 + i as f32, 10 + 5 * i as u64))
+        .collect();
+    let honest: Vec<_> = honest_updates
+        .iter()
+        .enumerate()
+        .map(|(i, (d, n))| common::honest(&ca, agg.addr, &format!("honest-{i}"), *d, *n))
+        .collect();
+    // Three clients send half of their update (a huge delta that would wreck
+    // the average) and then drop the connection.
+    let mut vanishing = Vec::new();
+    for i in 0..3 {
+        let mut raw = raw_welcome(&ca, agg.addr, &format!("vanish-{i}")).await;
+        vanishing.push(tokio::spawn(async move {
+            let (task, _) = raw.next_fit().await;
+            let mut stream = raw.conn.open_uni().await.unwrap();
+            let mut bytes = encode_header(&update_header(&task, 1_000_000)).unwrap();
+            encode_f32_body(&[1e6; PARAMS / 2], &mut bytes);
+            stream.write_all(&bytes).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            raw.conn.close(0u32.into(), b"gone");
+        }));
+    }
+    let started = Instant::now();
+    let summary = within(60, agg.task).await.unwrap().unwrap();
+    for v in vanishing {
+        v.await.unwrap();
+    }
+    for h in honest {
+        within(20, h).await.unwrap().unwrap();
+    }
+    let first = &summary.records[0].outcome;
+    assert_eq!(first.clients_selected, 10);
+    assert_eq!(first.clients_answered, 7);
+    assert_eq!(first.clients_dropped, 3);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the round closed when the last client dropped, not at the deadline"
+    );
+    let expected = fedavg(&honest_updates);
+    for v in summary.final_model.iter() {
+        assert!(
+            (v - expected).abs() < 1e-4,
+            "partial updates leaked into the model: {v} vs {expected}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_forever_is_dropped_at_the_deadline() {
+    let ca = CertAuthority::generate("robustness CA").unwrap();
+    let agg = start(&ca, Options::new(engine(4, 3, 2, Duration::from_secs(2))));
+    let updates = [(1.0f32, 10u64), (2.0, 20), (3.0, 30)];
+    let honest: Vec<_> = updates
+        .iter()
+        .enumerate()
+        .map(|(i, (d, n))| common::honest(&ca, agg.addr, &format!("h-{i}"), *d, *n))
+        .collect();
+    let mut staller = raw_welcome(&ca, agg.addr, "staller").await;
+    let stall = tokio::spawn(async move {
+        // Takes its tasks and the models, and never answers.
+        let _ = staller.next_fit().await;
+        let _ = staller.next_fit().await;
+        staller
+    });
+    let summary = within(30, agg.task).await.unwrap().unwrap();
+    for r in &summary.records {
+        assert_eq!(r.outcome.clients_selected, 4);
+        assert_eq!(r.outcome.clients_answered, 3);
+        assert_eq!(
+            r.outcome.clients_dropped, 1,
+            "the staller counts as dropped"
+        );
+        assert!(
+            r.outcome.fit_seconds >= 1.9,
+            "closed at the deadline: {}",
+            r.outcome.fit_seconds
+        );
+    }
+    let expected = 2.0 * fedavg(&updates);
+    assert!(
+        summary
+            .final_model
+            .iter()
+            .all(|v| (v - expected).abs() < 1e-5)
+    );
+    for h in honest {
+        within(20, h).await.unwrap().unwrap();
+    }
+    drop(stall.await.unwrap());
+}
+
+/// Sends one crafted update stream and returns the aggregator's answer.
+async fn answer_to(
+    raw: &mut Raw,
+    header: &fedquic::protocol::TensorHeader,
+    body: &[u8],
+    finish: bool,
+) -> Message {
+    let mut stream = raw.conn.open_uni().await.unwrap();
+    stream
+        .write_all(&encode_header(header).unwrap())
+        .await
+        .unwrap();
+    stream.write_all(body).await.unwrap();
+    if finish {
+        stream.finish().unwrap();
+    } else {
+        // Give up on the stream half-way: the peer sees a reset.
+        let _ = stream.reset(7u32.into());
+    }
+    within(10, raw.next_message())
+        .await
+        .expect("an answer from the aggregator")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_updates_are_rejected_with_reasons_and_the_round_carries_on() {
+    let ca = CertAuthority::generate("robustness CA").unwrap();
+    let agg = start(&ca, Options::new(engine(3, 2, 1, Duration::from_secs(20))));
+    // The honest clients take 2 s to train, which keeps the round open
+    // while the hostile client tries everything.
+    let honest: Vec<_> = [(1.0f32, 10u64), (3.0, 10)]
+        .iter()
+        .enumerate()
+        .map(|(i, (d, n))| {
+            let trainer = DeltaTrainer {
+                delay: Duration::from_secs(2),
+                ..DeltaTrainer::new(*d, *n)
+            };
+            common::slow(&ca, agg.addr, &format!("h-{i}"), trainer)
+        })
+        .collect();
+    let mut raw = raw_welcome(&ca, agg.addr, "hostile").await;
+    let (task, _) = raw.next_fit().await;
+    let good_body = {
+        let mut b = Vec::new();
+        encode_f32_body(&[1e6; PARAMS], &mut b);
+        b
+    };
+    let mut nan_body = Vec::new();
+    let mut values = [0.5f32; PARAMS];
+    values[PARAMS - 1] = f32::NAN;
+    encode_f32_body(&values, &mut nan_body);
+
+    let mut cases: Vec<(&str, fedquic::protocol::TensorHeader, Vec<u8>, bool, &str)> = Vec::new();
+    // First the ones that leave the client its turn (they are not answers to its task)...
+    let mut h = update_header(&task, 5);
+    h.round = task.round + 7;
+    cases.push((
+        "stale or future round",
+        h,
+        good_body.clone(),
+        true,
+        "stale update",
+    ));
+    let mut h = update_header(&task, 5);
+    h.task_id += 1000;
+    cases.push(("unknown task", h, good_body.clone(), true, "expected task"));
+    // ...then the malformed answers, each refused before it reaches the model.
+    let mut h = update_header(&task, 5);
+    h.tensors = vec![TensorMeta::f32("weights", &[PARAMS])];
+    cases.push((
+        "wrong tensor name",
+        h,
+        good_body.clone(),
+        true,
+        "layout mismatch",
+    ));
+    let mut h = update_header(&task, 5);
+    h.tensors = vec![TensorMeta::f32("params", &[PARAMS / 2, 2])];
+    cases.push(("wrong shape", h, good_body.clone(), true, "layout mismatch"));
+    let mut h = update_header(&task, 5);
+    h.body_len += 4;
+    cases.push((
+        "wrong byte length",
+        h,
+        good_body.clone(),
+        true,
+        "body bytes",
+    ));
+    cases.push((
+        "non-finite value",
+        update_header(&task, 5),
+        nan_body,
+        true,
+        "non-finite",
+    ));
+    cases.push((
+        "truncated body",
+        update_header(&task, 5),
+        good_body[..100].to_vec(),
+        true,
+        "truncated",
+    ));
+    cases.push((
+        "reset mid-body",
+        update_header(&task, 5),
+        good_body[..100].to_vec(),
+        false,
+        "reset",
+    ));
+    let mut h = update_header(&task, 5);
+    h.kind = fedquic::protocol::StreamKind::GlobalModel;
+    cases.push((
+        "not an update stream",
+        h,
+        good_body.clone(),
+        true,
+        "expected an update",
+    ));
+    let mut h = update_header(&task, 0);
+    h.round = task.round;
+    cases.push((
+        "after its turn ended",
+        h,
+        good_body.clone(),
+        true,
+        "not selected",
+    ));
+    for (what, header, body, finish, needle) in cases {
+        match answer_to(&mut raw, &header, &body, finish).await {
+            Message::UpdateRejected { reason, .. } => {
+                assert!(
+                    reason.contains(needle),
+                    "{what}: reason '{reason}' should mention '{needle}'"
+                )
+            }
+            other => panic!("{what}: expected UpdateRejected, got {other:?}"),
+        }
+    }
+    // None of it touched the model; the honest clients finish the round.
+    let summary = within(30, agg.task).await.unwrap().unwrap();
+    let r = &summary.records[0].outcome;
+    assert_eq!(r.clients_answered, 2);
+    assert!(r.updates_rejected >= 3, "{r:?}");
+    assert!(
+        summary.final_model.iter().all(|v| (v - 2.0).abs() < 1e-6),
+        "{:?}",
+        &summary.final_model[..4]
+    );
+    for h in honest {
+        within(20, h).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_within_the_round_is_refused_without_counting_twice() {
+    let ca = CertAuthority::generate("robustness CA").unwrap();
+    let agg = start(&ca, Options::new(engine(3, 2, 1, Duration::from_secs(3))));
+    let a = common::honest(&ca, agg.addr, "h-0", 1.0, 10);
+    let mut raw = raw_welcome(&ca, agg.addr, "twice").await;
+    // A third client that stalls keeps the round open until its deadline.
+    let mut staller = raw_welcome(&ca, agg.addr, "staller").await;
+    let stall = tokio::spawn(async move {
+        let _ = staller.next_fit().await;
+        staller
+    });
+    let (task, _) = raw.next_fit().await;
+    let mut body = Vec::new();
+    encode_f32_body(&[3.0; PARAMS], &mut body);
+    let first = answer_to(&mut raw, &update_header(&task, 10), &body, true).await;
+    assert!(matches!(first, Message::UpdateAccepted { .. }), "{first:?}");
+    match answer_to(&mut raw, &update_header(&task, 10), &body, true).await {
+        Message::UpdateRejected { reason, .. } => assert!(reason.contains("duplicate"), "{reason}"),
+        other => panic!("expected a duplicate rejection, got {other:?}"),
+    }
+    let summary = within(30, agg.task).await.unwrap().unwrap();
+    assert_eq!(summary.records[0].outcome.clients_answered, 2);
+    assert!(
+        summary.final_model.iter().all(|v| (v - 2.0).abs() < 1e-6),
+        "counted once"
+    );
+    within(20, a).await.unwrap().unwrap();
+    drop(stall.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_versions_and_oversized_frames_are_refused_clearly() {
+    let ca = CertAuthority::generate("robustness CA").unwrap();
+    // No round starts (it waits for 100 clients): only the handshakes matter.
+    let agg = start(
+        &ca,
+        Options::new(engine(100, 1, 1, Duration::from_secs(20))),
+    );
+    match open_raw(
+        agg.addr,
+        client_tls(&ca, Some(identity(&ca, "future"))),
+        vec![99],
+    )
+    .await
+    {
+        Opened::Refused(why) => assert!(why.contains("no common protocol version"), "{why}"),
+        Opened::Welcome(..) => panic!("version 99 must be refused"),
+    }
+    // A frame prefix claiming 16 MiB: refused before anything is allocated.
+    let mut raw = raw_welcome(&ca, agg.addr, "big-talker").await;
+    raw.send
+        .write_all(&(16u32 << 20).to_le_bytes())
+        .await
+        .unwrap();
+    match within(10, raw.next_message()).await {
+        Some(Message::Reject(r)) => assert!(r.reason.contains("exceeds the limit"), "{}", r.reason),
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    let closed = within(10, raw.conn.closed()).await;
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
+    // A client that speaks out of turn.
+    let mut rude = raw_welcome(&ca, agg.addr, "rude").await;
+    write_message(
+        &mut rude.send,
+        &Message::Hello(fedquic::protocol::Hello {
+            versions: SUPPORTED_VERSIONS.to_vec(),
+            codecs: vec![],
+            agent: "again".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    match within(10, rude.next_message()).await {
+        Some(Message::Reject(r)) => {
+            assert!(r.reason.contains("unexpected message"), "{}", r.reason)
+        }
+        other => panic!("expected a Reject, got {other:?}"),
+    }
+    agg.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_are_bounded_and_idle_connections_time_out() {
+    let ca = CertAuthority::generate("robustness CA").unwrap();
+    let mut opts = Options::new(engine(5, 5, 1, Duration::from_secs(20)));
+    opts.transport.idle_timeout = Duration::from_millis(1500);
+    let agg = start(&ca, opts);
+    let raw = raw_welcome(&ca, agg.addr, "greedy").await;
+    let limit = fedquic::net::tls::TransportSettings::default().max_concurrent_uni_streams as usize;
+    let mut streams = Vec::new();
+    for _ in 0..limit {
+        let mut s = within(5, raw.conn.open_uni()).await.unwrap();
+        s.write_all(b"FQ").await.unwrap();
+        streams.push(s);
+    }
+    // One more than the limit cannot be opened while the others stay open.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), raw.conn.open_uni())
+            .await
+            .is_err()
+    );
+
+    // A client that goes silent (no keep-alives) is dropped at the idle timeout.
+    let silent = {
+        let settings = fedquic::net::tls::TransportSettings {
+            keep_alive: Duration::ZERO,
+            ..Default::default()
+        };
+        let issued = identity(&ca, "silent");
+        let tls = fedquic::net::tls::client_config(
+            fedquic::net::tls::load_ca_pem(ca.cert_pem()).unwrap(),
+            Some(issued),
+            &settings,
+        )
+        .unwrap();
+        match open_raw(agg.addr, tls, SUPPORTED_VERSIONS.to_vec()).await {
+            Opened::Welcome(raw, _) => raw,
+            Opened::Refused(why) => panic!("{why}"),
+        }
+    };
+    let start = Instant::now();
+    let reason = within(10, silent.conn.closed()).await;
+    assert!(
+        matches!(reason, quinn::ConnectionError::TimedOut),
+        "{reason:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+    drop((streams, raw));
+    agg.task.abort();
+}
