@@ -9,28 +9,69 @@ fn client_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_fedquic-client"))
 }
 
-/// The aggregator binary lives next to the client's in the target dir;
-/// build it if this test runs alone (`cargo test -p fedquic-client`).
+/// The aggregator binary. The client's package cannot name another
+/// package's binary, so use the one `cargo test --workspace` built next to
+/// ours, and build it with cargo (as tools such as escargot do) only when it
+/// is missing or older than the sources it is made from.
 fn aggregator_bin() -> PathBuf {
-    let path = client_bin().with_file_name(format!(
-        "fedquic-aggregator{}",
-        std::env::consts::EXE_SUFFIX
-    ));
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args([
-                "build",
-                "-p",
-                "fedquic-aggregator",
-                "--bin",
-                "fedquic-aggregator",
-            ])
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building fedquic-aggregator failed");
-    }
-    path
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let path = client_bin().with_file_name(format!(
+                "fedquic-aggregator{}",
+                std::env::consts::EXE_SUFFIX
+            ));
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+            let stale = built.is_none_or(|built| {
+                ["aggregator", "net", "protocol", "train"]
+                    .iter()
+                    .any(|c| newer_than(&root.join(c), built))
+            });
+            if stale {
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let out = Command::new(cargo)
+                    .current_dir(&root)
+                    .args([
+                        "build",
+                        "--quiet",
+                        "--profile",
+                        "test",
+                        "-p",
+                        "fedquic-aggregator",
+                        "--bin",
+                        "fedquic-aggregator",
+                    ])
+                    .output()
+                    .expect("running cargo build");
+                assert!(
+                    out.status.success(),
+                    "building fedquic-aggregator failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            assert!(path.exists(), "{} was not built", path.display());
+            path
+        })
+        .clone()
+}
+
+/// Whether any source file (or manifest) under `dir` changed after `time`.
+fn newer_than(dir: &Path, time: std::time::SystemTime) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            return p.file_name().is_some_and(|n| n != "target") && newer_than(&p, time);
+        }
+        let relevant = p.extension().is_some_and(|x| x == "rs" || x == "toml");
+        relevant
+            && e.metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|m| m > time)
+    })
 }
 
 fn free_udp_port() -> u16 {
@@ -235,4 +276,144 @@ fn bad_arguments_get_clear_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mnist"), "{err}");
+}
+
+fn metrics_rounds(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["round"].as_u64())
+        .collect()
+}
+
+#[test]
+fn sigkill_mid_run_then_resume_loses_no_completed_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    assert_success(
+        &Command::new(aggregator_bin())
+            .args(["certs", "init", "--dir"])
+            .arg(&certs)
+            .args(["--clients", "3"])
+            .output()
+            .unwrap(),
+        "certs init",
+    );
+    const ROUNDS: u64 = 30;
+    std::fs::write(
+        dir.path().join("aggregator.toml"),
+        format!(
+            r#"
+[model]
+spec = "mlp:784-16-10"
+[rounds]
+count = {ROUNDS}
+min_fit_clients = 3
+min_available_clients = 3
+deadline_secs = 30
+[fit]
+epochs = 2
+[evaluate]
+test_data = "synthetic:600/200"
+[limits]
+# Clients notice a dead aggregator within 2 s and reconnect.
+idle_timeout_secs = 2
+"#
+        ),
+    )
+    .unwrap();
+    let metrics = dir.path().join("state/metrics.jsonl");
+    let port = free_udp_port();
+    let mut aggregator = run_aggregator(dir.path(), port, &[]);
+    let clients: Vec<Child> = (1..=3)
+        .map(|i| {
+            Command::new(client_bin())
+                .args([
+                    "--server",
+                    &format!("127.0.0.1:{port}"),
+                    "--server-name",
+                    "localhost",
+                    "--certs",
+                ])
+                .arg(&certs)
+                .args([
+                    "--name",
+                    &format!("client-{i:03}"),
+                    "--data",
+                    "synthetic:600/200",
+                ])
+                .args([
+                    "--partition",
+                    &format!("{i}/3"),
+                    "--max-attempts",
+                    "200",
+                    "--max-backoff",
+                    "0.5",
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+
+    // Let a few rounds complete, then kill the aggregator without warning.
+    let start = Instant::now();
+    while metrics_rounds(&metrics).len() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no progress before the kill"
+        );
+        assert!(
+            aggregator.try_wait().unwrap().is_none(),
+            "aggregator exited early"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    aggregator.kill().unwrap(); // SIGKILL on Unix
+    aggregator.wait().unwrap();
+    let before = metrics_rounds(&metrics);
+    let last_before = *before.iter().max().unwrap();
+    assert!(last_before < ROUNDS, "the kill must land mid-run");
+
+    // Restart with --resume on the same address; the clients find it by themselves.
+    let resumed = run_aggregator(dir.path(), port, &["--resume"]);
+    let out = wait_with_timeout(resumed, Duration::from_secs(180), "resumed aggregator");
+    assert_success(&out, "resumed aggregator");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("run complete: {ROUNDS} rounds")),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resuming from checkpoint"), "{stderr}");
+    for c in clients {
+        let out = wait_with_timeout(c, Duration::from_secs(30), "client");
+        assert_success(&out, "client");
+    }
+
+    let all = metrics_rounds(&metrics);
+    let after = &all[before.len()..];
+    let resumed_from = after.first().copied().unwrap() - 1;
+    // Every round that had completed (metrics are written after the
+    // checkpoint) is in the checkpoint the run resumed from.
+    assert!(
+        resumed_from >= last_before,
+        "resumed from {resumed_from}, but round {last_before} had completed"
+    );
+    let expected: Vec<u64> = (resumed_from + 1..=ROUNDS).collect();
+    assert_eq!(
+        after,
+        expected.as_slice(),
+        "the resumed run continues round by round to the end"
+    );
+    let mut seen = all.clone();
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(
+        seen,
+        (1..=ROUNDS).collect::<Vec<_>>(),
+        "no round is missing"
+    );
 }

@@ -211,7 +211,14 @@ impl TransportSettings {
     /// The quinn transport configuration for these settings.
     pub fn transport_config(&self) -> Result<TransportConfig, TlsError> {
         let mut config = TransportConfig::default();
-        config.keep_alive_interval((!self.keep_alive.is_zero()).then_some(self.keep_alive));
+        // Keep-alives must come well within the idle timeout, or a quiet
+        // connection (between rounds) would time out.
+        let keep_alive = if self.idle_timeout.is_zero() {
+            self.keep_alive
+        } else {
+            self.keep_alive.min(self.idle_timeout / 3)
+        };
+        config.keep_alive_interval((!keep_alive.is_zero()).then_some(keep_alive));
         let idle = if self.idle_timeout.is_zero() {
             None
         } else {
