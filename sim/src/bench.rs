@@ -7,8 +7,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -17,7 +16,7 @@ use fedquic_aggregator::server::{Server, ServerSetup};
 use fedquic_client::{
     Backoff, ClientOptions, EvalOutcome, FitOutcome, Trainer, TrainerError, run_client,
 };
-use fedquic_net::pki::{self, client_name};
+use fedquic_net::pki::{self, CertAuthority, client_name};
 use fedquic_net::tls::{self, Identity, TransportSettings};
 use fedquic_protocol::FitInstructions;
 use fedquic_train::layout::ParamLayout;
@@ -41,7 +40,21 @@ pub struct OverheadArgs {
 }
 
 #[derive(clap::Args, Debug, Clone)]
+pub struct ConnectionsArgs {
+    /// Mutually authenticated connections to open and hold.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Model parameters (small: the point is the connections).
+    #[arg(long, default_value_t = 100)]
+    pub params: usize,
+    /// Rounds to hold the connections through (every client trains each round).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u64,
+}
+
+#[derive(clap::Args, Debug, Clone)]
 pub struct ServeArgs {
+    /// Directory with ca.pem, server.pem and server.key.
     #[arg(long)]
     pub certs: PathBuf,
     #[arg(long)]
@@ -56,6 +69,11 @@ pub struct ServeArgs {
 pub struct ServeReport {
     pub round_seconds: Vec<f64>,
     pub peak_rss_bytes: Option<u64>,
+    /// Resident memory once listening, before any client connected.
+    pub baseline_rss_bytes: Option<u64>,
+    /// From listening until every client was connected and round 1 began.
+    pub setup_seconds: f64,
+    pub clients_per_round: Vec<usize>,
     /// Every parameter must have moved by exactly rounds x BENCH_DELTA.
     pub max_error: f64,
 }
@@ -99,8 +117,17 @@ impl Trainer for FixedDeltaTrainer {
 
 /// Peak resident memory of this process (Linux `VmHWM`).
 pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kb("VmHWM:")
+}
+
+/// Current resident memory of this process (Linux `VmRSS`).
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_kb("VmRSS:")
+}
+
+fn proc_status_kb(field: &str) -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
@@ -168,6 +195,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             allowlist: None,
         };
         let server = Server::bind(setup)?;
+        let baseline_rss_bytes = rss_bytes();
         println!("LISTENING {}", server.local_addr()?);
         let summary = server.run(std::future::pending()).await?;
         let expected = args.rounds as f64 * BENCH_DELTA as f64;
@@ -179,6 +207,17 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let report = ServeReport {
             round_seconds: summary.records.iter().map(|r| r.seconds).collect(),
             peak_rss_bytes: peak_rss_bytes(),
+            baseline_rss_bytes,
+            setup_seconds: summary
+                .records
+                .first()
+                .map(|r| r.elapsed_seconds - r.seconds)
+                .unwrap_or(f64::NAN),
+            clients_per_round: summary
+                .records
+                .iter()
+                .map(|r| r.outcome.clients_answered)
+                .collect(),
             max_error,
         };
         println!("RESULT {}", serde_json::to_string(&report)?);
@@ -186,100 +225,161 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Runs the benchmark and prints its results.
+/// An aggregator running in a child process (`bench-serve`), with the
+/// PKI its clients need.
+struct ChildAggregator {
+    child: Child,
+    addr: SocketAddr,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    ca: CertAuthority,
+    _certs: tempfile::TempDir,
+}
+
+impl ChildAggregator {
+    fn start(clients: usize, params: usize, rounds: u64) -> anyhow::Result<Self> {
+        let certs = tempfile_dir()?;
+        let ca = CertAuthority::generate("fedquic bench CA")?;
+        let server = ca.issue_server(&[SERVER_NAME.to_string(), "127.0.0.1".to_string()])?;
+        for (file, text) in [
+            (pki::CA_CERT_FILE, ca.cert_pem()),
+            (pki::SERVER_CERT_FILE, server.cert_pem.as_str()),
+            (pki::SERVER_KEY_FILE, server.key_pem.as_str()),
+        ] {
+            std::fs::write(certs.path().join(file), text)
+                .context("writing benchmark certificates")?;
+        }
+        let exe = std::env::current_exe().context("locating this executable")?;
+        let mut child = Command::new(exe)
+            .args(["bench-serve", "--certs"])
+            .arg(certs.path())
+            .args([
+                "--clients",
+                &clients.to_string(),
+                "--params",
+                &params.to_string(),
+            ])
+            .args(["--rounds", &rounds.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the aggregator process")?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("no stdout from the aggregator process")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr: SocketAddr = match lines.next() {
+            Some(Ok(line)) if line.starts_with("LISTENING ") => {
+                line["LISTENING ".len()..].parse()?
+            }
+            other => {
+                let _ = child.kill();
+                bail!("aggregator process did not start: {other:?}");
+            }
+        };
+        Ok(ChildAggregator {
+            child,
+            addr,
+            lines,
+            ca,
+            _certs: certs,
+        })
+    }
+
+    /// Runs `clients` fixed-delta clients against it (all sharing one UDP
+    /// socket) until the run completes, and returns the aggregator's report.
+    fn run_fleet(mut self, clients: usize) -> anyhow::Result<ServeReport> {
+        let runtime = tokio::runtime::Runtime::new()?;
+        let (addr, ca) = (self.addr, &self.ca);
+        let client_result: anyhow::Result<()> = runtime.block_on(async {
+            let roots = tls::load_ca_pem(ca.cert_pem())?;
+            let mut handles = Vec::with_capacity(clients);
+            let mut endpoint: Option<quinn::Endpoint> = None;
+            for i in 1..=clients {
+                let issued = ca.issue_client(&client_name(i))?;
+                let identity = Identity::from_pem(&issued.cert_pem, &issued.key_pem)?;
+                let tls = tls::client_config(
+                    roots.clone(),
+                    Some(identity),
+                    &TransportSettings::default(),
+                )?;
+                let endpoint = match &endpoint {
+                    Some(e) => e.clone(),
+                    None => endpoint
+                        .insert(fedquic_net::endpoint::client_endpoint_for(
+                            addr,
+                            tls.clone(),
+                        )?)
+                        .clone(),
+                };
+                let opts = ClientOptions {
+                    server: addr,
+                    server_name: SERVER_NAME.into(),
+                    tls,
+                    backoff: Backoff::new(
+                        Duration::from_millis(200),
+                        Duration::from_secs(5),
+                        i as u64,
+                    ),
+                    max_attempts: Some(30),
+                    connect_timeout: Duration::from_secs(60),
+                    training_slots: None,
+                    endpoint: Some(endpoint),
+                };
+                handles.push(tokio::spawn(run_client(opts, FixedDeltaTrainer::default())));
+            }
+            let mut failed = 0usize;
+            let mut first_error = None;
+            for h in handles {
+                if let Err(e) = h
+                    .await
+                    .map_err(anyhow::Error::from)
+                    .and_then(|r| r.map_err(anyhow::Error::from))
+                {
+                    failed += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+            match first_error {
+                Some(e) => Err(e.context(format!("{failed} of {clients} clients failed"))),
+                None => Ok(()),
+            }
+        });
+        if client_result.is_err() {
+            let _ = self.child.kill();
+        }
+        let mut report = None;
+        for line in self.lines.by_ref() {
+            if let Some(json) = line?.strip_prefix("RESULT ") {
+                report = Some(serde_json::from_str::<ServeReport>(json)?);
+            }
+        }
+        let status = self.child.wait()?;
+        client_result?;
+        let report = report
+            .with_context(|| format!("aggregator process ended ({status}) without a result"))?;
+        if report.max_error > 1e-4 {
+            bail!(
+                "aggregation is wrong: parameters off by {} from the expected sum",
+                report.max_error
+            );
+        }
+        Ok(report)
+    }
+}
+
+fn mb(bytes: Option<u64>) -> String {
+    bytes
+        .map(|b| format!("{:.1} MB", b as f64 / 1e6))
+        .unwrap_or_else(|| "unavailable".into())
+}
+
+/// Runs the overhead benchmark and prints its results.
 pub fn run_overhead(args: OverheadArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.params == 0 || args.rounds == 0 {
         bail!("--clients, --params and --rounds must be at least 1");
     }
-    let certs = tempfile_dir()?;
-    pki::init_dir(
-        certs.path(),
-        &[SERVER_NAME.to_string(), "127.0.0.1".to_string()],
-        args.clients,
-        false,
-    )?;
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let mut child = Command::new(exe)
-        .args(["bench-serve", "--certs"])
-        .arg(certs.path())
-        .args([
-            "--clients",
-            &args.clients.to_string(),
-            "--params",
-            &args.params.to_string(),
-        ])
-        .args(["--rounds", &args.rounds.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting the aggregator process")?;
-    let stdout = child
-        .stdout
-        .take()
-        .context("no stdout from the aggregator process")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let addr: SocketAddr = match lines.next() {
-        Some(Ok(line)) if line.starts_with("LISTENING ") => line["LISTENING ".len()..].parse()?,
-        other => {
-            let _ = child.kill();
-            bail!("aggregator process did not start: {other:?}");
-        }
-    };
-
-    let runtime = tokio::runtime::Runtime::new()?;
-    let client_result: anyhow::Result<()> = runtime.block_on(async {
-        let roots = tls::load_ca_file(&certs.path().join(pki::CA_CERT_FILE))?;
-        let mut handles = Vec::new();
-        let mut endpoint = None;
-        for i in 1..=args.clients {
-            let name = client_name(i);
-            let identity = Identity::from_files(
-                &certs.path().join(format!("{name}.pem")),
-                &certs.path().join(format!("{name}.key")),
-            )?;
-            let tls =
-                tls::client_config(roots.clone(), Some(identity), &TransportSettings::default())?;
-            let ep = match &endpoint {
-                Some(e) => Arc::clone(e),
-                None => Arc::new(fedquic_net::endpoint::client_endpoint_for(
-                    addr,
-                    tls.clone(),
-                )?),
-            };
-            endpoint.get_or_insert_with(|| Arc::clone(&ep));
-            let opts = ClientOptions {
-                server: addr,
-                server_name: SERVER_NAME.into(),
-                tls,
-                backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2), i as u64),
-                max_attempts: Some(20),
-                connect_timeout: Duration::from_secs(30),
-                training_slots: None,
-                endpoint: Some((*ep).clone()),
-            };
-            handles.push(tokio::spawn(run_client(opts, FixedDeltaTrainer::default())));
-        }
-        for h in handles {
-            h.await??;
-        }
-        Ok(())
-    });
-    let mut report = None;
-    for line in lines {
-        let line = line?;
-        if let Some(json) = line.strip_prefix("RESULT ") {
-            report = Some(serde_json::from_str::<ServeReport>(json)?);
-        }
-    }
-    let status = child.wait()?;
-    client_result?;
     let report =
-        report.with_context(|| format!("aggregator process ended ({status}) without a result"))?;
-    if report.max_error > 1e-4 {
-        bail!(
-            "aggregation is wrong: parameters off by {} from the expected sum",
-            report.max_error
-        );
-    }
+        ChildAggregator::start(args.clients, args.params, args.rounds)?.run_fleet(args.clients)?;
     let median_s = median(&report.round_seconds).unwrap_or(f64::NAN);
     println!(
         "bench-overhead: K={} clients, P={} params, {} rounds, mutual TLS on",
@@ -295,9 +395,56 @@ pub fn run_overhead(args: OverheadArgs) -> anyhow::Result<()> {
             .join(" ")
     );
     println!("median seconds per round: {median_s:.3}");
-    match report.peak_rss_bytes {
-        Some(b) => println!("aggregator peak memory (VmHWM): {:.1} MB", b as f64 / 1e6),
-        None => println!("aggregator peak memory: unavailable on this platform"),
+    println!(
+        "aggregator peak memory (VmHWM): {}",
+        mb(report.peak_rss_bytes)
+    );
+    Ok(())
+}
+
+/// Opens `clients` mutually authenticated connections from this process to
+/// an aggregator in another, holds them through the rounds, and reports
+/// the setup rate and the aggregator's memory per connected client.
+pub fn run_connections(args: ConnectionsArgs) -> anyhow::Result<()> {
+    if args.clients == 0 || args.params == 0 || args.rounds == 0 {
+        bail!("--clients, --params and --rounds must be at least 1");
+    }
+    let report =
+        ChildAggregator::start(args.clients, args.params, args.rounds)?.run_fleet(args.clients)?;
+    if report.clients_per_round.iter().any(|&n| n != args.clients) {
+        bail!(
+            "not every client took part in every round: {:?}",
+            report.clients_per_round
+        );
+    }
+    println!(
+        "bench-connections: {} clients, P={} params, {} rounds, mutual TLS on",
+        args.clients, args.params, args.rounds
+    );
+    println!(
+        "all connected in {:.2} s ({:.0} connections/s, handshake + hello included)",
+        report.setup_seconds,
+        args.clients as f64 / report.setup_seconds
+    );
+    println!(
+        "round seconds with every client training: {}",
+        report
+            .round_seconds
+            .iter()
+            .map(|s| format!("{s:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "aggregator memory: {} before clients, {} peak",
+        mb(report.baseline_rss_bytes),
+        mb(report.peak_rss_bytes)
+    );
+    if let (Some(peak), Some(base)) = (report.peak_rss_bytes, report.baseline_rss_bytes) {
+        println!(
+            "aggregator memory per connected client: {:.1} KB",
+            peak.saturating_sub(base) as f64 / args.clients as f64 / 1e3
+        );
     }
     Ok(())
 }

@@ -70,6 +70,9 @@ enum Command {
     /// Measure framework overhead: K clients whose "training" adds a fixed
     /// delta to a P-parameter model, over the same QUIC/mTLS path.
     BenchOverhead(fedquic_sim::bench::OverheadArgs),
+    /// Load test: open N mutually authenticated QUIC connections to one
+    /// aggregator (in another process) and hold them through a round.
+    BenchConnections(fedquic_sim::bench::ConnectionsArgs),
     /// (internal) The aggregator process of bench-overhead.
     #[command(hide = true)]
     BenchServe(fedquic_sim::bench::ServeArgs),
@@ -87,6 +90,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::BenchOverhead(args)) => return fedquic_sim::bench::run_overhead(args),
+        Some(Command::BenchConnections(args)) => return fedquic_sim::bench::run_connections(args),
         Some(Command::BenchServe(args)) => return fedquic_sim::bench::serve(args),
         None => {}
     }
