@@ -69,13 +69,15 @@ struct RunArgs {
 enum Command {
     /// Measure framework overhead: K clients whose "training" adds a fixed
     /// delta to a P-parameter model, over the same QUIC/mTLS path.
-    BenchOverhead(fedquic_sim::bench::OverheadArgs),
+    #[command(name = "bench-overhead")]
+    Overhead(fedquic_sim::bench::OverheadArgs),
     /// Load test: open N mutually authenticated QUIC connections to one
     /// aggregator (in another process) and hold them through a round.
-    BenchConnections(fedquic_sim::bench::ConnectionsArgs),
+    #[command(name = "bench-connections")]
+    Connections(fedquic_sim::bench::ConnectionsArgs),
     /// (internal) The aggregator process of bench-overhead.
-    #[command(hide = true)]
-    BenchServe(fedquic_sim::bench::ServeArgs),
+    #[command(name = "bench-serve", hide = true)]
+    Serve(fedquic_sim::bench::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,9 +91,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::BenchOverhead(args)) => return fedquic_sim::bench::run_overhead(args),
-        Some(Command::BenchConnections(args)) => return fedquic_sim::bench::run_connections(args),
-        Some(Command::BenchServe(args)) => return fedquic_sim::bench::serve(args),
+        Some(Command::Overhead(args)) => return fedquic_sim::bench::run_overhead(args),
+        Some(Command::Connections(args)) => return fedquic_sim::bench::run_connections(args),
+        Some(Command::Serve(args)) => return fedquic_sim::bench::serve(args),
         None => {}
     }
     let a = cli.run;
