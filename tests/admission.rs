@@ -12,10 +12,18 @@ use fedquic::net::tls::{self, Identity};
 use fedquic::protocol::SUPPORTED_VERSIONS;
 
 fn files(dir: &std::path::Path, name: &str) -> Identity {
-    Identity::from_files(&dir.join(format!("{name}.pem")), &dir.join(format!("{name}.key"))).unwrap()
+    Identity::from_files(
+        &dir.join(format!("{name}.pem")),
+        &dir.join(format!("{name}.key")),
+    )
+    .unwrap()
 }
 
-async fn refusal(addr: std::net::SocketAddr, ca: &CertAuthority, identity: Option<Identity>) -> String {
+async fn refusal(
+    addr: std::net::SocketAddr,
+    ca: &CertAuthority,
+    identity: Option<Identity>,
+) -> String {
     match open_raw(addr, client_tls(ca, identity), SUPPORTED_VERSIONS.to_vec()).await {
         Opened::Refused(why) => why,
         Opened::Welcome(..) => panic!("this client must be refused"),
@@ -29,7 +37,10 @@ async fn only_valid_unrevoked_allowlisted_clients_get_in() {
     let ca = CertAuthority::from_dir(dir.path()).unwrap();
     // client-003 is revoked through the CLI's code path (crl.pem).
     let crl_path = pki::revoke(dir.path(), "client-003").unwrap();
-    assert!(matches!(pki::revoke(dir.path(), "client-003"), Err(pki::PkiError::AlreadyRevoked(_))));
+    assert!(matches!(
+        pki::revoke(dir.path(), "client-003"),
+        Err(pki::PkiError::AlreadyRevoked(_))
+    ));
     let crls = tls::load_crl_file(&crl_path).unwrap();
     let now = SystemTime::now();
     let expired = ca
@@ -43,26 +54,57 @@ async fn only_valid_unrevoked_allowlisted_clients_get_in() {
     let mut opts = Options::new(engine(1, 1, 1, Duration::from_secs(20)));
     opts.crls = crls;
     opts.allowlist = Some(
-        ["client-001", "client-003", "client-005"].into_iter().map(String::from).collect(),
+        ["client-001", "client-003", "client-005"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
     );
     let agg = start(&ca, opts);
 
     let why = refusal(agg.addr, &ca, None).await;
-    assert!(!why.contains("reject"), "no certificate fails in TLS: {why}");
-    let rogue = CertAuthority::generate("rogue CA").unwrap().issue_client("client-001").unwrap();
-    refusal(agg.addr, &ca, Some(Identity::from_pem(&rogue.cert_pem, &rogue.key_pem).unwrap())).await;
-    refusal(agg.addr, &ca, Some(Identity::from_pem(&expired.cert_pem, &expired.key_pem).unwrap())).await;
+    assert!(
+        !why.contains("reject"),
+        "no certificate fails in TLS: {why}"
+    );
+    let rogue = CertAuthority::generate("rogue CA")
+        .unwrap()
+        .issue_client("client-001")
+        .unwrap();
+    refusal(
+        agg.addr,
+        &ca,
+        Some(Identity::from_pem(&rogue.cert_pem, &rogue.key_pem).unwrap()),
+    )
+    .await;
+    refusal(
+        agg.addr,
+        &ca,
+        Some(Identity::from_pem(&expired.cert_pem, &expired.key_pem).unwrap()),
+    )
+    .await;
     let why = refusal(agg.addr, &ca, Some(files(dir.path(), "client-003"))).await;
-    assert!(!why.contains("reject"), "a revoked certificate fails in TLS: {why}");
+    assert!(
+        !why.contains("reject"),
+        "a revoked certificate fails in TLS: {why}"
+    );
     let why = refusal(agg.addr, &ca, Some(files(dir.path(), "client-002"))).await;
-    assert!(why.contains("not on the aggregator's allowlist") && why.contains("retry None"), "{why}");
+    assert!(
+        why.contains("not on the aggregator's allowlist") && why.contains("retry None"),
+        "{why}"
+    );
 
     // The honest, allowlisted client is admitted and completes the run.
     let tls = client_tls(&ca, Some(files(dir.path(), "client-001")));
-    let honest = tokio::spawn(fedquic::client::run_client(options(agg.addr, tls, 5), DeltaTrainer::new(1.0, 4)));
+    let honest = tokio::spawn(fedquic::client::run_client(
+        options(agg.addr, tls, 5),
+        DeltaTrainer::new(1.0, 4),
+    ));
     let summary = within(30, agg.task).await.unwrap().unwrap();
     assert_eq!(summary.rounds_completed, 1);
-    assert_eq!(summary.records[0].outcome.clients_selected, 1, "nobody else was admitted");
+    assert_eq!(
+        summary.records[0].outcome.clients_selected, 1,
+        "nobody else was admitted"
+    );
     assert_eq!(within(10, honest).await.unwrap().unwrap().fit_tasks, 1);
 }
 
@@ -74,12 +116,21 @@ async fn a_full_aggregator_says_retry_later_and_the_client_gets_in_when_there_is
     let agg = start(&ca, opts);
     let first = raw_welcome(&ca, agg.addr, "first").await;
     let why = refusal(agg.addr, &ca, Some(identity(&ca, "second"))).await;
-    assert!(why.contains("aggregator is full") && why.contains("retry Some(5000)"), "{why}");
+    assert!(
+        why.contains("aggregator is full") && why.contains("retry Some(5000)"),
+        "{why}"
+    );
     // Room frees up when the first leaves; a client retrying gets in.
     first.conn.close(0u32.into(), b"leaving");
     drop(first);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    match open_raw(agg.addr, client_tls(&ca, Some(identity(&ca, "second"))), SUPPORTED_VERSIONS.to_vec()).await {
+    match open_raw(
+        agg.addr,
+        client_tls(&ca, Some(identity(&ca, "second"))),
+        SUPPORTED_VERSIONS.to_vec(),
+    )
+    .await
+    {
         Opened::Welcome(_, w) => assert_eq!(w.client_name, "second"),
         Opened::Refused(why) => panic!("there is room now: {why}"),
     }

@@ -85,6 +85,7 @@ async fn start(clients: usize, rounds: u64) -> Federation {
         handshake_timeout: Duration::from_secs(10),
         records: None,
         allowlist: None,
+        reset_secret: None,
     };
     let server = Server::bind(setup).unwrap();
     let addr = server.local_addr().unwrap();

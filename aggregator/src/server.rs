@@ -73,6 +73,10 @@ pub struct ServerSetup {
     pub records: Option<mpsc::UnboundedSender<RoundRecord>>,
     /// When set, only these client names are admitted.
     pub allowlist: Option<std::collections::HashSet<String>>,
+    /// Secret for stateless-reset tokens that survive restarts (see
+    /// `fedquic_net::endpoint::server_endpoint_with_reset_secret`); `None`
+    /// uses a random key.
+    pub reset_secret: Option<Vec<u8>>,
 }
 
 /// One line of the metrics file.
@@ -224,7 +228,14 @@ impl Server {
                 setup.initial_model.len()
             )));
         }
-        let endpoint = fedquic_net::endpoint::server_endpoint(setup.listen, setup.tls.clone())?;
+        let endpoint = match &setup.reset_secret {
+            Some(secret) => fedquic_net::endpoint::server_endpoint_with_reset_secret(
+                setup.listen,
+                setup.tls.clone(),
+                secret,
+            )?,
+            None => fedquic_net::endpoint::server_endpoint(setup.listen, setup.tls.clone())?,
+        };
         Ok(Server { endpoint, setup })
     }
 

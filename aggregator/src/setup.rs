@@ -45,6 +45,9 @@ pub fn setup_from_config(
     let layout: ParamLayout = config.model.spec.parse().map_err(SetupError::Model)?;
     let roots = tls::load_ca_file(&config.ca_path())?;
     let identity = Identity::from_files(&config.cert_path(), &config.key_path())?;
+    // Stateless-reset tokens keyed by the server's private key survive a
+    // restart, so clients notice a crash at their next packet.
+    let reset_secret = identity.key.secret_der().to_vec();
     let transport = TransportSettings {
         idle_timeout: Duration::from_secs_f64(config.limits.idle_timeout_secs),
         ..TransportSettings::aggregator()
@@ -129,5 +132,6 @@ pub fn setup_from_config(
         records: None,
         allowlist: (!config.admission.allowlist.is_empty())
             .then(|| config.admission.allowlist.iter().cloned().collect()),
+        reset_secret: Some(reset_secret),
     })
 }

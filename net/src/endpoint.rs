@@ -109,17 +109,20 @@ fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, EndpointError> {
+    endpoint_with_config(addr, server, EndpointConfig::default())
+}
+
+fn endpoint_with_config(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    endpoint_config: EndpointConfig,
+) -> Result<quinn::Endpoint, EndpointError> {
     if tokio::runtime::Handle::try_current().is_err() {
         return Err(EndpointError::NoRuntime);
     }
     let socket = udp_socket(addr)?;
-    quinn::Endpoint::new(
-        EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(TokioRuntime),
-    )
-    .map_err(|source| EndpointError::Endpoint { addr, source })
+    quinn::Endpoint::new(endpoint_config, server, socket, Arc::new(TokioRuntime))
+        .map_err(|source| EndpointError::Endpoint { addr, source })
 }
 
 /// A server endpoint listening on `listen`. Must be called inside a tokio
@@ -129,6 +132,34 @@ pub fn server_endpoint(
     config: quinn::ServerConfig,
 ) -> Result<quinn::Endpoint, EndpointError> {
     endpoint(listen, Some(config))
+}
+
+/// [`server_endpoint`] whose stateless-reset tokens are derived from
+/// `secret` (the aggregator passes its private key) instead of a random key,
+/// so they stay valid across restarts: after a crash, a client's next packet
+/// (at the latest its next keep-alive) draws a stateless reset from the
+/// restarted aggregator, and the client reconnects at once instead of
+/// waiting out the idle timeout.
+pub fn server_endpoint_with_reset_secret(
+    listen: SocketAddr,
+    config: quinn::ServerConfig,
+    secret: &[u8],
+) -> Result<quinn::Endpoint, EndpointError> {
+    let mut material = b"fedquic/1 stateless reset key\0".to_vec();
+    material.extend_from_slice(secret);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &material);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref());
+    let mut endpoint_config = EndpointConfig::new(Arc::new(key));
+    // The connection-ID generator's key must survive the restart too: the
+    // endpoint only answers packets whose connection ID it could have
+    // issued, and a random key would make the old IDs look forged.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&digest.as_ref()[24..32]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    endpoint_with_config(listen, Some(config), endpoint_config)
 }
 
 /// A client endpoint on an ephemeral IPv4 port (`0.0.0.0:0`) whose default

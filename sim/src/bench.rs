@@ -193,6 +193,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             handshake_timeout: Duration::from_secs(60),
             records: None,
             allowlist: None,
+            reset_secret: None,
         };
         let server = Server::bind(setup)?;
         let baseline_rss_bytes = rss_bytes();

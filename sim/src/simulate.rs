@@ -149,6 +149,7 @@ pub async fn simulate(
         handshake_timeout: Duration::from_secs(60),
         records: Some(records_tx),
         allowlist: None,
+        reset_secret: None,
     };
     if let Some(out) = &config.out {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

@@ -105,6 +105,7 @@ pub fn start(ca: &CertAuthority, opts: Options) -> Aggregator {
         handshake_timeout: Duration::from_secs(5),
         records: None,
         allowlist: opts.allowlist,
+        reset_secret: None,
     };
     let server = Server::bind(setup).unwrap();
     let addr = server.local_addr().unwrap();
