@@ -134,6 +134,8 @@ impl Trainer for LocalTrainer {
             batch_size: config.batch_size as usize,
             learning_rate: config.learning_rate,
             seed: config.seed,
+            proximal_mu: config.proximal_mu,
+            ..FitConfig::default()
         };
         let stats = model.fit(&self.train, &self.train_indices, &cfg)?;
         Ok(FitOutcome {

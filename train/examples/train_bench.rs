@@ -34,12 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut model = Model::try_new(spec.clone(), 1)?;
     let indices: Vec<usize> = (0..train.len()).collect();
     for epoch in 1..=epochs {
-        let config = FitConfig {
-            epochs: 1,
-            batch_size,
-            learning_rate,
-            seed: u64::from(epoch),
-        };
+        let config = FitConfig::new(1, batch_size, learning_rate, u64::from(epoch));
         let started = Instant::now();
         let fit = model.fit(&train, &indices, &config)?;
         let seconds = started.elapsed().as_secs_f64();

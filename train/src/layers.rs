@@ -1,140 +1,283 @@
-//! CPU forward/backward passes for a stack of dense layers (ReLU between them, softmax
-//! cross-entropy on the logits).
+//! The layer stack: Dense, Conv2d, MaxPool2d, ReLU, Flatten and Dropout, each written once
+//! over the [`Backend`] trait, with softmax cross-entropy on the logits.
 //!
-//! Kept apart from [`crate::model`] so that a future `Backend` trait can swap this module
-//! out: the model owns the flat parameter vector and the bookkeeping, this module only
-//! does arithmetic on `&[f32]` slices laid out as described in the crate docs.
+//! A [`Network`] is built from a spec's [`Plan`]; it knows where each layer's tensors
+//! live in the flat parameter vector and which activation buffer each layer reads and
+//! writes. ReLU, Flatten and Dropout work in place (their output buffer is their input
+//! buffer), which saves memory traffic: the layers before them never need their own
+//! outputs in the backward pass, except ReLU, whose mask `y > 0` survives a following
+//! in-place dropout (dropped values get a zero gradient either way).
 //!
-//! Every matrix product goes through ndarray's `general_mat_mul` (matrixmultiply's SIMD
-//! GEMM) on views built directly over the flat buffers, so nothing is copied per step.
+//! A [`Workspace`] holds every buffer one batch size needs. It is allocated once per
+//! `fit`/`evaluate` call; training steps then allocate nothing (matrixmultiply's GEMM
+//! packing buffers aside).
 
-use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2};
+use rand::RngExt;
 
+use crate::backend::{Backend, ConvGeometry, Gemm, LossSum, PoolGeometry};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
+use crate::rng::SeededRng;
+use crate::spec::{Plan, Stage};
 
-/// One dense layer's shape and where its tensors live in the flat parameter vector.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct DenseLayer {
-    pub inputs: usize,
-    pub outputs: usize,
-    /// Offset of the `[outputs, inputs]` row-major weight matrix.
-    pub weight_offset: usize,
-    /// Offset of the `[outputs]` bias vector (directly after the weights).
-    pub bias_offset: usize,
-    /// Whether ReLU follows this layer (all but the last).
-    pub relu: bool,
+/// What a layer computes, with its tensors' offsets in the flat parameter vector.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Op {
+    /// `y = x W^T + b`, `W` is `[outputs, inputs]`.
+    Dense {
+        inputs: usize,
+        outputs: usize,
+        weight: usize,
+        bias: usize,
+    },
+    /// Convolution by im2col + GEMM, per example: `y_e = W cols(x_e) + b`.
+    Conv {
+        geometry: ConvGeometry,
+        out_channels: usize,
+        weight: usize,
+        bias: usize,
+    },
+    /// `geometry.planes` is the channels of one example.
+    MaxPool {
+        geometry: PoolGeometry,
+    },
+    Relu,
+    /// The identity on memory: `[C, H, W]` rows are already flat.
+    Flatten,
+    /// Inverted dropout with the mask in workspace mask buffer `mask`.
+    Dropout {
+        rate: f32,
+        mask: usize,
+    },
 }
 
-impl DenseLayer {
-    pub fn weight_len(&self) -> usize {
-        self.inputs * self.outputs
+impl Op {
+    fn has_params(&self) -> bool {
+        matches!(self, Op::Dense { .. } | Op::Conv { .. })
     }
 }
 
-/// The layer stack of a model: `sizes = [in, h1, ..., out]` gives `sizes.len() - 1` layers.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One layer: its op, per-example sizes and activation buffers.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Layer {
+    pub op: Op,
+    pub input_len: usize,
+    pub output_len: usize,
+    /// Index of the activation buffer read (0 is the input batch).
+    pub input: usize,
+    /// Index of the activation buffer written (== `input` for in-place layers).
+    pub output: usize,
+}
+
+/// A model's layers and the sizes of the buffers they need.
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Network {
-    pub layers: Vec<DenseLayer>,
+    pub layers: Vec<Layer>,
     pub num_params: usize,
+    pub input_len: usize,
+    pub classes: usize,
+    /// Per-example length of each activation buffer.
+    buffer_lens: Vec<usize>,
+    /// Per-example length of each dropout mask.
+    mask_lens: Vec<usize>,
+    /// Largest per-example activation: the size of each gradient buffer.
+    max_len: usize,
+    /// Largest im2col matrix of one example (0 without non-pointwise convolutions).
+    cols_len: usize,
+    /// Whether backward also produces the gradient with respect to the input (gradient
+    /// checks); models skip it, which saves the first layer's largest GEMM.
+    pub input_grad: bool,
 }
 
 impl Network {
-    /// Lays out the layers for `sizes` (at least two entries, all non-zero; the caller has
-    /// validated the spec).
-    pub fn new(sizes: &[usize]) -> Network {
-        let mut layers = Vec::with_capacity(sizes.len().saturating_sub(1));
-        let mut offset = 0;
-        let last = sizes.len().saturating_sub(2);
-        for (index, pair) in sizes.windows(2).enumerate() {
-            let (inputs, outputs) = (pair[0], pair[1]);
-            let weight_offset = offset;
-            let bias_offset = weight_offset + inputs * outputs;
-            offset = bias_offset + outputs;
-            layers.push(DenseLayer {
-                inputs,
-                outputs,
-                weight_offset,
-                bias_offset,
-                relu: index < last,
+    /// Lays out the layers of a validated plan.
+    pub fn new(plan: &Plan) -> Network {
+        let mut layers = Vec::with_capacity(plan.stages.len());
+        let mut buffer_lens = vec![plan.input_len];
+        let mut mask_lens = Vec::new();
+        let (mut offset, mut cols_len) = (0, 0);
+        let mut current_len = plan.input_len;
+        for stage in &plan.stages {
+            let input = buffer_lens.len() - 1;
+            let (op, in_place) = match *stage {
+                Stage::Dense { inputs, outputs } => {
+                    let weight = offset;
+                    offset += inputs * outputs + outputs;
+                    let op = Op::Dense {
+                        inputs,
+                        outputs,
+                        weight,
+                        bias: weight + inputs * outputs,
+                    };
+                    (op, false)
+                }
+                Stage::Conv {
+                    geometry,
+                    out_channels,
+                } => {
+                    let weight = offset;
+                    let weight_len = out_channels * geometry.col_rows();
+                    offset += weight_len + out_channels;
+                    if !geometry.is_pointwise() {
+                        cols_len = cols_len.max(geometry.col_rows() * geometry.col_cols());
+                    }
+                    let op = Op::Conv {
+                        geometry,
+                        out_channels,
+                        weight,
+                        bias: weight + weight_len,
+                    };
+                    (op, false)
+                }
+                Stage::MaxPool { geometry } => (Op::MaxPool { geometry }, false),
+                Stage::Relu { .. } => (Op::Relu, true),
+                Stage::Flatten { .. } => (Op::Flatten, true),
+                Stage::Dropout { len, rate } => {
+                    mask_lens.push(len);
+                    let op = Op::Dropout {
+                        rate,
+                        mask: mask_lens.len() - 1,
+                    };
+                    (op, true)
+                }
+            };
+            let output_len = stage.output_len();
+            let output = if in_place {
+                input
+            } else {
+                buffer_lens.push(output_len);
+                buffer_lens.len() - 1
+            };
+            layers.push(Layer {
+                op,
+                input_len: current_len,
+                output_len,
+                input,
+                output,
             });
+            current_len = output_len;
         }
         Network {
             layers,
             num_params: offset,
+            input_len: plan.input_len,
+            classes: current_len,
+            max_len: buffer_lens.iter().copied().max().unwrap_or(0),
+            buffer_lens,
+            mask_lens,
+            cols_len,
+            input_grad: false,
         }
     }
 
-    pub fn input_dim(&self) -> usize {
-        self.layers.first().map_or(0, |layer| layer.inputs)
-    }
-
-    pub fn output_dim(&self) -> usize {
-        self.layers.last().map_or(0, |layer| layer.outputs)
-    }
-
-    fn max_width(&self) -> usize {
+    /// Index of the first layer with parameters: nothing below it needs a gradient.
+    fn first_param_layer(&self) -> usize {
         self.layers
             .iter()
-            .map(|layer| layer.inputs.max(layer.outputs))
-            .max()
-            .unwrap_or(0)
+            .position(|layer| layer.op.has_params())
+            .unwrap_or(self.layers.len())
+    }
+
+    /// Seeded initial parameters: weights of layers followed by ReLU are He/Kaiming uniform
+    /// (`±sqrt(6 / fan_in)`), others (the output layer) Glorot uniform
+    /// (`±sqrt(6 / (fan_in + fan_out))`), biases zero; drawn layer by layer in order.
+    pub fn initial_parameters(&self, rng: &mut SeededRng) -> Vec<f32> {
+        let mut params = vec![0.0f32; self.num_params];
+        for (index, layer) in self.layers.iter().enumerate() {
+            let (weight, weight_len, fan_in, fan_out) = match layer.op {
+                Op::Dense {
+                    inputs,
+                    outputs,
+                    weight,
+                    ..
+                } => (weight, inputs * outputs, inputs, outputs),
+                Op::Conv {
+                    geometry,
+                    out_channels,
+                    weight,
+                    ..
+                } => {
+                    let receptive = geometry.kernel * geometry.kernel;
+                    (
+                        weight,
+                        out_channels * geometry.col_rows(),
+                        geometry.col_rows(),
+                        out_channels * receptive,
+                    )
+                }
+                _ => continue,
+            };
+            let followed_by_relu = self
+                .layers
+                .get(index + 1)
+                .is_some_and(|next| next.op == Op::Relu);
+            let bound = if followed_by_relu {
+                (6.0 / fan_in as f32).sqrt()
+            } else {
+                (6.0 / (fan_in + fan_out) as f32).sqrt()
+            };
+            for value in &mut params[weight..weight + weight_len] {
+                *value = rng.random_range(-bound..bound);
+            }
+        }
+        params
     }
 }
 
-/// What a [`Workspace`] is for, which decides the buffers it holds.
+/// Which buffers a [`Workspace`] needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Purpose {
     /// Forward passes only.
     Evaluate,
-    /// Forward and backward passes with SGD applied in place ([`GradientSink::Sgd`]).
+    /// Forward and backward passes.
     Train,
-    /// Forward and backward passes collecting gradients ([`GradientSink::Store`]).
-    Gradient,
 }
 
-/// Scratch memory for one batch size, allocated once per `fit`/`evaluate` call and reused
-/// for every minibatch.
-pub(crate) struct Workspace {
+/// Scratch memory for batches of up to `capacity` examples.
+pub(crate) struct Workspace<B: Backend> {
     capacity: usize,
-    /// `activations[0]` is the gathered input batch, `activations[l + 1]` the output of
-    /// layer `l` (post-ReLU for hidden layers, raw logits for the last). Each is
-    /// `capacity x width` row-major; a smaller final batch uses a prefix.
-    activations: Vec<Vec<f32>>,
+    /// `buffer_lens[i] * capacity` values each; a smaller batch uses a prefix.
+    acts: Vec<B::Buffer>,
     labels: Vec<u8>,
-    /// Ping-pong buffers for the gradient with respect to a layer's pre-activations.
-    delta: Vec<f32>,
-    delta_prev: Vec<f32>,
-    /// Gradient of the loss with respect to every parameter, same layout as the parameters.
-    pub gradients: Vec<f32>,
+    /// Ping-pong gradient buffers, `max_len * capacity` each.
+    deltas: [B::Buffer; 2],
+    /// One example's im2col matrix.
+    cols: B::Buffer,
+    masks: Vec<B::Buffer>,
+    /// Host staging for dropout masks (drawn on the host so every backend gets the same bits).
+    mask_host: Vec<f32>,
+    /// Which delta buffer holds the input gradient after [`backward`] (gradient checks).
+    input_grad_buffer: usize,
+    /// Whether the last forward pass applied dropout masks (backward must match it).
+    dropout_applied: bool,
 }
 
-impl Workspace {
-    /// Scratch for batches of up to `capacity` examples, with only the buffers `purpose` needs.
-    pub fn new(network: &Network, capacity: usize, purpose: Purpose) -> Workspace {
-        let backpropagates = purpose != Purpose::Evaluate;
-        let mut activations = Vec::with_capacity(network.layers.len() + 1);
-        activations.push(vec![0.0; capacity * network.input_dim()]);
-        for layer in &network.layers {
-            activations.push(vec![0.0; capacity * layer.outputs]);
-        }
-        let delta_len = if backpropagates {
-            capacity * network.max_width()
-        } else {
-            0
-        };
+impl<B: Backend> Workspace<B> {
+    pub fn new(backend: &B, network: &Network, capacity: usize, purpose: Purpose) -> Workspace<B> {
+        let train = purpose == Purpose::Train;
+        let train_len = |len: usize| if train { len * capacity } else { 0 };
+        let max_mask = network.mask_lens.iter().copied().max().unwrap_or(0);
         Workspace {
             capacity,
-            activations,
+            acts: network
+                .buffer_lens
+                .iter()
+                .map(|&len| backend.zeros(len * capacity))
+                .collect(),
             labels: vec![0; capacity],
-            delta: vec![0.0; delta_len],
-            delta_prev: vec![0.0; delta_len],
-            gradients: if purpose == Purpose::Gradient {
-                vec![0.0; network.num_params]
-            } else {
-                Vec::new()
-            },
+            deltas: [
+                backend.zeros(train_len(network.max_len)),
+                backend.zeros(train_len(network.max_len)),
+            ],
+            cols: backend.zeros(network.cols_len),
+            masks: network
+                .mask_lens
+                .iter()
+                .map(|&len| backend.zeros(train_len(len)))
+                .collect(),
+            mask_host: vec![0.0; train_len(max_mask)],
+            input_grad_buffer: 0,
+            dropout_applied: false,
         }
     }
 
@@ -142,6 +285,7 @@ impl Workspace {
     /// each index and label. Returns the batch size.
     pub fn load_batch(
         &mut self,
+        backend: &B,
         data: &Dataset,
         indices: &[usize],
         classes: usize,
@@ -153,15 +297,7 @@ impl Workspace {
                 self.capacity
             )));
         }
-        let dim = data.dim;
-        let inputs = &mut self.activations[0];
-        if dim * self.capacity != inputs.len() {
-            return Err(TrainError::DimensionMismatch {
-                data: dim,
-                model: inputs.len() / self.capacity.max(1),
-            });
-        }
-        for (slot, &index) in indices.iter().enumerate() {
+        for (slot, &index) in self.labels.iter_mut().zip(indices) {
             let label = *data.labels.get(index).ok_or(TrainError::IndexOutOfRange {
                 index,
                 len: data.len(),
@@ -173,256 +309,452 @@ impl Workspace {
                     classes,
                 });
             }
-            let row = data.features.get(index * dim..(index + 1) * dim).ok_or(
-                TrainError::IndexOutOfRange {
-                    index,
-                    len: data.len(),
-                },
-            )?;
-            inputs[slot * dim..(slot + 1) * dim].copy_from_slice(row);
-            self.labels[slot] = label;
+            *slot = label;
         }
+        let input = self.acts.first_mut().ok_or_else(shape_bug)?;
+        let dst = backend.dst(input, 0..batch * data.dim)?;
+        backend.gather_rows(&data.features, data.dim, indices, dst)?;
         Ok(batch)
     }
 
-    /// Writes a raw input batch (row-major `batch x input_dim`) and its labels (unit tests).
+    /// Writes a raw input batch (row-major `batch x input_len`) and its labels (tests).
     #[cfg(test)]
-    pub fn set_batch(&mut self, inputs: &[f32], labels: &[u8]) {
-        self.activations[0][..inputs.len()].copy_from_slice(inputs);
+    pub fn set_batch(&mut self, backend: &B, inputs: &[f32], labels: &[u8]) -> Result<()> {
         self.labels[..labels.len()].copy_from_slice(labels);
+        let input = self.acts.first_mut().ok_or_else(shape_bug)?;
+        backend.upload(inputs, backend.dst(input, 0..inputs.len())?)
+    }
+
+    /// Activation buffer `index` (tests).
+    #[cfg(test)]
+    pub fn activation(&self, index: usize) -> &B::Buffer {
+        &self.acts[index]
+    }
+
+    /// The buffer holding the input gradient after a backward pass with
+    /// `network.input_grad` set (tests).
+    #[cfg(test)]
+    pub fn input_gradient(&self) -> &B::Buffer {
+        &self.deltas[self.input_grad_buffer]
     }
 }
 
-/// Runs the batch already loaded into `workspace` through the network, leaving the logits
-/// in the last activation buffer.
-pub(crate) fn forward(
+fn shape_bug() -> TrainError {
+    TrainError::Shape(ndarray::ShapeError::from_kind(
+        ndarray::ErrorKind::IncompatibleShape,
+    ))
+}
+
+/// `(&items[read], &mut items[write])` for `read != write`.
+fn read_write<T>(items: &mut [T], read: usize, write: usize) -> Result<(&T, &mut T)> {
+    if read < write {
+        let (low, high) = items.split_at_mut(write);
+        Ok((
+            low.get(read).ok_or_else(shape_bug)?,
+            high.first_mut().ok_or_else(shape_bug)?,
+        ))
+    } else if read > write {
+        let (low, high) = items.split_at_mut(read);
+        let read = high.first().ok_or_else(shape_bug)?;
+        Ok((read, low.get_mut(write).ok_or_else(shape_bug)?))
+    } else {
+        Err(shape_bug())
+    }
+}
+
+/// Runs the batch loaded into `workspace` through the network, leaving the logits in the
+/// last layer's output buffer. `dropout` is the training RNG for dropout masks; `None`
+/// evaluates (dropout is then the identity).
+pub(crate) fn forward<B: Backend>(
+    backend: &B,
     network: &Network,
-    params: &[f32],
-    workspace: &mut Workspace,
+    params: &B::Buffer,
+    workspace: &mut Workspace<B>,
     batch: usize,
+    mut dropout: Option<&mut SeededRng>,
 ) -> Result<()> {
-    for (index, layer) in network.layers.iter().enumerate() {
-        let (before, after) = workspace.activations.split_at_mut(index + 1);
-        let input = ArrayView2::from_shape(
-            (batch, layer.inputs),
-            &before[index][..batch * layer.inputs],
-        )?;
-        let output_slice = &mut after[0][..batch * layer.outputs];
-        let bias = &params[layer.bias_offset..layer.bias_offset + layer.outputs];
-        // Seed every row with the bias so the GEMM can accumulate onto it (beta = 1)
-        // instead of needing a second pass to add it.
-        for row in output_slice.chunks_exact_mut(layer.outputs) {
-            row.copy_from_slice(bias);
-        }
-        let mut output = ArrayViewMut2::from_shape((batch, layer.outputs), &mut *output_slice)?;
-        general_mat_mul(
-            1.0,
-            &input,
-            &weight_view(layer, params)?.t(),
-            1.0,
-            &mut output,
-        );
-        if layer.relu {
-            for value in output_slice.iter_mut() {
-                *value = value.max(0.0);
+    workspace.dropout_applied = dropout.is_some();
+    for layer in &network.layers {
+        let in_range = 0..batch * layer.input_len;
+        let out_range = 0..batch * layer.output_len;
+        match layer.op {
+            Op::Dense {
+                inputs,
+                outputs,
+                weight,
+                bias,
+            } => {
+                let (x, y) = read_write(&mut workspace.acts, layer.input, layer.output)?;
+                // Seed every row with the bias so the GEMM accumulates onto it (beta = 1)
+                // instead of needing a second pass to add it.
+                let bias = backend.src(params, bias..bias + outputs)?;
+                backend.fill_rows(bias, batch, backend.dst(y, out_range.clone())?)?;
+                let gemm = Gemm {
+                    m: batch,
+                    n: outputs,
+                    k: inputs,
+                    trans_a: false,
+                    trans_b: true,
+                    alpha: 1.0,
+                    beta: 1.0,
+                };
+                let w = backend.src(params, weight..weight + inputs * outputs)?;
+                backend.gemm(
+                    gemm,
+                    backend.src(x, in_range)?,
+                    w,
+                    backend.dst(y, out_range)?,
+                )?;
+            }
+            Op::Conv {
+                geometry,
+                out_channels,
+                weight,
+                bias,
+            } => {
+                let (x, y) = read_write(&mut workspace.acts, layer.input, layer.output)?;
+                let (rows, plane) = (geometry.col_rows(), geometry.col_cols());
+                let bias = backend.src(params, bias..bias + out_channels)?;
+                backend.fill_channels(bias, batch, plane, backend.dst(y, out_range)?)?;
+                let w = backend.src(params, weight..weight + out_channels * rows)?;
+                let gemm = Gemm {
+                    m: out_channels,
+                    n: plane,
+                    k: rows,
+                    trans_a: false,
+                    trans_b: false,
+                    alpha: 1.0,
+                    beta: 1.0,
+                };
+                // One example at a time keeps the im2col matrix (25x the input for a 5x5
+                // kernel) in cache between being written and being multiplied.
+                for example in 0..batch {
+                    let input = backend.src(
+                        x,
+                        example * layer.input_len..(example + 1) * layer.input_len,
+                    )?;
+                    let cols = if geometry.is_pointwise() {
+                        input
+                    } else {
+                        let cols_range = 0..rows * plane;
+                        backend.im2col(
+                            &geometry,
+                            input,
+                            backend.dst(&mut workspace.cols, cols_range.clone())?,
+                        )?;
+                        backend.src(&workspace.cols, cols_range)?
+                    };
+                    let out = example * layer.output_len..(example + 1) * layer.output_len;
+                    backend.gemm(gemm, w, cols, backend.dst(y, out)?)?;
+                }
+            }
+            Op::MaxPool { geometry } => {
+                let (x, y) = read_write(&mut workspace.acts, layer.input, layer.output)?;
+                let geometry = geometry.with_planes(batch * geometry.planes);
+                backend.max_pool(
+                    &geometry,
+                    backend.src(x, in_range)?,
+                    backend.dst(y, out_range)?,
+                )?;
+            }
+            Op::Relu => {
+                let x = workspace.acts.get_mut(layer.input).ok_or_else(shape_bug)?;
+                backend.relu(backend.dst(x, out_range)?)?;
+            }
+            Op::Flatten => {}
+            Op::Dropout { rate, mask } => {
+                let Some(rng) = dropout.as_deref_mut() else {
+                    continue;
+                };
+                // Inverted dropout: kept values are scaled by 1/(1 - rate) so evaluation
+                // needs no rescaling.
+                let keep_scale = 1.0 / (1.0 - rate);
+                let host = workspace
+                    .mask_host
+                    .get_mut(out_range.clone())
+                    .ok_or_else(shape_bug)?;
+                for value in host.iter_mut() {
+                    *value = if rng.random::<f32>() < rate {
+                        0.0
+                    } else {
+                        keep_scale
+                    };
+                }
+                let mask_buffer = workspace.masks.get_mut(mask).ok_or_else(shape_bug)?;
+                backend.upload(host, backend.dst(mask_buffer, out_range.clone())?)?;
+                let x = workspace.acts.get_mut(layer.input).ok_or_else(shape_bug)?;
+                backend.mul(
+                    backend.dst(x, out_range.clone())?,
+                    backend.src(mask_buffer, out_range)?,
+                )?;
             }
         }
     }
     Ok(())
 }
 
-/// The `[outputs, inputs]` weight matrix of `layer` as a view into `params`.
-fn weight_view<'a>(layer: &DenseLayer, params: &'a [f32]) -> Result<ArrayView2<'a, f32>> {
-    let weights = &params[layer.weight_offset..layer.weight_offset + layer.weight_len()];
-    Ok(ArrayView2::from_shape(
-        (layer.outputs, layer.inputs),
-        weights,
-    )?)
-}
-
-/// Summed loss and number of correct predictions over one batch.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct BatchOutcome {
-    pub loss_sum: f64,
-    pub correct: usize,
-}
-
-/// Softmax cross-entropy over the logits left by [`forward`].
-///
-/// With `gradient_scale = Some(s)`, also writes `s * (softmax - onehot)`, the gradient of
-/// `s * summed loss` with respect to the logits, into the workspace's delta buffer (ready
-/// for [`backward`]). Uses the max-shift / log-sum-exp form so large logits cannot overflow.
-pub(crate) fn softmax_cross_entropy(
+/// Softmax cross-entropy of the logits left by [`forward`]. With `gradient_scale =
+/// Some(s)`, also writes `s * (softmax - onehot)` (the gradient of `s * summed loss`)
+/// as the starting gradient for [`backward`].
+pub(crate) fn loss<B: Backend>(
+    backend: &B,
     network: &Network,
-    workspace: &mut Workspace,
+    workspace: &mut Workspace<B>,
     batch: usize,
     gradient_scale: Option<f32>,
-) -> BatchOutcome {
-    let classes = network.output_dim();
-    let logits = &workspace.activations[network.layers.len()][..batch * classes];
-    let mut outcome = BatchOutcome::default();
-    for (row_index, row) in logits.chunks_exact(classes).enumerate() {
-        let label = usize::from(workspace.labels[row_index]);
-        // First maximum wins ties, so a constant output counts as predicting class 0.
-        let (argmax, max) =
-            row.iter()
-                .enumerate()
-                .fold((0, f32::NEG_INFINITY), |(best_i, best), (i, &v)| {
-                    if v > best { (i, v) } else { (best_i, best) }
-                });
-        let sum_exp: f32 = row.iter().map(|&v| (v - max).exp()).sum();
-        let log_sum_exp = sum_exp.ln();
-        outcome.loss_sum += f64::from(log_sum_exp - (row[label] - max));
-        if argmax == label {
-            outcome.correct += 1;
-        }
-        if let Some(scale) = gradient_scale {
-            let delta = &mut workspace.delta[row_index * classes..(row_index + 1) * classes];
-            let inverse_sum = 1.0 / sum_exp;
-            for (d, &v) in delta.iter_mut().zip(row) {
-                *d = scale * (v - max).exp() * inverse_sum;
-            }
-            delta[label] -= scale;
-        }
-    }
-    outcome
+) -> Result<LossSum> {
+    let classes = network.classes;
+    let last = network.layers.last().map_or(0, |layer| layer.output);
+    let logits_buffer = workspace.acts.get(last).ok_or_else(shape_bug)?;
+    let logits = backend.src(logits_buffer, 0..batch * classes)?;
+    let grad = match gradient_scale {
+        Some(scale) => Some((
+            scale,
+            backend.dst(&mut workspace.deltas[0], 0..batch * classes)?,
+        )),
+        None => None,
+    };
+    backend.softmax_cross_entropy(logits, &workspace.labels[..batch], classes, grad)
 }
 
-/// What [`backward`] does with each layer's parameter gradient.
-pub(crate) enum GradientSink<'a> {
-    /// Store it in `workspace.gradients` (adding onto what is there when `accumulate`).
-    Store { params: &'a [f32], accumulate: bool },
-    /// Apply plain SGD, `params -= learning_rate * gradient`, straight from the GEMM
-    /// (alpha = -learning_rate, beta = 1): no gradient buffer is written and re-read, which
-    /// matters for small batches where that memory traffic rivals the arithmetic.
+/// What [`backward`] does with each parameter gradient.
+pub(crate) enum Update<'a, B: Backend> {
+    /// Write it into `grads` (same layout as the parameters), or add it when `accumulate`.
+    Store {
+        params: &'a B::Buffer,
+        grads: &'a mut B::Buffer,
+        accumulate: bool,
+    },
+    /// Plain SGD straight from the GEMMs: `w = (1 - lr * weight_decay) * w - lr * g`
+    /// (alpha = -lr, beta = 1 - lr * weight_decay). No gradient buffer is written and
+    /// re-read, which matters for small batches where that traffic rivals the arithmetic.
+    /// Each layer's input gradient is computed before its weights change.
     Sgd {
-        params: &'a mut [f32],
+        params: &'a mut B::Buffer,
         learning_rate: f32,
+        weight_decay: f32,
     },
 }
 
-impl GradientSink<'_> {
-    fn params(&self) -> &[f32] {
+impl<B: Backend> Update<'_, B> {
+    fn params(&self) -> &B::Buffer {
         match self {
-            GradientSink::Store { params, .. } => params,
-            GradientSink::Sgd { params, .. } => params,
+            Update::Store { params, .. } => params,
+            Update::Sgd { params, .. } => params,
+        }
+    }
+
+    /// Where parameter gradients go, with the GEMM `alpha` and the `beta` for the first
+    /// write of a tensor (later accumulation into the same tensor uses beta = 1).
+    fn target(&mut self) -> (&mut B::Buffer, f32, f32) {
+        match self {
+            Update::Store {
+                grads, accumulate, ..
+            } => (grads, 1.0, if *accumulate { 1.0 } else { 0.0 }),
+            Update::Sgd {
+                params,
+                learning_rate,
+                weight_decay,
+            } => (
+                params,
+                -*learning_rate,
+                1.0 - *learning_rate * *weight_decay,
+            ),
         }
     }
 }
 
-/// Backpropagates the logit gradient left by [`softmax_cross_entropy`] through the
-/// layers, handing each layer's parameter gradient to `sink`.
-pub(crate) fn backward(
+/// Backpropagates the logit gradient left by [`loss`] through the layers, handing every
+/// parameter gradient to `update`.
+pub(crate) fn backward<B: Backend>(
+    backend: &B,
     network: &Network,
-    workspace: &mut Workspace,
+    workspace: &mut Workspace<B>,
     batch: usize,
-    mut sink: GradientSink<'_>,
+    mut update: Update<'_, B>,
 ) -> Result<()> {
+    let first_param = network.first_param_layer();
+    // Index of the delta buffer holding the gradient of the current layer's output.
+    let mut current = 0;
     for (index, layer) in network.layers.iter().enumerate().rev() {
-        let delta_slice = &workspace.delta[..batch * layer.outputs];
-        let delta = ArrayView2::from_shape((batch, layer.outputs), delta_slice)?;
-        let input_slice = &workspace.activations[index][..batch * layer.inputs];
-        let input = ArrayView2::from_shape((batch, layer.inputs), input_slice)?;
-
-        if index > 0 {
-            // d(input) [batch, in] = delta [batch, out] . W [out, in], computed before an
-            // SGD sink changes W, then through the previous layer's ReLU: its derivative
-            // is 1 exactly where its output is > 0.
-            let previous_slice = &mut workspace.delta_prev[..batch * layer.inputs];
-            let mut previous =
-                ArrayViewMut2::from_shape((batch, layer.inputs), &mut *previous_slice)?;
-            general_mat_mul(
-                1.0,
-                &delta,
-                &weight_view(layer, sink.params())?,
-                0.0,
-                &mut previous,
-            );
-            for (d, &activation) in previous_slice.iter_mut().zip(input_slice) {
-                if activation <= 0.0 {
-                    *d = 0.0;
+        let needs_input_grad = index > first_param || network.input_grad;
+        if !needs_input_grad && !layer.op.has_params() {
+            break;
+        }
+        let in_range = 0..batch * layer.input_len;
+        let out_range = 0..batch * layer.output_len;
+        let [first, second] = &mut workspace.deltas;
+        let (dy, dx) = if current == 0 {
+            (&*first, second)
+        } else {
+            (&*second, first)
+        };
+        match layer.op {
+            Op::Dense {
+                inputs,
+                outputs,
+                weight,
+                bias,
+            } => {
+                let dy = backend.src(dy, out_range)?;
+                if needs_input_grad {
+                    // dX [batch, in] = dY [batch, out] . W [out, in]
+                    let gemm = Gemm {
+                        m: batch,
+                        n: inputs,
+                        k: outputs,
+                        trans_a: false,
+                        trans_b: false,
+                        alpha: 1.0,
+                        beta: 0.0,
+                    };
+                    let w = backend.src(update.params(), weight..weight + inputs * outputs)?;
+                    backend.gemm(gemm, dy, w, backend.dst(dx, in_range.clone())?)?;
+                }
+                // dW [out, in] = dY^T [out, batch] . X [batch, in]; db = column sums of dY.
+                let x_buffer = workspace.acts.get(layer.input).ok_or_else(shape_bug)?;
+                let x = backend.src(x_buffer, in_range)?;
+                let (target, alpha, beta) = update.target();
+                let gemm = Gemm {
+                    m: outputs,
+                    n: inputs,
+                    k: batch,
+                    trans_a: true,
+                    trans_b: false,
+                    alpha,
+                    beta,
+                };
+                backend.gemm(
+                    gemm,
+                    dy,
+                    x,
+                    backend.dst(target, weight..weight + inputs * outputs)?,
+                )?;
+                backend.sum_rows(
+                    dy,
+                    batch,
+                    alpha,
+                    beta,
+                    backend.dst(target, bias..bias + outputs)?,
+                )?;
+                if needs_input_grad {
+                    current = 1 - current;
                 }
             }
-        }
-
-        // dW [out, in] = delta^T [out, batch] . input [batch, in]; db = column sums of delta.
-        let (alpha, beta, target, bias_scale) = match &mut sink {
-            GradientSink::Store { accumulate, .. } => (
-                1.0,
-                if *accumulate { 1.0 } else { 0.0 },
-                &mut workspace.gradients[layer.weight_offset..layer.bias_offset + layer.outputs],
-                1.0,
-            ),
-            GradientSink::Sgd {
-                params,
-                learning_rate,
-            } => (
-                -*learning_rate,
-                1.0,
-                &mut params[layer.weight_offset..layer.bias_offset + layer.outputs],
-                -*learning_rate,
-            ),
-        };
-        let (weights, bias) = target.split_at_mut(layer.weight_len());
-        let mut weights = ArrayViewMut2::from_shape((layer.outputs, layer.inputs), weights)?;
-        general_mat_mul(alpha, &delta.t(), &input, beta, &mut weights);
-        if beta == 0.0 {
-            bias.fill(0.0);
-        }
-        for row in delta_slice.chunks_exact(layer.outputs) {
-            for (b, &d) in bias.iter_mut().zip(row) {
-                *b += bias_scale * d;
+            Op::Conv {
+                geometry,
+                out_channels,
+                weight,
+                bias,
+            } => {
+                let (rows, plane) = (geometry.col_rows(), geometry.col_cols());
+                let weight_range = weight..weight + out_channels * rows;
+                let example_in = |e: usize| e * layer.input_len..(e + 1) * layer.input_len;
+                let example_out = |e: usize| e * layer.output_len..(e + 1) * layer.output_len;
+                let cols_range = 0..rows * plane;
+                if needs_input_grad {
+                    // dcols [rows, plane] = W^T [rows, out] . dY_e [out, plane], then col2im;
+                    // all examples before an SGD update changes W.
+                    let gemm = Gemm {
+                        m: rows,
+                        n: plane,
+                        k: out_channels,
+                        trans_a: true,
+                        trans_b: false,
+                        alpha: 1.0,
+                        beta: 0.0,
+                    };
+                    let w = backend.src(update.params(), weight_range.clone())?;
+                    for example in 0..batch {
+                        let dy_e = backend.src(dy, example_out(example))?;
+                        if geometry.is_pointwise() {
+                            backend.gemm(gemm, w, dy_e, backend.dst(dx, example_in(example))?)?;
+                        } else {
+                            let cols = backend.dst(&mut workspace.cols, cols_range.clone())?;
+                            backend.gemm(gemm, w, dy_e, cols)?;
+                            backend.col2im(
+                                &geometry,
+                                backend.src(&workspace.cols, cols_range.clone())?,
+                                backend.dst(dx, example_in(example))?,
+                            )?;
+                        }
+                    }
+                }
+                // dW [out, rows] += dY_e [out, plane] . cols_e^T [plane, rows], recomputing
+                // each example's im2col rather than keeping the whole batch's (25x the
+                // activations) alive between the passes.
+                let x_buffer = workspace.acts.get(layer.input).ok_or_else(shape_bug)?;
+                let (target, alpha, first_beta) = update.target();
+                for example in 0..batch {
+                    let input = backend.src(x_buffer, example_in(example))?;
+                    let cols = if geometry.is_pointwise() {
+                        input
+                    } else {
+                        backend.im2col(
+                            &geometry,
+                            input,
+                            backend.dst(&mut workspace.cols, cols_range.clone())?,
+                        )?;
+                        backend.src(&workspace.cols, cols_range.clone())?
+                    };
+                    let gemm = Gemm {
+                        m: out_channels,
+                        n: rows,
+                        k: plane,
+                        trans_a: false,
+                        trans_b: true,
+                        alpha,
+                        beta: if example == 0 { first_beta } else { 1.0 },
+                    };
+                    let dy_e = backend.src(dy, example_out(example))?;
+                    backend.gemm(gemm, dy_e, cols, backend.dst(target, weight_range.clone())?)?;
+                }
+                let dy = backend.src(dy, out_range)?;
+                let db = backend.dst(target, bias..bias + out_channels)?;
+                backend.sum_channels(dy, batch, plane, alpha, first_beta, db)?;
+                if needs_input_grad {
+                    current = 1 - current;
+                }
+            }
+            Op::MaxPool { geometry } => {
+                let geometry = geometry.with_planes(batch * geometry.planes);
+                let x_buffer = workspace.acts.get(layer.input).ok_or_else(shape_bug)?;
+                backend.max_pool_backward(
+                    &geometry,
+                    backend.src(x_buffer, in_range.clone())?,
+                    backend.src(dy, out_range)?,
+                    backend.dst(dx, in_range)?,
+                )?;
+                current = 1 - current;
+            }
+            Op::Relu => {
+                let [first, second] = &mut workspace.deltas;
+                let dy = if current == 0 { first } else { second };
+                let y = workspace.acts.get(layer.output).ok_or_else(shape_bug)?;
+                backend.relu_backward(
+                    backend.src(y, out_range.clone())?,
+                    backend.dst(dy, out_range)?,
+                )?;
+            }
+            Op::Flatten => {}
+            Op::Dropout { mask, .. } => {
+                if !workspace.dropout_applied {
+                    continue;
+                }
+                let [first, second] = &mut workspace.deltas;
+                let dy = if current == 0 { first } else { second };
+                let mask = workspace.masks.get(mask).ok_or_else(shape_bug)?;
+                backend.mul(
+                    backend.dst(dy, out_range.clone())?,
+                    backend.src(mask, out_range)?,
+                )?;
             }
         }
-
-        if index > 0 {
-            std::mem::swap(&mut workspace.delta, &mut workspace.delta_prev);
-        }
     }
+    workspace.input_grad_buffer = current;
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layout_puts_bias_after_weights() {
-        let network = Network::new(&[3, 4, 2]);
-        assert_eq!(network.num_params, 3 * 4 + 4 + 4 * 2 + 2);
-        assert_eq!(network.layers[0].bias_offset, 12);
-        assert_eq!(network.layers[1].weight_offset, 16);
-        assert!(network.layers[0].relu);
-        assert!(!network.layers[1].relu);
-    }
-
-    #[test]
-    fn forward_matches_hand_computation() {
-        // One layer, 2 inputs -> 2 outputs: W = [[1, 2], [3, 4]] (row = output), b = [0.5, -1].
-        let network = Network::new(&[2, 2]);
-        let params = [1.0, 2.0, 3.0, 4.0, 0.5, -1.0];
-        let mut workspace = Workspace::new(&network, 2, Purpose::Evaluate);
-        workspace.set_batch(&[1.0, 1.0, 0.0, 2.0], &[0, 1]);
-        forward(&network, &params, &mut workspace, 2).unwrap();
-        assert_eq!(workspace.activations[1], vec![3.5, 6.0, 4.5, 7.0]);
-    }
-
-    #[test]
-    fn softmax_is_stable_for_huge_logits() {
-        let network = Network::new(&[1, 2]);
-        // Zero weights, biases give logits [1000, 0] for every input.
-        let params = [0.0, 0.0, 1000.0, 0.0];
-        let mut workspace = Workspace::new(&network, 1, Purpose::Gradient);
-        workspace.set_batch(&[1.0], &[1]);
-        forward(&network, &params, &mut workspace, 1).unwrap();
-        let outcome = softmax_cross_entropy(&network, &mut workspace, 1, Some(1.0));
-        assert!(
-            (outcome.loss_sum - 1000.0).abs() < 1e-3,
-            "{}",
-            outcome.loss_sum
-        );
-        assert_eq!(outcome.correct, 0);
-        assert!((workspace.delta[0] - 1.0).abs() < 1e-6);
-        assert!((workspace.delta[1] + 1.0).abs() < 1e-6);
-    }
-}
+#[path = "layers_tests.rs"]
+mod tests;

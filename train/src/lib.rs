@@ -1,6 +1,7 @@
-//! fedquic's training engine: classifiers named by spec strings, a CPU minibatch-SGD
-//! backend, datasets (built-in synthetic digits, MNIST IDX files, CSV) and partitioners
-//! that split a dataset among federated clients.
+//! fedquic's training engine: classifiers named by spec strings (logistic regression,
+//! MLPs, CNNs), a CPU backend behind the [`backend::Backend`] trait, SGD/Adam optimizers
+//! with an optional FedProx term, datasets (built-in synthetic digits, MNIST IDX files,
+//! CSV) and partitioners that split a dataset among federated clients.
 //!
 //! # Parameter layout
 //!
@@ -19,19 +20,37 @@
 //! `dense1.bias [200]`, `dense2.weight [10, 200]`, `dense2.bias [10]`: 199,210 values.
 //! Hidden layers use ReLU; the last layer's outputs are logits for softmax cross-entropy.
 //!
+//! A CNN (`cnn:mnist`, or `cnn:CxHxW-...`, see [`ModelSpec`]) lists `conv{i}.weight`
+//! `[out, in, k, k]` and `conv{i}.bias` `[out]` for each convolution, then its dense
+//! layers as above; `cnn:mnist` has `conv0` `[32, 1, 5, 5]`, `conv1` `[64, 32, 5, 5]`,
+//! `dense0` `[512, 3136]` and `dense1` `[10, 512]`: 1,663,370 values. Dataset rows are
+//! the images in `[C, H, W]` row-major order.
+//!
+//! # Threads
+//!
+//! Every matrix product uses matrixmultiply's SIMD GEMM, single-threaded unless
+//! `MATMUL_NUM_THREADS` or [`set_gemm_threads`] say otherwise (see [`gemm_threads`]).
+//!
 //! Everything random (initialisation, shuffles, synthetic data, partitions) is driven by
 //! explicit seeds: the same seed gives bit-identical results.
 
+pub mod backend;
 pub mod data;
 mod error;
 mod layers;
 pub mod layout;
 mod model;
+mod optim;
 pub mod partition;
 mod rng;
+mod spec;
 pub mod synthetic;
+mod threads;
 
 pub use data::{DataSpec, Dataset};
 pub use error::{Result, TrainError};
-pub use model::{EvalStats, FitConfig, FitStats, MAX_PARAMS, Model, ModelSpec, TensorInfo};
+pub use model::{EvalStats, FitConfig, FitStats, Model};
+pub use optim::Optimizer;
 pub use partition::{PartitionScheme, partition};
+pub use spec::{CnnLayer, MAX_ACTIVATION, MAX_PARAMS, ModelSpec, TensorInfo};
+pub use threads::{GEMM_THREADS_VAR, gemm_threads, set_gemm_threads};

@@ -1,233 +1,100 @@
-//! Model specs, the flat parameter vector, and the SGD training / evaluation loops.
+//! The model (a spec plus its flat parameter vector) and the training / evaluation loops.
 
 use std::fmt;
-use std::str::FromStr;
 
 use rand::seq::SliceRandom;
 
+use crate::backend::{Backend, CpuBackend};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
-use crate::layers::{self, GradientSink, Network, Purpose, Workspace};
-use crate::rng::{SeededRng, seeded};
-use rand::RngExt;
+use crate::layers::{self, Network, Purpose, Update, Workspace};
+use crate::optim::{Optimizer, OptimizerState};
+use crate::rng::{derive_seed, seeded};
+use crate::threads::gemm_threads;
 
-/// Largest total parameter count a spec may ask for: beyond this a flat `f32` vector
-/// (8 GiB) is surely a typo, and counts stay well inside `u32`/`usize` arithmetic.
-pub const MAX_PARAMS: usize = 1 << 31;
+pub use crate::spec::{MAX_PARAMS, ModelSpec, TensorInfo};
 
 /// Examples per forward pass in [`Model::evaluate`]: large enough for efficient GEMMs,
 /// small enough that scratch buffers stay in cache-friendly sizes.
 const EVAL_BATCH: usize = 256;
 
-/// Name and shape of one tensor in a model's flat parameter vector.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorInfo {
-    pub name: String,
-    pub shape: Vec<usize>,
-}
-
-impl TensorInfo {
-    /// Number of elements (product of the shape).
-    pub fn len(&self) -> usize {
-        self.shape.iter().product()
-    }
-
-    /// Whether the tensor has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// Architecture of a classifier, written as a string like `logreg:784-10` or
-/// `mlp:784-200-200-10` (see [`FromStr`](#impl-FromStr-for-ModelSpec)).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ModelSpec {
-    /// Multinomial logistic regression: one dense layer, `inputs -> classes`.
-    LogReg { inputs: usize, classes: usize },
-    /// Dense layers with ReLU between them: `layers = [in, h1, ..., out]`, at least 3 entries.
-    Mlp { layers: Vec<usize> },
-}
-
-impl ModelSpec {
-    /// All layer widths, input first, number of classes last.
-    pub fn layer_sizes(&self) -> Vec<usize> {
-        match self {
-            ModelSpec::LogReg { inputs, classes } => vec![*inputs, *classes],
-            ModelSpec::Mlp { layers } => layers.clone(),
-        }
-    }
-
-    /// Checks a spec built by hand (parsed specs are always valid).
-    pub fn validate(&self) -> Result<()> {
-        self.problem().map_or(Ok(()), |reason| {
-            Err(TrainError::InvalidModelSpec {
-                spec: self.to_string(),
-                reason,
-            })
-        })
-    }
-
-    /// Why this spec is unusable, if it is.
-    fn problem(&self) -> Option<String> {
-        let sizes = self.layer_sizes();
-        if let ModelSpec::Mlp { layers } = self
-            && layers.len() < 3
-        {
-            return Some(format!(
-                "an mlp needs input, at least one hidden and output sizes (e.g. mlp:784-200-10), got {} size(s); \
-                 use logreg:IN-OUT for a model without hidden layers",
-                layers.len()
-            ));
-        }
-        if let Some(position) = sizes.iter().position(|&size| size == 0) {
-            return Some(format!(
-                "layer size {} is zero; every size must be at least 1",
-                position + 1
-            ));
-        }
-        if sizes.last().is_some_and(|&classes| classes < 2) {
-            return Some("a classifier needs at least 2 output classes".to_string());
-        }
-        let total = sizes.windows(2).try_fold(0usize, |total, pair| {
-            pair[0]
-                .checked_mul(pair[1])
-                .and_then(|weights| weights.checked_add(pair[1]))
-                .and_then(|layer| layer.checked_add(total))
-        });
-        match total {
-            Some(total) if total <= MAX_PARAMS => None,
-            _ => Some(format!(
-                "the model would have more than 2^31 ({MAX_PARAMS}) parameters"
-            )),
-        }
-    }
-
-    /// The tensors of the flat parameter vector, in order: for each dense layer `i`
-    /// (counting from 0 at the input), `dense{i}.weight` with shape `[out, in]`
-    /// (row-major, one row per output unit, like PyTorch's `nn.Linear`), then
-    /// `dense{i}.bias` with shape `[out]`.
-    pub fn tensors(&self) -> Vec<TensorInfo> {
-        self.layer_sizes()
-            .windows(2)
-            .enumerate()
-            .flat_map(|(index, pair)| {
-                [
-                    TensorInfo {
-                        name: format!("dense{index}.weight"),
-                        shape: vec![pair[1], pair[0]],
-                    },
-                    TensorInfo {
-                        name: format!("dense{index}.bias"),
-                        shape: vec![pair[1]],
-                    },
-                ]
-            })
-            .collect()
-    }
-
-    /// Total number of parameters (saturates instead of overflowing for absurd hand-built specs).
-    pub fn num_params(&self) -> usize {
-        self.layer_sizes().windows(2).fold(0usize, |total, pair| {
-            total.saturating_add(pair[0].saturating_mul(pair[1]).saturating_add(pair[1]))
-        })
-    }
-
-    /// Number of input features.
-    pub fn input_dim(&self) -> usize {
-        match self {
-            ModelSpec::LogReg { inputs, .. } => *inputs,
-            ModelSpec::Mlp { layers } => layers.first().copied().unwrap_or(0),
-        }
-    }
-
-    /// Number of output classes.
-    pub fn num_classes(&self) -> usize {
-        match self {
-            ModelSpec::LogReg { classes, .. } => *classes,
-            ModelSpec::Mlp { layers } => layers.last().copied().unwrap_or(0),
-        }
-    }
-}
-
-/// Parses `logreg:IN-CLASSES` or `mlp:IN-H1-...-CLASSES` (at least one hidden layer).
-/// Sizes must be at least 1, classes at least 2, and the total at most 2^31 parameters.
-impl FromStr for ModelSpec {
-    type Err = TrainError;
-
-    fn from_str(text: &str) -> Result<ModelSpec> {
-        let invalid = |reason: String| TrainError::InvalidModelSpec {
-            spec: text.to_string(),
-            reason,
-        };
-        let (kind, sizes) = text.trim().split_once(':').ok_or_else(|| {
-            invalid(
-                "expected KIND:SIZES, e.g. \"logreg:784-10\" or \"mlp:784-200-200-10\"".to_string(),
-            )
-        })?;
-        let sizes = sizes
-            .split('-')
-            .enumerate()
-            .map(|(position, size)| {
-                size.trim().parse::<usize>().map_err(|_| {
-                    invalid(format!(
-                        "layer size {} ({size:?}) is not a non-negative integer",
-                        position + 1
-                    ))
-                })
-            })
-            .collect::<Result<Vec<usize>>>()?;
-        let spec = match kind.trim().to_ascii_lowercase().as_str() {
-            "logreg" => match sizes.as_slice() {
-                &[inputs, classes] => ModelSpec::LogReg { inputs, classes },
-                _ => {
-                    return Err(invalid(format!(
-                        "logreg takes exactly two sizes, IN-CLASSES (e.g. logreg:784-10), got {}",
-                        sizes.len()
-                    )));
-                }
-            },
-            "mlp" => ModelSpec::Mlp { layers: sizes },
-            other => {
-                return Err(invalid(format!(
-                    "unknown model kind {other:?}; expected \"logreg\" or \"mlp\""
-                )));
-            }
-        };
-        match spec.problem() {
-            Some(reason) => Err(invalid(reason)),
-            None => Ok(spec),
-        }
-    }
-}
-
-impl fmt::Display for ModelSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (kind, sizes) = match self {
-            ModelSpec::LogReg { inputs, classes } => ("logreg", vec![*inputs, *classes]),
-            ModelSpec::Mlp { layers } => ("mlp", layers.clone()),
-        };
-        write!(f, "{kind}:")?;
-        for (position, size) in sizes.iter().enumerate() {
-            if position > 0 {
-                f.write_str("-")?;
-            }
-            write!(f, "{size}")?;
-        }
-        Ok(())
-    }
-}
+/// Stream of [`derive_seed`] for dropout masks, so that adding dropout to a model does
+/// not change its shuffles.
+const DROPOUT_STREAM: u64 = 0x4452_4f50;
 
 /// Hyper-parameters of one [`Model::fit`] call.
+///
+/// Build one with [`FitConfig::new`] or `FitConfig { epochs: 5, ..Default::default() }`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FitConfig {
     /// Passes over the given examples; at least 1.
     pub epochs: u32,
-    /// Examples per SGD step; at least 1. The last step of an epoch may be smaller.
+    /// Examples per step; at least 1. The last step of an epoch may be smaller.
     pub batch_size: usize,
-    /// SGD step size; finite and not negative.
+    /// Step size; finite and not negative.
     pub learning_rate: f32,
-    /// Seeds the per-epoch shuffles.
+    /// Seeds the per-epoch shuffles and dropout masks.
     pub seed: u64,
+    /// The update rule; its state (momentum, Adam moments) starts fresh in every call.
+    pub optimizer: Optimizer,
+    /// FedProx: adds `proximal_mu / 2 * ||w - w_start||^2` to the local objective, where
+    /// `w_start` are the parameters when `fit` starts (the global model). 0 disables it;
+    /// otherwise finite and not negative. Reported losses leave this term out.
+    pub proximal_mu: f32,
+}
+
+/// One epoch, batches of 32, learning rate 0.01, seed 0, plain SGD, no proximal term.
+impl Default for FitConfig {
+    fn default() -> FitConfig {
+        FitConfig {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.01,
+            seed: 0,
+            optimizer: Optimizer::default(),
+            proximal_mu: 0.0,
+        }
+    }
+}
+
+impl FitConfig {
+    /// Plain SGD without a proximal term.
+    pub fn new(epochs: u32, batch_size: usize, learning_rate: f32, seed: u64) -> FitConfig {
+        FitConfig {
+            epochs,
+            batch_size,
+            learning_rate,
+            seed,
+            ..FitConfig::default()
+        }
+    }
+
+    /// Checks every field's range.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(TrainError::InvalidConfig(
+                "epochs must be at least 1".to_string(),
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(TrainError::InvalidConfig(
+                "batch_size must be at least 1".to_string(),
+            ));
+        }
+        if !self.learning_rate.is_finite() || self.learning_rate < 0.0 {
+            return Err(TrainError::InvalidConfig(format!(
+                "learning_rate must be finite and not negative, got {}",
+                self.learning_rate
+            )));
+        }
+        if !self.proximal_mu.is_finite() || self.proximal_mu < 0.0 {
+            return Err(TrainError::InvalidConfig(format!(
+                "proximal_mu must be finite and not negative, got {}",
+                self.proximal_mu
+            )));
+        }
+        self.optimizer.validate()
+    }
 }
 
 /// What one [`Model::fit`] call saw.
@@ -236,7 +103,7 @@ pub struct FitStats {
     /// Examples per epoch.
     pub examples: usize,
     /// Mean training loss over the last epoch (each example's loss taken just before the
-    /// step that used it).
+    /// step that used it; cross-entropy only, without the proximal term).
     pub loss: f32,
     /// Training accuracy over the last epoch, measured the same way.
     pub accuracy: f32,
@@ -270,9 +137,10 @@ impl fmt::Debug for Model {
 }
 
 impl Model {
-    /// A freshly initialised model: weights of layers followed by ReLU are He/Kaiming
-    /// uniform (`±sqrt(6 / fan_in)`), the output layer's Glorot uniform
-    /// (`±sqrt(6 / (fan_in + fan_out))`), biases zero. Same spec and seed give the same bits.
+    /// A freshly initialised model: weights of layers followed by ReLU (convolutions and
+    /// hidden dense layers) are He/Kaiming uniform (`±sqrt(6 / fan_in)`), the output
+    /// layer's Glorot uniform (`±sqrt(6 / (fan_in + fan_out))`), biases zero. Same spec
+    /// and seed give the same bits.
     ///
     /// # Panics
     /// If the spec is invalid, which only a hand-built spec can be (parsed ones are
@@ -286,21 +154,11 @@ impl Model {
 
     /// Like [`Model::new`] but returns an error for an invalid spec.
     pub fn try_new(spec: ModelSpec, seed: u64) -> Result<Model> {
-        spec.validate()?;
-        let network = Network::new(&spec.layer_sizes());
-        let mut params = vec![0.0f32; network.num_params];
-        let mut rng = seeded(seed);
-        for layer in &network.layers {
-            let fan_in = layer.inputs as f32;
-            let bound = if layer.relu {
-                (6.0 / fan_in).sqrt()
-            } else {
-                (6.0 / (fan_in + layer.outputs as f32)).sqrt()
-            };
-            for weight in &mut params[layer.weight_offset..layer.bias_offset] {
-                *weight = rng.random_range(-bound..bound);
-            }
-        }
+        let plan = spec.plan()?;
+        // Fix the GEMM thread default while the process is most likely still starting up.
+        gemm_threads();
+        let network = Network::new(&plan);
+        let params = network.initial_parameters(&mut seeded(seed));
         Ok(Model {
             spec,
             network,
@@ -338,13 +196,15 @@ impl Model {
         Ok(())
     }
 
-    /// Minibatch SGD on the examples `indices` of `data`, reshuffled every epoch by an RNG
-    /// seeded from `cfg.seed`. Repeated indices are trained on repeatedly.
+    /// Minibatch training on the examples `indices` of `data` with `cfg.optimizer`,
+    /// reshuffled every epoch by an RNG seeded from `cfg.seed`. Repeated indices are
+    /// trained on repeatedly.
     ///
-    /// If the loss or a parameter becomes non-finite, the parameters are restored to what
-    /// they were before the call and [`TrainError::Diverged`] is returned.
+    /// On any error, including a loss or parameter becoming non-finite
+    /// ([`TrainError::Diverged`]), the parameters are restored to what they were before
+    /// the call.
     pub fn fit(&mut self, data: &Dataset, indices: &[usize], cfg: &FitConfig) -> Result<FitStats> {
-        check_fit_config(cfg)?;
+        cfg.validate()?;
         self.check_dataset(data)?;
         if indices.is_empty() {
             return Err(TrainError::NoExamples);
@@ -365,62 +225,116 @@ impl Model {
                 });
             }
         }
-
-        let mut order = indices.to_vec();
-        let mut rng: SeededRng = seeded(cfg.seed);
-        let mut workspace = Workspace::new(
-            &self.network,
-            cfg.batch_size.min(order.len()),
-            Purpose::Train,
-        );
+        gemm_threads();
+        // The restore point, and FedProx's anchor.
         let initial = self.params.clone();
-        let mut last_epoch = layers::BatchOutcome::default();
+        let result = self.train(&CpuBackend, data, indices, cfg, &initial);
+        let result = match result {
+            Ok(_) if self.params.iter().any(|value| !value.is_finite()) => {
+                Err(TrainError::Diverged { epoch: cfg.epochs })
+            }
+            other => other,
+        };
+        if result.is_err() {
+            self.params.copy_from_slice(&initial);
+        }
+        result
+    }
+
+    /// The training loop of [`Model::fit`] on the CPU backend (inputs validated).
+    fn train(
+        &mut self,
+        backend: &CpuBackend,
+        data: &Dataset,
+        indices: &[usize],
+        cfg: &FitConfig,
+        initial: &<CpuBackend as Backend>::Buffer,
+    ) -> Result<FitStats> {
+        let classes = self.spec.num_classes();
+        let num_params = self.params.len();
+        let mut order = indices.to_vec();
+        let mut shuffle_rng = seeded(cfg.seed);
+        let mut dropout_rng = seeded(derive_seed(cfg.seed, DROPOUT_STREAM));
+        let capacity = cfg.batch_size.min(order.len());
+        let mut workspace = Workspace::new(backend, &self.network, capacity, Purpose::Train);
+        let mut optimizer = OptimizerState::new(
+            backend,
+            cfg.optimizer,
+            cfg.learning_rate,
+            cfg.proximal_mu,
+            num_params,
+        );
+        let fused_decay = optimizer.fused_weight_decay();
+        // Only the unfused rules need a gradient buffer.
+        let mut grads = match fused_decay {
+            Some(_) => Vec::new(),
+            None => backend.zeros(num_params),
+        };
+        let mut last_epoch = (0.0f64, 0usize);
 
         for epoch in 0..cfg.epochs {
-            order.shuffle(&mut rng);
-            let mut epoch_outcome = layers::BatchOutcome::default();
+            order.shuffle(&mut shuffle_rng);
+            let mut epoch_total = (0.0f64, 0usize);
             for chunk in order.chunks(cfg.batch_size) {
-                let batch = match workspace.load_batch(data, chunk, classes) {
-                    Ok(batch) => batch,
-                    Err(error) => {
-                        self.params.copy_from_slice(&initial);
-                        return Err(error);
-                    }
-                };
-                layers::forward(&self.network, &self.params, &mut workspace, batch)?;
-                let outcome = layers::softmax_cross_entropy(
+                let batch = workspace.load_batch(backend, data, chunk, classes)?;
+                layers::forward(
+                    backend,
+                    &self.network,
+                    &self.params,
+                    &mut workspace,
+                    batch,
+                    Some(&mut dropout_rng),
+                )?;
+                let outcome = layers::loss(
+                    backend,
                     &self.network,
                     &mut workspace,
                     batch,
                     Some(1.0 / batch as f32),
-                );
-                if !outcome.loss_sum.is_finite() {
-                    self.params.copy_from_slice(&initial);
+                )?;
+                if !outcome.loss.is_finite() {
                     return Err(TrainError::Diverged { epoch: epoch + 1 });
                 }
-                let sink = GradientSink::Sgd {
-                    params: &mut self.params,
-                    learning_rate: cfg.learning_rate,
-                };
-                layers::backward(&self.network, &mut workspace, batch, sink)?;
-                epoch_outcome.loss_sum += outcome.loss_sum;
-                epoch_outcome.correct += outcome.correct;
+                match fused_decay {
+                    Some(weight_decay) => {
+                        let update = Update::Sgd {
+                            params: &mut self.params,
+                            learning_rate: cfg.learning_rate,
+                            weight_decay,
+                        };
+                        layers::backward(backend, &self.network, &mut workspace, batch, update)?;
+                    }
+                    None => {
+                        let update = Update::Store {
+                            params: &self.params,
+                            grads: &mut grads,
+                            accumulate: false,
+                        };
+                        layers::backward(backend, &self.network, &mut workspace, batch, update)?;
+                        optimizer.step(
+                            backend,
+                            &mut self.params,
+                            &grads,
+                            Some(initial),
+                            num_params,
+                        )?;
+                    }
+                }
+                epoch_total.0 += outcome.loss;
+                epoch_total.1 += outcome.correct;
             }
-            last_epoch = epoch_outcome;
-        }
-        if self.params.iter().any(|value| !value.is_finite()) {
-            self.params.copy_from_slice(&initial);
-            return Err(TrainError::Diverged { epoch: cfg.epochs });
+            last_epoch = epoch_total;
         }
         let examples = order.len();
         Ok(FitStats {
             examples,
-            loss: (last_epoch.loss_sum / examples as f64) as f32,
-            accuracy: (last_epoch.correct as f64 / examples as f64) as f32,
+            loss: (last_epoch.0 / examples as f64) as f32,
+            accuracy: (last_epoch.1 as f64 / examples as f64) as f32,
         })
     }
 
-    /// Mean softmax cross-entropy and accuracy over the examples `indices` of `data`.
+    /// Mean softmax cross-entropy and accuracy over the examples `indices` of `data`
+    /// (dropout off).
     pub fn evaluate(&self, data: &Dataset, indices: &[usize]) -> Result<EvalStats> {
         self.loss_pass(data, indices, false).map(|(stats, _)| stats)
     }
@@ -432,7 +346,7 @@ impl Model {
     }
 
     /// Loss and accuracy over `indices` together with the gradient of the mean loss with
-    /// respect to every parameter (flat, same layout as [`Model::parameters`]).
+    /// respect to every parameter (flat, same layout as [`Model::parameters`]; dropout off).
     pub fn gradient(&self, data: &Dataset, indices: &[usize]) -> Result<(EvalStats, Vec<f32>)> {
         self.loss_pass(data, indices, true)
     }
@@ -448,37 +362,52 @@ impl Model {
         if indices.is_empty() {
             return Err(TrainError::NoExamples);
         }
+        gemm_threads();
+        let backend = CpuBackend;
         let classes = self.spec.num_classes();
         let examples = indices.len();
         let purpose = if with_gradient {
-            Purpose::Gradient
+            Purpose::Train
         } else {
             Purpose::Evaluate
         };
-        let mut workspace = Workspace::new(&self.network, EVAL_BATCH.min(examples), purpose);
-        let mut total = layers::BatchOutcome::default();
+        let mut workspace =
+            Workspace::new(&backend, &self.network, EVAL_BATCH.min(examples), purpose);
+        let mut grads = if with_gradient {
+            backend.zeros(self.params.len())
+        } else {
+            Vec::new()
+        };
+        let mut total = (0.0f64, 0usize);
         let scale = with_gradient.then_some(1.0 / examples as f32);
         for (batch_number, chunk) in indices.chunks(EVAL_BATCH).enumerate() {
-            let batch = workspace.load_batch(data, chunk, classes)?;
-            layers::forward(&self.network, &self.params, &mut workspace, batch)?;
-            let outcome =
-                layers::softmax_cross_entropy(&self.network, &mut workspace, batch, scale);
+            let batch = workspace.load_batch(&backend, data, chunk, classes)?;
+            layers::forward(
+                &backend,
+                &self.network,
+                &self.params,
+                &mut workspace,
+                batch,
+                None,
+            )?;
+            let outcome = layers::loss(&backend, &self.network, &mut workspace, batch, scale)?;
             if with_gradient {
-                let sink = GradientSink::Store {
+                let update = Update::Store {
                     params: &self.params,
+                    grads: &mut grads,
                     accumulate: batch_number > 0,
                 };
-                layers::backward(&self.network, &mut workspace, batch, sink)?;
+                layers::backward(&backend, &self.network, &mut workspace, batch, update)?;
             }
-            total.loss_sum += outcome.loss_sum;
-            total.correct += outcome.correct;
+            total.0 += outcome.loss;
+            total.1 += outcome.correct;
         }
         let stats = EvalStats {
             examples,
-            loss: (total.loss_sum / examples as f64) as f32,
-            accuracy: (total.correct as f64 / examples as f64) as f32,
+            loss: (total.0 / examples as f64) as f32,
+            accuracy: (total.1 as f64 / examples as f64) as f32,
         };
-        Ok((stats, workspace.gradients))
+        Ok((stats, grads))
     }
 
     /// Checks the dataset's layout and width; labels are checked per used example (in
@@ -494,26 +423,6 @@ impl Model {
         }
         Ok(())
     }
-}
-
-fn check_fit_config(cfg: &FitConfig) -> Result<()> {
-    if cfg.epochs == 0 {
-        return Err(TrainError::InvalidConfig(
-            "epochs must be at least 1".to_string(),
-        ));
-    }
-    if cfg.batch_size == 0 {
-        return Err(TrainError::InvalidConfig(
-            "batch_size must be at least 1".to_string(),
-        ));
-    }
-    if !cfg.learning_rate.is_finite() || cfg.learning_rate < 0.0 {
-        return Err(TrainError::InvalidConfig(format!(
-            "learning_rate must be finite and not negative, got {}",
-            cfg.learning_rate
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! Tests of specs, the parameter layout, gradients and training.
 
+use rand::RngExt;
+
 use super::*;
 use crate::rng::seeded;
+use crate::spec::CnnLayer;
 use crate::synthetic;
 
 fn spec(text: &str) -> ModelSpec {
@@ -72,7 +75,8 @@ fn bad_specs_are_rejected_with_reasons() {
         ("logreg:784-1", "at least 2 output classes"),
         ("logreg:784", "exactly two sizes"),
         ("logreg:784-10-10", "exactly two sizes"),
-        ("cnn:1-2", "unknown model kind"),
+        ("rnn:1-2", "unknown model kind"),
+        ("cnn:1-2", "not an input shape"),
         ("mlp:784-x-10", "layer size 2"),
         ("mlp:784--10", "layer size 2"),
         ("mlp:784-200-10-", "layer size 4"),
@@ -189,36 +193,129 @@ fn random_dataset(count: usize, dim: usize, classes: usize, seed: u64) -> Datase
 }
 
 /// Mean cross-entropy computed independently in f64 with plain loops, reading the
-/// parameters in the documented layout (weights `[out, in]`, then bias, per layer).
+/// parameters in the documented layout (per layer: weights, then bias; dense weights
+/// `[out, in]`, convolution weights `[out, in, k, k]`). Dropout is the identity, as in
+/// evaluation.
 fn reference_loss(spec: &ModelSpec, params: &[f64], data: &Dataset) -> f64 {
-    let sizes = spec.layer_sizes();
     let mut total = 0.0;
     for index in 0..data.len() {
-        let mut activation: Vec<f64> = data.example(index).iter().map(|&v| f64::from(v)).collect();
-        let mut offset = 0;
-        for (layer, pair) in sizes.windows(2).enumerate() {
-            let (inputs, outputs) = (pair[0], pair[1]);
-            let weights = &params[offset..offset + inputs * outputs];
-            let bias = &params[offset + inputs * outputs..offset + inputs * outputs + outputs];
-            offset += inputs * outputs + outputs;
-            let mut next: Vec<f64> = (0..outputs)
-                .map(|o| {
-                    bias[o]
-                        + (0..inputs)
-                            .map(|j| weights[o * inputs + j] * activation[j])
-                            .sum::<f64>()
-                })
-                .collect();
-            if layer + 2 < sizes.len() {
-                next.iter_mut().for_each(|v| *v = v.max(0.0));
-            }
-            activation = next;
-        }
-        let max = activation.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let log_sum_exp = max + activation.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
-        total += log_sum_exp - activation[usize::from(data.labels[index])];
+        let input: Vec<f64> = data.example(index).iter().map(|&v| f64::from(v)).collect();
+        let logits = reference_logits(spec, params, input);
+        let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let log_sum_exp = max + logits.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+        total += log_sum_exp - logits[usize::from(data.labels[index])];
     }
     total / data.len() as f64
+}
+
+/// A dense layer `inputs -> outputs` at `*offset`, advancing it.
+fn reference_dense(params: &[f64], offset: &mut usize, input: &[f64], outputs: usize) -> Vec<f64> {
+    let inputs = input.len();
+    let weights = &params[*offset..*offset + inputs * outputs];
+    let bias = &params[*offset + inputs * outputs..*offset + inputs * outputs + outputs];
+    *offset += inputs * outputs + outputs;
+    (0..outputs)
+        .map(|o| {
+            bias[o]
+                + (0..inputs)
+                    .map(|j| weights[o * inputs + j] * input[j])
+                    .sum::<f64>()
+        })
+        .collect()
+}
+
+fn reference_logits(spec: &ModelSpec, params: &[f64], input: Vec<f64>) -> Vec<f64> {
+    let mut offset = 0;
+    let relu = |values: &mut Vec<f64>| values.iter_mut().for_each(|v| *v = v.max(0.0));
+    let ModelSpec::Cnn {
+        input: [channels, height, width],
+        layers,
+        classes,
+    } = spec
+    else {
+        let sizes = spec.layer_sizes();
+        let mut activation = input;
+        for (layer, &outputs) in sizes[1..].iter().enumerate() {
+            activation = reference_dense(params, &mut offset, &activation, outputs);
+            if layer + 2 < sizes.len() {
+                relu(&mut activation);
+            }
+        }
+        return activation;
+    };
+    let (mut c, mut h, mut w) = (*channels, *height, *width);
+    let mut activation = input;
+    for layer in layers {
+        match *layer {
+            CnnLayer::Conv {
+                channels: out,
+                kernel: k,
+                stride,
+                padding,
+            } => {
+                let oh = (h + 2 * padding - k) / stride + 1;
+                let ow = (w + 2 * padding - k) / stride + 1;
+                let weights = &params[offset..offset + out * c * k * k];
+                let bias = &params[offset + out * c * k * k..offset + out * c * k * k + out];
+                offset += out * c * k * k + out;
+                let mut next = vec![0.0; out * oh * ow];
+                for o in 0..out {
+                    for y in 0..oh {
+                        for x in 0..ow {
+                            let mut sum = bias[o];
+                            for i in 0..c {
+                                for ky in 0..k {
+                                    for kx in 0..k {
+                                        let iy = (y * stride + ky) as isize - padding as isize;
+                                        let ix = (x * stride + kx) as isize - padding as isize;
+                                        if iy >= 0
+                                            && ix >= 0
+                                            && (iy as usize) < h
+                                            && (ix as usize) < w
+                                        {
+                                            sum += weights[((o * c + i) * k + ky) * k + kx]
+                                                * activation
+                                                    [(i * h + iy as usize) * w + ix as usize];
+                                        }
+                                    }
+                                }
+                            }
+                            next[(o * oh + y) * ow + x] = sum;
+                        }
+                    }
+                }
+                relu(&mut next);
+                (c, h, w) = (out, oh, ow);
+                activation = next;
+            }
+            CnnLayer::MaxPool { size, stride } => {
+                let (oh, ow) = ((h - size) / stride + 1, (w - size) / stride + 1);
+                let mut next = vec![f64::NEG_INFINITY; c * oh * ow];
+                for i in 0..c {
+                    for y in 0..oh {
+                        for x in 0..ow {
+                            for dy in 0..size {
+                                for dx in 0..size {
+                                    let value =
+                                        activation[(i * h + y * stride + dy) * w + x * stride + dx];
+                                    let slot = &mut next[(i * oh + y) * ow + x];
+                                    *slot = slot.max(value);
+                                }
+                            }
+                        }
+                    }
+                }
+                (h, w) = (oh, ow);
+                activation = next;
+            }
+            CnnLayer::Dense { units } => {
+                activation = reference_dense(params, &mut offset, &activation, units);
+                relu(&mut activation);
+            }
+            CnnLayer::Dropout { .. } => {}
+        }
+    }
+    reference_dense(params, &mut offset, &activation, *classes)
 }
 
 /// Compares the analytic gradient with central differences of the f64 reference.
@@ -313,6 +410,7 @@ fn one_full_batch_step_is_plain_sgd() {
         batch_size: 20,
         learning_rate: 0.5,
         seed: 9,
+        ..Default::default()
     };
     model.fit(&data, &indices, &config).unwrap();
     for (actual, expected) in model.parameters().iter().zip(&expected) {
@@ -326,16 +424,24 @@ fn train_synthetic(
     epochs: u32,
     learning_rate: f32,
 ) -> (EvalStats, EvalStats, FitStats) {
-    let (train, test) = synthetic::train_test(2000, 500, 21);
+    train_synthetic_with(
+        spec_text,
+        2000,
+        FitConfig::new(epochs, 32, learning_rate, 2),
+    )
+}
+
+/// Trains `spec_text` with `config` on `count` synthetic digits; (before, after) test
+/// stats and the fit stats.
+fn train_synthetic_with(
+    spec_text: &str,
+    count: usize,
+    config: FitConfig,
+) -> (EvalStats, EvalStats, FitStats) {
+    let (train, test) = synthetic::train_test(count, 500, 21);
     let mut model = Model::new(spec(spec_text), 1);
     let before = model.evaluate_all(&test).unwrap();
     let indices: Vec<usize> = (0..train.len()).collect();
-    let config = FitConfig {
-        epochs,
-        batch_size: 32,
-        learning_rate,
-        seed: 2,
-    };
     let fit = model.fit(&train, &indices, &config).unwrap();
     (before, model.evaluate_all(&test).unwrap(), fit)
 }
@@ -369,6 +475,7 @@ fn training_is_bit_identical_for_a_seed() {
             batch_size: 10,
             learning_rate: 0.05,
             seed: fit_seed,
+            ..Default::default()
         };
         let stats = model.fit(&data, &indices, &config).unwrap();
         (model.parameters().to_vec(), stats)
@@ -396,6 +503,7 @@ fn fit_and_evaluate_reject_bad_input() {
         batch_size: 4,
         learning_rate: 0.1,
         seed: 0,
+        ..Default::default()
     };
     let all: Vec<usize> = (0..10).collect();
     assert!(matches!(
@@ -485,6 +593,7 @@ fn divergence_restores_parameters() {
         batch_size: 5,
         learning_rate: 1e30,
         seed: 0,
+        ..Default::default()
     };
     assert!(matches!(
         model.fit(&data, &all, &config),
@@ -502,8 +611,576 @@ fn batch_larger_than_data_and_repeated_indices_work() {
         batch_size: 64,
         learning_rate: 0.1,
         seed: 0,
+        ..Default::default()
     };
     let stats = model.fit(&data, &[0, 1, 1, 4], &config).unwrap();
     assert_eq!(stats.examples, 4);
     assert!(stats.loss.is_finite());
+}
+
+#[test]
+fn cnn_gradients_match_finite_differences() {
+    // Padding, stride 2, a pointwise convolution, overlapping pooling, dropout (off when
+    // computing gradients) and two dense layers, against the independent f64 reference.
+    check_gradient("cnn:1x6x6-c2k3p1-m2-d4-drop50-3");
+    check_gradient("cnn:2x7x7-c3k3s2p1-c2k1-m2s1-d4-3");
+}
+
+#[test]
+fn cnn_specs_parse_display_and_count() {
+    let mnist = spec("cnn:mnist");
+    assert_eq!(mnist, ModelSpec::cnn_mnist());
+    assert_eq!(mnist.to_string(), "cnn:mnist");
+    assert_eq!(spec("CNN: MNIST"), mnist);
+    assert_eq!(spec("cnn:1x28x28-c32k5p2-m2-c64k5p2-m2-d512-10"), mnist);
+    assert_eq!(mnist.num_params(), 1_663_370);
+    assert_eq!(spec("mlp:784-200-200-10").num_params(), 199_210);
+    assert_eq!((mnist.input_dim(), mnist.num_classes()), (784, 10));
+    assert_eq!(
+        mnist.layer_sizes(),
+        vec![
+            784,
+            32 * 28 * 28,
+            32 * 14 * 14,
+            64 * 14 * 14,
+            64 * 7 * 7,
+            512,
+            10
+        ]
+    );
+    let names: Vec<String> = mnist
+        .tensors()
+        .iter()
+        .map(|t| format!("{}{:?}", t.name, t.shape))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "conv0.weight[32, 1, 5, 5]",
+            "conv0.bias[32]",
+            "conv1.weight[64, 32, 5, 5]",
+            "conv1.bias[64]",
+            "dense0.weight[512, 3136]",
+            "dense0.bias[512]",
+            "dense1.weight[10, 512]",
+            "dense1.bias[10]"
+        ]
+    );
+    assert_eq!(
+        mnist.tensors().iter().map(TensorInfo::len).sum::<usize>(),
+        1_663_370
+    );
+    // Round trips of the long form, defaults left out.
+    for text in [
+        "cnn:1x28x28-c8k3-m2-10",
+        "cnn:3x32x32-c16k3s2p1-m3s2-d64-drop50-d32-10",
+        "cnn:1x8x8-drop20-c4k1-2",
+        "cnn:1x28x28-c32k5p2-m2-c64k5p2-m2-d512-drop50-10",
+    ] {
+        assert_eq!(spec(text).to_string(), text);
+        assert_eq!(spec(&spec(text).to_string()), spec(text));
+    }
+    assert_eq!(
+        spec("cnn:1x8x8-c4k3s1p0-m2s2-2").to_string(),
+        "cnn:1x8x8-c4k3-m2-2"
+    );
+    assert_eq!(
+        spec("cnn:1x8x8-drop25-2"),
+        ModelSpec::Cnn {
+            input: [1, 8, 8],
+            layers: vec![CnnLayer::Dropout { percent: 25 }],
+            classes: 2
+        }
+    );
+    // The layout module carries CNNs too.
+    let layout: crate::layout::ParamLayout = "cnn:mnist".parse().unwrap();
+    assert_eq!(layout.num_params(), 1_663_370);
+    assert_eq!(layout.to_string(), "cnn:mnist");
+    assert_eq!(layout.initial_parameters(1).unwrap().len(), 1_663_370);
+}
+
+#[test]
+fn bad_cnn_specs_are_rejected_with_reasons() {
+    let cases = [
+        ("cnn:mnst", "not an input shape"),
+        ("cnn:1x28-10", "not an input shape"),
+        ("cnn:0x28x28-10", "non-zero"),
+        ("cnn:1x28x28", "class count last"),
+        ("cnn:1x28x28-c4k3", "number of classes"),
+        ("cnn:1x28x28-c4k3-1", "at least 2 output classes"),
+        ("cnn:1x28x28-x3-10", "bad layer \"x3\""),
+        ("cnn:1x28x28-c4-10", "bad layer"),
+        ("cnn:1x28x28-c4k3k3-10", "bad layer"),
+        ("cnn:1x28x28-m2p1-10", "bad layer"),
+        ("cnn:1x28x28-c4k29-10", "does not fit"),
+        ("cnn:1x28x28-c0k3-10", "at least 1"),
+        ("cnn:1x28x28-c4k3s0-10", "at least 1"),
+        ("cnn:1x28x28-m29-10", "does not fit"),
+        ("cnn:1x28x28-m0-10", "does not fit"),
+        ("cnn:1x28x28-d10-c4k3-10", "convolution after a dense layer"),
+        ("cnn:1x28x28-d10-m2-10", "pooling after a dense layer"),
+        ("cnn:1x28x28-d0-10", "needs 1..="),
+        ("cnn:1x28x28-drop0-10", "1..=99"),
+        ("cnn:1x28x28-drop100-10", "1..=99"),
+        ("cnn:1x28x28-drop1000-10", "1..=99"),
+        ("cnn:1x100000x100000-10", "more than"),
+        ("cnn:1x28x28-c100000k5p2-10", "activations would exceed"),
+        ("cnn:1x4096x4096-d200-10", "2^31"),
+        ("cnn:1x28x28-c4k3-18446744073709551616", "number of classes"),
+    ];
+    for (text, needle) in cases {
+        match text.parse::<ModelSpec>() {
+            Err(error @ TrainError::InvalidModelSpec { .. }) => {
+                assert!(error.to_string().contains(needle), "{text}: {error}")
+            }
+            other => panic!("{text}: expected InvalidModelSpec, got {other:?}"),
+        }
+    }
+    // A hand-built invalid CNN is refused by try_new and lists what it can.
+    let broken = ModelSpec::Cnn {
+        input: [1, 4, 4],
+        layers: vec![
+            CnnLayer::Conv {
+                channels: 2,
+                kernel: 3,
+                stride: 1,
+                padding: 0,
+            },
+            CnnLayer::MaxPool { size: 5, stride: 1 },
+        ],
+        classes: 3,
+    };
+    assert!(Model::try_new(broken.clone(), 0).is_err());
+    assert_eq!(broken.tensors().len(), 2);
+    assert_eq!(broken.num_params(), 2 * 9 + 2);
+}
+
+#[test]
+fn mnist_cnn_forward_backward_shapes() {
+    let data = synthetic::generate(3, 5);
+    let mut model = Model::new(ModelSpec::cnn_mnist(), 1);
+    assert_eq!(model.parameters().len(), 1_663_370);
+    let (stats, gradient) = model.gradient(&data, &[0, 1, 2]).unwrap();
+    assert_eq!(gradient.len(), 1_663_370);
+    assert!(gradient.iter().all(|g| g.is_finite()));
+    // A fresh 10-class model predicts roughly uniformly.
+    assert!((stats.loss - 10f32.ln()).abs() < 1.0, "{stats:?}");
+    // Every tensor gets a gradient.
+    let mut offset = 0;
+    for tensor in ModelSpec::cnn_mnist().tensors() {
+        let part = &gradient[offset..offset + tensor.len()];
+        assert!(
+            part.iter().any(|&g| g != 0.0),
+            "{} has no gradient",
+            tensor.name
+        );
+        offset += tensor.len();
+    }
+    // One SGD step moves every tensor.
+    let before = model.parameters().to_vec();
+    model
+        .fit(&data, &[0, 1, 2], &FitConfig::new(1, 3, 0.1, 0))
+        .unwrap();
+    let mut offset = 0;
+    for tensor in ModelSpec::cnn_mnist().tensors() {
+        let range = offset..offset + tensor.len();
+        assert_ne!(
+            &model.parameters()[range.clone()],
+            &before[range],
+            "{}",
+            tensor.name
+        );
+        offset += tensor.len();
+    }
+    let eval = model.evaluate(&data, &[0, 1, 2]).unwrap();
+    assert_eq!(eval.examples, 3);
+}
+
+/// A CNN small enough for debug-mode tests, with the mnist CNN's structure.
+const SMALL_CNN: &str = "cnn:1x28x28-c4k5p2-m2-c8k5p2-m2-d32-10";
+
+#[test]
+fn cnn_learns_synthetic_digits() {
+    let (before, after, fit) =
+        train_synthetic_with(SMALL_CNN, 1000, FitConfig::new(3, 16, 0.05, 2));
+    assert!(after.loss < before.loss * 0.6, "{before:?} -> {after:?}");
+    assert!(after.accuracy > 0.5, "{after:?}");
+    assert!(fit.loss < before.loss, "{fit:?}");
+}
+
+#[test]
+fn every_optimizer_lowers_the_loss() {
+    let optimizers = [
+        Optimizer::Sgd {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+        },
+        Optimizer::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.0,
+        },
+        Optimizer::adam(),
+        Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.99,
+            epsilon: 1e-7,
+            weight_decay: 1e-3,
+        },
+    ];
+    for optimizer in optimizers {
+        let learning_rate = if matches!(optimizer, Optimizer::Adam { .. }) {
+            3e-3
+        } else {
+            0.02
+        };
+        let config = FitConfig {
+            optimizer,
+            proximal_mu: 0.01,
+            ..FitConfig::new(2, 32, learning_rate, 3)
+        };
+        let (before, after, _) = train_synthetic_with("mlp:784-32-10", 1000, config);
+        assert!(
+            after.loss < before.loss * 0.75,
+            "{optimizer:?}: {before:?} -> {after:?}"
+        );
+    }
+    // Adam and momentum on the CNN too.
+    for optimizer in [
+        Optimizer::adam(),
+        Optimizer::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.0,
+        },
+    ] {
+        let learning_rate = if matches!(optimizer, Optimizer::Adam { .. }) {
+            2e-3
+        } else {
+            0.02
+        };
+        let config = FitConfig {
+            optimizer,
+            ..FitConfig::new(1, 16, learning_rate, 3)
+        };
+        let (before, after, _) = train_synthetic_with(SMALL_CNN, 600, config);
+        assert!(
+            after.loss < before.loss * 0.8,
+            "{optimizer:?}: {before:?} -> {after:?}"
+        );
+    }
+}
+
+/// Parameters after `steps` full-batch steps of `config`, computed in f64 from
+/// `Model::gradient` and the optimizer's textbook formulas (PyTorch's semantics).
+fn manual_steps(start: &Model, data: &Dataset, config: &FitConfig, steps: usize) -> Vec<f64> {
+    let all: Vec<usize> = (0..data.len()).collect();
+    let anchor: Vec<f64> = start.parameters().iter().map(|&p| f64::from(p)).collect();
+    let mut params = anchor.clone();
+    let mut first = vec![0.0f64; params.len()];
+    let mut second = vec![0.0f64; params.len()];
+    let mut probe = start.clone();
+    let lr = f64::from(config.learning_rate);
+    let mu = f64::from(config.proximal_mu);
+    for step in 1..=steps {
+        let as_f32: Vec<f32> = params.iter().map(|&p| p as f32).collect();
+        probe.set_parameters(&as_f32).unwrap();
+        let (_, gradient) = probe.gradient(data, &all).unwrap();
+        for i in 0..params.len() {
+            let w = params[i];
+            let prox = mu * (w - anchor[i]);
+            match config.optimizer {
+                Optimizer::Sgd {
+                    momentum,
+                    nesterov,
+                    weight_decay,
+                } => {
+                    let (momentum, decay) = (f64::from(momentum), f64::from(weight_decay));
+                    let g = f64::from(gradient[i]) + decay * w + prox;
+                    first[i] = momentum * first[i] + g;
+                    let direction = if momentum == 0.0 {
+                        g
+                    } else if nesterov {
+                        g + momentum * first[i]
+                    } else {
+                        first[i]
+                    };
+                    params[i] = w - lr * direction;
+                }
+                Optimizer::Adam {
+                    beta1,
+                    beta2,
+                    epsilon,
+                    weight_decay,
+                } => {
+                    let (b1, b2) = (f64::from(beta1), f64::from(beta2));
+                    let g = f64::from(gradient[i]) + f64::from(weight_decay) * w + prox;
+                    first[i] = b1 * first[i] + (1.0 - b1) * g;
+                    second[i] = b2 * second[i] + (1.0 - b2) * g * g;
+                    let m_hat = first[i] / (1.0 - b1.powi(step as i32));
+                    let v_hat = second[i] / (1.0 - b2.powi(step as i32));
+                    params[i] = w - lr * m_hat / (v_hat.sqrt() + f64::from(epsilon));
+                }
+            }
+        }
+    }
+    params
+}
+
+#[test]
+fn optimizer_steps_match_the_formulas() {
+    let data = random_dataset(12, 4, 3, 4);
+    let all: Vec<usize> = (0..12).collect();
+    let sgd = |momentum, nesterov, weight_decay| Optimizer::Sgd {
+        momentum,
+        nesterov,
+        weight_decay,
+    };
+    let adam = |weight_decay| Optimizer::Adam {
+        beta1: 0.8,
+        beta2: 0.9,
+        epsilon: 1e-6,
+        weight_decay,
+    };
+    // (optimizer, proximal_mu, learning rate): fused plain SGD (with and without weight
+    // decay), the unfused SGD variants, Adam, and FedProx with each.
+    let cases = [
+        (sgd(0.0, false, 0.0), 0.0, 0.3),
+        (sgd(0.0, false, 0.2), 0.0, 0.3),
+        (sgd(0.9, false, 0.0), 0.0, 0.3),
+        (sgd(0.5, true, 0.1), 0.0, 0.3),
+        (sgd(0.0, false, 0.0), 0.5, 0.3),
+        (sgd(0.9, true, 0.05), 2.0, 0.3),
+        (adam(0.0), 0.0, 0.05),
+        (adam(0.1), 0.0, 0.05),
+        (adam(0.0), 1.0, 0.05),
+    ];
+    for spec_text in ["logreg:4-3", "mlp:4-5-3"] {
+        let start = Model::new(spec(spec_text), 7);
+        for (optimizer, proximal_mu, learning_rate) in cases {
+            let config = FitConfig {
+                optimizer,
+                proximal_mu,
+                ..FitConfig::new(3, 12, learning_rate, 1)
+            };
+            let expected = manual_steps(&start, &data, &config, 3);
+            let mut model = start.clone();
+            model.fit(&data, &all, &config).unwrap();
+            for (index, (&actual, &expected)) in
+                model.parameters().iter().zip(&expected).enumerate()
+            {
+                assert!(
+                    (f64::from(actual) - expected).abs() < 2e-5 + 1e-4 * expected.abs(),
+                    "{spec_text} {optimizer:?} mu {proximal_mu}: parameter {index}: {actual} vs {expected}"
+                );
+            }
+            assert_ne!(model.parameters(), start.parameters());
+        }
+    }
+}
+
+#[test]
+fn single_steps_match_hand_computation() {
+    // logreg:1-2, one example x = 1 with label 0, W = [0.5, -0.5], b = [0, 0]:
+    // logits [0.5, -0.5], softmax p0 = 1 / (1 + e^-1), gradient [p0 - 1, 1 - p0] for both
+    // the weights (times x = 1) and the biases.
+    let data = Dataset::new(vec![1.0], vec![0], 1, 2).unwrap();
+    let p0 = 1.0 / (1.0 + (-1.0f64).exp());
+    let g = 1.0 - p0; // 0.268941...
+    let step = |optimizer: Optimizer, learning_rate: f32, epochs: u32| {
+        let mut model = Model::new(spec("logreg:1-2"), 0);
+        model.set_parameters(&[0.5, -0.5, 0.0, 0.0]).unwrap();
+        let config = FitConfig {
+            optimizer,
+            ..FitConfig::new(epochs, 1, learning_rate, 0)
+        };
+        model.fit(&data, &[0], &config).unwrap();
+        model.parameters().to_vec()
+    };
+    let close = |actual: &[f32], expected: [f64; 4]| {
+        for (a, e) in actual.iter().zip(expected) {
+            assert!(
+                (f64::from(*a) - e).abs() < 1e-6,
+                "{actual:?} vs {expected:?}"
+            );
+        }
+    };
+    // Plain SGD and momentum agree on the first step: w -= 0.1 * g.
+    let sgd = [0.5 + 0.1 * g, -0.5 - 0.1 * g, 0.1 * g, -0.1 * g];
+    close(&step(Optimizer::sgd(), 0.1, 1), sgd);
+    let momentum = Optimizer::Sgd {
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 0.0,
+    };
+    close(&step(momentum, 0.1, 1), sgd);
+    // Nesterov's first step is (1 + momentum) times as long.
+    let nesterov = Optimizer::Sgd {
+        momentum: 0.9,
+        nesterov: true,
+        weight_decay: 0.0,
+    };
+    let d = 0.1 * 1.9 * g;
+    close(&step(nesterov, 0.1, 1), [0.5 + d, -0.5 - d, d, -d]);
+    // Weight decay 0.2 adds 0.2 * w to the gradient (biases are 0, so unaffected).
+    let decayed = Optimizer::Sgd {
+        momentum: 0.0,
+        nesterov: false,
+        weight_decay: 0.2,
+    };
+    close(
+        &step(decayed, 0.1, 1),
+        [
+            0.5 - 0.1 * (-g + 0.1),
+            -0.5 - 0.1 * (g - 0.1),
+            0.1 * g,
+            -0.1 * g,
+        ],
+    );
+    // Adam's first step: the bias-corrected moments are g and g^2, so every parameter
+    // moves by lr * |g| / (|g| + eps), about lr.
+    let d = 0.01 * g / (g + 1e-8);
+    close(
+        &step(Optimizer::adam(), 0.01, 1),
+        [0.5 + d, -0.5 - d, d, -d],
+    );
+    // Momentum's second step: v = 0.9 g1 + g2, with g2 at the moved parameters.
+    let w = [0.5 + 0.1 * g, -0.5 - 0.1 * g];
+    let b = [0.1 * g, -0.1 * g];
+    let z = [w[0] + b[0], w[1] + b[1]];
+    let q0 = 1.0 / (1.0 + (z[1] - z[0]).exp());
+    let g2 = 1.0 - q0;
+    let v = 0.9 * g + g2;
+    close(
+        &step(momentum, 0.1, 2),
+        [
+            w[0] + 0.1 * v,
+            w[1] - 0.1 * v,
+            b[0] + 0.1 * v,
+            b[1] - 0.1 * v,
+        ],
+    );
+}
+
+#[test]
+fn proximal_term_pulls_towards_the_start() {
+    let data = random_dataset(64, 6, 3, 8);
+    let all: Vec<usize> = (0..64).collect();
+    let start = Model::new(spec("mlp:6-8-3"), 2);
+    let drift = |proximal_mu: f32| {
+        let mut model = start.clone();
+        let config = FitConfig {
+            proximal_mu,
+            ..FitConfig::new(20, 8, 0.05, 3)
+        };
+        model.fit(&data, &all, &config).unwrap();
+        model
+            .parameters()
+            .iter()
+            .zip(start.parameters())
+            .map(|(a, b)| f64::from(a - b).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let (free, held) = (drift(0.0), drift(5.0));
+    assert!(held < 0.5 * free, "drift with mu=5 {held} vs mu=0 {free}");
+}
+
+#[test]
+fn optimizer_and_proximal_settings_are_validated() {
+    let data = random_dataset(10, 4, 3, 0);
+    let all: Vec<usize> = (0..10).collect();
+    let mut model = Model::new(spec("logreg:4-3"), 0);
+    let original = model.parameters().to_vec();
+    let sgd = |momentum, nesterov, weight_decay| Optimizer::Sgd {
+        momentum,
+        nesterov,
+        weight_decay,
+    };
+    let adam = |beta1, beta2, epsilon, weight_decay| Optimizer::Adam {
+        beta1,
+        beta2,
+        epsilon,
+        weight_decay,
+    };
+    let bad = [
+        (sgd(-0.1, false, 0.0), 0.0, "momentum"),
+        (sgd(1.0, false, 0.0), 0.0, "momentum"),
+        (sgd(f32::NAN, false, 0.0), 0.0, "momentum"),
+        (sgd(0.0, true, 0.0), 0.0, "Nesterov"),
+        (sgd(0.5, false, -1.0), 0.0, "weight_decay"),
+        (sgd(0.5, false, f32::INFINITY), 0.0, "weight_decay"),
+        (adam(1.0, 0.999, 1e-8, 0.0), 0.0, "betas"),
+        (adam(0.9, -0.1, 1e-8, 0.0), 0.0, "betas"),
+        (adam(0.9, 0.999, 0.0, 0.0), 0.0, "epsilon"),
+        (adam(0.9, 0.999, 1e-8, f32::NAN), 0.0, "weight_decay"),
+        (Optimizer::sgd(), -0.5, "proximal_mu"),
+        (Optimizer::sgd(), f32::NAN, "proximal_mu"),
+    ];
+    for (optimizer, proximal_mu, needle) in bad {
+        let config = FitConfig {
+            optimizer,
+            proximal_mu,
+            ..FitConfig::new(1, 4, 0.1, 0)
+        };
+        match model.fit(&data, &all, &config) {
+            Err(error @ TrainError::InvalidConfig(_)) => {
+                assert!(error.to_string().contains(needle), "{error}")
+            }
+            other => panic!("{optimizer:?} mu {proximal_mu}: {other:?}"),
+        }
+    }
+    assert_eq!(model.parameters(), original.as_slice());
+    assert_eq!(FitConfig::default().optimizer, Optimizer::default());
+    assert_eq!(Optimizer::default(), Optimizer::sgd());
+    assert_eq!(
+        FitConfig::new(2, 8, 0.5, 9),
+        FitConfig {
+            epochs: 2,
+            batch_size: 8,
+            learning_rate: 0.5,
+            seed: 9,
+            ..Default::default()
+        }
+    );
+}
+
+#[test]
+fn cnn_training_with_dropout_and_adam_is_bit_identical_for_a_seed() {
+    let data = synthetic::generate(60, 4);
+    let indices: Vec<usize> = (0..60).collect();
+    let run = |spec_text: &str, fit_seed: u64, optimizer: Optimizer| {
+        let mut model = Model::new(spec(spec_text), 1);
+        let config = FitConfig {
+            optimizer,
+            proximal_mu: 0.1,
+            ..FitConfig::new(2, 8, 0.01, fit_seed)
+        };
+        let stats = model.fit(&data, &indices, &config).unwrap();
+        (model.parameters().to_vec(), stats)
+    };
+    let dropout = "cnn:1x28x28-c3k5s2p2-m2-d16-drop50-10";
+    for optimizer in [Optimizer::adam(), Optimizer::sgd()] {
+        let (params, stats) = run(dropout, 1, optimizer);
+        let (again, stats_again) = run(dropout, 1, optimizer);
+        assert!(
+            params
+                .iter()
+                .zip(&again)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        assert_eq!(stats, stats_again);
+        assert_ne!(params, run(dropout, 2, optimizer).0, "the seed must matter");
+        // Dropout changes training (same parameter layout, same init, same shuffles).
+        assert_ne!(
+            params,
+            run("cnn:1x28x28-c3k5s2p2-m2-d16-10", 1, optimizer).0
+        );
+    }
+    // Evaluation has dropout off: repeatable, and equal to the gradient pass's stats.
+    let model = Model::new(spec(dropout), 3);
+    let eval = model.evaluate(&data, &indices).unwrap();
+    assert_eq!(eval, model.evaluate(&data, &indices).unwrap());
+    assert_eq!(eval, model.gradient(&data, &indices).unwrap().0);
 }

@@ -1,0 +1,347 @@
+//! The arithmetic that layers need, behind one trait.
+//!
+//! Every layer ([`crate::layers`]) and optimizer step is written once, generically over
+//! [`Backend`]; a backend only provides storage and these primitive operations. The CPU
+//! backend ([`CpuBackend`]) works on `Vec<f32>` with ndarray/matrixmultiply's SIMD GEMM;
+//! a GPU backend would implement the same trait over device buffers, with [`Backend::Src`]
+//! and [`Backend::Dst`] naming a buffer range instead of a slice.
+//!
+//! Conventions shared by all operations:
+//! - Tensors are row-major `f32`. Images are `[channels, height, width]` per example and
+//!   examples follow each other (`NCHW`).
+//! - Operations are told every size explicitly and check that the ranges they are given
+//!   have exactly those lengths (an error, never a panic, on mismatch: that would be a
+//!   bug in the caller).
+//! - `alpha`/`beta` follow BLAS: `dst = alpha * result + beta * dst`; with `beta == 0` the
+//!   old contents of `dst` are ignored (even NaN), so `dst` needs no clearing.
+
+use std::ops::Range;
+
+use crate::error::Result;
+
+mod cpu;
+mod small_gemm;
+
+pub use cpu::CpuBackend;
+
+/// Shape of a 2-D convolution (or of its im2col matrix) over one example.
+///
+/// The input is `[in_channels, in_height, in_width]`; zero padding of `padding` on every
+/// side; the kernel is `kernel x kernel` applied every `stride` pixels. The im2col matrix
+/// has one row per `(channel, ky, kx)` (in that order, matching a `[out, in, k, k]`
+/// weight tensor) and one column per output pixel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub in_channels: usize,
+    pub in_height: usize,
+    pub in_width: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl ConvGeometry {
+    /// The geometry for this input and kernel, or `None` if the kernel does not fit the
+    /// padded input (or a size is zero, or arithmetic would overflow).
+    pub fn new(
+        (in_channels, in_height, in_width): (usize, usize, usize),
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Option<ConvGeometry> {
+        if in_channels == 0 || in_height == 0 || in_width == 0 || kernel == 0 || stride == 0 {
+            return None;
+        }
+        let out = |size: usize| -> Option<usize> {
+            let padded = size.checked_add(padding.checked_mul(2)?)?;
+            Some(padded.checked_sub(kernel)? / stride + 1)
+        };
+        let geometry = ConvGeometry {
+            in_channels,
+            in_height,
+            in_width,
+            kernel,
+            stride,
+            padding,
+            out_height: out(in_height)?,
+            out_width: out(in_width)?,
+        };
+        // Every size derived below must be representable.
+        geometry
+            .col_rows()
+            .checked_mul(geometry.col_cols())
+            .and(in_channels.checked_mul(in_height)?.checked_mul(in_width))
+            .map(|_| geometry)
+    }
+
+    /// Elements of one input example.
+    pub fn input_len(&self) -> usize {
+        self.in_channels * self.in_height * self.in_width
+    }
+
+    /// Rows of the im2col matrix: `in_channels * kernel * kernel`.
+    pub fn col_rows(&self) -> usize {
+        self.in_channels * self.kernel * self.kernel
+    }
+
+    /// Columns of the im2col matrix: output pixels per channel.
+    pub fn col_cols(&self) -> usize {
+        self.out_height * self.out_width
+    }
+
+    /// Whether the im2col matrix is the input itself (1x1 kernel, stride 1, no padding).
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == 1 && self.stride == 1 && self.padding == 0
+    }
+}
+
+/// Shape of a max pooling over `planes` independent `[in_height, in_width]` planes
+/// (channels times examples), `size x size` windows every `stride` pixels, no padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeometry {
+    pub planes: usize,
+    pub in_height: usize,
+    pub in_width: usize,
+    pub size: usize,
+    pub stride: usize,
+    pub out_height: usize,
+    pub out_width: usize,
+}
+
+impl PoolGeometry {
+    /// The geometry, or `None` if the window does not fit or a size is zero.
+    pub fn new(
+        planes: usize,
+        (in_height, in_width): (usize, usize),
+        size: usize,
+        stride: usize,
+    ) -> Option<PoolGeometry> {
+        if planes == 0 || size == 0 || stride == 0 || in_height < size || in_width < size {
+            return None;
+        }
+        Some(PoolGeometry {
+            planes,
+            in_height,
+            in_width,
+            size,
+            stride,
+            out_height: (in_height - size) / stride + 1,
+            out_width: (in_width - size) / stride + 1,
+        })
+    }
+
+    /// The same pooling over a different number of planes (a batch of examples).
+    pub fn with_planes(self, planes: usize) -> PoolGeometry {
+        PoolGeometry { planes, ..self }
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.planes * self.in_height * self.in_width
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.planes * self.out_height * self.out_width
+    }
+}
+
+/// A matrix product `C = alpha * op(A) * op(B) + beta * C`, with `op(A)` of shape `m x k`,
+/// `op(B)` of shape `k x n` and `C` of shape `m x n`, all stored densely row-major
+/// (`A` is stored `k x m` when `trans_a`, `B` is stored `n x k` when `trans_b`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+/// One SGD step's constants (see [`Backend::sgd_step`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    pub learning_rate: f32,
+    pub momentum: f32,
+    pub nesterov: bool,
+    pub weight_decay: f32,
+    /// FedProx coefficient; the anchor is passed separately.
+    pub proximal_mu: f32,
+}
+
+/// One Adam step's constants (see [`Backend::adam_step`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamStep {
+    pub learning_rate: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub epsilon: f32,
+    pub weight_decay: f32,
+    pub proximal_mu: f32,
+    /// `1 - beta1^t` for this step `t` (1-based), computed by the caller in f64.
+    pub bias_correction1: f32,
+    /// `sqrt(1 - beta2^t)`.
+    pub bias_correction2_sqrt: f32,
+}
+
+/// Summed softmax cross-entropy and correct predictions of one batch.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSum {
+    pub loss: f64,
+    pub correct: usize,
+}
+
+/// Storage plus the primitive operations of the training engine.
+pub trait Backend {
+    /// Owned storage of `f32` values (host memory, or a device buffer).
+    type Buffer: Send;
+    /// A read-only range of a buffer.
+    type Src<'a>: Copy
+    where
+        Self: 'a;
+    /// A writable range of a buffer.
+    type Dst<'a>
+    where
+        Self: 'a;
+
+    /// A buffer of `len` zeros.
+    fn zeros(&self, len: usize) -> Self::Buffer;
+    /// The range `range` of `buffer` for reading.
+    fn src<'a>(&self, buffer: &'a Self::Buffer, range: Range<usize>) -> Result<Self::Src<'a>>;
+    /// The range `range` of `buffer` for writing.
+    fn dst<'a>(&self, buffer: &'a mut Self::Buffer, range: Range<usize>) -> Result<Self::Dst<'a>>;
+
+    /// Copies host values into `dst` (same length).
+    fn upload(&self, src: &[f32], dst: Self::Dst<'_>) -> Result<()>;
+    /// Copies `src` into host memory (same length).
+    fn download(&self, src: Self::Src<'_>, dst: &mut [f32]) -> Result<()>;
+    /// Copies the rows `rows` (each `dim` long) of the host matrix `data` into `dst`,
+    /// one after the other. Every row index must be in range.
+    fn gather_rows(
+        &self,
+        data: &[f32],
+        dim: usize,
+        rows: &[usize],
+        dst: Self::Dst<'_>,
+    ) -> Result<()>;
+    /// `dst = src` (same length).
+    fn copy(&self, src: Self::Src<'_>, dst: Self::Dst<'_>) -> Result<()>;
+
+    /// The matrix product described by `gemm`.
+    fn gemm(&self, gemm: Gemm, a: Self::Src<'_>, b: Self::Src<'_>, c: Self::Dst<'_>) -> Result<()>;
+
+    /// Bias broadcast for dense layers: every row of `dst` (`rows x bias.len()`) becomes `bias`.
+    fn fill_rows(&self, bias: Self::Src<'_>, rows: usize, dst: Self::Dst<'_>) -> Result<()>;
+    /// Bias broadcast for convolutions: `dst` is `[batch, channels, plane]` and every
+    /// `plane`-long run of channel `c` becomes `bias[c]` (`channels = bias.len()`).
+    fn fill_channels(
+        &self,
+        bias: Self::Src<'_>,
+        batch: usize,
+        plane: usize,
+        dst: Self::Dst<'_>,
+    ) -> Result<()>;
+    /// Dense bias gradient: `dst[j] = beta * dst[j] + alpha * sum_i src[i, j]` over the
+    /// `rows` rows of `src` (`rows x dst.len()`).
+    fn sum_rows(
+        &self,
+        src: Self::Src<'_>,
+        rows: usize,
+        alpha: f32,
+        beta: f32,
+        dst: Self::Dst<'_>,
+    ) -> Result<()>;
+    /// Convolution bias gradient: `dst[c] = beta * dst[c] + alpha * sum over examples and
+    /// pixels of src[e, c, p]`, with `src` of shape `[batch, dst.len(), plane]`.
+    fn sum_channels(
+        &self,
+        src: Self::Src<'_>,
+        batch: usize,
+        plane: usize,
+        alpha: f32,
+        beta: f32,
+        dst: Self::Dst<'_>,
+    ) -> Result<()>;
+
+    /// `x = max(x, 0)` in place.
+    fn relu(&self, x: Self::Dst<'_>) -> Result<()>;
+    /// ReLU backward from the layer's output: `dy = dy * (y > 0)` in place.
+    fn relu_backward(&self, y: Self::Src<'_>, dy: Self::Dst<'_>) -> Result<()>;
+    /// `x = x * mask` elementwise (dropout forward and backward).
+    fn mul(&self, x: Self::Dst<'_>, mask: Self::Src<'_>) -> Result<()>;
+
+    /// The im2col matrix (`col_rows x col_cols`) of one example (`input_len` values);
+    /// padding reads as zero.
+    fn im2col(
+        &self,
+        geometry: &ConvGeometry,
+        input: Self::Src<'_>,
+        cols: Self::Dst<'_>,
+    ) -> Result<()>;
+    /// The adjoint of [`Backend::im2col`]: `input_grad` (overwritten) receives the sum of
+    /// every column entry that was read from each input pixel.
+    fn col2im(
+        &self,
+        geometry: &ConvGeometry,
+        cols: Self::Src<'_>,
+        input_grad: Self::Dst<'_>,
+    ) -> Result<()>;
+
+    /// Max pooling forward.
+    fn max_pool(
+        &self,
+        geometry: &PoolGeometry,
+        input: Self::Src<'_>,
+        output: Self::Dst<'_>,
+    ) -> Result<()>;
+    /// Max pooling backward: `input_grad` (overwritten) gets each window's output gradient
+    /// at the position of the window's maximum in `input` (the first maximum in row-major
+    /// order, as in the forward pass), summed where windows overlap; zero elsewhere.
+    fn max_pool_backward(
+        &self,
+        geometry: &PoolGeometry,
+        input: Self::Src<'_>,
+        output_grad: Self::Src<'_>,
+        input_grad: Self::Dst<'_>,
+    ) -> Result<()>;
+
+    /// Softmax cross-entropy of `logits` (`labels.len() x classes`; labels checked by the
+    /// caller). With `grad = Some((scale, dst))`, writes `scale * (softmax - onehot)` into
+    /// `dst`. The first maximum counts as the prediction.
+    fn softmax_cross_entropy(
+        &self,
+        logits: Self::Src<'_>,
+        labels: &[u8],
+        classes: usize,
+        grad: Option<(f32, Self::Dst<'_>)>,
+    ) -> Result<LossSum>;
+
+    /// One SGD step (PyTorch's `torch.optim.SGD` semantics), elementwise over `params`:
+    /// `g = grad + weight_decay * w + proximal_mu * (w - anchor)`; with momentum
+    /// `v = momentum * v + g` and `g = v` (or `g + momentum * v` for Nesterov);
+    /// `w = w - learning_rate * g`. `velocity` is required when `momentum != 0`, `anchor`
+    /// when `proximal_mu != 0`.
+    fn sgd_step(
+        &self,
+        step: &SgdStep,
+        params: Self::Dst<'_>,
+        grads: Self::Src<'_>,
+        velocity: Option<Self::Dst<'_>>,
+        anchor: Option<Self::Src<'_>>,
+    ) -> Result<()>;
+
+    /// One Adam step (PyTorch's `torch.optim.Adam`, L2 weight decay added to the
+    /// gradient): `g` as for SGD; `m = b1 m + (1 - b1) g`; `v = b2 v + (1 - b2) g^2`;
+    /// `w = w - (lr / bias_correction1) * m / (sqrt(v) / bias_correction2_sqrt + eps)`.
+    fn adam_step(
+        &self,
+        step: &AdamStep,
+        params: Self::Dst<'_>,
+        grads: Self::Src<'_>,
+        moment1: Self::Dst<'_>,
+        moment2: Self::Dst<'_>,
+        anchor: Option<Self::Src<'_>>,
+    ) -> Result<()>;
+}
