@@ -56,6 +56,10 @@ struct Cli {
     /// Longest wait between reconnection attempts, in seconds.
     #[arg(long, default_value_t = 30.0)]
     max_backoff: f64,
+    /// Threads for local training's matrix products (1-4; default: the
+    /// number of cores, at most 4).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,6 +72,14 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // Fixed before any other thread starts (the GEMM library reads it once).
+    let threads = cli.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    });
+    fedquic_train::set_gemm_threads(threads)?;
     let (ca, cert, key) = match (&cli.certs, &cli.name, &cli.ca, &cli.cert, &cli.key) {
         (Some(dir), Some(name), None, None, None) => (
             dir.join("ca.pem"),
