@@ -256,7 +256,15 @@ pub fn decode_header(bytes: &[u8], limits: &TensorLimits) -> Result<TensorHeader
             "codec f32 carries only f32 tensors".into(),
         ));
     }
-    let expected = values * element;
+    // Checked: with a large `max_values` (up to `u64::MAX`) the byte length
+    // can overflow, and a wrapped length would let a tiny body pass for a
+    // huge model (found with fuzz/ tensor_stream; tests/fuzz_regressions.rs).
+    let expected = values
+        .checked_mul(element)
+        .ok_or(ProtocolError::TooManyValues {
+            values,
+            max: u64::MAX / element,
+        })?;
     if header.body_len != expected {
         return Err(ProtocolError::BodyLengthMismatch {
             declared: header.body_len,
