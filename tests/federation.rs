@@ -64,6 +64,7 @@ async fn start(clients: usize, rounds: u64) -> Federation {
                 learning_rate: 0.1,
                 proximal_mu: 0.0,
                 seed: 2,
+                optimizer: Default::default(),
             },
             fraction_evaluate: 0.0,
             min_evaluate_clients: 0,

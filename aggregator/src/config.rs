@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedquic_protocol::FitInstructions;
+use fedquic_protocol::{FitInstructions, OptimizerConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -89,7 +89,43 @@ pub struct FitConfig {
     pub epochs: u32,
     pub batch_size: u32,
     pub learning_rate: f32,
+    /// FedProx proximal term mu (0: plain FedAvg).
     pub proximal_mu: f32,
+    /// Client optimizer: "sgd" or "adam".
+    pub optimizer: OptimizerName,
+    /// SGD momentum (0: none) and Nesterov.
+    pub momentum: f32,
+    pub nesterov: bool,
+    /// L2 weight decay (SGD and Adam).
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub epsilon: f32,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    Sgd,
+    Adam,
+}
+
+impl FitConfig {
+    pub fn optimizer_config(&self) -> OptimizerConfig {
+        match self.optimizer {
+            OptimizerName::Sgd => OptimizerConfig::Sgd {
+                momentum: self.momentum,
+                nesterov: self.nesterov,
+                weight_decay: self.weight_decay,
+            },
+            OptimizerName::Adam => OptimizerConfig::Adam {
+                beta1: self.beta1,
+                beta2: self.beta2,
+                epsilon: self.epsilon,
+                weight_decay: self.weight_decay,
+            },
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -187,6 +223,13 @@ impl Default for FitConfig {
             batch_size: 10,
             learning_rate: 0.05,
             proximal_mu: 0.0,
+            optimizer: OptimizerName::Sgd,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+            beta1: 0.9,
+            beta2: 0.999,
+            epsilon: 1e-8,
         }
     }
 }
@@ -282,6 +325,7 @@ impl AggregatorConfig {
             learning_rate: self.fit.learning_rate,
             proximal_mu: self.fit.proximal_mu,
             seed: self.rounds.seed,
+            optimizer: self.fit.optimizer_config(),
         }
     }
 
@@ -357,5 +401,29 @@ mod tests {
         c.fit.learning_rate = -1.0;
         assert!(c.validate().is_err());
         assert!(AggregatorConfig::default().validate().is_ok());
+        let mut c = AggregatorConfig::default();
+        c.fit.nesterov = true;
+        assert!(c.validate().is_err(), "Nesterov without momentum");
+    }
+
+    #[test]
+    fn optimizer_settings_reach_the_fit_instructions() {
+        let c: AggregatorConfig = toml::from_str(
+            "[fit]\noptimizer = \"adam\"\nbeta1 = 0.8\nweight_decay = 0.01\nproximal_mu = 0.1",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let fit = c.fit_instructions();
+        assert_eq!(fit.proximal_mu, 0.1);
+        assert_eq!(
+            fit.optimizer,
+            OptimizerConfig::Adam {
+                beta1: 0.8,
+                beta2: 0.999,
+                epsilon: 1e-8,
+                weight_decay: 0.01
+            }
+        );
+        assert!(toml::from_str::<AggregatorConfig>("[fit]\noptimizer = \"lbfgs\"").is_err());
     }
 }

@@ -25,6 +25,7 @@ fn fit_instructions() -> FitInstructions {
         learning_rate: 0.05,
         proximal_mu: 0.0,
         seed: 7,
+        optimizer: Default::default(),
     }
 }
 

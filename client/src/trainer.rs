@@ -3,9 +3,9 @@
 
 use std::sync::Arc;
 
-use fedquic_protocol::{FitInstructions, Metrics};
+use fedquic_protocol::{FitInstructions, Metrics, OptimizerConfig};
 use fedquic_train::layout::ParamLayout;
-use fedquic_train::{Dataset, FitConfig, Model, ModelSpec};
+use fedquic_train::{Dataset, FitConfig, Model, ModelSpec, Optimizer};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -135,7 +135,28 @@ impl Trainer for LocalTrainer {
             learning_rate: config.learning_rate,
             seed: config.seed,
             proximal_mu: config.proximal_mu,
-            ..FitConfig::default()
+            optimizer: match config.optimizer {
+                OptimizerConfig::Sgd {
+                    momentum,
+                    nesterov,
+                    weight_decay,
+                } => Optimizer::Sgd {
+                    momentum,
+                    nesterov,
+                    weight_decay,
+                },
+                OptimizerConfig::Adam {
+                    beta1,
+                    beta2,
+                    epsilon,
+                    weight_decay,
+                } => Optimizer::Adam {
+                    beta1,
+                    beta2,
+                    epsilon,
+                    weight_decay,
+                },
+            },
         };
         let stats = model.fit(&self.train, &self.train_indices, &cfg)?;
         Ok(FitOutcome {

@@ -120,8 +120,7 @@ pub fn sample_messages() -> Vec<Message> {
                 batch_size: 10,
                 learning_rate: 0.05,
                 proximal_mu: 0.01,
-                seed: 42,
-            },
+                seed: 42, optimizer: Default::default() },
         }),
         Message::EvaluateTask(EvaluateTask {
             round: 3,

@@ -15,7 +15,7 @@ pub use error::{ProtocolError, Result};
 pub use frame::{FrameDecoder, MAX_CONTROL_FRAME, decode_message, encode_message, frame_len};
 pub use message::{
     Codec, EvalResult, EvaluateTask, FitInstructions, FitTask, Hello, Message, Metrics,
-    PROTOCOL_VERSION, Reject, SUPPORTED_VERSIONS, Welcome, negotiate_version,
+    OptimizerConfig, PROTOCOL_VERSION, Reject, SUPPORTED_VERSIONS, Welcome, negotiate_version,
 };
 pub use tensor::{
     BodyDecoder, DType, StreamKind, TENSOR_PREFIX_LEN, TENSOR_STREAM_MAGIC, TensorHeader,

@@ -42,6 +42,76 @@ pub struct Welcome {
     pub client_name: String,
 }
 
+/// The client's local optimizer (fresh for every task, as in FedAvg).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub enum OptimizerConfig {
+    /// SGD, optionally with (Nesterov) momentum and L2 weight decay.
+    Sgd {
+        momentum: f32,
+        nesterov: bool,
+        weight_decay: f32,
+    },
+    Adam {
+        beta1: f32,
+        beta2: f32,
+        epsilon: f32,
+        weight_decay: f32,
+    },
+}
+
+impl Default for OptimizerConfig {
+    /// Plain SGD, the FedAvg paper's client optimizer.
+    fn default() -> Self {
+        OptimizerConfig::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    fn validate(&self) -> Result<()> {
+        let bad = |what: &str| Err(ProtocolError::Malformed(format!("optimizer: {what}")));
+        let unit = |v: f32| v.is_finite() && (0.0..1.0).contains(&v);
+        let non_negative = |v: f32| v.is_finite() && v >= 0.0;
+        match *self {
+            OptimizerConfig::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => {
+                if !unit(momentum) {
+                    return bad("momentum must be in [0, 1)");
+                }
+                if nesterov && momentum == 0.0 {
+                    return bad("Nesterov needs a non-zero momentum");
+                }
+                if !non_negative(weight_decay) {
+                    return bad("weight decay must be finite and non-negative");
+                }
+            }
+            OptimizerConfig::Adam {
+                beta1,
+                beta2,
+                epsilon,
+                weight_decay,
+            } => {
+                if !unit(beta1) || !unit(beta2) {
+                    return bad("Adam betas must be in [0, 1)");
+                }
+                if !(epsilon.is_finite() && epsilon > 0.0) {
+                    return bad("Adam epsilon must be finite and positive");
+                }
+                if !non_negative(weight_decay) {
+                    return bad("weight decay must be finite and non-negative");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Local training settings sent with each fit task.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct FitInstructions {
@@ -52,6 +122,7 @@ pub struct FitInstructions {
     pub proximal_mu: f32,
     /// Seed for the client's shuffling, so a run can be replayed.
     pub seed: u64,
+    pub optimizer: OptimizerConfig,
 }
 
 impl FitInstructions {
@@ -74,7 +145,7 @@ impl FitInstructions {
         if !self.proximal_mu.is_finite() || self.proximal_mu < 0.0 {
             return bad("proximal mu must be finite and non-negative");
         }
-        Ok(())
+        self.optimizer.validate()
     }
 }
 

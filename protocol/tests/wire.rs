@@ -23,6 +23,7 @@ fn all_messages() -> Vec<Message> {
                 learning_rate: 0.05,
                 proximal_mu: 0.0,
                 seed: 42,
+                optimizer: Default::default(),
             },
         }),
         Message::EvaluateTask(EvaluateTask {
@@ -136,6 +137,7 @@ fn fit_instructions_are_validated() {
         learning_rate: 0.1,
         proximal_mu: 0.0,
         seed: 1,
+        optimizer: Default::default(),
     };
     assert!(ok.validate().is_ok());
     for bad in [
@@ -346,7 +348,7 @@ proptest! {
     #[test]
     fn arbitrary_messages_round_trip(round in any::<u64>(), task in any::<u64>(), reason in ".{0,64}", lr in 1e-6f32..10.0) {
         for msg in [
-            Message::FitTask(FitTask { round, task_id: task, config: FitInstructions { epochs: 1, batch_size: 32, learning_rate: lr, proximal_mu: 0.0, seed: round } }),
+            Message::FitTask(FitTask { round, task_id: task, config: FitInstructions { epochs: 1, batch_size: 32, learning_rate: lr, proximal_mu: 0.0, seed: round, optimizer: Default::default() } }),
             Message::UpdateRejected { task_id: task, reason: reason.clone() },
             Message::Reject(Reject { reason: reason.clone(), retry_after_ms: Some(round) }),
         ] {

@@ -175,6 +175,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                     learning_rate: 1.0,
                     proximal_mu: 0.0,
                     seed: 0,
+                    optimizer: Default::default(),
                 },
                 fraction_evaluate: 0.0,
                 min_evaluate_clients: 0,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use fedquic_aggregator::config::OptimizerName;
 use fedquic_sim::report::{TABLE_HEADER, table_row};
 use fedquic_sim::{SimConfig, simulate};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -39,6 +40,21 @@ struct RunArgs {
     batch_size: u32,
     #[arg(long, default_value_t = 0.05)]
     lr: f32,
+    /// Client optimizer.
+    #[arg(long, value_enum, default_value_t = OptimizerArg::Sgd)]
+    optimizer: OptimizerArg,
+    /// SGD momentum (0: none).
+    #[arg(long, default_value_t = 0.0)]
+    momentum: f32,
+    /// Nesterov momentum (needs --momentum > 0).
+    #[arg(long)]
+    nesterov: bool,
+    /// L2 weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// FedProx proximal term mu (0: plain FedAvg).
+    #[arg(long, default_value_t = 0.0)]
+    mu: f32,
     /// Model spec: logreg:IN-OUT, mlp:IN-H1-...-OUT, or cnn:mnist (the FedAvg paper's CNN).
     #[arg(long, default_value = "mlp:784-200-200-10")]
     model: String,
@@ -63,6 +79,12 @@ struct RunArgs {
     /// No progress bar or table; print only the summary.
     #[arg(long)]
     quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum OptimizerArg {
+    Sgd,
+    Adam,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +129,17 @@ fn main() -> anyhow::Result<()> {
         epochs: a.epochs,
         batch_size: a.batch_size,
         learning_rate: a.lr,
+        proximal_mu: a.mu,
+        optimizer: fedquic_aggregator::config::FitConfig {
+            optimizer: match a.optimizer {
+                OptimizerArg::Sgd => OptimizerName::Sgd,
+                OptimizerArg::Adam => OptimizerName::Adam,
+            },
+            momentum: a.momentum,
+            nesterov: a.nesterov,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
         model: a.model,
         data: a.data,
         partition: a.partition,

@@ -25,6 +25,10 @@ pub struct SimConfig {
     pub epochs: u32,
     pub batch_size: u32,
     pub learning_rate: f32,
+    /// FedProx proximal term (0: FedAvg).
+    pub proximal_mu: f32,
+    /// Client optimizer settings.
+    pub optimizer: fedquic_aggregator::config::FitConfig,
     pub model: String,
     pub data: String,
     pub partition: String,
@@ -46,6 +50,8 @@ impl Default for SimConfig {
             epochs: 1,
             batch_size: 10,
             learning_rate: 0.05,
+            proximal_mu: 0.0,
+            optimizer: fedquic_aggregator::config::FitConfig::default(),
             model: "mlp:784-200-200-10".into(),
             data: "synthetic".into(),
             partition: "iid".into(),
@@ -106,9 +112,13 @@ pub async fn simulate(
     let mut aggregator = AggregatorConfig::default();
     aggregator.rounds.fraction_fit = config.fraction;
     aggregator.rounds.count = config.rounds;
-    aggregator.fit.epochs = config.epochs;
-    aggregator.fit.batch_size = config.batch_size;
-    aggregator.fit.learning_rate = config.learning_rate;
+    aggregator.fit = fedquic_aggregator::config::FitConfig {
+        epochs: config.epochs,
+        batch_size: config.batch_size,
+        learning_rate: config.learning_rate,
+        proximal_mu: config.proximal_mu,
+        ..config.optimizer.clone()
+    };
     aggregator.evaluate.fraction = config.fraction_evaluate;
     aggregator.validate()?;
     let engine = EngineConfig {

@@ -46,6 +46,7 @@ pub fn engine(clients: usize, min_fit: usize, rounds: u64, deadline: Duration) -
             learning_rate: 1.0,
             proximal_mu: 0.0,
             seed: 0,
+            optimizer: Default::default(),
         },
         fraction_evaluate: 0.0,
         min_evaluate_clients: 0,
