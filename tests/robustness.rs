@@ -357,11 +357,9 @@ async fn wrong_versions_and_oversized_frames_are_refused_clearly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_streams_are_bounded_and_idle_connections_time_out() {
+async fn concurrent_streams_per_connection_are_bounded() {
     let ca = CertAuthority::generate("robustness CA").unwrap();
-    let mut opts = Options::new(engine(5, 5, 1, Duration::from_secs(20)));
-    opts.transport.idle_timeout = Duration::from_millis(1500);
-    let agg = start(&ca, opts);
+    let agg = start(&ca, Options::new(engine(5, 5, 1, Duration::from_secs(20))));
     let raw = raw_welcome(&ca, agg.addr, "greedy").await;
     let limit = fedquic::net::tls::TransportSettings::default().max_concurrent_uni_streams as usize;
     let mut streams = Vec::new();
@@ -377,31 +375,99 @@ async fn concurrent_streams_are_bounded_and_idle_connections_time_out() {
             .is_err()
     );
 
-    // A client that goes silent (no keep-alives) is dropped at the idle timeout.
-    let silent = {
-        let settings = fedquic::net::tls::TransportSettings {
-            keep_alive: Duration::ZERO,
-            ..Default::default()
-        };
-        let issued = identity(&ca, "silent");
-        let tls = fedquic::net::tls::client_config(
-            fedquic::net::tls::load_ca_pem(ca.cert_pem()).unwrap(),
-            Some(issued),
-            &settings,
-        )
-        .unwrap();
-        match open_raw(agg.addr, tls, SUPPORTED_VERSIONS.to_vec()).await {
-            Opened::Welcome(raw, _) => raw,
-            Opened::Refused(why) => panic!("{why}"),
-        }
-    };
-    let start = Instant::now();
-    let reason = within(10, silent.conn.closed()).await;
-    assert!(
-        matches!(reason, quinn::ConnectionError::TimedOut),
-        "{reason:?}"
-    );
-    assert!(start.elapsed() < Duration::from_secs(5));
     drop((streams, raw));
+    agg.task.abort();
+}
+
+/// Forwards UDP between one client and `server` until told to cut the link
+/// (a network partition: from then on both sides hear nothing).
+async fn udp_link(
+    server: std::net::SocketAddr,
+) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    use tokio::net::UdpSocket;
+    let front = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let back = std::sync::Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    back.connect(server).await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let (cut, cut_rx) = tokio::sync::watch::channel(false);
+    let client = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let (f, b, c, rx) = (front.clone(), back.clone(), client.clone(), cut_rx.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = f.recv_from(&mut buf).await {
+            *c.lock().unwrap() = Some(from);
+            let cut_off = *rx.borrow();
+            if !cut_off {
+                let _ = b.send(&buf[..n]).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = back.recv(&mut buf).await {
+            let to = *client.lock().unwrap();
+            let cut_off = *cut_rx.borrow();
+            if let (Some(to), false) = (to, cut_off) {
+                let _ = front.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    (addr, cut)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_client_is_dropped_at_the_idle_timeout_and_frees_its_place() {
+    let ca = CertAuthority::generate("robustness CA").unwrap();
+    let mut opts = Options::new(engine(5, 5, 1, Duration::from_secs(20)));
+    opts.transport.idle_timeout = Duration::from_millis(1500);
+    opts.max_clients = 1;
+    let agg = start(&ca, opts);
+    let (link, cut) = udp_link(agg.addr).await;
+    let _vanishing = match open_raw(
+        link,
+        client_tls(&ca, Some(identity(&ca, "vanishing"))),
+        SUPPORTED_VERSIONS.to_vec(),
+    )
+    .await
+    {
+        Opened::Welcome(raw, _) => raw,
+        Opened::Refused(why) => panic!("{why}"),
+    };
+    match open_raw(
+        agg.addr,
+        client_tls(&ca, Some(identity(&ca, "next"))),
+        SUPPORTED_VERSIONS.to_vec(),
+    )
+    .await
+    {
+        Opened::Refused(why) => assert!(why.contains("full"), "{why}"),
+        Opened::Welcome(..) => panic!("the aggregator is full while the first client is there"),
+    }
+    // The network between them fails: no close, no packets, nothing.
+    cut.send(true).unwrap();
+    let start = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        match open_raw(
+            agg.addr,
+            client_tls(&ca, Some(identity(&ca, "next"))),
+            SUPPORTED_VERSIONS.to_vec(),
+        )
+        .await
+        {
+            Opened::Welcome(..) => break,
+            Opened::Refused(why) => {
+                assert!(why.contains("full"), "{why}");
+                assert!(
+                    start.elapsed() < Duration::from_secs(8),
+                    "the vanished client was never dropped"
+                );
+            }
+        }
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(1000),
+        "dropped only after the idle timeout"
+    );
     agg.task.abort();
 }
