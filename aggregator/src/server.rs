@@ -181,7 +181,8 @@ enum ToHub {
 }
 
 enum ToConn {
-    Fit {
+    /// A fit or evaluate task, followed by the global model on its own stream.
+    Task {
         message: Message,
         header: TensorHeader,
         model: Arc<Vec<f32>>,
@@ -426,7 +427,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     let end_reason: String = loop {
         tokio::select! {
             cmd = commands.recv() => match cmd {
-                Some(ToConn::Fit { message, header, model }) => {
+                Some(ToConn::Task { message, header, model }) => {
                     if let Err(e) = write_message(&mut send, &message).await {
                         break format!("write failed: {e}");
                     }
@@ -739,17 +740,10 @@ impl Hub {
         }
     }
 
-    fn send_model(
-        &mut self,
-        client: &str,
-        message: Message,
-        kind: StreamKind,
-        round: u64,
-        task_id: u64,
-    ) {
+    fn send_task(&mut self, client: &str, message: Message, round: u64, task_id: u64) {
         let model = self.engine.global_model();
         let header = TensorHeader {
-            kind,
+            kind: StreamKind::GlobalModel,
             round,
             task_id,
             codec: Codec::F32,
@@ -759,7 +753,7 @@ impl Hub {
             body_len: model.len() as u64 * 4,
         };
         if let Some((_, handle)) = self.clients.get(client) {
-            let _ = handle.send(ToConn::Fit {
+            let _ = handle.send(ToConn::Task {
                 message,
                 header,
                 model,
@@ -783,23 +777,11 @@ impl Hub {
                 Action::SendFit { client, task } => {
                     self.round_started.get_or_insert_with(Instant::now);
                     let (round, task_id) = (task.round, task.task_id);
-                    self.send_model(
-                        &client,
-                        Message::FitTask(task),
-                        StreamKind::GlobalModel,
-                        round,
-                        task_id,
-                    );
+                    self.send_task(&client, Message::FitTask(task), round, task_id);
                 }
                 Action::SendEvaluate { client, task } => {
                     let (round, task_id) = (task.round, task.task_id);
-                    self.send_model(
-                        &client,
-                        Message::EvaluateTask(task),
-                        StreamKind::GlobalModel,
-                        round,
-                        task_id,
-                    );
+                    self.send_task(&client, Message::EvaluateTask(task), round, task_id);
                 }
                 Action::UpdateAccepted { client, task_id } => {
                     self.send(&client, Message::UpdateAccepted { task_id });

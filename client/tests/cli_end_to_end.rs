@@ -111,6 +111,47 @@ fn assert_success(out: &Output, what: &str) {
     );
 }
 
+/// Starts `count` client processes, client-001.., each with its share of the
+/// synthetic data.
+fn spawn_clients(
+    certs: &Path,
+    port: u16,
+    count: usize,
+    max_attempts: u32,
+    max_backoff: &str,
+) -> Vec<Child> {
+    (1..=count)
+        .map(|i| {
+            Command::new(client_bin())
+                .args([
+                    "--server",
+                    &format!("127.0.0.1:{port}"),
+                    "--server-name",
+                    "localhost",
+                    "--certs",
+                ])
+                .arg(certs)
+                .args([
+                    "--name",
+                    &format!("client-{i:03}"),
+                    "--data",
+                    "synthetic:600/200",
+                ])
+                .args([
+                    "--partition",
+                    &format!("{i}/{count}"),
+                    "--max-attempts",
+                    &max_attempts.to_string(),
+                ])
+                .args(["--max-backoff", max_backoff])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
 fn run_aggregator(dir: &Path, port: u16, extra: &[&str]) -> Child {
     Command::new(aggregator_bin())
         .args(["run", "--config"])
@@ -170,37 +211,7 @@ test_data = "synthetic:600/200"
     .unwrap();
     let port = free_udp_port();
     let aggregator = run_aggregator(dir.path(), port, &[]);
-    let clients: Vec<Child> = (1..=3)
-        .map(|i| {
-            Command::new(client_bin())
-                .args([
-                    "--server",
-                    &format!("127.0.0.1:{port}"),
-                    "--server-name",
-                    "localhost",
-                    "--certs",
-                ])
-                .arg(&certs)
-                .args([
-                    "--name",
-                    &format!("client-{i:03}"),
-                    "--data",
-                    "synthetic:600/200",
-                ])
-                .args([
-                    "--partition",
-                    &format!("{i}/3"),
-                    "--max-attempts",
-                    "40",
-                    "--max-backoff",
-                    "1",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let clients = spawn_clients(&certs, port, 3, 40, "1");
     let agg_out = wait_with_timeout(aggregator, Duration::from_secs(120), "aggregator");
     assert_success(&agg_out, "aggregator");
     assert!(String::from_utf8_lossy(&agg_out.stdout).contains("run complete: 2 rounds"));
@@ -325,37 +336,7 @@ test_data = "synthetic:600/200"
     let metrics = dir.path().join("state/metrics.jsonl");
     let port = free_udp_port();
     let mut aggregator = run_aggregator(dir.path(), port, &[]);
-    let clients: Vec<Child> = (1..=3)
-        .map(|i| {
-            Command::new(client_bin())
-                .args([
-                    "--server",
-                    &format!("127.0.0.1:{port}"),
-                    "--server-name",
-                    "localhost",
-                    "--certs",
-                ])
-                .arg(&certs)
-                .args([
-                    "--name",
-                    &format!("client-{i:03}"),
-                    "--data",
-                    "synthetic:600/200",
-                ])
-                .args([
-                    "--partition",
-                    &format!("{i}/3"),
-                    "--max-attempts",
-                    "200",
-                    "--max-backoff",
-                    "0.5",
-                ])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let clients = spawn_clients(&certs, port, 3, 200, "0.5");
 
     // Let a few rounds complete, then kill the aggregator without warning.
     let start = Instant::now();
