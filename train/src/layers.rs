@@ -30,7 +30,9 @@ pub(crate) enum Op {
         weight: usize,
         bias: usize,
     },
-    /// Convolution by im2col + GEMM, per example: `y_e = W cols(x_e) + b`.
+    /// Convolution `y_e = W cols(x_e) + b`: by the backend's im2col-free forward and
+    /// sparse backward where it offers them (see [`Backend::conv_forward_direct`]),
+    /// otherwise by im2col + GEMM, per example.
     Conv {
         geometry: ConvGeometry,
         out_channels: usize,
@@ -415,8 +417,18 @@ pub(crate) fn forward<B: Backend>(
                 let (x, y) = read_write(&mut workspace.acts, layer.input, layer.output)?;
                 let (rows, plane) = (geometry.col_rows(), geometry.col_cols());
                 let bias = backend.src(params, bias..bias + out_channels)?;
-                backend.fill_channels(bias, batch, plane, backend.dst(y, out_range)?)?;
+                backend.fill_channels(bias, batch, plane, backend.dst(y, out_range.clone())?)?;
                 let w = backend.src(params, weight..weight + out_channels * rows)?;
+                if backend.conv_forward_direct(
+                    &geometry,
+                    out_channels,
+                    batch,
+                    w,
+                    backend.src(x, in_range)?,
+                    backend.dst(y, out_range)?,
+                )? {
+                    continue;
+                }
                 let gemm = Gemm {
                     m: out_channels,
                     n: plane,
@@ -652,7 +664,17 @@ pub(crate) fn backward<B: Backend>(
                 let example_in = |e: usize| e * layer.input_len..(e + 1) * layer.input_len;
                 let example_out = |e: usize| e * layer.output_len..(e + 1) * layer.output_len;
                 let cols_range = 0..rows * plane;
-                if needs_input_grad {
+                let dy_all = backend.src(dy, out_range.clone())?;
+                let sparse_input_grad = needs_input_grad
+                    && backend.conv_input_grad_sparse(
+                        &geometry,
+                        out_channels,
+                        batch,
+                        backend.src(update.params(), weight_range.clone())?,
+                        dy_all,
+                        backend.dst(dx, in_range.clone())?,
+                    )?;
+                if needs_input_grad && !sparse_input_grad {
                     // dcols [rows, plane] = W^T [rows, out] . dY_e [out, plane], then col2im;
                     // all examples before an SGD update changes W.
                     let gemm = Gemm {
@@ -685,7 +707,17 @@ pub(crate) fn backward<B: Backend>(
                 // activations) alive between the passes.
                 let x_buffer = workspace.acts.get(layer.input).ok_or_else(shape_bug)?;
                 let (target, alpha, first_beta) = update.target();
-                for example in 0..batch {
+                let sparse_weight_grad = backend.conv_weight_grad_sparse(
+                    &geometry,
+                    out_channels,
+                    batch,
+                    backend.src(x_buffer, in_range.clone())?,
+                    dy_all,
+                    alpha,
+                    first_beta,
+                    backend.dst(target, weight_range.clone())?,
+                )?;
+                for example in (0..batch).filter(|_| !sparse_weight_grad) {
                     let input = backend.src(x_buffer, example_in(example))?;
                     let cols = if geometry.is_pointwise() {
                         input

@@ -522,3 +522,211 @@ fn mnist_cnn_layout_and_buffers() {
     assert_eq!(net.classes, 10);
     assert_eq!(net.cols_len, 800 * 196);
 }
+
+/// The im2col-free forward path (taken for runs of at least 8 values and whole lanes of
+/// output channels) against the naive convolution, over ragged tiles: pixel counts that
+/// are not multiples of the tile, a half panel of output channels, stride 2.
+#[test]
+fn direct_conv_forward_matches_naive() {
+    let backend = CpuBackend;
+    for (shape, kernel, stride, padding, out_channels) in [
+        ((32, 14, 14), 5, 1, 2, 16),
+        ((4, 7, 6), 3, 1, 1, 8),
+        ((8, 9, 9), 5, 1, 2, 24),
+        ((3, 8, 7), 3, 2, 1, 40),
+    ] {
+        let geometry = ConvGeometry::new(shape, kernel, stride, padding).unwrap();
+        let batch = 3;
+        let weights = uniform(out_channels * geometry.col_rows(), 31);
+        let bias = uniform(out_channels, 32);
+        let input = uniform(batch * geometry.input_len(), 33);
+        let out_len = out_channels * geometry.col_cols();
+        let mut output = vec![0.0; batch * out_len];
+        backend
+            .fill_channels(&bias, batch, geometry.col_cols(), &mut output)
+            .unwrap();
+        let ran = backend
+            .conv_forward_direct(
+                &geometry,
+                out_channels,
+                batch,
+                &weights,
+                &input,
+                &mut output,
+            )
+            .unwrap();
+        if !ran {
+            // No AVX2/FMA here: nothing to check.
+            return;
+        }
+        for example in 0..batch {
+            let x = &input[example * geometry.input_len()..][..geometry.input_len()];
+            let expected = naive_conv(&geometry, out_channels, &weights, &bias, x);
+            let actual = &output[example * out_len..][..out_len];
+            for (a, e) in actual.iter().zip(&expected) {
+                assert!((f64::from(*a) - e).abs() < 1e-4, "{geometry:?}: {a} vs {e}");
+            }
+        }
+    }
+}
+
+/// The sparse backward passes (taken when at most a third of the output gradient is
+/// nonzero) against naive f64 sums, for both `beta == 0` (destination full of NaN,
+/// which must be ignored) and `beta != 0`; a dense gradient is declined.
+#[test]
+fn sparse_conv_backward_matches_naive() {
+    let backend = CpuBackend;
+    for (shape, kernel, stride, padding, out_channels) in [
+        ((4, 8, 8), 5, 1, 2, 5),
+        ((8, 7, 9), 3, 2, 1, 3),
+        ((32, 14, 14), 5, 1, 2, 8),
+    ] {
+        let g = ConvGeometry::new(shape, kernel, stride, padding).unwrap();
+        let batch = 2;
+        let weights = uniform(out_channels * g.col_rows(), 41);
+        let input = uniform(batch * g.input_len(), 42);
+        let out_len = out_channels * g.col_cols();
+        // About a fifth nonzero, as after ReLU and 2x2 max pooling.
+        let mut rng = seeded(43);
+        let output_grad: Vec<f32> = (0..batch * out_len)
+            .map(|_| {
+                let keep = rng.random_range(0.0..1.0f32) < 0.2;
+                if keep {
+                    rng.random_range(-1.0..1.0f32)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        // Naive sums over every (example, out, pixel, in, ky, kx) read.
+        let mut input_grad_ref = vec![0.0f64; batch * g.input_len()];
+        let mut weight_grad_ref = vec![0.0f64; out_channels * g.col_rows()];
+        for e in 0..batch {
+            for o in 0..out_channels {
+                for oy in 0..g.out_height {
+                    for ox in 0..g.out_width {
+                        let dy = f64::from(
+                            output_grad[e * out_len + o * g.col_cols() + oy * g.out_width + ox],
+                        );
+                        for c in 0..g.in_channels {
+                            for ky in 0..g.kernel {
+                                for kx in 0..g.kernel {
+                                    let iy = (oy * g.stride + ky) as isize - g.padding as isize;
+                                    let ix = (ox * g.stride + kx) as isize - g.padding as isize;
+                                    if iy < 0
+                                        || ix < 0
+                                        || iy >= g.in_height as isize
+                                        || ix >= g.in_width as isize
+                                    {
+                                        continue;
+                                    }
+                                    let x_index = e * g.input_len()
+                                        + (c * g.in_height + iy as usize) * g.in_width
+                                        + ix as usize;
+                                    let w_index =
+                                        ((o * g.in_channels + c) * g.kernel + ky) * g.kernel + kx;
+                                    input_grad_ref[x_index] += dy * f64::from(weights[w_index]);
+                                    weight_grad_ref[w_index] += dy * f64::from(input[x_index]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let mut input_grad = vec![f32::NAN; batch * g.input_len()];
+        let ran = backend
+            .conv_input_grad_sparse(
+                &g,
+                out_channels,
+                batch,
+                &weights,
+                &output_grad,
+                &mut input_grad,
+            )
+            .unwrap();
+        assert!(ran, "{g:?}: sparse input gradient declined");
+        for (a, e) in input_grad.iter().zip(&input_grad_ref) {
+            assert!((f64::from(*a) - e).abs() < 1e-4, "{g:?} dx: {a} vs {e}");
+        }
+        for beta in [0.0f32, 0.75] {
+            let start = if beta == 0.0 {
+                vec![f32::NAN; weights.len()]
+            } else {
+                uniform(weights.len(), 44)
+            };
+            let mut weight_grad = start.clone();
+            let ran = backend
+                .conv_weight_grad_sparse(
+                    &g,
+                    out_channels,
+                    batch,
+                    &input,
+                    &output_grad,
+                    -0.5,
+                    beta,
+                    &mut weight_grad,
+                )
+                .unwrap();
+            assert!(ran, "{g:?}: sparse weight gradient declined");
+            for ((a, e), s) in weight_grad.iter().zip(&weight_grad_ref).zip(&start) {
+                let mut expected = -0.5 * e;
+                if beta != 0.0 {
+                    expected += f64::from(beta) * f64::from(*s);
+                }
+                assert!(
+                    (f64::from(*a) - expected).abs() < 1e-4,
+                    "{g:?} dw (beta {beta}): {a} vs {expected}"
+                );
+            }
+        }
+        // A dense gradient goes to im2col + GEMM, untouched here.
+        let dense = uniform(batch * out_len, 45);
+        let mut untouched = vec![1.0f32; batch * g.input_len()];
+        let ran = backend
+            .conv_input_grad_sparse(&g, out_channels, batch, &weights, &dense, &mut untouched)
+            .unwrap();
+        assert!(!ran && untouched.iter().all(|&v| v == 1.0));
+    }
+}
+
+/// A conv -> ReLU -> pool stack whose convolution takes the direct forward and sparse
+/// backward paths (8 input channels, 8 output channels), against finite differences.
+/// Random data can sit near a ReLU/pool kink (the im2col + GEMM path shows the same), so
+/// this uses a small step on data checked to be clear of them; the naive-sum tests above
+/// are the precise ones.
+#[test]
+fn direct_and_sparse_conv_gradient() {
+    let spec: ModelSpec = "cnn:8x6x6-c8k3p1-m2-3".parse().unwrap();
+    let plan = spec.plan().unwrap();
+    let mut net = Network::new(&plan);
+    net.input_grad = true;
+    let problem = Problem::new(net, uniform(2 * 288, 61), 2, 62);
+    check_gradients(&problem, 3e-4, "direct/sparse conv stack");
+}
+
+/// The 2x2 backward routes each window's gradient to its first maximum (row-major),
+/// ties included, and a NaN window's to its last cell; uncovered cells get zero.
+#[test]
+fn max_pool_2x2_backward_routes_ties_and_nan() {
+    let backend = CpuBackend;
+    // One 3x4 plane (the last row is not covered): windows [1,1;0,1], [2,0;3,3].
+    let input = [1.0, 1.0, 2.0, 0.0, 0.0, 1.0, 3.0, 3.0, 9.0, 9.0, 9.0, 9.0];
+    let geometry = PoolGeometry::new(1, (3, 4), 2, 2).unwrap();
+    let mut grad = [f32::NAN; 12];
+    backend
+        .max_pool_backward(&geometry, &input, &[5.0, 7.0], &mut grad)
+        .unwrap();
+    assert_eq!(
+        grad,
+        [5.0, 0.0, 0.0, 0.0, 0.0, 0.0, 7.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    );
+    // A NaN anywhere in a window sends its gradient to the window's last cell.
+    let input = [f32::NAN, 1.0, 0.0, 0.0];
+    let geometry = PoolGeometry::new(1, (2, 2), 2, 2).unwrap();
+    let mut grad = [f32::NAN; 4];
+    backend
+        .max_pool_backward(&geometry, &input, &[-2.0], &mut grad)
+        .unwrap();
+    assert_eq!(grad, [0.0, 0.0, 0.0, -2.0]);
+}

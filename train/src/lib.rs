@@ -28,8 +28,10 @@
 //!
 //! # Threads
 //!
-//! Every matrix product uses matrixmultiply's SIMD GEMM, single-threaded unless
+//! General matrix products use matrixmultiply's SIMD GEMM, single-threaded unless
 //! `MATMUL_NUM_THREADS` or [`set_gemm_threads`] say otherwise (see [`gemm_threads`]).
+//! The CPU backend's own kernels (small-batch dense products, the im2col-free
+//! convolution forward and the sparse convolution backward) are single-threaded.
 //!
 //! Everything random (initialisation, shuffles, synthetic data, partitions) is driven by
 //! explicit seeds: the same seed gives bit-identical results.

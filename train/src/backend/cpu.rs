@@ -1,13 +1,17 @@
 //! The CPU backend: `Vec<f32>` storage, ndarray/matrixmultiply SIMD GEMM for matrix
-//! products, and plain loops over contiguous slices (iterator zips, so the compiler can
-//! vectorise them without per-element bounds checks) for everything else.
+//! products (small-batch shapes in [`small_gemm`]), an im2col-free convolution forward
+//! ([`direct_conv`]) and a convolution backward that skips zero output gradients
+//! ([`sparse_conv`]), both AVX2, and plain loops over contiguous slices (iterator zips, so
+//! the compiler can vectorise them without per-element bounds checks) for everything else.
 
 use std::ops::Range;
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ErrorKind, ShapeError};
 
+use super::direct_conv;
 use super::small_gemm;
+use super::sparse_conv;
 use super::{AdamStep, Backend, ConvGeometry, Gemm, LossSum, PoolGeometry, SgdStep};
 use crate::error::{Result, TrainError};
 
@@ -301,6 +305,75 @@ impl Backend for CpuBackend {
             }
         }
         Ok(())
+    }
+
+    fn conv_forward_direct(
+        &self,
+        geometry: &ConvGeometry,
+        out_channels: usize,
+        batch: usize,
+        weight: &[f32],
+        input: &[f32],
+        output: &mut [f32],
+    ) -> Result<bool> {
+        check_len(weight, out_channels * geometry.col_rows())?;
+        check_len(input, batch * geometry.input_len())?;
+        check_len(output, batch * out_channels * geometry.col_cols())?;
+        Ok(direct_conv::forward(
+            geometry,
+            out_channels,
+            weight,
+            input,
+            output,
+        ))
+    }
+
+    fn conv_input_grad_sparse(
+        &self,
+        geometry: &ConvGeometry,
+        out_channels: usize,
+        batch: usize,
+        weight: &[f32],
+        output_grad: &[f32],
+        input_grad: &mut [f32],
+    ) -> Result<bool> {
+        check_len(weight, out_channels * geometry.col_rows())?;
+        check_len(output_grad, batch * out_channels * geometry.col_cols())?;
+        check_len(input_grad, batch * geometry.input_len())?;
+        if !sparse_conv::worth_it(geometry, output_grad) {
+            return Ok(false);
+        }
+        sparse_conv::input_grad(geometry, out_channels, weight, output_grad, input_grad);
+        Ok(true)
+    }
+
+    fn conv_weight_grad_sparse(
+        &self,
+        geometry: &ConvGeometry,
+        out_channels: usize,
+        batch: usize,
+        input: &[f32],
+        output_grad: &[f32],
+        alpha: f32,
+        beta: f32,
+        weight_grad: &mut [f32],
+    ) -> Result<bool> {
+        check_len(weight_grad, out_channels * geometry.col_rows())?;
+        check_len(output_grad, batch * out_channels * geometry.col_cols())?;
+        check_len(input, batch * geometry.input_len())?;
+        if !sparse_conv::worth_it(geometry, output_grad) {
+            return Ok(false);
+        }
+        sparse_conv::weight_grad(
+            geometry,
+            out_channels,
+            input,
+            output_grad,
+            alpha,
+            beta,
+            weight_grad,
+        );
+        Ok(true)
     }
 
     fn max_pool(&self, geometry: &PoolGeometry, input: &[f32], output: &mut [f32]) -> Result<()> {
@@ -715,15 +788,14 @@ fn max_pool_2x2_backward(
                 // (which is the first maximum); a NaN maximum equals nothing and goes to
                 // the last cell.
                 let best = max_of_four(t, b);
-                let mut found = false;
-                let mut take = |value: f32| {
-                    let hit = !found && value == best;
-                    found |= hit;
-                    if hit { grad } else { 0.0 }
-                };
-                *gt = [take(t[0]), take(t[1])];
-                let first_bottom = take(b[0]);
-                *gb = [first_bottom, if found { 0.0 } else { grad }];
+                // Which cell is the first equal to the maximum, as 0/1 integers and bit
+                // masks: comparisons that data makes unpredictable stay branch-free.
+                let equal = |value: f32| u32::from(value == best);
+                let (e0, e1, e2) = (equal(t[0]), equal(t[1]), equal(b[0]));
+                let bits = grad.to_bits();
+                let pick = |hit: u32| f32::from_bits(bits & 0u32.wrapping_sub(hit));
+                *gt = [pick(e0), pick(e1 & (1 ^ e0))];
+                *gb = [pick(e2 & (1 ^ (e0 | e1))), pick(1 ^ (e0 | e1 | e2))];
             }
         }
     }

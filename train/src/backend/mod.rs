@@ -20,7 +20,9 @@ use std::ops::Range;
 use crate::error::Result;
 
 mod cpu;
+mod direct_conv;
 mod small_gemm;
+mod sparse_conv;
 
 pub use cpu::CpuBackend;
 
@@ -288,6 +290,67 @@ pub trait Backend {
         cols: Self::Src<'_>,
         input_grad: Self::Dst<'_>,
     ) -> Result<()>;
+
+    /// Convolution forward without an im2col matrix: adds the convolution of the
+    /// `batch` examples of `input` with the `[out, in, k, k]` weights to `output`
+    /// (`[batch, out_channels, plane]`, already holding the bias). Returns `Ok(false)`,
+    /// touching nothing, when the backend has no such route for this geometry; the
+    /// caller then uses im2col and GEMM.
+    fn conv_forward_direct(
+        &self,
+        geometry: &ConvGeometry,
+        out_channels: usize,
+        batch: usize,
+        weight: Self::Src<'_>,
+        input: Self::Src<'_>,
+        output: Self::Dst<'_>,
+    ) -> Result<bool> {
+        let _ = (geometry, out_channels, batch, weight, input, output);
+        Ok(false)
+    }
+    /// Convolution input gradient (overwritten, `batch` examples) from the output
+    /// gradient `[batch, out_channels, plane]` and the `[out, in, k, k]` weights, by a
+    /// route that skips zero output gradients (after ReLU and max pooling most are).
+    /// Returns `Ok(false)`, touching nothing, when the backend has no such route or
+    /// judges the gradient too dense; the caller then uses im2col and GEMM.
+    fn conv_input_grad_sparse(
+        &self,
+        geometry: &ConvGeometry,
+        out_channels: usize,
+        batch: usize,
+        weight: Self::Src<'_>,
+        output_grad: Self::Src<'_>,
+        input_grad: Self::Dst<'_>,
+    ) -> Result<bool> {
+        let _ = (
+            geometry,
+            out_channels,
+            batch,
+            weight,
+            output_grad,
+            input_grad,
+        );
+        Ok(false)
+    }
+    /// Convolution weight gradient, `dw = alpha * (sum over the batch) + beta * dw`
+    /// (`dw` ignored when `beta == 0`), like [`Backend::conv_input_grad_sparse`]:
+    /// `Ok(false)` leaves it to the caller's im2col and GEMM.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_weight_grad_sparse(
+        &self,
+        geometry: &ConvGeometry,
+        out_channels: usize,
+        batch: usize,
+        input: Self::Src<'_>,
+        output_grad: Self::Src<'_>,
+        alpha: f32,
+        beta: f32,
+        weight_grad: Self::Dst<'_>,
+    ) -> Result<bool> {
+        let _ = (geometry, out_channels, batch, input, output_grad);
+        let _ = (alpha, beta, weight_grad);
+        Ok(false)
+    }
 
     /// Max pooling forward.
     fn max_pool(

@@ -17,9 +17,9 @@ use super::Gemm;
 pub(super) const MAX_SMALL: usize = 16;
 
 /// Lanes per vector register (AVX2, f32).
-const LANES: usize = 8;
+pub(super) const LANES: usize = 8;
 
-type Lane = [f32; LANES];
+pub(super) type Lane = [f32; LANES];
 
 /// Runs `gemm` with a small-batch kernel if one fits its shape and this CPU has AVX2
 /// and FMA; returns whether it did. Lengths were checked by the caller.
@@ -63,7 +63,7 @@ enum Kind {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+pub(super) fn has_avx2_fma() -> bool {
     // `is_x86_feature_detected!` caches its answer; this is a load and a test.
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
@@ -88,7 +88,7 @@ use std::arch::x86_64::{
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn load(lane: &Lane) -> __m256 {
+pub(super) fn load(lane: &Lane) -> __m256 {
     // SAFETY: `lane` is 8 readable f32 values; the load is unaligned.
     unsafe { _mm256_loadu_ps(lane.as_ptr()) }
 }
@@ -106,7 +106,7 @@ fn store(lane: &mut Lane, value: __m256) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn horizontal_sum(value: __m256) -> f32 {
+pub(super) fn horizontal_sum(value: __m256) -> f32 {
     let mut lane = [0.0f32; LANES];
     store(&mut lane, value);
     let quad = [
