@@ -609,6 +609,33 @@ pub(crate) fn backward<B: Backend>(
                 bias,
             } => {
                 let dy = backend.src(dy, out_range)?;
+                let x_buffer = workspace.acts.get(layer.input).ok_or_else(shape_bug)?;
+                // With SGD, the input gradient and the update in one pass over W.
+                if needs_input_grad && matches!(update, Update::Sgd { .. }) {
+                    let (target, alpha, beta) = update.target();
+                    let fused = backend.dense_backward_fused(
+                        batch,
+                        inputs,
+                        outputs,
+                        backend.src(x_buffer, in_range.clone())?,
+                        dy,
+                        alpha,
+                        beta,
+                        backend.dst(target, weight..weight + inputs * outputs)?,
+                        backend.dst(dx, in_range.clone())?,
+                    )?;
+                    if fused {
+                        backend.sum_rows(
+                            dy,
+                            batch,
+                            alpha,
+                            beta,
+                            backend.dst(target, bias..bias + outputs)?,
+                        )?;
+                        current = 1 - current;
+                        continue;
+                    }
+                }
                 if needs_input_grad {
                     // dX [batch, in] = dY [batch, out] . W [out, in]
                     let gemm = Gemm {
@@ -624,7 +651,6 @@ pub(crate) fn backward<B: Backend>(
                     backend.gemm(gemm, dy, w, backend.dst(dx, in_range.clone())?)?;
                 }
                 // dW [out, in] = dY^T [out, batch] . X [batch, in]; db = column sums of dY.
-                let x_buffer = workspace.acts.get(layer.input).ok_or_else(shape_bug)?;
                 let x = backend.src(x_buffer, in_range)?;
                 let (target, alpha, beta) = update.target();
                 let gemm = Gemm {

@@ -730,3 +730,95 @@ fn max_pool_2x2_backward_routes_ties_and_nan() {
         .unwrap();
     assert_eq!(grad, [0.0, 0.0, 0.0, -2.0]);
 }
+
+/// The vectorized 2x2 backward (rows of 4+ windows) routes like the definition: each
+/// window's gradient to its first maximum (row-major), a NaN window's to its last cell,
+/// with many ties, NaNs and signed zeros, and ragged widths and heights.
+#[test]
+fn max_pool_2x2_backward_vectors_match_the_definition() {
+    let backend = CpuBackend;
+    let mut rng = crate::rng::seeded(77);
+    let values = [-1.0, -0.0, 0.0, 1.0, 2.0, f32::NAN];
+    for (height, width) in [(8, 8), (5, 11), (4, 28), (14, 14), (6, 17)] {
+        let geometry = PoolGeometry::new(3, (height, width), 2, 2).unwrap();
+        let input: Vec<f32> = (0..geometry.input_len())
+            .map(|_| {
+                // NaN about one cell in 24.
+                let pick = rng.random_range(0..values.len() * 4);
+                values[if pick < values.len() * 4 - 1 {
+                    pick % (values.len() - 1)
+                } else {
+                    5
+                }]
+            })
+            .collect();
+        let grads: Vec<f32> = (0..geometry.output_len()).map(|i| i as f32 + 1.0).collect();
+        let mut actual = vec![f32::NAN; geometry.input_len()];
+        backend
+            .max_pool_backward(&geometry, &input, &grads, &mut actual)
+            .unwrap();
+        let mut expected = vec![0.0f32; geometry.input_len()];
+        let (out_h, out_w) = (geometry.out_height, geometry.out_width);
+        for plane in 0..3 {
+            for oy in 0..out_h {
+                for ox in 0..out_w {
+                    let cells = [(0, 0), (0, 1), (1, 0), (1, 1)].map(|(dy, dx)| {
+                        plane * height * width + (2 * oy + dy) * width + 2 * ox + dx
+                    });
+                    let window = cells.map(|c| input[c]);
+                    let target = if window.iter().any(|v| v.is_nan()) {
+                        3
+                    } else {
+                        let max = window.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        window.iter().position(|&v| v == max).unwrap()
+                    };
+                    expected[cells[target]] = grads[(plane * out_h + oy) * out_w + ox];
+                }
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&actual), bits(&expected), "{height}x{width}");
+    }
+}
+
+/// The vectorized 2x2 forward (rows of 8+ windows) picks like the definition: the first
+/// maximum in row-major order (so the sign of a tied zero is the first one's), NaN if
+/// the window has one.
+#[test]
+fn max_pool_2x2_forward_vectors_match_the_definition() {
+    let backend = CpuBackend;
+    let mut rng = crate::rng::seeded(78);
+    let values = [-1.0, -0.0, 0.0, 1.0, 2.0, f32::NAN];
+    for (height, width) in [(4, 16), (5, 19), (28, 28), (6, 34)] {
+        let geometry = PoolGeometry::new(2, (height, width), 2, 2).unwrap();
+        let input: Vec<f32> = (0..geometry.input_len())
+            .map(|_| {
+                let pick = rng.random_range(0..values.len() * 4);
+                values[if pick < values.len() * 4 - 1 {
+                    pick % (values.len() - 1)
+                } else {
+                    5
+                }]
+            })
+            .collect();
+        let mut actual = vec![0.0; geometry.output_len()];
+        backend.max_pool(&geometry, &input, &mut actual).unwrap();
+        let mut expected = Vec::new();
+        for plane in input.chunks(height * width) {
+            for oy in 0..geometry.out_height {
+                for ox in 0..geometry.out_width {
+                    let mut best = f32::NEG_INFINITY;
+                    for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                        let value = plane[(2 * oy + dy) * width + 2 * ox + dx];
+                        if value > best || value.is_nan() {
+                            best = value;
+                        }
+                    }
+                    expected.push(best);
+                }
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&actual), bits(&expected), "{height}x{width}");
+    }
+}

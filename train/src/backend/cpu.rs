@@ -328,6 +328,35 @@ impl Backend for CpuBackend {
         ))
     }
 
+    fn dense_backward_fused(
+        &self,
+        batch: usize,
+        inputs: usize,
+        outputs: usize,
+        input: &[f32],
+        output_grad: &[f32],
+        alpha: f32,
+        beta: f32,
+        weight: &mut [f32],
+        input_grad: &mut [f32],
+    ) -> Result<bool> {
+        check_len(input, batch * inputs)?;
+        check_len(input_grad, batch * inputs)?;
+        check_len(output_grad, batch * outputs)?;
+        check_len(weight, outputs * inputs)?;
+        Ok(small_gemm::try_fused_dense_backward(
+            batch,
+            inputs,
+            outputs,
+            input,
+            output_grad,
+            alpha,
+            beta,
+            weight,
+            input_grad,
+        ))
+    }
+
     fn conv_input_grad_sparse(
         &self,
         geometry: &ConvGeometry,
@@ -743,8 +772,9 @@ fn max_pool_2x2(geometry: &PoolGeometry, input: &[f32], output: &mut [f32]) {
         for (oy, out_row) in out.chunks_exact_mut(out_width).enumerate() {
             let top = &plane[2 * oy * width..][..2 * out_width];
             let bottom = &plane[(2 * oy + 1) * width..][..2 * out_width];
+            let done = max_2x2_vectors(top, bottom, out_row);
             let pairs = top.as_chunks::<2>().0.iter().zip(bottom.as_chunks::<2>().0);
-            for (value, (&t, &b)) in out_row.iter_mut().zip(pairs) {
+            for (value, (&t, &b)) in out_row.iter_mut().zip(pairs).skip(done) {
                 *value = max_of_four(t, b);
             }
         }
@@ -777,13 +807,15 @@ fn max_pool_2x2_backward(
                 grad_in[2 * oy * width..][..2 * width].split_at_mut(width);
             grad_top[2 * out_width..].fill(0.0);
             grad_bottom[2 * out_width..].fill(0.0);
+            let done = route_2x2_vectors(top, bottom, grad_row, grad_top, grad_bottom);
             let windows = top.as_chunks::<2>().0.iter().zip(bottom.as_chunks::<2>().0);
             let grads = grad_top
                 .as_chunks_mut::<2>()
                 .0
                 .iter_mut()
                 .zip(grad_bottom.as_chunks_mut::<2>().0.iter_mut());
-            for ((&grad, (&t, &b)), (gt, gb)) in grad_row.iter().zip(windows).zip(grads) {
+            let rest = grad_row.iter().zip(windows).zip(grads).skip(done);
+            for ((&grad, (&t, &b)), (gt, gb)) in rest {
                 // Branch-free routing to the first cell equal to the window's maximum
                 // (which is the first maximum); a NaN maximum equals nothing and goes to
                 // the last cell.
@@ -799,4 +831,161 @@ fn max_pool_2x2_backward(
             }
         }
     }
+}
+
+/// The first windows of one row of [`max_pool_2x2_backward`], four at a time with AVX2,
+/// routed exactly as the scalar loop does; returns how many windows it wrote (0 without
+/// AVX2 and FMA). `top`, `bottom`, `grad_top` and `grad_bottom` are at least
+/// `2 * grads.len()` long.
+fn route_2x2_vectors(
+    top: &[f32],
+    bottom: &[f32],
+    grads: &[f32],
+    grad_top: &mut [f32],
+    grad_bottom: &mut [f32],
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if grads.len() >= 4 && small_gemm::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { route_2x2_avx2(top, bottom, grads, grad_top, grad_bottom) };
+        }
+    }
+    let _ = (top, bottom, grads, grad_top, grad_bottom);
+    0
+}
+
+/// See [`route_2x2_vectors`]. Each vector holds 4 windows' cells of one row, in place;
+/// a cell's partner in its window's row is the neighbouring lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn route_2x2_avx2(
+    top: &[f32],
+    bottom: &[f32],
+    grads: &[f32],
+    grad_top: &mut [f32],
+    grad_bottom: &mut [f32],
+) -> usize {
+    use std::arch::x86_64::{
+        _CMP_EQ_OQ, _CMP_UNORD_Q, _mm_loadu_ps, _mm256_and_ps, _mm256_andnot_ps, _mm256_blendv_ps,
+        _mm256_castps128_ps256, _mm256_castsi256_ps, _mm256_cmp_ps, _mm256_loadu_ps, _mm256_max_ps,
+        _mm256_or_ps, _mm256_permute_ps, _mm256_permutevar8x32_ps, _mm256_set1_epi32,
+        _mm256_setr_epi32, _mm256_storeu_ps,
+    };
+    let windows = grads.len() / 4 * 4;
+    let (top, bottom) = (&top[..2 * windows], &bottom[..2 * windows]);
+    let (grad_top, grad_bottom) = (
+        &mut grad_top[..2 * windows],
+        &mut grad_bottom[..2 * windows],
+    );
+    let spread = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+    // Set in the lanes holding a window's left column.
+    let left = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
+    let ones = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    for w in (0..windows).step_by(4) {
+        let cells = 2 * w..2 * w + 8;
+        // SAFETY (all loads and stores below): `cells` is in bounds of the four slices
+        // (2 * windows long, checked by the slicing above), and `w..w + 4` of `grads`;
+        // the accesses are unaligned.
+        let (t, b, g) = unsafe {
+            (
+                _mm256_loadu_ps(top[cells.clone()].as_ptr()),
+                _mm256_loadu_ps(bottom[cells.clone()].as_ptr()),
+                _mm_loadu_ps(grads[w..w + 4].as_ptr()),
+            )
+        };
+        let (tp, bp) = (_mm256_permute_ps(t, 0xB1), _mm256_permute_ps(b, 0xB1));
+        // A NaN anywhere in the window: nothing equals the maximum (the last cell takes it).
+        let nan = _mm256_or_ps(
+            _mm256_cmp_ps(t, tp, _CMP_UNORD_Q),
+            _mm256_cmp_ps(b, bp, _CMP_UNORD_Q),
+        );
+        let max = _mm256_max_ps(_mm256_max_ps(t, tp), _mm256_max_ps(b, bp));
+        let et = _mm256_andnot_ps(nan, _mm256_cmp_ps(t, max, _CMP_EQ_OQ));
+        let eb = _mm256_andnot_ps(nan, _mm256_cmp_ps(b, max, _CMP_EQ_OQ));
+        let (etp, ebp) = (_mm256_permute_ps(et, 0xB1), _mm256_permute_ps(eb, 0xB1));
+        let any_top = _mm256_or_ps(et, etp);
+        // Cell 0: equal; cell 1: equal and cell 0 not.
+        let top_hit = _mm256_blendv_ps(_mm256_andnot_ps(etp, et), et, left);
+        // Cell 2: equal and no top cell; cell 3: none of cells 0-2 equal.
+        let bottom_hit = _mm256_blendv_ps(
+            _mm256_andnot_ps(_mm256_or_ps(any_top, ebp), ones),
+            _mm256_andnot_ps(any_top, eb),
+            left,
+        );
+        let g = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(g), spread);
+        // SAFETY: see above.
+        unsafe {
+            _mm256_storeu_ps(
+                grad_top[cells.clone()].as_mut_ptr(),
+                _mm256_and_ps(top_hit, g),
+            );
+            _mm256_storeu_ps(
+                grad_bottom[cells].as_mut_ptr(),
+                _mm256_and_ps(bottom_hit, g),
+            );
+        }
+    }
+    windows
+}
+
+/// The first windows of one output row of [`max_pool_2x2`], eight at a time with AVX2,
+/// with the scalar loop's choice (first maximum, NaN propagating); returns how many it
+/// wrote (0 without AVX2 and FMA). `top` and `bottom` are `2 * out.len()` long.
+fn max_2x2_vectors(top: &[f32], bottom: &[f32], out: &mut [f32]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if out.len() >= 8 && small_gemm::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { max_2x2_avx2(top, bottom, out) };
+        }
+    }
+    let _ = (top, bottom, out);
+    0
+}
+
+/// See [`max_2x2_vectors`]: the four cells of 8 windows go into four registers (even and
+/// odd columns of both rows), then the window order is restored.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn max_2x2_avx2(top: &[f32], bottom: &[f32], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::{
+        __m256, _CMP_GT_OQ, _CMP_UNORD_Q, _mm256_blendv_ps, _mm256_castpd_ps, _mm256_castps_pd,
+        _mm256_cmp_ps, _mm256_loadu_ps, _mm256_or_ps, _mm256_permute4x64_pd, _mm256_shuffle_ps,
+        _mm256_storeu_ps,
+    };
+    // `value` replaces `best` when strictly greater or NaN, as in `beats`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn take(best: __m256, value: __m256) -> __m256 {
+        let beats = _mm256_or_ps(
+            _mm256_cmp_ps(value, best, _CMP_GT_OQ),
+            _mm256_cmp_ps(value, value, _CMP_UNORD_Q),
+        );
+        _mm256_blendv_ps(best, value, beats)
+    }
+    let windows = out.len() / 8 * 8;
+    let (top, bottom) = (&top[..2 * windows], &bottom[..2 * windows]);
+    let out = &mut out[..windows];
+    for w in (0..windows).step_by(8) {
+        // SAFETY: `2 * w..2 * w + 16` is in bounds of `top` and `bottom` (2 * windows
+        // long, checked by the slicing above); the loads are unaligned.
+        let (t0, t1, b0, b1) = unsafe {
+            (
+                _mm256_loadu_ps(top[2 * w..2 * w + 8].as_ptr()),
+                _mm256_loadu_ps(top[2 * w + 8..2 * w + 16].as_ptr()),
+                _mm256_loadu_ps(bottom[2 * w..2 * w + 8].as_ptr()),
+                _mm256_loadu_ps(bottom[2 * w + 8..2 * w + 16].as_ptr()),
+            )
+        };
+        // Windows in the order 0 1 4 5 | 2 3 6 7.
+        let mut best = _mm256_shuffle_ps(t0, t1, 0x88);
+        best = take(best, _mm256_shuffle_ps(t0, t1, 0xDD));
+        best = take(best, _mm256_shuffle_ps(b0, b1, 0x88));
+        best = take(best, _mm256_shuffle_ps(b0, b1, 0xDD));
+        let ordered = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(best), 0xD8));
+        // SAFETY: `w..w + 8` is in bounds of `out` (`windows` long); the store is unaligned.
+        unsafe { _mm256_storeu_ps(out[w..w + 8].as_mut_ptr(), ordered) };
+    }
+    windows
 }

@@ -308,6 +308,28 @@ pub trait Backend {
         let _ = (geometry, out_channels, batch, weight, input, output);
         Ok(false)
     }
+    /// Dense backward with the SGD update folded in, in one pass over the weights:
+    /// `input_grad [batch, in] = output_grad [batch, out] . W [out, in]` (overwritten, from
+    /// the weights as they were) and `W = alpha * output_grad^T . input + beta * W` (W
+    /// ignored when `beta == 0`). Returns `Ok(false)`, touching nothing, when the backend
+    /// has no such route for this shape; the caller then uses two GEMMs.
+    #[allow(clippy::too_many_arguments)]
+    fn dense_backward_fused(
+        &self,
+        batch: usize,
+        inputs: usize,
+        outputs: usize,
+        input: Self::Src<'_>,
+        output_grad: Self::Src<'_>,
+        alpha: f32,
+        beta: f32,
+        weight: Self::Dst<'_>,
+        input_grad: Self::Dst<'_>,
+    ) -> Result<bool> {
+        let _ = (batch, inputs, outputs, input, output_grad, alpha, beta);
+        let _ = (weight, input_grad);
+        Ok(false)
+    }
     /// Convolution input gradient (overwritten, `batch` examples) from the output
     /// gradient `[batch, out_channels, plane]` and the `[out, in, k, k]` weights, by a
     /// route that skips zero output gradients (after ReLU and max pooling most are).

@@ -346,6 +346,177 @@ fn rank_update(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     }
 }
 
+/// Dense backward with an in-place weight update, in one pass over the weights (the
+/// largest operand at small batches): `dx [batch, in] = dy [batch, out] . W [out, in]`
+/// with the weights as they were, then `W = alpha * dy^T . x + beta * W` (W ignored when
+/// `beta == 0`). Returns whether it ran (a small batch on a CPU with AVX2 and FMA);
+/// lengths were checked by the caller.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn try_fused_dense_backward(
+    batch: usize,
+    inputs: usize,
+    outputs: usize,
+    x: &[f32],
+    dy: &[f32],
+    alpha: f32,
+    beta: f32,
+    w: &mut [f32],
+    dx: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if batch == 0 || batch > MAX_SMALL || inputs == 0 || outputs == 0 || !has_avx2_fma() {
+            return false;
+        }
+        let shape = Fused {
+            batch,
+            inputs,
+            outputs,
+            alpha,
+            beta,
+        };
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { fused_dense_backward(&shape, x, dy, w, dx) };
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (batch, inputs, outputs, x, dy, alpha, beta, w, dx);
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Fused {
+    batch: usize,
+    inputs: usize,
+    outputs: usize,
+    alpha: f32,
+    beta: f32,
+}
+
+/// Columns per step of [`fused_block`].
+const FUSED_COLS: usize = 2 * LANES;
+
+/// See [`try_fused_dense_backward`]: blocks of 4 weight rows, then single rows.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fused_dense_backward(shape: &Fused, x: &[f32], dy: &[f32], w: &mut [f32], dx: &mut [f32]) {
+    let mut row = 0;
+    while row < shape.outputs {
+        if shape.outputs - row >= 4 {
+            fused_block::<4>(shape, row, x, dy, w, dx);
+            row += 4;
+        } else {
+            fused_block::<1>(shape, row, x, dy, w, dx);
+            row += 1;
+        }
+    }
+}
+
+/// Weight rows `row..row + R`: adds their share of `dx` (writing it when `row == 0`), then
+/// updates them; each strip of `FUSED_COLS` columns is loaded and stored once, with the
+/// batch's rows of `dx` and `x` in cache.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn fused_block<const R: usize>(
+    shape: &Fused,
+    row: usize,
+    x: &[f32],
+    dy: &[f32],
+    w: &mut [f32],
+    dx: &mut [f32],
+) {
+    let Fused {
+        batch,
+        inputs,
+        outputs,
+        alpha,
+        beta,
+    } = *shape;
+    let first = row == 0;
+    let mut grads = [[0.0f32; R]; MAX_SMALL];
+    let mut coefficients = [[0.0f32; R]; MAX_SMALL];
+    for b in 0..batch {
+        for r in 0..R {
+            grads[b][r] = dy[b * outputs + row + r];
+            coefficients[b][r] = alpha * grads[b][r];
+        }
+    }
+    let rows = &mut w[row * inputs..(row + R) * inputs];
+    let whole = inputs / FUSED_COLS * FUSED_COLS;
+    for start in (0..whole).step_by(FUSED_COLS) {
+        let mut wv = [[_mm256_setzero_ps(); 2]; R];
+        for (r, value) in wv.iter_mut().enumerate() {
+            let lanes = rows[r * inputs + start..][..FUSED_COLS]
+                .as_chunks::<LANES>()
+                .0;
+            *value = [load(&lanes[0]), load(&lanes[1])];
+        }
+        for (b, grad) in grads.iter().enumerate().take(batch) {
+            let out = dx[b * inputs + start..][..FUSED_COLS]
+                .as_chunks_mut::<LANES>()
+                .0;
+            let mut d = if first {
+                [_mm256_setzero_ps(); 2]
+            } else {
+                [load(&out[0]), load(&out[1])]
+            };
+            for r in 0..R {
+                let s = _mm256_set1_ps(grad[r]);
+                d[0] = _mm256_fmadd_ps(s, wv[r][0], d[0]);
+                d[1] = _mm256_fmadd_ps(s, wv[r][1], d[1]);
+            }
+            store(&mut out[0], d[0]);
+            store(&mut out[1], d[1]);
+        }
+        for value in wv.iter_mut() {
+            for lane in value.iter_mut() {
+                *lane = if beta == 0.0 {
+                    _mm256_setzero_ps()
+                } else {
+                    _mm256_mul_ps(*lane, _mm256_set1_ps(beta))
+                };
+            }
+        }
+        for (b, coefficient) in coefficients.iter().enumerate().take(batch) {
+            let lanes = x[b * inputs + start..][..FUSED_COLS].as_chunks::<LANES>().0;
+            let (low, high) = (load(&lanes[0]), load(&lanes[1]));
+            for r in 0..R {
+                let s = _mm256_set1_ps(coefficient[r]);
+                wv[r][0] = _mm256_fmadd_ps(s, low, wv[r][0]);
+                wv[r][1] = _mm256_fmadd_ps(s, high, wv[r][1]);
+            }
+        }
+        for (r, value) in wv.iter().enumerate() {
+            let lanes = rows[r * inputs + start..][..FUSED_COLS]
+                .as_chunks_mut::<LANES>()
+                .0;
+            store(&mut lanes[0], value[0]);
+            store(&mut lanes[1], value[1]);
+        }
+    }
+    // The last columns, one at a time, in the same order.
+    for col in whole..inputs {
+        for (b, grad) in grads.iter().enumerate().take(batch) {
+            let mut d = if first { 0.0 } else { dx[b * inputs + col] };
+            for (r, &g) in grad.iter().enumerate() {
+                d = g.mul_add(rows[r * inputs + col], d);
+            }
+            dx[b * inputs + col] = d;
+        }
+        for r in 0..R {
+            let old = rows[r * inputs + col];
+            let mut value = if beta == 0.0 { 0.0 } else { old * beta };
+            for (b, coefficient) in coefficients.iter().enumerate().take(batch) {
+                value = coefficient[r].mul_add(x[b * inputs + col], value);
+            }
+            rows[r * inputs + col] = value;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,6 +526,64 @@ mod tests {
     fn random(len: usize, seed: u64) -> Vec<f32> {
         let mut rng = seeded(seed);
         (0..len).map(|_| rng.random_range(-1.0..1.0f32)).collect()
+    }
+
+    /// The fused dense backward against plain f64 products, with ragged shapes.
+    #[test]
+    fn fused_dense_backward_matches_plain_products() {
+        for (batch, inputs, outputs) in [(1, 1, 1), (3, 17, 5), (10, 40, 9), (16, 33, 12)] {
+            for beta in [0.0, 0.9] {
+                let x = random(batch * inputs, 4);
+                let dy = random(batch * outputs, 5);
+                let w0 = if beta == 0.0 {
+                    vec![f32::NAN; outputs * inputs]
+                } else {
+                    random(outputs * inputs, 6)
+                };
+                // dx is computed from the weights before the update; with beta 0 they
+                // are NaN, so check dx on finite weights.
+                let w_for_dx = random(outputs * inputs, 6);
+                let mut w = if beta == 0.0 {
+                    w0.clone()
+                } else {
+                    w_for_dx.clone()
+                };
+                let mut dx = vec![f32::NAN; batch * inputs];
+                if !try_fused_dense_backward(
+                    batch, inputs, outputs, &x, &dy, -0.5, beta, &mut w, &mut dx,
+                ) {
+                    return;
+                }
+                let close = |actual: f32, expected: f64| {
+                    (f64::from(actual) - expected).abs() < 1e-4 * (1.0 + expected.abs())
+                };
+                for i in 0..outputs {
+                    for j in 0..inputs {
+                        let mut sum = 0.0f64;
+                        for b in 0..batch {
+                            sum += f64::from(dy[b * outputs + i]) * f64::from(x[b * inputs + j]);
+                        }
+                        let mut expected = -0.5 * sum;
+                        if beta != 0.0 {
+                            expected += f64::from(beta) * f64::from(w_for_dx[i * inputs + j]);
+                        }
+                        assert!(close(w[i * inputs + j], expected), "w ({i}, {j})");
+                    }
+                }
+                if beta != 0.0 {
+                    for b in 0..batch {
+                        for j in 0..inputs {
+                            let mut expected = 0.0f64;
+                            for i in 0..outputs {
+                                expected += f64::from(dy[b * outputs + i])
+                                    * f64::from(w_for_dx[i * inputs + j]);
+                            }
+                            assert!(close(dx[b * inputs + j], expected), "dx ({b}, {j})");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Every kernel against a plain f64 product, over shapes with ragged edges, with
