@@ -114,7 +114,7 @@ impl Backend for CpuBackend {
         check_len(a, gemm.m * gemm.k)?;
         check_len(b, gemm.k * gemm.n)?;
         check_len(c, gemm.m * gemm.n)?;
-        if small_gemm::try_gemm(&gemm, a, b, c) {
+        if small_gemm::try_gemm(&gemm, a, b, c) || small_gemm::try_gemm_blocked(&gemm, a, b, c) {
             return Ok(());
         }
         let a = matrix(a, gemm.m, gemm.k, gemm.trans_a)?;

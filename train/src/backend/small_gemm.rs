@@ -55,6 +55,56 @@ pub(super) fn try_gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool
     }
 }
 
+/// Products larger than the small kernels take, cut into blocks they do
+/// take: row blocks of at most [`MAX_SMALL`] for the two "rows" shapes, and
+/// blocks of the inner dimension (accumulated into C) for the rank update.
+/// Unlike a general GEMM library, this allocates nothing, so a training step
+/// allocates nothing whatever the batch size. Returns false for shapes it
+/// does not cover (the caller falls back to the general GEMM).
+pub(super) fn try_gemm_blocked(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
+    let (m, n, k) = (gemm.m, gemm.n, gemm.k);
+    match (gemm.trans_a, gemm.trans_b) {
+        (false, _) => {
+            let mut ok = true;
+            for (block, (a_rows, c_rows)) in a
+                .chunks(MAX_SMALL * k)
+                .zip(c.chunks_mut(MAX_SMALL * n))
+                .enumerate()
+            {
+                let rows = (m - block * MAX_SMALL).min(MAX_SMALL);
+                let sub = Gemm { m: rows, ..*gemm };
+                ok &= try_gemm(&sub, a_rows, b, c_rows);
+                if !ok {
+                    // Only the first block can fail (support does not depend on
+                    // the block), so C is untouched when we report false.
+                    return block > 0;
+                }
+            }
+            true
+        }
+        (true, false) => {
+            for (block, (a_rows, b_rows)) in a
+                .chunks(MAX_SMALL * m)
+                .zip(b.chunks(MAX_SMALL * n))
+                .enumerate()
+            {
+                let depth = (k - block * MAX_SMALL).min(MAX_SMALL);
+                let beta = if block == 0 { gemm.beta } else { 1.0 };
+                let sub = Gemm {
+                    k: depth,
+                    beta,
+                    ..*gemm
+                };
+                if !try_gemm(&sub, a_rows, b_rows, c) {
+                    return block > 0;
+                }
+            }
+            true
+        }
+        (true, true) => false,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 enum Kind {
     DotRows,
