@@ -48,45 +48,40 @@ async fn start(clients: usize, rounds: u64) -> Federation {
     )
     .unwrap();
     let test = Arc::new(test);
-    let setup = ServerSetup {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tls,
-        engine: EngineConfig {
-            rounds,
-            fraction_fit: 1.0,
-            min_fit_clients: clients,
-            max_fit_clients: clients,
-            min_available_clients: clients,
-            round_deadline: Duration::from_secs(60),
-            fit: FitInstructions {
-                epochs: 2,
-                batch_size: 10,
-                learning_rate: 0.1,
-                proximal_mu: 0.0,
-                seed: 2,
-                optimizer: Default::default(),
-            },
-            fraction_evaluate: 0.0,
-            min_evaluate_clients: 0,
-            max_round_retries: 0,
-            seed: 3,
+    let engine = EngineConfig {
+        rounds,
+        fraction_fit: 1.0,
+        min_fit_clients: clients,
+        max_fit_clients: clients,
+        min_available_clients: clients,
+        round_deadline: Duration::from_secs(60),
+        fit: FitInstructions {
+            epochs: 2,
+            batch_size: 10,
+            learning_rate: 0.1,
+            proximal_mu: 0.0,
+            seed: 2,
+            optimizer: Default::default(),
         },
-        model_spec: layout.to_string(),
-        layout: layout.wire_layout(),
-        initial_model: initial,
-        completed_rounds: 0,
+        fraction_evaluate: 0.0,
+        min_evaluate_clients: 0,
+        max_round_retries: 0,
+        seed: 3,
+    };
+    let setup = ServerSetup {
         central_eval: Some(CentralEval {
             model: Model::try_new(spec, 0).unwrap(),
             test: Arc::clone(&test),
         }),
-        checkpoints: None,
-        metrics_path: None,
         max_clients: 100,
         max_inflight_updates: 2,
-        handshake_timeout: Duration::from_secs(10),
-        records: None,
-        allowlist: None,
-        reset_secret: None,
+        ..ServerSetup::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls,
+            engine,
+            &layout,
+            initial,
+        )
     };
     let server = Server::bind(setup).unwrap();
     let addr = server.local_addr().unwrap();

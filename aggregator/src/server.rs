@@ -79,6 +79,39 @@ pub struct ServerSetup {
     pub reset_secret: Option<Vec<u8>>,
 }
 
+impl ServerSetup {
+    /// A setup for `layout` starting from `initial_model`, with no central
+    /// evaluation, checkpoints, metrics file, allowlist or progress channel,
+    /// and the config file's default limits; set the fields that differ.
+    pub fn new(
+        listen: SocketAddr,
+        tls: quinn::ServerConfig,
+        engine: EngineConfig,
+        layout: &fedquic_train::layout::ParamLayout,
+        initial_model: Vec<f32>,
+    ) -> Self {
+        let limits = crate::config::LimitsConfig::default();
+        ServerSetup {
+            listen,
+            tls,
+            engine,
+            model_spec: layout.to_string(),
+            layout: layout.wire_layout(),
+            initial_model,
+            completed_rounds: 0,
+            central_eval: None,
+            checkpoints: None,
+            metrics_path: None,
+            max_clients: limits.max_clients,
+            max_inflight_updates: limits.max_inflight_updates,
+            handshake_timeout: Duration::from_secs_f64(limits.handshake_timeout_secs),
+            records: None,
+            allowlist: None,
+            reset_secret: None,
+        }
+    }
+}
+
 /// One line of the metrics file.
 #[derive(Clone, Debug, Serialize)]
 pub struct RoundRecord {

@@ -159,42 +159,36 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )?,
             &TransportSettings::aggregator(),
         )?;
-        let setup = ServerSetup {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            tls,
-            engine: EngineConfig {
-                rounds: args.rounds,
-                fraction_fit: 1.0,
-                min_fit_clients: args.clients,
-                max_fit_clients: args.clients,
-                min_available_clients: args.clients,
-                round_deadline: Duration::from_secs(600),
-                fit: FitInstructions {
-                    epochs: 1,
-                    batch_size: 1,
-                    learning_rate: 1.0,
-                    proximal_mu: 0.0,
-                    seed: 0,
-                    optimizer: Default::default(),
-                },
-                fraction_evaluate: 0.0,
-                min_evaluate_clients: 0,
-                max_round_retries: 0,
+        let engine = EngineConfig {
+            rounds: args.rounds,
+            fraction_fit: 1.0,
+            min_fit_clients: args.clients,
+            max_fit_clients: args.clients,
+            min_available_clients: args.clients,
+            round_deadline: Duration::from_secs(600),
+            fit: FitInstructions {
+                epochs: 1,
+                batch_size: 1,
+                learning_rate: 1.0,
+                proximal_mu: 0.0,
                 seed: 0,
+                optimizer: Default::default(),
             },
-            model_spec: layout.to_string(),
-            layout: layout.wire_layout(),
-            initial_model: layout.initial_parameters(0)?,
-            completed_rounds: 0,
-            central_eval: None,
-            checkpoints: None,
-            metrics_path: None,
+            fraction_evaluate: 0.0,
+            min_evaluate_clients: 0,
+            max_round_retries: 0,
+            seed: 0,
+        };
+        let setup = ServerSetup {
             max_clients: args.clients + 8,
-            max_inflight_updates: 4,
             handshake_timeout: Duration::from_secs(60),
-            records: None,
-            allowlist: None,
-            reset_secret: None,
+            ..ServerSetup::new(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                tls,
+                engine,
+                &layout,
+                layout.initial_parameters(0)?,
+            )
         };
         let server = Server::bind(setup)?;
         let baseline_rss_bytes = rss_bytes();

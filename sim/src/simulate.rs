@@ -141,25 +141,22 @@ pub async fn simulate(
     )?;
     let (records_tx, mut records_rx) = mpsc::unbounded_channel();
     let setup = ServerSetup {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tls: pki.server.clone(),
-        engine,
-        model_spec: layout.to_string(),
-        layout: layout.wire_layout(),
-        initial_model: layout.initial_parameters(config.seed)?,
-        completed_rounds: 0,
         central_eval: Some(CentralEval {
             model: Model::try_new(model_spec, 0)?,
             test: Arc::clone(&test),
         }),
-        checkpoints: None,
         metrics_path: config.out.as_ref().map(|d| d.join("metrics.jsonl")),
         max_clients: config.clients + 16,
         max_inflight_updates: config.threads.max(2) * 2,
         handshake_timeout: Duration::from_secs(60),
         records: Some(records_tx),
-        allowlist: None,
-        reset_secret: None,
+        ..ServerSetup::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            pki.server.clone(),
+            engine,
+            &layout,
+            layout.initial_parameters(config.seed)?,
+        )
     };
     if let Some(out) = &config.out {
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

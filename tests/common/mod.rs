@@ -91,22 +91,17 @@ pub fn start(ca: &CertAuthority, opts: Options) -> Aggregator {
     )
     .unwrap();
     let setup = ServerSetup {
-        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-        tls,
-        engine: opts.engine,
-        model_spec: layout.to_string(),
-        layout: layout.wire_layout(),
-        initial_model: vec![0.0; PARAMS],
-        completed_rounds: 0,
-        central_eval: None,
-        checkpoints: None,
-        metrics_path: None,
         max_clients: opts.max_clients,
         max_inflight_updates: 2,
         handshake_timeout: Duration::from_secs(5),
-        records: None,
         allowlist: opts.allowlist,
-        reset_secret: None,
+        ..ServerSetup::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls,
+            opts.engine,
+            &layout,
+            vec![0.0; PARAMS],
+        )
     };
     let server = Server::bind(setup).unwrap();
     let addr = server.local_addr().unwrap();
