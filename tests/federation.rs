@@ -67,6 +67,7 @@ async fn start(clients: usize, rounds: u64) -> Federation {
         min_evaluate_clients: 0,
         max_round_retries: 0,
         seed: 3,
+        updates: Default::default(),
     };
     let setup = ServerSetup {
         central_eval: Some(CentralEval {

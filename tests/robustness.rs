@@ -129,9 +129,10 @@ async fn answer_to(
         .write_all(&encode_header(header).unwrap())
         .await
         .unwrap();
-    stream.write_all(body).await.unwrap();
+    // The aggregator may stop reading as soon as it has seen the header.
+    let _ = stream.write_all(body).await;
     if finish {
-        stream.finish().unwrap();
+        let _ = stream.finish();
     } else {
         // Give up on the stream half-way: the peer sees a reset.
         let _ = stream.reset(7u32.into());
@@ -141,12 +142,26 @@ async fn answer_to(
         .expect("an answer from the aggregator")
 }
 
+/// (client, what, header, body, finish the stream, what the reason says)
+type Case = (
+    usize,
+    &'static str,
+    fedquic::protocol::TensorHeader,
+    Vec<u8>,
+    bool,
+    &'static str,
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_updates_are_rejected_with_reasons_and_the_round_carries_on() {
+    const HOSTILE: usize = 7;
     let ca = CertAuthority::generate("robustness CA").unwrap();
-    let agg = start(&ca, Options::new(engine(3, 2, 1, Duration::from_secs(20))));
+    let agg = start(
+        &ca,
+        Options::new(engine(HOSTILE + 2, 2, 1, Duration::from_secs(20))),
+    );
     // The honest clients take 2 s to train, which keeps the round open
-    // while the hostile client tries everything.
+    // while the hostile clients try everything.
     let honest: Vec<_> = [(1.0f32, 10u64), (3.0, 10)]
         .iter()
         .enumerate()
@@ -158,8 +173,16 @@ async fn hostile_updates_are_rejected_with_reasons_and_the_round_carries_on() {
             common::slow(&ca, agg.addr, &format!("h-{i}"), trainer)
         })
         .collect();
-    let mut raw = raw_welcome(&ca, agg.addr, "hostile").await;
-    let (task, _) = raw.next_fit().await;
+    // Each hostile client holds one task, and any unusable answer to it ends
+    // its turn: one client per kind of malformed answer.
+    let mut raws = Vec::new();
+    for i in 0..HOSTILE {
+        raws.push(raw_welcome(&ca, agg.addr, &format!("hostile-{i}")).await);
+    }
+    let mut tasks = Vec::new();
+    for raw in &mut raws {
+        tasks.push(raw.next_fit().await.0);
+    }
     let good_body = {
         let mut b = Vec::new();
         encode_f32_body(&[1e6; PARAMS], &mut b);
@@ -170,36 +193,54 @@ async fn hostile_updates_are_rejected_with_reasons_and_the_round_carries_on() {
     values[PARAMS - 1] = f32::NAN;
     encode_f32_body(&values, &mut nan_body);
 
-    let mut cases: Vec<(&str, fedquic::protocol::TensorHeader, Vec<u8>, bool, &str)> = Vec::new();
-    // First the ones that leave the client its turn (they are not answers to its task)...
-    let mut h = update_header(&task, 5);
-    h.round = task.round + 7;
+    let mut cases: Vec<Case> = Vec::new();
+    // First the ones that leave the client its turn (they are not answers to
+    // its task): refused from the header alone, before any buffer is taken...
+    let mut h = update_header(&tasks[0], 5);
+    h.round = tasks[0].round + 7;
     cases.push((
-        "stale or future round",
+        0,
+        "future round",
         h,
         good_body.clone(),
         true,
         "stale update",
     ));
-    let mut h = update_header(&task, 5);
+    let mut h = update_header(&tasks[0], 5);
     h.task_id += 1000;
-    cases.push(("unknown task", h, good_body.clone(), true, "expected task"));
+    cases.push((
+        0,
+        "unknown task",
+        h,
+        good_body.clone(),
+        true,
+        "expected task",
+    ));
     // ...then the malformed answers, each refused before it reaches the model.
-    let mut h = update_header(&task, 5);
+    let mut h = update_header(&tasks[0], 5);
     h.tensors = vec![TensorMeta::f32("weights", &[PARAMS])];
     cases.push((
+        0,
         "wrong tensor name",
         h,
         good_body.clone(),
         true,
         "layout mismatch",
     ));
-    let mut h = update_header(&task, 5);
+    let mut h = update_header(&tasks[1], 5);
     h.tensors = vec![TensorMeta::f32("params", &[PARAMS / 2, 2])];
-    cases.push(("wrong shape", h, good_body.clone(), true, "layout mismatch"));
-    let mut h = update_header(&task, 5);
+    cases.push((
+        1,
+        "wrong shape",
+        h,
+        good_body.clone(),
+        true,
+        "layout mismatch",
+    ));
+    let mut h = update_header(&tasks[2], 5);
     h.body_len += 4;
     cases.push((
+        2,
         "wrong byte length",
         h,
         good_body.clone(),
@@ -207,46 +248,50 @@ async fn hostile_updates_are_rejected_with_reasons_and_the_round_carries_on() {
         "body bytes",
     ));
     cases.push((
+        3,
         "non-finite value",
-        update_header(&task, 5),
+        update_header(&tasks[3], 5),
         nan_body,
         true,
         "non-finite",
     ));
     cases.push((
+        4,
         "truncated body",
-        update_header(&task, 5),
+        update_header(&tasks[4], 5),
         good_body[..100].to_vec(),
         true,
         "truncated",
     ));
     cases.push((
+        5,
         "reset mid-body",
-        update_header(&task, 5),
+        update_header(&tasks[5], 5),
         good_body[..100].to_vec(),
         false,
         "reset",
     ));
-    let mut h = update_header(&task, 5);
+    let mut h = update_header(&tasks[6], 5);
     h.kind = fedquic::protocol::StreamKind::GlobalModel;
     cases.push((
+        6,
         "not an update stream",
         h,
         good_body.clone(),
         true,
         "expected an update",
     ));
-    let mut h = update_header(&task, 0);
-    h.round = task.round;
+    // Client 0's turn ended with its malformed answer.
     cases.push((
+        0,
         "after its turn ended",
-        h,
+        update_header(&tasks[0], 5),
         good_body.clone(),
         true,
         "not selected",
     ));
-    for (what, header, body, finish, needle) in cases {
-        match answer_to(&mut raw, &header, &body, finish).await {
+    for (client, what, header, body, finish, needle) in cases {
+        match answer_to(&mut raws[client], &header, &body, finish).await {
             Message::UpdateRejected { reason, .. } => {
                 assert!(
                     reason.contains(needle),
@@ -260,7 +305,21 @@ async fn hostile_updates_are_rejected_with_reasons_and_the_round_carries_on() {
     let summary = within(30, agg.task).await.unwrap().unwrap();
     let r = &summary.records[0].outcome;
     assert_eq!(r.clients_answered, 2);
-    assert!(r.updates_rejected >= 3, "{r:?}");
+    assert_eq!(
+        r.clients_dropped, HOSTILE,
+        "every hostile client lost its turn"
+    );
+    assert_eq!(r.updates_rejected, 10, "{r:?}");
+    let expected: std::collections::BTreeMap<String, usize> = [
+        ("stale", 1),
+        ("wrong_task", 1),
+        ("malformed", 7),
+        ("not_selected", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(r.rejections, expected);
     assert!(
         summary.final_model.iter().all(|v| (v - 2.0).abs() < 1e-6),
         "{:?}",

@@ -1,8 +1,10 @@
 //! Checkpoints of the global model, written atomically after each round.
 //!
 //! File `round-NNNNNN.ckpt`: magic `FQCK`, a u32 format version, a u32
-//! header length, the postcard [`CheckpointHeader`], the model as
-//! little-endian f32, and a CRC-32 of everything before it. Writes go to a
+//! header length, the postcard [`CheckpointHeader`] (run id, round, model
+//! spec, the engine's state, the strategy's state, and the round's metrics
+//! line), the model as little-endian f32, and a CRC-32 of everything before
+//! it. Writes go to a
 //! temporary file that is fsynced, renamed into place, and followed by an
 //! fsync of the directory, so a crash leaves either the old set or the new
 //! one. A torn or corrupt file fails its checksum and is skipped on resume.
@@ -14,9 +16,13 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::engine::EngineState;
+
 const MAGIC: &[u8; 4] = b"FQCK";
-const FORMAT_VERSION: u32 = 1;
-const MAX_HEADER: usize = 1 << 16;
+/// Version 2 added the run id, the engine and strategy state, and the
+/// round's metrics line; version 1 files are refused with an explanation.
+pub const FORMAT_VERSION: u32 = 2;
+const MAX_HEADER: usize = 16 << 20;
 
 #[derive(Debug, Error)]
 pub enum CheckpointError {
@@ -31,11 +37,21 @@ pub enum CheckpointError {
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct CheckpointHeader {
+    /// The run this checkpoint belongs to (fixed when a fresh run starts).
+    pub run_id: String,
     /// Rounds completed when this was written.
     pub round: u64,
     pub model_spec: String,
     pub values: u64,
     pub unix_time: u64,
+    /// Task counter, seeds and gate state as of this round's commit.
+    pub engine: EngineState,
+    /// The strategy's own state (server optimizer moments and the like),
+    /// opaque here; empty for plain FedAvg.
+    pub strategy: Vec<u8>,
+    /// This round's metrics line (JSON), so a crash between the checkpoint
+    /// and the metrics file loses nothing.
+    pub metrics_line: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -76,26 +92,27 @@ impl CheckpointStore {
         self.dir.join(format!("round-{round:06}.ckpt"))
     }
 
-    /// Writes the checkpoint for `round` atomically and prunes old ones.
+    /// Writes the checkpoint for `header.round` atomically, then prunes
+    /// older checkpoints of the same run beyond `keep` (never the file just
+    /// written, never another run's files).
     pub fn save(
         &self,
-        round: u64,
-        model_spec: &str,
+        header: &CheckpointHeader,
         model: &[f32],
     ) -> Result<PathBuf, CheckpointError> {
-        let header = CheckpointHeader {
-            round,
-            model_spec: model_spec.to_string(),
-            values: model.len() as u64,
-            unix_time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-        };
+        let round = header.round;
+        let mut header = header.clone();
+        header.values = model.len() as u64;
         let header_bytes = postcard::to_stdvec(&header).map_err(|e| CheckpointError::Corrupt {
             path: self.path_for(round),
             reason: format!("cannot encode header: {e}"),
         })?;
+        if header_bytes.len() > MAX_HEADER {
+            return Err(CheckpointError::Corrupt {
+                path: self.path_for(round),
+                reason: format!("header of {} bytes is too large", header_bytes.len()),
+            });
+        }
         let mut bytes = Vec::with_capacity(12 + header_bytes.len() + model.len() * 4 + 4);
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -114,7 +131,7 @@ impl CheckpointStore {
         }
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         sync_dir(&self.dir)?;
-        self.prune()?;
+        self.prune(&header.run_id, &path)?;
         Ok(path)
     }
 
@@ -137,10 +154,18 @@ impl CheckpointStore {
         Ok(found)
     }
 
-    fn prune(&self) -> Result<(), CheckpointError> {
-        let all = self.list()?;
-        let excess = all.len().saturating_sub(self.keep);
-        for (_, path) in &all[..excess] {
+    fn prune(&self, run_id: &str, just_written: &Path) -> Result<(), CheckpointError> {
+        let ours: Vec<PathBuf> = self
+            .list()?
+            .into_iter()
+            .map(|(_, path)| path)
+            .filter(|path| {
+                path != just_written && read_header(path).is_ok_and(|h| h.run_id == run_id)
+            })
+            .collect();
+        // `ours` is oldest first and excludes the new file, which counts as one.
+        let excess = (ours.len() + 1).saturating_sub(self.keep);
+        for path in &ours[..excess.min(ours.len())] {
             fs::remove_file(path).map_err(io_err(path))?;
         }
         Ok(())
@@ -180,19 +205,7 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
     if crc32fast::hash(body) != stored {
         return Err(corrupt("checksum mismatch (torn or damaged file)"));
     }
-    if &body[..4] != MAGIC {
-        return Err(corrupt("not a fedquic checkpoint"));
-    }
-    let version = u32::from_le_bytes([body[4], body[5], body[6], body[7]]);
-    if version != FORMAT_VERSION {
-        return Err(corrupt(&format!("unsupported format version {version}")));
-    }
-    let header_len = u32::from_le_bytes([body[8], body[9], body[10], body[11]]) as usize;
-    if header_len > MAX_HEADER || 12 + header_len > body.len() {
-        return Err(corrupt("bad header length"));
-    }
-    let header: CheckpointHeader = postcard::from_bytes(&body[12..12 + header_len])
-        .map_err(|e| corrupt(&format!("bad header: {e}")))?;
+    let (header, header_len) = parse_header(path, body)?;
     let data = &body[12 + header_len..];
     if data.len() as u64 != header.values.saturating_mul(4) {
         return Err(corrupt("model length does not match the header"));
@@ -205,6 +218,57 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         return Err(corrupt("non-finite parameter"));
     }
     Ok(Checkpoint { header, model })
+}
+
+/// The header at the start of `bytes` (which need not hold the whole file),
+/// and its encoded length.
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<(CheckpointHeader, usize), CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if bytes.len() < 12 || &bytes[..4] != MAGIC {
+        return Err(corrupt("not a fedquic checkpoint".into()));
+    }
+    let version = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    if version == 1 {
+        return Err(corrupt(
+            "format version 1 was written by an older fedquic (no run id or engine state) \
+             and cannot be resumed exactly; start a new run with --fresh"
+                .into(),
+        ));
+    }
+    if version != FORMAT_VERSION {
+        return Err(corrupt(format!(
+            "unsupported format version {version} (this build reads version {FORMAT_VERSION})"
+        )));
+    }
+    let header_len = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize;
+    if header_len > MAX_HEADER || 12 + header_len > bytes.len() {
+        return Err(corrupt("bad header length".into()));
+    }
+    let header: CheckpointHeader = postcard::from_bytes(&bytes[12..12 + header_len])
+        .map_err(|e| corrupt(format!("bad header: {e}")))?;
+    Ok((header, header_len))
+}
+
+/// Reads only a checkpoint's header (no checksum: for deciding what to
+/// prune, not for resuming).
+pub fn read_header(path: &Path) -> Result<CheckpointHeader, CheckpointError> {
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut prefix = [0u8; 12];
+    f.read_exact(&mut prefix).map_err(io_err(path))?;
+    let header_len = u32::from_le_bytes([prefix[8], prefix[9], prefix[10], prefix[11]]) as usize;
+    if header_len > MAX_HEADER {
+        return Err(CheckpointError::Corrupt {
+            path: path.to_path_buf(),
+            reason: "bad header length".into(),
+        });
+    }
+    let mut bytes = prefix.to_vec();
+    bytes.resize(12 + header_len, 0);
+    f.read_exact(&mut bytes[12..]).map_err(io_err(path))?;
+    parse_header(path, &bytes).map(|(h, _)| h)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
@@ -225,13 +289,32 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 mod tests {
     use super::*;
 
+    pub(crate) fn header(run_id: &str, round: u64) -> CheckpointHeader {
+        CheckpointHeader {
+            run_id: run_id.into(),
+            round,
+            model_spec: "logreg:10-10".into(),
+            values: 0,
+            unix_time: 0,
+            engine: EngineState {
+                completed_rounds: round,
+                next_task_id: round * 10 + 1,
+                selection_seed: 1,
+                fit_seed: 2,
+                median_update_norm: Some(0.5),
+            },
+            strategy: vec![1, 2, 3],
+            metrics_line: format!("{{\"round\":{round}}}"),
+        }
+    }
+
     #[test]
     fn save_load_prune_and_skip_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path(), 2).unwrap();
         for round in 1..=3u64 {
             let model: Vec<f32> = (0..100).map(|i| i as f32 * round as f32).collect();
-            store.save(round, "logreg:10-10", &model).unwrap();
+            store.save(&header("run-a", round), &model).unwrap();
         }
         let rounds: Vec<u64> = store.list().unwrap().into_iter().map(|(r, _)| r).collect();
         assert_eq!(rounds, vec![2, 3], "keeps only the newest two");
@@ -240,6 +323,9 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(latest.header.round, 3);
+        assert_eq!(latest.header.engine.next_task_id, 31);
+        assert_eq!(latest.header.strategy, vec![1, 2, 3]);
+        assert_eq!(latest.header.metrics_line, "{\"round\":3}");
         assert_eq!(latest.model[10], 30.0);
 
         // Tear the newest file: resume must fall back to round 2 and say why.
@@ -261,5 +347,41 @@ mod tests {
         bytes[40] ^= 0x10;
         fs::write(&mid, &bytes).unwrap();
         assert!(store.latest_valid(|_, _| {}).unwrap().is_none());
+    }
+
+    #[test]
+    fn pruning_never_touches_the_new_file_or_another_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path(), 2).unwrap();
+        // An older run that got further than the new one will.
+        for round in 5..=7u64 {
+            store.save(&header("old-run", round), &[1.0; 4]).unwrap();
+        }
+        for round in 1..=3u64 {
+            let path = store.save(&header("new-run", round), &[2.0; 4]).unwrap();
+            assert!(path.exists(), "round {round} survives its own save");
+        }
+        let rounds: Vec<u64> = store.list().unwrap().into_iter().map(|(r, _)| r).collect();
+        assert_eq!(rounds, vec![2, 3, 6, 7]);
+    }
+
+    #[test]
+    fn old_and_foreign_files_get_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("round-000001.ckpt");
+        let mut bytes = b"FQCK".to_vec();
+        bytes.extend_from_slice(&1u32.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 12]);
+        let crc = crc32fast::hash(&bytes);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &bytes).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("version 1") && e.contains("--fresh"), "{e}");
+        let mut foreign = b"PK\x03\x04 a zip file, not ours".to_vec();
+        let crc = crc32fast::hash(&foreign);
+        foreign.extend_from_slice(&crc.to_le_bytes());
+        fs::write(&path, &foreign).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("not a fedquic checkpoint"), "{e}");
     }
 }

@@ -10,7 +10,14 @@ use fedquic_protocol::{FitInstructions, OptimizerConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, NormPolicy, UpdatePolicy};
+
+/// Upper bounds on configuration values, so that nothing downstream
+/// overflows (durations added to `Instant`s, counts used for allocation).
+pub const MAX_DURATION_SECS: f64 = 7.0 * 24.0 * 3600.0;
+pub const MAX_ROUNDS: u64 = 1_000_000_000;
+pub const MAX_COUNT: usize = 100_000_000;
+use crate::engine::MAX_EXAMPLES_PER_UPDATE;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -37,6 +44,61 @@ pub struct AggregatorConfig {
     pub state: StateConfig,
     pub limits: LimitsConfig,
     pub admission: AdmissionConfig,
+    pub updates: UpdatesConfig,
+}
+
+/// How much one update may weigh and move the model (see
+/// [`UpdatePolicy`]), and the check on each new global model.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpdatesConfig {
+    /// A client's weight is min(its example count, this).
+    pub max_examples_per_update: u64,
+    /// No client carries more than this share of a round's total weight
+    /// (1.0 turns the cap off).
+    pub max_weight_share: f64,
+    /// Absolute bound on an update's L2 norm (0: none).
+    pub max_update_norm: f64,
+    /// Bound on an update's L2 norm as a multiple of the previous round's
+    /// median update norm (0: none).
+    pub max_update_norm_median_multiple: f64,
+    /// "clip" (scale down to the bound) or "reject".
+    pub norm_policy: NormPolicy,
+    /// A new global model with a parameter beyond this (or not finite) is
+    /// not committed.
+    pub max_parameter_abs: f64,
+    /// Client-reported losses above this are ignored.
+    pub max_client_loss: f64,
+}
+
+impl Default for UpdatesConfig {
+    fn default() -> Self {
+        let p = UpdatePolicy::default();
+        UpdatesConfig {
+            max_examples_per_update: p.max_examples_per_update,
+            max_weight_share: p.max_weight_share,
+            max_update_norm: p.max_update_norm.unwrap_or(0.0),
+            max_update_norm_median_multiple: p.max_update_norm_median_multiple.unwrap_or(0.0),
+            norm_policy: p.norm_policy,
+            max_parameter_abs: p.max_parameter_abs,
+            max_client_loss: p.max_client_loss,
+        }
+    }
+}
+
+impl UpdatesConfig {
+    pub fn policy(&self) -> UpdatePolicy {
+        let positive = |v: f64| (v > 0.0).then_some(v);
+        UpdatePolicy {
+            max_examples_per_update: self.max_examples_per_update,
+            max_weight_share: self.max_weight_share,
+            max_update_norm: positive(self.max_update_norm),
+            max_update_norm_median_multiple: positive(self.max_update_norm_median_multiple),
+            norm_policy: self.norm_policy,
+            max_parameter_abs: self.max_parameter_abs,
+            max_client_loss: self.max_client_loss,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
@@ -162,6 +224,16 @@ pub struct LimitsConfig {
     pub handshake_timeout_secs: f64,
     /// Seconds without any packet before a connection is dropped.
     pub idle_timeout_secs: f64,
+    /// Seconds a client has to send an update's header once it opens the
+    /// stream.
+    pub header_timeout_secs: f64,
+    /// An upload must finish within `upload_grace_secs` plus its size at
+    /// `min_upload_bytes_per_sec`, or it is cut off and its buffer freed.
+    pub upload_grace_secs: f64,
+    pub min_upload_bytes_per_sec: f64,
+    /// Log lines about one client's misbehaviour allowed per minute; the
+    /// rest are counted and summarised.
+    pub client_log_lines_per_minute: u32,
 }
 
 impl Default for AggregatorConfig {
@@ -176,6 +248,7 @@ impl Default for AggregatorConfig {
             state: StateConfig::default(),
             limits: LimitsConfig::default(),
             admission: AdmissionConfig::default(),
+            updates: UpdatesConfig::default(),
         }
     }
 }
@@ -262,6 +335,10 @@ impl Default for LimitsConfig {
             max_inflight_updates: 4,
             handshake_timeout_secs: 10.0,
             idle_timeout_secs: 60.0,
+            header_timeout_secs: 10.0,
+            upload_grace_secs: 30.0,
+            min_upload_bytes_per_sec: 64.0 * 1024.0,
+            client_log_lines_per_minute: 10,
         }
     }
 }
@@ -280,39 +357,106 @@ impl AggregatorConfig {
         Ok(config)
     }
 
+    /// Checks every value against its bounds; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         let r = &self.rounds;
-        if r.count == 0 {
-            return bad("rounds.count must be at least 1");
+        if !(1..=MAX_ROUNDS).contains(&r.count) {
+            return bad(format!("rounds.count must be in 1..={MAX_ROUNDS}"));
         }
         if !(r.fraction_fit > 0.0 && r.fraction_fit <= 1.0) {
-            return bad("rounds.fraction_fit must be in (0, 1]");
+            return bad("rounds.fraction_fit must be in (0, 1]".into());
         }
         if r.min_fit_clients == 0 || r.max_fit_clients < r.min_fit_clients {
-            return bad("rounds.min_fit_clients must be >= 1 and <= rounds.max_fit_clients");
+            return bad("rounds.min_fit_clients must be >= 1 and <= rounds.max_fit_clients".into());
         }
-        if !(r.deadline_secs.is_finite() && r.deadline_secs > 0.0) {
-            return bad("rounds.deadline_secs must be positive");
+        for (key, v) in [
+            ("rounds.min_fit_clients", r.min_fit_clients),
+            ("rounds.max_fit_clients", r.max_fit_clients),
+            ("rounds.min_available_clients", r.min_available_clients),
+            ("evaluate.min_clients", self.evaluate.min_clients),
+            ("limits.max_clients", self.limits.max_clients),
+            (
+                "limits.max_inflight_updates",
+                self.limits.max_inflight_updates,
+            ),
+            ("state.keep_checkpoints", self.state.keep_checkpoints),
+        ] {
+            if v > MAX_COUNT {
+                return bad(format!("{key} = {v} is above the limit {MAX_COUNT}"));
+            }
+        }
+        if r.max_retries > 1000 {
+            return bad("rounds.max_retries must be at most 1000".into());
         }
         if !(0.0..=1.0).contains(&self.evaluate.fraction) {
-            return bad("evaluate.fraction must be in [0, 1]");
+            return bad("evaluate.fraction must be in [0, 1]".into());
         }
         self.fit_instructions()
             .validate()
             .map_err(|e| ConfigError::Invalid(format!("[fit]: {e}")))?;
         if self.limits.max_clients == 0 || self.limits.max_inflight_updates == 0 {
-            return bad("limits.max_clients and limits.max_inflight_updates must be at least 1");
+            return bad(
+                "limits.max_clients and limits.max_inflight_updates must be at least 1".into(),
+            );
         }
-        for (name, v) in [
+        if self.state.keep_checkpoints == 0 {
+            return bad("state.keep_checkpoints must be at least 1".into());
+        }
+        let l = &self.limits;
+        for (key, v, max) in [
+            ("rounds.deadline_secs", r.deadline_secs, MAX_DURATION_SECS),
             (
                 "limits.handshake_timeout_secs",
-                self.limits.handshake_timeout_secs,
+                l.handshake_timeout_secs,
+                3600.0,
             ),
-            ("limits.idle_timeout_secs", self.limits.idle_timeout_secs),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs, 3600.0),
+            ("limits.header_timeout_secs", l.header_timeout_secs, 3600.0),
+            (
+                "limits.upload_grace_secs",
+                l.upload_grace_secs,
+                MAX_DURATION_SECS,
+            ),
+            (
+                "limits.min_upload_bytes_per_sec",
+                l.min_upload_bytes_per_sec,
+                1e12,
+            ),
+        ] {
+            if !(v.is_finite() && v > 0.0 && v <= max) {
+                return bad(format!("{key} must be a positive number of at most {max}"));
+            }
+        }
+        if l.client_log_lines_per_minute == 0 || l.client_log_lines_per_minute > 10_000 {
+            return bad("limits.client_log_lines_per_minute must be in 1..=10000".into());
+        }
+        let u = &self.updates;
+        if u.max_examples_per_update == 0 || u.max_examples_per_update > MAX_EXAMPLES_PER_UPDATE {
+            return bad(format!(
+                "updates.max_examples_per_update must be in 1..={MAX_EXAMPLES_PER_UPDATE}"
+            ));
+        }
+        if !(u.max_weight_share > 0.0 && u.max_weight_share <= 1.0) {
+            return bad("updates.max_weight_share must be in (0, 1]".into());
+        }
+        for (key, v) in [
+            ("updates.max_update_norm", u.max_update_norm),
+            (
+                "updates.max_update_norm_median_multiple",
+                u.max_update_norm_median_multiple,
+            ),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{key} must be a finite number >= 0 (0: no bound)"));
+            }
+        }
+        for (key, v) in [
+            ("updates.max_parameter_abs", u.max_parameter_abs),
+            ("updates.max_client_loss", u.max_client_loss),
         ] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(ConfigError::Invalid(format!("{name} must be positive")));
+                return bad(format!("{key} must be a positive, finite number"));
             }
         }
         Ok(())
@@ -343,6 +487,7 @@ impl AggregatorConfig {
             min_evaluate_clients: self.evaluate.min_clients,
             max_round_retries: r.max_retries,
             seed: r.seed,
+            updates: self.updates.policy(),
         }
     }
 

@@ -7,22 +7,141 @@
 //! with thousands of simulated clients.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedquic_protocol::{EvalResult, EvaluateTask, FitInstructions, FitTask, Metrics};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::strategy::FedAvgAccumulator;
+use crate::strategy::{FedAvgAccumulator, ModelCheckError};
 
 /// A client's identity: the name in its certificate.
 pub type ClientId = String;
 
-/// The largest example count an update may claim; a bigger claim would let
-/// one client outweigh everyone.
+/// The largest example count an update or evaluation result may claim at
+/// all; larger claims are refused outright. The weight actually used is
+/// further capped by [`UpdatePolicy`].
 pub const MAX_EXAMPLES_PER_UPDATE: u64 = 1 << 32;
+
+/// What happens to an update whose L2 norm exceeds the bound.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NormPolicy {
+    /// The update is refused (the client is told why).
+    Reject,
+    /// The update is scaled down to the bound and kept.
+    Clip,
+}
+
+/// The gate every update passes before it reaches the accumulator, and the
+/// check on the new global model before a round commits. One client with a
+/// valid certificate must not be able to take over or destroy the model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdatePolicy {
+    /// A client's weight is `min(num_examples, this)`.
+    pub max_examples_per_update: u64,
+    /// No client carries more than this share of a round's total weight
+    /// (see [`FedAvgAccumulator`]); 1 turns the cap off.
+    pub max_weight_share: f64,
+    /// Absolute bound on an update's L2 norm.
+    pub max_update_norm: Option<f64>,
+    /// Bound on an update's L2 norm as a multiple of the median norm of the
+    /// previous round's accepted updates (the current round's median is not
+    /// known until it closes, and updates are folded as they arrive). When
+    /// both bounds are set the smaller one applies.
+    pub max_update_norm_median_multiple: Option<f64>,
+    pub norm_policy: NormPolicy,
+    /// Every parameter of a new global model must be finite and at most this
+    /// in absolute value, or the round is not committed.
+    pub max_parameter_abs: f64,
+    /// Client-reported training losses above this (or negative, or not
+    /// finite) are ignored; accuracies must lie in [0, 1].
+    pub max_client_loss: f64,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        UpdatePolicy {
+            max_examples_per_update: 1_000_000,
+            max_weight_share: 0.5,
+            max_update_norm: None,
+            max_update_norm_median_multiple: Some(10.0),
+            norm_policy: NormPolicy::Clip,
+            max_parameter_abs: 1e6,
+            max_client_loss: 1e6,
+        }
+    }
+}
+
+/// Why an update was refused; each cause is counted under its own name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RejectCause {
+    NoRound,
+    Stale,
+    WrongTask,
+    Duplicate,
+    NotSelected,
+    ZeroExamples,
+    TooManyExamples,
+    WrongSize,
+    NormBound,
+    /// The upload itself was unusable (bad header, wrong layout, non-finite
+    /// values, truncated body, too slow); reported by the shell.
+    Malformed,
+    UploadTimeout,
+    UploadBusy,
+}
+
+impl RejectCause {
+    pub fn name(self) -> &'static str {
+        match self {
+            RejectCause::NoRound => "no_round",
+            RejectCause::Stale => "stale",
+            RejectCause::WrongTask => "wrong_task",
+            RejectCause::Duplicate => "duplicate",
+            RejectCause::NotSelected => "not_selected",
+            RejectCause::ZeroExamples => "zero_examples",
+            RejectCause::TooManyExamples => "too_many_examples",
+            RejectCause::WrongSize => "wrong_size",
+            RejectCause::NormBound => "norm_bound",
+            RejectCause::Malformed => "malformed",
+            RejectCause::UploadTimeout => "upload_timeout",
+            RejectCause::UploadBusy => "upload_busy",
+        }
+    }
+}
+
+impl fmt::Display for RejectCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A weight the engine lowered: by the per-client cap or the share cap.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WeightAdjustment {
+    pub client: ClientId,
+    pub claimed: u64,
+    pub used: f64,
+}
+
+/// Everything a round depends on besides the model and the config: goes into
+/// every checkpoint so that `--resume` continues exactly where an
+/// uninterrupted run would.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EngineState {
+    pub completed_rounds: u64,
+    pub next_task_id: u64,
+    /// Seed of client selection.
+    pub selection_seed: u64,
+    /// Seed the per-task training seeds derive from.
+    pub fit_seed: u64,
+    /// Median norm of the last committed round's accepted updates.
+    pub median_update_norm: Option<f64>,
+}
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -45,6 +164,7 @@ pub struct EngineConfig {
     /// is retried with a fresh selection before the run gives up.
     pub max_round_retries: u32,
     pub seed: u64,
+    pub updates: UpdatePolicy,
 }
 
 /// Federated evaluation results of one round, weighted by example count.
@@ -68,15 +188,34 @@ pub struct RoundOutcome {
     pub clients_answered: usize,
     /// Selected clients that disconnected, failed or missed the deadline.
     pub clients_dropped: usize,
-    /// Updates refused (stale, duplicate, malformed) during the round.
+    /// Updates refused during the round, all causes together...
     pub updates_rejected: usize,
+    /// ...and per cause (`stale`, `duplicate`, `malformed`, `norm_bound`, ...).
+    pub rejections: BTreeMap<String, usize>,
+    /// Examples the accepted updates claimed.
     pub examples: u64,
-    /// Example-weighted mean of the clients' training loss and accuracy.
-    pub train_loss: Option<f64>,
-    pub train_accuracy: Option<f64>,
+    /// Sum of the weights earned (claims capped per client) and actually
+    /// used (after the share cap), and every client whose weight was lowered.
+    pub weight_claimed: f64,
+    pub weight_used: f64,
+    pub weight_adjusted: Vec<WeightAdjustment>,
+    /// Updates scaled down to the norm bound, and the bound in force.
+    pub updates_clipped: usize,
+    pub norm_bound: Option<f64>,
+    /// Median L2 norm of the accepted updates.
+    pub median_update_norm: Option<f64>,
+    /// Weighted mean of the training loss and accuracy the clients *say*
+    /// they reached: unverifiable, bounded, and labelled as such.
+    pub client_reported_train_loss: Option<f64>,
+    pub client_reported_train_accuracy: Option<f64>,
+    /// Client-reported metrics ignored as out of bounds.
+    pub client_metrics_ignored: usize,
     pub federated_eval: Option<FederatedEval>,
     pub fit_seconds: f64,
     pub evaluate_seconds: f64,
+    /// The engine's state as of this round's commit, for the checkpoint.
+    #[serde(skip)]
+    pub state: EngineState,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -107,9 +246,22 @@ pub enum Action {
         answered: usize,
         needed: usize,
     },
+    /// An evaluation result was unusable; the client is out of this
+    /// evaluation.
+    EvalRejected {
+        client: ClientId,
+        task_id: u64,
+        reason: String,
+    },
+    /// The new global model failed its check: the round is not committed
+    /// and starts again (a `RoundRetry` or `Aborted` follows).
+    RoundNotCommitted {
+        round: u64,
+        reason: String,
+    },
     /// The global model now includes this round. Persist it before acting
     /// on what follows.
-    RoundFinished(RoundOutcome),
+    RoundFinished(Box<RoundOutcome>),
     /// The last round is done.
     Finished,
     /// The run cannot go on.
@@ -118,7 +270,7 @@ pub enum Action {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Tally {
     examples: u64,
     loss_sum: f64,
@@ -127,12 +279,12 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, examples: u64, loss: Option<f64>, accuracy: Option<f64>) {
-        self.examples += examples;
+    fn add(&mut self, examples: u64, weight: f64, loss: Option<f64>, accuracy: Option<f64>) {
+        self.examples = self.examples.saturating_add(examples);
         if let (Some(l), Some(a)) = (loss, accuracy) {
-            self.loss_sum += l * examples as f64;
-            self.accuracy_sum += a * examples as f64;
-            self.metric_weight += examples as f64;
+            self.loss_sum += l * weight;
+            self.accuracy_sum += a * weight;
+            self.metric_weight += weight;
         }
     }
 
@@ -148,7 +300,7 @@ impl Tally {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct FitPhase {
     attempt: u32,
     started: Instant,
@@ -158,12 +310,19 @@ struct FitPhase {
     pending: BTreeMap<ClientId, u64>,
     selected: usize,
     answered: BTreeSet<ClientId>,
+    /// Accepted updates in arrival order (the accumulator's indices).
+    arrivals: Vec<(ClientId, u64)>,
+    norms: Vec<f64>,
+    norm_bound: Option<f64>,
+    clipped: usize,
+    weight_adjusted: Vec<WeightAdjustment>,
     dropped: usize,
-    rejected: usize,
+    rejections: BTreeMap<RejectCause, usize>,
+    metrics_ignored: usize,
     tally: Tally,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct EvalPhase {
     started: Instant,
     deadline: Instant,
@@ -173,7 +332,7 @@ struct EvalPhase {
     outcome: RoundOutcome,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Phase {
     /// Waiting for enough clients before starting `attempt` of the round.
     Waiting {
@@ -185,7 +344,7 @@ enum Phase {
     Aborted,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct RoundEngine {
     config: EngineConfig,
     global: Arc<Vec<f32>>,
@@ -196,28 +355,123 @@ pub struct RoundEngine {
     phase: Phase,
     next_task_id: u64,
     /// Rejections seen outside a fit phase, reported with the next round.
-    stray_rejections: usize,
+    stray_rejections: BTreeMap<RejectCause, usize>,
+    median_update_norm: Option<f64>,
+    /// Counts closed fit phases: uploads started under an older value are
+    /// for a phase that no longer collects updates.
+    fit_epoch: u64,
 }
 
 impl RoundEngine {
     /// Starts after `completed_rounds` rounds (0 for a fresh run, the
     /// checkpoint's round on resume) with `global` as the model.
     pub fn new(config: EngineConfig, global: Vec<f32>, completed_rounds: u64) -> Self {
+        let state = EngineState {
+            completed_rounds,
+            next_task_id: 1,
+            selection_seed: config.seed,
+            fit_seed: config.fit.seed,
+            median_update_norm: None,
+        };
+        Self::resume(config, global, state)
+    }
+
+    /// Continues from a checkpointed state (its seeds win over the config's).
+    pub fn resume(mut config: EngineConfig, global: Vec<f32>, state: EngineState) -> Self {
         let len = global.len();
-        let phase = if completed_rounds >= config.rounds {
+        let phase = if state.completed_rounds >= config.rounds {
             Phase::Done
         } else {
             Phase::Waiting { attempt: 1 }
         };
+        config.seed = state.selection_seed;
+        config.fit.seed = state.fit_seed;
         RoundEngine {
+            accumulator: FedAvgAccumulator::with_share_cap(len, config.updates.max_weight_share),
             config,
             global: Arc::new(global),
-            accumulator: FedAvgAccumulator::new(len),
-            round: completed_rounds + 1,
+            round: state.completed_rounds + 1,
             connected: BTreeSet::new(),
             phase,
-            next_task_id: 1,
-            stray_rejections: 0,
+            next_task_id: state.next_task_id.max(1),
+            stray_rejections: BTreeMap::new(),
+            median_update_norm: state.median_update_norm,
+            fit_epoch: 0,
+        }
+    }
+
+    /// What a checkpoint must hold besides the model, as of the last
+    /// committed round.
+    pub fn state(&self) -> EngineState {
+        EngineState {
+            completed_rounds: self.completed_rounds(),
+            next_task_id: self.next_task_id,
+            selection_seed: self.config.seed,
+            fit_seed: self.config.fit.seed,
+            median_update_norm: self.median_update_norm,
+        }
+    }
+
+    /// Changes whenever a fit phase closes (the shell cancels its uploads).
+    pub fn fit_epoch(&self) -> u64 {
+        self.fit_epoch
+    }
+
+    /// Why an upload for `(round, task_id)` from `client` cannot be used,
+    /// decided from its header alone, before any buffer is spent on it.
+    pub fn check_upload(
+        &self,
+        client: &str,
+        round: u64,
+        task_id: u64,
+    ) -> Result<(), (RejectCause, String)> {
+        let Phase::Fit(f) = &self.phase else {
+            return Err((
+                RejectCause::NoRound,
+                format!("no round is collecting updates (update for round {round})"),
+            ));
+        };
+        if round != self.round {
+            return Err((
+                RejectCause::Stale,
+                format!(
+                    "stale update for round {round}, current round is {}",
+                    self.round
+                ),
+            ));
+        }
+        match f.pending.get(client) {
+            Some(&expected) if expected == task_id => Ok(()),
+            Some(&expected) => Err((
+                RejectCause::WrongTask,
+                format!("update for task {task_id}, expected task {expected}"),
+            )),
+            None if f.answered.contains(client) => Err((
+                RejectCause::Duplicate,
+                format!("duplicate update for task {task_id}"),
+            )),
+            None => Err((
+                RejectCause::NotSelected,
+                format!("client was not selected for round {round} (task {task_id})"),
+            )),
+        }
+    }
+
+    /// The task a client currently owes in the fit phase, as (round, task id).
+    pub fn pending_fit(&self, client: &str) -> Option<(u64, u64)> {
+        match &self.phase {
+            Phase::Fit(f) => f.pending.get(client).map(|t| (self.round, *t)),
+            _ => None,
+        }
+    }
+
+    /// Whether `(round, task_id)` is a task this client still owes, fit or
+    /// evaluate (messages about anything else are ignored unlogged).
+    pub fn is_pending(&self, client: &str, task_id: u64) -> bool {
+        match &self.phase {
+            Phase::Fit(f) => f.pending.get(client) == Some(&task_id),
+            Phase::Evaluate(e) => e.pending.get(client) == Some(&task_id),
+            _ => false,
         }
     }
 
@@ -295,7 +549,8 @@ impl RoundEngine {
     // only be unpacked again here.
     #[allow(clippy::too_many_arguments)]
     /// An update arrived whole and decoded (the shell checked its layout and
-    /// that every value is finite).
+    /// that every value is finite). It passes the [`UpdatePolicy`] gate
+    /// before it is folded.
     pub fn update_received(
         &mut self,
         client: &str,
@@ -312,43 +567,59 @@ impl RoundEngine {
             task_id,
             reason,
         };
+        let norm_bound = match &self.phase {
+            Phase::Fit(f) => f.norm_bound,
+            _ => {
+                *self
+                    .stray_rejections
+                    .entry(RejectCause::NoRound)
+                    .or_default() += 1;
+                actions.push(reject(format!(
+                    "no round is collecting updates (update for round {round})"
+                )));
+                return actions;
+            }
+        };
+        let policy = &self.config.updates;
+        let verdict = self
+            .check_upload(client, round, task_id)
+            .and_then(|()| match num_examples {
+                0 => Err((
+                    RejectCause::ZeroExamples,
+                    "update claims zero training examples".to_string(),
+                )),
+                n if n > MAX_EXAMPLES_PER_UPDATE => Err((
+                    RejectCause::TooManyExamples,
+                    format!("update claims {n} examples, limit is {MAX_EXAMPLES_PER_UPDATE}"),
+                )),
+                _ if delta.len() != self.global.len() => Err((
+                    RejectCause::WrongSize,
+                    format!(
+                        "update has {} values, model has {}",
+                        delta.len(),
+                        self.global.len()
+                    ),
+                )),
+                _ => Ok(()),
+            })
+            .and_then(|()| {
+                let norm = l2_norm(delta);
+                match norm_bound {
+                    Some(bound) if norm > bound => match policy.norm_policy {
+                        NormPolicy::Reject => Err((
+                            RejectCause::NormBound,
+                            format!("update norm {norm:.4e} exceeds the bound {bound:.4e}"),
+                        )),
+                        NormPolicy::Clip => Ok((norm, bound / norm)),
+                    },
+                    _ => Ok((norm, 1.0)),
+                }
+            });
         let Phase::Fit(f) = &mut self.phase else {
-            self.stray_rejections += 1;
-            actions.push(reject(format!(
-                "no round is collecting updates (update for round {round})"
-            )));
             return actions;
         };
-        let verdict = match f.pending.get(client) {
-            _ if round != self.round => Err(format!(
-                "stale update for round {round}, current round is {}",
-                self.round
-            )),
-            Some(&expected) if expected == task_id => Ok(()),
-            Some(&expected) => Err(format!(
-                "update for task {task_id}, expected task {expected}"
-            )),
-            None if f.answered.contains(client) => {
-                Err(format!("duplicate update for task {task_id}"))
-            }
-            None => Err(format!(
-                "client was not selected for round {round} (task {task_id})"
-            )),
-        }
-        .and_then(|()| match num_examples {
-            0 => Err("update claims zero training examples".to_string()),
-            n if n > MAX_EXAMPLES_PER_UPDATE => Err(format!(
-                "update claims {n} examples, limit is {MAX_EXAMPLES_PER_UPDATE}"
-            )),
-            _ if delta.len() != self.global.len() => Err(format!(
-                "update has {} values, model has {}",
-                delta.len(),
-                self.global.len()
-            )),
-            _ => Ok(()),
-        });
         match verdict {
-            Err(reason) => {
+            Err((cause, reason)) => {
                 // An unusable answer to the client's *current* task ends its
                 // turn; a late answer to an older task must not cost it the
                 // task it holds now.
@@ -356,23 +627,61 @@ impl RoundEngine {
                     f.pending.remove(client);
                     f.dropped += 1;
                 }
-                f.rejected += 1;
+                *f.rejections.entry(cause).or_default() += 1;
                 actions.push(reject(reason));
             }
-            Ok(()) => {
+            Ok((norm, scale)) => {
                 f.pending.remove(client);
                 f.answered.insert(client.to_string());
-                self.accumulator.fold(delta, num_examples as f64);
-                f.tally.add(
-                    num_examples,
-                    metric(metrics, "loss"),
-                    metric(metrics, "accuracy"),
-                );
+                let weight = num_examples.min(policy.max_examples_per_update.max(1));
+                if weight < num_examples {
+                    f.weight_adjusted.push(WeightAdjustment {
+                        client: client.to_string(),
+                        claimed: num_examples,
+                        used: weight as f64,
+                    });
+                }
+                if scale < 1.0 {
+                    f.clipped += 1;
+                }
+                f.norms.push(norm);
+                f.arrivals.push((client.to_string(), num_examples));
+                self.accumulator.fold(delta, weight as f64, scale);
+                let (loss, accuracy) = client_metrics(metrics, policy.max_client_loss);
+                if loss.is_none() && metrics.iter().any(|(n, _)| n == "loss" || n == "accuracy") {
+                    f.metrics_ignored += 1;
+                }
+                f.tally.add(num_examples, weight as f64, loss, accuracy);
                 actions.push(Action::UpdateAccepted {
                     client: client.to_string(),
                     task_id,
                 });
             }
+        }
+        self.maybe_close(now, &mut actions);
+        actions
+    }
+
+    /// The shell could not use an upload for this task (malformed, too slow,
+    /// a second upload while one is in flight): counted under `cause`, and
+    /// the client's turn ends if it was its current task.
+    pub fn update_failed(
+        &mut self,
+        client: &str,
+        task_id: Option<u64>,
+        cause: RejectCause,
+        now: Instant,
+    ) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match &mut self.phase {
+            Phase::Fit(f) => {
+                *f.rejections.entry(cause).or_default() += 1;
+                if task_id.is_some() && f.pending.get(client) == task_id.as_ref() {
+                    f.pending.remove(client);
+                    f.dropped += 1;
+                }
+            }
+            _ => *self.stray_rejections.entry(cause).or_default() += 1,
         }
         self.maybe_close(now, &mut actions);
         actions
@@ -406,14 +715,44 @@ impl RoundEngine {
         if let Phase::Evaluate(e) = &mut self.phase
             && result.round == self.round
             && e.pending.get(client) == Some(&result.task_id)
-            && result.loss.is_finite()
-            && (0.0..=1.0).contains(&result.accuracy)
-            && result.examples <= MAX_EXAMPLES_PER_UPDATE
         {
             e.pending.remove(client);
-            e.clients += 1;
-            e.tally
-                .add(result.examples, Some(result.loss), Some(result.accuracy));
+            let problem = if !(result.loss.is_finite()
+                && (0.0..=self.config.updates.max_client_loss).contains(&result.loss))
+            {
+                Some(format!(
+                    "evaluation loss {:e} is out of bounds",
+                    result.loss
+                ))
+            } else if !(0.0..=1.0).contains(&result.accuracy) {
+                Some(format!(
+                    "evaluation accuracy {} is not in [0, 1]",
+                    result.accuracy
+                ))
+            } else if result.examples == 0 || result.examples > MAX_EXAMPLES_PER_UPDATE {
+                Some(format!("evaluation claims {} examples", result.examples))
+            } else {
+                None
+            };
+            match problem {
+                Some(reason) => actions.push(Action::EvalRejected {
+                    client: client.to_string(),
+                    task_id: result.task_id,
+                    reason,
+                }),
+                None => {
+                    e.clients += 1;
+                    let weight = result
+                        .examples
+                        .min(self.config.updates.max_examples_per_update.max(1));
+                    e.tally.add(
+                        result.examples,
+                        weight as f64,
+                        Some(result.loss),
+                        Some(result.accuracy),
+                    );
+                }
+            }
         }
         self.maybe_close(now, &mut actions);
         actions
@@ -482,16 +821,31 @@ impl RoundEngine {
             });
         }
         self.accumulator.reset();
+        let policy = &self.config.updates;
+        let relative = policy
+            .max_update_norm_median_multiple
+            .zip(self.median_update_norm)
+            .map(|(m, median)| m * median);
+        let norm_bound = match (policy.max_update_norm, relative) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        };
         self.phase = Phase::Fit(FitPhase {
             attempt,
             started: now,
-            deadline: now + self.config.round_deadline,
+            deadline: now.checked_add(self.config.round_deadline).unwrap_or(now),
             available: self.connected.len(),
             selected: pending.len(),
             pending,
             answered: BTreeSet::new(),
+            arrivals: Vec::new(),
+            norms: Vec::new(),
+            norm_bound,
+            clipped: 0,
+            weight_adjusted: Vec::new(),
             dropped: 0,
-            rejected: std::mem::take(&mut self.stray_rejections),
+            rejections: std::mem::take(&mut self.stray_rejections),
+            metrics_ignored: 0,
             tally: Tally::default(),
         });
     }
@@ -509,22 +863,50 @@ impl RoundEngine {
     }
 
     fn close_fit(&mut self, now: Instant, actions: &mut Vec<Action>) {
-        let Phase::Fit(f) = std::mem::replace(&mut self.phase, Phase::Waiting { attempt: 1 })
+        let Phase::Fit(mut f) = std::mem::replace(&mut self.phase, Phase::Waiting { attempt: 1 })
         else {
             return;
         };
+        self.fit_epoch += 1;
         let answered = f.answered.len();
         let dropped = f.dropped + f.pending.len();
+        let mut failure = None;
+        let mut weights = None;
         if answered < self.config.min_fit_clients.max(1) {
             // Too few answers: drop the partial sum and try a fresh selection.
             self.accumulator.reset();
+            failure = Some(format!(
+                "round {} got {answered} of the {} updates it needs",
+                self.round, self.config.min_fit_clients
+            ));
+        } else {
+            let max_abs = self.config.updates.max_parameter_abs;
+            // Check the candidate model before touching the shared copy.
+            let mut candidate = Arc::clone(&self.global);
+            match self
+                .accumulator
+                .apply_mean_checked(Arc::make_mut(&mut candidate).as_mut_slice(), max_abs)
+            {
+                Ok(report) => {
+                    self.global = candidate;
+                    weights = Some(report);
+                }
+                Err(e) => {
+                    let reason = not_committed(&e);
+                    actions.push(Action::RoundNotCommitted {
+                        round: self.round,
+                        reason: reason.clone(),
+                    });
+                    failure = Some(reason);
+                }
+            }
+        }
+        let Some(weights) = weights else {
+            let reason = failure.unwrap_or_default();
             if f.attempt > self.config.max_round_retries {
                 self.phase = Phase::Aborted;
                 actions.push(Action::Aborted {
-                    reason: format!(
-                        "round {} got {answered} of the {} updates it needs, after {} attempts",
-                        self.round, self.config.min_fit_clients, f.attempt
-                    ),
+                    reason: format!("{reason}, after {} attempts", f.attempt),
                 });
                 return;
             }
@@ -535,12 +917,26 @@ impl RoundEngine {
                 answered,
                 needed: self.config.min_fit_clients,
             });
-            self.stray_rejections += f.rejected;
+            for (cause, n) in std::mem::take(&mut f.rejections) {
+                *self.stray_rejections.entry(cause).or_default() += n;
+            }
             self.try_start_fit(attempt, now, actions);
             return;
+        };
+        for (index, _, used) in &weights.capped {
+            if let Some((client, claimed)) = f.arrivals.get(*index) {
+                match f.weight_adjusted.iter_mut().find(|a| &a.client == client) {
+                    Some(adjusted) => adjusted.used = *used,
+                    None => f.weight_adjusted.push(WeightAdjustment {
+                        client: client.clone(),
+                        claimed: *claimed,
+                        used: *used,
+                    }),
+                }
+            }
         }
-        self.accumulator
-            .apply_mean(Arc::make_mut(&mut self.global).as_mut_slice());
+        let median = median(&mut f.norms);
+        self.median_update_norm = median.or(self.median_update_norm);
         let (train_loss, train_accuracy) = f.tally.means();
         let outcome = RoundOutcome {
             round: self.round,
@@ -549,13 +945,32 @@ impl RoundEngine {
             clients_selected: f.selected,
             clients_answered: answered,
             clients_dropped: dropped,
-            updates_rejected: f.rejected,
+            updates_rejected: f.rejections.values().sum(),
+            rejections: f
+                .rejections
+                .iter()
+                .map(|(cause, n)| (cause.name().to_string(), *n))
+                .collect(),
             examples: f.tally.examples,
-            train_loss,
-            train_accuracy,
+            weight_claimed: weights.claimed,
+            weight_used: weights.used,
+            weight_adjusted: f.weight_adjusted,
+            updates_clipped: f.clipped,
+            norm_bound: f.norm_bound,
+            median_update_norm: median,
+            client_reported_train_loss: train_loss,
+            client_reported_train_accuracy: train_accuracy,
+            client_metrics_ignored: f.metrics_ignored,
             federated_eval: None,
             fit_seconds: now.duration_since(f.started).as_secs_f64(),
             evaluate_seconds: 0.0,
+            state: EngineState {
+                completed_rounds: self.round,
+                next_task_id: self.next_task_id,
+                selection_seed: self.config.seed,
+                fit_seed: self.config.fit.seed,
+                median_update_norm: self.median_update_norm,
+            },
         };
         let eval_count = fraction_of(self.config.fraction_evaluate, self.connected.len())
             .max(self.config.min_evaluate_clients)
@@ -575,7 +990,7 @@ impl RoundEngine {
             }
             self.phase = Phase::Evaluate(EvalPhase {
                 started: now,
-                deadline: now + self.config.round_deadline,
+                deadline: now.checked_add(self.config.round_deadline).unwrap_or(now),
                 pending,
                 clients: 0,
                 tally: Tally::default(),
@@ -604,8 +1019,10 @@ impl RoundEngine {
         self.finish_round(outcome, now, actions);
     }
 
-    fn finish_round(&mut self, outcome: RoundOutcome, now: Instant, actions: &mut Vec<Action>) {
-        actions.push(Action::RoundFinished(outcome));
+    fn finish_round(&mut self, mut outcome: RoundOutcome, now: Instant, actions: &mut Vec<Action>) {
+        // Evaluation tasks took ids after the fit phase closed.
+        outcome.state.next_task_id = self.next_task_id;
+        actions.push(Action::RoundFinished(Box::new(outcome)));
         if self.round >= self.config.rounds {
             self.phase = Phase::Done;
             actions.push(Action::Finished);
@@ -621,12 +1038,45 @@ fn fraction_of(fraction: f64, n: usize) -> usize {
     ((fraction * n as f64) - 1e-9).ceil().max(0.0) as usize
 }
 
-fn metric(metrics: &Metrics, name: &str) -> Option<f64> {
-    metrics
+/// The client's claimed training loss and accuracy, both or neither, and only
+/// when plausible: a finite loss in `[0, max_loss]`, an accuracy in `[0, 1]`.
+fn client_metrics(metrics: &Metrics, max_loss: f64) -> (Option<f64>, Option<f64>) {
+    let get = |name: &str| metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    match (get("loss"), get("accuracy")) {
+        (Some(l), Some(a))
+            if l.is_finite() && (0.0..=max_loss).contains(&l) && (0.0..=1.0).contains(&a) =>
+        {
+            (Some(l), Some(a))
+        }
+        _ => (None, None),
+    }
+}
+
+fn not_committed(e: &ModelCheckError) -> String {
+    format!("round not committed: {e}")
+}
+
+/// L2 norm, accumulated in f64.
+pub fn l2_norm(values: &[f32]) -> f64 {
+    values
         .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| *v)
-        .filter(|v| v.is_finite())
+        .map(|v| (*v as f64) * (*v as f64))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// The median (mean of the two middle values for an even count).
+fn median(values: &mut [f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    })
 }
 
 /// SplitMix64-style mixing of a seed with two counters, for independent

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use fedquic_protocol::{EvalResult, EvaluateTask, FitInstructions, Metrics};
 
 use crate::engine::{
-    Action, EngineConfig, FederatedEval, MAX_EXAMPLES_PER_UPDATE, RoundEngine, RoundOutcome,
+    Action, EngineConfig, FederatedEval, MAX_EXAMPLES_PER_UPDATE, NormPolicy, RoundEngine,
+    RoundOutcome, UpdatePolicy,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -29,6 +30,19 @@ fn fit_instructions() -> FitInstructions {
     }
 }
 
+/// No weight caps and no norm bound: the arithmetic of plain FedAvg.
+fn permissive() -> UpdatePolicy {
+    UpdatePolicy {
+        max_examples_per_update: MAX_EXAMPLES_PER_UPDATE,
+        max_weight_share: 1.0,
+        max_update_norm: None,
+        max_update_norm_median_multiple: None,
+        norm_policy: NormPolicy::Reject,
+        max_parameter_abs: f64::MAX,
+        max_client_loss: 1e6,
+    }
+}
+
 /// One round, every connected client trains, no evaluation, no retries.
 fn config() -> EngineConfig {
     EngineConfig {
@@ -43,6 +57,7 @@ fn config() -> EngineConfig {
         min_evaluate_clients: 0,
         max_round_retries: 0,
         seed: 42,
+        updates: permissive(),
     }
 }
 
@@ -88,7 +103,7 @@ fn outcomes(actions: &[Action]) -> Vec<RoundOutcome> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::RoundFinished(o) => Some(o.clone()),
+            Action::RoundFinished(o) => Some((**o).clone()),
             _ => None,
         })
         .collect()
@@ -322,25 +337,29 @@ fn full_run_applies_the_weighted_mean_and_chains_rounds() {
     assert_eq!(*e.global_model(), vec![1.5, 0.0, 1.75, 0.5]);
     assert_eq!(actions.len(), 5, "{actions:?}");
     assert_eq!(actions[0], accepted(last));
+    let Action::RoundFinished(o) = &actions[1] else {
+        panic!("expected RoundFinished, got {:?}", actions[1]);
+    };
     assert_eq!(
-        actions[1],
-        Action::RoundFinished(RoundOutcome {
-            round: 1,
-            attempts: 1,
-            clients_available: 3,
-            clients_selected: 3,
-            clients_answered: 3,
-            clients_dropped: 0,
-            updates_rejected: 0,
-            examples: 128,
-            // (16*1 + 48*2 + 64*0.5) / 128 and (16*0.5 + 48*0.25 + 64*1) / 128.
-            train_loss: Some(1.125),
-            train_accuracy: Some(0.65625),
-            federated_eval: None,
-            fit_seconds: 5.0,
-            evaluate_seconds: 0.0,
-        })
+        (o.round, o.attempts, o.clients_available, o.clients_selected),
+        (1, 1, 3, 3)
     );
+    assert_eq!(
+        (o.clients_answered, o.clients_dropped, o.updates_rejected),
+        (3, 0, 0)
+    );
+    assert_eq!(
+        (o.examples, o.weight_claimed, o.weight_used),
+        (128, 128.0, 128.0)
+    );
+    assert!(o.rejections.is_empty() && o.weight_adjusted.is_empty());
+    // (16*1 + 48*2 + 64*0.5) / 128 and (16*0.5 + 48*0.25 + 64*1) / 128.
+    assert_eq!(o.client_reported_train_loss, Some(1.125));
+    assert_eq!(o.client_reported_train_accuracy, Some(0.65625));
+    assert_eq!(o.federated_eval, None);
+    assert_eq!((o.fit_seconds, o.evaluate_seconds), (5.0, 0.0));
+    assert_eq!(o.state.completed_rounds, 1);
+    assert_eq!(o.state.next_task_id, 4, "three tasks handed out so far");
     let r2 = fits(&actions[2..]);
     assert_eq!(r2.len(), 3);
     assert!(r2.iter().all(|f| f.round == 2));
@@ -359,7 +378,13 @@ fn full_run_applies_the_weighted_mean_and_chains_rounds() {
     assert_eq!(last_actions.len(), 3, "{last_actions:?}");
     let o = &outcomes(&last_actions)[0];
     assert_eq!((o.round, o.clients_answered, o.examples), (2, 3, 15));
-    assert_eq!((o.train_loss, o.train_accuracy), (None, None));
+    assert_eq!(
+        (
+            o.client_reported_train_loss,
+            o.client_reported_train_accuracy
+        ),
+        (None, None)
+    );
     assert_eq!(o.fit_seconds, 4.0);
     assert_eq!(last_actions[2], Action::Finished);
     assert!(e.is_finished());
@@ -386,8 +411,8 @@ fn train_metrics_skip_updates_without_finite_loss_and_accuracy() {
     }
     let o = &outcomes(&actions)[0];
     assert_eq!(o.examples, 30);
-    assert_eq!(o.train_loss, Some(1.0));
-    assert_eq!(o.train_accuracy, Some(0.5));
+    assert_eq!(o.client_reported_train_loss, Some(1.0));
+    assert_eq!(o.client_reported_train_accuracy, Some(0.5));
 }
 
 // 3. Determinism.
@@ -409,6 +434,7 @@ fn scripted_run(seed: u64) -> (Vec<Action>, Vec<f32>) {
         min_evaluate_clients: 1,
         max_round_retries: 3,
         seed,
+        updates: permissive(),
     };
     let mut e = RoundEngine::new(cfg, vec![0.0; 4], 0);
     let mut log = Vec::new();
@@ -1068,23 +1094,7 @@ fn federated_evaluation_is_weighted_and_ignores_bad_results() {
     let (c0, t0e) = (&ev[0].0, &ev[0].1);
     let (c1, t1e) = (&ev[1].0, &ev[1].1);
     let t = te + secs(1);
-    // Invalid results are ignored.
-    assert!(
-        e.eval_received(c0, &eval_result(t0e, 50, 0.1, 1.5), t)
-            .is_empty()
-    );
-    assert!(
-        e.eval_received(c0, &eval_result(t0e, 50, 0.1, -0.1), t)
-            .is_empty()
-    );
-    assert!(
-        e.eval_received(c0, &eval_result(t0e, 50, f64::NAN, 0.5), t)
-            .is_empty()
-    );
-    assert!(
-        e.eval_received(c0, &eval_result(t0e, 50, f64::INFINITY, 0.5), t)
-            .is_empty()
-    );
+    // Results for tasks the client does not hold are ignored.
     assert!(
         e.eval_received(c0, &eval_result(t1e, 50, 0.1, 0.5), t)
             .is_empty(),
@@ -1098,8 +1108,27 @@ fn federated_evaluation_is_weighted_and_ignores_bad_results() {
         e.eval_received(&outsider, &eval_result(t0e, 50, 0.1, 0.5), t)
             .is_empty()
     );
-    let too_many = eval_result(t0e, MAX_EXAMPLES_PER_UPDATE + 1, 0.1, 0.5);
-    assert!(e.eval_received(c0, &too_many, t).is_empty());
+    // Each kind of invalid result is answered, and ends that client's part
+    // in the evaluation at once (checked on a copy of the engine each time).
+    for bad in [
+        eval_result(t0e, 50, 0.1, 1.5),
+        eval_result(t0e, 50, 0.1, -0.1),
+        eval_result(t0e, 50, f64::NAN, 0.5),
+        eval_result(t0e, 50, f64::INFINITY, 0.5),
+        eval_result(t0e, 50, -1.0, 0.5),
+        eval_result(t0e, MAX_EXAMPLES_PER_UPDATE + 1, 0.1, 0.5),
+        eval_result(t0e, 0, 0.1, 0.5),
+    ] {
+        let mut copy = e.clone();
+        let actions = copy.eval_received(c0, &bad, t);
+        assert!(
+            matches!(&actions[..], [Action::EvalRejected { client, task_id, .. }] if client == c0 && *task_id == t0e.task_id),
+            "{bad:?}: {actions:?}"
+        );
+        // c1's answer now closes the evaluation without waiting for c0.
+        let actions = copy.eval_received(c1, &eval_result(t1e, 8, 1.0, 0.25), t);
+        assert_eq!(outcomes(&actions).len(), 1, "{actions:?}");
+    }
 
     // The real ones: 24 examples at loss 0.5 / acc 0.75, 8 at 1.0 / 0.25.
     assert!(
@@ -1138,7 +1167,7 @@ fn evaluation_deadline_closes_with_what_arrived() {
     let t0 = Instant::now();
     let mut cfg = config();
     cfg.min_available_clients = 4;
-    cfg.fraction_evaluate = 0.75;
+    cfg.fraction_evaluate = 1.0;
     let mut e = RoundEngine::new(cfg, vec![0.0; 2], 0);
     let r1 = fits(&join_all(&mut e, 4, t0));
     let mut actions = Vec::new();
@@ -1146,16 +1175,18 @@ fn evaluation_deadline_closes_with_what_arrived() {
         actions = answer(&mut e, f, 1, &[1.0, 1.0], t0);
     }
     let ev = evals(&actions);
-    assert_eq!(ev.len(), 3);
-    // One answers, one fails, one says nothing (or only nonsense).
+    assert_eq!(ev.len(), 4);
+    // One answers, one fails, one sends nonsense (and is dropped from the
+    // evaluation), one says nothing.
     assert!(
         e.eval_received(&ev[0].0, &eval_result(&ev[0].1, 10, 2.0, 0.5), t0)
             .is_empty()
     );
     assert!(e.task_failed(&ev[1].0, ev[1].1.task_id, t0).is_empty());
+    let actions = e.eval_received(&ev[2].0, &eval_result(&ev[2].1, 10, 2.0, 7.0), t0);
     assert!(
-        e.eval_received(&ev[2].0, &eval_result(&ev[2].1, 10, 2.0, 7.0), t0)
-            .is_empty()
+        matches!(&actions[..], [Action::EvalRejected { .. }]),
+        "{actions:?}"
     );
     assert!(e.tick(t0 + secs(59)).is_empty());
     let actions = e.tick(t0 + DEADLINE);
@@ -1214,6 +1245,7 @@ fn five_thousand_clients_twenty_rounds() {
         min_evaluate_clients: 0,
         max_round_retries: 0,
         seed: 2024,
+        updates: permissive(),
     };
     let mut e = RoundEngine::new(cfg, vec![0.0; 4], 0);
     let mut pending = join_all(&mut e, 5000, t0);

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod logging;
 pub mod server;
 pub mod setup;
 pub mod strategy;
@@ -14,4 +15,4 @@ mod engine_tests;
 pub use config::AggregatorConfig;
 pub use engine::{Action, EngineConfig, RoundEngine, RoundOutcome};
 pub use server::{CentralEval, RoundRecord, RunSummary, Server, ServerError, ServerSetup};
-pub use setup::{SetupError, setup_from_config};
+pub use setup::{SetupError, StartMode, setup_from_config};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fedquic_aggregator::{AggregatorConfig, Server, setup_from_config};
+use fedquic_aggregator::{AggregatorConfig, Server, StartMode, setup_from_config};
 
 #[derive(Parser)]
 #[command(
@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the aggregator daemon until its last round (Ctrl-C stops it cleanly).
+    /// Run the aggregator daemon until its last round (Ctrl-C or SIGTERM stops
+    /// it cleanly; completed rounds are checkpointed).
     Run {
         /// TOML config (see examples/aggregator.toml); defaults apply without one.
         #[arg(long)]
@@ -34,9 +35,15 @@ enum Command {
         /// Directory for checkpoints and metrics (overrides `state.dir`).
         #[arg(long)]
         state_dir: Option<PathBuf>,
-        /// Continue from the newest valid checkpoint in the state directory.
-        #[arg(long)]
+        /// Continue from the newest valid checkpoint in the state directory
+        /// (fails if checkpoints exist but none is valid).
+        #[arg(long, conflicts_with = "fresh")]
         resume: bool,
+        /// Start a new run even though the state directory holds an earlier
+        /// one: its checkpoints and metrics are moved to STATE/archive/<time>/.
+        /// Without --fresh or --resume a non-empty state directory is refused.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Manage the PKI: the CA, the aggregator's certificate, client certificates.
     Certs {
@@ -79,6 +86,23 @@ enum CertsCommand {
     },
 }
 
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, the signal systemd and Kubernetes
+/// stop services with: both stop the aggregator cleanly.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    #[cfg(unix)]
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(async move {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received: stopping"),
+            _ = term.recv() => tracing::info!("SIGTERM received: stopping"),
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -95,6 +119,7 @@ fn main() -> anyhow::Result<()> {
             certs,
             state_dir,
             resume,
+            fresh,
         } => {
             let mut cfg = match &config {
                 Some(path) => AggregatorConfig::from_file(path)?,
@@ -112,13 +137,15 @@ fn main() -> anyhow::Result<()> {
             cfg.validate()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
-                let setup = setup_from_config(&cfg, resume)?;
+                let mode = match (resume, fresh) {
+                    (true, _) => StartMode::Resume,
+                    (false, true) => StartMode::Fresh,
+                    (false, false) => StartMode::New,
+                };
+                let setup = setup_from_config(&cfg, mode)?;
                 let server = Server::bind(setup)?;
-                let summary = server
-                    .run(async {
-                        let _ = tokio::signal::ctrl_c().await;
-                    })
-                    .await?;
+                let stop = stop_signal()?;
+                let summary = server.run(stop).await?;
                 if summary.finished {
                     println!("run complete: {} rounds", summary.rounds_completed);
                 } else {

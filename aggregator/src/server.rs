@@ -6,7 +6,7 @@
 //! accumulator as soon as they are complete and valid, so memory is
 //! O(model x max_inflight_updates) whatever the number of clients.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,11 +24,15 @@ use fedquic_protocol::{
 use fedquic_train::{Dataset, Model};
 use serde::Serialize;
 use thiserror::Error;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::checkpoint::{CheckpointError, CheckpointStore};
-use crate::engine::{Action, ClientId, EngineConfig, RoundEngine, RoundOutcome};
+use crate::checkpoint::{CheckpointError, CheckpointHeader, CheckpointStore};
+use crate::engine::{
+    Action, ClientId, EngineConfig, EngineState, RejectCause, RoundEngine, RoundOutcome,
+};
+use crate::logging::{LogBudget, MAX_LOGGED_CHARS, sanitize};
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -61,14 +65,24 @@ pub struct ServerSetup {
     pub model_spec: String,
     pub layout: Vec<TensorMeta>,
     pub initial_model: Vec<f32>,
-    /// Rounds already completed (non-zero when resuming).
-    pub completed_rounds: u64,
+    /// The checkpointed engine state to continue from (`None`: a fresh run).
+    pub resume: Option<EngineState>,
+    /// Identifies this run in every checkpoint.
+    pub run_id: String,
     pub central_eval: Option<CentralEval>,
     pub checkpoints: Option<CheckpointStore>,
     pub metrics_path: Option<PathBuf>,
     pub max_clients: usize,
     pub max_inflight_updates: usize,
     pub handshake_timeout: Duration,
+    /// Time a client has to send an update stream's header.
+    pub header_timeout: Duration,
+    /// An upload must finish within `upload_grace` plus its size at
+    /// `min_upload_bytes_per_sec`.
+    pub upload_grace: Duration,
+    pub min_upload_bytes_per_sec: f64,
+    /// Log lines about one client's misbehaviour per minute.
+    pub client_log_lines_per_minute: u32,
     /// Receives each round's record as soon as it is written (progress bars).
     pub records: Option<mpsc::UnboundedSender<RoundRecord>>,
     /// When set, only these client names are admitted.
@@ -98,18 +112,33 @@ impl ServerSetup {
             model_spec: layout.to_string(),
             layout: layout.wire_layout(),
             initial_model,
-            completed_rounds: 0,
+            resume: None,
+            run_id: new_run_id(),
             central_eval: None,
             checkpoints: None,
             metrics_path: None,
             max_clients: limits.max_clients,
             max_inflight_updates: limits.max_inflight_updates,
             handshake_timeout: Duration::from_secs_f64(limits.handshake_timeout_secs),
+            header_timeout: Duration::from_secs_f64(limits.header_timeout_secs),
+            upload_grace: Duration::from_secs_f64(limits.upload_grace_secs),
+            min_upload_bytes_per_sec: limits.min_upload_bytes_per_sec,
+            client_log_lines_per_minute: limits.client_log_lines_per_minute,
             records: None,
             allowlist: None,
             reset_secret: None,
         }
     }
+}
+
+/// A fresh run id: the time and 64 random bits, in hex. Not a learning
+/// choice, so it needs no seed.
+pub fn new_run_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{now:x}-{:016x}", rand::random::<u64>())
 }
 
 /// One line of the metrics file.
@@ -194,10 +223,20 @@ enum ToHub {
         header: TensorHeader,
         delta: PooledBuffer,
     },
+    /// May this client upload for this task now? Answered with the fit
+    /// epoch the upload belongs to, or refused (the hub tells the client).
+    UploadRequest {
+        client: ClientId,
+        conn_id: u64,
+        round: u64,
+        task_id: u64,
+        reply: oneshot::Sender<Result<u64, ()>>,
+    },
     UpdateFailed {
         client: ClientId,
         conn_id: u64,
         task_id: Option<u64>,
+        cause: RejectCause,
         reason: String,
     },
     TaskFailed {
@@ -237,6 +276,11 @@ struct Shared {
     connected: AtomicUsize,
     max_clients: usize,
     handshake_timeout: Duration,
+    header_timeout: Duration,
+    upload_grace: Duration,
+    min_upload_rate: f64,
+    /// The hub's fit epoch: uploads end when it moves on.
+    fit_epochs: watch::Receiver<u64>,
     allowlist: Option<std::collections::HashSet<String>>,
     bytes_down: AtomicU64,
     bytes_up: AtomicU64,
@@ -282,6 +326,7 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, ServerError> {
         let Server { endpoint, setup } = self;
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
+        let (epoch_tx, epoch_rx) = watch::channel(0u64);
         let values = setup.initial_model.len();
         let shared = Arc::new(Shared {
             model_spec: setup.model_spec.clone(),
@@ -296,6 +341,10 @@ impl Server {
             connected: AtomicUsize::new(0),
             max_clients: setup.max_clients,
             handshake_timeout: setup.handshake_timeout,
+            header_timeout: setup.header_timeout,
+            upload_grace: setup.upload_grace,
+            min_upload_rate: setup.min_upload_bytes_per_sec.max(1.0),
+            fit_epochs: epoch_rx,
             allowlist: setup.allowlist.clone(),
             bytes_down: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
@@ -306,9 +355,49 @@ impl Server {
             model = %setup.model_spec, params = values, "aggregator listening"
         );
         let acceptor = tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared)));
-        let result = Hub::new(setup, Arc::clone(&shared))
-            .run(hub_rx, shutdown)
-            .await;
+        // The hub folds updates, applies the server step, evaluates and
+        // encodes checkpoints: CPU-heavy work that must not block the
+        // runtime that moves every connection's bytes. It gets a thread and
+        // a single-threaded runtime of its own.
+        let hub = Hub::new(setup, Arc::clone(&shared), epoch_tx);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (done_tx, done_rx) = oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("fedquic-hub".into())
+            .spawn(move || {
+                let result = match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(hub.run(hub_rx, async {
+                        let _ = stop_rx.await;
+                    })),
+                    Err(e) => Err(ServerError::Setup(format!("cannot start the hub: {e}"))),
+                };
+                let _ = done_tx.send(result);
+            });
+        let result = match spawned {
+            Err(e) => Err(ServerError::Setup(format!(
+                "cannot start the hub thread: {e}"
+            ))),
+            Ok(_) => {
+                tokio::pin!(shutdown);
+                tokio::pin!(done_rx);
+                let mut stop_tx = Some(stop_tx);
+                loop {
+                    tokio::select! {
+                        done = &mut done_rx => break done.unwrap_or_else(|_| {
+                            Err(ServerError::Setup("the hub thread panicked".into()))
+                        }),
+                        _ = &mut shutdown, if stop_tx.is_some() => {
+                            if let Some(tx) = stop_tx.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                    }
+                }
+            }
+        };
         acceptor.abort();
         // Let the goodbyes reach the clients, then close what is left.
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -444,10 +533,14 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     }
     info!(%client, %remote, "client connected");
 
+    // Every task this session starts (the control-stream reader, model
+    // sends, update receivers) lives in `tasks` and is aborted when the
+    // session ends, so nothing keeps the connection alive after it.
+    let mut tasks = JoinSet::new();
     // The control stream is read by its own task: reads are not cancel-safe
     // inside select!, channel receives are.
     let (msg_tx, mut messages) = mpsc::channel(16);
-    let reader = tokio::spawn(async move {
+    tasks.spawn(async move {
         loop {
             let msg = read_message(&mut recv).await;
             let stop = !matches!(msg, Ok(Some(_)));
@@ -466,7 +559,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                     }
                     let conn = conn.clone();
                     let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
+                    tasks.spawn(async move {
                         match send_shared_tensors(&conn, &header, model).await {
                             Ok(bytes) => { shared.bytes_down.fetch_add(bytes, Ordering::Relaxed); }
                             Err(e) => debug!(error = %e, "model transfer failed"),
@@ -495,9 +588,11 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                     let _ = shared.hub.send(ToHub::TaskFailed { client: client.clone(), conn_id, task_id, reason });
                 }
                 Some(Ok(Some(Message::Heartbeat))) => {}
-                Some(Ok(Some(Message::Bye { reason, .. }))) => break format!("client said bye: {reason:.80}"),
+                Some(Ok(Some(Message::Bye { reason, .. }))) => {
+                    break format!("client said bye: {}", sanitize(&reason, 80));
+                }
                 Some(Ok(Some(other))) => {
-                    let reason = format!("unexpected message from client: {other:?}");
+                    let reason = format!("unexpected message from client: {:.80}", format!("{other:?}"));
                     reject(&conn, &mut send, &client, &reason, None).await;
                     break reason;
                 }
@@ -511,14 +606,17 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             },
             uni = conn.accept_uni() => match uni {
                 Ok(stream) => {
-                    tokio::spawn(receive_update(stream, client.clone(), conn_id, Arc::clone(&shared)));
+                    tasks.spawn(receive_update(stream, client.clone(), conn_id, Arc::clone(&shared)));
                 }
                 Err(e) => break format!("connection lost: {e}"),
             },
+            // Reap finished tasks so the set does not grow over a long session.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
     };
-    reader.abort();
-    info!(%client, reason = %end_reason, "client disconnected");
+    tasks.abort_all();
+    conn.close(0u32.into(), b"session ended");
+    info!(%client, reason = %sanitize(&end_reason, MAX_LOGGED_CHARS), "client disconnected");
     let _ = shared.hub.send(ToHub::Left { client, conn_id });
 }
 
@@ -529,7 +627,7 @@ async fn reject(
     reason: &str,
     retry_after_ms: Option<u64>,
 ) {
-    warn!(%client, %reason, "rejecting client");
+    warn!(%client, reason = %sanitize(reason, MAX_LOGGED_CHARS), "rejecting client");
     let msg = Message::Reject(Reject {
         reason: reason.to_string(),
         retry_after_ms,
@@ -540,43 +638,124 @@ async fn reject(
     conn.close(3u32.into(), b"rejected");
 }
 
+/// QUIC error code on update streams the aggregator stops reading.
+const STREAM_REFUSED: u32 = 1;
+
+/// Resolves once the fit phase that `epoch` names has closed (or the hub is
+/// gone): the upload is for a round that no longer collects updates.
+async fn fit_phase_closed(mut epochs: watch::Receiver<u64>, epoch: u64) {
+    loop {
+        if *epochs.borrow_and_update() != epoch {
+            return;
+        }
+        if epochs.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Reads one update stream into a pooled buffer, validating as it goes, and
-/// hands it to the hub. Nothing reaches the accumulator unless the whole
-/// update arrived and passed every check.
+/// hands it to the hub. The header must arrive within the header timeout,
+/// and the hub must confirm that the round and task are current and that
+/// this client owes this update and has no other upload in flight, before a
+/// buffer is taken. The body must then arrive within its deadline, and the
+/// read is cut off when the round closes. Nothing reaches the accumulator
+/// unless the whole update arrived and passed every check.
 async fn receive_update(
     mut stream: quinn::RecvStream,
     client: ClientId,
     conn_id: u64,
     shared: Arc<Shared>,
 ) {
-    let fail = |task_id: Option<u64>, reason: String| {
+    let fail = |task_id: Option<u64>, cause: RejectCause, reason: String| {
         let _ = shared.hub.send(ToHub::UpdateFailed {
             client: client.clone(),
             conn_id,
             task_id,
+            cause,
             reason,
         });
     };
-    let header = match read_tensor_header(&mut stream, &shared.limits).await {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = stream.stop(1u32.into());
-            return fail(None, format!("bad update header: {e}"));
+    let header = match tokio::time::timeout(
+        shared.header_timeout,
+        read_tensor_header(&mut stream, &shared.limits),
+    )
+    .await
+    {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return fail(
+                None,
+                RejectCause::Malformed,
+                format!("bad update header: {e}"),
+            );
+        }
+        Err(_) => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return fail(
+                None,
+                RejectCause::UploadTimeout,
+                format!(
+                    "no update header within {:.0} s",
+                    shared.header_timeout.as_secs_f64()
+                ),
+            );
         }
     };
     if header.kind != StreamKind::Update {
-        let _ = stream.stop(1u32.into());
-        return fail(Some(header.task_id), "expected an update stream".into());
+        let _ = stream.stop(STREAM_REFUSED.into());
+        return fail(
+            Some(header.task_id),
+            RejectCause::Malformed,
+            "expected an update stream".into(),
+        );
     }
     if let Err(e) = header.check_layout(&shared.layout) {
-        let _ = stream.stop(1u32.into());
-        return fail(Some(header.task_id), e.to_string());
+        let _ = stream.stop(STREAM_REFUSED.into());
+        return fail(Some(header.task_id), RejectCause::Malformed, e.to_string());
     }
-    let Some(mut delta) = shared.pool.acquire().await else {
-        return;
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let asked = shared.hub.send(ToHub::UploadRequest {
+        client: client.clone(),
+        conn_id,
+        round: header.round,
+        task_id: header.task_id,
+        reply: reply_tx,
+    });
+    let epoch = match (asked, reply_rx.await) {
+        (Ok(()), Ok(Ok(epoch))) => epoch,
+        // The hub refused (and told the client why), or is gone.
+        _ => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return;
+        }
     };
-    match read_tensor_body(&mut stream, &header, &mut delta.buf).await {
-        Ok(()) => {
+    let closed = fit_phase_closed(shared.fit_epochs.clone(), epoch);
+    tokio::pin!(closed);
+    let mut delta = tokio::select! {
+        buffer = shared.pool.acquire() => match buffer {
+            Some(b) => b,
+            None => return,
+        },
+        _ = &mut closed => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return;
+        }
+    };
+    let deadline = shared.upload_grace
+        + Duration::from_secs_f64(header.body_len as f64 / shared.min_upload_rate);
+    let body = tokio::select! {
+        body = tokio::time::timeout(deadline, read_tensor_body(&mut stream, &header, &mut delta.buf)) => body,
+        _ = &mut closed => {
+            // The round closed while this upload was in flight: free the
+            // buffer now, there is nothing to fold it into.
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return;
+        }
+    };
+    match body {
+        Ok(Ok(())) => {
             shared
                 .bytes_up
                 .fetch_add(header.body_len, Ordering::Relaxed);
@@ -587,9 +766,25 @@ async fn receive_update(
                 delta,
             });
         }
-        Err(e) => {
-            let _ = stream.stop(1u32.into());
-            fail(Some(header.task_id), format!("update discarded: {e}"));
+        Ok(Err(e)) => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            fail(
+                Some(header.task_id),
+                RejectCause::Malformed,
+                format!("update discarded: {e}"),
+            );
+        }
+        Err(_) => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            fail(
+                Some(header.task_id),
+                RejectCause::UploadTimeout,
+                format!(
+                    "update of {} bytes not received within {:.0} s",
+                    header.body_len,
+                    deadline.as_secs_f64()
+                ),
+            );
         }
     }
 }
@@ -606,12 +801,22 @@ struct Hub {
     records: Vec<RoundRecord>,
     started: Instant,
     round_started: Option<Instant>,
+    run_id: String,
+    /// Clients with an upload in flight (at most one each).
+    uploading: HashSet<ClientId>,
+    fit_epoch: watch::Sender<u64>,
+    log_budgets: HashMap<ClientId, LogBudget>,
+    log_lines_per_minute: u32,
 }
 
 impl Hub {
-    fn new(setup: ServerSetup, shared: Arc<Shared>) -> Hub {
+    fn new(setup: ServerSetup, shared: Arc<Shared>, fit_epoch: watch::Sender<u64>) -> Hub {
+        let engine = match setup.resume {
+            Some(state) => RoundEngine::resume(setup.engine, setup.initial_model, state),
+            None => RoundEngine::new(setup.engine, setup.initial_model, 0),
+        };
         Hub {
-            engine: RoundEngine::new(setup.engine, setup.initial_model, setup.completed_rounds),
+            engine,
             shared,
             clients: HashMap::new(),
             model_spec: setup.model_spec,
@@ -622,6 +827,43 @@ impl Hub {
             records: Vec::new(),
             started: Instant::now(),
             round_started: None,
+            run_id: setup.run_id,
+            uploading: HashSet::new(),
+            fit_epoch,
+            log_budgets: HashMap::new(),
+            log_lines_per_minute: setup.client_log_lines_per_minute,
+        }
+    }
+
+    /// Whether a line about this client may be logged now (each client has
+    /// a budget of lines per minute); says how many were held back.
+    fn may_log(&mut self, client: &str) -> Option<u64> {
+        let now = Instant::now();
+        let per_minute = self.log_lines_per_minute;
+        self.log_budgets
+            .entry(client.to_string())
+            .or_insert_with(|| LogBudget::new(per_minute, now))
+            .allow(now)
+    }
+
+    fn warn_rejected(&mut self, client: &str, task_id: u64, reason: &str, what: &str) {
+        if let Some(suppressed) = self.may_log(client) {
+            warn!(
+                %client,
+                task_id,
+                reason = %sanitize(reason, MAX_LOGGED_CHARS),
+                suppressed,
+                "{what}"
+            );
+        }
+    }
+
+    /// Tells upload tasks of a closed fit phase to stop.
+    fn publish_fit_epoch(&mut self) {
+        let epoch = self.engine.fit_epoch();
+        if *self.fit_epoch.borrow() != epoch {
+            self.uploading.clear();
+            self.fit_epoch.send_replace(epoch);
         }
     }
 
@@ -649,11 +891,14 @@ impl Hub {
                 }
             };
             outcome = self.execute(actions).await;
+            self.publish_fit_epoch();
         }
         let finished = match outcome {
             Some(Ok(finished)) => finished,
             Some(Err(e)) => {
-                self.close_all(&format!("run aborted: {e}"), true);
+                // Not "finished": clients keep retrying, so they come back
+                // when the aggregator is fixed and resumed.
+                self.close_all(&format!("run aborted: {e}"), false);
                 return Err(e);
             }
             None => false,
@@ -695,6 +940,8 @@ impl Hub {
             ToHub::Left { client, conn_id } => {
                 if self.is_current(&client, conn_id) {
                     self.clients.remove(&client);
+                    self.uploading.remove(&client);
+                    self.log_budgets.remove(&client);
                     self.engine.client_left(&client, now)
                 } else {
                     Vec::new()
@@ -709,6 +956,7 @@ impl Hub {
                 if !self.is_current(&client, conn_id) {
                     return Vec::new();
                 }
+                self.uploading.remove(&client);
                 self.engine.update_received(
                     &client,
                     header.task_id,
@@ -720,16 +968,56 @@ impl Hub {
                 )
                 // `delta` goes back to the pool here.
             }
+            ToHub::UploadRequest {
+                client,
+                conn_id,
+                round,
+                task_id,
+                reply,
+            } => {
+                if !self.is_current(&client, conn_id) {
+                    let _ = reply.send(Err(()));
+                    return Vec::new();
+                }
+                let verdict = self
+                    .engine
+                    .check_upload(&client, round, task_id)
+                    .and_then(|()| match self.uploading.contains(&client) {
+                        true => Err((
+                            RejectCause::UploadBusy,
+                            "another upload from this client is in flight".into(),
+                        )),
+                        false => Ok(()),
+                    });
+                match verdict {
+                    Ok(()) => {
+                        self.uploading.insert(client);
+                        let _ = reply.send(Ok(self.engine.fit_epoch()));
+                        Vec::new()
+                    }
+                    Err((cause, reason)) => {
+                        let _ = reply.send(Err(()));
+                        self.warn_rejected(&client, task_id, &reason, "upload refused");
+                        self.send(&client, Message::UpdateRejected { task_id, reason });
+                        // Counted, but the client keeps the task it holds.
+                        self.engine.update_failed(&client, None, cause, now)
+                    }
+                }
+            }
             ToHub::UpdateFailed {
                 client,
                 conn_id,
                 task_id,
+                cause,
                 reason,
             } => {
                 if !self.is_current(&client, conn_id) {
                     return Vec::new();
                 }
-                warn!(%client, ?task_id, %reason, "update rejected");
+                if task_id.is_some_and(|t| self.engine.is_pending(&client, t)) {
+                    self.uploading.remove(&client);
+                }
+                self.warn_rejected(&client, task_id.unwrap_or(0), &reason, "update rejected");
                 self.send(
                     &client,
                     Message::UpdateRejected {
@@ -737,10 +1025,7 @@ impl Hub {
                         reason,
                     },
                 );
-                match task_id {
-                    Some(task_id) => self.engine.task_failed(&client, task_id, now),
-                    None => Vec::new(),
-                }
+                self.engine.update_failed(&client, task_id, cause, now)
             }
             ToHub::TaskFailed {
                 client,
@@ -748,10 +1033,13 @@ impl Hub {
                 task_id,
                 reason,
             } => {
-                if !self.is_current(&client, conn_id) {
+                // Messages about tasks the client does not hold are ignored
+                // without a log line: they cost an attacker nothing.
+                if !self.is_current(&client, conn_id) || !self.engine.is_pending(&client, task_id) {
                     return Vec::new();
                 }
-                warn!(%client, task_id, %reason, "client failed its task");
+                self.warn_rejected(&client, task_id, &reason, "client failed its task");
+                self.uploading.remove(&client);
                 self.engine.task_failed(&client, task_id, now)
             }
             ToHub::Eval {
@@ -759,7 +1047,9 @@ impl Hub {
                 conn_id,
                 result,
             } => {
-                if !self.is_current(&client, conn_id) {
+                if !self.is_current(&client, conn_id)
+                    || !self.engine.is_pending(&client, result.task_id)
+                {
                     return Vec::new();
                 }
                 self.engine.eval_received(&client, &result, now)
@@ -824,8 +1114,19 @@ impl Hub {
                     task_id,
                     reason,
                 } => {
-                    warn!(%client, task_id, %reason, "update rejected");
+                    self.warn_rejected(&client, task_id, &reason, "update rejected");
                     self.send(&client, Message::UpdateRejected { task_id, reason });
+                }
+                Action::EvalRejected {
+                    client,
+                    task_id,
+                    reason,
+                } => {
+                    self.warn_rejected(&client, task_id, &reason, "evaluation result rejected");
+                    self.send(&client, Message::UpdateRejected { task_id, reason });
+                }
+                Action::RoundNotCommitted { round, reason } => {
+                    warn!(round, %reason, "round not committed: the global model is unchanged");
                 }
                 Action::RoundRetry {
                     round,
@@ -842,7 +1143,7 @@ impl Hub {
                     );
                 }
                 Action::RoundFinished(outcome) => {
-                    if let Err(e) = self.finish_round(outcome).await {
+                    if let Err(e) = self.finish_round(*outcome).await {
                         return Some(Err(e));
                     }
                 }
@@ -901,18 +1202,6 @@ impl Hub {
             }
             record.central_eval_seconds = t.elapsed().as_secs_f64();
         }
-        if let Some(store) = self.checkpoints.clone() {
-            let t = Instant::now();
-            let (round, spec, model) = (
-                record.outcome.round,
-                self.model_spec.clone(),
-                Arc::clone(&global),
-            );
-            tokio::task::spawn_blocking(move || store.save(round, &spec, &model))
-                .await
-                .map_err(|e| ServerError::Setup(format!("checkpoint task failed: {e}")))??;
-            record.checkpoint_seconds = t.elapsed().as_secs_f64();
-        }
         let now = Instant::now();
         record.seconds = self
             .round_started
@@ -920,6 +1209,33 @@ impl Hub {
             .map(|t| now.duration_since(t).as_secs_f64())
             .unwrap_or(0.0);
         record.elapsed_seconds = now.duration_since(self.started).as_secs_f64();
+        if let Some(store) = self.checkpoints.clone() {
+            // The checkpoint carries this round's metrics line, so a crash
+            // before the line reaches metrics.jsonl loses nothing: resume
+            // restores it.
+            let metrics_line = serde_json::to_string(&record).map_err(|e| {
+                ServerError::Setup(format!("cannot encode the round's metrics: {e}"))
+            })?;
+            let header = CheckpointHeader {
+                run_id: self.run_id.clone(),
+                round: record.outcome.round,
+                model_spec: self.model_spec.clone(),
+                values: global.len() as u64,
+                unix_time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                engine: record.outcome.state.clone(),
+                strategy: Vec::new(),
+                metrics_line,
+            };
+            let t = Instant::now();
+            let model = Arc::clone(&global);
+            tokio::task::spawn_blocking(move || store.save(&header, &model))
+                .await
+                .map_err(|e| ServerError::Setup(format!("checkpoint task failed: {e}")))??;
+            record.checkpoint_seconds = t.elapsed().as_secs_f64();
+        }
         info!(
             round = record.outcome.round,
             answered = record.outcome.clients_answered,

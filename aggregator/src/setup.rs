@@ -2,6 +2,8 @@
 //! loads certificates, the model, the central test set and, on resume, the
 //! newest valid checkpoint.
 
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +32,21 @@ pub enum SetupError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "state directory {dir} already holds a run ({what}); pass --resume to continue it, \
+         or --fresh to archive it and start a new run"
+    )]
+    StateInUse {
+        dir: std::path::PathBuf,
+        what: String,
+    },
+    #[error("--resume: no valid checkpoint in {dir}; rejected: {rejected}")]
+    NoValidCheckpoint {
+        dir: std::path::PathBuf,
+        rejected: String,
+    },
+    #[error("state directory: {0}")]
+    State(String),
     #[error("checkpoint {path} is for model '{found}', but the config says '{expected}'")]
     ModelMismatch {
         path: std::path::PathBuf,
@@ -38,9 +55,23 @@ pub enum SetupError {
     },
 }
 
+/// How a run treats what its state directory already holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartMode {
+    /// A new run; refused if the state directory holds another run's
+    /// checkpoints or metrics.
+    New,
+    /// A new run; another run's checkpoints and metrics are moved to
+    /// `archive/<time>/` inside the state directory first (nothing is deleted).
+    Fresh,
+    /// Continue from the newest valid checkpoint; fail if checkpoints exist
+    /// but none is valid.
+    Resume,
+}
+
 pub fn setup_from_config(
     config: &AggregatorConfig,
-    resume: bool,
+    mode: StartMode,
 ) -> Result<ServerSetup, SetupError> {
     let layout: ParamLayout = config.model.spec.parse().map_err(SetupError::Model)?;
     let roots = tls::load_ca_file(&config.ca_path())?;
@@ -66,15 +97,34 @@ pub fn setup_from_config(
         path: config.state.dir.clone(),
         source,
     })?;
-    let store = CheckpointStore::open(config.checkpoint_dir(), config.state.keep_checkpoints)?;
+    let checkpoint_dir = config.checkpoint_dir();
+    let metrics_path = config.metrics_path();
+    let existing = existing_state(&checkpoint_dir, &metrics_path)?;
+    match (mode, existing.is_empty()) {
+        (StartMode::New, false) => {
+            return Err(SetupError::StateInUse {
+                dir: config.state.dir.clone(),
+                what: existing.describe(),
+            });
+        }
+        (StartMode::Fresh, false) => {
+            let archive = archive_state(&config.state.dir, &existing, &metrics_path)?;
+            info!(archive = %archive.display(), "previous run archived");
+        }
+        _ => {}
+    }
+    let store = CheckpointStore::open(&checkpoint_dir, config.state.keep_checkpoints)?;
     let mut initial_model = layout
         .initial_parameters(config.model.seed)
         .map_err(SetupError::Model)?;
-    let mut completed_rounds = 0;
-    if resume {
-        let latest = store.latest_valid(
-            |path, e| warn!(path = %path.display(), error = %e, "skipping checkpoint"),
-        )?;
+    let mut resume = None;
+    let mut run_id = crate::server::new_run_id();
+    if mode == StartMode::Resume {
+        let mut rejected = Vec::new();
+        let latest = store.latest_valid(|path, e| {
+            warn!(path = %path.display(), error = %e, "skipping checkpoint");
+            rejected.push(format!("{}: {e}", path.display()));
+        })?;
         match latest {
             Some(ckpt) => {
                 let found: Result<ParamLayout, _> = ckpt.header.model_spec.parse();
@@ -85,9 +135,21 @@ pub fn setup_from_config(
                         expected: config.model.spec.clone(),
                     });
                 }
-                info!(round = ckpt.header.round, "resuming from checkpoint");
-                completed_rounds = ckpt.header.round;
+                info!(
+                    round = ckpt.header.round,
+                    run = %ckpt.header.run_id,
+                    "resuming from checkpoint"
+                );
+                reconcile_metrics(&metrics_path, ckpt.header.round, &ckpt.header.metrics_line)?;
+                run_id = ckpt.header.run_id.clone();
+                resume = Some(ckpt.header.engine.clone());
                 initial_model = ckpt.model;
+            }
+            None if !rejected.is_empty() => {
+                return Err(SetupError::NoValidCheckpoint {
+                    dir: store.dir().to_path_buf(),
+                    rejected: rejected.join("; "),
+                });
             }
             None => {
                 info!(dir = %store.dir().display(), "no checkpoint to resume from: starting at round 1")
@@ -122,16 +184,167 @@ pub fn setup_from_config(
         model_spec: layout.to_string(),
         layout: layout.wire_layout(),
         initial_model,
-        completed_rounds,
+        resume,
+        run_id,
         central_eval,
         checkpoints: Some(store),
         metrics_path: Some(config.metrics_path()),
         max_clients: config.limits.max_clients,
         max_inflight_updates: config.limits.max_inflight_updates,
         handshake_timeout: Duration::from_secs_f64(config.limits.handshake_timeout_secs),
+        header_timeout: Duration::from_secs_f64(config.limits.header_timeout_secs),
+        upload_grace: Duration::from_secs_f64(config.limits.upload_grace_secs),
+        min_upload_bytes_per_sec: config.limits.min_upload_bytes_per_sec,
+        client_log_lines_per_minute: config.limits.client_log_lines_per_minute,
         records: None,
         allowlist: (!config.admission.allowlist.is_empty())
             .then(|| config.admission.allowlist.iter().cloned().collect()),
         reset_secret: Some(reset_secret),
     })
+}
+
+/// What a state directory already holds from an earlier run.
+#[derive(Debug, Default)]
+struct ExistingState {
+    checkpoints: Vec<PathBuf>,
+    metrics: bool,
+}
+
+impl ExistingState {
+    fn is_empty(&self) -> bool {
+        self.checkpoints.is_empty() && !self.metrics
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.checkpoints.is_empty() {
+            parts.push(format!("{} checkpoint file(s)", self.checkpoints.len()));
+        }
+        if self.metrics {
+            parts.push("a metrics file".to_string());
+        }
+        parts.join(" and ")
+    }
+}
+
+fn state_err(what: &str, path: &Path, e: std::io::Error) -> SetupError {
+    SetupError::State(format!("{what} {}: {e}", path.display()))
+}
+
+fn existing_state(checkpoint_dir: &Path, metrics_path: &Path) -> Result<ExistingState, SetupError> {
+    let mut found = ExistingState::default();
+    if checkpoint_dir.is_dir() {
+        let entries = fs::read_dir(checkpoint_dir)
+            .map_err(|e| state_err("cannot read", checkpoint_dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| state_err("cannot read", checkpoint_dir, e))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("round-") && name.ends_with(".ckpt") {
+                found.checkpoints.push(entry.path());
+            }
+        }
+        found.checkpoints.sort();
+    }
+    found.metrics = fs::metadata(metrics_path).is_ok_and(|m| m.len() > 0);
+    Ok(found)
+}
+
+/// Moves an earlier run's checkpoints and metrics into
+/// `STATE/archive/<unix time>[-n]/`, so a fresh run never mixes with it and
+/// nothing is lost.
+fn archive_state(
+    state_dir: &Path,
+    existing: &ExistingState,
+    metrics_path: &Path,
+) -> Result<PathBuf, SetupError> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let base = state_dir.join("archive");
+    let mut archive = base.join(now.to_string());
+    let mut n = 1;
+    while archive.exists() {
+        archive = base.join(format!("{now}-{n}"));
+        n += 1;
+    }
+    let checkpoints = archive.join("checkpoints");
+    fs::create_dir_all(&checkpoints).map_err(|e| state_err("cannot create", &checkpoints, e))?;
+    for path in &existing.checkpoints {
+        if let Some(name) = path.file_name() {
+            let to = checkpoints.join(name);
+            fs::rename(path, &to).map_err(|e| state_err("cannot archive", path, e))?;
+        }
+    }
+    if existing.metrics {
+        let to = archive.join("metrics.jsonl");
+        fs::rename(metrics_path, &to).map_err(|e| state_err("cannot archive", metrics_path, e))?;
+    }
+    Ok(archive)
+}
+
+/// Makes `metrics.jsonl` agree with the checkpoint of round `round`: one line
+/// per committed round up to it, no duplicates, nothing after it, and the
+/// checkpoint's own line restored if a crash lost it. The file is rewritten
+/// atomically, and the original kept beside it when anything changed.
+fn reconcile_metrics(path: &Path, round: u64, checkpoint_line: &str) -> Result<(), SetupError> {
+    let text = match fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(state_err("cannot read", path, e)),
+    };
+    let round_of = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("round").and_then(|r| r.as_u64()))
+    };
+    let mut by_round: std::collections::BTreeMap<u64, &str> = std::collections::BTreeMap::new();
+    let mut dropped = 0usize;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        match round_of(line) {
+            Some(r) if r <= round => {
+                if by_round.insert(r, line).is_some() {
+                    dropped += 1;
+                }
+            }
+            _ => dropped += 1,
+        }
+    }
+    let mut restored = false;
+    if !by_round.contains_key(&round) && round_of(checkpoint_line) == Some(round) {
+        by_round.insert(round, checkpoint_line);
+        restored = true;
+    }
+    let missing: Vec<u64> = (1..=round).filter(|r| !by_round.contains_key(r)).collect();
+    if !missing.is_empty() {
+        warn!(
+            path = %path.display(),
+            missing = missing.len(),
+            first = missing[0],
+            "metrics file lacks lines for some committed rounds (older than the checkpoint)"
+        );
+    }
+    if dropped == 0 && !restored {
+        return Ok(());
+    }
+    let mut out = String::new();
+    for line in by_round.values() {
+        out.push_str(line);
+        out.push('\n');
+    }
+    if path.exists() {
+        let backup = path.with_extension(format!("jsonl.before-resume-{round}"));
+        fs::copy(path, &backup).map_err(|e| state_err("cannot back up", path, e))?;
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    fs::write(&tmp, out).map_err(|e| state_err("cannot write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| state_err("cannot replace", path, e))?;
+    info!(
+        path = %path.display(),
+        restored_round = restored.then_some(round),
+        removed_lines = dropped,
+        "metrics file brought in line with the checkpoint"
+    );
+    Ok(())
 }

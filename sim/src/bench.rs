@@ -1,6 +1,7 @@
 //! `bench-overhead`: what the framework itself costs per round. K clients
 //! whose "training" adds a fixed delta to a P-parameter model (no
-//! learning), over the same QUIC + mutual TLS path as a real run. The
+//! learning; each client its own delta and example count, so the run checks
+//! the exact weighted mean), over the same QUIC + mutual TLS path as a real run. The
 //! aggregator runs in its own process (this binary, `bench-serve`), so its
 //! peak memory is measured apart from the clients'.
 
@@ -24,8 +25,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::pki::SERVER_NAME;
 
-/// The delta each benchmark client adds to every parameter.
+/// The unit of the deltas benchmark clients add to every parameter.
 pub const BENCH_DELTA: f32 = 1e-3;
+
+/// Client `i`'s delta and example count: distinct across clients, so that
+/// wrong weighting shows in the result.
+pub fn bench_update(i: usize) -> (f32, u64) {
+    (BENCH_DELTA * (1 + i % 7) as f32, 1 + (i % 5) as u64)
+}
+
+/// What every parameter moves by per round when clients `1..=clients` all
+/// answer: the example-weighted mean of their deltas.
+pub fn bench_expected_step(clients: usize) -> f64 {
+    let (sum, total) = (1..=clients)
+        .map(bench_update)
+        .fold((0.0, 0.0), |(s, t), (d, n)| {
+            (s + d as f64 * n as f64, t + n as f64)
+        });
+    sum / total
+}
+
+/// Largest difference from the exact weighted mean that passes (f32
+/// rounding of values around 1e-2 over a few rounds is far below it; equal
+/// weights instead of example weights would be off by 1e-5 per round).
+pub const BENCH_TOLERANCE: f64 = 1e-6;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct OverheadArgs {
@@ -74,14 +97,29 @@ pub struct ServeReport {
     /// From listening until every client was connected and round 1 began.
     pub setup_seconds: f64,
     pub clients_per_round: Vec<usize>,
-    /// Every parameter must have moved by exactly rounds x BENCH_DELTA.
+    /// Every parameter must have moved by exactly rounds x the weighted
+    /// mean of the clients' deltas ([`bench_expected_step`]).
     pub max_error: f64,
 }
 
-/// A "trainer" that adds [`BENCH_DELTA`] to every parameter.
-#[derive(Default)]
+/// A "trainer" that adds a fixed delta to every parameter and claims a fixed
+/// example count ([`bench_update`]).
 pub struct FixedDeltaTrainer {
     params: Vec<f32>,
+    delta: f32,
+    examples: u64,
+}
+
+impl FixedDeltaTrainer {
+    /// The trainer of benchmark client `i`.
+    pub fn for_client(i: usize) -> Self {
+        let (delta, examples) = bench_update(i);
+        FixedDeltaTrainer {
+            params: Vec::new(),
+            delta,
+            examples,
+        }
+    }
 }
 
 impl Trainer for FixedDeltaTrainer {
@@ -98,10 +136,10 @@ impl Trainer for FixedDeltaTrainer {
     }
     fn fit(&mut self, _config: &FitInstructions) -> Result<FitOutcome, TrainerError> {
         for p in &mut self.params {
-            *p += BENCH_DELTA;
+            *p += self.delta;
         }
         Ok(FitOutcome {
-            examples: 1,
+            examples: self.examples,
             metrics: Vec::new(),
         })
     }
@@ -178,6 +216,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             min_evaluate_clients: 0,
             max_round_retries: 0,
             seed: 0,
+            updates: Default::default(),
         };
         let setup = ServerSetup {
             max_clients: args.clients + 8,
@@ -194,7 +233,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let baseline_rss_bytes = rss_bytes();
         println!("LISTENING {}", server.local_addr()?);
         let summary = server.run(std::future::pending()).await?;
-        let expected = args.rounds as f64 * BENCH_DELTA as f64;
+        let expected = args.rounds as f64 * bench_expected_step(args.clients);
         let max_error = summary
             .final_model
             .iter()
@@ -321,7 +360,10 @@ impl ChildAggregator {
                     training_slots: None,
                     endpoint: Some(endpoint),
                 };
-                handles.push(tokio::spawn(run_client(opts, FixedDeltaTrainer::default())));
+                handles.push(tokio::spawn(run_client(
+                    opts,
+                    FixedDeltaTrainer::for_client(i),
+                )));
             }
             let mut failed = 0usize;
             let mut first_error = None;
@@ -353,9 +395,9 @@ impl ChildAggregator {
         client_result?;
         let report = report
             .with_context(|| format!("aggregator process ended ({status}) without a result"))?;
-        if report.max_error > 1e-4 {
+        if report.max_error > BENCH_TOLERANCE {
             bail!(
-                "aggregation is wrong: parameters off by {} from the expected sum",
+                "aggregation is wrong: parameters off by {} from the exact weighted mean",
                 report.max_error
             );
         }

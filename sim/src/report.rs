@@ -22,7 +22,7 @@ pub fn table_row(r: &RoundRecord) -> String {
         "{:>5}  {:>7}  {:>10}  {:>9}  {:>8}  {:>7.2}  {:>6.2}  {:>7.2}",
         o.round,
         format!("{}/{}", o.clients_answered, o.clients_selected),
-        opt(o.train_loss, 4),
+        opt(o.client_reported_train_loss, 4),
         opt(r.test_loss, 4),
         opt(r.test_accuracy.map(|a| a * 100.0), 2),
         r.bytes_down as f64 / 1e6,
@@ -33,14 +33,14 @@ pub fn table_row(r: &RoundRecord) -> String {
 
 pub fn rounds_csv(records: &[RoundRecord]) -> String {
     let mut out = String::from(
-        "round,attempts,clients_selected,clients_answered,clients_dropped,updates_rejected,examples,train_loss,train_accuracy,test_loss,test_accuracy,federated_loss,federated_accuracy,bytes_down,bytes_up,seconds,elapsed_seconds\n",
+        "round,attempts,clients_selected,clients_answered,clients_dropped,updates_rejected,examples,weight_used,updates_clipped,client_reported_train_loss,client_reported_train_accuracy,test_loss,test_accuracy,federated_loss,federated_accuracy,bytes_down,bytes_up,seconds,elapsed_seconds\n",
     );
     let f = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for r in records {
         let o = &r.outcome;
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6}",
             o.round,
             o.attempts,
             o.clients_selected,
@@ -48,8 +48,10 @@ pub fn rounds_csv(records: &[RoundRecord]) -> String {
             o.clients_dropped,
             o.updates_rejected,
             o.examples,
-            f(o.train_loss),
-            f(o.train_accuracy),
+            o.weight_used,
+            o.updates_clipped,
+            f(o.client_reported_train_loss),
+            f(o.client_reported_train_accuracy),
             f(r.test_loss),
             f(r.test_accuracy),
             f(o.federated_eval.as_ref().map(|e| e.loss)),
