@@ -572,3 +572,88 @@ mod tests {
         assert!(toml::from_str::<AggregatorConfig>("[fit]\noptimizer = \"lbfgs\"").is_err());
     }
 }
+
+#[cfg(test)]
+mod property_tests {
+    use std::time::Instant;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::engine::RoundEngine;
+
+    fn any_f64() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            any::<f64>(),
+            Just(f64::NAN),
+            Just(f64::INFINITY),
+            Just(1e19),
+            Just(1e300),
+            Just(-1.0),
+            Just(0.0),
+            0.001f64..1000.0,
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Random configs never panic: either `validate` names the bad key,
+        /// or the engine starts, runs a tick far in the future and keeps
+        /// going.
+        #[test]
+        fn random_configs_are_refused_or_run_without_panics(
+            deadline in any_f64(),
+            handshake in any_f64(),
+            idle in any_f64(),
+            header in any_f64(),
+            grace in any_f64(),
+            rate in prop_oneof![any_f64(), 1e-300f64..1.0],
+            fraction in any_f64(),
+            share in any_f64(),
+            norm in any_f64(),
+            multiple in any_f64(),
+            max_abs in any_f64(),
+            count in any::<u64>(),
+            min_fit in any::<usize>(),
+            max_examples in any::<u64>(),
+            lr in any::<f32>(),
+            epochs in any::<u32>(),
+            batch in any::<u32>(),
+        ) {
+            let mut c = AggregatorConfig::default();
+            c.rounds.deadline_secs = deadline;
+            c.limits.handshake_timeout_secs = handshake;
+            c.limits.idle_timeout_secs = idle;
+            c.limits.header_timeout_secs = header;
+            c.limits.upload_grace_secs = grace;
+            c.limits.min_upload_bytes_per_sec = rate;
+            c.rounds.fraction_fit = fraction;
+            c.updates.max_weight_share = share;
+            c.updates.max_update_norm = norm;
+            c.updates.max_update_norm_median_multiple = multiple;
+            c.updates.max_parameter_abs = max_abs;
+            c.rounds.count = count;
+            c.rounds.min_fit_clients = min_fit;
+            c.updates.max_examples_per_update = max_examples;
+            c.fit.learning_rate = lr;
+            c.fit.epochs = epochs;
+            c.fit.batch_size = batch;
+            if c.validate().is_ok() {
+                let now = Instant::now();
+                let mut engine = RoundEngine::new(c.engine_config(), vec![0.0; 3], 0);
+                engine.start(now);
+                for i in 0..3 {
+                    engine.client_joined(format!("c{i}"), now);
+                }
+                engine.tick(now + std::time::Duration::from_secs(30 * 24 * 3600));
+                // The largest upload deadline the server can compute: a
+                // 2^32-value model at the minimum rate.
+                let _ = Duration::from_secs_f64(c.limits.upload_grace_secs)
+                    + Duration::from_secs_f64(4.0 * 2f64.powi(32) / c.limits.min_upload_bytes_per_sec);
+            } else {
+                let e = c.validate().unwrap_err().to_string();
+                prop_assert!(e.contains('.') || e.contains("[fit]"), "error names a key: {}", e);
+            }
+        }
+    }
+}

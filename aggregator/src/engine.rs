@@ -647,10 +647,8 @@ impl RoundEngine {
                 f.norms.push(norm);
                 f.arrivals.push((client.to_string(), num_examples));
                 self.accumulator.fold(delta, weight as f64, scale);
-                let (loss, accuracy) = client_metrics(metrics, policy.max_client_loss);
-                if loss.is_none() && metrics.iter().any(|(n, _)| n == "loss" || n == "accuracy") {
-                    f.metrics_ignored += 1;
-                }
+                let (loss, accuracy, implausible) = client_metrics(metrics, policy.max_client_loss);
+                f.metrics_ignored += usize::from(implausible);
                 f.tally.add(num_examples, weight as f64, loss, accuracy);
                 actions.push(Action::UpdateAccepted {
                     client: client.to_string(),
@@ -892,6 +890,12 @@ impl RoundEngine {
                     weights = Some(report);
                 }
                 Err(e) => {
+                    // The retry bounds update norms by this attempt's median:
+                    // with an honest majority, the update that broke the model
+                    // is clipped (or refused) next time.
+                    if let Some(m) = median(&mut f.norms) {
+                        self.median_update_norm = Some(m);
+                    }
                     let reason = not_committed(&e);
                     actions.push(Action::RoundNotCommitted {
                         round: self.round,
@@ -1040,15 +1044,15 @@ fn fraction_of(fraction: f64, n: usize) -> usize {
 
 /// The client's claimed training loss and accuracy, both or neither, and only
 /// when plausible: a finite loss in `[0, max_loss]`, an accuracy in `[0, 1]`.
-fn client_metrics(metrics: &Metrics, max_loss: f64) -> (Option<f64>, Option<f64>) {
+/// The flag says a claim was made but was out of bounds.
+fn client_metrics(metrics: &Metrics, max_loss: f64) -> (Option<f64>, Option<f64>, bool) {
     let get = |name: &str| metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
-    match (get("loss"), get("accuracy")) {
-        (Some(l), Some(a))
-            if l.is_finite() && (0.0..=max_loss).contains(&l) && (0.0..=1.0).contains(&a) =>
-        {
-            (Some(l), Some(a))
-        }
-        _ => (None, None),
+    let (loss, accuracy) = (get("loss"), get("accuracy"));
+    let loss_ok = loss.is_none_or(|l| l.is_finite() && (0.0..=max_loss).contains(&l));
+    let accuracy_ok = accuracy.is_none_or(|a| (0.0..=1.0).contains(&a));
+    match (loss, accuracy) {
+        (Some(l), Some(a)) if loss_ok && accuracy_ok => (Some(l), Some(a), false),
+        _ => (None, None, !(loss_ok && accuracy_ok)),
     }
 }
 

@@ -1348,3 +1348,57 @@ fn resume_after_the_last_round_via_start_then_joins() {
     assert_eq!(actions.last(), Some(&Action::Finished));
     assert_eq!(e.completed_rounds(), 5);
 }
+
+#[test]
+fn resume_from_the_checkpointed_state_continues_exactly_like_an_uninterrupted_run() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.rounds = 3;
+    cfg.min_available_clients = 4;
+    cfg.fraction_fit = 0.5;
+    cfg.fraction_evaluate = 0.5;
+    cfg.updates = UpdatePolicy::default();
+    // Runs rounds, answering every task with a client-specific delta; returns
+    // the round-3 tasks and the final model.
+    let drive = |e: &mut RoundEngine, mut actions: Vec<Action>, upto: u64| {
+        let mut last = Vec::new();
+        loop {
+            let f = fits(&actions);
+            let ev = evals(&actions);
+            if let Some(o) = outcomes(&actions).last()
+                && o.round == upto
+            {
+                return (last, o.state.clone(), e.global_model().to_vec());
+            }
+            if !f.is_empty() {
+                last = f.clone();
+            }
+            let mut next = Vec::new();
+            for fit in &f {
+                let k = fit.client.len() as f32 + (fit.seed % 7) as f32;
+                next.extend(answer(e, fit, 10 + fit.task_id, &[k, -k], t0));
+            }
+            for (client, task) in &ev {
+                let r = eval_result(task, 5, 0.5, 0.5);
+                next.extend(e.eval_received(client, &r, t0));
+            }
+            actions = next;
+        }
+    };
+    let mut whole = RoundEngine::new(cfg.clone(), vec![0.0; 2], 0);
+    let start = join_all(&mut whole, 4, t0);
+    let (tasks_whole, _, model_whole) = drive(&mut whole, start, 3);
+
+    let mut first = RoundEngine::new(cfg.clone(), vec![0.0; 2], 0);
+    let start = join_all(&mut first, 4, t0);
+    let (_, state, model) = drive(&mut first, start, 2);
+    // "Crash" after round 2's checkpoint; resume from what it holds.
+    let mut resumed = RoundEngine::resume(cfg, model, state);
+    let start = join_all(&mut resumed, 4, t0);
+    let (tasks_resumed, _, model_resumed) = drive(&mut resumed, start, 3);
+    assert_eq!(
+        tasks_resumed, tasks_whole,
+        "same clients, task ids and seeds"
+    );
+    assert_eq!(model_resumed, model_whole, "bit-identical model");
+}

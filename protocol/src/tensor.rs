@@ -126,6 +126,9 @@ fn truncate(s: &str) -> &str {
     }
 }
 
+/// The largest tensor-stream header accepted by default.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Bounds that a receiver enforces on a tensor stream before allocating.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TensorLimits {
@@ -141,7 +144,10 @@ pub struct TensorLimits {
 impl Default for TensorLimits {
     fn default() -> Self {
         TensorLimits {
-            max_header_bytes: 1 << 20,
+            // Real headers are under 1 KiB (a name, shape and dtype per
+            // tensor); 64 KiB leaves room for models with hundreds of
+            // tensors without letting a peer make us buffer more.
+            max_header_bytes: MAX_HEADER_BYTES,
             max_tensors: 4096,
             max_name_bytes: 256,
             max_rank: 8,

@@ -62,6 +62,8 @@ pub struct Options {
     pub crls: Vec<CertificateRevocationListDer<'static>>,
     pub max_clients: usize,
     pub transport: TransportSettings,
+    /// Changes to the server setup beyond the above (timeouts, pool size).
+    pub adjust: fn(&mut ServerSetup),
 }
 
 impl Options {
@@ -72,6 +74,7 @@ impl Options {
             crls: Vec::new(),
             max_clients: 1000,
             transport: TransportSettings::aggregator(),
+            adjust: |_| {},
         }
     }
 }
@@ -82,6 +85,11 @@ pub struct Aggregator {
 }
 
 pub fn start(ca: &CertAuthority, opts: Options) -> Aggregator {
+    start_on(ca, opts, SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// An aggregator on a given address (to restart one where clients expect it).
+pub fn start_on(ca: &CertAuthority, opts: Options, listen: SocketAddr) -> Aggregator {
     let layout = ParamLayout::Vector(PARAMS);
     let server_cert = ca.issue_server(&["localhost".to_string()]).unwrap();
     let tls = tls::server_config_with_crls(
@@ -91,19 +99,14 @@ pub fn start(ca: &CertAuthority, opts: Options) -> Aggregator {
         &opts.transport,
     )
     .unwrap();
-    let setup = ServerSetup {
+    let mut setup = ServerSetup {
         max_clients: opts.max_clients,
         max_inflight_updates: 2,
         handshake_timeout: Duration::from_secs(5),
         allowlist: opts.allowlist,
-        ..ServerSetup::new(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            tls,
-            opts.engine,
-            &layout,
-            vec![0.0; PARAMS],
-        )
+        ..ServerSetup::new(listen, tls, opts.engine, &layout, vec![0.0; PARAMS])
     };
+    (opts.adjust)(&mut setup);
     let server = Server::bind(setup).unwrap();
     let addr = server.local_addr().unwrap();
     Aggregator {
