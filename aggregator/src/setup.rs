@@ -133,5 +133,6 @@ pub fn setup_from_config(
         allowlist: (!config.admission.allowlist.is_empty())
             .then(|| config.admission.allowlist.iter().cloned().collect()),
         reset_secret: Some(reset_secret),
+        admission: Arc::default(),
     })
 }

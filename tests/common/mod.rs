@@ -61,6 +61,7 @@ pub struct Options {
     pub crls: Vec<CertificateRevocationListDer<'static>>,
     pub max_clients: usize,
     pub transport: TransportSettings,
+    pub admission: std::sync::Arc<fedquic::net::admission::Admission>,
 }
 
 impl Options {
@@ -71,6 +72,7 @@ impl Options {
             crls: Vec::new(),
             max_clients: 1000,
             transport: TransportSettings::aggregator(),
+            admission: Default::default(),
         }
     }
 }
@@ -95,6 +97,7 @@ pub fn start(ca: &CertAuthority, opts: Options) -> Aggregator {
         max_inflight_updates: 2,
         handshake_timeout: Duration::from_secs(5),
         allowlist: opts.allowlist,
+        admission: opts.admission,
         ..ServerSetup::new(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             tls,
