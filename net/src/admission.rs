@@ -61,7 +61,7 @@ impl Default for AdmissionConfig {
     fn default() -> Self {
         AdmissionConfig {
             retry: RetryPolicy::UnderLoad { handshakes: 16 },
-            max_handshakes: 256,
+            max_handshakes: 1024,
             handshake_timeout: Duration::from_secs(5),
             log_lines_per_window: 10,
             log_window: Duration::from_secs(10),
@@ -317,16 +317,21 @@ impl Admission {
     }
 
     fn refusal(&self, remote: std::net::SocketAddr, what: &str, error: Option<&str>) {
-        let error = error.unwrap_or("");
-        match self.log.allow(Instant::now()) {
-            Some(0) => warn!(%remote, error, "{what}"),
-            Some(suppressed) => warn!(
+        match (self.log.allow(Instant::now()), error) {
+            (Some(0), Some(error)) => warn!(%remote, error, "{what}"),
+            (Some(0), None) => warn!(%remote, "{what}"),
+            (Some(suppressed), Some(error)) => warn!(
                 %remote,
                 error,
                 suppressed,
                 "{what} ({suppressed} similar lines suppressed)"
             ),
-            None => debug!(%remote, error, "{what}"),
+            (Some(suppressed), None) => warn!(
+                %remote,
+                suppressed,
+                "{what} ({suppressed} similar lines suppressed)"
+            ),
+            (None, _) => debug!(%remote, ?error, "{what}"),
         }
     }
 }
@@ -512,7 +517,12 @@ mod tests {
         assert!(admitted);
         let stats = admission.stats();
         assert_eq!(
-            (stats.incoming, stats.retries, stats.handshakes, stats.admitted),
+            (
+                stats.incoming,
+                stats.retries,
+                stats.handshakes,
+                stats.admitted
+            ),
             (2, 1, 1, 1),
             "{stats:?}"
         );
