@@ -186,6 +186,7 @@ pub fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) ->
         connect_timeout: Duration::from_secs(5),
         training_slots: None,
         endpoint: None,
+        limits: Default::default(),
     }
 }
 
