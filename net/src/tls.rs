@@ -569,6 +569,21 @@ mod tests {
     }
 
     #[test]
+    fn a_crl_file_without_any_crl_is_an_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("crl.pem");
+        for text in ["", "not a CRL at all\n"] {
+            std::fs::write(&path, text).expect("write");
+            let err = load_crl_file(&path).expect_err("no CRL");
+            assert!(matches!(err, TlsError::EmptyCrl(_)), "{err}");
+            assert!(err.to_string().contains("crl.pem"), "{err}");
+        }
+        // A truncated CRL (begin line, no end) is malformed PEM.
+        std::fs::write(&path, "-----BEGIN X509 CRL-----\nMIIB\n").expect("write");
+        assert!(load_crl_file(&path).is_err());
+    }
+
+    #[test]
     fn configs_build_with_default_and_custom_transport() {
         let ca = CertAuthority::generate("cfg CA").expect("CA");
         let server = ca.issue_server(&["localhost".into()]).expect("server");
