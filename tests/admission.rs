@@ -11,12 +11,9 @@ use fedquic::net::pki::{self, CertAuthority};
 use fedquic::net::tls::{self, Identity};
 use fedquic::protocol::SUPPORTED_VERSIONS;
 
-fn files(dir: &std::path::Path, name: &str) -> Identity {
-    Identity::from_files(
-        &dir.join(format!("{name}.pem")),
-        &dir.join(format!("{name}.key")),
-    )
-    .unwrap()
+fn files(dirs: &pki::PkiDirs, name: &str) -> Identity {
+    let [_, cert, key] = dirs.client_files(name);
+    Identity::from_files(&cert, &key).unwrap()
 }
 
 async fn refusal(
@@ -33,12 +30,13 @@ async fn refusal(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_valid_unrevoked_allowlisted_clients_get_in() {
     let dir = tempfile::tempdir().unwrap();
-    pki::init_dir(dir.path(), &["localhost".to_string()], 4, false).unwrap();
-    let ca = CertAuthority::from_dir(dir.path()).unwrap();
+    let dirs = pki::PkiDirs::new(&dir.path().join("certs"), None);
+    pki::init_dir(&dirs, &["localhost".to_string()], 4, false).unwrap();
+    let ca = CertAuthority::from_dir(&dirs.ca).unwrap();
     // client-003 is revoked through the CLI's code path (crl.pem).
-    let crl_path = pki::revoke(dir.path(), "client-003").unwrap();
+    let crl_path = pki::revoke(&dirs, "client-003").unwrap();
     assert!(matches!(
-        pki::revoke(dir.path(), "client-003"),
+        pki::revoke(&dirs, "client-003"),
         Err(pki::PkiError::AlreadyRevoked(_))
     ));
     let crls = tls::load_crl_file(&crl_path).unwrap();
@@ -82,19 +80,19 @@ async fn only_valid_unrevoked_allowlisted_clients_get_in() {
         Some(Identity::from_pem(&expired.cert_pem, &expired.key_pem).unwrap()),
     )
     .await;
-    let why = refusal(agg.addr, &ca, Some(files(dir.path(), "client-003"))).await;
+    let why = refusal(agg.addr, &ca, Some(files(&dirs, "client-003"))).await;
     assert!(
         !why.contains("reject"),
         "a revoked certificate fails in TLS: {why}"
     );
-    let why = refusal(agg.addr, &ca, Some(files(dir.path(), "client-002"))).await;
+    let why = refusal(agg.addr, &ca, Some(files(&dirs, "client-002"))).await;
     assert!(
         why.contains("not on the aggregator's allowlist") && why.contains("retry None"),
         "{why}"
     );
 
     // The honest, allowlisted client is admitted and completes the run.
-    let tls = client_tls(&ca, Some(files(dir.path(), "client-001")));
+    let tls = client_tls(&ca, Some(files(&dirs, "client-001")));
     let honest = tokio::spawn(fedquic::client::run_client(
         options(agg.addr, tls, 5),
         DeltaTrainer::new(1.0, 4),

@@ -108,6 +108,7 @@ fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) -> Cli
         connect_timeout: Duration::from_secs(10),
         training_slots: None,
         endpoint: None,
+        limits: Default::default(),
     }
 }
 

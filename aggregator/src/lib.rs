@@ -15,4 +15,4 @@ mod engine_tests;
 pub use config::AggregatorConfig;
 pub use engine::{Action, EngineConfig, RoundEngine, RoundOutcome};
 pub use server::{CentralEval, RoundRecord, RunSummary, Server, ServerError, ServerSetup};
-pub use setup::{SetupError, StartMode, setup_from_config};
+pub use setup::{CrlReload, SetupError, StartMode, setup_from_config, setup_with_crl_reload};

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fedquic_aggregator::{AggregatorConfig, Server, StartMode, setup_from_config};
+use fedquic_aggregator::{AggregatorConfig, Server, StartMode, setup_with_crl_reload};
+use fedquic_net::pki::{self, PkiDirs};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +45,10 @@ enum Command {
         /// Without --fresh or --resume a non-empty state directory is refused.
         #[arg(long)]
         fresh: bool,
+        /// Start even though the certs directory holds the CA's private key
+        /// (ca.key); by default that is refused, as it should stay offline.
+        #[arg(long)]
+        allow_ca_key: bool,
     },
     /// Manage the PKI: the CA, the aggregator's certificate, client certificates.
     Certs {
@@ -54,35 +59,52 @@ enum Command {
 
 #[derive(Subcommand)]
 enum CertsCommand {
-    /// Create a CA, the aggregator's certificate and N client certificates.
+    /// Create a CA, the aggregator's certificate and N client bundles:
+    /// DIR holds the aggregator's files (for `run --certs DIR`), DIR/clients/NAME/
+    /// the bundle each device receives (ca.pem, NAME.pem, NAME.key), and the
+    /// CA directory (default DIR-ca) the CA key: keep it offline.
     Init {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
-        /// Client certificates to create (client-001, client-002, ...).
+        /// Where the CA's certificate and private key go (default: DIR-ca).
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+        /// Client bundles to create (client-001, client-002, ...).
         #[arg(long, default_value_t = 3)]
         clients: usize,
         /// Names (DNS or IP) the aggregator's certificate is valid for;
         /// clients pass one of them as --server-name.
         #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         server_names: Vec<String>,
-        /// Replace an existing PKI in DIR.
+        /// Replace an existing PKI in DIR and the CA directory.
         #[arg(long)]
         force: bool,
     },
-    /// Add one client certificate, signed by the CA in DIR.
+    /// Add one client bundle (DIR/clients/NAME/), signed by the CA.
     Client {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// The CA directory (default: DIR-ca).
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
         #[arg(long)]
         name: String,
     },
-    /// Revoke a client's certificate: rewrites DIR/crl.pem, which the
-    /// aggregator loads at start (restart it to apply).
+    /// Revoke a client certificate, by name (its current bundle) or by
+    /// serial number (any certificate, e.g. an older one of a re-issued
+    /// name): rewrites DIR/crl.pem. A running aggregator applies it on
+    /// SIGHUP (`kill -HUP PID`), or at its next start.
     Revoke {
         #[arg(long, default_value = "certs")]
         dir: PathBuf,
+        /// The CA directory (default: DIR-ca).
         #[arg(long)]
-        name: String,
+        ca_dir: Option<PathBuf>,
+        #[arg(long, required_unless_present = "serial", conflicts_with = "serial")]
+        name: Option<String>,
+        /// Serial number in hex, as `openssl x509 -serial` prints it.
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 
@@ -120,6 +142,7 @@ fn main() -> anyhow::Result<()> {
             state_dir,
             resume,
             fresh,
+            allow_ca_key,
         } => {
             let mut cfg = match &config {
                 Some(path) => AggregatorConfig::from_file(path)?,
@@ -142,8 +165,13 @@ fn main() -> anyhow::Result<()> {
                     (false, true) => StartMode::Fresh,
                     (false, false) => StartMode::New,
                 };
-                let setup = setup_from_config(&cfg, mode)?;
+                let (setup, crl) = setup_with_crl_reload(&cfg, mode, allow_ca_key)?;
                 let server = Server::bind(setup)?;
+                #[cfg(unix)]
+                fedquic_aggregator::setup::reload_crl_on_sighup(crl)
+                    .context("installing the SIGHUP handler (CRL reload)")?;
+                #[cfg(not(unix))]
+                drop(crl);
                 let stop = stop_signal()?;
                 let summary = server.run(stop).await?;
                 if summary.finished {
@@ -161,28 +189,58 @@ fn main() -> anyhow::Result<()> {
             command:
                 CertsCommand::Init {
                     dir,
+                    ca_dir,
                     clients,
                     server_names,
                     force,
                 },
         } => {
-            let written = fedquic_net::pki::init_dir(&dir, &server_names, clients, force)?;
-            for path in written {
+            let dirs = PkiDirs::new(&dir, ca_dir.as_deref());
+            for path in pki::init_dir(&dirs, &server_names, clients, force)? {
                 println!("wrote {}", path.display());
             }
+            println!(
+                "\nthe CA is in {}: keep it offline, never deploy it\n\
+                 aggregator: run --certs {}\n\
+                 each device: copy only its bundle, {}/NAME/",
+                dirs.ca.display(),
+                dirs.certs.display(),
+                dirs.certs.join(pki::CLIENTS_DIR).display()
+            );
             Ok(())
         }
         Command::Certs {
-            command: CertsCommand::Revoke { dir, name },
+            command:
+                CertsCommand::Revoke {
+                    dir,
+                    ca_dir,
+                    name,
+                    serial,
+                },
         } => {
-            let crl = fedquic_net::pki::revoke(&dir, &name)?;
-            println!("revoked {name}; wrote {}", crl.display());
+            let dirs = PkiDirs::new(&dir, ca_dir.as_deref());
+            let (what, crl) = match (name, serial) {
+                (Some(name), _) => (name.clone(), pki::revoke(&dirs, &name)?),
+                (None, Some(serial)) => {
+                    let bytes = pki::parse_serial(&serial)?;
+                    (
+                        format!("serial {}", pki::serial_hex(&bytes)),
+                        pki::revoke_serial(&dirs, &bytes)?,
+                    )
+                }
+                (None, None) => anyhow::bail!("give --name or --serial"),
+            };
+            println!(
+                "revoked {what}; wrote {} (send SIGHUP to a running aggregator to apply it)",
+                crl.display()
+            );
             Ok(())
         }
         Command::Certs {
-            command: CertsCommand::Client { dir, name },
+            command: CertsCommand::Client { dir, ca_dir, name },
         } => {
-            for path in fedquic_net::pki::add_client(&dir, &name)? {
+            let dirs = PkiDirs::new(&dir, ca_dir.as_deref());
+            for path in pki::add_client(&dirs, &name)? {
                 println!("wrote {}", path.display());
             }
             Ok(())

@@ -91,6 +91,9 @@ pub struct ServerSetup {
     /// `fedquic_net::endpoint::server_endpoint_with_reset_secret`); `None`
     /// uses a random key.
     pub reset_secret: Option<Vec<u8>>,
+    /// Screens connection attempts before their handshake (Retry, cap,
+    /// timeout); keep a clone to read its counters.
+    pub admission: Arc<fedquic_net::admission::Admission>,
 }
 
 impl ServerSetup {
@@ -127,6 +130,7 @@ impl ServerSetup {
             records: None,
             allowlist: None,
             reset_secret: None,
+            admission: Arc::default(),
         }
     }
 }
@@ -354,7 +358,11 @@ impl Server {
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             model = %setup.model_spec, params = values, "aggregator listening"
         );
-        let acceptor = tokio::spawn(accept_loop(endpoint.clone(), Arc::clone(&shared)));
+        let acceptor = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            Arc::clone(&shared),
+            Arc::clone(&setup.admission),
+        ));
         // The hub folds updates, applies the server step, evaluates and
         // encodes checkpoints: CPU-heavy work that must not block the
         // runtime that moves every connection's bytes. It gets a thread and
@@ -412,16 +420,21 @@ impl Server {
     }
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    admission: Arc<fedquic_net::admission::Admission>,
+) {
     while let Some(incoming) = endpoint.accept().await {
+        // Retry, the handshake cap, the handshake timeout and rate-limited
+        // refusal logs live in net's Admission; a flood spawns no task.
+        let Some(handshake) = admission.screen(incoming) else {
+            continue;
+        };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => serve_connection(conn, shared).await,
-                // With mutual TLS this is where clients without a valid
-                // certificate from our CA end up.
-                Err(e) => warn!(%remote, error = %e, "refused connection: TLS handshake failed"),
+            if let Some(conn) = handshake.complete().await {
+                serve_connection(conn, shared).await;
             }
         });
     }

@@ -47,6 +47,11 @@ pub enum SetupError {
     },
     #[error("state directory: {0}")]
     State(String),
+    #[error(
+        "{} holds the CA's private key: whoever reads the aggregator's certificates could mint any client identity. Move it to an offline CA directory (`certs init` writes it to <certs>-ca/), or pass --allow-ca-key to run anyway",
+        .0.display()
+    )]
+    CaKeyInCertsDir(std::path::PathBuf),
     #[error("checkpoint {path} is for model '{found}', but the config says '{expected}'")]
     ModelMismatch {
         path: std::path::PathBuf,
@@ -73,6 +78,80 @@ pub fn setup_from_config(
     config: &AggregatorConfig,
     mode: StartMode,
 ) -> Result<ServerSetup, SetupError> {
+    setup_with_crl_reload(config, mode, false).map(|(setup, _)| setup)
+}
+
+/// The CRL the server uses and a handle that reloads it (on SIGHUP: see
+/// [`reload_crl_on_sighup`]).
+#[derive(Clone, Debug)]
+pub struct CrlReload {
+    pub path: std::path::PathBuf,
+    reloader: tls::CrlReloader,
+}
+
+impl CrlReload {
+    /// Reloads the CRL file into the running server; new handshakes use it.
+    /// On any error (missing, empty or malformed file) the lists in force
+    /// stay. Returns the number of CRLs loaded.
+    pub fn reload(&self) -> Result<usize, tls::TlsError> {
+        self.reloader.reload_file(&self.path)
+    }
+}
+
+/// Reloads the CRL each time the process receives SIGHUP, logging the
+/// outcome, until the runtime stops. The handler is installed before this
+/// returns (so a SIGHUP right after start cannot kill the process); call it
+/// inside the tokio runtime, next to the server.
+#[cfg(unix)]
+pub fn reload_crl_on_sighup(crl: CrlReload) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match crl.reload() {
+                Ok(count) => info!(
+                    path = %crl.path.display(),
+                    crls = count,
+                    "SIGHUP: certificate revocation list reloaded"
+                ),
+                Err(e) => warn!(
+                    path = %crl.path.display(),
+                    error = %e,
+                    "SIGHUP: CRL not reloaded; the previous one stays in force"
+                ),
+            }
+        }
+    }))
+}
+
+/// The paths where the CA's private key must not be: the certs directory
+/// and the directory of the CA certificate the aggregator loads.
+fn check_no_ca_key(config: &AggregatorConfig) -> Result<(), SetupError> {
+    let key = fedquic_net::pki::CA_KEY_FILE;
+    let mut candidates = vec![config.certs.dir.join(key)];
+    if let Some(dir) = config.ca_path().parent() {
+        candidates.push(dir.join(key));
+    }
+    match candidates.into_iter().find(|p| p.exists()) {
+        Some(path) => Err(SetupError::CaKeyInCertsDir(path)),
+        None => Ok(()),
+    }
+}
+
+/// [`setup_from_config`] that also returns the CRL reload handle. Refuses a
+/// certs directory holding the CA key unless `allow_ca_key`.
+pub fn setup_with_crl_reload(
+    config: &AggregatorConfig,
+    mode: StartMode,
+    allow_ca_key: bool,
+) -> Result<(ServerSetup, CrlReload), SetupError> {
+    match check_no_ca_key(config) {
+        Ok(()) => {}
+        Err(SetupError::CaKeyInCertsDir(path)) if allow_ca_key => {
+            warn!(path = %path.display(), "running with the CA's private key next to the aggregator's certificates (--allow-ca-key)")
+        }
+        Err(e) => return Err(e),
+    }
     let layout: ParamLayout = config.model.spec.parse().map_err(SetupError::Model)?;
     let roots = tls::load_ca_file(&config.ca_path())?;
     let identity = Identity::from_files(&config.cert_path(), &config.key_path())?;
@@ -91,7 +170,11 @@ pub fn setup_from_config(
     } else {
         Vec::new()
     };
-    let server_tls = tls::server_config_with_crls(roots, identity, crls, &transport)?;
+    let (server_tls, reloader) = tls::server_config_reloadable(roots, identity, crls, &transport)?;
+    let crl_reload = CrlReload {
+        path: crl_path,
+        reloader,
+    };
 
     std::fs::create_dir_all(&config.state.dir).map_err(|source| SetupError::StateDir {
         path: config.state.dir.clone(),
@@ -177,7 +260,7 @@ pub fn setup_from_config(
         }
     };
 
-    Ok(ServerSetup {
+    let setup = ServerSetup {
         listen: config.listen,
         tls: server_tls,
         engine: config.engine_config(),
@@ -200,7 +283,9 @@ pub fn setup_from_config(
         allowlist: (!config.admission.allowlist.is_empty())
             .then(|| config.admission.allowlist.iter().cloned().collect()),
         reset_secret: Some(reset_secret),
-    })
+        admission: Arc::default(),
+    };
+    Ok((setup, crl_reload))
 }
 
 /// What a state directory already holds from an earlier run.

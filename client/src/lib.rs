@@ -4,10 +4,12 @@
 
 pub mod backoff;
 pub mod data;
+pub mod limits;
 pub mod session;
 pub mod trainer;
 
 pub use backoff::Backoff;
 pub use data::{ClientData, PartitionSpec};
+pub use limits::{ClientLimits, LimitError};
 pub use session::{ClientError, ClientOptions, ClientReport, run_client};
 pub use trainer::{EvalOutcome, FitOutcome, LocalTrainer, Trainer, TrainerError};

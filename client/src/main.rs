@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use fedquic_client::{Backoff, ClientData, ClientOptions, LocalTrainer, PartitionSpec, run_client};
+use fedquic_client::{
+    Backoff, ClientData, ClientLimits, ClientOptions, LocalTrainer, PartitionSpec, run_client,
+};
 use fedquic_net::tls::{self, Identity, TransportSettings};
 use fedquic_train::{DataSpec, PartitionScheme};
 
@@ -60,6 +62,19 @@ struct Cli {
     /// number of cores, at most 4).
     #[arg(long)]
     threads: Option<usize>,
+    /// Refuse models with more parameters than this (memory: about 16-20
+    /// bytes per parameter while training).
+    #[arg(long, default_value_t = ClientLimits::default().max_params)]
+    max_params: u64,
+    /// Refuse fit tasks asking for more local epochs than this.
+    #[arg(long, default_value_t = ClientLimits::default().max_epochs)]
+    max_epochs: u32,
+    /// Refuse fit tasks asking for larger minibatches than this.
+    #[arg(long, default_value_t = ClientLimits::default().max_batch_size)]
+    max_batch_size: u32,
+    /// Longest "retry after" from the aggregator honoured, in seconds.
+    #[arg(long, default_value_t = ClientLimits::default().max_retry_after.as_secs_f64())]
+    max_retry_after: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +87,24 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if !(cli.max_retry_after.is_finite() && (0.0..=86_400.0).contains(&cli.max_retry_after)) {
+        bail!(
+            "--max-retry-after must be between 0 and 86400 seconds, got {}",
+            cli.max_retry_after
+        );
+    }
+    if !(cli.max_backoff.is_finite() && (0.0..=86_400.0).contains(&cli.max_backoff)) {
+        bail!(
+            "--max-backoff must be between 0 and 86400 seconds, got {}",
+            cli.max_backoff
+        );
+    }
+    let limits = ClientLimits {
+        max_params: cli.max_params,
+        max_epochs: cli.max_epochs,
+        max_batch_size: cli.max_batch_size,
+        max_retry_after: Duration::from_secs_f64(cli.max_retry_after),
+    };
     // Fixed before any other thread starts (the GEMM library reads it once).
     let threads = cli.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -132,6 +165,7 @@ fn main() -> anyhow::Result<()> {
             connect_timeout: Duration::from_secs(15),
             training_slots: None,
             endpoint: None,
+            limits,
         };
         let trainer =
             LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices);

@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::limits::{ClientLimits, LimitError};
 use crate::trainer::{Trainer, TrainerError};
 
 #[derive(Debug, Error)]
@@ -31,6 +32,8 @@ pub enum ClientError {
     GaveUp { attempts: u32, last: String },
     #[error("cannot create the client endpoint: {0}")]
     Endpoint(#[from] fedquic_net::endpoint::EndpointError),
+    #[error("refusing the aggregator's demand: {0}")]
+    Limit(#[from] LimitError),
 }
 
 /// Everything a client needs to reach its aggregator.
@@ -51,6 +54,9 @@ pub struct ClientOptions {
     /// Reuse this endpoint (one UDP socket for many simulated clients);
     /// otherwise each client binds its own.
     pub endpoint: Option<quinn::Endpoint>,
+    /// What this client accepts from the aggregator (model size, epochs,
+    /// batch size, retry-after).
+    pub limits: ClientLimits,
 }
 
 /// What a client did during its run.
@@ -75,6 +81,11 @@ enum SessionEnd {
 enum SessionError {
     Fatal(ClientError),
     Transient(String),
+    /// Refused for now; come back after (at least) `after`.
+    Busy {
+        after: Duration,
+        reason: String,
+    },
 }
 
 impl From<IoError> for SessionError {
@@ -108,6 +119,7 @@ pub async fn run_client<T: Trainer>(
             Ok(SessionEnd::Retry { after, reason }) => (after, reason),
             Err(SessionError::Fatal(e)) => return Err(e),
             Err(SessionError::Transient(reason)) => (None, reason),
+            Err(SessionError::Busy { after, reason }) => (Some(after), reason),
         };
         failures += 1;
         if opts.max_attempts.is_some_and(|max| failures >= max) {
@@ -153,14 +165,18 @@ async fn session(
                         .map_err(|e: fedquic_train::TrainError| {
                             SessionError::Fatal(ClientError::Incompatible(TrainerError::Train(e)))
                         })?;
+                // Before the trainer or a receive buffer allocates the model.
+                opts.limits
+                    .check_params(layout.num_params() as u64)
+                    .map_err(|e| SessionError::Fatal(e.into()))?;
                 info!(client = %w.client_name, model = %w.model_spec, "joined the federation");
                 Ok((conn, send, recv, layout))
             }
             Some(Message::Reject(r)) => match r.retry_after_ms {
-                Some(ms) => Err(SessionError::Transient(format!(
-                    "aggregator busy ({}), retry after {ms} ms",
-                    r.reason
-                ))),
+                Some(ms) => Err(SessionError::Busy {
+                    after: opts.limits.retry_after(ms),
+                    reason: format!("aggregator busy ({}), retry after {ms} ms", r.reason),
+                }),
                 None => Err(SessionError::Fatal(ClientError::Rejected(r.reason))),
             },
             other => Err(SessionError::Transient(format!(
@@ -263,7 +279,7 @@ async fn session(
             Message::Reject(r) => {
                 return match r.retry_after_ms {
                     Some(ms) => Ok(SessionEnd::Retry {
-                        after: Some(Duration::from_millis(ms)),
+                        after: Some(opts.limits.retry_after(ms)),
                         reason: r.reason,
                     }),
                     None => Err(SessionError::Fatal(ClientError::Rejected(r.reason))),
@@ -303,6 +319,25 @@ async fn receive_model(
     read_tensor_body(&mut stream, &header, &mut model).await?;
     Ok(model)
 }
+
+/// Takes the model stream of a refused task and stops it unread, so the
+/// next task's stream is not mistaken for it and nothing is buffered.
+async fn discard_model(conn: &quinn::Connection, task_id: u64) -> Result<(), SessionError> {
+    let accepted = tokio::time::timeout(DISCARD_WAIT, conn.accept_uni()).await;
+    match accepted {
+        Ok(stream) => {
+            let mut stream = stream.map_err(IoError::from)?;
+            let _ = stream.stop(0u32.into());
+            Ok(())
+        }
+        Err(_) => Err(SessionError::Transient(format!(
+            "no model stream for refused task {task_id}"
+        ))),
+    }
+}
+
+/// How long a refused task's model stream is waited for.
+const DISCARD_WAIT: Duration = Duration::from_secs(30);
 
 /// Runs `work` on the trainer on a blocking thread, within a training slot.
 async fn run_trainer<R: Send + 'static>(
@@ -346,8 +381,17 @@ async fn fit_task(
     layout: &[TensorMeta],
     limits: &TensorLimits,
 ) -> Result<Result<u64, String>, SessionError> {
-    if let Err(e) = task.config.validate() {
-        return Ok(Err(e.to_string()));
+    let refusal = match task.config.validate() {
+        Err(e) => Some(e.to_string()),
+        Ok(()) => opts
+            .limits
+            .check_fit(task.config.epochs, task.config.batch_size)
+            .err()
+            .map(|e| e.to_string()),
+    };
+    if let Some(reason) = refusal {
+        discard_model(conn, task.task_id).await?;
+        return Ok(Err(reason));
     }
     let global = receive_model(conn, task.round, task.task_id, layout, limits).await?;
     let config = task.config.clone();

@@ -130,7 +130,8 @@ fn spawn_clients(
                     "localhost",
                     "--certs",
                 ])
-                .arg(certs)
+                // Exactly what the device receives: its own bundle.
+                .arg(certs.join("clients").join(format!("client-{i:03}")))
                 .args([
                     "--name",
                     &format!("client-{i:03}"),
@@ -182,7 +183,7 @@ fn quickstart_with_separate_processes() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(certs.join("client-002.key"))
+        let mode = std::fs::metadata(certs.join("clients/client-002/client-002.key"))
             .unwrap()
             .permissions()
             .mode();

@@ -244,6 +244,10 @@ mod tests {
         let roots = load_ca_pem(ca.cert_pem()).expect("roots");
         let id = Identity::from_pem(&server.cert_pem, &server.key_pem).expect("identity");
         let config = server_config(roots, id, &TransportSettings::default()).expect("config");
+        start_server_with(config)
+    }
+
+    fn start_server_with(config: quinn::ServerConfig) -> Server {
         let endpoint =
             server_endpoint(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), config).expect("endpoint");
         let addr = endpoint.local_addr().expect("local addr");
@@ -380,9 +384,10 @@ mod tests {
     #[tokio::test]
     async fn files_written_by_init_dir_and_add_client_work_end_to_end() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path();
-        pki::init_dir(dir, &["localhost".into()], 1, false).expect("init");
-        pki::add_client(dir, "late-joiner").expect("add");
+        let dirs = pki::PkiDirs::new(&tmp.path().join("certs"), None);
+        let dir = dirs.certs.as_path();
+        pki::init_dir(&dirs, &["localhost".into()], 1, false).expect("init");
+        pki::add_client(&dirs, "late-joiner").expect("add");
         let roots = || tls::load_ca_file(&dir.join("ca.pem")).expect("roots");
         let server_id = Identity::from_files(&dir.join("server.pem"), &dir.join("server.key"))
             .expect("server identity");
@@ -412,13 +417,12 @@ mod tests {
             names
         });
         for name in ["client-001", "late-joiner"] {
-            let id = Identity::from_files(
-                &dir.join(format!("{name}.pem")),
-                &dir.join(format!("{name}.key")),
-            )
-            .expect("client identity");
+            // Exactly what a device receives: its bundle.
+            let [ca, cert, key] = dirs.client_files(name);
+            let id = Identity::from_files(&cert, &key).expect("client identity");
+            let roots = tls::load_ca_file(&ca).expect("bundle roots");
             let config =
-                client_config(roots(), Some(id), &TransportSettings::default()).expect("config");
+                client_config(roots, Some(id), &TransportSettings::default()).expect("config");
             let client = client_endpoint(config).expect("client endpoint");
             assert_eq!(round_trip(&client, addr).await.expect(name), PAYLOAD);
         }
@@ -431,6 +435,74 @@ mod tests {
             ]
         );
         endpoint.close(0u32.into(), b"");
+    }
+
+    #[tokio::test]
+    async fn revocations_reloaded_at_run_time_apply_to_new_connections() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dirs = pki::PkiDirs::new(&tmp.path().join("certs"), None);
+        pki::init_dir(&dirs, &["localhost".into()], 2, false).expect("init");
+        let (config, reloader) = tls::server_config_reloadable(
+            tls::load_ca_file(&dirs.certs.join("ca.pem")).expect("roots"),
+            Identity::from_files(
+                &dirs.certs.join("server.pem"),
+                &dirs.certs.join("server.key"),
+            )
+            .expect("server identity"),
+            Vec::new(),
+            &TransportSettings::default(),
+        )
+        .expect("config");
+        let mut server = start_server_with(config);
+        let client_of = |name: &str| {
+            let [ca, cert, key] = dirs.client_files(name);
+            let id = Identity::from_files(&cert, &key).expect("identity");
+            let config = client_config(
+                tls::load_ca_file(&ca).expect("roots"),
+                Some(id),
+                &TransportSettings::default(),
+            )
+            .expect("config");
+            client_endpoint(config).expect("endpoint")
+        };
+        let revoked = client_of("client-001");
+        assert_eq!(
+            round_trip(&revoked, server.addr).await.expect("before"),
+            PAYLOAD
+        );
+        assert_eq!(
+            next_seen(&mut server).await,
+            Seen::Admitted(Some("client-001".into()))
+        );
+
+        let crl = pki::revoke(&dirs, "client-001").expect("revoke");
+        assert_eq!(reloader.reload_file(&crl).expect("reload"), 1);
+        // A new connection by the revoked client fails; a fresh endpoint
+        // each time, so no TLS session state could carry it through.
+        let result = round_trip(&client_of("client-001"), server.addr).await;
+        assert!(result.is_err(), "revoked client got data back: {result:?}");
+        assert!(matches!(next_seen(&mut server).await, Seen::Refused(_)));
+        // The same endpoint that connected before is refused too (no resumption).
+        assert!(round_trip(&revoked, server.addr).await.is_err());
+        assert!(matches!(next_seen(&mut server).await, Seen::Refused(_)));
+        let other = client_of("client-002");
+        assert_eq!(
+            round_trip(&other, server.addr).await.expect("others"),
+            PAYLOAD
+        );
+        assert_eq!(
+            next_seen(&mut server).await,
+            Seen::Admitted(Some("client-002".into()))
+        );
+
+        // A broken CRL file is refused and the lists in force stay.
+        std::fs::write(&crl, "").expect("truncate");
+        assert!(reloader.reload_file(&crl).is_err());
+        assert!(
+            round_trip(&client_of("client-001"), server.addr)
+                .await
+                .is_err()
+        );
     }
 
     #[tokio::test]

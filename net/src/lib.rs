@@ -6,6 +6,7 @@
 //! thin async layer that moves those bytes over real connections, shared by
 //! the aggregator, the client and the simulator.
 
+pub mod admission;
 pub mod endpoint;
 pub mod io;
 pub mod pki;

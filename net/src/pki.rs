@@ -4,6 +4,14 @@
 //!
 //! A client's identity is the common name of its certificate; the aggregator
 //! trusts exactly the certificates signed by this CA (mutual TLS).
+//!
+//! On disk ([`PkiDirs`]) the CA is kept apart from everything deployable:
+//!
+//! ```text
+//! certs-ca/                 the CA: ca.pem, ca.key, revoked.txt (keep offline)
+//! certs/                    the aggregator's --certs: ca.pem, server.pem, server.key, crl.pem
+//! certs/clients/NAME/       one device's bundle: ca.pem, NAME.pem, NAME.key
+//! ```
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
@@ -66,6 +74,14 @@ pub enum PkiError {
     AlreadyRevoked(String),
     #[error("{} already exists; refusing to overwrite it (use --force to replace the whole PKI)", .0.display())]
     AlreadyExists(PathBuf),
+    #[error("the CA directory {} must be apart from the deployable certs directory {}", ca.display(), certs.display())]
+    CaNotApart { certs: PathBuf, ca: PathBuf },
+    #[error("invalid serial number {0:?}: expected hexadecimal digits (e.g. 3f9a01...)")]
+    InvalidSerial(String),
+    #[error("certificate with serial {0} is already revoked")]
+    SerialAlreadyRevoked(String),
+    #[error("{}: line {line} is malformed", path.display())]
+    MalformedRecord { path: PathBuf, line: usize },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -377,8 +393,11 @@ fn subject_key_id(x509: &X509Certificate<'_>) -> Option<Vec<u8>> {
         })
 }
 
+/// Names that would collide with the PKI's own files and directories.
+pub const RESERVED_NAMES: &[&str] = &["ca", "server", "crl", "revoked", "clients"];
+
 /// Checks a client name: 1 to 64 characters of `[A-Za-z0-9._-]`, not
-/// starting with '.', and not one of the reserved file stems `ca`/`server`.
+/// starting with '.', and not one of [`RESERVED_NAMES`].
 pub fn validate_client_name(name: &str) -> Result<(), PkiError> {
     let invalid = |reason: &str| {
         Err(PkiError::InvalidClientName {
@@ -401,8 +420,11 @@ pub fn validate_client_name(name: &str) -> Result<(), PkiError> {
     {
         return invalid("only letters, digits, '.', '_' and '-' are allowed");
     }
-    if name == "ca" || name == "server" {
-        return invalid("reserved for the CA and server files");
+    if RESERVED_NAMES
+        .iter()
+        .any(|reserved| name.eq_ignore_ascii_case(reserved))
+    {
+        return invalid("reserved for the PKI's own files (ca, server, crl, revoked, clients)");
     }
     Ok(())
 }
@@ -457,12 +479,103 @@ pub fn client_name(index: usize) -> String {
     format!("client-{index:03}")
 }
 
-/// Writes a fresh PKI into `dir` (created if missing): `ca.pem`, `ca.key`,
-/// `server.pem`, `server.key` and `client-001.pem`/`.key` ... for `clients`
-/// clients. Refuses to overwrite any of these files unless `force`.
-/// Private keys are created with mode 0600. Returns the paths written.
+/// Directory of per-client bundles inside the certs directory.
+pub const CLIENTS_DIR: &str = "clients";
+
+/// Where a PKI lives: the CA apart from the deployable files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PkiDirs {
+    /// The aggregator's files (`ca.pem`, `server.pem`, `server.key`,
+    /// `crl.pem`) and the client bundles under `clients/`.
+    pub certs: PathBuf,
+    /// The CA (`ca.pem`, `ca.key`, `revoked.txt`): never deployed.
+    pub ca: PathBuf,
+}
+
+impl PkiDirs {
+    /// `certs` with the CA in `ca`, or by default in the sibling directory
+    /// `<certs>-ca` (`certs` -> `certs-ca`).
+    pub fn new(certs: &Path, ca: Option<&Path>) -> Self {
+        let ca = ca.map(Path::to_path_buf).unwrap_or_else(|| {
+            let mut name = certs
+                .file_name()
+                .map(|n| n.to_os_string())
+                .unwrap_or_else(|| "certs".into());
+            name.push("-ca");
+            certs.with_file_name(name)
+        });
+        PkiDirs {
+            certs: certs.to_path_buf(),
+            ca,
+        }
+    }
+
+    /// The bundle directory a device receives: `certs/clients/NAME`.
+    pub fn client_dir(&self, name: &str) -> PathBuf {
+        self.certs.join(CLIENTS_DIR).join(name)
+    }
+
+    /// `ca.pem`, `NAME.pem`, `NAME.key` of a client's bundle.
+    pub fn client_files(&self, name: &str) -> [PathBuf; 3] {
+        let dir = self.client_dir(name);
+        [
+            dir.join(CA_CERT_FILE),
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        ]
+    }
+
+    pub fn crl_path(&self) -> PathBuf {
+        self.certs.join(CRL_FILE)
+    }
+
+    fn check_apart(&self) -> Result<(), PkiError> {
+        let same = |a: &Path, b: &Path| match (fs::canonicalize(a), fs::canonicalize(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => a == b,
+        };
+        if same(&self.certs, &self.ca) || self.ca.starts_with(&self.certs) {
+            return Err(PkiError::CaNotApart {
+                certs: self.certs.clone(),
+                ca: self.ca.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The files of one client's bundle, CA certificate first.
+fn bundle_files(
+    dirs: &PkiDirs,
+    ca: &CertAuthority,
+    name: &str,
+) -> Result<Vec<(PathBuf, bool, String)>, PkiError> {
+    let issued = ca.issue_client(name)?;
+    let [ca_path, cert_path, key_path] = dirs.client_files(name);
+    Ok(vec![
+        (ca_path, false, ca.cert_pem().to_owned()),
+        (cert_path, false, issued.cert_pem),
+        (key_path, true, issued.key_pem),
+    ])
+}
+
+fn create_dirs(files: &[(PathBuf, bool, String)]) -> Result<(), PkiError> {
+    for (path, _, _) in files {
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a fresh PKI: the CA (`ca.pem`, `ca.key`) in `dirs.ca`; the
+/// aggregator's `ca.pem`, `server.pem`, `server.key` in `dirs.certs`; and
+/// for each of `clients` clients (client-001, ...) a bundle
+/// `clients/NAME/{ca.pem,NAME.pem,NAME.key}`. Refuses to overwrite any of
+/// these files unless `force`. Private keys are created with mode 0600.
+/// Returns the paths written.
 pub fn init_dir(
-    dir: &Path,
+    dirs: &PkiDirs,
     server_names: &[String],
     clients: usize,
     force: bool,
@@ -470,51 +583,71 @@ pub fn init_dir(
     if server_names.is_empty() {
         return Err(PkiError::NoServerNames);
     }
-    let mut files: Vec<(PathBuf, bool, String)> = Vec::with_capacity(4 + 2 * clients);
+    dirs.check_apart()?;
+    let mut files: Vec<(PathBuf, bool, String)> = Vec::with_capacity(5 + 3 * clients);
     let ca = CertAuthority::generate("fedquic CA")?;
-    files.push((dir.join(CA_CERT_FILE), false, ca.cert_pem().to_owned()));
-    files.push((dir.join(CA_KEY_FILE), true, ca.key_pem().to_owned()));
+    files.push((dirs.ca.join(CA_CERT_FILE), false, ca.cert_pem().to_owned()));
+    files.push((dirs.ca.join(CA_KEY_FILE), true, ca.key_pem().to_owned()));
+    files.push((
+        dirs.certs.join(CA_CERT_FILE),
+        false,
+        ca.cert_pem().to_owned(),
+    ));
     let server = ca.issue_server(server_names)?;
-    files.push((dir.join(SERVER_CERT_FILE), false, server.cert_pem));
-    files.push((dir.join(SERVER_KEY_FILE), true, server.key_pem));
+    files.push((dirs.certs.join(SERVER_CERT_FILE), false, server.cert_pem));
+    files.push((dirs.certs.join(SERVER_KEY_FILE), true, server.key_pem));
     for index in 1..=clients {
-        let name = client_name(index);
-        let client = ca.issue_client(&name)?;
-        files.push((dir.join(format!("{name}.pem")), false, client.cert_pem));
-        files.push((dir.join(format!("{name}.key")), true, client.key_pem));
+        files.extend(bundle_files(dirs, &ca, &client_name(index))?);
     }
-
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
     if !force {
         let paths: Vec<&Path> = files.iter().map(|(p, _, _)| p.as_path()).collect();
         refuse_existing(&paths)?;
+        // A CA key left in the certs directory by an older layout is refused too.
+        refuse_existing(&[&dirs.certs.join(CA_KEY_FILE)])?;
     }
+    create_dirs(&files)?;
     for (path, private, contents) in &files {
         write_file(path, contents, *private, force)?;
+    }
+    if force {
+        // A new CA invalidates the old revocation record and CRL.
+        for stale in [dirs.ca.join(REVOKED_FILE), dirs.crl_path()] {
+            match fs::remove_file(&stale) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(&stale)(e)),
+            }
+        }
     }
     Ok(files.into_iter().map(|(p, _, _)| p).collect())
 }
 
-/// Issues one more client certificate signed by the CA in `dir` and writes
-/// `NAME.pem` and `NAME.key` (mode 0600). Refuses to overwrite existing
-/// files. Returns the paths written.
-pub fn add_client(dir: &Path, name: &str) -> Result<Vec<PathBuf>, PkiError> {
+/// Issues one more client certificate, signed by the CA in `dirs.ca`, and
+/// writes its bundle `clients/NAME/{ca.pem,NAME.pem,NAME.key}` (the key
+/// with mode 0600). Refuses to overwrite existing files. Returns the paths
+/// written.
+pub fn add_client(dirs: &PkiDirs, name: &str) -> Result<Vec<PathBuf>, PkiError> {
     validate_client_name(name)?;
-    let cert_path = dir.join(format!("{name}.pem"));
-    let key_path = dir.join(format!("{name}.key"));
-    refuse_existing(&[&cert_path, &key_path])?;
-    let ca = CertAuthority::from_dir(dir)?;
-    let issued = ca.issue_client(name)?;
-    write_file(&key_path, &issued.key_pem, true, false)?;
-    if let Err(e) = write_file(&cert_path, &issued.cert_pem, false, false) {
-        // Do not leave a key without its certificate behind.
-        let _ = fs::remove_file(&key_path);
-        return Err(e);
+    let paths = dirs.client_files(name);
+    refuse_existing(&[&paths[0], &paths[1], &paths[2]])?;
+    let ca = CertAuthority::from_dir(&dirs.ca)?;
+    let files = bundle_files(dirs, &ca, name)?;
+    create_dirs(&files)?;
+    let mut written = Vec::new();
+    for (path, private, contents) in &files {
+        if let Err(e) = write_file(path, contents, *private, false) {
+            // Do not leave half a bundle behind.
+            for path in &written {
+                let _ = fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        written.push(path.clone());
     }
-    Ok(vec![cert_path, key_path])
+    Ok(written)
 }
 
-/// File in a PKI directory holding the certificate revocation list.
+/// File in the certs directory holding the certificate revocation list.
 pub const CRL_FILE: &str = "crl.pem";
 /// The record of revocations the CRL is rebuilt from: one line per
 /// revoked certificate, `SERIAL_HEX NAME UNIX_TIME`.
@@ -565,63 +698,107 @@ pub fn cert_serial(cert_pem: &str) -> Result<Vec<u8>, PkiError> {
     Ok(cert.tbs_certificate.raw_serial().to_vec())
 }
 
-/// Revokes client NAME's certificate (`dir/NAME.pem`): records it in
-/// `revoked.txt` and rewrites `crl.pem`, signed by the CA in `dir`. The
-/// aggregator loads `crl.pem` at start and refuses revoked certificates in
-/// the TLS handshake. Revoking twice is an error.
-pub fn revoke(dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
+/// A serial number as lower-case hex without leading zero bytes (DER adds
+/// one to positive numbers whose top bit is set; `openssl x509 -serial`
+/// prints none), so both spellings name the same certificate.
+pub fn serial_hex(serial: &[u8]) -> String {
+    let start = serial
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(serial.len().saturating_sub(1));
+    serial[start..].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Parses a serial number given in hex (`3F:9A:01`, `0x3f9a01` and
+/// `3f9a01` are the same), as raw big-endian bytes.
+pub fn parse_serial(text: &str) -> Result<Vec<u8>, PkiError> {
+    let bad = || PkiError::InvalidSerial(text.to_owned());
+    let trimmed = text.trim();
+    let digits: String = trimmed
+        .strip_prefix("0x")
+        .or_else(|| trimmed.strip_prefix("0X"))
+        .unwrap_or(trimmed)
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    // X.509 serials are at most 20 bytes.
+    if digits.is_empty() || digits.len() > 42 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    (0..padded.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&padded[i..i + 2], 16).map_err(|_| bad()))
+        .collect()
+}
+
+/// Revokes client NAME's certificate (`clients/NAME/NAME.pem` in the certs
+/// directory): see [`revoke_serial`].
+pub fn revoke(dirs: &PkiDirs, name: &str) -> Result<PathBuf, PkiError> {
     validate_client_name(name)?;
-    let cert_path = dir.join(format!("{name}.pem"));
+    let [_, cert_path, _] = dirs.client_files(name);
     let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
     let serial = cert_serial(&cert_pem)?;
-    let ca = CertAuthority::from_dir(dir)?;
-    let record_path = dir.join(REVOKED_FILE);
+    match revoke_serial_as(dirs, &serial, name) {
+        Err(PkiError::SerialAlreadyRevoked(_)) => Err(PkiError::AlreadyRevoked(name.to_string())),
+        other => other,
+    }
+}
+
+/// Revokes the certificate with this serial number (for instance an older
+/// certificate of a name that was re-issued): records it in the CA's
+/// `revoked.txt` and rewrites the certs directory's `crl.pem`, signed by
+/// the CA. The aggregator loads `crl.pem` at start and again on SIGHUP, and
+/// refuses revoked certificates in the TLS handshake. Revoking twice is an
+/// error.
+pub fn revoke_serial(dirs: &PkiDirs, serial: &[u8]) -> Result<PathBuf, PkiError> {
+    revoke_serial_as(dirs, serial, "-")
+}
+
+fn revoke_serial_as(dirs: &PkiDirs, serial: &[u8], name: &str) -> Result<PathBuf, PkiError> {
+    let ca = CertAuthority::from_dir(&dirs.ca)?;
+    let record_path = dirs.ca.join(REVOKED_FILE);
     let record = match fs::read_to_string(&record_path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(io_err(&record_path)(e)),
     };
-    let serial_hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+    let wanted = serial_hex(serial);
     let mut revoked = Vec::new();
     for (i, line) in record
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
     {
-        let bad = || {
-            PkiError::InvalidValidity(format!(
-                "{}: line {} is malformed",
-                record_path.display(),
-                i + 1
-            ))
+        let bad = || PkiError::MalformedRecord {
+            path: record_path.clone(),
+            line: i + 1,
         };
         let mut fields = line.split_whitespace();
         let hex = fields.next().ok_or_else(bad)?;
         let _name = fields.next().ok_or_else(bad)?;
         let at: u64 = fields.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
-        if hex == serial_hex {
-            return Err(PkiError::AlreadyRevoked(name.to_string()));
+        let bytes = parse_serial(hex).map_err(|_| bad())?;
+        if serial_hex(&bytes) == wanted {
+            return Err(PkiError::SerialAlreadyRevoked(wanted));
         }
-        let bytes = (0..hex.len())
-            .step_by(2)
-            .map(|i| {
-                hex.get(i..i + 2)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-            })
-            .collect::<Option<Vec<u8>>>()
-            .ok_or_else(bad)?;
         revoked.push((bytes, UNIX_EPOCH + Duration::from_secs(at)));
     }
     let now = SystemTime::now();
-    revoked.push((serial, now));
+    revoked.push((serial.to_vec(), now));
     let crl = ca.issue_crl(&revoked, revoked.len() as u64)?;
     let unix = now
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let record = format!("{record}{serial_hex} {name} {unix}\n");
+    let record = format!("{record}{wanted} {name} {unix}\n");
     write_file(&record_path, &record, false, true)?;
-    let crl_path = dir.join(CRL_FILE);
+    fs::create_dir_all(&dirs.certs).map_err(io_err(&dirs.certs))?;
+    let crl_path = dirs.crl_path();
     write_file(&crl_path, &crl, false, true)?;
     Ok(crl_path)
 }
@@ -764,6 +941,10 @@ mod tests {
             "é",
             "ca",
             "server",
+            "crl",
+            "Crl",
+            "revoked",
+            "clients",
             &"x".repeat(65),
         ] {
             assert!(
@@ -783,26 +964,26 @@ mod tests {
     }
 
     #[test]
-    fn init_dir_writes_everything_and_refuses_to_overwrite() {
+    fn init_dir_keeps_the_ca_apart_and_refuses_to_overwrite() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("certs");
+        let dirs = PkiDirs::new(&tmp.path().join("certs"), None);
+        assert_eq!(dirs.ca, tmp.path().join("certs-ca"));
         let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        let written = init_dir(&dir, &names, 3, false).expect("init");
-        let expected: Vec<PathBuf> = [
-            "ca.pem",
-            "ca.key",
-            "server.pem",
-            "server.key",
-            "client-001.pem",
-            "client-001.key",
-            "client-002.pem",
-            "client-002.key",
-            "client-003.pem",
-            "client-003.key",
-        ]
-        .iter()
-        .map(|f| dir.join(f))
-        .collect();
+        let written = init_dir(&dirs, &names, 2, false).expect("init");
+        let certs = &dirs.certs;
+        let expected: Vec<PathBuf> = vec![
+            dirs.ca.join("ca.pem"),
+            dirs.ca.join("ca.key"),
+            certs.join("ca.pem"),
+            certs.join("server.pem"),
+            certs.join("server.key"),
+            certs.join("clients/client-001/ca.pem"),
+            certs.join("clients/client-001/client-001.pem"),
+            certs.join("clients/client-001/client-001.key"),
+            certs.join("clients/client-002/ca.pem"),
+            certs.join("clients/client-002/client-002.pem"),
+            certs.join("clients/client-002/client-002.key"),
+        ];
         assert_eq!(written, expected);
         for path in &written {
             let text = fs::read_to_string(path).expect("read");
@@ -818,85 +999,169 @@ mod tests {
                 assert_eq!(mode(path), 0o600, "{}", path.display());
             }
         }
+        // Nothing deployable holds the CA key: a bundle is exactly three files.
+        assert!(!certs.join("ca.key").exists());
+        let mut bundle: Vec<_> = fs::read_dir(dirs.client_dir("client-001"))
+            .expect("bundle")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        bundle.sort();
+        assert_eq!(bundle, ["ca.pem", "client-001.key", "client-001.pem"]);
+        let ca_pem = fs::read_to_string(dirs.ca.join("ca.pem")).expect("read");
+        verify_client(
+            &ca_pem,
+            &fs::read_to_string(certs.join("clients/client-002/client-002.pem")).expect("read"),
+        )
+        .expect("bundle certificate chains to the CA");
 
-        let ca_before = fs::read_to_string(dir.join("ca.pem")).expect("read");
-        let err = init_dir(&dir, &names, 1, false).expect_err("must refuse");
-        assert!(matches!(err, PkiError::AlreadyExists(ref p) if p == &dir.join("ca.pem")));
+        let err = init_dir(&dirs, &names, 1, false).expect_err("must refuse");
+        assert!(matches!(err, PkiError::AlreadyExists(ref p) if p == &dirs.ca.join("ca.pem")));
         assert!(err.to_string().contains("already exists"), "{err}");
         assert_eq!(
-            fs::read_to_string(dir.join("ca.pem")).expect("read"),
-            ca_before
+            fs::read_to_string(dirs.ca.join("ca.pem")).expect("read"),
+            ca_pem
         );
 
-        // A lone leftover CA key is enough to refuse.
-        let other = tmp.path().join("other");
-        fs::create_dir_all(&other).expect("mkdir");
-        fs::write(other.join("ca.key"), "x").expect("write");
+        // A CA key left in a certs directory (older layout) is enough to refuse.
+        let other = PkiDirs::new(&tmp.path().join("other"), None);
+        fs::create_dir_all(&other.certs).expect("mkdir");
+        fs::write(other.certs.join("ca.key"), "x").expect("write");
         assert!(matches!(
             init_dir(&other, &names, 0, false),
             Err(PkiError::AlreadyExists(_))
         ));
+        // The CA cannot live in (or under) the deployable directory.
+        for inside in [dirs.certs.clone(), dirs.certs.join("ca")] {
+            let same = PkiDirs::new(&dirs.certs, Some(&inside));
+            assert!(matches!(
+                init_dir(&same, &names, 0, true),
+                Err(PkiError::CaNotApart { .. })
+            ));
+        }
 
-        let rewritten = init_dir(&dir, &names, 1, true).expect("force");
-        assert_eq!(rewritten.len(), 6);
+        revoke(&dirs, "client-001").expect("revoke");
+        let rewritten = init_dir(&dirs, &names, 1, true).expect("force");
+        assert_eq!(rewritten.len(), 8);
         assert_ne!(
-            fs::read_to_string(dir.join("ca.pem")).expect("read"),
-            ca_before
+            fs::read_to_string(dirs.ca.join("ca.pem")).expect("read"),
+            ca_pem
         );
+        assert!(!dirs.crl_path().exists(), "the old CA's CRL is gone");
         #[cfg(unix)]
-        assert_eq!(mode(&dir.join("ca.key")), 0o600);
+        assert_eq!(mode(&dirs.ca.join("ca.key")), 0o600);
     }
 
     #[test]
-    fn add_client_issues_from_the_dir_ca_and_refuses_duplicates() {
+    fn add_client_issues_from_the_ca_dir_and_refuses_duplicates() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path();
-        init_dir(dir, &["localhost".to_string()], 1, false).expect("init");
-        let written = add_client(dir, "alice").expect("add");
-        assert_eq!(written, vec![dir.join("alice.pem"), dir.join("alice.key")]);
+        let dirs = PkiDirs::new(&tmp.path().join("certs"), Some(&tmp.path().join("offline")));
+        init_dir(&dirs, &["localhost".to_string()], 1, false).expect("init");
+        let written = add_client(&dirs, "alice").expect("add");
+        assert_eq!(written, dirs.client_files("alice").to_vec());
         #[cfg(unix)]
-        assert_eq!(mode(&dir.join("alice.key")), 0o600);
+        assert_eq!(mode(&dirs.client_files("alice")[2]), 0o600);
 
         verify_client(
-            &fs::read_to_string(dir.join("ca.pem")).expect("read"),
-            &fs::read_to_string(dir.join("alice.pem")).expect("read"),
+            &fs::read_to_string(dirs.certs.join("ca.pem")).expect("read"),
+            &fs::read_to_string(&dirs.client_files("alice")[1]).expect("read"),
         )
-        .expect("signed by the dir's CA");
+        .expect("signed by the CA");
 
-        let key_before = fs::read_to_string(dir.join("alice.key")).expect("read");
+        let key_before = fs::read_to_string(&dirs.client_files("alice")[2]).expect("read");
         assert!(matches!(
-            add_client(dir, "alice"),
+            add_client(&dirs, "alice"),
             Err(PkiError::AlreadyExists(_))
         ));
         assert!(matches!(
-            add_client(dir, "client-001"),
+            add_client(&dirs, "client-001"),
             Err(PkiError::AlreadyExists(_))
         ));
         assert_eq!(
-            fs::read_to_string(dir.join("alice.key")).expect("read"),
+            fs::read_to_string(&dirs.client_files("alice")[2]).expect("read"),
             key_before
         );
-        for bad in ["", ".x", "../evil", "a/b", "ca", "server"] {
+        for bad in [
+            "", ".x", "../evil", "a/b", "ca", "server", "crl", "CRL", "revoked", "clients",
+        ] {
             assert!(
                 matches!(
-                    add_client(dir, bad),
+                    add_client(&dirs, bad),
                     Err(PkiError::InvalidClientName { .. })
                 ),
                 "{bad:?} accepted"
             );
         }
+        assert!(!tmp.path().join("evil.pem").exists());
         assert!(
-            !tmp.path()
-                .parent()
-                .expect("parent")
-                .join("evil.pem")
-                .exists()
+            !dirs.crl_path().exists(),
+            "no client file can land on crl.pem"
         );
 
-        // Without a CA in the directory the error names the missing file.
+        // Without the CA the error names the missing file.
         let empty = tempfile::tempdir().expect("tempdir");
-        let err = add_client(empty.path(), "bob").expect_err("no CA");
+        let nowhere = PkiDirs::new(&empty.path().join("certs"), None);
+        let err = add_client(&nowhere, "bob").expect_err("no CA");
         assert!(err.to_string().contains("ca.pem"), "{err}");
-        assert!(!empty.path().join("bob.key").exists());
+        assert!(!nowhere.client_files("bob")[2].exists());
+    }
+
+    #[test]
+    fn serials_parse_in_every_common_spelling() {
+        assert_eq!(parse_serial("3f9a01").expect("hex"), vec![0x3f, 0x9a, 0x01]);
+        assert_eq!(
+            parse_serial("0x3F:9A:01").expect("hex"),
+            vec![0x3f, 0x9a, 0x01]
+        );
+        assert_eq!(parse_serial("f").expect("odd length"), vec![0x0f]);
+        assert_eq!(serial_hex(&[0x00, 0x9a, 0x01]), "9a01");
+        assert_eq!(serial_hex(&[0x00]), "00");
+        for bad in ["", "xyz", "12 34", &"a".repeat(50)] {
+            assert!(
+                matches!(parse_serial(bad), Err(PkiError::InvalidSerial(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn revocation_by_name_and_by_serial_fills_one_crl() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dirs = PkiDirs::new(&tmp.path().join("certs"), None);
+        init_dir(&dirs, &["localhost".to_string()], 2, false).expect("init");
+        let ca = CertAuthority::from_dir(&dirs.ca).expect("CA");
+        // An older certificate of client-002, re-issued since: only its serial names it.
+        let old = ca.issue_client("client-002").expect("old certificate");
+        let old_serial = cert_serial(&old.cert_pem).expect("serial");
+        let crl_path = revoke_serial(&dirs, &old_serial).expect("revoke by serial");
+        assert!(matches!(
+            revoke_serial(&dirs, &old_serial),
+            Err(PkiError::SerialAlreadyRevoked(_))
+        ));
+        revoke(&dirs, "client-001").expect("revoke by name");
+        assert!(matches!(
+            revoke(&dirs, "client-001"),
+            Err(PkiError::AlreadyRevoked(_))
+        ));
+        let crls = crate::tls::load_crl_file(&crl_path).expect("crl");
+        let roots = crate::tls::load_ca_file(&dirs.certs.join("ca.pem")).expect("roots");
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .with_crls(crls)
+        .build()
+        .expect("verifier");
+        let check = |pem: &str| {
+            verifier
+                .verify_client_cert(&parse(pem), &[], rustls::pki_types::UnixTime::now())
+                .map(|_| ())
+        };
+        assert!(check(&old.cert_pem).is_err(), "revoked by serial");
+        let current = |name: &str| fs::read_to_string(&dirs.client_files(name)[1]).expect("read");
+        assert!(check(&current("client-001")).is_err(), "revoked by name");
+        check(&current("client-002")).expect("the current client-002 still gets in");
+        let record = fs::read_to_string(dirs.ca.join(REVOKED_FILE)).expect("record");
+        assert_eq!(record.lines().count(), 2);
+        assert!(record.contains(&serial_hex(&old_serial)));
     }
 }

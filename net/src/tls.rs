@@ -6,16 +6,18 @@
 //! protocol is [`ALPN`].
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
-use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use x509_parser::extensions::GeneralName;
 
 /// The application protocol negotiated with ALPN.
@@ -52,6 +54,8 @@ pub enum TlsError {
     Certificate(String),
     #[error("certificate has neither a common name nor a DNS name")]
     NoName,
+    #[error("{} holds no certificate revocation list (an empty or truncated file is refused: a CRL that revokes nothing would pass unnoticed)", .0.display())]
+    EmptyCrl(PathBuf),
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
@@ -241,6 +245,9 @@ fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Reads every CRL in a PEM file (as written by [`crate::pki::revoke`]).
+/// A file without any CRL is an error: it can only be a mistake (an
+/// empty or truncated write, a wrong file), and loading it would silently
+/// un-revoke everyone.
 pub fn load_crl_file(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let pem = std::fs::read(path).map_err(|source| TlsError::Io {
         path: path.to_path_buf(),
@@ -249,10 +256,110 @@ pub fn load_crl_file(path: &Path) -> Result<Vec<CertificateRevocationListDer<'st
     let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsError::Pem {
-            what: "certificate revocation list".into(),
+            what: format!("certificate revocation list {}", path.display()),
             source,
         })?;
+    if crls.is_empty() {
+        return Err(TlsError::EmptyCrl(path.to_path_buf()));
+    }
     Ok(crls)
+}
+
+/// A client-certificate verifier whose revocation lists can be replaced
+/// while the server runs (on SIGHUP): each handshake uses the lists current
+/// when it starts. The trusted CA does not change.
+#[derive(Debug)]
+struct ReloadableClientVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    root_hints: Vec<DistinguishedName>,
+    current: RwLock<Arc<dyn ClientCertVerifier>>,
+}
+
+impl ReloadableClientVerifier {
+    fn build(
+        roots: &Arc<RootCertStore>,
+        provider: &Arc<CryptoProvider>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        Ok(
+            WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), Arc::clone(provider))
+                .with_crls(crls)
+                .build()?,
+        )
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        match self.current.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+}
+
+impl ClientCertVerifier for ReloadableClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.root_hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// Replaces the revocation lists of a running server's client-certificate
+/// verifier (see [`server_config_reloadable`]). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CrlReloader(Arc<ReloadableClientVerifier>);
+
+impl CrlReloader {
+    /// Installs `crls`; new handshakes use them. Established connections
+    /// are not re-checked.
+    pub fn reload(&self, crls: Vec<CertificateRevocationListDer<'static>>) -> Result<(), TlsError> {
+        let verifier = ReloadableClientVerifier::build(&self.0.roots, &self.0.provider, crls)?;
+        match self.0.current.write() {
+            Ok(mut guard) => *guard = verifier,
+            Err(poisoned) => *poisoned.into_inner() = verifier,
+        }
+        Ok(())
+    }
+
+    /// Reloads from a CRL file ([`load_crl_file`]); on any error the lists
+    /// in force stay as they were. Returns how many CRLs were loaded.
+    pub fn reload_file(&self, path: &Path) -> Result<usize, TlsError> {
+        let crls = load_crl_file(path)?;
+        let count = crls.len();
+        self.reload(crls)?;
+        Ok(count)
+    }
 }
 
 /// The aggregator's configuration: TLS 1.3 only, a client certificate
@@ -273,19 +380,52 @@ pub fn server_config_with_crls(
     crls: Vec<CertificateRevocationListDer<'static>>,
     transport: &TransportSettings,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_reloadable(roots, identity, crls, transport).map(|(config, _)| config)
+}
+
+/// Most connection attempts quinn queues for the accept loop; beyond this
+/// it refuses them itself (the accept loop screens each in microseconds,
+/// see [`crate::admission`]).
+pub const MAX_QUEUED_INCOMING: usize = 4096;
+
+/// [`server_config_with_crls`] plus a handle that replaces the CRLs while
+/// the server runs.
+pub fn server_config_reloadable(
+    roots: RootCertStore,
+    identity: Identity,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    transport: &TransportSettings,
+) -> Result<(quinn::ServerConfig, CrlReloader), TlsError> {
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .with_crls(crls)
-        .build()?;
+    let roots = Arc::new(roots);
+    let initial = ReloadableClientVerifier::build(&roots, &provider, crls)?;
+    let verifier = Arc::new(ReloadableClientVerifier {
+        root_hints: initial.root_hint_subjects().to_vec(),
+        roots,
+        provider: Arc::clone(&provider),
+        current: RwLock::new(initial),
+    });
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(identity.cert_chain, identity.key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No session resumption: a resumed session skips the client
+    // certificate check, so a client revoked (and the CRL reloaded) after
+    // it first connected could come back on its ticket. Full handshakes
+    // cost ~2 ms and clients connect once per run.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let crypto = QuicServerConfig::try_from(tls)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport.transport_config()?));
-    Ok(config)
+    // quinn's defaults (65,536 queued attempts, 100 MiB of their buffered
+    // packets) are sized for busy web servers; a federation needs far less.
+    config
+        .max_incoming(MAX_QUEUED_INCOMING)
+        .incoming_buffer_size(64 << 10)
+        .incoming_buffer_size_total(8 << 20);
+    Ok((config, CrlReloader(verifier)))
 }
 
 /// A client's configuration: TLS 1.3 only, the server must present a
@@ -426,6 +566,21 @@ mod tests {
             .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/c.pem"), "{err}");
         assert!(cert_name(&CertificateDer::from(vec![1, 2, 3])).is_err());
+    }
+
+    #[test]
+    fn a_crl_file_without_any_crl_is_an_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("crl.pem");
+        for text in ["", "not a CRL at all\n"] {
+            std::fs::write(&path, text).expect("write");
+            let err = load_crl_file(&path).expect_err("no CRL");
+            assert!(matches!(err, TlsError::EmptyCrl(_)), "{err}");
+            assert!(err.to_string().contains("crl.pem"), "{err}");
+        }
+        // A truncated CRL (begin line, no end) is malformed PEM.
+        std::fs::write(&path, "-----BEGIN X509 CRL-----\nMIIB\n").expect("write");
+        assert!(load_crl_file(&path).is_err());
     }
 
     #[test]

@@ -359,6 +359,7 @@ impl ChildAggregator {
                     connect_timeout: Duration::from_secs(60),
                     training_slots: None,
                     endpoint: Some(endpoint),
+                    limits: Default::default(),
                 };
                 handles.push(tokio::spawn(run_client(
                     opts,

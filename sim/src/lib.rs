@@ -7,6 +7,7 @@
 //! thousands of clients cost little.
 
 pub mod bench;
+pub mod flood;
 pub mod pki;
 pub mod report;
 pub mod simulate;

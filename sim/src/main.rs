@@ -100,6 +100,9 @@ enum Command {
     /// (internal) The aggregator process of bench-overhead.
     #[command(name = "bench-serve", hide = true)]
     Serve(fedquic_sim::bench::ServeArgs),
+    /// Flood an aggregator on 127.0.0.1 with QUIC Initial packets that
+    /// never complete a handshake (measures the cost of half-open attempts).
+    Flood(fedquic_sim::flood::FloodArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -119,6 +122,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Overhead(args)) => return fedquic_sim::bench::run_overhead(args),
         Some(Command::Connections(args)) => return fedquic_sim::bench::run_connections(args),
         Some(Command::Serve(args)) => return fedquic_sim::bench::serve(args),
+        Some(Command::Flood(args)) => return fedquic_sim::flood::run_flood(args),
         None => {}
     }
     let a = cli.run;

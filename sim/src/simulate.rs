@@ -185,6 +185,7 @@ pub async fn simulate(
             connect_timeout: Duration::from_secs(30),
             training_slots: Some(Arc::clone(&slots)),
             endpoint: Some(endpoint.clone()),
+            limits: Default::default(),
         };
         let trainer = LocalTrainer::new(
             Arc::clone(&train),

@@ -64,6 +64,7 @@ pub struct Options {
     pub transport: TransportSettings,
     /// Changes to the server setup beyond the above (timeouts, pool size).
     pub adjust: fn(&mut ServerSetup),
+    pub admission: std::sync::Arc<fedquic::net::admission::Admission>,
 }
 
 impl Options {
@@ -75,6 +76,7 @@ impl Options {
             max_clients: 1000,
             transport: TransportSettings::aggregator(),
             adjust: |_| {},
+            admission: Default::default(),
         }
     }
 }
@@ -104,6 +106,7 @@ pub fn start_on(ca: &CertAuthority, opts: Options, listen: SocketAddr) -> Aggreg
         max_inflight_updates: 2,
         handshake_timeout: Duration::from_secs(5),
         allowlist: opts.allowlist,
+        admission: opts.admission,
         ..ServerSetup::new(listen, tls, opts.engine, &layout, vec![0.0; PARAMS])
     };
     (opts.adjust)(&mut setup);
@@ -187,6 +190,7 @@ pub fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) ->
         connect_timeout: Duration::from_secs(5),
         training_slots: None,
         endpoint: None,
+        limits: Default::default(),
     }
 }
 

@@ -1,0 +1,246 @@
+//! A compromised aggregator, hand-written over real QUIC with mutual TLS,
+//! asks a client for a 2e9-parameter model, 10,000 epochs, batches of 2^20
+//! and a retry-after of u64::MAX: the client refuses each with a clear
+//! error, allocates nothing big, and does not park.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use fedquic::client::{ClientError, ClientLimits, LimitError, run_client};
+use fedquic::net::io::{read_message, read_tensor_header, send_tensors, write_message};
+use fedquic::net::pki::CertAuthority;
+use fedquic::net::tls::{self, Identity, TransportSettings};
+use fedquic::protocol::{
+    Codec, FitInstructions, FitTask, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader,
+    TensorLimits, Welcome,
+};
+use fedquic::train::layout::ParamLayout;
+
+/// Records the largest single allocation of this test process.
+struct LargestAllocation;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded unchanged to the system allocator; the
+// wrapper only reads the requested size.
+unsafe impl GlobalAlloc for LargestAllocation {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: same layout, forwarded to the system allocator.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: `ptr` came from `System` with this layout.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: LargestAllocation = LargestAllocation;
+
+/// A server endpoint with a valid aggregator certificate from `ca`.
+fn hostile_endpoint(ca: &CertAuthority) -> (quinn::Endpoint, SocketAddr) {
+    let server = ca.issue_server(&["localhost".to_string()]).unwrap();
+    let config = tls::server_config(
+        tls::load_ca_pem(ca.cert_pem()).unwrap(),
+        Identity::from_pem(&server.cert_pem, &server.key_pem).unwrap(),
+        &TransportSettings::default(),
+    )
+    .unwrap();
+    let endpoint =
+        fedquic::net::endpoint::server_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    (endpoint, addr)
+}
+
+/// Accepts one client session: returns its connection and control stream
+/// after answering its Hello with a Welcome for `model_spec`.
+async fn welcome(
+    endpoint: &quinn::Endpoint,
+    model_spec: &str,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    assert!(matches!(
+        read_message(&mut recv).await.unwrap(),
+        Some(Message::Hello(_))
+    ));
+    let welcome = Welcome {
+        version: PROTOCOL_VERSION,
+        codec: Codec::F32,
+        model_spec: model_spec.to_string(),
+        client_name: "client-001".into(),
+    };
+    write_message(&mut send, &Message::Welcome(welcome))
+        .await
+        .unwrap();
+    (conn, send, recv)
+}
+
+fn fit_task(task_id: u64, epochs: u32, batch_size: u32) -> FitTask {
+    FitTask {
+        round: 1,
+        task_id,
+        config: FitInstructions {
+            epochs,
+            batch_size,
+            learning_rate: 0.1,
+            proximal_mu: 0.0,
+            seed: 0,
+            optimizer: Default::default(),
+        },
+    }
+}
+
+/// Sends a fit task and its (valid) global model.
+async fn send_fit(conn: &quinn::Connection, send: &mut quinn::SendStream, task: FitTask) {
+    write_message(send, &Message::FitTask(task.clone()))
+        .await
+        .unwrap();
+    let header = TensorHeader {
+        kind: StreamKind::GlobalModel,
+        round: task.round,
+        task_id: task.task_id,
+        codec: Codec::F32,
+        tensors: ParamLayout::Vector(PARAMS).wire_layout(),
+        num_examples: 0,
+        metrics: Vec::new(),
+        body_len: PARAMS as u64 * 4,
+    };
+    // The client may stop the stream unread: that is its answer too.
+    let _ = send_tensors(conn, &header, &[0.0; PARAMS]).await;
+}
+
+/// The client's next control message.
+async fn answer(recv: &mut quinn::RecvStream) -> Message {
+    loop {
+        match read_message(recv).await.unwrap() {
+            Some(Message::Heartbeat) => continue,
+            Some(m) => return m,
+            None => panic!("client closed the session"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_model_is_refused_before_anything_is_allocated() {
+    let ca = CertAuthority::generate("hostile CA").unwrap();
+    let (endpoint, addr) = hostile_endpoint(&ca);
+    let server = tokio::spawn(async move {
+        let (conn, _send, _recv) = welcome(&endpoint, "vector:2000000000").await;
+        // Hold the session open: the client must leave on its own.
+        conn.closed().await;
+    });
+    let opts = options(addr, client_tls(&ca, Some(identity(&ca, "client-001"))), 3);
+    let result = within(20, run_client(opts, DeltaTrainer::new(1.0, 1))).await;
+    let err = result.expect_err("the client must refuse the model");
+    assert!(
+        matches!(
+            err,
+            ClientError::Limit(LimitError::Params {
+                params: 2_000_000_000,
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("2000000000 parameters"), "{text}");
+    assert!(text.contains("--max-params"), "{text}");
+    // 2e9 f32 would be 8 GB; nothing near a model of that size was asked for.
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(largest < 64 << 20, "largest allocation {largest} bytes");
+    within(10, server).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn excessive_tasks_are_refused_and_retry_after_is_capped() {
+    let ca = CertAuthority::generate("hostile CA").unwrap();
+    let (endpoint, addr) = hostile_endpoint(&ca);
+    let server = tokio::spawn(async move {
+        let spec = ParamLayout::Vector(PARAMS).to_string();
+        let (conn, mut send, mut recv) = welcome(&endpoint, &spec).await;
+        let mut refusals = Vec::new();
+        for (task_id, epochs, batch) in [(1, 10_000, 10), (2, 1, 1 << 20)] {
+            send_fit(&conn, &mut send, fit_task(task_id, epochs, batch)).await;
+            match answer(&mut recv).await {
+                Message::TaskFailed {
+                    task_id: id,
+                    reason,
+                } => {
+                    assert_eq!(id, task_id);
+                    refusals.push(reason);
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        // The session still works: an ordinary task is trained.
+        send_fit(&conn, &mut send, fit_task(3, 1, 10)).await;
+        let mut update = conn.accept_uni().await.unwrap();
+        let header = read_tensor_header(&mut update, &TensorLimits::for_model(PARAMS as u64))
+            .await
+            .unwrap();
+        assert_eq!((header.kind, header.task_id), (StreamKind::Update, 3));
+        // Park the client "forever"; it must come back after its own cap.
+        write_message(
+            &mut send,
+            &Message::Reject(Reject {
+                reason: "go away".into(),
+                retry_after_ms: Some(u64::MAX),
+            }),
+        )
+        .await
+        .unwrap();
+        let (conn, mut send, _recv) = welcome(&endpoint, &spec).await;
+        write_message(
+            &mut send,
+            &Message::Bye {
+                reason: "done".into(),
+                finished: true,
+            },
+        )
+        .await
+        .unwrap();
+        let _ = send.finish();
+        // The client closes the connection once it has read the goodbye.
+        conn.closed().await;
+        refusals
+    });
+    let mut opts = options(addr, client_tls(&ca, Some(identity(&ca, "client-001"))), 3);
+    opts.limits = ClientLimits {
+        max_retry_after: Duration::from_millis(300),
+        ..ClientLimits::default()
+    };
+    let report = within(30, run_client(opts, DeltaTrainer::new(1.0, 1)))
+        .await
+        .expect("the client finishes when told so");
+    assert_eq!(report.sessions, 2, "it came back after the capped wait");
+    let refusals = within(10, server).await.unwrap();
+    assert!(
+        refusals[0].contains("10000 local epochs"),
+        "{}",
+        refusals[0]
+    );
+    assert!(refusals[0].contains("--max-epochs"), "{}", refusals[0]);
+    assert!(
+        refusals[1].contains("batches of 1048576"),
+        "{}",
+        refusals[1]
+    );
+}
