@@ -68,6 +68,7 @@ async fn start(clients: usize, rounds: u64) -> Federation {
         max_round_retries: 0,
         seed: 3,
         updates: Default::default(),
+        strategy: Default::default(),
     };
     let setup = ServerSetup {
         central_eval: Some(CentralEval {

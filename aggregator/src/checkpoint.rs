@@ -2,9 +2,9 @@
 //!
 //! File `round-NNNNNN.ckpt`: magic `FQCK`, a u32 format version, a u32
 //! header length, the postcard [`CheckpointHeader`] (run id, round, model
-//! spec, the engine's state, the strategy's state, and the round's metrics
-//! line), the model as little-endian f32, and a CRC-32 of everything before
-//! it. Writes go to a
+//! spec, the engine's state, and the round's metrics line), the model as
+//! little-endian f32, the strategy's state (opaque bytes: server momentum,
+//! moments), and a CRC-32 of everything before it. Writes go to a
 //! temporary file that is fsynced, renamed into place, and followed by an
 //! fsync of the directory, so a crash leaves either the old set or the new
 //! one. A torn or corrupt file fails its checksum and is skipped on resume.
@@ -46,9 +46,10 @@ pub struct CheckpointHeader {
     pub unix_time: u64,
     /// Task counter, seeds and gate state as of this round's commit.
     pub engine: EngineState,
-    /// The strategy's own state (server optimizer moments and the like),
-    /// opaque here; empty for plain FedAvg.
-    pub strategy: Vec<u8>,
+    /// Name of the strategy, and the length of its state after the model
+    /// (server optimizer moments and the like; 0 for plain FedAvg).
+    pub strategy: String,
+    pub strategy_bytes: u64,
     /// This round's metrics line (JSON), so a crash between the checkpoint
     /// and the metrics file loses nothing.
     pub metrics_line: String,
@@ -58,6 +59,8 @@ pub struct CheckpointHeader {
 pub struct Checkpoint {
     pub header: CheckpointHeader,
     pub model: Vec<f32>,
+    /// The strategy's state, as [`crate::strategy::Strategy::state`] made it.
+    pub strategy: Vec<u8>,
 }
 
 /// A directory of checkpoints, keeping the newest `keep`.
@@ -99,10 +102,12 @@ impl CheckpointStore {
         &self,
         header: &CheckpointHeader,
         model: &[f32],
+        strategy: &[u8],
     ) -> Result<PathBuf, CheckpointError> {
         let round = header.round;
         let mut header = header.clone();
         header.values = model.len() as u64;
+        header.strategy_bytes = strategy.len() as u64;
         let header_bytes = postcard::to_stdvec(&header).map_err(|e| CheckpointError::Corrupt {
             path: self.path_for(round),
             reason: format!("cannot encode header: {e}"),
@@ -113,12 +118,14 @@ impl CheckpointStore {
                 reason: format!("header of {} bytes is too large", header_bytes.len()),
             });
         }
-        let mut bytes = Vec::with_capacity(12 + header_bytes.len() + model.len() * 4 + 4);
+        let mut bytes =
+            Vec::with_capacity(12 + header_bytes.len() + model.len() * 4 + strategy.len() + 4);
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         bytes.extend_from_slice(&(header_bytes.len() as u32).to_le_bytes());
         bytes.extend_from_slice(&header_bytes);
         fedquic_protocol::encode_f32_body(model, &mut bytes);
+        bytes.extend_from_slice(strategy);
         let crc = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&crc.to_le_bytes());
 
@@ -207,9 +214,12 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
     }
     let (header, header_len) = parse_header(path, body)?;
     let data = &body[12 + header_len..];
-    if data.len() as u64 != header.values.saturating_mul(4) {
-        return Err(corrupt("model length does not match the header"));
+    let model_bytes = header.values.checked_mul(4);
+    let total = model_bytes.and_then(|m| m.checked_add(header.strategy_bytes));
+    if total != Some(data.len() as u64) {
+        return Err(corrupt("model and strategy lengths do not match the header"));
     }
+    let (data, strategy) = data.split_at(header.values as usize * 4);
     let model: Vec<f32> = data
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -217,7 +227,11 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
     if model.iter().any(|v| !v.is_finite()) {
         return Err(corrupt("non-finite parameter"));
     }
-    Ok(Checkpoint { header, model })
+    Ok(Checkpoint {
+        header,
+        model,
+        strategy: strategy.to_vec(),
+    })
 }
 
 /// The header at the start of `bytes` (which need not hold the whole file),
@@ -303,7 +317,8 @@ mod tests {
                 fit_seed: 2,
                 median_update_norm: Some(0.5),
             },
-            strategy: vec![1, 2, 3],
+            strategy: "fedavgm".into(),
+            strategy_bytes: 0,
             metrics_line: format!("{{\"round\":{round}}}"),
         }
     }
@@ -314,7 +329,7 @@ mod tests {
         let store = CheckpointStore::open(dir.path(), 2).unwrap();
         for round in 1..=3u64 {
             let model: Vec<f32> = (0..100).map(|i| i as f32 * round as f32).collect();
-            store.save(&header("run-a", round), &model).unwrap();
+            store.save(&header("run-a", round), &model, &[1, 2, 3]).unwrap();
         }
         let rounds: Vec<u64> = store.list().unwrap().into_iter().map(|(r, _)| r).collect();
         assert_eq!(rounds, vec![2, 3], "keeps only the newest two");
@@ -324,7 +339,8 @@ mod tests {
             .unwrap();
         assert_eq!(latest.header.round, 3);
         assert_eq!(latest.header.engine.next_task_id, 31);
-        assert_eq!(latest.header.strategy, vec![1, 2, 3]);
+        assert_eq!(latest.strategy, vec![1, 2, 3]);
+        assert_eq!(latest.header.strategy_bytes, 3);
         assert_eq!(latest.header.metrics_line, "{\"round\":3}");
         assert_eq!(latest.model[10], 30.0);
 
@@ -355,10 +371,10 @@ mod tests {
         let store = CheckpointStore::open(dir.path(), 2).unwrap();
         // An older run that got further than the new one will.
         for round in 5..=7u64 {
-            store.save(&header("old-run", round), &[1.0; 4]).unwrap();
+            store.save(&header("old-run", round), &[1.0; 4], &[]).unwrap();
         }
         for round in 1..=3u64 {
-            let path = store.save(&header("new-run", round), &[2.0; 4]).unwrap();
+            let path = store.save(&header("new-run", round), &[2.0; 4], &[]).unwrap();
             assert!(path.exists(), "round {round} survives its own save");
         }
         let rounds: Vec<u64> = store.list().unwrap().into_iter().map(|(r, _)| r).collect();

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::engine::{EngineConfig, NormPolicy, UpdatePolicy};
+use crate::strategy::StrategyConfig;
 
 /// Upper bounds on configuration values, so that nothing downstream
 /// overflows (durations added to `Instant`s, counts used for allocation).
@@ -45,6 +46,7 @@ pub struct AggregatorConfig {
     pub limits: LimitsConfig,
     pub admission: AdmissionConfig,
     pub updates: UpdatesConfig,
+    pub strategy: StrategyConfig,
 }
 
 /// How much one update may weigh and move the model (see
@@ -249,6 +251,7 @@ impl Default for AggregatorConfig {
             limits: LimitsConfig::default(),
             admission: AdmissionConfig::default(),
             updates: UpdatesConfig::default(),
+            strategy: StrategyConfig::default(),
         }
     }
 }
@@ -431,6 +434,7 @@ impl AggregatorConfig {
         if l.client_log_lines_per_minute == 0 || l.client_log_lines_per_minute > 10_000 {
             return bad("limits.client_log_lines_per_minute must be in 1..=10000".into());
         }
+        self.strategy.validate().map_err(ConfigError::Invalid)?;
         let u = &self.updates;
         if u.max_examples_per_update == 0 || u.max_examples_per_update > MAX_EXAMPLES_PER_UPDATE {
             return bad(format!(
@@ -488,6 +492,7 @@ impl AggregatorConfig {
             max_round_retries: r.max_retries,
             seed: r.seed,
             updates: self.updates.policy(),
+            strategy: self.strategy.clone(),
         }
     }
 

@@ -16,7 +16,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::strategy::{FedAvgAccumulator, ModelCheckError};
+use crate::strategy::{FedAvg, FedAvgAccumulator, ModelCheckError, Strategy, StrategyConfig};
 
 /// A client's identity: the name in its certificate.
 pub type ClientId = String;
@@ -165,6 +165,8 @@ pub struct EngineConfig {
     pub max_round_retries: u32,
     pub seed: u64,
     pub updates: UpdatePolicy,
+    /// The server step and per-round instructions (see [`crate::strategy`]).
+    pub strategy: StrategyConfig,
 }
 
 /// Federated evaluation results of one round, weighted by example count.
@@ -349,6 +351,7 @@ pub struct RoundEngine {
     config: EngineConfig,
     global: Arc<Vec<f32>>,
     accumulator: FedAvgAccumulator,
+    strategy: Box<dyn Strategy>,
     /// The round in progress (or next to start).
     round: u64,
     connected: BTreeSet<ClientId>,
@@ -386,8 +389,15 @@ impl RoundEngine {
         };
         config.seed = state.selection_seed;
         config.fit.seed = state.fit_seed;
+        // Configs are validated before an engine is built (the config file's
+        // `validate`, `Server::bind`); FedAvg is only a last resort.
+        let strategy = config
+            .strategy
+            .build(len)
+            .unwrap_or_else(|_| Box::new(FedAvg));
         RoundEngine {
             accumulator: FedAvgAccumulator::with_share_cap(len, config.updates.max_weight_share),
+            strategy,
             config,
             global: Arc::new(global),
             round: state.completed_rounds + 1,
@@ -398,6 +408,19 @@ impl RoundEngine {
             median_update_norm: state.median_update_norm,
             fit_epoch: 0,
         }
+    }
+
+    /// The strategy's state (momentum, moments), for the checkpoint.
+    pub fn strategy_state(&self) -> Vec<u8> {
+        self.strategy.state()
+    }
+
+    /// Restores the strategy's state from a checkpoint.
+    pub fn restore_strategy(&mut self, state: &[u8]) -> Result<(), String> {
+        let len = self.global.len();
+        self.strategy
+            .restore(state, len)
+            .map_err(|e| format!("{} state: {e}", self.strategy.name()))
     }
 
     /// What a checkpoint must hold besides the model, as of the last
@@ -806,7 +829,7 @@ impl RoundEngine {
         let mut pending = BTreeMap::new();
         for client in selected {
             let task_id = self.task_id();
-            let mut config = self.config.fit.clone();
+            let mut config = self.strategy.configure_fit(self.round, &self.config.fit);
             config.seed = mix(self.config.fit.seed, self.round, task_id);
             pending.insert(client.clone(), task_id);
             actions.push(Action::SendFit {
@@ -879,14 +902,23 @@ impl RoundEngine {
             ));
         } else {
             let max_abs = self.config.updates.max_parameter_abs;
-            // Check the candidate model before touching the shared copy.
-            let mut candidate = Arc::clone(&self.global);
-            match self
-                .accumulator
-                .apply_mean_checked(Arc::make_mut(&mut candidate).as_mut_slice(), max_abs)
-            {
-                Ok(report) => {
-                    self.global = candidate;
+            let report = self.accumulator.apply_share_cap();
+            let inv = if report.used > 0.0 { 1.0 / report.used } else { 0.0 };
+            // Check the server step's result before touching the model or the
+            // strategy's state.
+            let checked = if report.used > 0.0 {
+                self.strategy
+                    .check(&self.global, self.accumulator.sum(), inv, max_abs)
+            } else {
+                Ok(())
+            };
+            match checked {
+                Ok(()) => {
+                    if report.used > 0.0 {
+                        let global = Arc::make_mut(&mut self.global);
+                        self.strategy.apply(global, self.accumulator.sum(), inv);
+                    }
+                    self.accumulator.reset();
                     weights = Some(report);
                 }
                 Err(e) => {
@@ -896,6 +928,7 @@ impl RoundEngine {
                     if let Some(m) = median(&mut f.norms) {
                         self.median_update_norm = Some(m);
                     }
+                    self.accumulator.reset();
                     let reason = not_committed(&e);
                     actions.push(Action::RoundNotCommitted {
                         round: self.round,

@@ -58,6 +58,7 @@ fn config() -> EngineConfig {
         max_round_retries: 0,
         seed: 42,
         updates: permissive(),
+        strategy: Default::default(),
     }
 }
 
@@ -435,6 +436,7 @@ fn scripted_run(seed: u64) -> (Vec<Action>, Vec<f32>) {
         max_round_retries: 3,
         seed,
         updates: permissive(),
+        strategy: Default::default(),
     };
     let mut e = RoundEngine::new(cfg, vec![0.0; 4], 0);
     let mut log = Vec::new();
@@ -1246,6 +1248,7 @@ fn five_thousand_clients_twenty_rounds() {
         max_round_retries: 0,
         seed: 2024,
         updates: permissive(),
+        strategy: Default::default(),
     };
     let mut e = RoundEngine::new(cfg, vec![0.0; 4], 0);
     let mut pending = join_all(&mut e, 5000, t0);

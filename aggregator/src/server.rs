@@ -67,6 +67,8 @@ pub struct ServerSetup {
     pub initial_model: Vec<f32>,
     /// The checkpointed engine state to continue from (`None`: a fresh run).
     pub resume: Option<EngineState>,
+    /// The checkpointed strategy state (with `resume`).
+    pub strategy_state: Vec<u8>,
     /// Identifies this run in every checkpoint.
     pub run_id: String,
     pub central_eval: Option<CentralEval>,
@@ -116,6 +118,7 @@ impl ServerSetup {
             layout: layout.wire_layout(),
             initial_model,
             resume: None,
+            strategy_state: Vec::new(),
             run_id: new_run_id(),
             central_eval: None,
             checkpoints: None,
@@ -329,6 +332,7 @@ impl Server {
     /// `shutdown` completes (then it says goodbye to clients and returns).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, ServerError> {
         let Server { endpoint, setup } = self;
+        setup.engine.strategy.validate().map_err(ServerError::Setup)?;
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
         let values = setup.initial_model.len();
@@ -367,7 +371,7 @@ impl Server {
         // encodes checkpoints: CPU-heavy work that must not block the
         // runtime that moves every connection's bytes. It gets a thread and
         // a single-threaded runtime of its own.
-        let hub = Hub::new(setup, Arc::clone(&shared), epoch_tx);
+        let hub = Hub::new(setup, Arc::clone(&shared), epoch_tx)?;
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (done_tx, done_rx) = oneshot::channel();
         let spawned = std::thread::Builder::new()
@@ -815,6 +819,7 @@ struct Hub {
     started: Instant,
     round_started: Option<Instant>,
     run_id: String,
+    engine_strategy_name: String,
     /// Clients with an upload in flight (at most one each).
     uploading: HashSet<ClientId>,
     fit_epoch: watch::Sender<u64>,
@@ -823,12 +828,23 @@ struct Hub {
 }
 
 impl Hub {
-    fn new(setup: ServerSetup, shared: Arc<Shared>, fit_epoch: watch::Sender<u64>) -> Hub {
+    fn new(
+        setup: ServerSetup,
+        shared: Arc<Shared>,
+        fit_epoch: watch::Sender<u64>,
+    ) -> Result<Hub, ServerError> {
+        let strategy_name = setup.engine.strategy.name.clone();
         let engine = match setup.resume {
-            Some(state) => RoundEngine::resume(setup.engine, setup.initial_model, state),
+            Some(state) => {
+                let mut engine = RoundEngine::resume(setup.engine, setup.initial_model, state);
+                engine
+                    .restore_strategy(&setup.strategy_state)
+                    .map_err(|e| ServerError::Setup(format!("checkpointed strategy: {e}")))?;
+                engine
+            }
             None => RoundEngine::new(setup.engine, setup.initial_model, 0),
         };
-        Hub {
+        Ok(Hub {
             engine,
             shared,
             clients: HashMap::new(),
@@ -841,11 +857,12 @@ impl Hub {
             started: Instant::now(),
             round_started: None,
             run_id: setup.run_id,
+            engine_strategy_name: strategy_name,
             uploading: HashSet::new(),
             fit_epoch,
             log_budgets: HashMap::new(),
             log_lines_per_minute: setup.client_log_lines_per_minute,
-        }
+        })
     }
 
     /// Whether a line about this client may be logged now (each client has
@@ -1239,12 +1256,14 @@ impl Hub {
                     .map(|d| d.as_secs())
                     .unwrap_or(0),
                 engine: record.outcome.state.clone(),
-                strategy: Vec::new(),
+                strategy: self.engine_strategy_name.clone(),
+                strategy_bytes: 0,
                 metrics_line,
             };
             let t = Instant::now();
             let model = Arc::clone(&global);
-            tokio::task::spawn_blocking(move || store.save(&header, &model))
+            let strategy = self.engine.strategy_state();
+            tokio::task::spawn_blocking(move || store.save(&header, &model, &strategy))
                 .await
                 .map_err(|e| ServerError::Setup(format!("checkpoint task failed: {e}")))??;
             record.checkpoint_seconds = t.elapsed().as_secs_f64();

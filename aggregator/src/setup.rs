@@ -201,6 +201,7 @@ pub fn setup_with_crl_reload(
         .initial_parameters(config.model.seed)
         .map_err(SetupError::Model)?;
     let mut resume = None;
+    let mut strategy_state = Vec::new();
     let mut run_id = crate::server::new_run_id();
     if mode == StartMode::Resume {
         let mut rejected = Vec::new();
@@ -225,7 +226,16 @@ pub fn setup_with_crl_reload(
                 );
                 reconcile_metrics(&metrics_path, ckpt.header.round, &ckpt.header.metrics_line)?;
                 run_id = ckpt.header.run_id.clone();
+                if ckpt.header.strategy != config.strategy.name {
+                    return Err(SetupError::State(format!(
+                        "{} was written by strategy '{}', but the config says '{}'",
+                        store.path_for(ckpt.header.round).display(),
+                        ckpt.header.strategy,
+                        config.strategy.name
+                    )));
+                }
                 resume = Some(ckpt.header.engine.clone());
+                strategy_state = ckpt.strategy;
                 initial_model = ckpt.model;
             }
             None if !rejected.is_empty() => {
@@ -268,6 +278,7 @@ pub fn setup_with_crl_reload(
         layout: layout.wire_layout(),
         initial_model,
         resume,
+        strategy_state,
         run_id,
         central_eval,
         checkpoints: Some(store),

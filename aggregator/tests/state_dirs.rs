@@ -44,10 +44,11 @@ fn checkpoint(c: &AggregatorConfig, run: &str, round: u64) {
             fit_seed: 12,
             median_update_norm: Some(3.0),
         },
-        strategy: Vec::new(),
+        strategy: "fedavg".into(),
+        strategy_bytes: 0,
         metrics_line: format!("{{\"round\":{round},\"from\":\"checkpoint\"}}"),
     };
-    store.save(&header, &[round as f32; VALUES]).unwrap();
+    store.save(&header, &[round as f32; VALUES], &[]).unwrap();
 }
 
 fn message(e: SetupError) -> String {

@@ -217,6 +217,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_round_retries: 0,
             seed: 0,
             updates: Default::default(),
+            strategy: Default::default(),
         };
         let setup = ServerSetup {
             max_clients: args.clients + 8,

@@ -51,6 +51,7 @@ pub fn engine(clients: usize, min_fit: usize, rounds: u64, deadline: Duration) -
         fraction_evaluate: 0.0,
         min_evaluate_clients: 0,
         updates: Default::default(),
+        strategy: Default::default(),
         max_round_retries: 2,
         seed: 9,
     }

@@ -1,5 +1,5 @@
-//! Aggregation strategies. FedAvg folds each update into one accumulator the
-//! moment it arrives, so memory is O(model) however many clients answer.
+//! The streaming accumulator: each update is folded into one weighted sum
+//! the moment it arrives, so memory is O(model) however many clients answer.
 
 /// Weighted running sum of client deltas (FedAvg, McMahan et al. 2017), with
 /// a cap on any one client's share of the round's total weight.
@@ -215,8 +215,14 @@ impl FedAvgAccumulator {
         result
     }
 
-    /// Takes the capped clients' excess weight back out of the sum.
-    fn apply_share_cap(&mut self) -> WeightReport {
+    /// The weighted sum so far (after [`Self::apply_share_cap`]: the capped sum).
+    pub fn sum(&self) -> &[f64] {
+        &self.sum
+    }
+
+    /// Takes the capped clients' excess weight back out of the sum and says
+    /// what weights were used. Call once, when the round closes.
+    pub fn apply_share_cap(&mut self) -> WeightReport {
         let mut report = WeightReport {
             claimed: self.total_weight,
             used: self.total_weight,

@@ -1,0 +1,230 @@
+//! Aggregation strategies: how the round's mean client delta becomes the
+//! next global model (the server step), and what each round asks clients
+//! to do.
+//!
+//! Every strategy here is *streaming*: updates are folded into one weighted
+//! sum as they arrive ([`FedAvgAccumulator`], which also applies the update
+//! gate's weight caps), so memory stays O(model) however many clients answer.
+//! At the end of a round the strategy turns the mean delta
+//! `d = sum_i w_i delta_i / sum_i w_i` (the FedOpt papers' "pseudo-gradient",
+//! with the sign of a descent direction) into the new model.
+//!
+//! Adding a strategy is one file with one [`Strategy`] impl, plus one line
+//! in [`by_name`]. The server step is checked before it is committed: the
+//! engine first asks [`Strategy::check`] whether the new model would be
+//! finite and within bounds, and only then calls [`Strategy::apply`], which
+//! updates the model and the strategy's own state (momentum, moments) in one
+//! pass. A round that fails the check leaves both untouched.
+
+mod accumulator;
+mod fedavg;
+mod fedavgm;
+mod fedopt;
+
+use fedquic_protocol::FitInstructions;
+use serde::{Deserialize, Serialize};
+
+pub use accumulator::{FedAvgAccumulator, ModelCheckError, WeightReport, fedavg_batch};
+pub use fedavg::{FedAvg, FedProx};
+pub use fedavgm::FedAvgM;
+pub use fedopt::{FedOpt, FedOptKind};
+
+/// A server-side aggregation strategy (streaming: see the module docs).
+pub trait Strategy: Send + std::fmt::Debug {
+    /// The name it is registered under (`[strategy] name = ...`).
+    fn name(&self) -> &'static str;
+
+    /// The fit instructions for `round`, from the configured ones (FedProx
+    /// sets its proximal term here).
+    fn configure_fit(&self, _round: u64, base: &FitInstructions) -> FitInstructions {
+        base.clone()
+    }
+
+    /// The new value of parameter `i` from the current value `g` and the
+    /// mean delta `d`, without changing any state.
+    fn peek(&self, i: usize, g: f32, d: f64) -> f64;
+
+    /// Applies the server step to the whole model, updating the strategy's
+    /// state; `model[i]` must become exactly what [`Strategy::peek`] said.
+    fn apply(&mut self, model: &mut [f32], sum: &[f64], inv_weight: f64);
+
+    /// Checks the model the server step would produce: every value finite and
+    /// at most `max_abs` in absolute value.
+    fn check(
+        &self,
+        model: &[f32],
+        sum: &[f64],
+        inv_weight: f64,
+        max_abs: f64,
+    ) -> Result<(), ModelCheckError> {
+        for (i, (g, s)) in model.iter().zip(sum).enumerate() {
+            let v = self.peek(i, *g, s * inv_weight) as f32;
+            if !v.is_finite() {
+                return Err(ModelCheckError::NotFinite { index: i });
+            }
+            if (v as f64).abs() > max_abs {
+                return Err(ModelCheckError::OutOfBounds {
+                    index: i,
+                    value: v as f64,
+                    bound: max_abs,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The strategy's state (server momentum, moments...), for checkpoints.
+    fn state(&self) -> Vec<u8>;
+
+    /// Restores what [`Strategy::state`] saved, for a model of `len` values.
+    fn restore(&mut self, state: &[u8], len: usize) -> Result<(), String>;
+
+    fn clone_box(&self) -> Box<dyn Strategy>;
+}
+
+impl Clone for Box<dyn Strategy> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+/// Every registered strategy name, for help texts and errors.
+pub const STRATEGY_NAMES: &[&str] = &[
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+];
+
+/// `[strategy]` in the aggregator's config (and the simulator's flags): a
+/// name and the parameters of that strategy; parameters a strategy does not
+/// use are ignored.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StrategyConfig {
+    /// One of [`STRATEGY_NAMES`].
+    pub name: String,
+    /// Server learning rate (FedAvgM, FedAdam, FedYogi, FedAdagrad).
+    pub server_lr: f64,
+    /// Server momentum (FedAvgM).
+    pub server_momentum: f64,
+    /// First and second moment decay (FedAdam, FedYogi).
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Adaptivity (epsilon) of the adaptive optimizers.
+    pub tau: f64,
+    /// FedProx's proximal term mu, sent to clients every round.
+    pub mu: f32,
+}
+
+impl Default for StrategyConfig {
+    fn default() -> Self {
+        StrategyConfig {
+            name: "fedavg".into(),
+            server_lr: 1.0,
+            server_momentum: 0.9,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-3,
+            mu: 0.01,
+        }
+    }
+}
+
+impl StrategyConfig {
+    /// Checks the name and the parameters that strategy uses.
+    pub fn validate(&self) -> Result<(), String> {
+        if !STRATEGY_NAMES.contains(&self.name.as_str()) {
+            return Err(format!(
+                "unknown strategy '{}'; available: {}",
+                self.name,
+                STRATEGY_NAMES.join(", ")
+            ));
+        }
+        let positive = |key: &str, v: f64, max: f64| {
+            if v.is_finite() && v > 0.0 && v <= max {
+                Ok(())
+            } else {
+                Err(format!("strategy.{key} must be in (0, {max}], got {v}"))
+            }
+        };
+        let unit = |key: &str, v: f64| {
+            if (0.0..1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("strategy.{key} must be in [0, 1), got {v}"))
+            }
+        };
+        positive("server_lr", self.server_lr, 1e3)?;
+        unit("server_momentum", self.server_momentum)?;
+        unit("beta1", self.beta1)?;
+        unit("beta2", self.beta2)?;
+        positive("tau", self.tau, 1e3)?;
+        if !(self.mu.is_finite() && self.mu >= 0.0 && self.mu <= 1e3) {
+            return Err(format!("strategy.mu must be in [0, 1000], got {}", self.mu));
+        }
+        Ok(())
+    }
+
+    /// The strategy, for a model of `len` values.
+    pub fn build(&self, len: usize) -> Result<Box<dyn Strategy>, String> {
+        self.validate()?;
+        by_name(self, len)
+    }
+}
+
+/// The registry: a strategy by name.
+pub fn by_name(c: &StrategyConfig, len: usize) -> Result<Box<dyn Strategy>, String> {
+    Ok(match c.name.as_str() {
+        "fedavg" => Box::new(FedAvg),
+        "fedprox" => Box::new(FedProx { mu: c.mu }),
+        "fedavgm" => Box::new(FedAvgM::new(len, c.server_lr, c.server_momentum)),
+        "fedadam" => Box::new(FedOpt::new(FedOptKind::Adam, len, c)),
+        "fedyogi" => Box::new(FedOpt::new(FedOptKind::Yogi, len, c)),
+        "fedadagrad" => Box::new(FedOpt::new(FedOptKind::Adagrad, len, c)),
+        other => {
+            return Err(format!(
+                "unknown strategy '{other}'; available: {}",
+                STRATEGY_NAMES.join(", ")
+            ));
+        }
+    })
+}
+
+/// Little-endian f32 vectors, concatenated: the state format of the
+/// strategies that keep per-parameter vectors.
+pub(crate) fn encode_vectors(vectors: &[&[f32]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(vectors.iter().map(|v| v.len() * 4).sum());
+    for v in vectors {
+        for x in *v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// The inverse of [`encode_vectors`] for `count` vectors of `len` values.
+pub(crate) fn decode_vectors(bytes: &[u8], count: usize, len: usize) -> Result<Vec<Vec<f32>>, String> {
+    let expected = count
+        .checked_mul(len)
+        .and_then(|n| n.checked_mul(4))
+        .ok_or("strategy state size overflows")?;
+    if bytes.len() != expected {
+        return Err(format!(
+            "strategy state has {} bytes, expected {expected} ({count} vectors of {len} values)",
+            bytes.len()
+        ));
+    }
+    let mut values = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let vectors: Vec<Vec<f32>> = (0..count)
+        .map(|_| values.by_ref().take(len).collect())
+        .collect();
+    if vectors.iter().flatten().any(|v| !v.is_finite()) {
+        return Err("strategy state holds a non-finite value".into());
+    }
+    Ok(vectors)
+}
