@@ -10,6 +10,7 @@ out=bench/results
 mkdir -p "$out"
 cargo build --release -p fedquic-sim --quiet
 cargo build --release -p fedquic-train --example bench_train --quiet
+cargo build --release -p fedquic-aggregator -p fedquic-client --quiet
 sim=target/release/fedquic-sim
 timed() { /usr/bin/time -f "%e s wall, %M KB max RSS" "$@"; }
 
@@ -26,6 +27,9 @@ for n in 1000 10000; do
   echo "== fedquic-sim bench-connections --clients $n"
   "$sim" bench-connections --clients "$n"
 done 2>&1 | tee "$out/connections.txt"
+
+echo "== bench/flood.sh (10,000 QUIC Initials against an aggregator running a federation)" | tee "$out/flood.txt"
+bench/flood.sh target/release/fedquic-aggregator target/release/fedquic-client "$sim" 10000 2>&1 | tee -a "$out/flood.txt"
 
 for p in iid shards:2; do
   echo "== fedquic-sim --data mnist:$MNIST --model mlp:784-200-200-10 --clients 100 --fraction 0.1 --rounds 50 --epochs 1 --batch-size 10 --lr 0.05 --partition $p --quiet"

@@ -224,6 +224,13 @@ fn aggregator_refuses_a_certs_dir_holding_the_ca_key() {
     let running = Running::start(&config, dir.path().join("allowed.log"), &["--allow-ca-key"]);
     let log = std::fs::read_to_string(&running.log).unwrap();
     assert!(log.contains("--allow-ca-key"), "it warns: {log}");
+    drop(running);
+
+    // A crl.pem that holds no CRL (empty, truncated) stops the start too.
+    std::fs::remove_file(certs.join("ca.key")).unwrap();
+    std::fs::write(certs.join("crl.pem"), "").unwrap();
+    let err = run_err(aggregator().args(["run", "--config"]).arg(&config));
+    assert!(err.contains("no certificate revocation list"), "{err}");
 }
 
 /// Hello over QUIC with mutual TLS using a client bundle; true when welcomed.

@@ -113,6 +113,11 @@ fn main() -> anyhow::Result<()> {
             .min(4)
     });
     fedquic_train::set_gemm_threads(threads)?;
+    tracing::info!(
+        kernels = fedquic_train::kernel_path_name(),
+        gemm_threads = threads,
+        "training kernels (FEDQUIC_KERNEL=portable|avx2|auto)"
+    );
     let (ca, cert, key) = match (&cli.certs, &cli.name, &cli.ca, &cli.cert, &cli.key) {
         (Some(dir), Some(name), None, None, None) => (
             dir.join("ca.pem"),

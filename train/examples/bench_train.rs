@@ -166,7 +166,8 @@ fn calibrate(seconds: f64, probe_examples: usize, probe_seconds: f64) -> usize {
 fn bench(options: &Options, threads: usize) -> Result<(), String> {
     let fixed = set_gemm_threads(threads).map_err(|e| e.to_string())?;
     println!(
-        "GEMM threads: {fixed}   optimizer: {}   (best of 3 timed calls, after a warm-up)",
+        "GEMM threads: {fixed}   kernels: {} (FEDQUIC_KERNEL)   optimizer: {}   (best of 3 timed calls, after a warm-up)",
+        fedquic_train::kernel_path_name(),
         options.optimizer.0
     );
     println!(

@@ -2,6 +2,7 @@
 //! take every path: small kernels, blocked small kernels, general GEMM.
 
 use fedquic_train::backend::{Backend, CpuBackend, Gemm};
+use fedquic_train::{KernelPath, kernel_path_name, with_kernel_path};
 
 fn reference(g: &Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
     let at = |i: usize, p: usize| if g.trans_a { a[p * g.m + i] } else { a[i * g.k + p] } as f64;
@@ -23,6 +24,13 @@ fn reference(g: &Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
 
 #[test]
 fn every_shape_and_transpose_matches_the_reference() {
+    // Both kernel families where the CPU has AVX2, the portable one everywhere.
+    for path in KernelPath::available() {
+        with_kernel_path(path, every_shape_on_this_path);
+    }
+}
+
+fn every_shape_on_this_path() {
     let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
     for &(m, n, k) in &[
         (3, 5, 7),
@@ -55,7 +63,11 @@ fn every_shape_and_transpose_matches_the_reference() {
                 CpuBackend.gemm(g, &a, &b, &mut c).unwrap();
                 let want = reference(&g, &a, &b, &c0);
                 for (x, y) in c.iter().zip(&want) {
-                    assert!((x - y).abs() <= 1e-3 * (1.0 + y.abs()), "{g:?}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-3 * (1.0 + y.abs()),
+                        "{g:?} on {}: {x} vs {y}",
+                        kernel_path_name()
+                    );
                 }
             }
         }

@@ -21,10 +21,12 @@ use crate::error::Result;
 
 mod cpu;
 mod direct_conv;
+pub mod dispatch;
 mod small_gemm;
 mod sparse_conv;
 
 pub use cpu::CpuBackend;
+pub use dispatch::{KernelPath, kernel_path, kernel_path_name, with_kernel_path};
 
 /// Shape of a 2-D convolution (or of its im2col matrix) over one example.
 ///

@@ -21,24 +21,25 @@ pub(super) const LANES: usize = 8;
 
 pub(super) type Lane = [f32; LANES];
 
-/// Runs `gemm` with a small-batch kernel if one fits its shape and this CPU has AVX2
-/// and FMA; returns whether it did. Lengths were checked by the caller.
+/// Runs `gemm` with a small-batch kernel if one fits its shape: the AVX2+FMA one, or the
+/// portable one ([`super::dispatch`] decides); returns whether it did. Lengths were
+/// checked by the caller.
 pub(super) fn try_gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
+    let kind = match (gemm.trans_a, gemm.trans_b) {
+        // Dense forward: C[batch, out] = X[batch, in] . W[out, in]^T.
+        (false, true) if gemm.m <= MAX_SMALL => Kind::DotRows,
+        // Dense input gradient: C[batch, in] = dY[batch, out] . W[out, in].
+        (false, false) if gemm.m <= MAX_SMALL => Kind::ScaleRows,
+        // Dense weight gradient: C[out, in] = dY[batch, out]^T . X[batch, in].
+        (true, false) if gemm.k <= MAX_SMALL => Kind::RankUpdate,
+        _ => return false,
+    };
+    if gemm.m == 0 || gemm.n == 0 || gemm.k == 0 {
+        return false;
+    }
     #[cfg(target_arch = "x86_64")]
-    {
-        let kind = match (gemm.trans_a, gemm.trans_b) {
-            // Dense forward: C[batch, out] = X[batch, in] . W[out, in]^T.
-            (false, true) if gemm.m <= MAX_SMALL => Kind::DotRows,
-            // Dense input gradient: C[batch, in] = dY[batch, out] . W[out, in].
-            (false, false) if gemm.m <= MAX_SMALL => Kind::ScaleRows,
-            // Dense weight gradient: C[out, in] = dY[batch, out]^T . X[batch, in].
-            (true, false) if gemm.k <= MAX_SMALL => Kind::RankUpdate,
-            _ => return false,
-        };
-        if gemm.m == 0 || gemm.n == 0 || gemm.k == 0 || !has_avx2_fma() {
-            return false;
-        }
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+    if has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (`has_avx2_fma` only says so then).
         unsafe {
             match kind {
                 Kind::DotRows => dot_rows(gemm, a, b, c),
@@ -46,12 +47,119 @@ pub(super) fn try_gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool
                 Kind::RankUpdate => rank_update(gemm, a, b, c),
             }
         }
-        true
+        return true;
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (gemm, a, b, c);
-        false
+    match kind {
+        Kind::DotRows => portable::dot_rows(gemm, a, b, c),
+        Kind::ScaleRows => portable::scale_rows(gemm, a, b, c),
+        Kind::RankUpdate => portable::rank_update(gemm, a, b, c),
+    }
+    true
+}
+
+/// The same three products in plain Rust, for the portable path: like the AVX2 ones they
+/// stream the large operand once and allocate nothing (so training allocates nothing on
+/// either path), with f32 sums in a fixed order. Rounding differs from the AVX2 kernels
+/// (no fused multiply-add).
+mod portable {
+    use super::{Gemm, finish};
+
+    /// Columns accumulated at once in a stack buffer.
+    const STRIP: usize = 64;
+
+    /// A dot product with 8 independent partial sums (which the compiler vectorises).
+    fn dot(x: &[f32], y: &[f32]) -> f32 {
+        let mut partial = [0.0f32; 8];
+        let (xs, x_tail) = x.as_chunks::<8>();
+        let (ys, y_tail) = y.as_chunks::<8>();
+        for (xc, yc) in xs.iter().zip(ys) {
+            for l in 0..8 {
+                partial[l] += xc[l] * yc[l];
+            }
+        }
+        let mut sum = ((partial[0] + partial[4]) + (partial[2] + partial[6]))
+            + ((partial[1] + partial[5]) + (partial[3] + partial[7]));
+        for (a, b) in x_tail.iter().zip(y_tail) {
+            sum += a * b;
+        }
+        sum
+    }
+
+    /// `C = alpha * A . B^T + beta * C`, A `m x k`, B `n x k`.
+    pub(super) fn dot_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let Gemm {
+            m,
+            n,
+            k,
+            alpha,
+            beta,
+            ..
+        } = *gemm;
+        // Each row of B (the large operand) is read once, against every row of A.
+        for (j, b_row) in b.chunks_exact(k).take(n).enumerate() {
+            for (i, a_row) in a.chunks_exact(k).take(m).enumerate() {
+                finish(&mut c[i * n + j], dot(a_row, b_row), alpha, beta);
+            }
+        }
+    }
+
+    /// `C = alpha * A . B + beta * C`, A `m x k`, B `k x n`.
+    pub(super) fn scale_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let Gemm {
+            m,
+            n,
+            k,
+            alpha,
+            beta,
+            ..
+        } = *gemm;
+        for start in (0..n).step_by(STRIP) {
+            let width = (n - start).min(STRIP);
+            for i in 0..m {
+                let mut acc = [0.0f32; STRIP];
+                for p in 0..k {
+                    let s = a[i * k + p];
+                    let row = &b[p * n + start..p * n + start + width];
+                    for (sum, &value) in acc.iter_mut().zip(row) {
+                        *sum += s * value;
+                    }
+                }
+                let out = &mut c[i * n + start..i * n + start + width];
+                for (value, &sum) in out.iter_mut().zip(&acc) {
+                    finish(value, sum, alpha, beta);
+                }
+            }
+        }
+    }
+
+    /// `C = alpha * A^T . B + beta * C`, A `k x m`, B `k x n`, `k` the batch.
+    pub(super) fn rank_update(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let Gemm {
+            m,
+            n,
+            k,
+            alpha,
+            beta,
+            ..
+        } = *gemm;
+        for i in 0..m {
+            for start in (0..n).step_by(STRIP) {
+                let width = (n - start).min(STRIP);
+                let mut acc = [0.0f32; STRIP];
+                for p in 0..k {
+                    let s = alpha * a[p * m + i];
+                    let row = &b[p * n + start..p * n + start + width];
+                    for (sum, &value) in acc.iter_mut().zip(row) {
+                        *sum += s * value;
+                    }
+                }
+                let out = &mut c[i * n + start..i * n + start + width];
+                for (value, &sum) in out.iter_mut().zip(&acc) {
+                    // alpha is already in the coefficients, as in the AVX2 kernel.
+                    finish(value, sum, 1.0, beta);
+                }
+            }
+        }
     }
 }
 
@@ -105,17 +213,17 @@ pub(super) fn try_gemm_blocked(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32])
     }
 }
 
-#[cfg(target_arch = "x86_64")]
 enum Kind {
     DotRows,
     ScaleRows,
     RankUpdate,
 }
 
+/// Whether the AVX2+FMA kernels run: [`super::dispatch`]'s choice, which is never
+/// AVX2 on a CPU without it.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn has_avx2_fma() -> bool {
-    // `is_x86_feature_detected!` caches its answer; this is a load and a test.
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    super::dispatch::avx2_fma()
 }
 
 /// `c = alpha * sum + beta * c`, not reading `c` when `beta == 0`.
@@ -570,6 +678,7 @@ fn fused_block<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::dispatch::{KernelPath, kernel_path_name, with_kernel_path};
     use crate::rng::seeded;
     use rand::RngExt;
 
@@ -578,9 +687,20 @@ mod tests {
         (0..len).map(|_| rng.random_range(-1.0..1.0f32)).collect()
     }
 
+    /// Runs `check` once per kernel path this CPU has (both where AVX2 is present).
+    fn on_every_path(check: fn()) {
+        for path in KernelPath::available() {
+            with_kernel_path(path, check);
+        }
+    }
+
     /// The fused dense backward against plain f64 products, with ragged shapes.
     #[test]
     fn fused_dense_backward_matches_plain_products() {
+        on_every_path(fused_dense_backward_case);
+    }
+
+    fn fused_dense_backward_case() {
         for (batch, inputs, outputs) in [(1, 1, 1), (3, 17, 5), (10, 40, 9), (16, 33, 12)] {
             for beta in [0.0, 0.9] {
                 let x = random(batch * inputs, 4);
@@ -599,9 +719,13 @@ mod tests {
                     w_for_dx.clone()
                 };
                 let mut dx = vec![f32::NAN; batch * inputs];
-                if !try_fused_dense_backward(
+                let ran = try_fused_dense_backward(
                     batch, inputs, outputs, &x, &dy, -0.5, beta, &mut w, &mut dx,
-                ) {
+                );
+                // Only the AVX2 path has a fused kernel; the portable path declines
+                // and the caller runs the two products (tested below) instead.
+                assert_eq!(ran, crate::backend::dispatch::avx2_fma());
+                if !ran {
                     return;
                 }
                 let close = |actual: f32, expected: f64| {
@@ -640,6 +764,10 @@ mod tests {
     /// beta 0 (C full of NaN, which must be ignored) and beta != 0.
     #[test]
     fn kernels_match_a_plain_product() {
+        on_every_path(kernels_case);
+    }
+
+    fn kernels_case() {
         let shapes = [
             (1, 1, 1),
             (2, 5, 3),
@@ -671,10 +799,11 @@ mod tests {
                         random(m * n, 3)
                     };
                     let mut c = start.clone();
-                    if !try_gemm(&gemm, &a, &b, &mut c) {
-                        // No AVX2/FMA here: nothing to check.
-                        return;
-                    }
+                    assert!(
+                        try_gemm(&gemm, &a, &b, &mut c),
+                        "{gemm:?} on {}",
+                        kernel_path_name()
+                    );
                     for i in 0..m {
                         for j in 0..n {
                             let mut sum = 0.0f64;
@@ -690,7 +819,8 @@ mod tests {
                             let actual = f64::from(c[i * n + j]);
                             assert!(
                                 (actual - expected).abs() < 1e-4 * (1.0 + expected.abs()),
-                                "{gemm:?} at ({i}, {j}): {actual} vs {expected}"
+                                "{gemm:?} at ({i}, {j}) on {}: {actual} vs {expected}",
+                                kernel_path_name()
                             );
                         }
                     }

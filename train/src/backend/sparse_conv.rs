@@ -196,7 +196,8 @@ fn collect_nonzero(shape: &Shape, dy_o: &[f32], nonzero: &mut Vec<(usize, f32)>)
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    // Never true on a CPU without AVX2/FMA: see `super::dispatch`.
+    super::dispatch::avx2_fma()
 }
 
 /// Input gradient (overwritten) of a batch of examples from the output gradient and the
