@@ -217,7 +217,9 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
     let model_bytes = header.values.checked_mul(4);
     let total = model_bytes.and_then(|m| m.checked_add(header.strategy_bytes));
     if total != Some(data.len() as u64) {
-        return Err(corrupt("model and strategy lengths do not match the header"));
+        return Err(corrupt(
+            "model and strategy lengths do not match the header",
+        ));
     }
     let (data, strategy) = data.split_at(header.values as usize * 4);
     let model: Vec<f32> = data
@@ -329,7 +331,9 @@ mod tests {
         let store = CheckpointStore::open(dir.path(), 2).unwrap();
         for round in 1..=3u64 {
             let model: Vec<f32> = (0..100).map(|i| i as f32 * round as f32).collect();
-            store.save(&header("run-a", round), &model, &[1, 2, 3]).unwrap();
+            store
+                .save(&header("run-a", round), &model, &[1, 2, 3])
+                .unwrap();
         }
         let rounds: Vec<u64> = store.list().unwrap().into_iter().map(|(r, _)| r).collect();
         assert_eq!(rounds, vec![2, 3], "keeps only the newest two");
@@ -371,10 +375,14 @@ mod tests {
         let store = CheckpointStore::open(dir.path(), 2).unwrap();
         // An older run that got further than the new one will.
         for round in 5..=7u64 {
-            store.save(&header("old-run", round), &[1.0; 4], &[]).unwrap();
+            store
+                .save(&header("old-run", round), &[1.0; 4], &[])
+                .unwrap();
         }
         for round in 1..=3u64 {
-            let path = store.save(&header("new-run", round), &[2.0; 4], &[]).unwrap();
+            let path = store
+                .save(&header("new-run", round), &[2.0; 4], &[])
+                .unwrap();
             assert!(path.exists(), "round {round} survives its own save");
         }
         let rounds: Vec<u64> = store.list().unwrap().into_iter().map(|(r, _)| r).collect();

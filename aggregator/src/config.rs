@@ -236,6 +236,40 @@ pub struct LimitsConfig {
     /// Log lines about one client's misbehaviour allowed per minute; the
     /// rest are counted and summarised.
     pub client_log_lines_per_minute: u32,
+    /// QUIC handshakes in progress at most; further attempts are ignored
+    /// until one completes or times out.
+    pub max_handshakes: usize,
+    /// Seconds a QUIC/TLS handshake may take before its state is freed.
+    pub quic_handshake_timeout_secs: f64,
+    /// Address validation (QUIC Retry): "under-load" (default: once 16
+    /// handshakes are in progress), "always" or "never".
+    pub retry: RetryMode,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryMode {
+    UnderLoad,
+    Always,
+    Never,
+}
+
+impl LimitsConfig {
+    /// The handshake admission settings these limits describe.
+    pub fn admission(&self) -> fedquic_net::admission::AdmissionConfig {
+        use fedquic_net::admission::{AdmissionConfig, RetryPolicy};
+        let defaults = AdmissionConfig::default();
+        AdmissionConfig {
+            retry: match self.retry {
+                RetryMode::UnderLoad => defaults.retry,
+                RetryMode::Always => RetryPolicy::Always,
+                RetryMode::Never => RetryPolicy::Never,
+            },
+            max_handshakes: self.max_handshakes,
+            handshake_timeout: Duration::from_secs_f64(self.quic_handshake_timeout_secs),
+            ..defaults
+        }
+    }
 }
 
 impl Default for AggregatorConfig {
@@ -342,6 +376,9 @@ impl Default for LimitsConfig {
             upload_grace_secs: 30.0,
             min_upload_bytes_per_sec: 64.0 * 1024.0,
             client_log_lines_per_minute: 10,
+            max_handshakes: fedquic_net::admission::AdmissionConfig::default().max_handshakes,
+            quic_handshake_timeout_secs: 5.0,
+            retry: RetryMode::UnderLoad,
         }
     }
 }
@@ -431,6 +468,15 @@ impl AggregatorConfig {
                 return bad(format!("{key} must be a positive number of at most {max}"));
             }
         }
+        if !(l.quic_handshake_timeout_secs.is_finite()
+            && l.quic_handshake_timeout_secs > 0.0
+            && l.quic_handshake_timeout_secs <= 120.0)
+        {
+            return bad("limits.quic_handshake_timeout_secs must be in (0, 120]".into());
+        }
+        l.admission()
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("limits.max_handshakes: {e}")))?;
         if l.client_log_lines_per_minute == 0 || l.client_log_lines_per_minute > 10_000 {
             return bad("limits.client_log_lines_per_minute must be in 1..=10000".into());
         }

@@ -903,7 +903,11 @@ impl RoundEngine {
         } else {
             let max_abs = self.config.updates.max_parameter_abs;
             let report = self.accumulator.apply_share_cap();
-            let inv = if report.used > 0.0 { 1.0 / report.used } else { 0.0 };
+            let inv = if report.used > 0.0 {
+                1.0 / report.used
+            } else {
+                0.0
+            };
             // Check the server step's result before touching the model or the
             // strategy's state.
             let checked = if report.used > 0.0 {

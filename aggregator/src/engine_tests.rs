@@ -1361,6 +1361,7 @@ fn resume_from_the_checkpointed_state_continues_exactly_like_an_uninterrupted_ru
     cfg.fraction_fit = 0.5;
     cfg.fraction_evaluate = 0.5;
     cfg.updates = UpdatePolicy::default();
+    let base = cfg.clone();
     // Runs rounds, answering every task with a client-specific delta; returns
     // the round-3 tasks and the final model.
     let drive = |e: &mut RoundEngine, mut actions: Vec<Action>, upto: u64| {
@@ -1388,20 +1389,34 @@ fn resume_from_the_checkpointed_state_continues_exactly_like_an_uninterrupted_ru
             actions = next;
         }
     };
-    let mut whole = RoundEngine::new(cfg.clone(), vec![0.0; 2], 0);
-    let start = join_all(&mut whole, 4, t0);
-    let (tasks_whole, _, model_whole) = drive(&mut whole, start, 3);
+    for name in [
+        "fedavg",
+        "fedavgm",
+        "fedadam",
+        "fedyogi",
+        "fedadagrad",
+        "fedprox",
+    ] {
+        let mut cfg = base.clone();
+        cfg.strategy.name = name.into();
+        cfg.strategy.server_lr = 0.5;
+        let mut whole = RoundEngine::new(cfg.clone(), vec![0.0; 2], 0);
+        let start = join_all(&mut whole, 4, t0);
+        let (tasks_whole, _, model_whole) = drive(&mut whole, start, 3);
 
-    let mut first = RoundEngine::new(cfg.clone(), vec![0.0; 2], 0);
-    let start = join_all(&mut first, 4, t0);
-    let (_, state, model) = drive(&mut first, start, 2);
-    // "Crash" after round 2's checkpoint; resume from what it holds.
-    let mut resumed = RoundEngine::resume(cfg, model, state);
-    let start = join_all(&mut resumed, 4, t0);
-    let (tasks_resumed, _, model_resumed) = drive(&mut resumed, start, 3);
-    assert_eq!(
-        tasks_resumed, tasks_whole,
-        "same clients, task ids and seeds"
-    );
-    assert_eq!(model_resumed, model_whole, "bit-identical model");
+        let mut first = RoundEngine::new(cfg.clone(), vec![0.0; 2], 0);
+        let start = join_all(&mut first, 4, t0);
+        let (_, state, model) = drive(&mut first, start, 2);
+        // "Crash" after round 2's checkpoint; resume from what it holds.
+        let saved = first.strategy_state();
+        let mut resumed = RoundEngine::resume(cfg, model, state);
+        resumed.restore_strategy(&saved).unwrap();
+        let start = join_all(&mut resumed, 4, t0);
+        let (tasks_resumed, _, model_resumed) = drive(&mut resumed, start, 3);
+        assert_eq!(
+            tasks_resumed, tasks_whole,
+            "{name}: same clients, task ids and seeds"
+        );
+        assert_eq!(model_resumed, model_whole, "{name}: bit-identical model");
+    }
 }

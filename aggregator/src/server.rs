@@ -332,7 +332,11 @@ impl Server {
     /// `shutdown` completes (then it says goodbye to clients and returns).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<RunSummary, ServerError> {
         let Server { endpoint, setup } = self;
-        setup.engine.strategy.validate().map_err(ServerError::Setup)?;
+        setup
+            .engine
+            .strategy
+            .validate()
+            .map_err(ServerError::Setup)?;
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
         let values = setup.initial_model.len();

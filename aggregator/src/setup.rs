@@ -294,7 +294,9 @@ pub fn setup_with_crl_reload(
         allowlist: (!config.admission.allowlist.is_empty())
             .then(|| config.admission.allowlist.iter().cloned().collect()),
         reset_secret: Some(reset_secret),
-        admission: Arc::default(),
+        admission: Arc::new(fedquic_net::admission::Admission::new(
+            config.limits.admission(),
+        )),
     };
     Ok((setup, crl_reload))
 }

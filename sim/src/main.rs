@@ -52,9 +52,27 @@ struct RunArgs {
     /// L2 weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f32,
-    /// FedProx proximal term mu (0: plain FedAvg).
+    /// FedProx proximal term mu (0: plain FedAvg); with --strategy fedprox,
+    /// the strategy's mu (default 0.01) applies instead.
     #[arg(long, default_value_t = 0.0)]
     mu: f32,
+    /// Server-side strategy: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad.
+    #[arg(long, default_value = "fedavg")]
+    strategy: String,
+    /// Server learning rate (fedavgm, fedadam, fedyogi, fedadagrad).
+    #[arg(long, default_value_t = 1.0)]
+    server_lr: f64,
+    /// Server momentum (fedavgm).
+    #[arg(long, default_value_t = 0.9)]
+    server_momentum: f64,
+    /// First and second moment decay of the adaptive server optimizers.
+    #[arg(long, default_value_t = 0.9)]
+    beta1: f64,
+    #[arg(long, default_value_t = 0.99)]
+    beta2: f64,
+    /// Adaptivity of the adaptive server optimizers.
+    #[arg(long, default_value_t = 1e-3)]
+    tau: f64,
     /// Model spec: logreg:IN-OUT, mlp:IN-H1-...-OUT, or cnn:mnist (the FedAvg paper's CNN).
     #[arg(long, default_value = "mlp:784-200-200-10")]
     model: String,
@@ -134,6 +152,15 @@ fn main() -> anyhow::Result<()> {
         batch_size: a.batch_size,
         learning_rate: a.lr,
         proximal_mu: a.mu,
+        strategy: fedquic_aggregator::strategy::StrategyConfig {
+            name: a.strategy,
+            server_lr: a.server_lr,
+            server_momentum: a.server_momentum,
+            beta1: a.beta1,
+            beta2: a.beta2,
+            tau: a.tau,
+            mu: if a.mu > 0.0 { a.mu } else { 0.01 },
+        },
         optimizer: fedquic_aggregator::config::FitConfig {
             optimizer: match a.optimizer {
                 OptimizerArg::Sgd => OptimizerName::Sgd,

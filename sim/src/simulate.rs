@@ -39,6 +39,8 @@ pub struct SimConfig {
     pub fraction_evaluate: f64,
     pub round_deadline_secs: f64,
     pub out: Option<PathBuf>,
+    /// The server-side strategy and its parameters.
+    pub strategy: fedquic_aggregator::strategy::StrategyConfig,
 }
 
 impl Default for SimConfig {
@@ -62,6 +64,7 @@ impl Default for SimConfig {
             fraction_evaluate: 0.0,
             round_deadline_secs: 600.0,
             out: None,
+            strategy: Default::default(),
         }
     }
 }
@@ -120,6 +123,7 @@ pub async fn simulate(
         ..config.optimizer.clone()
     };
     aggregator.evaluate.fraction = config.fraction_evaluate;
+    aggregator.strategy = config.strategy.clone();
     aggregator.validate()?;
     let engine = EngineConfig {
         min_fit_clients: 1,

@@ -41,7 +41,11 @@ impl FedOpt {
             kind,
             lr: c.server_lr,
             // Adagrad has no first-moment decay in the paper: m = d.
-            beta1: if kind == FedOptKind::Adagrad { 0.0 } else { c.beta1 },
+            beta1: if kind == FedOptKind::Adagrad {
+                0.0
+            } else {
+                c.beta1
+            },
             beta2: c.beta2,
             tau: c.tau,
             m: vec![0.0; len],

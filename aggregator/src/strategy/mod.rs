@@ -206,7 +206,11 @@ pub(crate) fn encode_vectors(vectors: &[&[f32]]) -> Vec<u8> {
 }
 
 /// The inverse of [`encode_vectors`] for `count` vectors of `len` values.
-pub(crate) fn decode_vectors(bytes: &[u8], count: usize, len: usize) -> Result<Vec<Vec<f32>>, String> {
+pub(crate) fn decode_vectors(
+    bytes: &[u8],
+    count: usize,
+    len: usize,
+) -> Result<Vec<Vec<f32>>, String> {
     let expected = count
         .checked_mul(len)
         .and_then(|n| n.checked_mul(4))
