@@ -20,6 +20,7 @@ mod accumulator;
 mod fedavg;
 mod fedavgm;
 mod fedopt;
+pub mod robust;
 
 use fedquic_protocol::FitInstructions;
 use serde::{Deserialize, Serialize};
