@@ -45,7 +45,10 @@ async fn every_strategy_runs_through_the_daemon() {
         .map(|(d, n)| *d as f64 * *n as f64)
         .sum::<f64>()
         / total;
-    for name in STRATEGY_NAMES {
+    let streaming = STRATEGY_NAMES
+        .iter()
+        .filter(|n| strategy(n).build(1).unwrap().robust().is_none());
+    for name in streaming {
         let ca = CertAuthority::generate("strategy CA").unwrap();
         let mut cfg = engine(3, 3, ROUNDS, Duration::from_secs(20));
         cfg.strategy = strategy(name);
@@ -99,4 +102,47 @@ async fn fedprox_sends_its_mu_with_every_task() {
     }
     within(30, agg.task).await.unwrap().unwrap();
     within(20, honest).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn robust_strategies_shrug_off_an_attacker_through_the_daemon() {
+    // Six honest clients move every parameter by +1, one attacker by +100;
+    // FedAvg would move it by (6 + 100) / 7 = 15.1 per round.
+    for name in ["fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"] {
+        let ca = CertAuthority::generate("robust CA").unwrap();
+        let mut cfg = engine(7, 7, 2, Duration::from_secs(20));
+        cfg.strategy = StrategyConfig {
+            name: name.into(),
+            trim: 0.2,
+            byzantine_f: 1,
+            krum_m: 3,
+            ..StrategyConfig::default()
+        };
+        cfg.updates.max_update_norm_median_multiple = None;
+        let agg = start(&ca, Options::new(cfg));
+        let mut clients: Vec<_> = (0..6)
+            .map(|i| common::honest(&ca, agg.addr, &format!("h-{i}"), 1.0, 10))
+            .collect();
+        clients.push(common::honest(&ca, agg.addr, "attacker", 100.0, 10));
+        let summary = within(60, agg.task).await.unwrap().unwrap();
+        for c in clients {
+            within(20, c).await.unwrap().unwrap();
+        }
+        assert!(
+            summary.final_model.iter().all(|v| (v - 2.0).abs() < 1e-5),
+            "{name}: {}",
+            summary.final_model[0]
+        );
+    }
+    // Too few clients for Krum's f is refused at startup, with the numbers.
+    let ca = CertAuthority::generate("robust CA").unwrap();
+    let mut cfg = engine(3, 3, 1, Duration::from_secs(20));
+    cfg.strategy = StrategyConfig {
+        name: "krum".into(),
+        byzantine_f: 1,
+        ..StrategyConfig::default()
+    };
+    let agg = start(&ca, Options::new(cfg));
+    let err = within(10, agg.task).await.unwrap().unwrap_err().to_string();
+    assert!(err.contains("at least 5 updates"), "{err}");
 }

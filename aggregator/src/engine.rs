@@ -352,6 +352,9 @@ pub struct RoundEngine {
     global: Arc<Vec<f32>>,
     accumulator: FedAvgAccumulator,
     strategy: Box<dyn Strategy>,
+    /// The round's updates, for strategies that need them all (robust ones).
+    held: Vec<Vec<f32>>,
+    held_spare: Vec<Vec<f32>>,
     /// The round in progress (or next to start).
     round: u64,
     connected: BTreeSet<ClientId>,
@@ -398,6 +401,8 @@ impl RoundEngine {
         RoundEngine {
             accumulator: FedAvgAccumulator::with_share_cap(len, config.updates.max_weight_share),
             strategy,
+            held: Vec::new(),
+            held_spare: Vec::new(),
             config,
             global: Arc::new(global),
             round: state.completed_rounds + 1,
@@ -670,6 +675,12 @@ impl RoundEngine {
                 f.norms.push(norm);
                 f.arrivals.push((client.to_string(), num_examples));
                 self.accumulator.fold(delta, weight as f64, scale);
+                if self.strategy.robust().is_some() {
+                    let mut copy = self.held_spare.pop().unwrap_or_default();
+                    copy.clear();
+                    copy.extend(delta.iter().map(|d| (*d as f64 * scale) as f32));
+                    self.held.push(copy);
+                }
                 let (loss, accuracy, implausible) = client_metrics(metrics, policy.max_client_loss);
                 f.metrics_ignored += usize::from(implausible);
                 f.tally.add(num_examples, weight as f64, loss, accuracy);
@@ -842,6 +853,7 @@ impl RoundEngine {
             });
         }
         self.accumulator.reset();
+        self.held_spare.append(&mut self.held);
         let policy = &self.config.updates;
         let relative = policy
             .max_update_norm_median_multiple
@@ -903,14 +915,32 @@ impl RoundEngine {
         } else {
             let max_abs = self.config.updates.max_parameter_abs;
             let report = self.accumulator.apply_share_cap();
-            let inv = if report.used > 0.0 {
+            let mut inv = if report.used > 0.0 {
                 1.0 / report.used
             } else {
                 0.0
             };
+            let mut robust_failure = None;
+            if let Some(robust) = self.strategy.robust() {
+                // The rule's aggregate replaces the weighted mean.
+                let updates: Vec<&[f32]> = self.held.iter().map(|u| u.as_slice()).collect();
+                let mut aggregate = self.held_spare.pop().unwrap_or_default();
+                aggregate.clear();
+                aggregate.resize(self.global.len(), 0.0);
+                match robust.aggregate(&updates, &mut aggregate) {
+                    Ok(()) => {
+                        self.accumulator.set_sum(&aggregate);
+                        inv = 1.0;
+                    }
+                    Err(e) => robust_failure = Some(e.to_string()),
+                }
+                self.held_spare.push(aggregate);
+            }
             // Check the server step's result before touching the model or the
             // strategy's state.
-            let checked = if report.used > 0.0 {
+            let checked = if let Some(e) = robust_failure {
+                Err(ModelCheckError::Aggregation(e))
+            } else if report.used > 0.0 {
                 self.strategy
                     .check(&self.global, self.accumulator.sum(), inv, max_abs)
             } else {

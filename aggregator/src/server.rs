@@ -337,6 +337,15 @@ impl Server {
             .strategy
             .validate()
             .map_err(ServerError::Setup)?;
+        setup
+            .engine
+            .strategy
+            .check_capacity(
+                setup.initial_model.len(),
+                setup.engine.max_fit_clients,
+                setup.engine.min_fit_clients,
+            )
+            .map_err(ServerError::Setup)?;
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
         let values = setup.initial_model.len();

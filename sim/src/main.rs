@@ -56,7 +56,8 @@ struct RunArgs {
     /// the strategy's mu (default 0.01) applies instead.
     #[arg(long, default_value_t = 0.0)]
     mu: f32,
-    /// Server-side strategy: fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad.
+    /// Server-side strategy: fedavg, fedprox, fedavgm, fedadam, fedyogi,
+    /// fedadagrad, fedmedian, fedtrimmedavg, krum, multikrum, bulyan.
     #[arg(long, default_value = "fedavg")]
     strategy: String,
     /// Server learning rate (fedavgm, fedadam, fedyogi, fedadagrad).
@@ -73,6 +74,15 @@ struct RunArgs {
     /// Adaptivity of the adaptive server optimizers.
     #[arg(long, default_value_t = 1e-3)]
     tau: f64,
+    /// FedTrimmedAvg: fraction trimmed at each end of every coordinate.
+    #[arg(long, default_value_t = 0.2)]
+    trim: f64,
+    /// Krum, Multi-Krum, Bulyan: Byzantine clients to tolerate.
+    #[arg(long, default_value_t = 1)]
+    byzantine_f: usize,
+    /// Multi-Krum: updates averaged.
+    #[arg(long, default_value_t = 5)]
+    krum_m: usize,
     /// Model spec: logreg:IN-OUT, mlp:IN-H1-...-OUT, or cnn:mnist (the FedAvg paper's CNN).
     #[arg(long, default_value = "mlp:784-200-200-10")]
     model: String,
@@ -160,6 +170,10 @@ fn main() -> anyhow::Result<()> {
             beta2: a.beta2,
             tau: a.tau,
             mu: if a.mu > 0.0 { a.mu } else { 0.01 },
+            trim: a.trim,
+            byzantine_f: a.byzantine_f,
+            krum_m: a.krum_m,
+            ..Default::default()
         },
         optimizer: fedquic_aggregator::config::FitConfig {
             optimizer: match a.optimizer {

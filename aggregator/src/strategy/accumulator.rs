@@ -46,6 +46,8 @@ pub struct WeightReport {
 /// Why a candidate global model was refused.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ModelCheckError {
+    /// The strategy could not aggregate the round's updates.
+    Aggregation(String),
     NotFinite {
         index: usize,
     },
@@ -59,6 +61,7 @@ pub enum ModelCheckError {
 impl std::fmt::Display for ModelCheckError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            ModelCheckError::Aggregation(e) => write!(f, "aggregation failed: {e}"),
             ModelCheckError::NotFinite { index } => {
                 write!(f, "new global model is not finite at parameter {index}")
             }
@@ -213,6 +216,14 @@ impl FedAvgAccumulator {
         };
         self.reset();
         result
+    }
+
+    /// Replaces the sum with `values` (a robust rule's aggregate, applied
+    /// with weight 1).
+    pub fn set_sum(&mut self, values: &[f32]) {
+        for (s, v) in self.sum.iter_mut().zip(values) {
+            *s = *v as f64;
+        }
     }
 
     /// The weighted sum so far (after [`Self::apply_share_cap`]: the capped sum).

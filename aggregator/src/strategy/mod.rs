@@ -21,6 +21,7 @@ mod fedavg;
 mod fedavgm;
 mod fedopt;
 pub mod robust;
+mod robust_strategies;
 
 use fedquic_protocol::FitInstructions;
 use serde::{Deserialize, Serialize};
@@ -29,6 +30,7 @@ pub use accumulator::{FedAvgAccumulator, ModelCheckError, WeightReport, fedavg_b
 pub use fedavg::{FedAvg, FedProx};
 pub use fedavgm::FedAvgM;
 pub use fedopt::{FedOpt, FedOptKind};
+pub use robust_strategies::{RobustRule, RobustStrategy};
 
 /// A server-side aggregation strategy (streaming: see the module docs).
 pub trait Strategy: Send + std::fmt::Debug {
@@ -81,6 +83,14 @@ pub trait Strategy: Send + std::fmt::Debug {
     fn restore(&mut self, state: &[u8], len: usize) -> Result<(), String>;
 
     fn clone_box(&self) -> Box<dyn Strategy>;
+
+    /// Strategies that need the whole round's updates at once (median,
+    /// trimmed mean, Krum, Bulyan) return themselves here; the engine then
+    /// holds the round's updates and aggregates them with
+    /// [`RobustStrategy::aggregate`] before the server step.
+    fn robust(&self) -> Option<&RobustStrategy> {
+        None
+    }
 }
 
 impl Clone for Box<dyn Strategy> {
@@ -97,6 +107,11 @@ pub const STRATEGY_NAMES: &[&str] = &[
     "fedadam",
     "fedyogi",
     "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
 ];
 
 /// `[strategy]` in the aggregator's config (and the simulator's flags): a
@@ -118,6 +133,16 @@ pub struct StrategyConfig {
     pub tau: f64,
     /// FedProx's proximal term mu, sent to clients every round.
     pub mu: f32,
+    /// FedTrimmedAvg: fraction trimmed at each end, in [0, 0.5).
+    pub trim: f64,
+    /// Krum, Multi-Krum, Bulyan: Byzantine clients tolerated.
+    pub byzantine_f: usize,
+    /// Multi-Krum: updates averaged.
+    pub krum_m: usize,
+    /// Robust strategies: updates held per round at most (K), and the memory
+    /// they may take (K x parameters x 4 bytes), checked at startup.
+    pub max_held_updates: usize,
+    pub memory_budget_mb: f64,
 }
 
 impl Default for StrategyConfig {
@@ -130,6 +155,11 @@ impl Default for StrategyConfig {
             beta2: 0.99,
             tau: 1e-3,
             mu: 0.01,
+            trim: 0.2,
+            byzantine_f: 1,
+            krum_m: 5,
+            max_held_updates: 1000,
+            memory_budget_mb: 2048.0,
         }
     }
 }
@@ -166,6 +196,58 @@ impl StrategyConfig {
         if !(self.mu.is_finite() && self.mu >= 0.0 && self.mu <= 1e3) {
             return Err(format!("strategy.mu must be in [0, 1000], got {}", self.mu));
         }
+        if !(0.0..0.5).contains(&self.trim) {
+            return Err(format!(
+                "strategy.trim must be in [0, 0.5), got {}",
+                self.trim
+            ));
+        }
+        if self.byzantine_f > 10_000 || self.krum_m == 0 || self.krum_m > 100_000 {
+            return Err(
+                "strategy.byzantine_f must be at most 10000 and strategy.krum_m in 1..=100000"
+                    .into(),
+            );
+        }
+        if self.max_held_updates == 0 || self.max_held_updates > 100_000 {
+            return Err("strategy.max_held_updates must be in 1..=100000".into());
+        }
+        positive("memory_budget_mb", self.memory_budget_mb, 1e7)?;
+        Ok(())
+    }
+
+    /// For robust strategies: checks that `max_fit` selected clients fit the
+    /// held-update limit and the memory budget for a model of `len` values,
+    /// and that the rule can work with them.
+    pub fn check_capacity(&self, len: usize, max_fit: usize, min_fit: usize) -> Result<(), String> {
+        let Ok(strategy) = self.build(len) else {
+            return self.validate();
+        };
+        let Some(robust) = strategy.robust() else {
+            return Ok(());
+        };
+        if max_fit > self.max_held_updates {
+            return Err(format!(
+                "strategy {} holds every update of a round: rounds.max_fit_clients ({max_fit}) \
+                 must be at most strategy.max_held_updates ({})",
+                self.name, self.max_held_updates
+            ));
+        }
+        let mb = max_fit as f64 * len as f64 * 4.0 / 1e6;
+        if mb > self.memory_budget_mb {
+            return Err(format!(
+                "strategy {} would hold {max_fit} updates x {len} parameters x 4 bytes = {mb:.0} MB, \
+                 over strategy.memory_budget_mb ({:.0}); lower rounds.max_fit_clients or raise the budget",
+                self.name, self.memory_budget_mb
+            ));
+        }
+        if min_fit < robust.min_updates() {
+            return Err(format!(
+                "strategy {} needs at least {} updates a round (f = {}): raise rounds.min_fit_clients ({min_fit})",
+                self.name,
+                robust.min_updates(),
+                self.byzantine_f
+            ));
+        }
         Ok(())
     }
 
@@ -185,6 +267,27 @@ pub fn by_name(c: &StrategyConfig, len: usize) -> Result<Box<dyn Strategy>, Stri
         "fedadam" => Box::new(FedOpt::new(FedOptKind::Adam, len, c)),
         "fedyogi" => Box::new(FedOpt::new(FedOptKind::Yogi, len, c)),
         "fedadagrad" => Box::new(FedOpt::new(FedOptKind::Adagrad, len, c)),
+        "fedmedian" => Box::new(RobustStrategy {
+            rule: RobustRule::Median,
+        }),
+        "fedtrimmedavg" => Box::new(RobustStrategy {
+            rule: RobustRule::TrimmedMean { beta: c.trim },
+        }),
+        "krum" => Box::new(RobustStrategy {
+            rule: RobustRule::MultiKrum {
+                f: c.byzantine_f,
+                m: 1,
+            },
+        }),
+        "multikrum" => Box::new(RobustStrategy {
+            rule: RobustRule::MultiKrum {
+                f: c.byzantine_f,
+                m: c.krum_m,
+            },
+        }),
+        "bulyan" => Box::new(RobustStrategy {
+            rule: RobustRule::Bulyan { f: c.byzantine_f },
+        }),
         other => {
             return Err(format!(
                 "unknown strategy '{other}'; available: {}",
