@@ -658,7 +658,12 @@ impl RoundEngine {
                 *f.rejections.entry(cause).or_default() += 1;
                 actions.push(reject(reason));
             }
-            Ok((norm, scale)) => {
+            Ok((norm, gate_scale)) => {
+                // Norm-bounded FedAvg clips further, to its own bound.
+                let scale = match self.strategy.clip_norm() {
+                    Some(c) if norm * gate_scale > c => c / norm,
+                    _ => gate_scale,
+                };
                 f.pending.remove(client);
                 f.answered.insert(client.to_string());
                 let weight = num_examples.min(policy.max_examples_per_update.max(1));

@@ -57,7 +57,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 0.0)]
     mu: f32,
     /// Server-side strategy: fedavg, fedprox, fedavgm, fedadam, fedyogi,
-    /// fedadagrad, fedmedian, fedtrimmedavg, krum, multikrum, bulyan.
+    /// fedadagrad, normbounded, fedmedian, fedtrimmedavg, krum, multikrum, bulyan.
     #[arg(long, default_value = "fedavg")]
     strategy: String,
     /// Server learning rate (fedavgm, fedadam, fedyogi, fedadagrad).
@@ -74,6 +74,9 @@ struct RunArgs {
     /// Adaptivity of the adaptive server optimizers.
     #[arg(long, default_value_t = 1e-3)]
     tau: f64,
+    /// Norm-bounded FedAvg: the L2 norm every update is clipped to.
+    #[arg(long, default_value_t = 1.0)]
+    clip_norm: f64,
     /// FedTrimmedAvg: fraction trimmed at each end of every coordinate.
     #[arg(long, default_value_t = 0.2)]
     trim: f64,
@@ -171,6 +174,7 @@ fn main() -> anyhow::Result<()> {
             tau: a.tau,
             mu: if a.mu > 0.0 { a.mu } else { 0.01 },
             trim: a.trim,
+            clip_norm: a.clip_norm,
             byzantine_f: a.byzantine_f,
             krum_m: a.krum_m,
             ..Default::default()

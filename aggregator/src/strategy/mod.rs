@@ -20,6 +20,7 @@ mod accumulator;
 mod fedavg;
 mod fedavgm;
 mod fedopt;
+mod normbounded;
 pub mod robust;
 mod robust_strategies;
 
@@ -30,6 +31,7 @@ pub use accumulator::{FedAvgAccumulator, ModelCheckError, WeightReport, fedavg_b
 pub use fedavg::{FedAvg, FedProx};
 pub use fedavgm::FedAvgM;
 pub use fedopt::{FedOpt, FedOptKind};
+pub use normbounded::NormBoundedFedAvg;
 pub use robust_strategies::{RobustRule, RobustStrategy};
 
 /// A server-side aggregation strategy (streaming: see the module docs).
@@ -91,6 +93,12 @@ pub trait Strategy: Send + std::fmt::Debug {
     fn robust(&self) -> Option<&RobustStrategy> {
         None
     }
+
+    /// An L2 bound every update is clipped to before it is folded, on top of
+    /// the update gate's (norm-bounded FedAvg).
+    fn clip_norm(&self) -> Option<f64> {
+        None
+    }
 }
 
 impl Clone for Box<dyn Strategy> {
@@ -107,6 +115,7 @@ pub const STRATEGY_NAMES: &[&str] = &[
     "fedadam",
     "fedyogi",
     "fedadagrad",
+    "normbounded",
     "fedmedian",
     "fedtrimmedavg",
     "krum",
@@ -133,6 +142,8 @@ pub struct StrategyConfig {
     pub tau: f64,
     /// FedProx's proximal term mu, sent to clients every round.
     pub mu: f32,
+    /// Norm-bounded FedAvg: the L2 norm every update is clipped to.
+    pub clip_norm: f64,
     /// FedTrimmedAvg: fraction trimmed at each end, in [0, 0.5).
     pub trim: f64,
     /// Krum, Multi-Krum, Bulyan: Byzantine clients tolerated.
@@ -155,6 +166,7 @@ impl Default for StrategyConfig {
             beta2: 0.99,
             tau: 1e-3,
             mu: 0.01,
+            clip_norm: 1.0,
             trim: 0.2,
             byzantine_f: 1,
             krum_m: 5,
@@ -193,6 +205,7 @@ impl StrategyConfig {
         unit("beta1", self.beta1)?;
         unit("beta2", self.beta2)?;
         positive("tau", self.tau, 1e3)?;
+        positive("clip_norm", self.clip_norm, 1e12)?;
         if !(self.mu.is_finite() && self.mu >= 0.0 && self.mu <= 1e3) {
             return Err(format!("strategy.mu must be in [0, 1000], got {}", self.mu));
         }
@@ -267,6 +280,9 @@ pub fn by_name(c: &StrategyConfig, len: usize) -> Result<Box<dyn Strategy>, Stri
         "fedadam" => Box::new(FedOpt::new(FedOptKind::Adam, len, c)),
         "fedyogi" => Box::new(FedOpt::new(FedOptKind::Yogi, len, c)),
         "fedadagrad" => Box::new(FedOpt::new(FedOptKind::Adagrad, len, c)),
+        "normbounded" => Box::new(NormBoundedFedAvg {
+            clip_norm: c.clip_norm,
+        }),
         "fedmedian" => Box::new(RobustStrategy {
             rule: RobustRule::Median,
         }),
