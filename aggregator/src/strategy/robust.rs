@@ -44,19 +44,64 @@ fn check(updates: &[&[f32]]) -> Result<usize, RobustError> {
     Ok(len)
 }
 
-/// Runs `f(start, out_chunk, scratch)` over chunks of `out` on all cores.
-fn par_columns(out: &mut [f32], k: usize, f: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync) {
+/// Columns gathered per tile: a K x TILE block of the updates (each row a
+/// contiguous 1 KiB) is transposed into scratch, so the per-coordinate work
+/// reads K contiguous values instead of K scattered ones.
+const TILE: usize = 256;
+
+/// An order-preserving u32 key of an f32 (IEEE total order): selecting on
+/// integers is about twice as fast as `f32::total_cmp`.
+#[inline]
+fn key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+#[inline]
+fn value(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 {
+        k & 0x7fff_ffff
+    } else {
+        !k
+    })
+}
+
+/// Calls `column(keys, out)` for every coordinate, with `keys` that
+/// coordinate's K values as [`key`]s (contiguous, free to reorder), over
+/// tiles of columns spread across all cores.
+fn for_each_column(
+    updates: &[&[f32]],
+    out: &mut [f32],
+    column: impl Fn(&mut [u32], &mut f32) + Sync,
+) {
+    let k = updates.len();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .min(out.len().div_ceil(4096).max(1));
+        .min(out.len().div_ceil(4 * TILE).max(1));
     let chunk = out.len().div_ceil(threads).max(1);
     std::thread::scope(|scope| {
         for (c, piece) in out.chunks_mut(chunk).enumerate() {
-            let f = &f;
+            let column = &column;
             scope.spawn(move || {
-                let mut scratch = Vec::with_capacity(k);
-                f(c * chunk, piece, &mut scratch);
+                let mut tile = vec![0u32; TILE * k];
+                let base = c * chunk;
+                for (t, outs) in piece.chunks_mut(TILE).enumerate() {
+                    let start = base + t * TILE;
+                    let width = outs.len();
+                    for (r, u) in updates.iter().enumerate() {
+                        for (j, v) in u[start..start + width].iter().enumerate() {
+                            tile[j * k + r] = key(*v);
+                        }
+                    }
+                    for (j, o) in outs.iter_mut().enumerate() {
+                        column(&mut tile[j * k..(j + 1) * k], o);
+                    }
+                }
             });
         }
     });
@@ -67,23 +112,16 @@ pub fn coordinate_median(updates: &[&[f32]], out: &mut [f32]) -> Result<(), Robu
     let len = check(updates)?;
     assert_eq!(out.len(), len, "output length");
     let k = updates.len();
-    par_columns(out, k, |start, piece, scratch| {
-        for (j, o) in piece.iter_mut().enumerate() {
-            scratch.clear();
-            scratch.extend(updates.iter().map(|u| u[start + j]));
-            let mid = k / 2;
-            let (_, m, _) = scratch.select_nth_unstable_by(mid, f32::total_cmp);
-            let m = *m;
-            *o = if k % 2 == 1 {
-                m
-            } else {
-                let below = scratch[..mid]
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
-                ((below as f64 + m as f64) / 2.0) as f32
-            };
-        }
+    let mid = k / 2;
+    for_each_column(updates, out, |keys, o| {
+        let (below, m, _) = keys.select_nth_unstable(mid);
+        let m = value(*m);
+        *o = if k % 2 == 1 {
+            m
+        } else {
+            let below = value(below.iter().copied().max().unwrap_or(0));
+            ((below as f64 + m as f64) / 2.0) as f32
+        };
     });
     Ok(())
 }
@@ -95,19 +133,15 @@ pub fn trimmed_mean(updates: &[&[f32]], beta: f64, out: &mut [f32]) -> Result<()
     assert_eq!(out.len(), len, "output length");
     let k = updates.len();
     let trim = ((beta.clamp(0.0, 0.499) * k as f64).floor() as usize).min((k - 1) / 2);
-    par_columns(out, k, |start, piece, scratch| {
-        for (j, o) in piece.iter_mut().enumerate() {
-            scratch.clear();
-            scratch.extend(updates.iter().map(|u| u[start + j]));
-            if trim > 0 {
-                scratch.select_nth_unstable_by(trim, f32::total_cmp);
-                let rest = &mut scratch[trim..];
-                let top = rest.len() - trim;
-                rest.select_nth_unstable_by(top - 1, f32::total_cmp);
-            }
-            let kept = &scratch[trim..k - trim];
-            *o = (kept.iter().map(|v| *v as f64).sum::<f64>() / kept.len() as f64) as f32;
+    for_each_column(updates, out, |keys, o| {
+        if trim > 0 {
+            keys.select_nth_unstable(trim);
+            let rest = &mut keys[trim..];
+            let top = rest.len() - trim;
+            rest.select_nth_unstable(top - 1);
         }
+        let kept = &keys[trim..k - trim];
+        *o = (kept.iter().map(|v| value(*v) as f64).sum::<f64>() / kept.len() as f64) as f32;
     });
     Ok(())
 }
@@ -214,32 +248,26 @@ pub fn bulyan(updates: &[&[f32]], f: usize, out: &mut [f32]) -> Result<(), Robus
     }
     let chosen: Vec<&[f32]> = selected.iter().map(|&i| updates[i]).collect();
     let beta = theta - 2 * f;
-    par_columns(out, theta, |start, piece, scratch| {
-        for (j, o) in piece.iter_mut().enumerate() {
-            scratch.clear();
-            scratch.extend(chosen.iter().map(|u| u[start + j]));
-            scratch.sort_by(f32::total_cmp);
-            let median = if theta % 2 == 1 {
-                scratch[theta / 2] as f64
-            } else {
-                (scratch[theta / 2 - 1] as f64 + scratch[theta / 2] as f64) / 2.0
-            };
-            // The beta values closest to the median form a window of the
-            // sorted values; slide it to the best place.
-            let mut lo = 0;
-            for s in 0..=(theta - beta) {
-                let cost = |s: usize| {
-                    (scratch[s] as f64 - median)
-                        .abs()
-                        .max((scratch[s + beta - 1] as f64 - median).abs())
-                };
-                if cost(s) < cost(lo) {
-                    lo = s;
-                }
-            }
-            let window = &scratch[lo..lo + beta];
-            *o = (window.iter().map(|v| *v as f64).sum::<f64>() / beta as f64) as f32;
-        }
+    for_each_column(&chosen, out, |keys, o| {
+        keys.sort_unstable();
+        let values: Vec<f32> = keys.iter().map(|k| value(*k)).collect();
+        let median = if theta % 2 == 1 {
+            values[theta / 2] as f64
+        } else {
+            (values[theta / 2 - 1] as f64 + values[theta / 2] as f64) / 2.0
+        };
+        // The beta values closest to the median form a window of the sorted
+        // values; slide it to the best place.
+        let cost = |s: usize| {
+            (values[s] as f64 - median)
+                .abs()
+                .max((values[s + beta - 1] as f64 - median).abs())
+        };
+        let lo = (0..=(theta - beta))
+            .min_by(|a, b| cost(*a).total_cmp(&cost(*b)))
+            .unwrap_or(0);
+        let window = &values[lo..lo + beta];
+        *o = (window.iter().map(|v| *v as f64).sum::<f64>() / beta as f64) as f32;
     });
     Ok(())
 }
@@ -250,6 +278,16 @@ mod tests {
 
     fn views(u: &[Vec<f32>]) -> Vec<&[f32]> {
         u.iter().map(|v| v.as_slice()).collect()
+    }
+
+    #[test]
+    fn keys_preserve_the_order_of_floats() {
+        let mut v = vec![3.5f32, -0.0, 0.0, -2.0, f32::MIN, f32::MAX, 1e-30, -1e-30];
+        let mut by_key = v.clone();
+        by_key.sort_by_key(|x| key(*x));
+        v.sort_by(f32::total_cmp);
+        assert_eq!(by_key, v);
+        assert!(v.iter().all(|x| value(key(*x)).to_bits() == x.to_bits()));
     }
 
     #[test]
