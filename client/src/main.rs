@@ -7,7 +7,9 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use fedquic_client::{Backoff, ClientData, ClientOptions, LocalTrainer, PartitionSpec, run_client};
 use fedquic_net::tls::{self, Identity, TransportSettings};
+use fedquic_train::backend::{BackendKind, Engine};
 use fedquic_train::{DataSpec, PartitionScheme};
+use serde::Deserialize;
 
 #[derive(Parser)]
 #[command(
@@ -60,6 +62,36 @@ struct Cli {
     /// number of cores, at most 4).
     #[arg(long)]
     threads: Option<usize>,
+    /// Training backend: cpu, wgpu (any Vulkan adapter, software ones included) or auto
+    /// (a discrete or integrated GPU when there is one, else the CPU). Overrides the
+    /// config file's `backend`; default cpu.
+    #[arg(long, value_parser = BackendKind::NAMES)]
+    backend: Option<String>,
+    /// TOML config file; keys (all optional): `backend = "cpu" | "wgpu" | "auto"`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// The client's config file (command-line flags take precedence).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    backend: Option<String>,
+}
+
+impl ConfigFile {
+    fn load(path: &std::path::Path) -> anyhow::Result<ConfigFile> {
+        // Config files are small; refuse anything large before reading it.
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        if size > 1 << 20 {
+            bail!("{}: config file larger than 1 MiB", path.display());
+        }
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,6 +121,18 @@ fn main() -> anyhow::Result<()> {
         (None, _, Some(ca), Some(cert), Some(key)) => (ca.clone(), cert.clone(), key.clone()),
         _ => bail!("give either --certs DIR --name NAME, or all of --ca, --cert and --key"),
     };
+    let config = match &cli.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let backend: BackendKind = cli
+        .backend
+        .as_deref()
+        .or(config.backend.as_deref())
+        .unwrap_or("cpu")
+        .parse()?;
+    let engine = Engine::select(backend).with_context(|| format!("starting backend {backend}"))?;
+    tracing::info!(requested = %backend, backend = engine.name(), device = %engine.describe(), "training backend");
     let data_spec: DataSpec = cli.data.parse()?;
     let scheme: PartitionScheme = cli.partition_scheme.parse()?;
     let data = ClientData::load(&data_spec, cli.partition, &scheme, cli.seed)
@@ -134,7 +178,8 @@ fn main() -> anyhow::Result<()> {
             endpoint: None,
         };
         let trainer =
-            LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices);
+            LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices)
+                .with_engine(engine);
         let report = tokio::select! {
             r = run_client(opts, trainer) => r?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted"),
