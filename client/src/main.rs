@@ -104,23 +104,6 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    // Fixed before any other thread starts (the GEMM library reads it once).
-    let threads = cli.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(4)
-    });
-    fedquic_train::set_gemm_threads(threads)?;
-    let (ca, cert, key) = match (&cli.certs, &cli.name, &cli.ca, &cli.cert, &cli.key) {
-        (Some(dir), Some(name), None, None, None) => (
-            dir.join("ca.pem"),
-            dir.join(format!("{name}.pem")),
-            dir.join(format!("{name}.key")),
-        ),
-        (None, _, Some(ca), Some(cert), Some(key)) => (ca.clone(), cert.clone(), key.clone()),
-        _ => bail!("give either --certs DIR --name NAME, or all of --ca, --cert and --key"),
-    };
     let config = match &cli.config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
@@ -131,8 +114,26 @@ fn main() -> anyhow::Result<()> {
         .or(config.backend.as_deref())
         .unwrap_or("cpu")
         .parse()?;
+    // Fixed before any other thread starts (the GEMM library reads it once).
+    let threads = cli.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    });
+    fedquic_train::set_gemm_threads(threads)?;
+    // After the GEMM threads: a Vulkan driver may start threads of its own.
     let engine = Engine::select(backend).with_context(|| format!("starting backend {backend}"))?;
     tracing::info!(requested = %backend, backend = engine.name(), device = %engine.describe(), "training backend");
+    let (ca, cert, key) = match (&cli.certs, &cli.name, &cli.ca, &cli.cert, &cli.key) {
+        (Some(dir), Some(name), None, None, None) => (
+            dir.join("ca.pem"),
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        ),
+        (None, _, Some(ca), Some(cert), Some(key)) => (ca.clone(), cert.clone(), key.clone()),
+        _ => bail!("give either --certs DIR --name NAME, or all of --ca, --cert and --key"),
+    };
     let data_spec: DataSpec = cli.data.parse()?;
     let scheme: PartitionScheme = cli.partition_scheme.parse()?;
     let data = ClientData::load(&data_spec, cli.partition, &scheme, cli.seed)
