@@ -296,6 +296,64 @@ fn c_index(mode: u32, i: u32, j: u32, n: u32, g: Conv) -> u32 {
     }
 }
 
+// A B-tile column's part of the implicit-GEMM addressing, decoded once per invocation:
+// with B read along n (modes 0, 2, 4) every invocation loads the same tile column at
+// every step (256 is a multiple of TILE_N), so only the row part varies per element.
+struct Column {
+    base: u32,
+    y0: i32,
+    x0: i32,
+}
+
+fn decode_column(mode: u32, j: u32, g: Conv) -> Column {
+    if mode == 2u {
+        // Forward im2col column (e, oy, ox): the window's top-left input pixel.
+        let plane = g.out_h * g.out_w;
+        let q = j % plane;
+        return Column(p.b.y + (j / plane) * g.in_c * g.in_h * g.in_w,
+                      i32((q / g.out_w) * g.stride) - i32(g.pad),
+                      i32((q % g.out_w) * g.stride) - i32(g.pad));
+    }
+    // Input-gradient column (e, y, x), shifted by the padding.
+    let in_plane = g.in_h * g.in_w;
+    let pixel = j % in_plane;
+    return Column(p.b.y + (j / in_plane) * g.out_c * g.out_h * g.out_w,
+                  i32(pixel / g.in_w + g.pad),
+                  i32(pixel % g.in_w + g.pad));
+}
+
+// load_b for modes 2 and 4 with the column decoded (same values as load_b).
+fn load_b_column(mode: u32, kk: u32, col: Column, g: Conv) -> f32 {
+    let kk2 = g.kernel * g.kernel;
+    let outer = kk / kk2;
+    let ky = (kk % kk2) / g.kernel;
+    let kx = kk % g.kernel;
+    if mode == 2u {
+        let iy = col.y0 + i32(ky);
+        let ix = col.x0 + i32(kx);
+        if iy < 0 || ix < 0 || iy >= i32(g.in_h) || ix >= i32(g.in_w) {
+            return 0.0;
+        }
+        return b2[col.base + (outer * g.in_h + u32(iy)) * g.in_w + u32(ix)];
+    }
+    let ty = col.y0 - i32(ky);
+    let tx = col.x0 - i32(kx);
+    if ty < 0 || tx < 0 {
+        return 0.0;
+    }
+    let uy = u32(ty);
+    let ux = u32(tx);
+    if uy % g.stride != 0u || ux % g.stride != 0u {
+        return 0.0;
+    }
+    let oy = uy / g.stride;
+    let ox = ux / g.stride;
+    if oy >= g.out_h || ox >= g.out_w {
+        return 0.0;
+    }
+    return b2[col.base + (outer * g.out_h + oy) * g.out_w + ox];
+}
+
 // Written for TILE_M = TILE_N = 64 (4 x 4 per invocation); the 32 x 32 variant is
 // generated from this text by the host (see mod.rs).
 @compute @workgroup_size(16, 16)
@@ -316,6 +374,11 @@ fn gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
     // along k for row-major A / transposed B, along m (n) otherwise.
     let a_along_k = mode_a == 0u;
     let b_along_k = mode_b == 1u || mode_b == 3u;
+    let column_modes = mode_b == 2u || mode_b == 4u;
+    var column = Column(0u, 0, 0);
+    if column_modes {
+        column = decode_column(mode_b, min(col0 + t % TILE_N, n - 1u), g);
+    }
     var acc: array<f32, ROWS_X_COLS>;
     for (var k0 = k_begin; k0 < k_end; k0 += TILE_K) {
         for (var r = 0u; r < TILE_M * TILE_K / 256u; r++) {
@@ -352,7 +415,11 @@ fn gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid
             let gk = k0 + kk;
             var v = 0.0;
             if gj < n && gk < k_end {
-                v = load_b(mode_b, gk, gj, n, k, g);
+                if column_modes {
+                    v = load_b_column(mode_b, gk, column, g);
+                } else {
+                    v = load_b(mode_b, gk, gj, n, k, g);
+                }
             }
             tile_b[kk * TILE_N + j] = v;
         }
