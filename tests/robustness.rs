@@ -402,6 +402,7 @@ async fn wrong_versions_and_oversized_frames_are_refused_clearly() {
             versions: SUPPORTED_VERSIONS.to_vec(),
             codecs: vec![],
             agent: "again".into(),
+            backend: "cpu".into(),
         }),
     )
     .await

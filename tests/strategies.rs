@@ -67,6 +67,10 @@ async fn every_strategy_runs_through_the_daemon() {
             within(20, c).await.unwrap().unwrap();
         }
         assert_eq!(summary.rounds_completed, ROUNDS, "{name}");
+        // The metrics say which backend each accepted update was trained on.
+        let backends = &summary.records[0].client_backends;
+        assert_eq!(backends.len(), 3, "{backends:?}");
+        assert!(backends.values().all(|b| b == "cpu"), "{backends:?}");
         // Norm-bounded FedAvg clips the third client's delta from 3 to 2.
         let want = match *name {
             "normbounded" => expected(name, (10.0 + 2.0 * 20.0 + 2.0 * 30.0) / total),

@@ -158,6 +158,9 @@ pub struct RoundRecord {
     pub test_examples: Option<usize>,
     pub bytes_down: u64,
     pub bytes_up: u64,
+    /// The training backend (as each client reported it) of every accepted
+    /// update: which clients trained on what.
+    pub client_backends: std::collections::BTreeMap<ClientId, String>,
     /// Wall time of the round: training, transfers, evaluation, checkpoint.
     pub seconds: f64,
     pub central_eval_seconds: f64,
@@ -219,6 +222,8 @@ enum ToHub {
         client: ClientId,
         conn_id: u64,
         handle: mpsc::UnboundedSender<ToConn>,
+        /// The training backend the client reported in its Hello (validated).
+        backend: String,
     },
     Left {
         client: ClientId,
@@ -472,16 +477,19 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         conn.close(1u32.into(), b"certificate has no name");
         return;
     };
-    let (mut send, mut recv) = match tokio::time::timeout(shared.handshake_timeout, async {
-        let (send, mut recv) = conn.accept_bi().await?;
-        let hello = read_message(&mut recv).await?;
-        Ok::<_, IoError>((send, recv, hello))
-    })
+    let (mut send, mut recv, backend) = match tokio::time::timeout(
+        shared.handshake_timeout,
+        async {
+            let (send, mut recv) = conn.accept_bi().await?;
+            let hello = read_message(&mut recv).await?;
+            Ok::<_, IoError>((send, recv, hello))
+        },
+    )
     .await
     {
         Ok(Ok((send, recv, Some(Message::Hello(hello))))) => {
-            match negotiate_version(&hello.versions) {
-                Ok(_) => (send, recv),
+            match negotiate_version(&hello.versions).and_then(|_| hello.validate()) {
+                Ok(_) => (send, recv, hello.backend),
                 Err(e) => {
                     let mut send = send;
                     reject(&conn, &mut send, &client, &e.to_string(), None).await;
@@ -556,12 +564,13 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             client: client.clone(),
             conn_id,
             handle: to_conn,
+            backend: backend.clone(),
         })
         .is_err()
     {
         return;
     }
-    info!(%client, %remote, "client connected");
+    info!(%client, %remote, %backend, "client connected");
 
     // Every task this session starts (the control-stream reader, model
     // sends, update receivers) lives in `tasks` and is aborted when the
@@ -838,6 +847,10 @@ struct Hub {
     fit_epoch: watch::Sender<u64>,
     log_budgets: HashMap<ClientId, LogBudget>,
     log_lines_per_minute: u32,
+    /// Each connected client's training backend, and which backend each
+    /// accepted update of the current round was trained on.
+    backends: HashMap<ClientId, String>,
+    round_backends: std::collections::BTreeMap<ClientId, String>,
 }
 
 impl Hub {
@@ -875,6 +888,8 @@ impl Hub {
             fit_epoch,
             log_budgets: HashMap::new(),
             log_lines_per_minute: setup.client_log_lines_per_minute,
+            backends: HashMap::new(),
+            round_backends: std::collections::BTreeMap::new(),
         })
     }
 
@@ -967,7 +982,9 @@ impl Hub {
                 client,
                 conn_id,
                 handle,
+                backend,
             } => {
+                self.backends.insert(client.clone(), backend);
                 let mut actions = Vec::new();
                 if let Some((_, old)) = self.clients.insert(client.clone(), (conn_id, handle)) {
                     // A reconnect replaces the old session; its task is forfeited.
@@ -983,6 +1000,7 @@ impl Hub {
             ToHub::Left { client, conn_id } => {
                 if self.is_current(&client, conn_id) {
                     self.clients.remove(&client);
+                    self.backends.remove(&client);
                     self.uploading.remove(&client);
                     self.log_budgets.remove(&client);
                     self.engine.client_left(&client, now)
@@ -1150,6 +1168,9 @@ impl Hub {
                     self.send_task(&client, Message::EvaluateTask(task), round, task_id);
                 }
                 Action::UpdateAccepted { client, task_id } => {
+                    if let Some(backend) = self.backends.get(&client) {
+                        self.round_backends.insert(client.clone(), backend.clone());
+                    }
                     self.send(&client, Message::UpdateAccepted { task_id });
                 }
                 Action::UpdateRejected {
@@ -1177,6 +1198,7 @@ impl Hub {
                     answered,
                     needed,
                 } => {
+                    self.round_backends.clear();
                     warn!(
                         round,
                         attempt,
@@ -1213,6 +1235,7 @@ impl Hub {
             test_examples: None,
             bytes_down: self.shared.bytes_down.swap(0, Ordering::Relaxed),
             bytes_up: self.shared.bytes_up.swap(0, Ordering::Relaxed),
+            client_backends: std::mem::take(&mut self.round_backends),
             seconds: 0.0,
             central_eval_seconds: 0.0,
             checkpoint_seconds: 0.0,

@@ -257,6 +257,7 @@ async fn welcomed(addr: std::net::SocketAddr, bundle: &std::path::Path, name: &s
             versions: SUPPORTED_VERSIONS.to_vec(),
             codecs: vec![Codec::F32],
             agent: "sighup-test".into(),
+            backend: "cpu".into(),
         };
         fedquic_net::io::write_message(&mut send, &Message::Hello(hello))
             .await

@@ -9,7 +9,9 @@ use fedquic_client::{
     Backoff, ClientData, ClientLimits, ClientOptions, LocalTrainer, PartitionSpec, run_client,
 };
 use fedquic_net::tls::{self, Identity, TransportSettings};
+use fedquic_train::backend::{BackendKind, Engine};
 use fedquic_train::{DataSpec, PartitionScheme};
+use serde::Deserialize;
 
 #[derive(Parser)]
 #[command(
@@ -75,6 +77,36 @@ struct Cli {
     /// Longest "retry after" from the aggregator honoured, in seconds.
     #[arg(long, default_value_t = ClientLimits::default().max_retry_after.as_secs_f64())]
     max_retry_after: f64,
+    /// Training backend: cpu, wgpu (any Vulkan adapter, software ones included) or auto
+    /// (a discrete or integrated GPU when there is one, else the CPU). Overrides the
+    /// config file's `backend`; default cpu.
+    #[arg(long, value_parser = BackendKind::NAMES)]
+    backend: Option<String>,
+    /// TOML config file; keys (all optional): `backend = "cpu" | "wgpu" | "auto"`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// The client's config file (command-line flags take precedence).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    backend: Option<String>,
+}
+
+impl ConfigFile {
+    fn load(path: &std::path::Path) -> anyhow::Result<ConfigFile> {
+        // Config files are small; refuse anything large before reading it.
+        let size = std::fs::metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        if size > 1 << 20 {
+            bail!("{}: config file larger than 1 MiB", path.display());
+        }
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -105,6 +137,16 @@ fn main() -> anyhow::Result<()> {
         max_batch_size: cli.max_batch_size,
         max_retry_after: Duration::from_secs_f64(cli.max_retry_after),
     };
+    let config = match &cli.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let backend: BackendKind = cli
+        .backend
+        .as_deref()
+        .or(config.backend.as_deref())
+        .unwrap_or("cpu")
+        .parse()?;
     // Fixed before any other thread starts (the GEMM library reads it once).
     let threads = cli.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -118,6 +160,9 @@ fn main() -> anyhow::Result<()> {
         gemm_threads = threads,
         "training kernels (FEDQUIC_KERNEL=portable|avx2|auto)"
     );
+    // After the GEMM threads: a Vulkan driver may start threads of its own.
+    let engine = Engine::select(backend).with_context(|| format!("starting backend {backend}"))?;
+    tracing::info!(requested = %backend, backend = engine.name(), device = %engine.describe(), "training backend");
     let (ca, cert, key) = match (&cli.certs, &cli.name, &cli.ca, &cli.cert, &cli.key) {
         (Some(dir), Some(name), None, None, None) => (
             dir.join("ca.pem"),
@@ -173,7 +218,8 @@ fn main() -> anyhow::Result<()> {
             limits,
         };
         let trainer =
-            LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices);
+            LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices)
+                .with_engine(engine);
         let report = tokio::select! {
             r = run_client(opts, trainer) => r?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted"),

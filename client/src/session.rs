@@ -142,6 +142,10 @@ async fn session(
     welcomed: &mut bool,
 ) -> Result<SessionEnd, SessionError> {
     report.sessions += 1;
+    let backend = trainer
+        .as_ref()
+        .map_or("cpu", |trainer| trainer.backend())
+        .to_string();
     let (conn, mut send, mut recv, layout) = tokio::time::timeout(opts.connect_timeout, async {
         let connecting = endpoint
             .connect_with(opts.tls.clone(), opts.server, &opts.server_name)
@@ -154,6 +158,7 @@ async fn session(
             versions: SUPPORTED_VERSIONS.to_vec(),
             codecs: vec![Codec::F32],
             agent: concat!("fedquic-client/", env!("CARGO_PKG_VERSION")).into(),
+            backend,
         };
         write_message(&mut send, &Message::Hello(hello)).await?;
         // With mutual TLS a refused certificate shows here, on the first read.

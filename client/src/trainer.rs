@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use fedquic_protocol::{FitInstructions, Metrics, OptimizerConfig};
+use fedquic_train::backend::Engine;
 use fedquic_train::layout::ParamLayout;
 use fedquic_train::{Dataset, FitConfig, Model, ModelSpec, Optimizer};
 use thiserror::Error;
@@ -48,6 +49,11 @@ pub trait Trainer: Send + 'static {
     fn evaluate(&mut self) -> Result<EvalOutcome, TrainerError>;
     /// Frees the model between tasks; idle clients then hold only their data.
     fn release(&mut self) {}
+    /// The training backend reported in the Hello (`cpu`, `wgpu`, ...): a short name of
+    /// `[a-z0-9_-]` (see `fedquic_protocol::Hello::validate`).
+    fn backend(&self) -> &str {
+        "cpu"
+    }
 }
 
 /// The built-in trainer: a fedquic-train model over this client's share of
@@ -60,6 +66,7 @@ pub struct LocalTrainer {
     test_indices: Vec<usize>,
     spec: Option<ModelSpec>,
     model: Option<Model>,
+    engine: Engine,
 }
 
 impl LocalTrainer {
@@ -76,7 +83,14 @@ impl LocalTrainer {
             test_indices,
             spec: None,
             model: None,
+            engine: Engine::Cpu(fedquic_train::backend::CpuBackend),
         }
+    }
+
+    /// Trains and evaluates on `engine` instead of the CPU.
+    pub fn with_engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self
     }
 
     pub fn num_train_examples(&self) -> usize {
@@ -158,7 +172,9 @@ impl Trainer for LocalTrainer {
                 },
             },
         };
-        let stats = model.fit(&self.train, &self.train_indices, &cfg)?;
+        let stats = self
+            .engine
+            .fit(model, &self.train, &self.train_indices, &cfg)?;
         Ok(FitOutcome {
             examples: stats.examples as u64,
             metrics: vec![
@@ -170,7 +186,9 @@ impl Trainer for LocalTrainer {
 
     fn evaluate(&mut self) -> Result<EvalOutcome, TrainerError> {
         let model = self.model.as_ref().ok_or(TrainerError::NoModel)?;
-        let stats = model.evaluate(&self.test, &self.test_indices)?;
+        let stats = self
+            .engine
+            .evaluate(model, &self.test, &self.test_indices)?;
         Ok(EvalOutcome {
             examples: stats.examples as u64,
             loss: stats.loss as f64,
@@ -180,5 +198,9 @@ impl Trainer for LocalTrainer {
 
     fn release(&mut self) {
         self.model = None;
+    }
+
+    fn backend(&self) -> &str {
+        self.engine.name()
     }
 }

@@ -290,6 +290,46 @@ fn bad_arguments_get_clear_errors() {
     assert!(err.contains("mnist"), "{err}");
 }
 
+#[test]
+fn backend_flag_and_config_are_checked() {
+    let base = ["--server", "127.0.0.1:1", "--data", "synthetic"];
+    let out = Command::new(client_bin())
+        .args(base)
+        .args(["--backend", "tpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cpu") && err.contains("wgpu") && err.contains("auto"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("client.toml");
+    std::fs::write(&config, "backend = \"tpu\"\n").unwrap();
+    let out = Command::new(client_bin())
+        .args(base)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown backend \"tpu\""), "{err}");
+
+    std::fs::write(&config, "backends = \"cpu\"\n").unwrap();
+    let out = Command::new(client_bin())
+        .args(base)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("client.toml"), "{err}");
+}
+
 fn metrics_rounds(path: &Path) -> Vec<u64> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

@@ -105,6 +105,7 @@ pub fn sample_messages() -> Vec<Message> {
             versions: vec![1, 2],
             codecs: vec![Codec::F32],
             agent: "fedquic-client/0.1.0".into(),
+            backend: "cpu".into(),
         }),
         Message::Welcome(Welcome {
             version: 1,

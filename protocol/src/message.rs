@@ -29,6 +29,31 @@ pub struct Hello {
     pub codecs: Vec<Codec>,
     /// Free-form software identification, for logs.
     pub agent: String,
+    /// The client's training backend (`cpu`, `wgpu`), for the aggregator's metrics: at
+    /// most [`Hello::MAX_BACKEND_LEN`] bytes of `[a-z0-9_-]` (see [`Hello::validate`]).
+    pub backend: String,
+}
+
+impl Hello {
+    /// Longest accepted [`Hello::backend`].
+    pub const MAX_BACKEND_LEN: usize = 32;
+
+    /// Checks the fields a receiver stores or shows: `backend` must be a short plain
+    /// name, so it is safe in metrics files and logs.
+    pub fn validate(&self) -> Result<()> {
+        let plain = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+        if self.backend.is_empty()
+            || self.backend.len() > Hello::MAX_BACKEND_LEN
+            || !self.backend.chars().all(plain)
+        {
+            return Err(ProtocolError::Malformed(format!(
+                "hello: backend must be 1..={} characters of [a-z0-9_-], got {:.40?}",
+                Hello::MAX_BACKEND_LEN,
+                self.backend
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The aggregator's answer to an acceptable [`Hello`].

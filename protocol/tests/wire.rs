@@ -7,6 +7,7 @@ fn all_messages() -> Vec<Message> {
             versions: vec![1, 2],
             codecs: vec![Codec::F32],
             agent: "test/0.1".into(),
+            backend: "wgpu".into(),
         }),
         Message::Welcome(Welcome {
             version: 1,
@@ -355,5 +356,27 @@ proptest! {
             let frame = encode_message(&msg).unwrap();
             prop_assert_eq!(decode_message(&frame[4..]).unwrap(), msg);
         }
+    }
+}
+
+#[test]
+fn hello_backend_is_validated() {
+    let hello = |backend: &str| Hello {
+        versions: vec![1],
+        codecs: vec![Codec::F32],
+        agent: "test".into(),
+        backend: backend.into(),
+    };
+    assert!(hello("cpu").validate().is_ok());
+    assert!(hello("wgpu").validate().is_ok());
+    for bad in [
+        "",
+        "GPU",
+        "wgpu\n",
+        "a b",
+        &"x".repeat(Hello::MAX_BACKEND_LEN + 1),
+    ] {
+        let error = hello(bad).validate().unwrap_err().to_string();
+        assert!(error.contains("backend"), "{bad:?}: {error}");
     }
 }

@@ -101,6 +101,10 @@ struct RunArgs {
     /// Clients training at once (default: all cores); each trains single-threaded.
     #[arg(long)]
     threads: Option<usize>,
+    /// Training backend: cpu, wgpu (any Vulkan adapter, lavapipe included; all clients
+    /// share the device) or auto (a GPU when there is one, else the CPU).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "wgpu", "auto"])]
+    backend: String,
     /// Fraction of clients asked each round to evaluate on their local test share.
     #[arg(long, default_value_t = 0.0)]
     fraction_evaluate: f64,
@@ -194,6 +198,7 @@ fn main() -> anyhow::Result<()> {
         partition: a.partition,
         seed: a.seed,
         fraction_evaluate: a.fraction_evaluate,
+        backend: a.backend,
         out: a.out,
         ..SimConfig::default()
     };
@@ -201,14 +206,15 @@ fn main() -> anyhow::Result<()> {
         config.threads = t.max(1);
     }
     println!(
-        "fedquic-sim: {} clients, fraction {}, {} rounds, model {}, data {}, partition {}, {} training threads",
+        "fedquic-sim: {} clients, fraction {}, {} rounds, model {}, data {}, partition {}, {} training threads, backend {}",
         config.clients,
         config.fraction,
         config.rounds,
         config.model,
         config.data,
         config.partition,
-        config.threads
+        config.threads,
+        config.backend
     );
     let bar = if a.quiet {
         ProgressBar::hidden()

@@ -10,6 +10,7 @@ use fedquic_aggregator::{AggregatorConfig, EngineConfig};
 use fedquic_client::{Backoff, ClientOptions, LocalTrainer, run_client};
 use fedquic_net::tls::TransportSettings;
 use fedquic_protocol::FitInstructions;
+use fedquic_train::backend::{BackendKind, Engine};
 use fedquic_train::layout::ParamLayout;
 use fedquic_train::{DataSpec, Model, ModelSpec, PartitionScheme, partition};
 use serde::Serialize;
@@ -35,6 +36,11 @@ pub struct SimConfig {
     pub seed: u64,
     /// Clients training at once (default: the number of cores).
     pub threads: usize,
+    /// Training backend of every client: `cpu`, `wgpu` or `auto` (see
+    /// `fedquic_train::backend::BackendKind`). With wgpu, all clients share one device
+    /// and its queue (wgpu synchronises submissions); each client records its own
+    /// command buffers.
+    pub backend: String,
     /// Fraction of clients asked to evaluate each round on their local test share.
     pub fraction_evaluate: f64,
     pub round_deadline_secs: f64,
@@ -61,6 +67,7 @@ impl Default for SimConfig {
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            backend: "cpu".into(),
             fraction_evaluate: 0.0,
             round_deadline_secs: 600.0,
             out: None,
@@ -170,6 +177,9 @@ pub async fn simulate(
     let addr = server.local_addr()?;
     let server_task = tokio::spawn(server.run(std::future::pending()));
 
+    let backend: BackendKind = config.backend.parse()?;
+    let engine = Engine::select(backend).with_context(|| format!("starting backend {backend}"))?;
+    tracing::info!(requested = %backend, backend = engine.name(), device = %engine.describe(), "training backend");
     let slots = Arc::new(Semaphore::new(config.threads.max(1)));
     let endpoint = fedquic_net::endpoint::client_endpoint_for(addr, pki.client(1)?.1)?;
     let mut clients = Vec::with_capacity(config.clients);
@@ -196,7 +206,8 @@ pub async fn simulate(
             indices,
             Arc::clone(&test),
             test_parts.next().unwrap_or_default(),
-        );
+        )
+        .with_engine(engine.share());
         clients.push(tokio::spawn(run_client(opts, trainer)));
     }
     let setup_seconds = started.elapsed().as_secs_f64();

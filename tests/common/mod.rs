@@ -242,6 +242,7 @@ pub async fn open_raw(addr: SocketAddr, tls: quinn::ClientConfig, versions: Vec<
         versions,
         codecs: vec![Codec::F32],
         agent: "raw-test".into(),
+        backend: "cpu".into(),
     };
     if let Err(e) = write_message(&mut send, &Message::Hello(hello)).await {
         return Opened::Refused(format!("write: {e}"));

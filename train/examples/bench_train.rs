@@ -12,14 +12,20 @@
 //! - `--eval-batch N` inference batch size [256]
 //! - `--seconds S` minimum measured time per row [2]
 //! - `--optimizer sgd|momentum|nesterov|adam` [sgd] (sgd: plain SGD, the fused path)
+//! - `--backend cpu|wgpu|auto` [cpu]: wgpu takes any Vulkan adapter (lavapipe too), auto
+//!   a GPU when there is one, else the CPU. The adapter is printed first.
+//! - `--eval-batches LIST` inference batch sizes, replacing `--eval-batch`
 //!
 //! Training is `Model::fit` (shuffle, forward, backward, optimizer step) over synthetic
 //! 28x28 digits, one epoch per call, timed after a warm-up call; each row reports the
-//! best of three timed calls. Inference is `Model::evaluate` (forward and loss).
+//! best of three timed calls; on wgpu one call uploads the model once and downloads it
+//! once, like a federated task. Inference is `Model::evaluate` (forward and loss) in
+//! forward passes of the inference batch size.
 
 use std::process::Command;
 use std::time::Instant;
 
+use fedquic_train::backend::{BackendKind, Engine};
 use fedquic_train::{FitConfig, Model, ModelSpec, Optimizer, set_gemm_threads, synthetic};
 
 const COMMAND: &str = "cargo run --release -p fedquic-train --example bench_train -- --threads 1,2";
@@ -28,9 +34,10 @@ struct Options {
     threads: Vec<usize>,
     models: Vec<ModelSpec>,
     batches: Vec<usize>,
-    eval_batch: usize,
+    eval_batches: Vec<usize>,
     seconds: f64,
     optimizer: (String, Optimizer),
+    backend: BackendKind,
 }
 
 fn list<T: std::str::FromStr>(text: &str, what: &str) -> Result<Vec<T>, String> {
@@ -51,9 +58,10 @@ fn parse_options() -> Result<Options, String> {
             ModelSpec::cnn_mnist(),
         ],
         batches: vec![10, 64],
-        eval_batch: 256,
+        eval_batches: vec![256],
         seconds: 2.0,
         optimizer: ("sgd".to_string(), Optimizer::sgd()),
+        backend: BackendKind::Cpu,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut args = args.iter();
@@ -61,7 +69,10 @@ fn parse_options() -> Result<Options, String> {
         if flag == "--help" || flag == "-h" {
             println!("usage: {COMMAND}\n");
             println!("options: --threads LIST  --models LIST  --batches LIST  --eval-batch N");
-            println!("         --seconds S  --optimizer sgd|momentum|nesterov|adam");
+            println!(
+                "         --eval-batches LIST  --seconds S  --optimizer sgd|momentum|nesterov|adam"
+            );
+            println!("         --backend cpu|wgpu|auto");
             std::process::exit(0);
         }
         let value = args
@@ -77,8 +88,10 @@ fn parse_options() -> Result<Options, String> {
             }
             "--batches" => options.batches = list(value, "--batches")?,
             "--eval-batch" => {
-                options.eval_batch = value.parse().map_err(|_| "bad --eval-batch")?;
+                options.eval_batches = vec![value.parse().map_err(|_| "bad --eval-batch")?];
             }
+            "--eval-batches" => options.eval_batches = list(value, "--eval-batches")?,
+            "--backend" => options.backend = value.parse().map_err(|e| format!("{e}"))?,
             "--seconds" => options.seconds = value.parse().map_err(|_| "bad --seconds")?,
             "--optimizer" => {
                 let optimizer = match value.as_str() {
@@ -96,7 +109,10 @@ fn parse_options() -> Result<Options, String> {
             other => return Err(format!("unknown option {other:?} (see --help)")),
         }
     }
-    if options.threads.is_empty() || options.batches.contains(&0) || options.eval_batch == 0 {
+    if options.threads.is_empty()
+        || options.batches.contains(&0)
+        || options.eval_batches.contains(&0)
+    {
         return Err("thread counts and batch sizes must be at least 1".to_string());
     }
     Ok(options)
@@ -174,6 +190,8 @@ fn bench(options: &Options, threads: usize) -> Result<(), String> {
         "{:<22} {:>6} {:>6} {:>12} {:>10} {:>16}",
         "model", "mode", "batch", "samples/s", "ms/batch", "samples/cpu-s"
     );
+    let engine = Engine::select(options.backend).map_err(|e| e.to_string())?;
+    println!("backend: {}", engine.describe());
     let pool = synthetic::generate(4096, 11);
     for spec in &options.models {
         let mut model = Model::try_new(spec.clone(), 1).map_err(|e| e.to_string())?;
@@ -191,8 +209,8 @@ fn bench(options: &Options, threads: usize) -> Result<(), String> {
                 // Same starting point every call, so every call does the same work.
                 model.set_parameters(&initial).map_err(|e| e.to_string())?;
                 let indices: Vec<usize> = (0..examples).map(|i| i % pool.len()).collect();
-                model
-                    .fit(&pool, &indices, &config)
+                engine
+                    .fit(&mut model, &pool, &indices, &config)
                     .map(|_| ())
                     .map_err(|e| e.to_string())
             };
@@ -204,24 +222,25 @@ fn bench(options: &Options, threads: usize) -> Result<(), String> {
             let timing = best_of_three(|| fit(examples))?;
             report(spec, "train", batch, examples, timing);
         }
-        let probe: Vec<usize> = (0..options.eval_batch).map(|i| i % pool.len()).collect();
-        let started = Instant::now();
-        model.evaluate(&pool, &probe).map_err(|e| e.to_string())?;
-        let examples = calibrate(
-            options.seconds,
-            probe.len(),
-            started.elapsed().as_secs_f64(),
-        );
-        let indices: Vec<usize> = (0..examples).map(|i| i % pool.len()).collect();
-        // Model::evaluate works in batches of 256; other inference batch sizes are run
-        // as separate calls of that size.
-        let timing = best_of_three(|| {
-            for chunk in indices.chunks(options.eval_batch) {
-                model.evaluate(&pool, chunk).map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        })?;
-        report(spec, "infer", options.eval_batch, examples, timing);
+        for &eval_batch in &options.eval_batches {
+            let evaluate = |indices: &[usize]| {
+                engine
+                    .evaluate_batched(&model, &pool, indices, eval_batch)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            };
+            let probe: Vec<usize> = (0..eval_batch * 4).map(|i| i % pool.len()).collect();
+            let started = Instant::now();
+            evaluate(&probe)?;
+            let examples = calibrate(
+                options.seconds,
+                probe.len(),
+                started.elapsed().as_secs_f64(),
+            );
+            let indices: Vec<usize> = (0..examples).map(|i| i % pool.len()).collect();
+            let timing = best_of_three(|| evaluate(&indices))?;
+            report(spec, "infer", eval_batch, examples, timing);
+        }
     }
     Ok(())
 }

@@ -83,6 +83,10 @@ pub enum TrainError {
     /// An internal array had an unexpected shape; this is a bug in this crate.
     #[error("internal shape error (bug): {0}")]
     Shape(#[from] ndarray::ShapeError),
+
+    /// The GPU backend could not start or failed (no adapter, a device error).
+    #[error("GPU backend: {0}")]
+    Gpu(String),
 }
 
 /// Shorthand for results carrying a [`TrainError`].

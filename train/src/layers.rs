@@ -10,11 +10,12 @@
 //!
 //! A [`Workspace`] holds every buffer one batch size needs. It is allocated once per
 //! `fit`/`evaluate` call; training steps then allocate nothing (matrixmultiply's GEMM
-//! packing buffers aside).
+//! packing buffers aside). The loss goes to a backend buffer, never straight to the host,
+//! so a device backend reads it back once per epoch (see [`loss`]).
 
 use rand::RngExt;
 
-use crate::backend::{Backend, ConvGeometry, Gemm, LossSum, PoolGeometry};
+use crate::backend::{Backend, ConvGeometry, Gemm, PoolGeometry};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
 use crate::rng::SeededRng;
@@ -240,14 +241,15 @@ pub(crate) struct Workspace<B: Backend> {
     capacity: usize,
     /// `buffer_lens[i] * capacity` values each; a smaller batch uses a prefix.
     acts: Vec<B::Buffer>,
-    labels: Vec<u8>,
+    /// The batch's labels as `f32` class indices, uploaded once per batch.
+    labels: B::Buffer,
+    /// Host staging for `labels`.
+    labels_host: Vec<f32>,
     /// Ping-pong gradient buffers, `max_len * capacity` each.
     deltas: [B::Buffer; 2],
     /// One example's im2col matrix.
     cols: B::Buffer,
     masks: Vec<B::Buffer>,
-    /// Host staging for dropout masks (drawn on the host so every backend gets the same bits).
-    mask_host: Vec<f32>,
     /// Which delta buffer holds the input gradient after [`backward`] (gradient checks).
     input_grad_buffer: usize,
     /// Whether the last forward pass applied dropout masks (backward must match it).
@@ -258,7 +260,6 @@ impl<B: Backend> Workspace<B> {
     pub fn new(backend: &B, network: &Network, capacity: usize, purpose: Purpose) -> Workspace<B> {
         let train = purpose == Purpose::Train;
         let train_len = |len: usize| if train { len * capacity } else { 0 };
-        let max_mask = network.mask_lens.iter().copied().max().unwrap_or(0);
         Workspace {
             capacity,
             acts: network
@@ -266,7 +267,8 @@ impl<B: Backend> Workspace<B> {
                 .iter()
                 .map(|&len| backend.zeros(len * capacity))
                 .collect(),
-            labels: vec![0; capacity],
+            labels: backend.zeros(capacity),
+            labels_host: vec![0.0; capacity],
             deltas: [
                 backend.zeros(train_len(network.max_len)),
                 backend.zeros(train_len(network.max_len)),
@@ -277,7 +279,6 @@ impl<B: Backend> Workspace<B> {
                 .iter()
                 .map(|&len| backend.zeros(train_len(len)))
                 .collect(),
-            mask_host: vec![0.0; train_len(max_mask)],
             input_grad_buffer: 0,
             dropout_applied: false,
         }
@@ -299,7 +300,7 @@ impl<B: Backend> Workspace<B> {
                 self.capacity
             )));
         }
-        for (slot, &index) in self.labels.iter_mut().zip(indices) {
+        for (slot, &index) in self.labels_host.iter_mut().zip(indices) {
             let label = *data.labels.get(index).ok_or(TrainError::IndexOutOfRange {
                 index,
                 len: data.len(),
@@ -311,8 +312,10 @@ impl<B: Backend> Workspace<B> {
                     classes,
                 });
             }
-            *slot = label;
+            *slot = f32::from(label);
         }
+        let labels = self.labels_host.get(..batch).ok_or_else(shape_bug)?;
+        backend.upload(labels, backend.dst(&mut self.labels, 0..batch)?)?;
         let input = self.acts.first_mut().ok_or_else(shape_bug)?;
         let dst = backend.dst(input, 0..batch * data.dim)?;
         backend.gather_rows(&data.features, data.dim, indices, dst)?;
@@ -322,7 +325,8 @@ impl<B: Backend> Workspace<B> {
     /// Writes a raw input batch (row-major `batch x input_len`) and its labels (tests).
     #[cfg(test)]
     pub fn set_batch(&mut self, backend: &B, inputs: &[f32], labels: &[u8]) -> Result<()> {
-        self.labels[..labels.len()].copy_from_slice(labels);
+        let host: Vec<f32> = labels.iter().map(|&label| f32::from(label)).collect();
+        backend.upload(&host, backend.dst(&mut self.labels, 0..labels.len())?)?;
         let input = self.acts.first_mut().ok_or_else(shape_bug)?;
         backend.upload(inputs, backend.dst(input, 0..inputs.len())?)
     }
@@ -479,21 +483,11 @@ pub(crate) fn forward<B: Backend>(
                     continue;
                 };
                 // Inverted dropout: kept values are scaled by 1/(1 - rate) so evaluation
-                // needs no rescaling.
-                let keep_scale = 1.0 / (1.0 - rate);
-                let host = workspace
-                    .mask_host
-                    .get_mut(out_range.clone())
-                    .ok_or_else(shape_bug)?;
-                for value in host.iter_mut() {
-                    *value = if rng.random::<f32>() < rate {
-                        0.0
-                    } else {
-                        keep_scale
-                    };
-                }
+                // needs no rescaling. One seed per mask; the backend draws the mask from it
+                // (on the device for a GPU), the same bits everywhere.
+                let seed = rng.random::<u64>();
                 let mask_buffer = workspace.masks.get_mut(mask).ok_or_else(shape_bug)?;
-                backend.upload(host, backend.dst(mask_buffer, out_range.clone())?)?;
+                backend.dropout_mask(seed, rate, backend.dst(mask_buffer, out_range.clone())?)?;
                 let x = workspace.acts.get_mut(layer.input).ok_or_else(shape_bug)?;
                 backend.mul(
                     backend.dst(x, out_range.clone())?,
@@ -505,16 +499,18 @@ pub(crate) fn forward<B: Backend>(
     Ok(())
 }
 
-/// Softmax cross-entropy of the logits left by [`forward`]. With `gradient_scale =
-/// Some(s)`, also writes `s * (softmax - onehot)` (the gradient of `s * summed loss`)
-/// as the starting gradient for [`backward`].
+/// Softmax cross-entropy of the logits left by [`forward`], summed loss and correct
+/// count written into `stats` (two values). With `gradient_scale = Some(s)`, also writes
+/// `s * (softmax - onehot)` (the gradient of `s * summed loss`) as the starting gradient
+/// for [`backward`].
 pub(crate) fn loss<B: Backend>(
     backend: &B,
     network: &Network,
     workspace: &mut Workspace<B>,
     batch: usize,
     gradient_scale: Option<f32>,
-) -> Result<LossSum> {
+    stats: B::Dst<'_>,
+) -> Result<()> {
     let classes = network.classes;
     let last = network.layers.last().map_or(0, |layer| layer.output);
     let logits_buffer = workspace.acts.get(last).ok_or_else(shape_bug)?;
@@ -526,7 +522,8 @@ pub(crate) fn loss<B: Backend>(
         )),
         None => None,
     };
-    backend.softmax_cross_entropy(logits, &workspace.labels[..batch], classes, grad)
+    let labels = backend.src(&workspace.labels, 0..batch)?;
+    backend.softmax_cross_entropy(logits, labels, classes, grad, stats)
 }
 
 /// What [`backward`] does with each parameter gradient.

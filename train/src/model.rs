@@ -4,7 +4,7 @@ use std::fmt;
 
 use rand::seq::SliceRandom;
 
-use crate::backend::{Backend, CpuBackend};
+use crate::backend::{Backend, CpuBackend, LossSum};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
 use crate::layers::{self, Network, Purpose, Update, Workspace};
@@ -204,6 +204,19 @@ impl Model {
     /// ([`TrainError::Diverged`]), the parameters are restored to what they were before
     /// the call.
     pub fn fit(&mut self, data: &Dataset, indices: &[usize], cfg: &FitConfig) -> Result<FitStats> {
+        self.fit_on(&CpuBackend, data, indices, cfg)
+    }
+
+    /// [`Model::fit`] on `backend`: the same loop (written once over [`Backend`]), with
+    /// the parameters uploaded once, resident in backend memory for all epochs together
+    /// with the optimizer state, and downloaded once at the end.
+    pub fn fit_on<B: Backend>(
+        &mut self,
+        backend: &B,
+        data: &Dataset,
+        indices: &[usize],
+        cfg: &FitConfig,
+    ) -> Result<FitStats> {
         cfg.validate()?;
         self.check_dataset(data)?;
         if indices.is_empty() {
@@ -226,9 +239,9 @@ impl Model {
             }
         }
         gemm_threads();
-        // The restore point, and FedProx's anchor.
+        // The restore point.
         let initial = self.params.clone();
-        let result = self.train(&CpuBackend, data, indices, cfg, &initial);
+        let result = self.train(backend, data, indices, cfg);
         let result = match result {
             Ok(_) if self.params.iter().any(|value| !value.is_finite()) => {
                 Err(TrainError::Diverged { epoch: cfg.epochs })
@@ -241,14 +254,15 @@ impl Model {
         result
     }
 
-    /// The training loop of [`Model::fit`] on the CPU backend (inputs validated).
-    fn train(
+    /// The training loop of [`Model::fit_on`] (inputs validated): uploads the parameters
+    /// once, keeps them and the optimizer state in backend memory for every epoch, reads
+    /// the loss back once per epoch and downloads the parameters once at the end.
+    fn train<B: Backend>(
         &mut self,
-        backend: &CpuBackend,
+        backend: &B,
         data: &Dataset,
         indices: &[usize],
         cfg: &FitConfig,
-        initial: &<CpuBackend as Backend>::Buffer,
     ) -> Result<FitStats> {
         let classes = self.spec.num_classes();
         let num_params = self.params.len();
@@ -256,7 +270,21 @@ impl Model {
         let mut shuffle_rng = seeded(cfg.seed);
         let mut dropout_rng = seeded(derive_seed(cfg.seed, DROPOUT_STREAM));
         let capacity = cfg.batch_size.min(order.len());
+        let batches_per_epoch = order.len().div_ceil(cfg.batch_size);
         let mut workspace = Workspace::new(backend, &self.network, capacity, Purpose::Train);
+        let mut params = backend.zeros(num_params);
+        backend.upload(&self.params, backend.dst(&mut params, 0..num_params)?)?;
+        // FedProx's anchor: the parameters as `fit` found them.
+        let anchor = if cfg.proximal_mu != 0.0 {
+            let mut anchor = backend.zeros(num_params);
+            backend.copy(
+                backend.src(&params, 0..num_params)?,
+                backend.dst(&mut anchor, 0..num_params)?,
+            )?;
+            Some(anchor)
+        } else {
+            None
+        };
         let mut optimizer = OptimizerState::new(
             backend,
             cfg.optimizer,
@@ -266,39 +294,40 @@ impl Model {
         );
         let fused_decay = optimizer.fused_weight_decay();
         // Only the unfused rules need a gradient buffer.
-        let mut grads = match fused_decay {
-            Some(_) => Vec::new(),
-            None => backend.zeros(num_params),
-        };
-        let mut last_epoch = (0.0f64, 0usize);
+        let mut grads = backend.zeros(match fused_decay {
+            Some(_) => 0,
+            None => num_params,
+        });
+        // [loss sum, correct] per batch of an epoch, read back once per epoch.
+        let mut stats = backend.zeros(2 * batches_per_epoch);
+        let mut stats_host = vec![0.0f32; 2 * batches_per_epoch];
+        let mut last_epoch = LossSum::default();
 
         for epoch in 0..cfg.epochs {
             order.shuffle(&mut shuffle_rng);
-            let mut epoch_total = (0.0f64, 0usize);
-            for chunk in order.chunks(cfg.batch_size) {
+            for (batch_number, chunk) in order.chunks(cfg.batch_size).enumerate() {
                 let batch = workspace.load_batch(backend, data, chunk, classes)?;
                 layers::forward(
                     backend,
                     &self.network,
-                    &self.params,
+                    &params,
                     &mut workspace,
                     batch,
                     Some(&mut dropout_rng),
                 )?;
-                let outcome = layers::loss(
+                let slot = 2 * batch_number..2 * batch_number + 2;
+                layers::loss(
                     backend,
                     &self.network,
                     &mut workspace,
                     batch,
                     Some(1.0 / batch as f32),
+                    backend.dst(&mut stats, slot)?,
                 )?;
-                if !outcome.loss.is_finite() {
-                    return Err(TrainError::Diverged { epoch: epoch + 1 });
-                }
                 match fused_decay {
                     Some(weight_decay) => {
                         let update = Update::Sgd {
-                            params: &mut self.params,
+                            params: &mut params,
                             learning_rate: cfg.learning_rate,
                             weight_decay,
                         };
@@ -306,37 +335,72 @@ impl Model {
                     }
                     None => {
                         let update = Update::Store {
-                            params: &self.params,
+                            params: &params,
                             grads: &mut grads,
                             accumulate: false,
                         };
                         layers::backward(backend, &self.network, &mut workspace, batch, update)?;
                         optimizer.step(
                             backend,
-                            &mut self.params,
+                            &mut params,
                             &grads,
-                            Some(initial),
+                            anchor.as_ref(),
                             num_params,
                         )?;
                     }
                 }
-                epoch_total.0 += outcome.loss;
-                epoch_total.1 += outcome.correct;
+                backend.flush()?;
             }
-            last_epoch = epoch_total;
+            backend.download(backend.src(&stats, 0..stats_host.len())?, &mut stats_host)?;
+            last_epoch = sum_stats(&stats_host);
+            // A non-finite loss means the parameters have diverged (checked per epoch so
+            // that a device backend never waits for a read-back inside an epoch).
+            if !last_epoch.loss.is_finite() {
+                return Err(TrainError::Diverged { epoch: epoch + 1 });
+            }
         }
+        backend.download(backend.src(&params, 0..num_params)?, &mut self.params)?;
         let examples = order.len();
         Ok(FitStats {
             examples,
-            loss: (last_epoch.0 / examples as f64) as f32,
-            accuracy: (last_epoch.1 as f64 / examples as f64) as f32,
+            loss: (last_epoch.loss / examples as f64) as f32,
+            accuracy: (last_epoch.correct as f64 / examples as f64) as f32,
         })
     }
 
     /// Mean softmax cross-entropy and accuracy over the examples `indices` of `data`
-    /// (dropout off).
+    /// (dropout off), on the CPU.
     pub fn evaluate(&self, data: &Dataset, indices: &[usize]) -> Result<EvalStats> {
-        self.loss_pass(data, indices, false).map(|(stats, _)| stats)
+        self.evaluate_on(&CpuBackend, data, indices)
+    }
+
+    /// [`Model::evaluate`] on `backend`.
+    pub fn evaluate_on<B: Backend>(
+        &self,
+        backend: &B,
+        data: &Dataset,
+        indices: &[usize],
+    ) -> Result<EvalStats> {
+        self.loss_pass(backend, data, indices, false, EVAL_BATCH)
+            .map(|(stats, _)| stats)
+    }
+
+    /// [`Model::evaluate_on`] with forward passes of `batch_size` examples (at least 1)
+    /// instead of 256: for measuring inference at a given batch size.
+    pub fn evaluate_batched_on<B: Backend>(
+        &self,
+        backend: &B,
+        data: &Dataset,
+        indices: &[usize],
+        batch_size: usize,
+    ) -> Result<EvalStats> {
+        if batch_size == 0 {
+            return Err(TrainError::InvalidConfig(
+                "batch_size must be at least 1".to_string(),
+            ));
+        }
+        self.loss_pass(backend, data, indices, false, batch_size)
+            .map(|(stats, _)| stats)
     }
 
     /// [`Model::evaluate`] over every example of `data`.
@@ -348,66 +412,79 @@ impl Model {
     /// Loss and accuracy over `indices` together with the gradient of the mean loss with
     /// respect to every parameter (flat, same layout as [`Model::parameters`]; dropout off).
     pub fn gradient(&self, data: &Dataset, indices: &[usize]) -> Result<(EvalStats, Vec<f32>)> {
-        self.loss_pass(data, indices, true)
+        self.loss_pass(&CpuBackend, data, indices, true, EVAL_BATCH)
     }
 
-    /// Forward passes in batches of [`EVAL_BATCH`], optionally accumulating the gradient.
-    fn loss_pass(
+    /// [`Model::gradient`] on `backend`.
+    pub fn gradient_on<B: Backend>(
         &self,
+        backend: &B,
+        data: &Dataset,
+        indices: &[usize],
+    ) -> Result<(EvalStats, Vec<f32>)> {
+        self.loss_pass(backend, data, indices, true, EVAL_BATCH)
+    }
+
+    /// Forward passes in batches of `batch_size`, optionally accumulating the gradient.
+    fn loss_pass<B: Backend>(
+        &self,
+        backend: &B,
         data: &Dataset,
         indices: &[usize],
         with_gradient: bool,
+        batch_size: usize,
     ) -> Result<(EvalStats, Vec<f32>)> {
         self.check_dataset(data)?;
         if indices.is_empty() {
             return Err(TrainError::NoExamples);
         }
         gemm_threads();
-        let backend = CpuBackend;
         let classes = self.spec.num_classes();
         let examples = indices.len();
+        let num_params = self.params.len();
         let purpose = if with_gradient {
             Purpose::Train
         } else {
             Purpose::Evaluate
         };
         let mut workspace =
-            Workspace::new(&backend, &self.network, EVAL_BATCH.min(examples), purpose);
-        let mut grads = if with_gradient {
-            backend.zeros(self.params.len())
-        } else {
-            Vec::new()
-        };
-        let mut total = (0.0f64, 0usize);
+            Workspace::new(backend, &self.network, batch_size.min(examples), purpose);
+        let mut params = backend.zeros(num_params);
+        backend.upload(&self.params, backend.dst(&mut params, 0..num_params)?)?;
+        let mut grads = backend.zeros(if with_gradient { num_params } else { 0 });
+        let batches = examples.div_ceil(batch_size);
+        let mut stats = backend.zeros(2 * batches);
         let scale = with_gradient.then_some(1.0 / examples as f32);
-        for (batch_number, chunk) in indices.chunks(EVAL_BATCH).enumerate() {
-            let batch = workspace.load_batch(&backend, data, chunk, classes)?;
-            layers::forward(
-                &backend,
-                &self.network,
-                &self.params,
-                &mut workspace,
-                batch,
-                None,
-            )?;
-            let outcome = layers::loss(&backend, &self.network, &mut workspace, batch, scale)?;
+        for (batch_number, chunk) in indices.chunks(batch_size).enumerate() {
+            let batch = workspace.load_batch(backend, data, chunk, classes)?;
+            layers::forward(backend, &self.network, &params, &mut workspace, batch, None)?;
+            let slot = 2 * batch_number..2 * batch_number + 2;
+            let slot = backend.dst(&mut stats, slot)?;
+            layers::loss(backend, &self.network, &mut workspace, batch, scale, slot)?;
             if with_gradient {
                 let update = Update::Store {
-                    params: &self.params,
+                    params: &params,
                     grads: &mut grads,
                     accumulate: batch_number > 0,
                 };
-                layers::backward(&backend, &self.network, &mut workspace, batch, update)?;
+                layers::backward(backend, &self.network, &mut workspace, batch, update)?;
             }
-            total.0 += outcome.loss;
-            total.1 += outcome.correct;
+            backend.flush()?;
+        }
+        let mut stats_host = vec![0.0f32; 2 * batches];
+        backend.download(backend.src(&stats, 0..2 * batches)?, &mut stats_host)?;
+        let total = sum_stats(&stats_host);
+        let mut gradient = Vec::new();
+        if with_gradient {
+            gradient = vec![0.0f32; num_params];
+            backend.download(backend.src(&grads, 0..num_params)?, &mut gradient)?;
         }
         let stats = EvalStats {
             examples,
-            loss: (total.0 / examples as f64) as f32,
-            accuracy: (total.1 as f64 / examples as f64) as f32,
+            loss: (total.loss / examples as f64) as f32,
+            accuracy: (total.correct as f64 / examples as f64) as f32,
         };
-        Ok((stats, grads))
+        Ok((stats, gradient))
     }
 
     /// Checks the dataset's layout and width; labels are checked per used example (in
@@ -423,6 +500,16 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// Adds up per-batch `[loss sum, correct]` pairs (in f64: an epoch has many batches).
+fn sum_stats(stats: &[f32]) -> LossSum {
+    stats
+        .chunks_exact(2)
+        .fold(LossSum::default(), |total, pair| LossSum {
+            loss: total.loss + f64::from(pair[0]),
+            correct: total.correct + pair[1] as usize,
+        })
 }
 
 #[cfg(test)]

@@ -470,14 +470,17 @@ impl Backend for CpuBackend {
     fn softmax_cross_entropy(
         &self,
         logits: &[f32],
-        labels: &[u8],
+        labels: &[f32],
         classes: usize,
         grad: Option<(f32, &mut [f32])>,
-    ) -> Result<LossSum> {
+        stats: &mut [f32],
+    ) -> Result<()> {
         check_len(logits, labels.len() * classes)?;
+        check_len(stats, 2)?;
         let mut outcome = LossSum::default();
         if classes == 0 {
-            return Ok(outcome);
+            stats.fill(0.0);
+            return Ok(());
         }
         let mut grad = match grad {
             Some((scale, dst)) => {
@@ -487,7 +490,9 @@ impl Backend for CpuBackend {
             None => None,
         };
         for (row, &label) in logits.chunks_exact(classes).zip(labels) {
-            let label = usize::from(label);
+            // Labels are exact small integers stored as f32 (checked by the caller); a
+            // negative or NaN one saturates to 0, a large one fails the lookup below.
+            let label = label as usize;
             let target = *row.get(label).ok_or_else(shape_error)?;
             // First maximum wins ties, so a constant output counts as predicting class 0.
             let (argmax, max) =
@@ -511,7 +516,21 @@ impl Backend for CpuBackend {
                 out[label] -= *scale;
             }
         }
-        Ok(outcome)
+        stats[0] = outcome.loss as f32;
+        stats[1] = outcome.correct as f32;
+        Ok(())
+    }
+
+    fn dropout_mask(&self, seed: u64, rate: f32, mask: &mut [f32]) -> Result<()> {
+        let keep_scale = 1.0 / (1.0 - rate);
+        for (index, value) in mask.iter_mut().enumerate() {
+            *value = super::dropout_value(seed, index, rate, keep_scale);
+        }
+        Ok(())
+    }
+
+    fn dst_len(&self, dst: &&mut [f32]) -> usize {
+        dst.len()
     }
 
     fn sgd_step(

@@ -3,8 +3,25 @@
 //! Every layer ([`crate::layers`]) and optimizer step is written once, generically over
 //! [`Backend`]; a backend only provides storage and these primitive operations. The CPU
 //! backend ([`CpuBackend`]) works on `Vec<f32>` with ndarray/matrixmultiply's SIMD GEMM;
-//! a GPU backend would implement the same trait over device buffers, with [`Backend::Src`]
-//! and [`Backend::Dst`] naming a buffer range instead of a slice.
+//! the wgpu backend (`WgpuBackend`, cargo feature `wgpu`) implements the same trait over
+//! GPU buffers, with [`Backend::Src`] and [`Backend::Dst`] naming a buffer range instead
+//! of a slice.
+//!
+//! # Device backends
+//!
+//! Operations may run asynchronously: a device backend records them and submits them in
+//! order, so an operation's result is only guaranteed visible to the host through
+//! [`Backend::download`] (which waits for everything recorded before it). Nothing else
+//! reads device memory back: the loss of a batch goes into a device buffer
+//! ([`Backend::softmax_cross_entropy`]'s `stats`), which the training loop downloads
+//! once per epoch. Labels are uploaded once per batch as class indices stored as `f32`.
+//!
+//! # Adding an operation
+//!
+//! A new primitive can be given a default implementation that works on every backend
+//! through host transfer: [`Backend::download`] the inputs into `Vec<f32>`s, compute on
+//! the host, [`Backend::upload`] the result (see [`Backend::dropout_mask`]). Backends
+//! override it with a native kernel where it matters.
 //!
 //! Conventions shared by all operations:
 //! - Tensors are row-major `f32`. Images are `[channels, height, width]` per example and
@@ -22,11 +39,36 @@ use crate::error::Result;
 mod cpu;
 mod direct_conv;
 pub mod dispatch;
+mod select;
 mod small_gemm;
 mod sparse_conv;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
+#[cfg(feature = "wgpu")]
+pub use self::wgpu::{WgpuBackend, WgpuDevice};
 pub use cpu::CpuBackend;
 pub use dispatch::{KernelPath, kernel_path, kernel_path_name, with_kernel_path};
+pub use select::{BackendKind, Engine};
+
+/// The dropout mask value of element `index` for a mask drawn with `seed`: 0 with
+/// probability `rate`, else `keep_scale`. A counter-based hash (lowbias32 over the
+/// index and both seed halves), so every backend computes the same bits independently
+/// (the wgpu kernel `dropout_mask` is the same function).
+pub fn dropout_value(seed: u64, index: usize, rate: f32, keep_scale: f32) -> f32 {
+    fn mix32(mut x: u32) -> u32 {
+        x ^= x >> 16;
+        x = x.wrapping_mul(0x7feb_352d);
+        x ^= x >> 15;
+        x = x.wrapping_mul(0x846c_a68b);
+        x ^= x >> 16;
+        x
+    }
+    // Truncating the index and seed halves is the definition (the kernel works in u32).
+    let h = mix32(index as u32 ^ mix32(seed as u32 ^ mix32((seed >> 32) as u32)));
+    let uniform = (h >> 8) as f32 * (1.0 / 16_777_216.0);
+    if uniform < rate { 0.0 } else { keep_scale }
+}
 
 /// Shape of a 2-D convolution (or of its im2col matrix) over one example.
 ///
@@ -190,7 +232,8 @@ pub struct AdamStep {
     pub bias_correction2_sqrt: f32,
 }
 
-/// Summed softmax cross-entropy and correct predictions of one batch.
+/// Summed softmax cross-entropy and correct predictions (of a batch, or of an epoch once
+/// the per-batch `stats` of [`Backend::softmax_cross_entropy`] are downloaded and added).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LossSum {
     pub loss: f64,
@@ -198,6 +241,9 @@ pub struct LossSum {
 }
 
 /// Storage plus the primitive operations of the training engine.
+///
+/// Host transfers: [`Backend::upload`], [`Backend::download`] and
+/// [`Backend::gather_rows`]; everything else stays in backend memory.
 pub trait Backend {
     /// Owned storage of `f32` values (host memory, or a device buffer).
     type Buffer: Send;
@@ -275,6 +321,25 @@ pub trait Backend {
     fn relu_backward(&self, y: Self::Src<'_>, dy: Self::Dst<'_>) -> Result<()>;
     /// `x = x * mask` elementwise (dropout forward and backward).
     fn mul(&self, x: Self::Dst<'_>, mask: Self::Src<'_>) -> Result<()>;
+    /// Fills `mask` with an inverted-dropout mask: element `i` is
+    /// [`dropout_value`]`(seed, i, rate, 1 / (1 - rate))`. The default computes it on the
+    /// host and uploads it.
+    fn dropout_mask(&self, seed: u64, rate: f32, mask: Self::Dst<'_>) -> Result<()> {
+        let len = self.dst_len(&mask);
+        let keep_scale = 1.0 / (1.0 - rate);
+        let host: Vec<f32> = (0..len)
+            .map(|index| dropout_value(seed, index, rate, keep_scale))
+            .collect();
+        self.upload(&host, mask)
+    }
+    /// Length of a writable range (for default implementations that go through the host).
+    fn dst_len(&self, dst: &Self::Dst<'_>) -> usize;
+    /// Submits the work recorded so far without waiting for it (a no-op on backends that
+    /// compute synchronously). Training loops call it after every step so a device
+    /// starts working while the host prepares the next batch.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// The im2col matrix (`col_rows x col_cols`) of one example (`input_len` values);
     /// padding reads as zero.
@@ -333,10 +398,11 @@ pub trait Backend {
         Ok(false)
     }
     /// Convolution input gradient (overwritten, `batch` examples) from the output
-    /// gradient `[batch, out_channels, plane]` and the `[out, in, k, k]` weights, by a
-    /// route that skips zero output gradients (after ReLU and max pooling most are).
+    /// gradient `[batch, out_channels, plane]` and the `[out, in, k, k]` weights, over the
+    /// whole batch by the backend's own route: the CPU's skips zero output gradients
+    /// (after ReLU and max pooling most are), the GPU's is an implicit GEMM.
     /// Returns `Ok(false)`, touching nothing, when the backend has no such route or
-    /// judges the gradient too dense; the caller then uses im2col and GEMM.
+    /// judges the gradient too dense; the caller then uses im2col and GEMM per example.
     fn conv_input_grad_sparse(
         &self,
         geometry: &ConvGeometry,
@@ -394,16 +460,20 @@ pub trait Backend {
         input_grad: Self::Dst<'_>,
     ) -> Result<()>;
 
-    /// Softmax cross-entropy of `logits` (`labels.len() x classes`; labels checked by the
-    /// caller). With `grad = Some((scale, dst))`, writes `scale * (softmax - onehot)` into
-    /// `dst`. The first maximum counts as the prediction.
+    /// Softmax cross-entropy of `logits` (`rows x classes`) against `labels` (`rows`
+    /// class indices stored as `f32`, checked by the caller). Writes the summed loss and
+    /// the number of correct predictions (the first maximum counts as the prediction)
+    /// into the two values of `stats`, so that a device backend needs no read-back per
+    /// batch. With `grad = Some((scale, dst))`, also writes `scale * (softmax - onehot)`
+    /// into `dst`.
     fn softmax_cross_entropy(
         &self,
         logits: Self::Src<'_>,
-        labels: &[u8],
+        labels: Self::Src<'_>,
         classes: usize,
         grad: Option<(f32, Self::Dst<'_>)>,
-    ) -> Result<LossSum>;
+        stats: Self::Dst<'_>,
+    ) -> Result<()>;
 
     /// One SGD step (PyTorch's `torch.optim.SGD` semantics), elementwise over `params`:
     /// `g = grad + weight_decay * w + proximal_mu * (w - anchor)`; with momentum
