@@ -320,6 +320,7 @@ impl Model {
                         )?;
                     }
                 }
+                layers::restore_frozen(&self.network, &mut self.params, initial);
                 epoch_total.0 += outcome.loss;
                 epoch_total.1 += outcome.correct;
             }
@@ -424,6 +425,9 @@ impl Model {
         Ok(())
     }
 }
+
+#[path = "model_predict.rs"]
+mod predict;
 
 #[cfg(test)]
 #[path = "model_tests.rs"]
