@@ -21,6 +21,10 @@ pub enum SetupError {
     Tls(#[from] tls::TlsError),
     #[error("model: {0}")]
     Model(fedquic_train::TrainError),
+    #[error("model: {0}")]
+    Onnx(fedquic_train::onnx::OnnxError),
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
     #[error("central test data: {0}")]
     Data(fedquic_train::TrainError),
     #[error(transparent)]
@@ -42,7 +46,11 @@ pub fn setup_from_config(
     config: &AggregatorConfig,
     resume: bool,
 ) -> Result<ServerSetup, SetupError> {
-    let layout: ParamLayout = config.model.spec.parse().map_err(SetupError::Model)?;
+    // A spec string, or `onnx:FILE`: then the file's canonical `net:` spec travels to
+    // clients and its initializers are the initial global model.
+    let source =
+        fedquic_train::onnx::ModelSource::parse(&config.model.spec).map_err(SetupError::Onnx)?;
+    let layout: ParamLayout = source.layout.clone();
     let roots = tls::load_ca_file(&config.ca_path())?;
     let identity = Identity::from_files(&config.cert_path(), &config.key_path())?;
     // Stateless-reset tokens keyed by the server's private key survive a
@@ -67,9 +75,11 @@ pub fn setup_from_config(
         source,
     })?;
     let store = CheckpointStore::open(config.checkpoint_dir(), config.state.keep_checkpoints)?;
-    let mut initial_model = layout
+    // `fedquic-aggregator export` finds the original graph here.
+    crate::export::keep_original(&config.state.dir, source.onnx.as_ref().map(|(b, _)| &b[..]))?;
+    let mut initial_model = source
         .initial_parameters(config.model.seed)
-        .map_err(SetupError::Model)?;
+        .map_err(SetupError::Onnx)?;
     let mut completed_rounds = 0;
     if resume {
         let latest = store.latest_valid(

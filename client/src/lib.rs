@@ -4,6 +4,7 @@
 
 pub mod backoff;
 pub mod data;
+pub mod predict;
 pub mod session;
 pub mod trainer;
 
