@@ -39,6 +39,8 @@ pub struct SimConfig {
     pub fraction_evaluate: f64,
     pub round_deadline_secs: f64,
     pub out: Option<PathBuf>,
+    /// Write the final global model here as ONNX.
+    pub export_onnx: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -62,6 +64,7 @@ impl Default for SimConfig {
             fraction_evaluate: 0.0,
             round_deadline_secs: 600.0,
             out: None,
+            export_onnx: None,
         }
     }
 }
@@ -87,7 +90,9 @@ pub async fn simulate(
     if config.clients == 0 {
         bail!("--clients must be at least 1");
     }
-    let layout: ParamLayout = config.model.parse()?;
+    // A spec string or `onnx:FILE` (whose canonical `net:` spec travels to clients).
+    let source = fedquic_train::onnx::ModelSource::parse(&config.model)?;
+    let layout: ParamLayout = source.layout.clone();
     let Some(model_spec) = layout.model_spec().cloned() else {
         bail!(
             "the simulator trains real models: '{}' is not trainable",
@@ -155,7 +160,7 @@ pub async fn simulate(
             pki.server.clone(),
             engine,
             &layout,
-            layout.initial_parameters(config.seed)?,
+            source.initial_parameters(config.seed)?,
         )
     };
     if let Some(out) = &config.out {
@@ -221,6 +226,10 @@ pub async fn simulate(
         }
     }
     endpoint.close(0u32.into(), b"done");
+    if let Some(path) = &config.export_onnx {
+        let bytes = source.export(&summary.final_model)?;
+        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
     let last = summary.records.last();
     let result = SimResult {
         final_test_accuracy: last.and_then(|r| r.test_accuracy),
