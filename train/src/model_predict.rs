@@ -11,7 +11,7 @@ impl Model {
     /// (`batch x input_dim` row-major, images as `[C, H, W]`), dropout off.
     pub fn logits(&self, inputs: &[f32]) -> Result<Vec<f32>> {
         let dim = self.spec.input_dim();
-        if dim == 0 || inputs.len() % dim != 0 || inputs.is_empty() {
+        if dim == 0 || !inputs.len().is_multiple_of(dim) || inputs.is_empty() {
             return Err(TrainError::DimensionMismatch {
                 data: inputs.len(),
                 model: dim,

@@ -290,9 +290,9 @@ fn input_shape(input: &tract_onnx::pb::ValueInfoProto) -> Result<Shape> {
             }
         }
     }
-    match sizes.as_slice() {
-        &[n] => Ok(Shape::Flat(n)),
-        &[c, h, w] => Ok(Shape::Image(c, h, w)),
+    match *sizes.as_slice() {
+        [n] => Ok(Shape::Flat(n)),
+        [c, h, w] => Ok(Shape::Image(c, h, w)),
         _ => Err(OnnxError::UnsupportedGraph(format!(
             "input {:?} has rank {}; fedquic takes [batch, features] or [batch, C, H, W]",
             input.name,
@@ -353,9 +353,9 @@ impl Walk<'_> {
                         .iter()
                         .position(|n| n.op_type != "Constant")
                         .map(|offset| index + offset);
-                    let add = add.map(|i| (i, &nodes[i])).filter(|(_, n)| {
-                        n.op_type == "Add" && n.input.iter().any(|i| *i == output)
-                    });
+                    let add = add
+                        .map(|i| (i, &nodes[i]))
+                        .filter(|(_, n)| n.op_type == "Add" && n.input.contains(&output));
                     match add {
                         Some((add_index, add)) => {
                             self.matmul(node, Some(add), index - 1)?;
