@@ -128,6 +128,8 @@ pub struct CertsConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
+    /// A model spec (`mlp:...`, `cnn:...`, `net:...`) or `onnx:FILE` (path relative to
+    /// the working directory; its initializers are the initial weights).
     pub spec: String,
     /// Seed of the initial weights.
     pub seed: u64,

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod export;
 pub mod logging;
 pub mod server;
 pub mod setup;

@@ -50,6 +50,22 @@ enum Command {
         #[arg(long)]
         allow_ca_key: bool,
     },
+    /// Export the global model of a checkpointed round as ONNX (from the state
+    /// directory alone; an `onnx:FILE` model keeps its original node and I/O names).
+    Export {
+        /// The run's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Checkpoint directory, if the config moved it (default: STATE_DIR/checkpoints).
+        #[arg(long)]
+        checkpoint_dir: Option<PathBuf>,
+        /// Round to export (default: the newest valid checkpoint).
+        #[arg(long)]
+        round: Option<u64>,
+        /// Where to write the ONNX file.
+        #[arg(long, value_name = "OUT.onnx")]
+        onnx: PathBuf,
+    },
     /// Manage the PKI: the CA, the aggregator's certificate, client certificates.
     Certs {
         #[command(subcommand)]
@@ -184,6 +200,18 @@ fn main() -> anyhow::Result<()> {
                 }
                 anyhow::Ok(())
             })
+        }
+        Command::Export {
+            state_dir,
+            checkpoint_dir,
+            round,
+            onnx,
+        } => {
+            use fedquic_aggregator::export::{export_from_state, write_atomically};
+            let (round, bytes) = export_from_state(&state_dir, checkpoint_dir.as_deref(), round)?;
+            write_atomically(&onnx, &bytes)?;
+            println!("exported round {round} to {}", onnx.display());
+            Ok(())
         }
         Command::Certs {
             command:

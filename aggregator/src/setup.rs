@@ -23,6 +23,10 @@ pub enum SetupError {
     Tls(#[from] tls::TlsError),
     #[error("model: {0}")]
     Model(fedquic_train::TrainError),
+    #[error("model: {0}")]
+    Onnx(fedquic_train::onnx::OnnxError),
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
     #[error("central test data: {0}")]
     Data(fedquic_train::TrainError),
     #[error(transparent)]
@@ -152,7 +156,11 @@ pub fn setup_with_crl_reload(
         }
         Err(e) => return Err(e),
     }
-    let layout: ParamLayout = config.model.spec.parse().map_err(SetupError::Model)?;
+    // A spec string, or `onnx:FILE`: then the file's canonical `net:` spec travels to
+    // clients and its initializers are the initial global model.
+    let source =
+        fedquic_train::onnx::ModelSource::parse(&config.model.spec).map_err(SetupError::Onnx)?;
+    let layout: ParamLayout = source.layout.clone();
     let roots = tls::load_ca_file(&config.ca_path())?;
     let identity = Identity::from_files(&config.cert_path(), &config.key_path())?;
     // Stateless-reset tokens keyed by the server's private key survive a
@@ -197,9 +205,11 @@ pub fn setup_with_crl_reload(
         _ => {}
     }
     let store = CheckpointStore::open(&checkpoint_dir, config.state.keep_checkpoints)?;
-    let mut initial_model = layout
+    // `fedquic-aggregator export` finds the original graph here.
+    crate::export::keep_original(&config.state.dir, source.onnx.as_ref().map(|(b, _)| &b[..]))?;
+    let mut initial_model = source
         .initial_parameters(config.model.seed)
-        .map_err(SetupError::Model)?;
+        .map_err(SetupError::Onnx)?;
     let mut resume = None;
     let mut strategy_state = Vec::new();
     let mut run_id = crate::server::new_run_id();

@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod data;
 pub mod limits;
+pub mod predict;
 pub mod session;
 pub mod trainer;
 

@@ -18,12 +18,16 @@ use serde::Deserialize;
     name = "fedquic-client",
     version,
     about = "Federated learning edge client: trains on local data, sends only model updates over QUIC with mutual TLS",
-    after_help = "Examples:\n  fedquic-client --server 127.0.0.1:4433 --certs certs --name client-001 --data synthetic --partition 1/3\n  fedquic-client --server agg.example.org:4433 --ca ca.pem --cert me.pem --key me.key --data mnist:/data/mnist"
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  fedquic-client predict --model model.onnx --data mnist:/data/mnist\n  fedquic-client --server 127.0.0.1:4433 --certs certs --name client-001 --data synthetic --partition 1/3\n  fedquic-client --server agg.example.org:4433 --ca ca.pem --cert me.pem --key me.key --data mnist:/data/mnist"
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<ClientCommand>,
     /// Aggregator address, HOST:PORT.
-    #[arg(long)]
-    server: String,
+    #[arg(long, required = true)]
+    server: Option<String>,
     /// Name in the aggregator's certificate (default: the HOST of --server).
     #[arg(long)]
     server_name: Option<String>,
@@ -109,6 +113,13 @@ impl ConfigFile {
     }
 }
 
+#[derive(clap::Subcommand)]
+enum ClientCommand {
+    /// Run an ONNX model (e.g. the exported global model) with tract on local data and
+    /// print its accuracy or per-example predictions; no aggregator involved.
+    Predict(fedquic_client::predict::PredictArgs),
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -119,6 +130,10 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    if let Some(ClientCommand::Predict(args)) = cli.command {
+        return fedquic_client::predict::run(args);
+    }
+    let server_address = cli.server.clone().context("--server is required")?;
     if !(cli.max_retry_after.is_finite() && (0.0..=86_400.0).contains(&cli.max_retry_after)) {
         bail!(
             "--max-retry-after must be between 0 and 86400 seconds, got {}",
@@ -191,13 +206,13 @@ fn main() -> anyhow::Result<()> {
     )?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let server = tokio::net::lookup_host(&cli.server)
+        let server = tokio::net::lookup_host(&server_address)
             .await
-            .with_context(|| format!("resolving {}", cli.server))?
+            .with_context(|| format!("resolving {server_address}"))?
             .next()
-            .with_context(|| format!("{} resolves to no address", cli.server))?;
+            .with_context(|| format!("{server_address} resolves to no address"))?;
         let server_name = cli.server_name.clone().unwrap_or_else(|| {
-            cli.server
+            server_address
                 .rsplit_once(':')
                 .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
                 .unwrap_or_default()

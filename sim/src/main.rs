@@ -86,9 +86,14 @@ struct RunArgs {
     /// Multi-Krum: updates averaged.
     #[arg(long, default_value_t = 5)]
     krum_m: usize,
-    /// Model spec: logreg:IN-OUT, mlp:IN-H1-...-OUT, or cnn:mnist (the FedAvg paper's CNN).
+    /// Model: logreg:IN-OUT, mlp:IN-H1-...-OUT, cnn:mnist (the FedAvg paper's CNN),
+    /// net:... (explicit layers), or onnx:FILE (a PyTorch/TensorFlow export; its weights
+    /// are the initial global model).
     #[arg(long, default_value = "mlp:784-200-200-10")]
     model: String,
+    /// Write the final global model as ONNX (an onnx:FILE model keeps its graph's names).
+    #[arg(long, value_name = "OUT.onnx")]
+    export_onnx: Option<PathBuf>,
     /// Data: synthetic[:TRAIN[/TEST][:SEED]] (built in), mnist:DIR (IDX files), csv:FILE.
     #[arg(long, default_value = "synthetic")]
     data: String,
@@ -200,6 +205,7 @@ fn main() -> anyhow::Result<()> {
         fraction_evaluate: a.fraction_evaluate,
         backend: a.backend,
         out: a.out,
+        export_onnx: a.export_onnx,
         ..SimConfig::default()
     };
     if let Some(t) = a.threads {

@@ -47,6 +47,8 @@ pub struct SimConfig {
     pub out: Option<PathBuf>,
     /// The server-side strategy and its parameters.
     pub strategy: fedquic_aggregator::strategy::StrategyConfig,
+    /// Write the final global model here as ONNX.
+    pub export_onnx: Option<PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -72,6 +74,7 @@ impl Default for SimConfig {
             round_deadline_secs: 600.0,
             out: None,
             strategy: Default::default(),
+            export_onnx: None,
         }
     }
 }
@@ -97,7 +100,9 @@ pub async fn simulate(
     if config.clients == 0 {
         bail!("--clients must be at least 1");
     }
-    let layout: ParamLayout = config.model.parse()?;
+    // A spec string or `onnx:FILE` (whose canonical `net:` spec travels to clients).
+    let source = fedquic_train::onnx::ModelSource::parse(&config.model)?;
+    let layout: ParamLayout = source.layout.clone();
     let Some(model_spec) = layout.model_spec().cloned() else {
         bail!(
             "the simulator trains real models: '{}' is not trainable",
@@ -166,7 +171,7 @@ pub async fn simulate(
             pki.server.clone(),
             engine,
             &layout,
-            layout.initial_parameters(config.seed)?,
+            source.initial_parameters(config.seed)?,
         )
     };
     if let Some(out) = &config.out {
@@ -237,6 +242,10 @@ pub async fn simulate(
         }
     }
     endpoint.close(0u32.into(), b"done");
+    if let Some(path) = &config.export_onnx {
+        let bytes = source.export(&summary.final_model)?;
+        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
     let last = summary.records.last();
     let result = SimResult {
         final_test_accuracy: last.and_then(|r| r.test_accuracy),

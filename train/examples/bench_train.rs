@@ -7,7 +7,7 @@
 //! Options (defaults in brackets):
 //! - `--threads LIST` GEMM threads, e.g. `1` or `1,2` [1]. Several values run one child
 //!   process each, since matrixmultiply fixes its thread count once per process.
-//! - `--models LIST` [mlp:784-200-200-10,cnn:mnist]
+//! - `--models LIST` [mlp:784-200-200-10,cnn:mnist]; specs or `onnx:FILE` (28x28 inputs)
 //! - `--batches LIST` training batch sizes [10,64]
 //! - `--eval-batch N` inference batch size [256]
 //! - `--seconds S` minimum measured time per row [2]
@@ -50,6 +50,17 @@ fn list<T: std::str::FromStr>(text: &str, what: &str) -> Result<Vec<T>, String> 
         .collect()
 }
 
+/// A spec string, or `onnx:FILE` (its imported `net:` spec; speed does not depend on the
+/// file's weights).
+fn model_arg(text: &str) -> Result<ModelSpec, String> {
+    let source = fedquic_train::onnx::ModelSource::parse(text).map_err(|e| format!("{e}"))?;
+    source
+        .layout
+        .model_spec()
+        .cloned()
+        .ok_or_else(|| format!("{text} is not a trainable model"))
+}
+
 fn parse_options() -> Result<Options, String> {
     let mut options = Options {
         threads: vec![1],
@@ -83,7 +94,7 @@ fn parse_options() -> Result<Options, String> {
             "--models" => {
                 options.models = value
                     .split(',')
-                    .map(|m| m.trim().parse().map_err(|e| format!("{e}")))
+                    .map(model_arg)
                     .collect::<Result<_, String>>()?;
             }
             "--batches" => options.batches = list(value, "--batches")?,

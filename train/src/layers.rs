@@ -15,7 +15,7 @@
 
 use rand::RngExt;
 
-use crate::backend::{Backend, ConvGeometry, Gemm, PoolGeometry};
+use crate::backend::{Activation, Backend, ConvGeometry, Gemm, PoolGeometry};
 use crate::data::Dataset;
 use crate::error::{Result, TrainError};
 use crate::rng::SeededRng;
@@ -52,11 +52,31 @@ pub(crate) enum Op {
         rate: f32,
         mask: usize,
     },
+    /// Sigmoid or tanh, into its own buffer (backward recomputes from the input).
+    Activation(Activation),
+    AvgPool {
+        geometry: PoolGeometry,
+    },
+    GlobalAvgPool {
+        channels: usize,
+        plane: usize,
+    },
+    /// Batch normalisation with the running statistics: `params` is the offset of
+    /// `[scale, bias, running_mean, running_var]`, `channels` values each.
+    BatchNorm {
+        channels: usize,
+        plane: usize,
+        epsilon: f32,
+        params: usize,
+    },
 }
 
 impl Op {
     fn has_params(&self) -> bool {
-        matches!(self, Op::Dense { .. } | Op::Conv { .. })
+        matches!(
+            self,
+            Op::Dense { .. } | Op::Conv { .. } | Op::BatchNorm { .. }
+        )
     }
 }
 
@@ -143,6 +163,27 @@ impl Network {
                     };
                     (op, true)
                 }
+                Stage::Sigmoid { .. } => (Op::Activation(Activation::Sigmoid), false),
+                Stage::Tanh { .. } => (Op::Activation(Activation::Tanh), false),
+                Stage::AvgPool { geometry } => (Op::AvgPool { geometry }, false),
+                Stage::GlobalAvgPool { channels, plane } => {
+                    (Op::GlobalAvgPool { channels, plane }, false)
+                }
+                Stage::BatchNorm {
+                    channels,
+                    plane,
+                    epsilon,
+                } => {
+                    let params = offset;
+                    offset += 4 * channels;
+                    let op = Op::BatchNorm {
+                        channels,
+                        plane,
+                        epsilon,
+                        params,
+                    };
+                    (op, false)
+                }
             };
             let output_len = stage.output_len();
             let output = if in_place {
@@ -207,6 +248,14 @@ impl Network {
                         geometry.col_rows(),
                         out_channels * receptive,
                     )
+                }
+                Op::BatchNorm {
+                    channels,
+                    params: at,
+                    ..
+                } => {
+                    extra::initial_batch_norm(&mut params[at..at + 4 * channels], channels);
+                    continue;
                 }
                 _ => continue,
             };
@@ -493,6 +542,12 @@ pub(crate) fn forward<B: Backend>(
                     backend.dst(x, out_range.clone())?,
                     backend.src(mask_buffer, out_range)?,
                 )?;
+            }
+            Op::Activation(_)
+            | Op::AvgPool { .. }
+            | Op::GlobalAvgPool { .. }
+            | Op::BatchNorm { .. } => {
+                extra::forward(backend, layer, params, workspace, batch)?;
             }
         }
     }
@@ -804,11 +859,28 @@ pub(crate) fn backward<B: Backend>(
                     backend.src(mask, out_range)?,
                 )?;
             }
+            Op::Activation(_)
+            | Op::AvgPool { .. }
+            | Op::GlobalAvgPool { .. }
+            | Op::BatchNorm { .. } => {
+                let x = workspace.acts.get(layer.input).ok_or_else(shape_bug)?;
+                let step = extra::Step {
+                    batch,
+                    needs_input_grad,
+                };
+                if extra::backward(backend, layer, step, x, dy, dx, &mut update)? {
+                    current = 1 - current;
+                }
+            }
         }
     }
     workspace.input_grad_buffer = current;
     Ok(())
 }
+
+#[path = "layers_extra.rs"]
+mod extra;
+pub(crate) use extra::{logits, restore_frozen_on};
 
 #[cfg(test)]
 #[path = "layers_tests.rs"]

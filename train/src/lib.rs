@@ -42,6 +42,7 @@ mod error;
 mod layers;
 pub mod layout;
 mod model;
+pub mod onnx;
 mod optim;
 pub mod partition;
 mod rng;
@@ -55,5 +56,8 @@ pub use error::{Result, TrainError};
 pub use model::{EvalStats, FitConfig, FitStats, Model};
 pub use optim::Optimizer;
 pub use partition::{PartitionScheme, partition};
-pub use spec::{CnnLayer, MAX_ACTIVATION, MAX_PARAMS, ModelSpec, TensorInfo};
+pub use spec::{
+    CnnLayer, MAX_ACTIVATION, MAX_NET_LAYERS, MAX_PARAMS, ModelSpec, NetLayer, NetOutput,
+    SpecFloat, TensorInfo,
+};
 pub use threads::{GEMM_THREADS_VAR, gemm_threads, set_gemm_threads};

@@ -349,6 +349,7 @@ impl Model {
                         )?;
                     }
                 }
+                layers::restore_frozen_on(backend, &self.network, &mut params, &self.params)?;
                 backend.flush()?;
             }
             backend.download(backend.src(&stats, 0..stats_host.len())?, &mut stats_host)?;
@@ -511,6 +512,9 @@ fn sum_stats(stats: &[f32]) -> LossSum {
             correct: total.correct + pair[1] as usize,
         })
 }
+
+#[path = "model_predict.rs"]
+mod predict;
 
 #[cfg(test)]
 #[path = "model_tests.rs"]

@@ -7,6 +7,10 @@ use std::str::FromStr;
 use crate::backend::{ConvGeometry, PoolGeometry};
 use crate::error::{Result, TrainError};
 
+#[path = "spec_net.rs"]
+mod net;
+pub use net::{MAX_NET_LAYERS, NetLayer, NetOutput, SpecFloat};
+
 /// Largest total parameter count a spec may ask for: beyond this a flat `f32` vector
 /// (8 GiB) is surely a typo, and counts stay well inside `u32`/`usize` arithmetic.
 pub const MAX_PARAMS: usize = 1 << 31;
@@ -73,6 +77,13 @@ pub enum ModelSpec {
         layers: Vec<CnnLayer>,
         classes: usize,
     },
+    /// An explicit layer list (`net:...`, see [`NetLayer`]): what an imported ONNX graph
+    /// becomes. `input` is `[features]` or `[channels, height, width]`.
+    Net {
+        input: Vec<usize>,
+        layers: Vec<NetLayer>,
+        output: NetOutput,
+    },
 }
 
 /// What one step of the engine's layer stack does (shapes per example).
@@ -100,6 +111,26 @@ pub(crate) enum Stage {
         len: usize,
         rate: f32,
     },
+    Sigmoid {
+        len: usize,
+    },
+    Tanh {
+        len: usize,
+    },
+    /// `geometry.planes` is the channel count of one example.
+    AvgPool {
+        geometry: PoolGeometry,
+    },
+    GlobalAvgPool {
+        channels: usize,
+        plane: usize,
+    },
+    /// Per-channel normalisation with the running statistics (see [`NetLayer::BatchNorm`]).
+    BatchNorm {
+        channels: usize,
+        plane: usize,
+        epsilon: f32,
+    },
 }
 
 impl Stage {
@@ -111,8 +142,13 @@ impl Stage {
                 geometry,
                 out_channels,
             } => out_channels * geometry.col_cols(),
-            Stage::MaxPool { geometry } => geometry.output_len(),
+            Stage::MaxPool { geometry } | Stage::AvgPool { geometry } => geometry.output_len(),
             Stage::Relu { len } | Stage::Flatten { len } | Stage::Dropout { len, .. } => len,
+            Stage::Sigmoid { len } | Stage::Tanh { len } => len,
+            Stage::GlobalAvgPool { channels, .. } => channels,
+            Stage::BatchNorm {
+                channels, plane, ..
+            } => channels * plane,
         }
     }
 }
@@ -170,6 +206,11 @@ impl ModelSpec {
                 let _ = walk.run(*input, layers, *classes);
                 walk.sizes
             }
+            ModelSpec::Net { input, layers, .. } => {
+                let mut walk = CnnWalk::default();
+                let _ = walk.run_net(input, layers);
+                walk.sizes
+            }
         }
     }
 
@@ -192,6 +233,9 @@ impl ModelSpec {
         } = self
         {
             return cnn_problem(*input, layers, *classes);
+        }
+        if let ModelSpec::Net { input, layers, .. } = self {
+            return CnnWalk::default().run_net(input, layers).err();
         }
         let sizes = self.layer_sizes();
         if let ModelSpec::Mlp { layers } = self
@@ -247,6 +291,11 @@ impl ModelSpec {
                 let _ = walk.run(*input, layers, *classes);
                 tensors_of(&walk.stages)
             }
+            ModelSpec::Net { input, layers, .. } => {
+                let mut walk = CnnWalk::default();
+                let _ = walk.run_net(input, layers);
+                tensors_of(&walk.stages)
+            }
             _ => self
                 .layer_sizes()
                 .windows(2)
@@ -259,13 +308,15 @@ impl ModelSpec {
     /// Total number of parameters (saturates instead of overflowing for absurd hand-built specs).
     pub fn num_params(&self) -> usize {
         match self {
-            ModelSpec::Cnn { .. } => self.tensors().iter().fold(0usize, |total, tensor| {
-                let len = tensor
-                    .shape
-                    .iter()
-                    .fold(1usize, |n, &d| n.saturating_mul(d));
-                total.saturating_add(len)
-            }),
+            ModelSpec::Cnn { .. } | ModelSpec::Net { .. } => {
+                self.tensors().iter().fold(0usize, |total, tensor| {
+                    let len = tensor
+                        .shape
+                        .iter()
+                        .fold(1usize, |n, &d| n.saturating_mul(d));
+                    total.saturating_add(len)
+                })
+            }
             _ => self.layer_sizes().windows(2).fold(0usize, |total, pair| {
                 total.saturating_add(pair[0].saturating_mul(pair[1]).saturating_add(pair[1]))
             }),
@@ -278,6 +329,7 @@ impl ModelSpec {
             ModelSpec::LogReg { inputs, .. } => *inputs,
             ModelSpec::Mlp { layers } => layers.first().copied().unwrap_or(0),
             ModelSpec::Cnn { input, .. } => input.iter().fold(1usize, |n, &d| n.saturating_mul(d)),
+            ModelSpec::Net { input, .. } => input.iter().fold(1usize, |n, &d| n.saturating_mul(d)),
         }
     }
 
@@ -286,6 +338,7 @@ impl ModelSpec {
         match self {
             ModelSpec::LogReg { classes, .. } | ModelSpec::Cnn { classes, .. } => *classes,
             ModelSpec::Mlp { layers } => layers.last().copied().unwrap_or(0),
+            ModelSpec::Net { .. } => self.layer_sizes().last().copied().unwrap_or(0),
         }
     }
 
@@ -305,6 +358,15 @@ impl ModelSpec {
                         reason,
                     }
                 })?;
+                walk.stages
+            }
+            ModelSpec::Net { input, layers, .. } => {
+                let mut walk = CnnWalk::default();
+                walk.run_net(input, layers)
+                    .map_err(|reason| TrainError::InvalidModelSpec {
+                        spec: self.to_string(),
+                        reason,
+                    })?;
                 walk.stages
             }
             _ => {
@@ -349,7 +411,7 @@ fn dense_tensors(index: usize, inputs: usize, outputs: usize) -> [TensorInfo; 2]
 
 /// The parameter tensors of `stages`, in order.
 fn tensors_of(stages: &[Stage]) -> Vec<TensorInfo> {
-    let (mut convs, mut denses) = (0, 0);
+    let (mut convs, mut denses, mut norms) = (0, 0, 0);
     let mut tensors = Vec::new();
     for stage in stages {
         match *stage {
@@ -375,6 +437,15 @@ fn tensors_of(stages: &[Stage]) -> Vec<TensorInfo> {
                     shape: vec![out_channels],
                 });
                 convs += 1;
+            }
+            Stage::BatchNorm { channels, .. } => {
+                for part in ["weight", "bias", "running_mean", "running_var"] {
+                    tensors.push(TensorInfo {
+                        name: format!("bn{norms}.{part}"),
+                        shape: vec![channels],
+                    });
+                }
+                norms += 1;
             }
             _ => {}
         }
@@ -697,6 +768,8 @@ impl FromStr for ModelSpec {
         let kind = kind.trim().to_ascii_lowercase();
         let spec = if kind == "cnn" {
             parse_cnn(body.trim()).map_err(invalid)?
+        } else if kind == "net" {
+            net::parse_net(body.trim()).map_err(invalid)?
         } else {
             let sizes = body
                 .split('-')
@@ -723,7 +796,7 @@ impl FromStr for ModelSpec {
                 "mlp" => ModelSpec::Mlp { layers: sizes },
                 other => {
                     return Err(invalid(format!(
-                        "unknown model kind {other:?}; expected \"logreg\", \"mlp\" or \"cnn\""
+                        "unknown model kind {other:?}; expected \"logreg\", \"mlp\", \"cnn\" or \"net\""
                     )));
                 }
             }
@@ -756,6 +829,11 @@ impl fmt::Display for ModelSpec {
                 }
                 return write!(f, "-{classes}");
             }
+            ModelSpec::Net {
+                input,
+                layers,
+                output,
+            } => return net::write_net(f, input, layers, *output),
         };
         write!(f, "{kind}:")?;
         for (position, size) in sizes.iter().enumerate() {

@@ -39,6 +39,7 @@ use crate::error::Result;
 mod cpu;
 mod direct_conv;
 pub mod dispatch;
+pub(crate) mod host_ops;
 mod select;
 mod small_gemm;
 mod sparse_conv;
@@ -230,6 +231,13 @@ pub struct AdamStep {
     pub bias_correction1: f32,
     /// `sqrt(1 - beta2^t)`.
     pub bias_correction2_sqrt: f32,
+}
+
+/// Elementwise activations other than ReLU (which has its own in-place primitives).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Sigmoid,
+    Tanh,
 }
 
 /// Summed softmax cross-entropy and correct predictions (of a batch, or of an epoch once
@@ -501,4 +509,101 @@ pub trait Backend {
         moment2: Self::Dst<'_>,
         anchor: Option<Self::Src<'_>>,
     ) -> Result<()>;
+
+    // The primitives below have default implementations written only in terms of
+    // `download`/`upload` and the plain-Rust loops of `host_ops`, so every backend
+    // supports the layers that need them (ONNX imports); override where speed matters.
+
+    /// `y = f(x)` elementwise over `len` values.
+    fn activation(
+        &self,
+        kind: Activation,
+        len: usize,
+        x: Self::Src<'_>,
+        y: Self::Dst<'_>,
+    ) -> Result<()> {
+        let mut host = vec![0.0; len];
+        self.download(x, &mut host)?;
+        let mut out = vec![0.0; len];
+        host_ops::activation(kind, &host, &mut out);
+        self.upload(&out, y)
+    }
+    /// `dx = dy * f'(x)` elementwise over `len` values, from the activation's input.
+    fn activation_backward(
+        &self,
+        kind: Activation,
+        len: usize,
+        x: Self::Src<'_>,
+        dy: Self::Src<'_>,
+        dx: Self::Dst<'_>,
+    ) -> Result<()> {
+        let (mut xs, mut grads) = (vec![0.0; len], vec![0.0; len]);
+        self.download(x, &mut xs)?;
+        self.download(dy, &mut grads)?;
+        let mut out = vec![0.0; len];
+        host_ops::activation_backward(kind, &xs, &grads, &mut out);
+        self.upload(&out, dx)
+    }
+    /// Average pooling forward (windows inside the input, no padding).
+    fn avg_pool(
+        &self,
+        geometry: &PoolGeometry,
+        input: Self::Src<'_>,
+        output: Self::Dst<'_>,
+    ) -> Result<()> {
+        let mut host = vec![0.0; geometry.input_len()];
+        self.download(input, &mut host)?;
+        let mut out = vec![0.0; geometry.output_len()];
+        host_ops::avg_pool(geometry, &host, &mut out);
+        self.upload(&out, output)
+    }
+    /// Average pooling backward: `input_grad` (overwritten) gets each window's output
+    /// gradient divided by the window size, summed where windows overlap.
+    fn avg_pool_backward(
+        &self,
+        geometry: &PoolGeometry,
+        output_grad: Self::Src<'_>,
+        input_grad: Self::Dst<'_>,
+    ) -> Result<()> {
+        let mut host = vec![0.0; geometry.output_len()];
+        self.download(output_grad, &mut host)?;
+        let mut out = vec![0.0; geometry.input_len()];
+        host_ops::avg_pool_backward(geometry, &host, &mut out);
+        self.upload(&out, input_grad)
+    }
+    /// `y[e, c, p] = scale[c] * x[e, c, p] + shift[c]` over `batch` examples of
+    /// `[scale.len(), plane]` (batch normalisation with fixed statistics, and its input
+    /// gradient with `shift = 0`).
+    fn channel_affine(
+        &self,
+        batch: usize,
+        plane: usize,
+        scale: &[f32],
+        shift: &[f32],
+        x: Self::Src<'_>,
+        y: Self::Dst<'_>,
+    ) -> Result<()> {
+        let len = batch * scale.len() * plane;
+        let mut host = vec![0.0; len];
+        self.download(x, &mut host)?;
+        let mut out = vec![0.0; len];
+        host_ops::channel_affine(plane, scale, shift, &host, &mut out);
+        self.upload(&out, y)
+    }
+    /// Per channel `c`: `(sum (x - center[c]) * dy, sum dy)` over the `batch` examples
+    /// and `plane` pixels (batch normalisation's scale and bias gradients).
+    fn channel_grad_sums(
+        &self,
+        batch: usize,
+        plane: usize,
+        center: &[f32],
+        x: Self::Src<'_>,
+        dy: Self::Src<'_>,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
+        let len = batch * center.len() * plane;
+        let (mut xs, mut grads) = (vec![0.0; len], vec![0.0; len]);
+        self.download(x, &mut xs)?;
+        self.download(dy, &mut grads)?;
+        Ok(host_ops::channel_grad_sums(plane, center, &xs, &grads))
+    }
 }
