@@ -15,27 +15,6 @@ impl Strategy for FedAvg {
         "fedavg"
     }
 
-    fn peek(&self, _i: usize, g: f32, d: f64) -> f64 {
-        g as f64 + d
-    }
-
-    fn apply(&mut self, model: &mut [f32], sum: &[f64], inv_weight: f64) {
-        for (g, s) in model.iter_mut().zip(sum) {
-            *g = (*g as f64 + s * inv_weight) as f32;
-        }
-    }
-
-    fn state(&self) -> Vec<u8> {
-        Vec::new()
-    }
-
-    fn restore(&mut self, state: &[u8], _len: usize) -> Result<(), String> {
-        match state.is_empty() {
-            true => Ok(()),
-            false => Err("fedavg keeps no state".into()),
-        }
-    }
-
     fn clone_box(&self) -> Box<dyn Strategy> {
         Box::new(*self)
     }
@@ -60,22 +39,6 @@ impl Strategy for FedProx {
             proximal_mu: self.mu,
             ..base.clone()
         }
-    }
-
-    fn peek(&self, i: usize, g: f32, d: f64) -> f64 {
-        FedAvg.peek(i, g, d)
-    }
-
-    fn apply(&mut self, model: &mut [f32], sum: &[f64], inv_weight: f64) {
-        FedAvg.apply(model, sum, inv_weight)
-    }
-
-    fn state(&self) -> Vec<u8> {
-        Vec::new()
-    }
-
-    fn restore(&mut self, state: &[u8], len: usize) -> Result<(), String> {
-        FedAvg.restore(state, len)
     }
 
     fn clone_box(&self) -> Box<dyn Strategy> {

@@ -46,12 +46,19 @@ pub trait Strategy: Send + std::fmt::Debug {
     }
 
     /// The new value of parameter `i` from the current value `g` and the
-    /// mean delta `d`, without changing any state.
-    fn peek(&self, i: usize, g: f32, d: f64) -> f64;
+    /// mean delta `d`, without changing any state (default: FedAvg's `g + d`).
+    fn peek(&self, _i: usize, g: f32, d: f64) -> f64 {
+        g as f64 + d
+    }
 
     /// Applies the server step to the whole model, updating the strategy's
-    /// state; `model[i]` must become exactly what [`Strategy::peek`] said.
-    fn apply(&mut self, model: &mut [f32], sum: &[f64], inv_weight: f64);
+    /// state; `model[i]` must become exactly what [`Strategy::peek`] said
+    /// (default: FedAvg's `w + d`).
+    fn apply(&mut self, model: &mut [f32], sum: &[f64], inv_weight: f64) {
+        for (g, s) in model.iter_mut().zip(sum) {
+            *g = (*g as f64 + s * inv_weight) as f32;
+        }
+    }
 
     /// Checks the model the server step would produce: every value finite and
     /// at most `max_abs` in absolute value.
@@ -78,11 +85,20 @@ pub trait Strategy: Send + std::fmt::Debug {
         Ok(())
     }
 
-    /// The strategy's state (server momentum, moments...), for checkpoints.
-    fn state(&self) -> Vec<u8>;
+    /// The strategy's state (server momentum, moments...), for checkpoints
+    /// (default: none).
+    fn state(&self) -> Vec<u8> {
+        Vec::new()
+    }
 
-    /// Restores what [`Strategy::state`] saved, for a model of `len` values.
-    fn restore(&mut self, state: &[u8], len: usize) -> Result<(), String>;
+    /// Restores what [`Strategy::state`] saved, for a model of `len` values
+    /// (default: there must be nothing to restore).
+    fn restore(&mut self, state: &[u8], _len: usize) -> Result<(), String> {
+        match state.is_empty() {
+            true => Ok(()),
+            false => Err(format!("{} keeps no state", self.name())),
+        }
+    }
 
     fn clone_box(&self) -> Box<dyn Strategy>;
 

@@ -4,7 +4,7 @@
 //! which bounds what any one client (a backdoor attacker, say) can add to a
 //! round, whatever the update gate's own bound.
 
-use super::{FedAvg, Strategy};
+use super::Strategy;
 
 #[derive(Clone, Copy, Debug)]
 pub struct NormBoundedFedAvg {
@@ -18,22 +18,6 @@ impl Strategy for NormBoundedFedAvg {
 
     fn clip_norm(&self) -> Option<f64> {
         Some(self.clip_norm)
-    }
-
-    fn peek(&self, i: usize, g: f32, d: f64) -> f64 {
-        FedAvg.peek(i, g, d)
-    }
-
-    fn apply(&mut self, model: &mut [f32], sum: &[f64], inv_weight: f64) {
-        FedAvg.apply(model, sum, inv_weight)
-    }
-
-    fn state(&self) -> Vec<u8> {
-        Vec::new()
-    }
-
-    fn restore(&mut self, state: &[u8], len: usize) -> Result<(), String> {
-        FedAvg.restore(state, len)
     }
 
     fn clone_box(&self) -> Box<dyn Strategy> {

@@ -7,7 +7,7 @@
 //! influence with a large claim.
 
 use super::robust::{self, RobustError};
-use super::{FedAvg, Strategy};
+use super::Strategy;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RobustRule {
@@ -69,22 +69,6 @@ impl Strategy for RobustStrategy {
 
     fn robust(&self) -> Option<&RobustStrategy> {
         Some(self)
-    }
-
-    fn peek(&self, i: usize, g: f32, d: f64) -> f64 {
-        FedAvg.peek(i, g, d)
-    }
-
-    fn apply(&mut self, model: &mut [f32], sum: &[f64], inv_weight: f64) {
-        FedAvg.apply(model, sum, inv_weight)
-    }
-
-    fn state(&self) -> Vec<u8> {
-        Vec::new()
-    }
-
-    fn restore(&mut self, state: &[u8], len: usize) -> Result<(), String> {
-        FedAvg.restore(state, len)
     }
 
     fn clone_box(&self) -> Box<dyn Strategy> {
