@@ -6,8 +6,8 @@
 //! treats every client alike (as Flower's do), so a client cannot buy
 //! influence with a large claim.
 
-use super::robust::{self, RobustError};
 use super::Strategy;
+use super::robust::{self, RobustError};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum RobustRule {
