@@ -246,6 +246,61 @@ test_data = "synthetic:600/200"
         );
     }
 
+    // What a user does with the result: export a checkpointed round as ONNX, then run
+    // it on a device with `fedquic-client predict` on the same test data the
+    // aggregator evaluated on; both must report the same accuracy.
+    let onnx = dir.path().join("round-2.onnx");
+    let out = Command::new(aggregator_bin())
+        .args(["export", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .args(["--round", "2", "--onnx"])
+        .arg(&onnx)
+        .output()
+        .unwrap();
+    assert_success(&out, "aggregator export");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("exported round 2"));
+    let out = Command::new(client_bin())
+        .args(["predict", "--model"])
+        .arg(&onnx)
+        .args(["--data", "synthetic:600/200", "--show", "3"])
+        .output()
+        .unwrap();
+    assert_success(&out, "client predict");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("example ").count(), 3, "{stdout}");
+    let predicted: f64 = stdout
+        .split("accuracy ")
+        .nth(1)
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy in {stdout}"));
+    let reported = 100.0 * lines[1]["test_accuracy"].as_f64().unwrap();
+    // tract and our engine may round differently: at most one of 200 examples apart.
+    assert!(
+        (predicted - reported).abs() <= 0.51,
+        "predict says {predicted}%, the aggregator reported {reported}%"
+    );
+    // A round that was never checkpointed, and a file that is not ONNX, are clear errors.
+    let out = Command::new(aggregator_bin())
+        .args(["export", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .args(["--round", "7", "--onnx"])
+        .arg(dir.path().join("nope.onnx"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains('7'), "{err}");
+    assert!(!dir.path().join("nope.onnx").exists());
+    let out = Command::new(client_bin())
+        .args(["predict", "--model"])
+        .arg(dir.path().join("aggregator.toml"))
+        .args(["--data", "synthetic:600/200"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).is_empty());
+
     // Resuming a finished run has nothing left to do, and says so.
     let resumed = wait_with_timeout(
         run_aggregator(dir.path(), free_udp_port(), &["--resume"]),
