@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod coordinator;
 pub mod engine;
 pub mod export;
 pub mod logging;
@@ -14,6 +15,7 @@ pub mod strategy;
 mod engine_tests;
 
 pub use config::AggregatorConfig;
+pub use coordinator::{Coordinator, ReceivedUpdate};
 pub use engine::{Action, EngineConfig, RoundEngine, RoundOutcome};
 pub use server::{CentralEval, RoundRecord, RunSummary, Server, ServerError, ServerSetup};
 pub use setup::{CrlReload, SetupError, StartMode, setup_from_config, setup_with_crl_reload};

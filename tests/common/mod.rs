@@ -93,6 +93,29 @@ pub fn start(ca: &CertAuthority, opts: Options) -> Aggregator {
 
 /// An aggregator on a given address (to restart one where clients expect it).
 pub fn start_on(ca: &CertAuthority, opts: Options, listen: SocketAddr) -> Aggregator {
+    let server = bind(ca, opts, listen);
+    let addr = server.local_addr().unwrap();
+    Aggregator {
+        addr,
+        task: tokio::spawn(server.run(std::future::pending())),
+    }
+}
+
+/// The server shell driving `coordinator` instead of the round engine.
+pub fn start_with(
+    ca: &CertAuthority,
+    opts: Options,
+    coordinator: Box<dyn fedquic::aggregator::Coordinator>,
+) -> Aggregator {
+    let server = bind(ca, opts, SocketAddr::from(([127, 0, 0, 1], 0)));
+    let addr = server.local_addr().unwrap();
+    Aggregator {
+        addr,
+        task: tokio::spawn(server.run_with(coordinator, std::future::pending())),
+    }
+}
+
+fn bind(ca: &CertAuthority, opts: Options, listen: SocketAddr) -> Server {
     let layout = ParamLayout::Vector(PARAMS);
     let server_cert = ca.issue_server(&["localhost".to_string()]).unwrap();
     let tls = tls::server_config_with_crls(
@@ -111,12 +134,7 @@ pub fn start_on(ca: &CertAuthority, opts: Options, listen: SocketAddr) -> Aggreg
         ..ServerSetup::new(listen, tls, opts.engine, &layout, vec![0.0; PARAMS])
     };
     (opts.adjust)(&mut setup);
-    let server = Server::bind(setup).unwrap();
-    let addr = server.local_addr().unwrap();
-    Aggregator {
-        addr,
-        task: tokio::spawn(server.run(std::future::pending())),
-    }
+    Server::bind(setup).unwrap()
 }
 
 pub fn client_tls(ca: &CertAuthority, identity: Option<Identity>) -> quinn::ClientConfig {

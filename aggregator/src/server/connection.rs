@@ -1,0 +1,421 @@
+//! One task per connection: handshake checks, the session's message loop, and
+//! update streams read into pooled buffers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use fedquic_net::io::{
+    IoError, read_message, read_tensor_body, read_tensor_header, send_shared_tensors, write_message,
+};
+use fedquic_protocol::{
+    Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, Welcome, negotiate_version,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use super::hub::ToHub;
+use crate::engine::{ClientId, RejectCause};
+use crate::logging::{MAX_LOGGED_CHARS, sanitize};
+
+pub(super) enum ToConn {
+    /// A fit or evaluate task, followed by the global model on its own stream.
+    Task {
+        message: Message,
+        header: TensorHeader,
+        model: Arc<Vec<f32>>,
+    },
+    Send(Message),
+    Close {
+        reason: String,
+        finished: bool,
+    },
+}
+
+pub(super) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    admission: Arc<fedquic_net::admission::Admission>,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        // Retry, the handshake cap, the handshake timeout and rate-limited
+        // refusal logs live in net's Admission; a flood spawns no task.
+        let Some(handshake) = admission.screen(incoming) else {
+            continue;
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Some(conn) = handshake.complete().await {
+                serve_connection(conn, shared).await;
+            }
+        });
+    }
+}
+
+/// Decrements the connected-clients count however the connection ends.
+struct ConnectedGuard<'a>(&'a AtomicUsize);
+impl Drop for ConnectedGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
+    let remote = conn.remote_address();
+    let Some(client) = fedquic_net::tls::peer_name(&conn) else {
+        warn!(%remote, "refused connection: client certificate has no usable name");
+        conn.close(1u32.into(), b"certificate has no name");
+        return;
+    };
+    let (mut send, mut recv, backend) = match tokio::time::timeout(
+        shared.handshake_timeout,
+        async {
+            let (send, mut recv) = conn.accept_bi().await?;
+            let hello = read_message(&mut recv).await?;
+            Ok::<_, IoError>((send, recv, hello))
+        },
+    )
+    .await
+    {
+        Ok(Ok((send, recv, Some(Message::Hello(hello))))) => {
+            match negotiate_version(&hello.versions).and_then(|_| hello.validate()) {
+                Ok(_) => (send, recv, hello.backend),
+                Err(e) => {
+                    let mut send = send;
+                    reject(&conn, &mut send, &client, &e.to_string(), None).await;
+                    return;
+                }
+            }
+        }
+        Ok(Ok((mut send, _, other))) => {
+            let what = other
+                .map(|m| format!("{m:?}"))
+                .unwrap_or_else(|| "end of stream".into());
+            reject(
+                &conn,
+                &mut send,
+                &client,
+                &format!("expected Hello, got {what:.60}"),
+                None,
+            )
+            .await;
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!(%client, %remote, error = %e, "refused connection during hello");
+            return;
+        }
+        Err(_) => {
+            warn!(%client, %remote, "refused connection: no hello within the handshake timeout");
+            conn.close(2u32.into(), b"handshake timeout");
+            return;
+        }
+    };
+    if shared
+        .allowlist
+        .as_ref()
+        .is_some_and(|names| !names.contains(&client))
+    {
+        reject(
+            &conn,
+            &mut send,
+            &client,
+            &format!("client '{client}' is not on the aggregator's allowlist"),
+            None,
+        )
+        .await;
+        return;
+    }
+    let count = shared.connected.fetch_add(1, Ordering::Relaxed) + 1;
+    let _guard = ConnectedGuard(&shared.connected);
+    if count > shared.max_clients {
+        let reason = format!(
+            "aggregator is full ({} clients connected)",
+            shared.max_clients
+        );
+        reject(&conn, &mut send, &client, &reason, Some(5_000)).await;
+        return;
+    }
+    let welcome = Message::Welcome(Welcome {
+        version: PROTOCOL_VERSION,
+        codec: Codec::F32,
+        model_spec: shared.model_spec.clone(),
+        client_name: client.clone(),
+    });
+    if let Err(e) = write_message(&mut send, &welcome).await {
+        warn!(%client, error = %e, "lost connection while welcoming");
+        return;
+    }
+    let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let (to_conn, mut commands) = mpsc::unbounded_channel();
+    if shared
+        .hub
+        .send(ToHub::Joined {
+            client: client.clone(),
+            conn_id,
+            handle: to_conn,
+            backend: backend.clone(),
+        })
+        .is_err()
+    {
+        return;
+    }
+    info!(%client, %remote, %backend, "client connected");
+
+    // Every task this session starts (the control-stream reader, model
+    // sends, update receivers) lives in `tasks` and is aborted when the
+    // session ends, so nothing keeps the connection alive after it.
+    let mut tasks = JoinSet::new();
+    // The control stream is read by its own task: reads are not cancel-safe
+    // inside select!, channel receives are.
+    let (msg_tx, mut messages) = mpsc::channel(16);
+    tasks.spawn(async move {
+        loop {
+            let msg = read_message(&mut recv).await;
+            let stop = !matches!(msg, Ok(Some(_)));
+            if msg_tx.send(msg).await.is_err() || stop {
+                break;
+            }
+        }
+    });
+
+    let end_reason: String = loop {
+        tokio::select! {
+            cmd = commands.recv() => match cmd {
+                Some(ToConn::Task { message, header, model }) => {
+                    if let Err(e) = write_message(&mut send, &message).await {
+                        break format!("write failed: {e}");
+                    }
+                    let conn = conn.clone();
+                    let shared = Arc::clone(&shared);
+                    tasks.spawn(async move {
+                        match send_shared_tensors(&conn, &header, model).await {
+                            Ok(bytes) => { shared.bytes_down.fetch_add(bytes, Ordering::Relaxed); }
+                            Err(e) => debug!(error = %e, "model transfer failed"),
+                        }
+                    });
+                }
+                Some(ToConn::Send(message)) => {
+                    if let Err(e) = write_message(&mut send, &message).await {
+                        break format!("write failed: {e}");
+                    }
+                }
+                Some(ToConn::Close { reason, finished }) => {
+                    let _ = write_message(&mut send, &Message::Bye { reason: reason.clone(), finished }).await;
+                    let _ = send.finish();
+                    // Wait (briefly) for the client to close, so the goodbye is delivered.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                    break reason;
+                }
+                None => break "aggregator stopped".into(),
+            },
+            msg = messages.recv() => match msg {
+                Some(Ok(Some(Message::EvalResult(result)))) => {
+                    let _ = shared.hub.send(ToHub::Eval { client: client.clone(), conn_id, result });
+                }
+                Some(Ok(Some(Message::TaskFailed { task_id, reason }))) => {
+                    let _ = shared.hub.send(ToHub::TaskFailed { client: client.clone(), conn_id, task_id, reason });
+                }
+                Some(Ok(Some(Message::Heartbeat))) => {}
+                Some(Ok(Some(Message::Bye { reason, .. }))) => {
+                    break format!("client said bye: {}", sanitize(&reason, 80));
+                }
+                Some(Ok(Some(other))) => {
+                    let reason = format!("unexpected message from client: {:.80}", format!("{other:?}"));
+                    reject(&conn, &mut send, &client, &reason, None).await;
+                    break reason;
+                }
+                Some(Ok(None)) | None => break "client closed the control stream".into(),
+                Some(Err(e)) => {
+                    if matches!(e, IoError::Protocol(_)) {
+                        reject(&conn, &mut send, &client, &e.to_string(), None).await;
+                    }
+                    break e.to_string();
+                }
+            },
+            uni = conn.accept_uni() => match uni {
+                Ok(stream) => {
+                    tasks.spawn(receive_update(stream, client.clone(), conn_id, Arc::clone(&shared)));
+                }
+                Err(e) => break format!("connection lost: {e}"),
+            },
+            // Reap finished tasks so the set does not grow over a long session.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    };
+    tasks.abort_all();
+    conn.close(0u32.into(), b"session ended");
+    info!(%client, reason = %sanitize(&end_reason, MAX_LOGGED_CHARS), "client disconnected");
+    let _ = shared.hub.send(ToHub::Left { client, conn_id });
+}
+
+async fn reject(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    client: &str,
+    reason: &str,
+    retry_after_ms: Option<u64>,
+) {
+    warn!(%client, reason = %sanitize(reason, MAX_LOGGED_CHARS), "rejecting client");
+    let msg = Message::Reject(Reject {
+        reason: reason.to_string(),
+        retry_after_ms,
+    });
+    let _ = write_message(send, &msg).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), conn.closed()).await;
+    conn.close(3u32.into(), b"rejected");
+}
+
+/// QUIC error code on update streams the aggregator stops reading.
+const STREAM_REFUSED: u32 = 1;
+
+/// Resolves once the fit phase that `epoch` names has closed (or the hub is
+/// gone): the upload is for a round that no longer collects updates.
+async fn fit_phase_closed(mut epochs: watch::Receiver<u64>, epoch: u64) {
+    loop {
+        if *epochs.borrow_and_update() != epoch {
+            return;
+        }
+        if epochs.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads one update stream into a pooled buffer, validating as it goes, and
+/// hands it to the hub. The header must arrive within the header timeout,
+/// and the hub must confirm that the round and task are current and that
+/// this client owes this update and has no other upload in flight, before a
+/// buffer is taken. The body must then arrive within its deadline, and the
+/// read is cut off when the round closes. Nothing reaches the accumulator
+/// unless the whole update arrived and passed every check.
+async fn receive_update(
+    mut stream: quinn::RecvStream,
+    client: ClientId,
+    conn_id: u64,
+    shared: Arc<Shared>,
+) {
+    let fail = |task_id: Option<u64>, cause: RejectCause, reason: String| {
+        let _ = shared.hub.send(ToHub::UpdateFailed {
+            client: client.clone(),
+            conn_id,
+            task_id,
+            cause,
+            reason,
+        });
+    };
+    let header = match tokio::time::timeout(
+        shared.header_timeout,
+        read_tensor_header(&mut stream, &shared.limits),
+    )
+    .await
+    {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return fail(
+                None,
+                RejectCause::Malformed,
+                format!("bad update header: {e}"),
+            );
+        }
+        Err(_) => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return fail(
+                None,
+                RejectCause::UploadTimeout,
+                format!(
+                    "no update header within {:.0} s",
+                    shared.header_timeout.as_secs_f64()
+                ),
+            );
+        }
+    };
+    if header.kind != StreamKind::Update {
+        let _ = stream.stop(STREAM_REFUSED.into());
+        return fail(
+            Some(header.task_id),
+            RejectCause::Malformed,
+            "expected an update stream".into(),
+        );
+    }
+    if let Err(e) = header.check_layout(&shared.layout) {
+        let _ = stream.stop(STREAM_REFUSED.into());
+        return fail(Some(header.task_id), RejectCause::Malformed, e.to_string());
+    }
+    let (reply_tx, reply_rx) = oneshot::channel();
+    let asked = shared.hub.send(ToHub::UploadRequest {
+        client: client.clone(),
+        conn_id,
+        round: header.round,
+        task_id: header.task_id,
+        reply: reply_tx,
+    });
+    let epoch = match (asked, reply_rx.await) {
+        (Ok(()), Ok(Ok(epoch))) => epoch,
+        // The hub refused (and told the client why), or is gone.
+        _ => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return;
+        }
+    };
+    let closed = fit_phase_closed(shared.fit_epochs.clone(), epoch);
+    tokio::pin!(closed);
+    let mut delta = tokio::select! {
+        buffer = shared.pool.acquire() => match buffer {
+            Some(b) => b,
+            None => return,
+        },
+        _ = &mut closed => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return;
+        }
+    };
+    let deadline = shared.upload_grace
+        + Duration::from_secs_f64(header.body_len as f64 / shared.min_upload_rate);
+    let body = tokio::select! {
+        body = tokio::time::timeout(deadline, read_tensor_body(&mut stream, &header, &mut delta.buf)) => body,
+        _ = &mut closed => {
+            // The round closed while this upload was in flight: free the
+            // buffer now, there is nothing to fold it into.
+            let _ = stream.stop(STREAM_REFUSED.into());
+            return;
+        }
+    };
+    match body {
+        Ok(Ok(())) => {
+            shared
+                .bytes_up
+                .fetch_add(header.body_len, Ordering::Relaxed);
+            let _ = shared.hub.send(ToHub::Update {
+                client: client.clone(),
+                conn_id,
+                header,
+                delta,
+            });
+        }
+        Ok(Err(e)) => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            fail(
+                Some(header.task_id),
+                RejectCause::Malformed,
+                format!("update discarded: {e}"),
+            );
+        }
+        Err(_) => {
+            let _ = stream.stop(STREAM_REFUSED.into());
+            fail(
+                Some(header.task_id),
+                RejectCause::UploadTimeout,
+                format!(
+                    "update of {} bytes not received within {:.0} s",
+                    header.body_len,
+                    deadline.as_secs_f64()
+                ),
+            );
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! The hub: owns the coordinator, turns connection events into its inputs
+//! and carries out its actions (tasks, answers, evaluation, checkpoints,
+//! metrics).
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use fedquic_protocol::{Codec, EvalResult, Message, StreamKind, TensorHeader};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+
+use super::connection::ToConn;
+use super::pool::PooledBuffer;
+use super::records::{RoundRecord, append_json_line};
+use super::{CentralEval, RunSummary, ServerError, ServerSetup, Shared};
+use crate::checkpoint::{CheckpointHeader, CheckpointStore};
+use crate::coordinator::{Coordinator, ReceivedUpdate};
+use crate::engine::{Action, ClientId, RejectCause, RoundOutcome};
+use crate::logging::{LogBudget, MAX_LOGGED_CHARS, sanitize};
+
+pub(super) enum ToHub {
+    Joined {
+        client: ClientId,
+        conn_id: u64,
+        handle: mpsc::UnboundedSender<ToConn>,
+        /// The training backend the client reported in its Hello (validated).
+        backend: String,
+    },
+    Left {
+        client: ClientId,
+        conn_id: u64,
+    },
+    Update {
+        client: ClientId,
+        conn_id: u64,
+        header: TensorHeader,
+        delta: PooledBuffer,
+    },
+    /// May this client upload for this task now? Answered with the fit
+    /// epoch the upload belongs to, or refused (the hub tells the client).
+    UploadRequest {
+        client: ClientId,
+        conn_id: u64,
+        round: u64,
+        task_id: u64,
+        reply: oneshot::Sender<Result<u64, ()>>,
+    },
+    UpdateFailed {
+        client: ClientId,
+        conn_id: u64,
+        task_id: Option<u64>,
+        cause: RejectCause,
+        reason: String,
+    },
+    TaskFailed {
+        client: ClientId,
+        conn_id: u64,
+        task_id: u64,
+        reason: String,
+    },
+    Eval {
+        client: ClientId,
+        conn_id: u64,
+        result: EvalResult,
+    },
+}
+
+pub(super) struct Hub {
+    engine: Box<dyn Coordinator>,
+    shared: Arc<Shared>,
+    clients: HashMap<ClientId, (u64, mpsc::UnboundedSender<ToConn>)>,
+    model_spec: String,
+    central_eval: Option<CentralEval>,
+    checkpoints: Option<CheckpointStore>,
+    metrics_path: Option<PathBuf>,
+    records_tx: Option<mpsc::UnboundedSender<RoundRecord>>,
+    records: Vec<RoundRecord>,
+    started: Instant,
+    round_started: Option<Instant>,
+    run_id: String,
+    engine_strategy_name: String,
+    /// Clients with an upload in flight (at most one each).
+    uploading: HashSet<ClientId>,
+    fit_epoch: watch::Sender<u64>,
+    log_budgets: HashMap<ClientId, LogBudget>,
+    log_lines_per_minute: u32,
+    /// Each connected client's training backend, and which backend each
+    /// accepted update of the current round was trained on.
+    backends: HashMap<ClientId, String>,
+    round_backends: std::collections::BTreeMap<ClientId, String>,
+}
+
+impl Hub {
+    pub(super) fn new(
+        engine: Box<dyn Coordinator>,
+        setup: ServerSetup,
+        shared: Arc<Shared>,
+        fit_epoch: watch::Sender<u64>,
+    ) -> Result<Hub, ServerError> {
+        let strategy_name = setup.engine.strategy.name.clone();
+        Ok(Hub {
+            engine,
+            shared,
+            clients: HashMap::new(),
+            model_spec: setup.model_spec,
+            central_eval: setup.central_eval,
+            checkpoints: setup.checkpoints,
+            metrics_path: setup.metrics_path,
+            records_tx: setup.records,
+            records: Vec::new(),
+            started: Instant::now(),
+            round_started: None,
+            run_id: setup.run_id,
+            engine_strategy_name: strategy_name,
+            uploading: HashSet::new(),
+            fit_epoch,
+            log_budgets: HashMap::new(),
+            log_lines_per_minute: setup.client_log_lines_per_minute,
+            backends: HashMap::new(),
+            round_backends: std::collections::BTreeMap::new(),
+        })
+    }
+
+    /// Whether a line about this client may be logged now (each client has
+    /// a budget of lines per minute); says how many were held back.
+    fn may_log(&mut self, client: &str) -> Option<u64> {
+        let now = Instant::now();
+        let per_minute = self.log_lines_per_minute;
+        self.log_budgets
+            .entry(client.to_string())
+            .or_insert_with(|| LogBudget::new(per_minute, now))
+            .allow(now)
+    }
+
+    fn warn_rejected(&mut self, client: &str, task_id: u64, reason: &str, what: &str) {
+        if let Some(suppressed) = self.may_log(client) {
+            warn!(
+                %client,
+                task_id,
+                reason = %sanitize(reason, MAX_LOGGED_CHARS),
+                suppressed,
+                "{what}"
+            );
+        }
+    }
+
+    /// Tells upload tasks of a closed fit phase to stop.
+    fn publish_fit_epoch(&mut self) {
+        let epoch = self.engine.fit_epoch();
+        if *self.fit_epoch.borrow() != epoch {
+            self.uploading.clear();
+            self.fit_epoch.send_replace(epoch);
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<ToHub>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<RunSummary, ServerError> {
+        tokio::pin!(shutdown);
+        let actions = self.engine.start(Instant::now());
+        let mut outcome = self.execute(actions).await;
+        while outcome.is_none() {
+            let deadline = self.engine.next_deadline();
+            let actions = tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.handle(ev),
+                    None => break,
+                },
+                _ = sleep_until(deadline) => self.engine.tick(Instant::now()),
+                _ = &mut shutdown => {
+                    info!("shutting down: the round in progress is dropped, completed rounds are checkpointed");
+                    self.close_all("aggregator shutting down", false);
+                    outcome = Some(Ok(false));
+                    break;
+                }
+            };
+            outcome = self.execute(actions).await;
+            self.publish_fit_epoch();
+        }
+        let finished = match outcome {
+            Some(Ok(finished)) => finished,
+            Some(Err(e)) => {
+                // Not "finished": clients keep retrying, so they come back
+                // when the aggregator is fixed and resumed.
+                self.close_all(&format!("run aborted: {e}"), false);
+                return Err(e);
+            }
+            None => false,
+        };
+        Ok(RunSummary {
+            rounds_completed: self.engine.completed_rounds(),
+            final_model: self.engine.global_model(),
+            records: self.records,
+            finished,
+        })
+    }
+
+    fn is_current(&self, client: &str, conn_id: u64) -> bool {
+        self.clients
+            .get(client)
+            .is_some_and(|(id, _)| *id == conn_id)
+    }
+
+    fn handle(&mut self, ev: ToHub) -> Vec<Action> {
+        let now = Instant::now();
+        match ev {
+            ToHub::Joined {
+                client,
+                conn_id,
+                handle,
+                backend,
+            } => {
+                self.backends.insert(client.clone(), backend);
+                let mut actions = Vec::new();
+                if let Some((_, old)) = self.clients.insert(client.clone(), (conn_id, handle)) {
+                    // A reconnect replaces the old session; its task is forfeited.
+                    let _ = old.send(ToConn::Close {
+                        reason: "replaced by a newer connection".into(),
+                        finished: false,
+                    });
+                    actions.extend(self.engine.client_left(&client, now));
+                }
+                actions.extend(self.engine.client_joined(client, now));
+                actions
+            }
+            ToHub::Left { client, conn_id } => {
+                if self.is_current(&client, conn_id) {
+                    self.clients.remove(&client);
+                    self.backends.remove(&client);
+                    self.uploading.remove(&client);
+                    self.log_budgets.remove(&client);
+                    self.engine.client_left(&client, now)
+                } else {
+                    Vec::new()
+                }
+            }
+            ToHub::Update {
+                client,
+                conn_id,
+                header,
+                delta,
+            } => {
+                if !self.is_current(&client, conn_id) {
+                    return Vec::new();
+                }
+                self.uploading.remove(&client);
+                let update = ReceivedUpdate {
+                    client: &client,
+                    task_id: header.task_id,
+                    round: header.round,
+                    num_examples: header.num_examples,
+                    metrics: &header.metrics,
+                    delta: &delta.buf,
+                };
+                self.engine.update_received(update, now)
+                // `delta` goes back to the pool here.
+            }
+            ToHub::UploadRequest {
+                client,
+                conn_id,
+                round,
+                task_id,
+                reply,
+            } => {
+                if !self.is_current(&client, conn_id) {
+                    let _ = reply.send(Err(()));
+                    return Vec::new();
+                }
+                let verdict = self
+                    .engine
+                    .check_upload(&client, round, task_id)
+                    .and_then(|()| match self.uploading.contains(&client) {
+                        true => Err((
+                            RejectCause::UploadBusy,
+                            "another upload from this client is in flight".into(),
+                        )),
+                        false => Ok(()),
+                    });
+                match verdict {
+                    Ok(()) => {
+                        self.uploading.insert(client);
+                        let _ = reply.send(Ok(self.engine.fit_epoch()));
+                        Vec::new()
+                    }
+                    Err((cause, reason)) => {
+                        let _ = reply.send(Err(()));
+                        self.warn_rejected(&client, task_id, &reason, "upload refused");
+                        self.send(&client, Message::UpdateRejected { task_id, reason });
+                        // Counted, but the client keeps the task it holds.
+                        self.engine.update_failed(&client, None, cause, now)
+                    }
+                }
+            }
+            ToHub::UpdateFailed {
+                client,
+                conn_id,
+                task_id,
+                cause,
+                reason,
+            } => {
+                if !self.is_current(&client, conn_id) {
+                    return Vec::new();
+                }
+                if task_id.is_some_and(|t| self.engine.is_pending(&client, t)) {
+                    self.uploading.remove(&client);
+                }
+                self.warn_rejected(&client, task_id.unwrap_or(0), &reason, "update rejected");
+                self.send(
+                    &client,
+                    Message::UpdateRejected {
+                        task_id: task_id.unwrap_or(0),
+                        reason,
+                    },
+                );
+                self.engine.update_failed(&client, task_id, cause, now)
+            }
+            ToHub::TaskFailed {
+                client,
+                conn_id,
+                task_id,
+                reason,
+            } => {
+                // Messages about tasks the client does not hold are ignored
+                // without a log line: they cost an attacker nothing.
+                if !self.is_current(&client, conn_id) || !self.engine.is_pending(&client, task_id) {
+                    return Vec::new();
+                }
+                self.warn_rejected(&client, task_id, &reason, "client failed its task");
+                self.uploading.remove(&client);
+                self.engine.task_failed(&client, task_id, now)
+            }
+            ToHub::Eval {
+                client,
+                conn_id,
+                result,
+            } => {
+                if !self.is_current(&client, conn_id)
+                    || !self.engine.is_pending(&client, result.task_id)
+                {
+                    return Vec::new();
+                }
+                self.engine.eval_received(&client, &result, now)
+            }
+        }
+    }
+
+    fn send(&self, client: &str, message: Message) {
+        if let Some((_, handle)) = self.clients.get(client) {
+            let _ = handle.send(ToConn::Send(message));
+        }
+    }
+
+    fn send_task(&mut self, client: &str, message: Message, round: u64, task_id: u64) {
+        let model = self.engine.global_model();
+        let header = TensorHeader {
+            kind: StreamKind::GlobalModel,
+            round,
+            task_id,
+            codec: Codec::F32,
+            tensors: self.shared.layout.clone(),
+            num_examples: 0,
+            metrics: Vec::new(),
+            body_len: model.len() as u64 * 4,
+        };
+        if let Some((_, handle)) = self.clients.get(client) {
+            let _ = handle.send(ToConn::Task {
+                message,
+                header,
+                model,
+            });
+        }
+    }
+
+    fn close_all(&mut self, reason: &str, finished: bool) {
+        for (_, handle) in self.clients.values() {
+            let _ = handle.send(ToConn::Close {
+                reason: reason.to_string(),
+                finished,
+            });
+        }
+    }
+
+    /// Carries out actions in order. Returns `Some(finished)` when the run is over.
+    async fn execute(&mut self, actions: Vec<Action>) -> Option<Result<bool, ServerError>> {
+        for action in actions {
+            match action {
+                Action::SendFit { client, task } => {
+                    self.round_started.get_or_insert_with(Instant::now);
+                    let (round, task_id) = (task.round, task.task_id);
+                    self.send_task(&client, Message::FitTask(task), round, task_id);
+                }
+                Action::SendEvaluate { client, task } => {
+                    let (round, task_id) = (task.round, task.task_id);
+                    self.send_task(&client, Message::EvaluateTask(task), round, task_id);
+                }
+                Action::UpdateAccepted { client, task_id } => {
+                    if let Some(backend) = self.backends.get(&client) {
+                        self.round_backends.insert(client.clone(), backend.clone());
+                    }
+                    self.send(&client, Message::UpdateAccepted { task_id });
+                }
+                Action::UpdateRejected {
+                    client,
+                    task_id,
+                    reason,
+                } => {
+                    self.warn_rejected(&client, task_id, &reason, "update rejected");
+                    self.send(&client, Message::UpdateRejected { task_id, reason });
+                }
+                Action::EvalRejected {
+                    client,
+                    task_id,
+                    reason,
+                } => {
+                    self.warn_rejected(&client, task_id, &reason, "evaluation result rejected");
+                    self.send(&client, Message::UpdateRejected { task_id, reason });
+                }
+                Action::RoundNotCommitted { round, reason } => {
+                    warn!(round, %reason, "round not committed: the global model is unchanged");
+                }
+                Action::RoundRetry {
+                    round,
+                    attempt,
+                    answered,
+                    needed,
+                } => {
+                    self.round_backends.clear();
+                    warn!(
+                        round,
+                        attempt,
+                        answered,
+                        needed,
+                        "too few updates: retrying the round with a new selection"
+                    );
+                }
+                Action::RoundFinished(outcome) => {
+                    if let Err(e) = self.finish_round(*outcome).await {
+                        return Some(Err(e));
+                    }
+                }
+                Action::Finished => {
+                    info!(
+                        rounds = self.engine.completed_rounds(),
+                        "federated run complete"
+                    );
+                    self.close_all("federated run complete", true);
+                    return Some(Ok(true));
+                }
+                Action::Aborted { reason } => return Some(Err(ServerError::Aborted(reason))),
+            }
+        }
+        None
+    }
+
+    async fn finish_round(&mut self, outcome: RoundOutcome) -> Result<(), ServerError> {
+        let global = self.engine.global_model();
+        let mut record = RoundRecord {
+            outcome,
+            test_loss: None,
+            test_accuracy: None,
+            test_examples: None,
+            bytes_down: self.shared.bytes_down.swap(0, Ordering::Relaxed),
+            bytes_up: self.shared.bytes_up.swap(0, Ordering::Relaxed),
+            client_backends: std::mem::take(&mut self.round_backends),
+            seconds: 0.0,
+            central_eval_seconds: 0.0,
+            checkpoint_seconds: 0.0,
+            elapsed_seconds: 0.0,
+        };
+        if let Some(mut eval) = self.central_eval.take() {
+            let t = Instant::now();
+            let model = Arc::clone(&global);
+            let joined = tokio::task::spawn_blocking(move || {
+                let stats = eval
+                    .model
+                    .set_parameters(&model)
+                    .and_then(|()| eval.model.evaluate_all(&eval.test));
+                (eval, stats)
+            })
+            .await;
+            match joined {
+                Ok((eval, stats)) => {
+                    match stats {
+                        Ok(s) => {
+                            record.test_loss = Some(s.loss as f64);
+                            record.test_accuracy = Some(s.accuracy as f64);
+                            record.test_examples = Some(s.examples);
+                        }
+                        Err(e) => warn!(error = %e, "central evaluation failed"),
+                    }
+                    self.central_eval = Some(eval);
+                }
+                Err(e) => warn!(error = %e, "central evaluation panicked; disabled"),
+            }
+            record.central_eval_seconds = t.elapsed().as_secs_f64();
+        }
+        let now = Instant::now();
+        record.seconds = self
+            .round_started
+            .take()
+            .map(|t| now.duration_since(t).as_secs_f64())
+            .unwrap_or(0.0);
+        record.elapsed_seconds = now.duration_since(self.started).as_secs_f64();
+        if let Some(store) = self.checkpoints.clone() {
+            // The checkpoint carries this round's metrics line, so a crash
+            // before the line reaches metrics.jsonl loses nothing: resume
+            // restores it.
+            let metrics_line = serde_json::to_string(&record).map_err(|e| {
+                ServerError::Setup(format!("cannot encode the round's metrics: {e}"))
+            })?;
+            let header = CheckpointHeader {
+                run_id: self.run_id.clone(),
+                round: record.outcome.round,
+                model_spec: self.model_spec.clone(),
+                values: global.len() as u64,
+                unix_time: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                engine: record.outcome.state.clone(),
+                strategy: self.engine_strategy_name.clone(),
+                strategy_bytes: 0,
+                metrics_line,
+            };
+            let t = Instant::now();
+            let model = Arc::clone(&global);
+            let strategy = self.engine.strategy_state();
+            tokio::task::spawn_blocking(move || store.save(&header, &model, &strategy))
+                .await
+                .map_err(|e| ServerError::Setup(format!("checkpoint task failed: {e}")))??;
+            record.checkpoint_seconds = t.elapsed().as_secs_f64();
+        }
+        info!(
+            round = record.outcome.round,
+            answered = record.outcome.clients_answered,
+            selected = record.outcome.clients_selected,
+            dropped = record.outcome.clients_dropped,
+            test_accuracy = record
+                .test_accuracy
+                .map(|a| format!("{a:.4}"))
+                .unwrap_or_else(|| "-".into()),
+            seconds = format!("{:.2}", record.seconds),
+            "round finished"
+        );
+        if let Some(path) = &self.metrics_path {
+            append_json_line(path, &record)?;
+        }
+        if let Some(tx) = &self.records_tx {
+            let _ = tx.send(record.clone());
+        }
+        self.records.push(record);
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
