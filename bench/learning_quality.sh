@@ -111,7 +111,10 @@ if [[ " $ONLY " == *" byzantine "* ]]; then
   # still has every attack against every defence.
   for seed in $SEEDS; do
     run byzantine clean.fedavg "$seed" --partition iid ${defence[fedavg]}
-    for a in scale:10 sign-flip gaussian:1 alie label-flip; do
+    # scale:10 boosts an honest update (in IID data, a bigger step in a good
+    # direction); scale:-10 boosts a sign-flipped one, the classic model
+    # replacement.
+    for a in scale:10 scale:-10 sign-flip gaussian:1 alie label-flip; do
       for d in fedavg fedavg-noclip median trimmed krum multikrum bulyan normbounded; do
         # shellcheck disable=SC2086
         run byzantine "$a.$d" "$seed" --partition iid --byzantine "0.2:$a" ${defence[$d]}

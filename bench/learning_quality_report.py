@@ -176,7 +176,7 @@ def main():
 
     byz = {n: s for (g, n), s in runs.items() if g == "byzantine"}
     if byz:
-        attacks = ["clean", "sign-flip", "scale:10", "gaussian:1", "alie", "label-flip"]
+        attacks = ["clean", "sign-flip", "scale:10", "scale:-10", "gaussian:1", "alie", "label-flip"]
         defences = ["fedavg", "fedavg-noclip", "median", "trimmed", "krum", "multikrum", "bulyan", "normbounded"]
         md.append("### Byzantine clients (IID, 20% of clients), final test accuracy (%)\n")
         md.append("| defence | " + " | ".join(attacks) + " |")

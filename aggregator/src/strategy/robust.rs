@@ -163,10 +163,8 @@ fn trim_in_place(keys: &mut [u32], trim: usize) -> &[u32] {
     // Branch-free Lomuto partition: keys[..lower] < pivot <= keys[lower..].
     let mut lower = 0;
     for j in 0..k {
-        let v = keys[j];
-        keys[j] = keys[lower];
-        keys[lower] = v;
-        lower += (v < pivot) as usize;
+        keys.swap(j, lower);
+        lower += (keys[lower] < pivot) as usize;
     }
     if lower >= trim && k - lower >= trim {
         let (left, right) = keys.split_at_mut(lower);
