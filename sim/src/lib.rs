@@ -7,8 +7,10 @@
 //! thousands of clients cost little.
 
 pub mod bench;
+pub mod faults;
 pub mod flood;
 pub mod pki;
+pub mod relay;
 pub mod report;
 pub mod simulate;
 

@@ -119,6 +119,35 @@ struct RunArgs {
     /// No progress bar or table; print only the summary.
     #[arg(long)]
     quiet: bool,
+    /// Fault injection: probability that a selected client vanishes in a round
+    /// (it trains, then its connection drops before or, over a --link, during
+    /// its upload; it reconnects for later rounds).
+    #[arg(long, default_value_t = 0.0, help_heading = "Faults")]
+    dropout: f64,
+    /// Fault injection: P:DIST, a selected client waits a delay from DIST
+    /// before uploading with probability P. DIST (seconds): lognormal:MU,SIGMA,
+    /// exp:MEAN, uniform:LO,HI, const:SECS. E.g. 0.3:lognormal:0,1.
+    #[arg(long, value_name = "P:DIST", help_heading = "Faults")]
+    stragglers: Option<fedquic_sim::faults::StragglerSpec>,
+    /// Fault injection: FRACTION:KIND, that fraction of the clients (fixed by
+    /// the seed) poisons every update. KIND: sign-flip, scale:X, gaussian:SIGMA
+    /// (noise instead of the update), label-flip (trains on labels l -> C-1-l),
+    /// same-value[:V] (every coordinate V, default 1), alie[:Z] (colluders send
+    /// mean - Z*std of their honest updates; default Z from Baruch et al.).
+    #[arg(long, value_name = "FRACTION:KIND", help_heading = "Faults")]
+    byzantine: Option<fedquic_sim::faults::ByzantineSpec>,
+    /// Fault injection: LATENCY_MS:MBPS, every client reaches the aggregator
+    /// through its own UDP relay adding that one-way latency and pacing to that
+    /// rate, each way.
+    #[arg(long, value_name = "LATENCY_MS:MBPS", help_heading = "Faults")]
+    link: Option<fedquic_sim::relay::LinkSpec>,
+    /// Clip updates longer than this multiple of the previous round's median
+    /// update norm (the aggregator's default defence); 0 turns it off.
+    #[arg(long, default_value_t = 10.0)]
+    max_norm_multiple: f64,
+    /// Seconds a round waits for updates; later ones are cut.
+    #[arg(long, default_value_t = 600.0)]
+    round_deadline: f64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -206,6 +235,14 @@ fn main() -> anyhow::Result<()> {
         backend: a.backend,
         out: a.out,
         export_onnx: a.export_onnx,
+        faults: fedquic_sim::faults::FaultConfig {
+            dropout: a.dropout,
+            stragglers: a.stragglers,
+            byzantine: a.byzantine,
+        },
+        link: a.link,
+        round_deadline_secs: a.round_deadline,
+        max_norm_multiple: a.max_norm_multiple,
         ..SimConfig::default()
     };
     if let Some(t) = a.threads {
@@ -274,7 +311,7 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(out) = &result.config.out {
         println!(
-            "wrote {}/rounds.csv, results.json, metrics.jsonl",
+            "wrote {}/rounds.csv, faults.csv, results.json, metrics.jsonl",
             out.display()
         );
     }

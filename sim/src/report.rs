@@ -6,6 +6,7 @@ use std::path::Path;
 use anyhow::Context;
 use fedquic_aggregator::server::RoundRecord;
 
+use crate::faults::FaultEvent;
 use crate::simulate::SimResult;
 
 pub const TABLE_HEADER: &str =
@@ -31,16 +32,42 @@ pub fn table_row(r: &RoundRecord) -> String {
     )
 }
 
-pub fn rounds_csv(records: &[RoundRecord]) -> String {
+/// The faults of one round: counts and `;`-separated client ids per kind.
+fn fault_columns(round: u64, faults: &[FaultEvent]) -> String {
+    let mut cols = Vec::new();
+    let mut ids = Vec::new();
+    for kind in ["dropout", "straggler", "byzantine"] {
+        let who: Vec<String> = faults
+            .iter()
+            .filter(|f| f.round == round && f.fault == kind)
+            .map(|f| f.client.to_string())
+            .collect();
+        cols.push(who.len().to_string());
+        ids.push(who.join(";"));
+    }
+    cols.extend(ids);
+    cols.join(",")
+}
+
+/// `round,client,fault,detail`: one line per injected fault.
+pub fn faults_csv(faults: &[FaultEvent]) -> String {
+    let mut out = String::from("round,client,fault,detail\n");
+    for f in faults {
+        let _ = writeln!(out, "{},{},{},{}", f.round, f.client, f.fault, f.detail);
+    }
+    out
+}
+
+pub fn rounds_csv(records: &[RoundRecord], faults: &[FaultEvent]) -> String {
     let mut out = String::from(
-        "round,attempts,clients_selected,clients_answered,clients_dropped,updates_rejected,examples,weight_used,updates_clipped,client_reported_train_loss,client_reported_train_accuracy,test_loss,test_accuracy,federated_loss,federated_accuracy,bytes_down,bytes_up,seconds,elapsed_seconds\n",
+        "round,attempts,clients_selected,clients_answered,clients_dropped,updates_rejected,examples,weight_used,updates_clipped,client_reported_train_loss,client_reported_train_accuracy,test_loss,test_accuracy,federated_loss,federated_accuracy,bytes_down,bytes_up,seconds,elapsed_seconds,faults_dropout,faults_straggler,faults_byzantine,dropout_clients,straggler_clients,byzantine_clients\n",
     );
     let f = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for r in records {
         let o = &r.outcome;
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{}",
             o.round,
             o.attempts,
             o.clients_selected,
@@ -60,6 +87,7 @@ pub fn rounds_csv(records: &[RoundRecord]) -> String {
             r.bytes_up,
             r.seconds,
             r.elapsed_seconds,
+            fault_columns(o.round, faults),
         );
     }
     out
@@ -68,8 +96,11 @@ pub fn rounds_csv(records: &[RoundRecord]) -> String {
 pub fn write_outputs(dir: &Path, result: &SimResult) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let csv = dir.join("rounds.csv");
-    std::fs::write(&csv, rounds_csv(&result.rounds))
+    std::fs::write(&csv, rounds_csv(&result.rounds, &result.faults))
         .with_context(|| format!("writing {}", csv.display()))?;
+    let faults = dir.join("faults.csv");
+    std::fs::write(&faults, faults_csv(&result.faults))
+        .with_context(|| format!("writing {}", faults.display()))?;
     let json = dir.join("results.json");
     let text = serde_json::to_string_pretty(result)?;
     std::fs::write(&json, text).with_context(|| format!("writing {}", json.display()))?;

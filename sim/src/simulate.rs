@@ -16,7 +16,12 @@ use fedquic_train::{DataSpec, Model, ModelSpec, PartitionScheme, partition};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
 
+use crate::faults::{
+    AttackKind, ByzantineSpec, Collusion, FaultConfig, FaultContext, FaultEvent, FaultLog,
+    FaultyTrainer, KillSender, RoundFinder, Slots,
+};
 use crate::pki::{SERVER_NAME, SimPki};
+use crate::relay::{LinkSpec, Relay};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SimConfig {
@@ -49,6 +54,13 @@ pub struct SimConfig {
     pub strategy: fedquic_aggregator::strategy::StrategyConfig,
     /// Write the final global model here as ONNX.
     pub export_onnx: Option<PathBuf>,
+    /// Injected dropouts, stragglers and Byzantine clients.
+    pub faults: FaultConfig,
+    /// Shape every client's link through a UDP relay (latency, rate).
+    pub link: Option<LinkSpec>,
+    /// The aggregator clips updates longer than this multiple of the previous
+    /// round's median norm (its default defence); 0 turns that off.
+    pub max_norm_multiple: f64,
 }
 
 impl Default for SimConfig {
@@ -75,6 +87,9 @@ impl Default for SimConfig {
             out: None,
             strategy: Default::default(),
             export_onnx: None,
+            faults: FaultConfig::default(),
+            link: None,
+            max_norm_multiple: 10.0,
         }
     }
 }
@@ -87,6 +102,8 @@ pub struct SimResult {
     pub final_test_loss: Option<f64>,
     pub seconds: f64,
     pub setup_seconds: f64,
+    /// Every fault injected, sorted by round and client.
+    pub faults: Vec<FaultEvent>,
 }
 
 /// Runs the simulation. `on_round` sees each round's record as it lands
@@ -99,6 +116,10 @@ pub async fn simulate(
     let started = Instant::now();
     if config.clients == 0 {
         bail!("--clients must be at least 1");
+    }
+    config.faults.validate()?;
+    if !(config.round_deadline_secs.is_finite() && config.round_deadline_secs > 0.0) {
+        bail!("--round-deadline must be a positive number of seconds");
     }
     // A spec string or `onnx:FILE` (whose canonical `net:` spec travels to clients).
     let source = fedquic_train::onnx::ModelSource::parse(&config.model)?;
@@ -136,9 +157,17 @@ pub async fn simulate(
     };
     aggregator.evaluate.fraction = config.fraction_evaluate;
     aggregator.strategy = config.strategy.clone();
+    aggregator.updates.max_update_norm_median_multiple = config.max_norm_multiple;
     aggregator.validate()?;
+    // Krum, Multi-Krum and Bulyan need a minimum of updates each round.
+    let min_fit_clients = config
+        .strategy
+        .build(layout.num_params())
+        .ok()
+        .and_then(|s| s.robust().map(|r| r.min_updates()))
+        .unwrap_or(1);
     let engine = EngineConfig {
-        min_fit_clients: 1,
+        min_fit_clients,
         max_fit_clients: config.clients,
         // Every client connects before round 1, so selection is over all of them.
         min_available_clients: config.clients,
@@ -187,12 +216,45 @@ pub async fn simulate(
     tracing::info!(requested = %backend, backend = engine.name(), device = %engine.describe(), "training backend");
     let slots = Arc::new(Semaphore::new(config.threads.max(1)));
     let endpoint = fedquic_net::endpoint::client_endpoint_for(addr, pki.client(1)?.1)?;
+    let fault_log = FaultLog::default();
+    let faults = if config.faults.is_active() {
+        Some(fault_context(
+            &config,
+            &layout,
+            &parts,
+            &train,
+            &test,
+            &engine,
+            fault_log.clone(),
+        )?)
+    } else {
+        None
+    };
+    let flipped = match config.faults.byzantine {
+        Some(ByzantineSpec {
+            kind: AttackKind::LabelFlip,
+            ..
+        }) => Some(Arc::new(crate::faults::label_flipped(&train))),
+        _ => None,
+    };
+    let mut relays: Vec<Relay> = Vec::new();
     let mut clients = Vec::with_capacity(config.clients);
     let mut test_parts = test_parts.into_iter();
     for (i, indices) in parts.into_iter().enumerate() {
         let (_, tls) = pki.client(i + 1)?;
+        let server = match config.link {
+            Some(spec) => {
+                let relay = crate::relay::spawn(addr, spec)
+                    .await
+                    .context("starting a link relay")?;
+                let relay_addr = relay.addr;
+                relays.push(relay);
+                relay_addr
+            }
+            None => addr,
+        };
         let opts = ClientOptions {
-            server: addr,
+            server,
             server_name: SERVER_NAME.into(),
             tls,
             backoff: Backoff::new(
@@ -202,18 +264,41 @@ pub async fn simulate(
             ),
             max_attempts: Some(20),
             connect_timeout: Duration::from_secs(30),
-            training_slots: Some(Arc::clone(&slots)),
+            // A fault-injecting trainer takes its slot itself, for training only.
+            training_slots: faults.is_none().then(|| Arc::clone(&slots)),
             endpoint: Some(endpoint.clone()),
             limits: Default::default(),
         };
-        let trainer = LocalTrainer::new(
-            Arc::clone(&train),
-            indices,
-            Arc::clone(&test),
-            test_parts.next().unwrap_or_default(),
-        )
-        .with_engine(engine.share());
-        clients.push(tokio::spawn(run_client(opts, trainer)));
+        let test_indices = test_parts.next().unwrap_or_default();
+        match &faults {
+            None => {
+                let trainer =
+                    LocalTrainer::new(Arc::clone(&train), indices, Arc::clone(&test), test_indices)
+                        .with_engine(engine.share());
+                clients.push(tokio::spawn(async move {
+                    run_client(opts, trainer).await.map(|_| ())?;
+                    anyhow::Ok(())
+                }));
+            }
+            Some(ctx) => {
+                let data = match &flipped {
+                    Some(f) if ctx.byzantine.binary_search(&i).is_ok() => Arc::clone(f),
+                    _ => Arc::clone(&train),
+                };
+                let (ctx, test, engine) = (Arc::clone(ctx), Arc::clone(&test), engine.share());
+                let make = move |kill: Option<KillSender>| {
+                    let inner = LocalTrainer::new(
+                        Arc::clone(&data),
+                        indices.clone(),
+                        Arc::clone(&test),
+                        test_indices.clone(),
+                    )
+                    .with_engine(engine.share());
+                    FaultyTrainer::new(inner, i, Arc::clone(&ctx), kill)
+                };
+                clients.push(tokio::spawn(supervise(opts, make)));
+            }
+        }
     }
     let setup_seconds = started.elapsed().as_secs_f64();
 
@@ -233,7 +318,7 @@ pub async fn simulate(
     }
     for (i, c) in clients.into_iter().enumerate() {
         match tokio::time::timeout(Duration::from_secs(10), c).await {
-            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => {
                 tracing::warn!(client = i + 1, error = %e, "client ended with an error")
             }
@@ -242,6 +327,7 @@ pub async fn simulate(
         }
     }
     endpoint.close(0u32.into(), b"done");
+    drop(relays);
     if let Some(path) = &config.export_onnx {
         let bytes = source.export(&summary.final_model)?;
         std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
@@ -253,12 +339,92 @@ pub async fn simulate(
         rounds: summary.records.clone(),
         seconds: started.elapsed().as_secs_f64(),
         setup_seconds,
+        faults: fault_log.events(),
         config,
     };
     if let Some(out) = &result.config.out {
         crate::report::write_outputs(out, &result)?;
     }
     Ok(result)
+}
+
+/// Runs a fault-injecting client, restarting it whenever its trainer asks
+/// to vanish: the running client task is aborted (its QUIC connection drops
+/// with it) after the requested delay, and a fresh one reconnects, as a
+/// crashed app that restarts would.
+async fn supervise(
+    opts: ClientOptions,
+    make: impl Fn(Option<KillSender>) -> FaultyTrainer + Send + 'static,
+) -> anyhow::Result<()> {
+    loop {
+        let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
+        let mut task = tokio::spawn(run_client(opts.clone(), make(Some(kill_tx))));
+        tokio::select! {
+            joined = &mut task => {
+                joined??;
+                return Ok(());
+            }
+            Some(after) = kill_rx.recv() => {
+                tokio::time::sleep(after).await;
+                task.abort();
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+/// The shared state of the fault-injecting trainers.
+fn fault_context(
+    config: &SimConfig,
+    layout: &ParamLayout,
+    parts: &[Vec<usize>],
+    train: &Arc<fedquic_train::Dataset>,
+    test: &Arc<fedquic_train::Dataset>,
+    engine: &Engine,
+    log: FaultLog,
+) -> anyhow::Result<Arc<FaultContext>> {
+    let byzantine = match &config.faults.byzantine {
+        Some(b) => crate::faults::byzantine_clients(b.fraction, config.clients, config.seed),
+        None => Vec::new(),
+    };
+    let collusion = match config.faults.byzantine {
+        Some(ByzantineSpec {
+            kind: AttackKind::Alie(z),
+            fraction,
+        }) => {
+            // The paper's z for one round: n updates, of which the expected
+            // share is Byzantine.
+            let n = ((config.fraction * config.clients as f64) - 1e-9)
+                .ceil()
+                .max(1.0) as usize;
+            let m = (fraction * n as f64).round() as usize;
+            let z = z.unwrap_or_else(|| crate::faults::alie_z(n, m));
+            tracing::info!(z, n, m, "ALIE colluders");
+            Some(Collusion::new(
+                Arc::clone(train),
+                Arc::clone(test),
+                byzantine.iter().map(|&c| (c, parts[c].clone())).collect(),
+                engine.share(),
+                z,
+                config.seed,
+            ))
+        }
+        _ => None,
+    };
+    let upload_time = config
+        .link
+        .map(|l| l.transfer_time(layout.num_params() as u64 * 4))
+        .unwrap_or_default();
+    Ok(Arc::new(FaultContext {
+        config: config.faults.clone(),
+        seed: config.seed,
+        rounds: RoundFinder::new(config.seed, config.rounds, config.clients),
+        log,
+        slots: Slots::new(config.threads),
+        byzantine,
+        collusion,
+        upload_time,
+    }))
 }
 
 fn check_model_fits(spec: &ModelSpec, dim: usize, classes: usize) -> anyhow::Result<()> {

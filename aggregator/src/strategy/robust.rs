@@ -134,16 +134,55 @@ pub fn trimmed_mean(updates: &[&[f32]], beta: f64, out: &mut [f32]) -> Result<()
     let k = updates.len();
     let trim = ((beta.clamp(0.0, 0.499) * k as f64).floor() as usize).min((k - 1) / 2);
     for_each_column(updates, out, |keys, o| {
-        if trim > 0 {
-            keys.select_nth_unstable(trim);
-            let rest = &mut keys[trim..];
-            let top = rest.len() - trim;
-            rest.select_nth_unstable(top - 1);
-        }
-        let kept = &keys[trim..k - trim];
+        let kept = trim_in_place(keys, trim);
         *o = (kept.iter().map(|v| value(*v) as f64).sum::<f64>() / kept.len() as f64) as f32;
     });
     Ok(())
+}
+
+/// Reorders `keys` so that the `trim` smallest come first and the `trim`
+/// largest last, and returns the middle. One branch-free partition around a
+/// sampled pivot splits the work in two, so each tail is selected in half
+/// the slice (two selections over the whole slice cost about a fifth more).
+fn trim_in_place(keys: &mut [u32], trim: usize) -> &[u32] {
+    let k = keys.len();
+    if trim == 0 {
+        return keys;
+    }
+    // The median of five spread samples: near the middle, so both tails fit
+    // in their side almost always.
+    let mut sample = [
+        keys[0],
+        keys[k / 4],
+        keys[k / 2],
+        keys[3 * k / 4],
+        keys[k - 1],
+    ];
+    sample.sort_unstable();
+    let pivot = sample[2];
+    // Branch-free Lomuto partition: keys[..lower] < pivot <= keys[lower..].
+    let mut lower = 0;
+    for j in 0..k {
+        keys.swap(j, lower);
+        lower += (keys[lower] < pivot) as usize;
+    }
+    if lower >= trim && k - lower >= trim {
+        let (left, right) = keys.split_at_mut(lower);
+        if trim < left.len() {
+            left.select_nth_unstable(trim);
+        }
+        let top = right.len() - trim;
+        if top > 0 {
+            right.select_nth_unstable(top - 1);
+        }
+    } else {
+        // A lopsided split (many equal values): plain selections.
+        keys.select_nth_unstable(trim);
+        let rest = &mut keys[trim..];
+        let top = rest.len() - trim;
+        rest.select_nth_unstable(top - 1);
+    }
+    &keys[trim..k - trim]
 }
 
 /// Squared Euclidean distances between all pairs of updates (row-major K x K),
@@ -309,6 +348,32 @@ mod tests {
         assert_eq!(out, vec![3.0, 20.0]);
         trimmed_mean(&views(&u), 0.0, &mut out).unwrap();
         assert_eq!(out, vec![22.0, -180.0]);
+    }
+
+    #[test]
+    fn trimming_keeps_exactly_the_middle_values() {
+        let mut state = 7u64;
+        for k in [3usize, 5, 10, 37, 100] {
+            for trim in 0..=(k - 1) / 2 {
+                for dupes in [false, true] {
+                    let keys: Vec<u32> = (0..k)
+                        .map(|_| {
+                            state = state
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407);
+                            let v = (state >> 33) as u32;
+                            if dupes { v % 3 } else { v }
+                        })
+                        .collect();
+                    let mut sorted = keys.clone();
+                    sorted.sort_unstable();
+                    let mut work = keys.clone();
+                    let mut kept = trim_in_place(&mut work, trim).to_vec();
+                    kept.sort_unstable();
+                    assert_eq!(kept, sorted[trim..k - trim], "k {k} trim {trim}");
+                }
+            }
+        }
     }
 
     #[test]
