@@ -9,8 +9,8 @@ Measures, with plain eager PyTorch on the CPU, the same work the Rust engine doe
 * training throughput (samples/s): forward + softmax cross-entropy (mean over the
   batch) + backward + plain SGD step (lr 0.05, no momentum, no weight decay), at batch
   sizes 10 and 64;
-* inference throughput (samples/s): forward pass only, batch 256, `model.eval()` under
-  `torch.no_grad()`;
+* inference throughput (samples/s): forward pass only, batch 256 (`--infer-batches
+  64,256` for several), `model.eval()` under `torch.no_grad()`;
 * inputs: random float32 values in [0, 1) shaped like MNIST (N x 784 for the MLP,
   N x 1 x 28 x 28 for the CNN) with random labels 0-9. A pool of 8,192 random examples
   is cut into contiguous batches before timing and cycled through, so the timed loop
@@ -197,16 +197,17 @@ def worker(args):
 
         model, params = build_model(name)
         model.eval()
-        batches = make_batches(torch, name, INFER_BATCH, generator)
+        for infer_batch in args.infer_batches:
+            batches = make_batches(torch, name, infer_batch, generator)
 
-        def infer_step(x, y, model=model):
-            with torch.no_grad():
-                return model(x)
+            def infer_step(x, y, model=model):
+                with torch.no_grad():
+                    return model(x)
 
-        log(f"[threads {args.worker}] {name} inference batch {INFER_BATCH}")
-        result = measure(infer_step, batches, INFER_BATCH, args.min_time, args.repeats, log)
-        results.append({"model": name, "params": params, "mode": "infer", "batch": INFER_BATCH,
-                        **result})
+            log(f"[threads {args.worker}] {name} inference batch {infer_batch}")
+            result = measure(infer_step, batches, infer_batch, args.min_time, args.repeats, log)
+            results.append({"model": name, "params": params, "mode": "infer",
+                            "batch": infer_batch, **result})
 
     json.dump({
         "threads": args.worker,
@@ -256,6 +257,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per configuration (default 3)")
     parser.add_argument("--models", type=parse_models, default=list(MODELS),
                         help=f'comma-separated subset of {",".join(MODELS)} (default: both)')
+    parser.add_argument("--infer-batches", type=parse_threads, default=[INFER_BATCH],
+                        help=f'comma-separated inference batch sizes (default "{INFER_BATCH}")')
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeats < 1 or args.min_time <= 0:
@@ -282,7 +285,7 @@ def main():
             "optimizer": "SGD, no momentum, no weight decay",
             "loss": "softmax cross-entropy, mean over the batch",
             "train_batches": list(TRAIN_BATCHES),
-            "infer_batch": INFER_BATCH,
+            "infer_batches": args.infer_batches,
             "input": "uniform [0,1) float32, random labels 0-9",
             "min_time_s": args.min_time,
             "repeats": args.repeats,
@@ -299,7 +302,8 @@ def main():
         env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
         command = [sys.executable, os.path.abspath(__file__), "--worker", str(n),
                    "--min-time", str(args.min_time), "--repeats", str(args.repeats),
-                   "--models", ",".join(args.models)]
+                   "--models", ",".join(args.models),
+                   "--infer-batches", ",".join(str(b) for b in args.infer_batches)]
         completed = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
         if completed.returncode != 0:
             sys.exit(f"worker for {n} threads failed with exit status {completed.returncode}")

@@ -64,8 +64,9 @@ struct Cli {
     /// Longest wait between reconnection attempts, in seconds.
     #[arg(long, default_value_t = 30.0)]
     max_backoff: f64,
-    /// Threads for local training's matrix products (1-4; default: the
-    /// number of cores, at most 4).
+    /// Threads for local training: each convolution, matrix product, pooling
+    /// and activation pass is split across them (1-4; default: the number of
+    /// cores, at most 4).
     #[arg(long)]
     threads: Option<usize>,
     /// Refuse models with more parameters than this (memory: about 16-20
@@ -170,10 +171,12 @@ fn main() -> anyhow::Result<()> {
             .min(4)
     });
     fedquic_train::set_gemm_threads(threads)?;
+    // A forced kernel level the CPU lacks stops the client here, before any work.
+    let kernel = fedquic_train::backend::dispatch::process_path()?;
     tracing::info!(
-        kernels = fedquic_train::kernel_path_name(),
-        gemm_threads = threads,
-        "training kernels (FEDQUIC_KERNEL=portable|avx2|auto)"
+        kernel = kernel.name(),
+        cpu_threads = fedquic_train::cpu_threads(),
+        "training kernels (FEDQUIC_KERNEL=auto|avx512|avx2|portable)"
     );
     // After the GEMM threads: a Vulkan driver may start threads of its own.
     let engine = Engine::select(backend).with_context(|| format!("starting backend {backend}"))?;

@@ -5,8 +5,9 @@
 //! ```
 //!
 //! Options (defaults in brackets):
-//! - `--threads LIST` GEMM threads, e.g. `1` or `1,2` [1]. Several values run one child
-//!   process each, since matrixmultiply fixes its thread count once per process.
+//! - `--threads LIST` CPU threads per operation (the intra-op pool and matrixmultiply),
+//!   e.g. `1` or `1,2` [1]. Several values run one child process each, since the count
+//!   is fixed once per process.
 //! - `--models LIST` [mlp:784-200-200-10,cnn:mnist]; specs or `onnx:FILE` (28x28 inputs)
 //! - `--batches LIST` training batch sizes [10,64]
 //! - `--eval-batch N` inference batch size [256]
@@ -15,6 +16,15 @@
 //! - `--backend cpu|wgpu|auto` [cpu]: wgpu takes any Vulkan adapter (lavapipe too), auto
 //!   a GPU when there is one, else the CPU. The adapter is printed first.
 //! - `--eval-batches LIST` inference batch sizes, replacing `--eval-batch`
+//! - `--peak` only measure one core's FMA peak (GFLOP/s) and exit
+//!
+//! The header names the CPU, the kernel path (`FEDQUIC_KERNEL=auto|avx512|avx2|portable`
+//! forces one; a level the CPU lacks is refused) and one core's measured FMA peak. Each
+//! row also gives GFLOP/s: the nominal floating-point operations of the dense
+//! computation (2 per multiply-add of every convolution and dense layer; training counts
+//! forward, weight gradient and input gradient except the first layer's), so the sparse
+//! convolution backward, which skips zero gradients, shows as a higher rate than the
+//! arithmetic it does; `% peak` relates it to the measured peak of the threads used.
 //!
 //! Training is `Model::fit` (shuffle, forward, backward, optimizer step) over synthetic
 //! 28x28 digits, one epoch per call, timed after a warm-up call; each row reports the
@@ -38,6 +48,7 @@ struct Options {
     seconds: f64,
     optimizer: (String, Optimizer),
     backend: BackendKind,
+    peak_only: bool,
 }
 
 fn list<T: std::str::FromStr>(text: &str, what: &str) -> Result<Vec<T>, String> {
@@ -73,6 +84,7 @@ fn parse_options() -> Result<Options, String> {
         seconds: 2.0,
         optimizer: ("sgd".to_string(), Optimizer::sgd()),
         backend: BackendKind::Cpu,
+        peak_only: false,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut args = args.iter();
@@ -83,8 +95,12 @@ fn parse_options() -> Result<Options, String> {
             println!(
                 "         --eval-batches LIST  --seconds S  --optimizer sgd|momentum|nesterov|adam"
             );
-            println!("         --backend cpu|wgpu|auto");
+            println!("         --backend cpu|wgpu|auto  --peak");
             std::process::exit(0);
+        }
+        if flag == "--peak" {
+            options.peak_only = true;
+            continue;
         }
         let value = args
             .next()
@@ -161,6 +177,147 @@ fn best_of_three(
     Ok(best)
 }
 
+/// Nominal floating-point operations per example: (forward, training step), counting 2
+/// per multiply-add of every convolution and dense layer; training is forward + weight
+/// gradient + input gradient (none for the first layer). `None` for `net:` specs.
+fn nominal_flops(spec: &ModelSpec) -> Option<(f64, f64)> {
+    use fedquic_train::CnnLayer;
+    let mut layers: Vec<f64> = Vec::new();
+    match spec {
+        ModelSpec::LogReg { inputs, classes } => layers.push(2.0 * (*inputs * *classes) as f64),
+        ModelSpec::Mlp { layers: sizes } => {
+            for pair in sizes.windows(2) {
+                layers.push(2.0 * (pair[0] * pair[1]) as f64);
+            }
+        }
+        ModelSpec::Cnn {
+            input,
+            layers: hidden,
+            classes,
+        } => {
+            let [mut channels, mut height, mut width] = *input;
+            for layer in hidden {
+                match *layer {
+                    CnnLayer::Conv {
+                        channels: out,
+                        kernel,
+                        stride,
+                        padding,
+                    } => {
+                        height = (height + 2 * padding).checked_sub(kernel)? / stride + 1;
+                        width = (width + 2 * padding).checked_sub(kernel)? / stride + 1;
+                        layers
+                            .push(2.0 * (out * channels * kernel * kernel * height * width) as f64);
+                        channels = out;
+                    }
+                    CnnLayer::MaxPool { size, stride } => {
+                        height = height.checked_sub(size)? / stride + 1;
+                        width = width.checked_sub(size)? / stride + 1;
+                    }
+                    CnnLayer::Dense { units } => {
+                        layers.push(2.0 * (channels * height * width * units) as f64);
+                        (channels, height, width) = (units, 1, 1);
+                    }
+                    CnnLayer::Dropout { .. } => {}
+                }
+            }
+            layers.push(2.0 * (channels * height * width * classes) as f64);
+        }
+        ModelSpec::Net { .. } => return None,
+    }
+    let forward: f64 = layers.iter().sum();
+    Some((
+        forward,
+        3.0 * forward - layers.first().copied().unwrap_or(0.0),
+    ))
+}
+
+/// One core's peak f32 FMA rate in GFLOP/s, measured with independent FMA chains in the
+/// widest vectors the CPU has (AVX-512, else AVX2+FMA); `None` without either.
+fn measure_peak() -> Option<(f64, &'static str)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const ROUNDS: u64 = 4_000_000;
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above).
+            let seconds = best_time(|| unsafe { fma_chains_avx512(ROUNDS) });
+            return Some((ROUNDS as f64 * 12.0 * 16.0 * 2.0 / seconds / 1e9, "avx512"));
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            let seconds = best_time(|| unsafe { fma_chains_avx2(ROUNDS) });
+            return Some((ROUNDS as f64 * 12.0 * 8.0 * 2.0 / seconds / 1e9, "avx2"));
+        }
+    }
+    None
+}
+
+/// The best of 25 timed runs of `run`, in seconds (its result kept alive): many short
+/// runs, so that on a shared machine some run undisturbed.
+fn best_time(mut run: impl FnMut() -> f32) -> f64 {
+    (0..25)
+        .map(|_| {
+            let started = Instant::now();
+            std::hint::black_box(run());
+            started.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// `rounds` x 12 independent vector FMAs (enough chains to cover the FMA latency on two
+/// ports).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fma_chains_avx2(rounds: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    let mut acc = [_mm256_set1_ps(1.0); 12];
+    for _ in 0..rounds {
+        for value in acc.iter_mut() {
+            *value = _mm256_fmadd_ps(*value, a, b);
+        }
+    }
+    let mut out = [0.0f32; 8];
+    let sum = acc
+        .iter()
+        .fold(_mm256_setzero_ps(), |s, &v| _mm256_add_ps(s, v));
+    // SAFETY: `out` holds 8 f32; the store is unaligned.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
+    out.iter().sum()
+}
+
+/// [`fma_chains_avx2`] with 16-lane vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn fma_chains_avx512(rounds: u64) -> f32 {
+    use std::arch::x86_64::*;
+    let (a, b) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    let mut acc = [_mm512_set1_ps(1.0); 12];
+    for _ in 0..rounds {
+        for value in acc.iter_mut() {
+            *value = _mm512_fmadd_ps(*value, a, b);
+        }
+    }
+    let sum = acc
+        .iter()
+        .fold(_mm512_setzero_ps(), |s, &v| _mm512_add_ps(s, v));
+    _mm512_reduce_add_ps(sum)
+}
+
+/// The CPU's model name (Linux), for the header.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split(':').nth(1))
+                .map(|name| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
 /// One result line.
 fn report(
     spec: &ModelSpec,
@@ -168,19 +325,30 @@ fn report(
     batch: usize,
     examples: usize,
     (wall, cpu): (f64, Option<f64>),
+    peak: Option<f64>,
 ) {
     let rate = examples as f64 / wall;
     let cpu_rate = cpu.map_or("-".to_string(), |cpu| {
         format!("{:.0}", examples as f64 / cpu)
     });
+    let flops =
+        nominal_flops(spec).map(|(forward, train)| if mode == "train" { train } else { forward });
+    let gflops = flops.map(|f| f * rate / 1e9);
+    let (gflops_text, peak_text) = match (gflops, peak) {
+        (Some(g), Some(p)) => (format!("{g:.1}"), format!("{:.0}%", 100.0 * g / p)),
+        (Some(g), None) => (format!("{g:.1}"), "-".to_string()),
+        _ => ("-".to_string(), "-".to_string()),
+    };
     println!(
-        "{:<22} {:>6} {:>6} {:>12.0} {:>10.3} {:>16}",
+        "{:<22} {:>6} {:>6} {:>12.0} {:>10.3} {:>16} {:>9} {:>7}",
         spec.to_string(),
         mode,
         batch,
         rate,
         1000.0 * batch as f64 / rate,
-        cpu_rate
+        cpu_rate,
+        gflops_text,
+        peak_text
     );
 }
 
@@ -192,14 +360,26 @@ fn calibrate(seconds: f64, probe_examples: usize, probe_seconds: f64) -> usize {
 
 fn bench(options: &Options, threads: usize) -> Result<(), String> {
     let fixed = set_gemm_threads(threads).map_err(|e| e.to_string())?;
+    let path = fedquic_train::backend::dispatch::process_path().map_err(|e| e.to_string())?;
+    let peak = measure_peak();
+    println!("CPU: {}", cpu_model());
     println!(
-        "GEMM threads: {fixed}   kernels: {} (FEDQUIC_KERNEL)   optimizer: {}   (best of 3 timed calls, after a warm-up)",
-        fedquic_train::kernel_path_name(),
+        "CPU threads: {} (pool {})   kernel path: {} (FEDQUIC_KERNEL)   optimizer: {}   (best of 3 timed calls, after a warm-up)",
+        fixed,
+        fedquic_train::cpu_threads(),
+        path.name(),
         options.optimizer.0
     );
+    match peak {
+        Some((gflops, isa)) => println!(
+            "one core's FMA peak: {gflops:.1} GFLOP/s ({isa}); % peak below is of {threads} x that"
+        ),
+        None => println!("one core's FMA peak: not measured (no AVX2/AVX-512 on this CPU)"),
+    }
+    let peak = peak.map(|(gflops, _)| gflops * threads as f64);
     println!(
-        "{:<22} {:>6} {:>6} {:>12} {:>10} {:>16}",
-        "model", "mode", "batch", "samples/s", "ms/batch", "samples/cpu-s"
+        "{:<22} {:>6} {:>6} {:>12} {:>10} {:>16} {:>9} {:>7}",
+        "model", "mode", "batch", "samples/s", "ms/batch", "samples/cpu-s", "GFLOP/s", "% peak"
     );
     let engine = Engine::select(options.backend).map_err(|e| e.to_string())?;
     println!("backend: {}", engine.describe());
@@ -231,7 +411,7 @@ fn bench(options: &Options, threads: usize) -> Result<(), String> {
             let examples = calibrate(options.seconds, probe, started.elapsed().as_secs_f64());
             let examples = examples.div_ceil(batch) * batch;
             let timing = best_of_three(|| fit(examples))?;
-            report(spec, "train", batch, examples, timing);
+            report(spec, "train", batch, examples, timing, peak);
         }
         for &eval_batch in &options.eval_batches {
             let evaluate = |indices: &[usize]| {
@@ -250,7 +430,7 @@ fn bench(options: &Options, threads: usize) -> Result<(), String> {
             );
             let indices: Vec<usize> = (0..examples).map(|i| i % pool.len()).collect();
             let timing = best_of_three(|| evaluate(&indices))?;
-            report(spec, "infer", eval_batch, examples, timing);
+            report(spec, "infer", eval_batch, examples, timing, peak);
         }
     }
     Ok(())
@@ -264,6 +444,14 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if options.peak_only {
+        println!("CPU: {}", cpu_model());
+        match measure_peak() {
+            Some((gflops, isa)) => println!("one core's FMA peak: {gflops:.1} GFLOP/s ({isa})"),
+            None => println!("one core's FMA peak: not measured (no AVX2/AVX-512 on this CPU)"),
+        }
+        return;
+    }
     let result = if let [threads] = options.threads[..] {
         println!("# {COMMAND}");
         bench(&options, threads)

@@ -51,6 +51,7 @@ pub mod synthetic;
 mod threads;
 
 pub use backend::dispatch::{KernelPath, kernel_path, kernel_path_name, with_kernel_path};
+pub use backend::{cpu_threads, with_cpu_threads};
 pub use data::{DataSpec, Dataset};
 pub use error::{Result, TrainError};
 pub use model::{EvalStats, FitConfig, FitStats, Model};

@@ -1,4 +1,7 @@
-//! How many threads each matrix product uses.
+//! How many threads each CPU operation uses: matrixmultiply's GEMMs and the CPU
+//! backend's intra-op pool ([`crate::backend::pool`]), which splits convolutions,
+//! small-batch dense products, pooling and activations across threads. Both are sized by
+//! the same count, fixed once per process (1 by default).
 //!
 //! The crate enables ndarray's `matrixmultiply-threading`, so matrixmultiply reads
 //! `MATMUL_NUM_THREADS` once, at the process's first GEMM; unset, it would use every
@@ -58,7 +61,8 @@ pub fn gemm_threads() -> usize {
     })
 }
 
-/// Fixes the GEMM thread count at `threads` (1..=4), overriding `MATMUL_NUM_THREADS`.
+/// Fixes the GEMM and intra-op thread count at `threads` (1..=4), overriding
+/// `MATMUL_NUM_THREADS`.
 /// Call it early in `main`, before other threads start and before any model trains.
 /// Errors if the count was already fixed at a different value.
 pub fn set_gemm_threads(threads: usize) -> Result<usize> {

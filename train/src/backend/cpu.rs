@@ -9,6 +9,7 @@ use std::ops::Range;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ErrorKind, ShapeError};
 
+use super::cpu_parallel;
 use super::direct_conv;
 use super::small_gemm;
 use super::sparse_conv;
@@ -114,6 +115,9 @@ impl Backend for CpuBackend {
         check_len(a, gemm.m * gemm.k)?;
         check_len(b, gemm.k * gemm.n)?;
         check_len(c, gemm.m * gemm.n)?;
+        if cpu_parallel::gemm(&gemm, a, b, c) {
+            return Ok(());
+        }
         if small_gemm::try_gemm(&gemm, a, b, c) || small_gemm::try_gemm_blocked(&gemm, a, b, c) {
             return Ok(());
         }
@@ -199,18 +203,28 @@ impl Backend for CpuBackend {
     }
 
     fn relu(&self, x: &mut [f32]) -> Result<()> {
-        for value in x.iter_mut() {
-            *value = value.max(0.0);
+        fn relu(x: &mut [f32]) {
+            for value in x.iter_mut() {
+                *value = value.max(0.0);
+            }
+        }
+        if !cpu_parallel::elementwise(x, relu) {
+            relu(x);
         }
         Ok(())
     }
 
     fn relu_backward(&self, y: &[f32], dy: &mut [f32]) -> Result<()> {
         check_len(dy, y.len())?;
-        for (d, &v) in dy.iter_mut().zip(y) {
-            // A select rather than a multiply, so a NaN gradient cannot leak through a
-            // closed unit and the loop still vectorises.
-            *d = if v > 0.0 { *d } else { 0.0 };
+        fn relu_backward(y: &[f32], dy: &mut [f32]) {
+            for (d, &v) in dy.iter_mut().zip(y) {
+                // A select rather than a multiply, so a NaN gradient cannot leak through
+                // a closed unit and the loop still vectorises.
+                *d = if v > 0.0 { *d } else { 0.0 };
+            }
+        }
+        if !cpu_parallel::zipped(y, dy, relu_backward) {
+            relu_backward(y, dy);
         }
         Ok(())
     }
@@ -319,6 +333,9 @@ impl Backend for CpuBackend {
         check_len(weight, out_channels * geometry.col_rows())?;
         check_len(input, batch * geometry.input_len())?;
         check_len(output, batch * out_channels * geometry.col_cols())?;
+        if cpu_parallel::conv_forward(self, geometry, out_channels, batch, weight, input, output) {
+            return Ok(true);
+        }
         Ok(direct_conv::forward(
             geometry,
             out_channels,
@@ -372,6 +389,16 @@ impl Backend for CpuBackend {
         if !sparse_conv::worth_it(geometry, output_grad) {
             return Ok(false);
         }
+        if cpu_parallel::conv_input_grad(
+            geometry,
+            out_channels,
+            batch,
+            weight,
+            output_grad,
+            input_grad,
+        ) {
+            return Ok(true);
+        }
         sparse_conv::input_grad(geometry, out_channels, weight, output_grad, input_grad);
         Ok(true)
     }
@@ -392,6 +419,18 @@ impl Backend for CpuBackend {
         check_len(input, batch * geometry.input_len())?;
         if !sparse_conv::worth_it(geometry, output_grad) {
             return Ok(false);
+        }
+        if cpu_parallel::conv_weight_grad(
+            geometry,
+            out_channels,
+            batch,
+            input,
+            output_grad,
+            alpha,
+            beta,
+            weight_grad,
+        ) {
+            return Ok(true);
         }
         sparse_conv::weight_grad(
             geometry,
@@ -414,7 +453,9 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         if geometry.size == 2 && geometry.stride == 2 {
-            max_pool_2x2(geometry, input, output);
+            if !cpu_parallel::planes(geometry, input, output, max_pool_2x2) {
+                max_pool_2x2(geometry, input, output);
+            }
             return Ok(());
         }
         for (plane, out) in input
@@ -441,7 +482,15 @@ impl Backend for CpuBackend {
         check_len(input_grad, geometry.input_len())?;
         check_len(output_grad, geometry.output_len())?;
         if geometry.size == 2 && geometry.stride == 2 {
-            max_pool_2x2_backward(geometry, input, output_grad, input_grad);
+            if !cpu_parallel::planes_backward(
+                geometry,
+                input,
+                output_grad,
+                input_grad,
+                max_pool_2x2_backward,
+            ) {
+                max_pool_2x2_backward(geometry, input, output_grad, input_grad);
+            }
             return Ok(());
         }
         input_grad.fill(0.0);

@@ -30,6 +30,23 @@ const TILE_PIXELS: usize = 6;
 #[cfg(target_arch = "x86_64")]
 const TILE_OUT: usize = 16;
 
+/// Whether [`forward`] takes this convolution (on this thread's kernel path).
+pub(super) fn supports(geometry: &super::ConvGeometry, out_channels: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::small_gemm::{LANES, has_avx2_fma};
+        geometry.kernel * geometry.in_channels >= LANES
+            && out_channels.is_multiple_of(LANES)
+            && out_channels > 0
+            && has_avx2_fma()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (geometry, out_channels);
+        false
+    }
+}
+
 /// Adds the convolution of every example of `input` (`[batch, in, h, w]`) with `weight`
 /// (`[out, in, k, k]`) to `output` (`[batch, out, plane]`, already holding the bias).
 /// Returns whether it did; lengths were checked by the caller.
@@ -42,14 +59,8 @@ pub(super) fn forward(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        use super::small_gemm::{LANES, has_avx2_fma};
         use super::sparse_conv::{PADDED, REORDERED, Scratch};
-        let run = geometry.kernel * geometry.in_channels;
-        if run < LANES
-            || !out_channels.is_multiple_of(LANES)
-            || out_channels == 0
-            || !has_avx2_fma()
-        {
+        if !supports(geometry, out_channels) {
             return false;
         }
         REORDERED.with_borrow_mut(|reordered| {

@@ -1,12 +1,17 @@
-//! Which CPU kernels run: the AVX2+FMA ones or the portable ones.
+//! Which CPU kernels run: AVX-512, AVX2+FMA or portable.
 //!
-//! The choice is made once per process from `FEDQUIC_KERNEL` (`auto`, the default:
-//! AVX2+FMA when the CPU has both; `portable`; `avx2`, which falls back to portable
-//! with a warning on a CPU without them), and can be overridden for the current
-//! thread with [`with_kernel_path`], so tests run both paths in one `cargo test`
-//! on any machine that has AVX2, and CI without AVX2 still runs the portable one.
-//! Every kernel asks [`kernel_path`]; the AVX2 code only ever runs when the CPU
-//! supports it, whatever was asked for.
+//! The choice is made once per process from `FEDQUIC_KERNEL` (`auto`, the default: the
+//! best level the CPU has; `avx512`, `avx2` or `portable` force a level, and a process
+//! asking for a level its CPU lacks stops with a clear error from [`process_path`]
+//! instead of silently running another), and can be overridden for the current thread
+//! with [`with_kernel_path`], so tests run every path the machine has in one
+//! `cargo test`, and CI without AVX2 still runs the portable one. Every kernel asks
+//! [`kernel_path`]; vector code only ever runs when the CPU supports it.
+//!
+//! The `avx512` level (AVX-512F on top of AVX2+FMA) currently runs the AVX2+FMA
+//! kernels: it is detected, reported and forcible so that AVX-512 kernels can be added
+//! behind it and measured on a CPU that has it. aarch64 (and any other target) runs the
+//! portable kernels.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -15,8 +20,11 @@ use std::sync::OnceLock;
 pub const KERNEL_VAR: &str = "FEDQUIC_KERNEL";
 
 /// A family of CPU kernels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+// Ordered best first (`Avx512 < Avx2Fma < Portable`), which `with_kernel_path` uses to fall back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KernelPath {
+    /// x86-64 with AVX-512F (and AVX2+FMA, which its kernels also use).
+    Avx512,
     /// x86-64 kernels using AVX2 and FMA.
     Avx2Fma,
     /// Plain Rust (vectorised by the compiler for the baseline target).
@@ -24,21 +32,43 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
-    /// Short name for logs and benchmark output: `avx2` or `portable`.
+    /// Short name for logs and benchmark output: `avx512`, `avx2` or `portable`.
     pub fn name(self) -> &'static str {
         match self {
+            KernelPath::Avx512 => "avx512",
             KernelPath::Avx2Fma => "avx2",
             KernelPath::Portable => "portable",
         }
     }
 
-    /// The paths this CPU can run: always `Portable`, and `Avx2Fma` where supported.
+    /// The paths this CPU can run, best first: `Avx512` and `Avx2Fma` where supported,
+    /// always `Portable`.
     pub fn available() -> Vec<KernelPath> {
-        let mut paths = vec![KernelPath::Portable];
-        if cpu_has_avx2_fma() {
-            paths.insert(0, KernelPath::Avx2Fma);
+        [
+            KernelPath::Avx512,
+            KernelPath::Avx2Fma,
+            KernelPath::Portable,
+        ]
+        .into_iter()
+        .filter(|path| path.supported())
+        .collect()
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            KernelPath::Avx512 => cpu_has_avx512(),
+            KernelPath::Avx2Fma => cpu_has_avx2_fma(),
+            KernelPath::Portable => true,
         }
-        paths
+    }
+
+    /// The best path this CPU has.
+    pub fn best() -> KernelPath {
+        KernelPath::available()
+            .first()
+            .copied()
+            .unwrap_or(KernelPath::Portable)
     }
 }
 
@@ -48,12 +78,33 @@ pub enum KernelChoice {
     Auto,
     Portable,
     Avx2,
+    Avx512,
 }
 
-/// A `FEDQUIC_KERNEL` value that is none of `auto`, `portable`, `avx2`.
+/// A `FEDQUIC_KERNEL` value that is none of `auto`, `portable`, `avx2`, `avx512`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{KERNEL_VAR}={0:?} is not one of auto, portable, avx2")]
+#[error("{KERNEL_VAR}={0:?} is not one of auto, portable, avx2, avx512")]
 pub struct KernelChoiceError(pub String);
+
+/// `FEDQUIC_KERNEL` asked for a level this CPU lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{KERNEL_VAR}={asked} but this CPU lacks it (it has: {has}); \
+     use auto or one of the levels it has"
+)]
+pub struct KernelUnsupported {
+    pub asked: &'static str,
+    pub has: String,
+}
+
+/// Why `FEDQUIC_KERNEL` cannot be honoured.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Unknown(#[from] KernelChoiceError),
+    #[error(transparent)]
+    Unsupported(#[from] KernelUnsupported),
+}
 
 impl std::str::FromStr for KernelChoice {
     type Err = KernelChoiceError;
@@ -63,8 +114,20 @@ impl std::str::FromStr for KernelChoice {
             "" | "auto" => Ok(KernelChoice::Auto),
             "portable" => Ok(KernelChoice::Portable),
             "avx2" => Ok(KernelChoice::Avx2),
+            "avx512" => Ok(KernelChoice::Avx512),
             _ => Err(KernelChoiceError(s.to_owned())),
         }
+    }
+}
+
+fn cpu_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        cpu_has_avx2_fma() && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -80,19 +143,33 @@ fn cpu_has_avx2_fma() -> bool {
     }
 }
 
-/// The path a choice leads to on this CPU.
-pub fn resolve(choice: KernelChoice) -> KernelPath {
-    match choice {
+/// The path a choice leads to on this CPU, or an error naming the levels it has when it
+/// asks for one the CPU lacks.
+pub fn resolve(choice: KernelChoice) -> Result<KernelPath, KernelUnsupported> {
+    let asked = match choice {
+        KernelChoice::Auto => return Ok(KernelPath::best()),
         KernelChoice::Portable => KernelPath::Portable,
-        KernelChoice::Auto | KernelChoice::Avx2 if cpu_has_avx2_fma() => KernelPath::Avx2Fma,
-        KernelChoice::Avx2 => {
-            tracing::warn!(
-                "{KERNEL_VAR}=avx2 but this CPU lacks AVX2/FMA: using the portable kernels"
-            );
-            KernelPath::Portable
-        }
-        KernelChoice::Auto => KernelPath::Portable,
+        KernelChoice::Avx2 => KernelPath::Avx2Fma,
+        KernelChoice::Avx512 => KernelPath::Avx512,
+    };
+    if asked.supported() {
+        Ok(asked)
+    } else {
+        let has: Vec<&str> = KernelPath::available().iter().map(|p| p.name()).collect();
+        Err(KernelUnsupported {
+            asked: asked.name(),
+            has: has.join(", "),
+        })
     }
+}
+
+/// The process's path from `FEDQUIC_KERNEL`, or why it cannot be honoured. Binaries
+/// call this at startup to stop with the error; [`kernel_path`] itself never fails (it
+/// logs the error and runs the best path).
+pub fn process_path() -> Result<KernelPath, KernelError> {
+    let value = std::env::var(KERNEL_VAR).unwrap_or_default();
+    let choice: KernelChoice = value.parse()?;
+    Ok(resolve(choice)?)
 }
 
 static PROCESS_PATH: OnceLock<KernelPath> = OnceLock::new();
@@ -106,29 +183,28 @@ thread_local! {
 pub fn kernel_path() -> KernelPath {
     THREAD_PATH.with(Cell::get).unwrap_or_else(|| {
         *PROCESS_PATH.get_or_init(|| {
-            let value = std::env::var(KERNEL_VAR).unwrap_or_default();
-            let choice = value.parse().unwrap_or_else(|e: KernelChoiceError| {
-                tracing::warn!("{e}; using auto");
-                KernelChoice::Auto
-            });
-            resolve(choice)
+            process_path().unwrap_or_else(|e| {
+                let best = KernelPath::best();
+                tracing::error!("{e}; running {}", best.name());
+                best
+            })
         })
     })
 }
 
-/// [`kernel_path`]'s name (`avx2` or `portable`), for logs.
+/// [`kernel_path`]'s name (`avx512`, `avx2` or `portable`), for logs.
 pub fn kernel_path_name() -> &'static str {
     kernel_path().name()
 }
 
-/// Whether the AVX2+FMA kernels are to run (which implies the CPU has them).
+/// Whether the AVX2+FMA kernels are to run (which implies the CPU has them): on the
+/// `avx2` path, and on the `avx512` one, which uses them where it has no kernel of its own.
 pub(crate) fn avx2_fma() -> bool {
-    kernel_path() == KernelPath::Avx2Fma
+    matches!(kernel_path(), KernelPath::Avx2Fma | KernelPath::Avx512)
 }
 
-/// Runs `work` on this thread with the kernels of `path` (or the portable
-/// ones, when `path` is `Avx2Fma` and the CPU lacks it), then restores the
-/// previous choice, even if `work` panics.
+/// Runs `work` on this thread with the kernels of `path` (or of the best level below it
+/// that the CPU has), then restores the previous choice, even if `work` panics.
 pub fn with_kernel_path<R>(path: KernelPath, work: impl FnOnce() -> R) -> R {
     struct Restore(Option<KernelPath>);
     impl Drop for Restore {
@@ -136,10 +212,10 @@ pub fn with_kernel_path<R>(path: KernelPath, work: impl FnOnce() -> R) -> R {
             THREAD_PATH.with(|p| p.set(self.0));
         }
     }
-    let effective = match path {
-        KernelPath::Avx2Fma if !cpu_has_avx2_fma() => KernelPath::Portable,
-        other => other,
-    };
+    let effective = [path, KernelPath::Avx2Fma, KernelPath::Portable]
+        .into_iter()
+        .find(|p| p.supported() && *p >= path)
+        .unwrap_or(KernelPath::Portable);
     let _restore = Restore(THREAD_PATH.with(|p| p.replace(Some(effective))));
     work()
 }
@@ -155,10 +231,29 @@ mod tests {
         assert_eq!("".parse(), Ok(KernelChoice::Auto));
         let err = "sse9".parse::<KernelChoice>().expect_err("unknown");
         assert!(err.to_string().contains("FEDQUIC_KERNEL"), "{err}");
-        assert_eq!(resolve(KernelChoice::Portable), KernelPath::Portable);
+        assert_eq!("avx512".parse(), Ok(KernelChoice::Avx512));
+        assert_eq!(resolve(KernelChoice::Portable), Ok(KernelPath::Portable));
         let best = KernelPath::available()[0];
-        assert_eq!(resolve(KernelChoice::Auto), best);
-        assert_eq!(resolve(KernelChoice::Avx2), best);
+        assert_eq!(resolve(KernelChoice::Auto), Ok(best));
+        for (choice, path) in [
+            (KernelChoice::Avx2, KernelPath::Avx2Fma),
+            (KernelChoice::Avx512, KernelPath::Avx512),
+        ] {
+            match resolve(choice) {
+                Ok(resolved) => {
+                    assert_eq!(resolved, path);
+                    assert!(path.supported());
+                }
+                Err(e) => {
+                    assert!(!path.supported());
+                    let text = e.to_string();
+                    assert!(
+                        text.contains(path.name()) && text.contains("lacks"),
+                        "{text}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
@@ -171,7 +266,15 @@ mod tests {
             let other = std::thread::spawn(kernel_path).join().expect("thread");
             assert_eq!(other, outer);
             with_kernel_path(KernelPath::Avx2Fma, || {
-                assert_eq!(kernel_path(), KernelPath::available()[0]);
+                let expected = if KernelPath::Avx2Fma.supported() {
+                    KernelPath::Avx2Fma
+                } else {
+                    KernelPath::Portable
+                };
+                assert_eq!(kernel_path(), expected);
+            });
+            with_kernel_path(KernelPath::Avx512, || {
+                assert_eq!(kernel_path(), KernelPath::best());
             });
             assert_eq!(kernel_path(), KernelPath::Portable);
         });

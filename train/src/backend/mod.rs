@@ -37,9 +37,11 @@ use std::ops::Range;
 use crate::error::Result;
 
 mod cpu;
+mod cpu_parallel;
 mod direct_conv;
 pub mod dispatch;
 pub(crate) mod host_ops;
+pub mod pool;
 mod select;
 mod small_gemm;
 mod sparse_conv;
@@ -50,6 +52,7 @@ pub mod wgpu;
 pub use self::wgpu::{WgpuBackend, WgpuDevice};
 pub use cpu::CpuBackend;
 pub use dispatch::{KernelPath, kernel_path, kernel_path_name, with_kernel_path};
+pub use pool::{cpu_threads, with_cpu_threads};
 pub use select::{BackendKind, Engine};
 
 /// The dropout mask value of element `index` for a mask drawn with `seed`: 0 with

@@ -25,6 +25,19 @@ pub(super) type Lane = [f32; LANES];
 /// portable one ([`super::dispatch`] decides); returns whether it did. Lengths were
 /// checked by the caller.
 pub(super) fn try_gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
+    try_gemm_strided(gemm, gemm.m, a, b, c)
+}
+
+/// [`try_gemm`], where for the rank update (`trans_a` only) A's stored rows are `lda`
+/// apart (`lda >= m`): C's rows `r..r + m` of a larger product are computed from
+/// `&a[r..]` with `lda` the full product's `m`, so threads can share out C's rows.
+pub(super) fn try_gemm_strided(
+    gemm: &Gemm,
+    lda: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+) -> bool {
     let kind = match (gemm.trans_a, gemm.trans_b) {
         // Dense forward: C[batch, out] = X[batch, in] . W[out, in]^T.
         (false, true) if gemm.m <= MAX_SMALL => Kind::DotRows,
@@ -44,7 +57,7 @@ pub(super) fn try_gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool
             match kind {
                 Kind::DotRows => dot_rows(gemm, a, b, c),
                 Kind::ScaleRows => scale_rows(gemm, a, b, c),
-                Kind::RankUpdate => rank_update(gemm, a, b, c),
+                Kind::RankUpdate => rank_update(gemm, lda, a, b, c),
             }
         }
         return true;
@@ -52,7 +65,7 @@ pub(super) fn try_gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool
     match kind {
         Kind::DotRows => portable::dot_rows(gemm, a, b, c),
         Kind::ScaleRows => portable::scale_rows(gemm, a, b, c),
-        Kind::RankUpdate => portable::rank_update(gemm, a, b, c),
+        Kind::RankUpdate => portable::rank_update(gemm, lda, a, b, c),
     }
     true
 }
@@ -133,7 +146,7 @@ mod portable {
     }
 
     /// `C = alpha * A^T . B + beta * C`, A `k x m`, B `k x n`, `k` the batch.
-    pub(super) fn rank_update(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    pub(super) fn rank_update(gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
         let Gemm {
             m,
             n,
@@ -147,7 +160,7 @@ mod portable {
                 let width = (n - start).min(STRIP);
                 let mut acc = [0.0f32; STRIP];
                 for p in 0..k {
-                    let s = alpha * a[p * m + i];
+                    let s = alpha * a[p * lda + i];
                     let row = &b[p * n + start..p * n + start + width];
                     for (sum, &value) in acc.iter_mut().zip(row) {
                         *sum += s * value;
@@ -190,27 +203,38 @@ pub(super) fn try_gemm_blocked(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32])
             }
             true
         }
-        (true, false) => {
-            for (block, (a_rows, b_rows)) in a
-                .chunks(MAX_SMALL * m)
-                .zip(b.chunks(MAX_SMALL * n))
-                .enumerate()
-            {
-                let depth = (k - block * MAX_SMALL).min(MAX_SMALL);
-                let beta = if block == 0 { gemm.beta } else { 1.0 };
-                let sub = Gemm {
-                    k: depth,
-                    beta,
-                    ..*gemm
-                };
-                if !try_gemm(&sub, a_rows, b_rows, c) {
-                    return block > 0;
-                }
-            }
-            true
-        }
+        (true, false) => rank_update_blocked(gemm, m, a, b, c),
         (true, true) => false,
     }
+}
+
+/// The `(true, false)` case of [`try_gemm_blocked`] with A's rows `lda` apart (see
+/// [`try_gemm_strided`]).
+pub(super) fn rank_update_blocked(
+    gemm: &Gemm,
+    lda: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+) -> bool {
+    let (n, k) = (gemm.n, gemm.k);
+    for (block, (a_rows, b_rows)) in a
+        .chunks(MAX_SMALL * lda)
+        .zip(b.chunks(MAX_SMALL * n))
+        .enumerate()
+    {
+        let depth = (k - block * MAX_SMALL).min(MAX_SMALL);
+        let beta = if block == 0 { gemm.beta } else { 1.0 };
+        let sub = Gemm {
+            k: depth,
+            beta,
+            ..*gemm
+        };
+        if !try_gemm_strided(&sub, lda, a_rows, b_rows, c) {
+            return block > 0;
+        }
+    }
+    true
 }
 
 enum Kind {
@@ -452,7 +476,7 @@ fn scale_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
 /// written once, as a sum of B's `k` rows (in cache) with coefficients from A.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn rank_update(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+fn rank_update(gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
     let Gemm {
         m,
         n,
@@ -468,7 +492,7 @@ fn rank_update(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         let rows = (m - i).min(4);
         for (p, coefficient) in coefficients.iter_mut().enumerate().take(k) {
             for r in 0..rows {
-                coefficient[r] = alpha * a[p * m + i + r];
+                coefficient[r] = alpha * a[p * lda + i + r];
             }
         }
         for start in (0..whole).step_by(2 * LANES) {

@@ -1,0 +1,306 @@
+//! The CPU backend's operations split across the intra-op pool ([`super::pool`]).
+//!
+//! Each function returns `false` without touching its output when the pool has one
+//! thread or the work is too small to pay for waking a second one; the caller then runs
+//! its single-threaded code. Splits follow examples (convolutions, pooling), rows of C in
+//! whole blocks of the small-GEMM kernels (dense layers), or plain element ranges
+//! (activations), so every output value is computed by the same instructions as on one
+//! thread: results are bit-identical to the single-threaded ones, except the
+//! convolution weight gradient, whose per-thread partial sums are added in a fixed
+//! order (deterministic for a given thread count). Lengths were checked by the caller.
+
+use std::cell::RefCell;
+
+use super::pool::{MAX_THREADS, cpu_threads, for_each, part_len};
+use super::{ConvGeometry, Gemm, PoolGeometry, direct_conv, small_gemm, sparse_conv};
+
+/// Multiply-adds (or element operations) below which an operation stays on one thread:
+/// waking a worker costs microseconds, this much work takes about 20-50 µs.
+const MIN_WORK: usize = 1 << 19;
+/// Elements below which an elementwise pass stays on one thread.
+const MIN_ELEMENTS: usize = 1 << 16;
+
+thread_local! {
+    /// One example's im2col matrix, per thread.
+    static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The other parts' weight-gradient sums, on the calling thread.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// How many parts to cut `units` into for `work` operations (1: do not split).
+fn parts(units: usize, work: usize) -> usize {
+    let threads = cpu_threads();
+    if threads < 2 || work < MIN_WORK {
+        return 1;
+    }
+    threads.min(units).min(MAX_THREADS)
+}
+
+/// Convolution forward (output already holding the bias): the direct kernel, or
+/// im2col + GEMM per example, on each part of the batch.
+pub(super) fn conv_forward(
+    backend: &super::CpuBackend,
+    geometry: &ConvGeometry,
+    out_channels: usize,
+    batch: usize,
+    weight: &[f32],
+    input: &[f32],
+    output: &mut [f32],
+) -> bool {
+    let (rows, plane) = (geometry.col_rows(), geometry.col_cols());
+    let parts = parts(batch, batch * out_channels * rows * plane);
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(batch, parts, 1);
+    let (in_len, out_len) = (geometry.input_len(), out_channels * plane);
+    let chunks = input
+        .chunks(per * in_len)
+        .zip(output.chunks_mut(per * out_len));
+    if direct_conv::supports(geometry, out_channels) {
+        for_each(chunks, |(input, output)| {
+            direct_conv::forward(geometry, out_channels, weight, input, output);
+        });
+        return true;
+    }
+    let gemm = Gemm {
+        m: out_channels,
+        n: plane,
+        k: rows,
+        trans_a: false,
+        trans_b: false,
+        alpha: 1.0,
+        beta: 1.0,
+    };
+    for_each(chunks, |(input, output)| {
+        COLS.with_borrow_mut(|cols| {
+            cols.resize(rows * plane, 0.0);
+            for (example, out) in input.chunks(in_len).zip(output.chunks_mut(out_len)) {
+                // Lengths are right by construction; an error here would be a bug in
+                // this function, which the single-threaded path would also report.
+                let done = if geometry.is_pointwise() {
+                    super::Backend::gemm(backend, gemm, weight, example, out)
+                } else {
+                    super::Backend::im2col(backend, geometry, example, cols)
+                        .and_then(|()| super::Backend::gemm(backend, gemm, weight, cols, out))
+                };
+                debug_assert!(done.is_ok(), "{done:?}");
+            }
+        });
+    });
+    true
+}
+
+/// Sparse convolution input gradient, per part of the batch.
+pub(super) fn conv_input_grad(
+    geometry: &ConvGeometry,
+    out_channels: usize,
+    batch: usize,
+    weight: &[f32],
+    output_grad: &[f32],
+    input_grad: &mut [f32],
+) -> bool {
+    let plane = geometry.col_cols();
+    let parts = parts(
+        batch,
+        batch * out_channels * geometry.col_rows() * plane / 4,
+    );
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(batch, parts, 1);
+    let chunks = output_grad
+        .chunks(per * out_channels * plane)
+        .zip(input_grad.chunks_mut(per * geometry.input_len()));
+    for_each(chunks, |(output_grad, input_grad)| {
+        sparse_conv::input_grad(geometry, out_channels, weight, output_grad, input_grad);
+    });
+    true
+}
+
+/// Sparse convolution weight gradient: the first part accumulates into `weight_grad`
+/// (with `beta`), the others into partial sums that are then added in part order.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn conv_weight_grad(
+    geometry: &ConvGeometry,
+    out_channels: usize,
+    batch: usize,
+    input: &[f32],
+    output_grad: &[f32],
+    alpha: f32,
+    beta: f32,
+    weight_grad: &mut [f32],
+) -> bool {
+    let plane = geometry.col_cols();
+    let parts = parts(
+        batch,
+        batch * out_channels * geometry.col_rows() * plane / 4,
+    );
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(batch, parts, 1);
+    let parts = batch.div_ceil(per);
+    let len = weight_grad.len();
+    PARTIALS.with_borrow_mut(|partials| {
+        partials.resize((parts - 1) * len, 0.0);
+        let targets = std::iter::once(&mut *weight_grad).chain(partials.chunks_mut(len.max(1)));
+        let items = input
+            .chunks(per * geometry.input_len())
+            .zip(output_grad.chunks(per * out_channels * plane))
+            .zip(targets)
+            .enumerate();
+        for_each(items, |(part, ((input, output_grad), target))| {
+            let beta = if part == 0 { beta } else { 0.0 };
+            sparse_conv::weight_grad(
+                geometry,
+                out_channels,
+                input,
+                output_grad,
+                alpha,
+                beta,
+                target,
+            );
+        });
+        for partial in partials.chunks(len.max(1)) {
+            for (total, &value) in weight_grad.iter_mut().zip(partial) {
+                *total += value;
+            }
+        }
+    });
+    true
+}
+
+/// A small-GEMM product split into parts of C's rows: whole 16-row blocks of the
+/// "rows" kernels, or row ranges of the rank update (A's columns, read with A's stride).
+/// Returns false (C untouched) for shapes the small kernels do not take.
+pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
+    let (m, n, k) = (gemm.m, gemm.n, gemm.k);
+    if m == 0 || n == 0 || k == 0 {
+        return false;
+    }
+    match (gemm.trans_a, gemm.trans_b) {
+        (false, _) => {
+            let blocks = m.div_ceil(small_gemm::MAX_SMALL);
+            let parts = parts(blocks, m * n * k);
+            if parts < 2 {
+                return false;
+            }
+            let per = part_len(m, parts, small_gemm::MAX_SMALL);
+            let chunks = a.chunks(per * k).zip(c.chunks_mut(per * n));
+            for_each(chunks, |(a, c)| {
+                let sub = Gemm {
+                    m: c.len() / n,
+                    ..*gemm
+                };
+                small_gemm::try_gemm_blocked(&sub, a, b, c);
+            });
+            true
+        }
+        (true, false) => {
+            // Granules of 8 rows keep the kernel's 4-row blocks whole.
+            let parts = parts(m.div_ceil(8), m * n * k);
+            if parts < 2 {
+                return false;
+            }
+            let per = part_len(m, parts, 8);
+            let items = c.chunks_mut(per * n).enumerate();
+            for_each(items, |(part, c)| {
+                let first = part * per;
+                let sub = Gemm {
+                    m: c.len() / n,
+                    ..*gemm
+                };
+                small_gemm::rank_update_blocked(&sub, m, &a[first..], b, c);
+            });
+            true
+        }
+        (true, true) => false,
+    }
+}
+
+/// An elementwise pass `op` over `x`, split into ranges.
+pub(super) fn elementwise(x: &mut [f32], op: impl Fn(&mut [f32]) + Sync) -> bool {
+    let parts = parts(x.len() / MIN_ELEMENTS.max(1) + 1, x.len() * 8);
+    if parts < 2 || x.len() < MIN_ELEMENTS {
+        return false;
+    }
+    let per = part_len(x.len(), parts, 64);
+    for_each(x.chunks_mut(per), op);
+    true
+}
+
+/// An elementwise pass `op(src, dst)` over equal-length slices, split into ranges.
+pub(super) fn zipped(src: &[f32], dst: &mut [f32], op: impl Fn(&[f32], &mut [f32]) + Sync) -> bool {
+    if src.len() != dst.len() || dst.len() < MIN_ELEMENTS {
+        return false;
+    }
+    let parts = parts(dst.len() / MIN_ELEMENTS + 1, dst.len() * 8);
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(dst.len(), parts, 64);
+    for_each(src.chunks(per).zip(dst.chunks_mut(per)), |(s, d)| op(s, d));
+    true
+}
+
+/// A pooling pass over whole planes: `op(geometry_of_part, input, output)`.
+pub(super) fn planes(
+    geometry: &PoolGeometry,
+    input: &[f32],
+    output: &mut [f32],
+    op: impl Fn(&PoolGeometry, &[f32], &mut [f32]) + Sync,
+) -> bool {
+    let plane_in = geometry.in_height * geometry.in_width;
+    let plane_out = geometry.out_height * geometry.out_width;
+    if plane_in == 0 || plane_out == 0 || input.len() < MIN_ELEMENTS {
+        return false;
+    }
+    let count = input.len() / plane_in;
+    let parts = parts(count, input.len() * 8);
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(count, parts, 1);
+    for_each(
+        input
+            .chunks(per * plane_in)
+            .zip(output.chunks_mut(per * plane_out)),
+        |(input, output)| {
+            let part = geometry.with_planes(input.len() / plane_in);
+            op(&part, input, output);
+        },
+    );
+    true
+}
+
+/// [`planes`] for a pooling backward pass: `op(geometry_of_part, input, output_grad,
+/// input_grad)`.
+pub(super) fn planes_backward(
+    geometry: &PoolGeometry,
+    input: &[f32],
+    output_grad: &[f32],
+    input_grad: &mut [f32],
+    op: impl Fn(&PoolGeometry, &[f32], &[f32], &mut [f32]) + Sync,
+) -> bool {
+    let plane_in = geometry.in_height * geometry.in_width;
+    let plane_out = geometry.out_height * geometry.out_width;
+    if plane_in == 0 || plane_out == 0 || input.len() < MIN_ELEMENTS {
+        return false;
+    }
+    let count = input.len() / plane_in;
+    let parts = parts(count, input.len() * 8);
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(count, parts, 1);
+    let items = input
+        .chunks(per * plane_in)
+        .zip(output_grad.chunks(per * plane_out))
+        .zip(input_grad.chunks_mut(per * plane_in));
+    for_each(items, |((input, output_grad), input_grad)| {
+        let part = geometry.with_planes(input.len() / plane_in);
+        op(&part, input, output_grad, input_grad);
+    });
+    true
+}

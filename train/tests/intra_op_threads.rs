@@ -1,0 +1,142 @@
+//! Intra-op threading (`set_gemm_threads(2)`): operations split across the pool give
+//! the single-threaded results, on every kernel path this CPU has. This test binary
+//! fixes the process's thread count at 2, so it runs as its own process.
+
+use fedquic_train::backend::{Backend, CpuBackend, Gemm};
+use fedquic_train::{
+    DataSpec, Dataset, FitConfig, KernelPath, Model, cpu_threads, kernel_path_name,
+    set_gemm_threads, with_cpu_threads, with_kernel_path,
+};
+
+fn two_threads() {
+    assert_eq!(set_gemm_threads(2).expect("first and only setting"), 2);
+    assert_eq!(cpu_threads(), 2);
+    assert_eq!(with_cpu_threads(1, cpu_threads), 1);
+}
+
+fn data() -> Dataset {
+    let (train, _) = "synthetic:128/16:5"
+        .parse::<DataSpec>()
+        .unwrap()
+        .load()
+        .unwrap();
+    train
+}
+
+fn reference(g: &Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
+    let at = |i: usize, p: usize| if g.trans_a { a[p * g.m + i] } else { a[i * g.k + p] } as f64;
+    let bt = |p: usize, j: usize| if g.trans_b { b[j * g.k + p] } else { b[p * g.n + j] } as f64;
+    let mut out = vec![0f32; g.m * g.n];
+    for i in 0..g.m {
+        for j in 0..g.n {
+            let sum: f64 = (0..g.k).map(|p| at(i, p) * bt(p, j)).sum();
+            let prior = g.beta as f64 * c0[i * g.n + j] as f64;
+            out[i * g.n + j] = (g.alpha as f64 * sum + prior) as f32;
+        }
+    }
+    out
+}
+
+/// Products large enough to be split (row blocks, and the rank update's C rows with
+/// A's stride), against f64, and bit for bit against one thread.
+fn split_products_match() {
+    let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
+    for &(m, n, k, trans_a, trans_b) in &[
+        (72, 200, 300, false, true),
+        (70, 130, 256, false, false),
+        (100, 300, 40, true, false),
+        (37, 64, 600, true, false),
+    ] {
+        let g = Gemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            alpha: -0.5,
+            beta: 0.25,
+        };
+        let a: Vec<f32> = (0..m * k).map(value).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| value(i + 7)).collect();
+        let c0: Vec<f32> = (0..m * n).map(|i| value(i + 3)).collect();
+        let run = || {
+            let mut c = c0.clone();
+            CpuBackend.gemm(g, &a, &b, &mut c).unwrap();
+            c
+        };
+        let threaded = run();
+        let single = with_cpu_threads(1, run);
+        assert_eq!(threaded, single, "{g:?} on {}", kernel_path_name());
+        let expected = reference(&g, &a, &b, &c0);
+        for (i, (x, y)) in threaded.iter().zip(&expected).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-3 * (1.0 + y.abs()),
+                "{g:?} on {}: value {i}: {x} vs {y}",
+                kernel_path_name()
+            );
+        }
+    }
+}
+
+/// A CNN (direct and sparse convolutions, 2x2 pooling, ReLU) and an MLP: gradients equal
+/// one thread's (the convolution weight gradient up to the order of its partial sums),
+/// and inference is bit-identical.
+fn models_match() {
+    let data = data();
+    for spec in [
+        "cnn:1x28x28-c16k5p2-m2-c32k5p2-m2-d64-10",
+        "mlp:784-256-256-10",
+    ] {
+        let model = Model::try_new(spec.parse().unwrap(), 3).unwrap();
+        let indices: Vec<usize> = (0..64).collect();
+        let (stats, threaded) = model.gradient(&data, &indices).unwrap();
+        let (single_stats, single) =
+            with_cpu_threads(1, || model.gradient(&data, &indices).unwrap());
+        assert_eq!(
+            stats.loss, single_stats.loss,
+            "{spec}: forward is bit-identical"
+        );
+        let scale = single.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-3);
+        for (i, (x, y)) in threaded.iter().zip(&single).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * scale,
+                "{spec} on {}: gradient {i}: {x} vs {y}",
+                kernel_path_name()
+            );
+        }
+        let eval = model.evaluate(&data, &indices).unwrap();
+        let single_eval = with_cpu_threads(1, || model.evaluate(&data, &indices).unwrap());
+        assert_eq!(eval.loss, single_eval.loss, "{spec}");
+        assert_eq!(eval.accuracy, single_eval.accuracy, "{spec}");
+
+        // And training moves the same way.
+        let config = FitConfig {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 0.05,
+            ..FitConfig::default()
+        };
+        let all: Vec<usize> = (0..data.len()).collect();
+        let mut a = model.clone();
+        a.fit(&data, &all, &config).unwrap();
+        let mut b = model.clone();
+        with_cpu_threads(1, || b.fit(&data, &all, &config).unwrap());
+        for (x, y) in a.parameters().iter().zip(b.parameters()) {
+            assert!(
+                (x - y).abs() <= 1e-4,
+                "{spec}: trained parameter {x} vs {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn split_operations_match_one_thread_on_every_path() {
+    two_threads();
+    for path in KernelPath::available() {
+        with_kernel_path(path, || {
+            split_products_match();
+            models_match();
+        });
+    }
+}
