@@ -19,7 +19,7 @@ use fedquic_net::io::{
 };
 use fedquic_protocol::{
     Codec, EvalResult, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, TensorLimits,
-    TensorMeta, Welcome, negotiate_version,
+    TensorMeta, Welcome, negotiate_version, with_control_layout,
 };
 use fedquic_train::{Dataset, Model};
 use serde::Serialize;
@@ -282,6 +282,9 @@ enum ToConn {
 struct Shared {
     model_spec: String,
     layout: Vec<TensorMeta>,
+    /// The layout of fit streams and updates: `layout`, then (SCAFFOLD) the
+    /// control variate's tensors.
+    update_layout: Vec<TensorMeta>,
     limits: TensorLimits,
     pool: Arc<BufferPool>,
     hub: mpsc::UnboundedSender<ToHub>,
@@ -354,12 +357,18 @@ impl Server {
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
         let values = setup.initial_model.len();
+        // SCAFFOLD's updates carry Delta c after Delta y: twice the values.
+        let (update_layout, update_values) = match setup.engine.strategy.carries_control_variate() {
+            true => (with_control_layout(&setup.layout), 2 * values),
+            false => (setup.layout.clone(), values),
+        };
         let shared = Arc::new(Shared {
             model_spec: setup.model_spec.clone(),
             layout: setup.layout.clone(),
-            limits: TensorLimits::for_model(values as u64),
+            update_layout,
+            limits: TensorLimits::for_model(update_values as u64),
             pool: Arc::new(BufferPool {
-                len: values,
+                len: update_values,
                 free: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(setup.max_inflight_updates.max(1))),
             }),
@@ -750,7 +759,7 @@ async fn receive_update(
             "expected an update stream".into(),
         );
     }
-    if let Err(e) = header.check_layout(&shared.layout) {
+    if let Err(e) = header.check_layout(&shared.update_layout) {
         let _ = stream.stop(STREAM_REFUSED.into());
         return fail(Some(header.task_id), RejectCause::Malformed, e.to_string());
     }
@@ -870,6 +879,8 @@ impl Hub {
             }
             None => RoundEngine::new(setup.engine, setup.initial_model, 0),
         };
+        let mut engine = engine;
+        engine.set_run_id(&setup.run_id);
         Ok(Hub {
             engine,
             shared,
@@ -1124,14 +1135,26 @@ impl Hub {
         }
     }
 
-    fn send_task(&mut self, client: &str, message: Message, round: u64, task_id: u64) {
-        let model = self.engine.global_model();
+    /// Sends a task and its model; `with_control` (SCAFFOLD fit tasks) sends
+    /// the control variate after the model.
+    fn send_task(
+        &mut self,
+        client: &str,
+        message: Message,
+        round: u64,
+        task_id: u64,
+        with_control: bool,
+    ) {
+        let (model, tensors) = match with_control {
+            true => (self.engine.fit_payload(), self.shared.update_layout.clone()),
+            false => (self.engine.global_model(), self.shared.layout.clone()),
+        };
         let header = TensorHeader {
             kind: StreamKind::GlobalModel,
             round,
             task_id,
             codec: Codec::F32,
-            tensors: self.shared.layout.clone(),
+            tensors,
             num_examples: 0,
             metrics: Vec::new(),
             body_len: model.len() as u64 * 4,
@@ -1161,11 +1184,18 @@ impl Hub {
                 Action::SendFit { client, task } => {
                     self.round_started.get_or_insert_with(Instant::now);
                     let (round, task_id) = (task.round, task.task_id);
-                    self.send_task(&client, Message::FitTask(task), round, task_id);
+                    let with_control = task.scaffold.is_some();
+                    self.send_task(
+                        &client,
+                        Message::FitTask(task),
+                        round,
+                        task_id,
+                        with_control,
+                    );
                 }
                 Action::SendEvaluate { client, task } => {
                     let (round, task_id) = (task.round, task.task_id);
-                    self.send_task(&client, Message::EvaluateTask(task), round, task_id);
+                    self.send_task(&client, Message::EvaluateTask(task), round, task_id, false);
                 }
                 Action::UpdateAccepted { client, task_id } => {
                     if let Some(backend) = self.backends.get(&client) {

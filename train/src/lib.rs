@@ -53,7 +53,7 @@ mod threads;
 pub use backend::dispatch::{KernelPath, kernel_path, kernel_path_name, with_kernel_path};
 pub use data::{DataSpec, Dataset};
 pub use error::{Result, TrainError};
-pub use model::{EvalStats, FitConfig, FitStats, Model};
+pub use model::{EvalStats, FitConfig, FitStats, Model, local_steps};
 pub use optim::Optimizer;
 pub use partition::{PartitionScheme, partition};
 pub use spec::{
