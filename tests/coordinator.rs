@@ -44,6 +44,8 @@ impl OneAtATime {
                 round: self.commits + 1,
                 task_id: self.next_task,
                 config: self.instructions.clone(),
+                initial_loss: false,
+                scaffold: None,
             },
         }]
     }
@@ -149,7 +151,7 @@ impl Coordinator for OneAtATime {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_shell_runs_a_different_coordinator() {
-    let ca = CertAuthority::generate().unwrap();
+    let ca = CertAuthority::generate("coordinator CA").unwrap();
     let opts = Options::new(engine(2, 2, 1, Duration::from_secs(30)));
     let instructions = opts.engine.fit.clone();
     let coordinator = OneAtATime {
@@ -187,7 +189,7 @@ async fn the_server_shell_runs_a_different_coordinator() {
 
 #[tokio::test]
 async fn a_coordinator_whose_model_does_not_fit_the_layout_is_refused() {
-    let ca = CertAuthority::generate().unwrap();
+    let ca = CertAuthority::generate("coordinator CA").unwrap();
     let opts = Options::new(engine(1, 1, 1, Duration::from_secs(30)));
     let instructions = opts.engine.fit.clone();
     let coordinator = OneAtATime {

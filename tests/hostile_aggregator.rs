@@ -105,6 +105,8 @@ fn fit_task(task_id: u64, epochs: u32, batch_size: u32) -> FitTask {
             seed: 0,
             optimizer: Default::default(),
         },
+        initial_loss: false,
+        scaffold: None,
     }
 }
 

@@ -74,6 +74,12 @@ pub trait Coordinator: Send {
     fn fit_epoch(&self) -> u64;
     /// The current global model.
     fn global_model(&self) -> Arc<Vec<f32>>;
+    /// What a fit task's model stream carries: the global model, followed
+    /// by any per-round server state clients need (SCAFFOLD's control
+    /// variate), laid out as the update layout says.
+    fn fit_payload(&self) -> Arc<Vec<f32>> {
+        self.global_model()
+    }
     /// Model versions committed so far (rounds, for a round-based coordinator).
     fn completed_rounds(&self) -> u64;
     /// The strategy's state, for the checkpoint written after a commit.
@@ -139,6 +145,9 @@ impl Coordinator for RoundEngine {
     }
     fn global_model(&self) -> Arc<Vec<f32>> {
         RoundEngine::global_model(self)
+    }
+    fn fit_payload(&self) -> Arc<Vec<f32>> {
+        RoundEngine::fit_payload(self)
     }
     fn completed_rounds(&self) -> u64 {
         RoundEngine::completed_rounds(self)

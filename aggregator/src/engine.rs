@@ -11,12 +11,14 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedquic_protocol::{EvalResult, EvaluateTask, FitInstructions, FitTask, Metrics};
+use fedquic_protocol::{EvalResult, EvaluateTask, FitInstructions, FitTask, Metrics, ScaffoldTask};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::strategy::{FedAvg, FedAvgAccumulator, ModelCheckError, Strategy, StrategyConfig};
+use crate::strategy::{
+    FedAvg, FedAvgAccumulator, ModelCheckError, Strategy, StrategyConfig, UpdateInput,
+};
 
 /// A client's identity: the name in its certificate.
 pub type ClientId = String;
@@ -93,6 +95,9 @@ pub enum RejectCause {
     Malformed,
     UploadTimeout,
     UploadBusy,
+    /// The strategy refused it (q-FedAvg: an implausible loss; SCAFFOLD: a
+    /// bad control variate).
+    Strategy,
 }
 
 impl RejectCause {
@@ -110,6 +115,7 @@ impl RejectCause {
             RejectCause::Malformed => "malformed",
             RejectCause::UploadTimeout => "upload_timeout",
             RejectCause::UploadBusy => "upload_busy",
+            RejectCause::Strategy => "strategy",
         }
     }
 }
@@ -366,6 +372,12 @@ pub struct RoundEngine {
     /// Counts closed fit phases: uploads started under an older value are
     /// for a phase that no longer collects updates.
     fit_epoch: u64,
+    /// The run's id, sent with SCAFFOLD tasks (clients key their control
+    /// variate to it).
+    run_id: String,
+    /// The model followed by the strategy's control variate, for this fit
+    /// phase's tasks (SCAFFOLD only).
+    fit_payload: Option<Arc<Vec<f32>>>,
 }
 
 impl RoundEngine {
@@ -398,8 +410,12 @@ impl RoundEngine {
             .strategy
             .build(len)
             .unwrap_or_else(|_| Box::new(FedAvg));
+        let share = match strategy.uses_share_cap() {
+            true => config.updates.max_weight_share,
+            false => 1.0,
+        };
         RoundEngine {
-            accumulator: FedAvgAccumulator::with_share_cap(len, config.updates.max_weight_share),
+            accumulator: FedAvgAccumulator::with_share_cap(len, share),
             strategy,
             held: Vec::new(),
             held_spare: Vec::new(),
@@ -412,7 +428,29 @@ impl RoundEngine {
             stray_rejections: BTreeMap::new(),
             median_update_norm: state.median_update_norm,
             fit_epoch: 0,
+            run_id: "run".into(),
+            fit_payload: None,
         }
+    }
+
+    /// Names the run in SCAFFOLD tasks (at most 64 characters of
+    /// `[A-Za-z0-9_.-]`; the server passes its run id).
+    pub fn set_run_id(&mut self, run_id: &str) {
+        self.run_id = run_id.to_string();
+    }
+
+    /// What a fit task's model stream carries: the global model, followed by
+    /// the strategy's control variate when it has one (SCAFFOLD).
+    pub fn fit_payload(&self) -> Arc<Vec<f32>> {
+        match &self.fit_payload {
+            Some(payload) => Arc::clone(payload),
+            None => Arc::clone(&self.global),
+        }
+    }
+
+    /// Values an update carries after the model's (SCAFFOLD: `Delta c`).
+    pub fn extra_update_values(&self) -> usize {
+        self.strategy.control_variate().map_or(0, <[f32]>::len)
     }
 
     /// The strategy's state (momentum, moments), for the checkpoint.
@@ -609,6 +647,9 @@ impl RoundEngine {
             }
         };
         let policy = &self.config.updates;
+        let extra_len = self.strategy.control_variate().map_or(0, <[f32]>::len);
+        let values = delta.len();
+        let (delta, extra) = delta.split_at(values.min(self.global.len()));
         let verdict = self
             .check_upload(client, round, task_id)
             .and_then(|()| match num_examples {
@@ -620,11 +661,10 @@ impl RoundEngine {
                     RejectCause::TooManyExamples,
                     format!("update claims {n} examples, limit is {MAX_EXAMPLES_PER_UPDATE}"),
                 )),
-                _ if delta.len() != self.global.len() => Err((
+                _ if values != self.global.len() + extra_len => Err((
                     RejectCause::WrongSize,
                     format!(
-                        "update has {} values, model has {}",
-                        delta.len(),
+                        "update has {values} values, expected {} (model) + {extra_len} (strategy)",
                         self.global.len()
                     ),
                 )),
@@ -664,9 +704,37 @@ impl RoundEngine {
                     Some(c) if norm * gate_scale > c => c / norm,
                     _ => gate_scale,
                 };
+                let weight = num_examples.min(policy.max_examples_per_update.max(1));
+                let accepted = self.strategy.accept(&UpdateInput {
+                    weight: weight as f64,
+                    delta,
+                    norm,
+                    scale,
+                    metrics,
+                    extra,
+                    client_lr: self.config.fit.learning_rate as f64,
+                    norm_median_multiple: policy.max_update_norm_median_multiple,
+                    reject_over_bound: policy.norm_policy == NormPolicy::Reject,
+                });
+                let fold_weight = match accepted {
+                    Ok(w) => w,
+                    Err(refused) => {
+                        if f.pending.get(client) == Some(&task_id) {
+                            f.pending.remove(client);
+                            f.dropped += 1;
+                        }
+                        let cause = match refused.norm_bound {
+                            true => RejectCause::NormBound,
+                            false => RejectCause::Strategy,
+                        };
+                        *f.rejections.entry(cause).or_default() += 1;
+                        actions.push(reject(refused.reason));
+                        self.maybe_close(now, &mut actions);
+                        return actions;
+                    }
+                };
                 f.pending.remove(client);
                 f.answered.insert(client.to_string());
-                let weight = num_examples.min(policy.max_examples_per_update.max(1));
                 if weight < num_examples {
                     f.weight_adjusted.push(WeightAdjustment {
                         client: client.to_string(),
@@ -679,7 +747,7 @@ impl RoundEngine {
                 }
                 f.norms.push(norm);
                 f.arrivals.push((client.to_string(), num_examples));
-                self.accumulator.fold(delta, weight as f64, scale);
+                self.accumulator.fold(delta, fold_weight, scale);
                 if self.strategy.robust().is_some() {
                     let mut copy = self.held_spare.pop().unwrap_or_default();
                     copy.clear();
@@ -854,10 +922,21 @@ impl RoundEngine {
                     round: self.round,
                     task_id,
                     config,
+                    initial_loss: self.strategy.wants_initial_loss(),
+                    scaffold: self.strategy.control_variate().map(|_| ScaffoldTask {
+                        run: self.run_id.clone(),
+                    }),
                 },
             });
         }
         self.accumulator.reset();
+        self.strategy.begin_round(self.connected.len());
+        self.fit_payload = self.strategy.control_variate().map(|c| {
+            let mut payload = Vec::with_capacity(self.global.len() + c.len());
+            payload.extend_from_slice(&self.global);
+            payload.extend_from_slice(c);
+            Arc::new(payload)
+        });
         self.held_spare.append(&mut self.held);
         let policy = &self.config.updates;
         let relative = policy
@@ -921,7 +1000,7 @@ impl RoundEngine {
             let max_abs = self.config.updates.max_parameter_abs;
             let report = self.accumulator.apply_share_cap();
             let mut inv = if report.used > 0.0 {
-                1.0 / report.used
+                self.strategy.sum_scale(report.used)
             } else {
                 0.0
             };

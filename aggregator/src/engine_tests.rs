@@ -1420,3 +1420,117 @@ fn resume_from_the_checkpointed_state_continues_exactly_like_an_uninterrupted_ru
         assert_eq!(model_resumed, model_whole, "{name}: bit-identical model");
     }
 }
+
+#[test]
+fn resume_with_scaffold_or_qfedavg_continues_exactly_like_an_uninterrupted_run() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.rounds = 3;
+    cfg.min_available_clients = 4;
+    cfg.fraction_fit = 0.5;
+    cfg.updates = UpdatePolicy::default();
+    let base = cfg.clone();
+    // Answers every task with a client-specific delta (and, for SCAFFOLD, a
+    // control variate change; for q-FedAvg, an initial loss); returns the
+    // last round's tasks, the model and the control variate sent down.
+    let drive = |e: &mut RoundEngine, mut actions: Vec<Action>, upto: u64| {
+        let mut last = Vec::new();
+        loop {
+            let f = fits(&actions);
+            if let Some(o) = outcomes(&actions).last()
+                && o.round == upto
+            {
+                return (last, o.state.clone(), e.global_model().to_vec());
+            }
+            if !f.is_empty() {
+                last = f.clone();
+            }
+            let mut next = Vec::new();
+            for fit in &f {
+                let k = fit.client.len() as f32 + (fit.seed % 7) as f32;
+                let loss = vec![(
+                    fedquic_protocol::INITIAL_LOSS_METRIC.to_string(),
+                    0.5 + (fit.seed % 5) as f64,
+                )];
+                let delta = [k, -k, 0.25 * k, 1.0 + (fit.seed % 3) as f32];
+                let values = 2 + e.extra_update_values();
+                next.extend(e.update_received(
+                    &fit.client,
+                    fit.task_id,
+                    fit.round,
+                    10 + fit.task_id,
+                    &loss,
+                    &delta[..values],
+                    t0,
+                ));
+            }
+            actions = next;
+        }
+    };
+    for name in ["scaffold", "qfedavg", "fedadam"] {
+        let mut cfg = base.clone();
+        cfg.strategy.name = name.into();
+        cfg.strategy.server_lr = 0.5;
+        cfg.strategy.q = 2.0;
+        let mut whole = RoundEngine::new(cfg.clone(), vec![0.0; 2], 0);
+        let start = join_all(&mut whole, 4, t0);
+        if name == "scaffold" {
+            let sent = start.iter().find_map(|a| match a {
+                Action::SendFit { task, .. } => Some(task.clone()),
+                _ => None,
+            });
+            let sent = sent.unwrap();
+            assert_eq!(sent.scaffold.unwrap().run, "run");
+            assert_eq!(whole.fit_payload().len(), 4, "model, then c");
+        }
+        let (tasks_whole, _, model_whole) = drive(&mut whole, start, 3);
+        let payload_whole = whole.fit_payload().to_vec();
+
+        let mut first = RoundEngine::new(cfg.clone(), vec![0.0; 2], 0);
+        let start = join_all(&mut first, 4, t0);
+        let (_, state, model) = drive(&mut first, start, 2);
+        // "Crash" after round 2's checkpoint; resume from what it holds.
+        let saved = first.strategy_state();
+        let mut resumed = RoundEngine::resume(cfg, model, state);
+        resumed.restore_strategy(&saved).unwrap();
+        let start = join_all(&mut resumed, 4, t0);
+        let (tasks_resumed, _, model_resumed) = drive(&mut resumed, start, 3);
+        assert_eq!(tasks_resumed, tasks_whole, "{name}: same tasks");
+        assert_eq!(model_resumed, model_whole, "{name}: bit-identical model");
+        assert_eq!(
+            resumed.fit_payload().to_vec(),
+            payload_whole,
+            "{name}: bit-identical control variate"
+        );
+        assert!(model_whole.iter().any(|v| *v != 0.0), "{name} moved");
+        if name == "scaffold" {
+            assert!(payload_whole[2..].iter().any(|v| *v != 0.0), "c moved");
+        }
+    }
+}
+
+#[test]
+fn strategy_refusals_and_scaffold_sizes_are_enforced() {
+    let t0 = Instant::now();
+    // q-FedAvg refuses an update without a plausible initial loss.
+    let mut cfg = config();
+    cfg.strategy.name = "qfedavg".into();
+    let mut e = RoundEngine::new(cfg, vec![0.0; 2], 0);
+    let f = fits(&e.client_joined(id(0), t0));
+    assert!(matches!(&f[..], [_]), "one task: {f:?}");
+    let actions = answer(&mut e, &f[0], 10, &[1.0, 1.0], t0);
+    assert!(
+        matches!(&actions[0], Action::UpdateRejected { reason, .. } if reason.contains("initial_loss")),
+        "{actions:?}"
+    );
+    // SCAFFOLD: an update must carry Delta c after Delta y.
+    let mut cfg = config();
+    cfg.strategy.name = "scaffold".into();
+    let mut e = RoundEngine::new(cfg, vec![0.0; 2], 0);
+    let f = fits(&e.client_joined(id(0), t0));
+    let actions = answer(&mut e, &f[0], 10, &[1.0, 1.0], t0);
+    assert!(
+        matches!(&actions[0], Action::UpdateRejected { reason, .. } if reason.contains("expected 2 (model) + 2")),
+        "{actions:?}"
+    );
+}

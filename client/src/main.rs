@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use fedquic_client::{
-    Backoff, ClientData, ClientLimits, ClientOptions, LocalTrainer, PartitionSpec, run_client,
+    Backoff, ClientData, ClientLimits, ClientOptions, ControlStore, LocalTrainer, PartitionSpec,
+    run_client_with_store,
 };
 use fedquic_net::tls::{self, Identity, TransportSettings};
 use fedquic_train::backend::{BackendKind, Engine};
@@ -90,6 +91,12 @@ struct Cli {
     /// TOML config file; keys (all optional): `backend = "cpu" | "wgpu" | "auto"`.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Directory for state kept between rounds and restarts: the SCAFFOLD
+    /// control variate (`scaffold-control.bin`, 4 bytes per model parameter,
+    /// written atomically, per run). Without it the variate lives in memory
+    /// and a restarted client starts it from zero.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 /// The client's config file (command-line flags take precedence).
@@ -207,6 +214,10 @@ fn main() -> anyhow::Result<()> {
         Some(identity),
         &TransportSettings::default(),
     )?;
+    let store = match &cli.state_dir {
+        Some(dir) => ControlStore::in_dir(dir)?,
+        None => ControlStore::default(),
+    };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let server = tokio::net::lookup_host(&server_address)
@@ -239,7 +250,7 @@ fn main() -> anyhow::Result<()> {
             LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices)
                 .with_engine(engine);
         let report = tokio::select! {
-            r = run_client(opts, trainer) => r?,
+            r = run_client_with_store(opts, trainer, store) => r?,
             _ = tokio::signal::ctrl_c() => bail!("interrupted"),
         };
         println!(

@@ -10,8 +10,8 @@ use fedquic_net::io::{
     IoError, read_message, read_tensor_body, read_tensor_header, send_tensors, write_message,
 };
 use fedquic_protocol::{
-    Codec, EvalResult, FitTask, Hello, Message, SUPPORTED_VERSIONS, StreamKind, TensorHeader,
-    TensorLimits, TensorMeta,
+    Codec, EvalResult, FitTask, Hello, INITIAL_LOSS_METRIC, Message, SUPPORTED_VERSIONS,
+    StreamKind, TensorHeader, TensorLimits, TensorMeta, with_control_layout,
 };
 use fedquic_train::layout::ParamLayout;
 use thiserror::Error;
@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::control::ControlStore;
 use crate::limits::{ClientLimits, LimitError};
 use crate::trainer::{Trainer, TrainerError};
 
@@ -94,10 +95,21 @@ impl From<IoError> for SessionError {
     }
 }
 
-/// Runs the client until the aggregator completes the federated run.
+/// Runs the client until the aggregator completes the federated run. A
+/// SCAFFOLD control variate is kept in memory (see [`run_client_with_store`]).
 pub async fn run_client<T: Trainer>(
     opts: ClientOptions,
     trainer: T,
+) -> Result<ClientReport, ClientError> {
+    run_client_with_store(opts, trainer, ControlStore::default()).await
+}
+
+/// [`run_client`], keeping the SCAFFOLD control variate `c_i` in `store`
+/// (a state directory survives restarts).
+pub async fn run_client_with_store<T: Trainer>(
+    opts: ClientOptions,
+    trainer: T,
+    mut store: ControlStore,
 ) -> Result<ClientReport, ClientError> {
     let endpoint = match &opts.endpoint {
         Some(e) => e.clone(),
@@ -109,7 +121,15 @@ pub async fn run_client<T: Trainer>(
     let mut failures = 0u32;
     loop {
         let welcomed = &mut false;
-        let result = session(&endpoint, &opts, &mut trainer, &mut report, welcomed).await;
+        let result = session(
+            &endpoint,
+            &opts,
+            &mut trainer,
+            &mut report,
+            welcomed,
+            &mut store,
+        )
+        .await;
         if *welcomed {
             backoff.reset();
             failures = 0;
@@ -140,6 +160,7 @@ async fn session(
     trainer: &mut Option<Box<dyn Trainer>>,
     report: &mut ClientReport,
     welcomed: &mut bool,
+    store: &mut ControlStore,
 ) -> Result<SessionEnd, SessionError> {
     report.sessions += 1;
     let backend = trainer
@@ -219,7 +240,7 @@ async fn session(
         };
         match msg {
             Message::FitTask(task) => {
-                let answer = fit_task(&conn, &task, trainer, opts, &wire_layout, &limits).await?;
+                let answer = fit_task(&conn, &task, trainer, opts, &wire_layout, store).await?;
                 match answer {
                     Ok(bytes) => {
                         report.fit_tasks += 1;
@@ -378,13 +399,19 @@ async fn run_trainer<R: Send + 'static>(
 
 /// Receives the model, trains, and streams the delta back. The inner
 /// result is the task's own outcome (bytes sent, or why training failed).
+///
+/// SCAFFOLD tasks (option II of Karimireddy et al. 2020): the model stream
+/// carries the server's `c` after the model; training uses `g + c - c_i`;
+/// then `c_i+ = c_i - c + (x - y) / (K lr)`, and the update carries
+/// `Delta y = y - x` followed by `Delta c = c_i+ - c_i`. `c_i+` is stored
+/// once the update is sent.
 async fn fit_task(
     conn: &quinn::Connection,
     task: &FitTask,
     trainer: &mut Option<Box<dyn Trainer>>,
     opts: &ClientOptions,
     layout: &[TensorMeta],
-    limits: &TensorLimits,
+    store: &mut ControlStore,
 ) -> Result<Result<u64, String>, SessionError> {
     let refusal = match task.config.validate() {
         Err(e) => Some(e.to_string()),
@@ -392,20 +419,67 @@ async fn fit_task(
             .limits
             .check_fit(task.config.epochs, task.config.batch_size)
             .err()
-            .map(|e| e.to_string()),
+            .map(|e| e.to_string())
+            .or_else(|| {
+                task.scaffold
+                    .as_ref()
+                    .and_then(|s| s.validate().err())
+                    .map(|e| e.to_string())
+            }),
     };
     if let Some(reason) = refusal {
         discard_model(conn, task.task_id).await?;
         return Ok(Err(reason));
     }
-    let global = receive_model(conn, task.round, task.task_id, layout, limits).await?;
+    let params: usize = layout
+        .iter()
+        .map(|t| t.elements().unwrap_or(0) as usize)
+        .sum();
+    let (stream_layout, values) = match &task.scaffold {
+        Some(_) => (with_control_layout(layout), 2 * params),
+        None => (layout.to_vec(), params),
+    };
+    let limits = TensorLimits::for_model(values as u64);
+    let mut global = receive_model(conn, task.round, task.task_id, &stream_layout, &limits).await?;
+    // SCAFFOLD: split off c, and find this client's c_i for the run.
+    let control = match &task.scaffold {
+        Some(scaffold) => {
+            let c = global.split_off(params);
+            let c_i = store.load(&scaffold.run, params).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot use the stored control variate; starting from zero");
+                vec![0.0; params]
+            });
+            Some((c, c_i))
+        }
+        None => None,
+    };
     let config = task.config.clone();
+    let initial_loss = task.initial_loss;
     let trained = run_trainer(trainer, opts, move |t| {
         t.set_parameters(&global)?;
-        let outcome = t.fit(&config);
+        let loss_before = match initial_loss {
+            true => t.training_loss().map(Some),
+            false => Ok(None),
+        };
+        let (outcome, steps) = match (&loss_before, &control) {
+            (Err(_), _) => (Err(TrainerError::Other(String::new())), 0),
+            (Ok(_), Some((c, c_i))) => {
+                let correction: Vec<f32> = c.iter().zip(c_i).map(|(c, ci)| c - ci).collect();
+                match t.fit_corrected(&config, &correction) {
+                    Ok((outcome, steps)) => (Ok(outcome), steps),
+                    Err(e) => (Err(e), 0),
+                }
+            }
+            (Ok(_), None) => (t.fit(&config), 0),
+        };
+        // A failed loss report is the task's failure.
+        let (outcome, loss_before) = match loss_before {
+            Ok(loss) => (outcome, loss),
+            Err(e) => (Err(e), None),
+        };
         // The delta overwrites the received copy: one model copy beyond the trainer's.
         let mut delta = global;
-        let result = outcome.and_then(|o| {
+        let result = outcome.and_then(|mut o| {
             let local = t.parameters();
             if local.len() != delta.len() {
                 return Err(TrainerError::Other(format!(
@@ -422,13 +496,25 @@ async fn fit_task(
             for (d, l) in delta.iter_mut().zip(local) {
                 *d = l - *d;
             }
-            Ok((o, delta))
+            if let Some(loss) = loss_before {
+                o.metrics.push((INITIAL_LOSS_METRIC.into(), loss));
+            }
+            let next_control = match control {
+                Some((c, c_i)) => {
+                    let (body, c_next) =
+                        scaffold_control(delta, &c, c_i, steps, config.learning_rate)?;
+                    delta = body;
+                    Some(c_next)
+                }
+                None => None,
+            };
+            Ok((o, delta, next_control))
         });
         t.release();
         result
     })
     .await?;
-    let (outcome, delta) = match trained {
+    let (outcome, delta, next_control) = match trained {
         Ok(x) => x,
         Err(e) => return Ok(Err(e.to_string())),
     };
@@ -437,12 +523,17 @@ async fn fit_task(
         round: task.round,
         task_id: task.task_id,
         codec: Codec::F32,
-        tensors: layout.to_vec(),
+        tensors: stream_layout,
         num_examples: outcome.examples,
         metrics: outcome.metrics,
         body_len: delta.len() as u64 * 4,
     };
     let bytes = send_tensors(conn, &header, &delta).await?;
+    if let (Some(scaffold), Some(c_next)) = (&task.scaffold, next_control)
+        && let Err(e) = store.save(&scaffold.run, c_next)
+    {
+        warn!(error = %e, "cannot store the control variate");
+    }
     debug!(
         round = task.round,
         task = task.task_id,
@@ -450,4 +541,62 @@ async fn fit_task(
         "update sent"
     );
     Ok(Ok(bytes))
+}
+
+/// SCAFFOLD option II after `steps` local steps at learning rate `lr`: from
+/// `Delta y` (`delta`), the server's `c` and this client's `c_i`, returns the
+/// update body `Delta y ++ Delta c` and `c_i+`, where
+/// `Delta c = c_i+ - c_i = -c - Delta y / (K lr)`.
+pub fn scaffold_control(
+    mut delta: Vec<f32>,
+    c: &[f32],
+    mut c_i: Vec<f32>,
+    steps: u64,
+    lr: f32,
+) -> Result<(Vec<f32>, Vec<f32>), TrainerError> {
+    if steps == 0 || !(lr.is_finite() && lr > 0.0) {
+        return Err(TrainerError::Other(format!(
+            "SCAFFOLD needs local steps and a positive learning rate (got {steps} steps, lr {lr})"
+        )));
+    }
+    if c.len() != delta.len() || c_i.len() != delta.len() {
+        return Err(TrainerError::Other(
+            "SCAFFOLD control variate size mismatch".into(),
+        ));
+    }
+    let inv = 1.0 / (steps as f64 * lr as f64);
+    let changes: Vec<f32> = c
+        .iter()
+        .zip(&delta)
+        .map(|(c, d)| (-(*c as f64) - *d as f64 * inv) as f32)
+        .collect();
+    for (ci, change) in c_i.iter_mut().zip(&changes) {
+        *ci += change;
+    }
+    delta.extend_from_slice(&changes);
+    if delta.iter().chain(&c_i).any(|v| !v.is_finite()) {
+        return Err(TrainerError::Other(
+            "SCAFFOLD control variate is not finite".into(),
+        ));
+    }
+    Ok((delta, c_i))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scaffold_control_matches_hand_computation() {
+        // x = 1, y = 0.4 (Delta y = -0.6), K = 3, lr = 0.1: (x - y)/(K lr) = 2.
+        // c = 0.5, c_i = 0.25: c_i+ = 0.25 - 0.5 + 2 = 1.75, Delta c = 1.5.
+        let (body, c_next) = scaffold_control(vec![-0.6], &[0.5], vec![0.25], 3, 0.1).unwrap();
+        assert_eq!(body.len(), 2);
+        assert!((body[0] + 0.6).abs() < 1e-7);
+        assert!((body[1] - 1.5).abs() < 1e-6, "{}", body[1]);
+        assert!((c_next[0] - 1.75).abs() < 1e-6, "{}", c_next[0]);
+        assert!(scaffold_control(vec![1.0], &[0.0], vec![0.0], 0, 0.1).is_err());
+        assert!(scaffold_control(vec![1.0], &[0.0, 1.0], vec![0.0], 1, 0.1).is_err());
+        assert!(scaffold_control(vec![1e30], &[0.0], vec![0.0], 1, 1e-30).is_err());
+    }
 }

@@ -49,6 +49,26 @@ pub trait Trainer: Send + 'static {
     fn evaluate(&mut self) -> Result<EvalOutcome, TrainerError>;
     /// Frees the model between tasks; idle clients then hold only their data.
     fn release(&mut self) {}
+    /// Mean training loss of the current parameters on the local training
+    /// data, without training (q-FedAvg's `F_k`, asked for by
+    /// `FitTask::initial_loss`).
+    fn training_loss(&mut self) -> Result<f64, TrainerError> {
+        Err(TrainerError::Other(
+            "this trainer cannot report its loss before training (q-FedAvg)".into(),
+        ))
+    }
+    /// SCAFFOLD: trains like [`Trainer::fit`] with every gradient `g`
+    /// replaced by `g + correction` (`c - c_i`, one value per parameter) and
+    /// returns the outcome with the number of local steps taken (`K`).
+    fn fit_corrected(
+        &mut self,
+        _config: &FitInstructions,
+        _correction: &[f32],
+    ) -> Result<(FitOutcome, u64), TrainerError> {
+        Err(TrainerError::Other(
+            "this trainer cannot apply a gradient correction (SCAFFOLD)".into(),
+        ))
+    }
     /// The training backend reported in the Hello (`cpu`, `wgpu`, ...): a short name of
     /// `[a-z0-9_-]` (see `fedquic_protocol::Hello::validate`).
     fn backend(&self) -> &str {
@@ -143,45 +163,33 @@ impl Trainer for LocalTrainer {
 
     fn fit(&mut self, config: &FitInstructions) -> Result<FitOutcome, TrainerError> {
         let model = self.model.as_mut().ok_or(TrainerError::NoModel)?;
-        let cfg = FitConfig {
-            epochs: config.epochs,
-            batch_size: config.batch_size as usize,
-            learning_rate: config.learning_rate,
-            seed: config.seed,
-            proximal_mu: config.proximal_mu,
-            optimizer: match config.optimizer {
-                OptimizerConfig::Sgd {
-                    momentum,
-                    nesterov,
-                    weight_decay,
-                } => Optimizer::Sgd {
-                    momentum,
-                    nesterov,
-                    weight_decay,
-                },
-                OptimizerConfig::Adam {
-                    beta1,
-                    beta2,
-                    epsilon,
-                    weight_decay,
-                } => Optimizer::Adam {
-                    beta1,
-                    beta2,
-                    epsilon,
-                    weight_decay,
-                },
-            },
-        };
+        let cfg = fit_config(config);
         let stats = self
             .engine
             .fit(model, &self.train, &self.train_indices, &cfg)?;
-        Ok(FitOutcome {
-            examples: stats.examples as u64,
-            metrics: vec![
-                ("loss".into(), stats.loss as f64),
-                ("accuracy".into(), stats.accuracy as f64),
-            ],
-        })
+        Ok(fit_outcome(&stats))
+    }
+
+    fn training_loss(&mut self) -> Result<f64, TrainerError> {
+        let model = self.model.as_ref().ok_or(TrainerError::NoModel)?;
+        let stats = self
+            .engine
+            .evaluate(model, &self.train, &self.train_indices)?;
+        Ok(stats.loss as f64)
+    }
+
+    fn fit_corrected(
+        &mut self,
+        config: &FitInstructions,
+        correction: &[f32],
+    ) -> Result<(FitOutcome, u64), TrainerError> {
+        let model = self.model.as_mut().ok_or(TrainerError::NoModel)?;
+        let cfg = fit_config(config);
+        let stats =
+            self.engine
+                .fit_corrected(model, &self.train, &self.train_indices, &cfg, correction)?;
+        let steps = fedquic_train::local_steps(self.train_indices.len(), &cfg);
+        Ok((fit_outcome(&stats), steps))
     }
 
     fn evaluate(&mut self) -> Result<EvalOutcome, TrainerError> {
@@ -202,5 +210,48 @@ impl Trainer for LocalTrainer {
 
     fn backend(&self) -> &str {
         self.engine.name()
+    }
+}
+
+fn fit_outcome(stats: &fedquic_train::FitStats) -> FitOutcome {
+    FitOutcome {
+        examples: stats.examples as u64,
+        metrics: vec![
+            ("loss".into(), stats.loss as f64),
+            ("accuracy".into(), stats.accuracy as f64),
+        ],
+    }
+}
+
+/// The training library's settings for a task's instructions.
+fn fit_config(config: &FitInstructions) -> FitConfig {
+    FitConfig {
+        epochs: config.epochs,
+        batch_size: config.batch_size as usize,
+        learning_rate: config.learning_rate,
+        seed: config.seed,
+        proximal_mu: config.proximal_mu,
+        optimizer: match config.optimizer {
+            OptimizerConfig::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            } => Optimizer::Sgd {
+                momentum,
+                nesterov,
+                weight_decay,
+            },
+            OptimizerConfig::Adam {
+                beta1,
+                beta2,
+                epsilon,
+                weight_decay,
+            } => Optimizer::Adam {
+                beta1,
+                beta2,
+                epsilon,
+                weight_decay,
+            },
+        },
     }
 }

@@ -122,6 +122,8 @@ pub fn sample_messages() -> Vec<Message> {
                 learning_rate: 0.05,
                 proximal_mu: 0.01,
                 seed: 42, optimizer: Default::default() },
+            initial_loss: false,
+            scaffold: None,
         }),
         Message::EvaluateTask(EvaluateTask {
             round: 3,

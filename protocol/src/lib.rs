@@ -14,8 +14,9 @@ pub mod tensor;
 pub use error::{ProtocolError, Result};
 pub use frame::{FrameDecoder, MAX_CONTROL_FRAME, decode_message, encode_message, frame_len};
 pub use message::{
-    Codec, EvalResult, EvaluateTask, FitInstructions, FitTask, Hello, Message, Metrics,
-    OptimizerConfig, PROTOCOL_VERSION, Reject, SUPPORTED_VERSIONS, Welcome, negotiate_version,
+    CONTROL_PREFIX, Codec, EvalResult, EvaluateTask, FitInstructions, FitTask, Hello,
+    INITIAL_LOSS_METRIC, Message, Metrics, OptimizerConfig, PROTOCOL_VERSION, Reject,
+    SUPPORTED_VERSIONS, ScaffoldTask, Welcome, negotiate_version, with_control_layout,
 };
 pub use tensor::{
     BodyDecoder, DType, StreamKind, TENSOR_PREFIX_LEN, TENSOR_STREAM_MAGIC, TensorHeader,

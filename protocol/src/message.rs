@@ -6,9 +6,15 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ProtocolError, Result};
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2 added [`FitTask::initial_loss`] (q-FedAvg) and
+/// [`FitTask::scaffold`] (SCAFFOLD's control variates on the model and
+/// update streams). A version-1 peer would misread a version-2 `FitTask`,
+/// so version 1 is no longer spoken: old peers get a clear "no common
+/// version" refusal at Hello (whose encoding is unchanged).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Every version this build can speak, newest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[2];
 
 /// Named scalar metrics (loss, accuracy, ...), in a stable order.
 pub type Metrics = Vec<(String, f64)>;
@@ -180,6 +186,60 @@ pub struct FitTask {
     pub round: u64,
     pub task_id: u64,
     pub config: FitInstructions,
+    /// q-FedAvg: report the mean training loss of the received model, before
+    /// any training, as the update's metric [`INITIAL_LOSS_METRIC`].
+    pub initial_loss: bool,
+    /// SCAFFOLD: the model stream also carries the server's control variate
+    /// `c` (the model's tensors again, each name prefixed with
+    /// [`CONTROL_PREFIX`]), training uses the corrected gradient, and the
+    /// update carries `Delta c` after `Delta y` in the same layout.
+    pub scaffold: Option<ScaffoldTask>,
+}
+
+/// The metric name of [`FitTask::initial_loss`]'s answer.
+pub const INITIAL_LOSS_METRIC: &str = "initial_loss";
+
+/// Prefix of the control-variate tensors' names on SCAFFOLD streams.
+pub const CONTROL_PREFIX: &str = "scaffold.c/";
+
+/// What a SCAFFOLD fit task tells the client besides the model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ScaffoldTask {
+    /// The federated run this task belongs to: a client keeps its control
+    /// variate `c_i` per run, and starts from zero in a new one. At most
+    /// [`ScaffoldTask::MAX_RUN_LEN`] bytes of `[A-Za-z0-9_.-]`.
+    pub run: String,
+}
+
+impl ScaffoldTask {
+    /// Longest accepted [`ScaffoldTask::run`].
+    pub const MAX_RUN_LEN: usize = 64;
+
+    /// Checks the run id a client stores and compares.
+    pub fn validate(&self) -> Result<()> {
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+        if self.run.is_empty()
+            || self.run.len() > ScaffoldTask::MAX_RUN_LEN
+            || !self.run.chars().all(plain)
+        {
+            return Err(ProtocolError::Malformed(format!(
+                "scaffold: run id must be 1..={} characters of [A-Za-z0-9_.-], got {:.40?}",
+                ScaffoldTask::MAX_RUN_LEN,
+                self.run
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The layout of a SCAFFOLD stream: `layout`, then `layout` again with every
+/// name prefixed by [`CONTROL_PREFIX`].
+pub fn with_control_layout(layout: &[crate::tensor::TensorMeta]) -> Vec<crate::tensor::TensorMeta> {
+    let control = layout.iter().map(|t| crate::tensor::TensorMeta {
+        name: format!("{CONTROL_PREFIX}{}", t.name),
+        ..t.clone()
+    });
+    layout.iter().cloned().chain(control).collect()
 }
 
 /// Evaluate the global model that follows on a tensor stream with the same task id.

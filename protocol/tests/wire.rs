@@ -26,6 +26,10 @@ fn all_messages() -> Vec<Message> {
                 seed: 42,
                 optimizer: Default::default(),
             },
+            initial_loss: true,
+            scaffold: Some(fedquic_protocol::ScaffoldTask {
+                run: "68f0-00ab".into(),
+            }),
         }),
         Message::EvaluateTask(EvaluateTask {
             round: 3,
@@ -121,10 +125,15 @@ fn trailing_bytes_and_unknown_tags_are_errors() {
 
 #[test]
 fn version_negotiation_picks_a_common_version_or_fails() {
-    assert_eq!(negotiate_version(&[1]).unwrap(), 1);
-    assert_eq!(negotiate_version(&[9, 1]).unwrap(), 1);
+    assert_eq!(negotiate_version(&[2]).unwrap(), 2);
+    assert_eq!(negotiate_version(&[9, 2, 1]).unwrap(), 2);
+    // Version 1 peers (before q-FedAvg and SCAFFOLD grew FitTask) are refused.
     assert!(matches!(
-        negotiate_version(&[2, 3]),
+        negotiate_version(&[1]),
+        Err(ProtocolError::NoCommonVersion { .. })
+    ));
+    assert!(matches!(
+        negotiate_version(&[3]),
         Err(ProtocolError::NoCommonVersion { .. })
     ));
     assert!(negotiate_version(&[]).is_err());
@@ -349,7 +358,7 @@ proptest! {
     #[test]
     fn arbitrary_messages_round_trip(round in any::<u64>(), task in any::<u64>(), reason in ".{0,64}", lr in 1e-6f32..10.0) {
         for msg in [
-            Message::FitTask(FitTask { round, task_id: task, config: FitInstructions { epochs: 1, batch_size: 32, learning_rate: lr, proximal_mu: 0.0, seed: round, optimizer: Default::default() } }),
+            Message::FitTask(FitTask { round, task_id: task, config: FitInstructions { epochs: 1, batch_size: 32, learning_rate: lr, proximal_mu: 0.0, seed: round, optimizer: Default::default() }, initial_loss: round % 2 == 0, scaffold: None }),
             Message::UpdateRejected { task_id: task, reason: reason.clone() },
             Message::Reject(Reject { reason: reason.clone(), retry_after_ms: Some(round) }),
         ] {

@@ -57,10 +57,12 @@ struct RunArgs {
     #[arg(long, default_value_t = 0.0)]
     mu: f32,
     /// Server-side strategy: fedavg, fedprox, fedavgm, fedadam, fedyogi,
-    /// fedadagrad, normbounded, fedmedian, fedtrimmedavg, krum, multikrum, bulyan.
+    /// fedadagrad, normbounded, fedmedian, fedtrimmedavg, krum, multikrum, bulyan,
+    /// qfedavg, scaffold (each virtual client keeps its control variate in memory:
+    /// 4 bytes x parameters per client ever selected).
     #[arg(long, default_value = "fedavg")]
     strategy: String,
-    /// Server learning rate (fedavgm, fedadam, fedyogi, fedadagrad).
+    /// Server learning rate (fedavgm, fedadam, fedyogi, fedadagrad, scaffold).
     #[arg(long, default_value_t = 1.0)]
     server_lr: f64,
     /// Server momentum (fedavgm).
@@ -86,6 +88,12 @@ struct RunArgs {
     /// Multi-Krum: updates averaged.
     #[arg(long, default_value_t = 5)]
     krum_m: usize,
+    /// q-FedAvg: fairness exponent q (0: every selected client counts the same).
+    #[arg(long, default_value_t = 1.0)]
+    q: f64,
+    /// q-FedAvg: Lipschitz constant L (0: 1 / --lr, as in the paper).
+    #[arg(long, default_value_t = 0.0)]
+    q_lipschitz: f64,
     /// Model: logreg:IN-OUT, mlp:IN-H1-...-OUT, cnn:mnist (the FedAvg paper's CNN),
     /// net:... (explicit layers), or onnx:FILE (a PyTorch/TensorFlow export; its weights
     /// are the initial global model).
@@ -215,6 +223,8 @@ fn main() -> anyhow::Result<()> {
             clip_norm: a.clip_norm,
             byzantine_f: a.byzantine_f,
             krum_m: a.krum_m,
+            q: a.q,
+            q_lipschitz: a.q_lipschitz,
             ..Default::default()
         },
         optimizer: fedquic_aggregator::config::FitConfig {

@@ -54,7 +54,7 @@ pub use backend::dispatch::{KernelPath, kernel_path, kernel_path_name, with_kern
 pub use backend::{cpu_threads, with_cpu_threads};
 pub use data::{DataSpec, Dataset};
 pub use error::{Result, TrainError};
-pub use model::{EvalStats, FitConfig, FitStats, Model};
+pub use model::{EvalStats, FitConfig, FitStats, Model, local_steps};
 pub use optim::Optimizer;
 pub use partition::{PartitionScheme, partition};
 pub use spec::{

@@ -217,7 +217,38 @@ impl Model {
         indices: &[usize],
         cfg: &FitConfig,
     ) -> Result<FitStats> {
+        self.fit_corrected_on(backend, data, indices, cfg, None)
+    }
+
+    /// [`Model::fit_on`] with every step's gradient `g` replaced by `g + correction`
+    /// (`correction` has one value per parameter, all finite). SCAFFOLD (Karimireddy et
+    /// al. 2020) trains with `correction = c - c_i`, the server's control variate minus
+    /// the client's. Weight decay, momentum, Adam and the FedProx term all see the
+    /// corrected gradient; with plain SGD the correction is one extra
+    /// `w -= learning_rate * correction` per step. `None` is exactly [`Model::fit_on`].
+    pub fn fit_corrected_on<B: Backend>(
+        &mut self,
+        backend: &B,
+        data: &Dataset,
+        indices: &[usize],
+        cfg: &FitConfig,
+        correction: Option<&[f32]>,
+    ) -> Result<FitStats> {
         cfg.validate()?;
+        if let Some(correction) = correction {
+            if correction.len() != self.params.len() {
+                return Err(TrainError::InvalidConfig(format!(
+                    "gradient correction has {} values, the model has {} parameters",
+                    correction.len(),
+                    self.params.len()
+                )));
+            }
+            if correction.iter().any(|v| !v.is_finite()) {
+                return Err(TrainError::InvalidConfig(
+                    "gradient correction holds a non-finite value".to_string(),
+                ));
+            }
+        }
         self.check_dataset(data)?;
         if indices.is_empty() {
             return Err(TrainError::NoExamples);
@@ -241,7 +272,7 @@ impl Model {
         gemm_threads();
         // The restore point.
         let initial = self.params.clone();
-        let result = self.train(backend, data, indices, cfg);
+        let result = self.train(backend, data, indices, cfg, correction);
         let result = match result {
             Ok(_) if self.params.iter().any(|value| !value.is_finite()) => {
                 Err(TrainError::Diverged { epoch: cfg.epochs })
@@ -263,6 +294,7 @@ impl Model {
         data: &Dataset,
         indices: &[usize],
         cfg: &FitConfig,
+        correction: Option<&[f32]>,
     ) -> Result<FitStats> {
         let classes = self.spec.num_classes();
         let num_params = self.params.len();
@@ -293,6 +325,15 @@ impl Model {
             num_params,
         );
         let fused_decay = optimizer.fused_weight_decay();
+        // SCAFFOLD's gradient correction, uploaded once.
+        let correction = match correction {
+            Some(host) => {
+                let mut buffer = backend.zeros(num_params);
+                backend.upload(host, backend.dst(&mut buffer, 0..num_params)?)?;
+                Some(buffer)
+            }
+            None => None,
+        };
         // Only the unfused rules need a gradient buffer.
         let mut grads = backend.zeros(match fused_decay {
             Some(_) => 0,
@@ -332,6 +373,16 @@ impl Model {
                             weight_decay,
                         };
                         layers::backward(backend, &self.network, &mut workspace, batch, update)?;
+                        if let Some(correction) = &correction {
+                            // Plain SGD: w -= lr * (g + correction), the g part fused above.
+                            backend.sum_rows(
+                                backend.src(correction, 0..num_params)?,
+                                1,
+                                -cfg.learning_rate,
+                                1.0,
+                                backend.dst(&mut params, 0..num_params)?,
+                            )?;
+                        }
                     }
                     None => {
                         let update = Update::Store {
@@ -340,6 +391,15 @@ impl Model {
                             accumulate: false,
                         };
                         layers::backward(backend, &self.network, &mut workspace, batch, update)?;
+                        if let Some(correction) = &correction {
+                            backend.sum_rows(
+                                backend.src(correction, 0..num_params)?,
+                                1,
+                                1.0,
+                                1.0,
+                                backend.dst(&mut grads, 0..num_params)?,
+                            )?;
+                        }
                         optimizer.step(
                             backend,
                             &mut params,
@@ -519,3 +579,111 @@ mod predict;
 #[cfg(test)]
 #[path = "model_tests.rs"]
 mod tests;
+
+impl crate::backend::Engine {
+    /// [`Model::fit_corrected_on`] on this engine (SCAFFOLD's corrected local steps).
+    pub fn fit_corrected(
+        &self,
+        model: &mut Model,
+        data: &Dataset,
+        indices: &[usize],
+        cfg: &FitConfig,
+        correction: &[f32],
+    ) -> Result<FitStats> {
+        match self {
+            crate::backend::Engine::Cpu(backend) => {
+                model.fit_corrected_on(backend, data, indices, cfg, Some(correction))
+            }
+            #[cfg(feature = "wgpu")]
+            crate::backend::Engine::Wgpu(backend) => {
+                model.fit_corrected_on(backend.as_ref(), data, indices, cfg, Some(correction))
+            }
+        }
+    }
+}
+
+/// Local steps one [`Model::fit`] call takes: `epochs * ceil(examples / batch_size)`
+/// (SCAFFOLD's `K`).
+pub fn local_steps(examples: usize, cfg: &FitConfig) -> u64 {
+    let batches = examples.div_ceil(cfg.batch_size.max(1)) as u64;
+    batches.saturating_mul(u64::from(cfg.epochs))
+}
+
+#[cfg(test)]
+mod correction_tests {
+    use super::*;
+    use crate::data::Dataset;
+
+    fn data() -> Dataset {
+        let features: Vec<f32> = (0..40).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
+        let labels: Vec<u8> = (0..10).map(|i| (i % 3) as u8).collect();
+        Dataset::new(features, labels, 4, 3).unwrap()
+    }
+
+    /// One full-batch step with the correction is `w - lr * (g + correction)`, on the
+    /// fused plain-SGD path and on the momentum path alike (the first momentum step's
+    /// velocity is the corrected gradient itself).
+    #[test]
+    fn a_corrected_step_adds_the_correction_to_the_gradient() {
+        let data = data();
+        let indices: Vec<usize> = (0..10).collect();
+        for optimizer in [
+            Optimizer::sgd(),
+            Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 0.0,
+            },
+        ] {
+            let mut model = Model::new("logreg:4-3".parse().unwrap(), 3);
+            let (_, gradient) = model.gradient(&data, &indices).unwrap();
+            let correction: Vec<f32> = (0..gradient.len()).map(|i| i as f32 * 0.1 - 0.7).collect();
+            let expected: Vec<f32> = model
+                .parameters()
+                .iter()
+                .zip(gradient.iter().zip(&correction))
+                .map(|(w, (g, c))| w - 0.5 * (g + c))
+                .collect();
+            let cfg = FitConfig {
+                epochs: 1,
+                batch_size: 10,
+                learning_rate: 0.5,
+                optimizer,
+                ..FitConfig::default()
+            };
+            model
+                .fit_corrected_on(&CpuBackend, &data, &indices, &cfg, Some(&correction))
+                .unwrap();
+            for (actual, expected) in model.parameters().iter().zip(&expected) {
+                assert!(
+                    (actual - expected).abs() < 1e-5,
+                    "{optimizer:?}: {actual} vs {expected}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_correction_is_refused_and_steps_are_counted() {
+        let data = data();
+        let mut model = Model::new("logreg:4-3".parse().unwrap(), 3);
+        let before = model.parameters().to_vec();
+        let cfg = FitConfig::new(1, 4, 0.1, 0);
+        let short = vec![0.0; 3];
+        assert!(
+            model
+                .fit_corrected_on(&CpuBackend, &data, &[0, 1], &cfg, Some(&short))
+                .is_err()
+        );
+        let mut nan = vec![0.0; before.len()];
+        nan[2] = f32::NAN;
+        assert!(
+            model
+                .fit_corrected_on(&CpuBackend, &data, &[0, 1], &cfg, Some(&nan))
+                .is_err()
+        );
+        assert_eq!(model.parameters(), &before[..]);
+        // 10 examples in batches of 4: 3 steps an epoch.
+        assert_eq!(local_steps(10, &FitConfig::new(2, 4, 0.1, 0)), 6);
+    }
+}

@@ -3,13 +3,13 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fedquic_net::io::{
     IoError, read_message, read_tensor_body, read_tensor_header, send_shared_tensors, write_message,
 };
 use fedquic_protocol::{
-    Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, Welcome, negotiate_version,
+    Codec, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, Welcome, negotiate_version,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -342,7 +342,7 @@ async fn receive_update(
             "expected an update stream".into(),
         );
     }
-    if let Err(e) = header.check_layout(&shared.layout) {
+    if let Err(e) = header.check_layout(&shared.update_layout) {
         let _ = stream.stop(STREAM_REFUSED.into());
         return fail(Some(header.task_id), RejectCause::Malformed, e.to_string());
     }

@@ -356,14 +356,26 @@ impl Hub {
         }
     }
 
-    fn send_task(&mut self, client: &str, message: Message, round: u64, task_id: u64) {
-        let model = self.engine.global_model();
+    /// Sends a task and its model; `with_control` (SCAFFOLD fit tasks) sends
+    /// the control variate after the model.
+    fn send_task(
+        &mut self,
+        client: &str,
+        message: Message,
+        round: u64,
+        task_id: u64,
+        with_control: bool,
+    ) {
+        let (model, tensors) = match with_control {
+            true => (self.engine.fit_payload(), self.shared.update_layout.clone()),
+            false => (self.engine.global_model(), self.shared.layout.clone()),
+        };
         let header = TensorHeader {
             kind: StreamKind::GlobalModel,
             round,
             task_id,
             codec: Codec::F32,
-            tensors: self.shared.layout.clone(),
+            tensors,
             num_examples: 0,
             metrics: Vec::new(),
             body_len: model.len() as u64 * 4,
@@ -393,11 +405,18 @@ impl Hub {
                 Action::SendFit { client, task } => {
                     self.round_started.get_or_insert_with(Instant::now);
                     let (round, task_id) = (task.round, task.task_id);
-                    self.send_task(&client, Message::FitTask(task), round, task_id);
+                    let with_control = task.scaffold.is_some();
+                    self.send_task(
+                        &client,
+                        Message::FitTask(task),
+                        round,
+                        task_id,
+                        with_control,
+                    );
                 }
                 Action::SendEvaluate { client, task } => {
                     let (round, task_id) = (task.round, task.task_id);
-                    self.send_task(&client, Message::EvaluateTask(task), round, task_id);
+                    self.send_task(&client, Message::EvaluateTask(task), round, task_id, false);
                 }
                 Action::UpdateAccepted { client, task_id } => {
                     if let Some(backend) = self.backends.get(&client) {

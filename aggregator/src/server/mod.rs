@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fedquic_protocol::{TensorLimits, TensorMeta};
+use fedquic_protocol::{TensorLimits, TensorMeta, with_control_layout};
 use fedquic_train::{Dataset, Model};
 use thiserror::Error;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -34,6 +34,7 @@ use crate::engine::{EngineConfig, EngineState, RoundEngine};
 
 pub use records::RoundRecord;
 
+use connection::accept_loop;
 use hub::{Hub, ToHub};
 use pool::BufferPool;
 
@@ -164,6 +165,9 @@ pub struct RunSummary {
 struct Shared {
     model_spec: String,
     layout: Vec<TensorMeta>,
+    /// The layout of fit streams and updates: `layout`, then (SCAFFOLD) the
+    /// control variate's tensors.
+    update_layout: Vec<TensorMeta>,
     limits: TensorLimits,
     pool: Arc<BufferPool>,
     hub: mpsc::UnboundedSender<ToHub>,
@@ -244,6 +248,8 @@ impl Server {
             }
             None => RoundEngine::new(config, initial, 0),
         };
+        let mut engine = engine;
+        engine.set_run_id(&setup.run_id);
         self.run_with(Box::new(engine), shutdown).await
     }
 
@@ -266,12 +272,18 @@ impl Server {
         let (hub_tx, hub_rx) = mpsc::unbounded_channel();
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
         let values = setup.initial_model.len();
+        // SCAFFOLD's updates carry Delta c after Delta y: twice the values.
+        let (update_layout, update_values) = match setup.engine.strategy.carries_control_variate() {
+            true => (with_control_layout(&setup.layout), 2 * values),
+            false => (setup.layout.clone(), values),
+        };
         let shared = Arc::new(Shared {
             model_spec: setup.model_spec.clone(),
             layout: setup.layout.clone(),
-            limits: TensorLimits::for_model(values as u64),
+            update_layout,
+            limits: TensorLimits::for_model(update_values as u64),
             pool: Arc::new(BufferPool {
-                len: values,
+                len: update_values,
                 free: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(setup.max_inflight_updates.max(1))),
             }),

@@ -21,10 +21,12 @@ mod fedavg;
 mod fedavgm;
 mod fedopt;
 mod normbounded;
+mod qfedavg;
 pub mod robust;
 mod robust_strategies;
+mod scaffold;
 
-use fedquic_protocol::FitInstructions;
+use fedquic_protocol::{FitInstructions, Metrics};
 use serde::{Deserialize, Serialize};
 
 pub use accumulator::{FedAvgAccumulator, ModelCheckError, WeightReport, fedavg_batch};
@@ -32,7 +34,42 @@ pub use fedavg::{FedAvg, FedProx};
 pub use fedavgm::FedAvgM;
 pub use fedopt::{FedOpt, FedOptKind};
 pub use normbounded::NormBoundedFedAvg;
+pub use qfedavg::QFedAvg;
 pub use robust_strategies::{RobustRule, RobustStrategy};
+pub use scaffold::Scaffold;
+
+/// One update that passed the engine's gate, as [`Strategy::accept`] sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct UpdateInput<'a> {
+    /// FedAvg's weight: the claimed example count, capped per client.
+    pub weight: f64,
+    /// The model delta as received (the accumulator folds `scale * delta`).
+    pub delta: &'a [f32],
+    /// L2 norm of `delta` before clipping, and the clipping factor in (0, 1].
+    pub norm: f64,
+    pub scale: f64,
+    /// What the client reported with the update (untrusted).
+    pub metrics: &'a Metrics,
+    /// The values after the model (SCAFFOLD's `Delta c`, already checked
+    /// finite and of the right length); empty for other strategies.
+    pub extra: &'a [f32],
+    /// The clients' learning rate this round.
+    pub client_lr: f64,
+    /// The update gate's bound on norms as a multiple of the previous
+    /// round's median, and whether updates over a bound are refused rather
+    /// than clipped (strategies apply them to their own extra values).
+    pub norm_median_multiple: Option<f64>,
+    pub reject_over_bound: bool,
+}
+
+/// Why [`Strategy::accept`] refused an update.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpdateRefused {
+    /// The refusal is a norm bound (counted as `norm_bound`; otherwise as
+    /// `strategy`).
+    pub norm_bound: bool,
+    pub reason: String,
+}
 
 /// A server-side aggregation strategy (streaming: see the module docs).
 pub trait Strategy: Send + std::fmt::Debug {
@@ -115,6 +152,41 @@ pub trait Strategy: Send + std::fmt::Debug {
     fn clip_norm(&self) -> Option<f64> {
         None
     }
+
+    /// Whether fit tasks ask clients for the loss of the received model
+    /// before training (q-FedAvg).
+    fn wants_initial_loss(&self) -> bool {
+        false
+    }
+
+    /// A vector sent down with every fit task after the model, whose
+    /// per-client change comes back after the update (SCAFFOLD's control
+    /// variate `c`); updates then carry twice the model's values.
+    fn control_variate(&self) -> Option<&[f32]> {
+        None
+    }
+
+    /// Whether the update gate's share cap applies to the fold weights
+    /// (q-FedAvg weighs by loss, not by example counts, and bounds that).
+    fn uses_share_cap(&self) -> bool {
+        true
+    }
+
+    /// A fit phase starts with `clients` connected: forget the previous
+    /// attempt's per-update state.
+    fn begin_round(&mut self, _clients: usize) {}
+
+    /// Sees every update that passed the gate, before it is folded, and
+    /// returns the weight to fold it with (default: FedAvg's `weight`).
+    fn accept(&mut self, update: &UpdateInput<'_>) -> Result<f64, UpdateRefused> {
+        Ok(update.weight)
+    }
+
+    /// The factor the round's weighted sum is multiplied by to give the
+    /// step `d` of [`Strategy::peek`] (default: the mean, `1 / weight_used`).
+    fn sum_scale(&self, weight_used: f64) -> f64 {
+        1.0 / weight_used
+    }
 }
 
 impl Clone for Box<dyn Strategy> {
@@ -137,6 +209,8 @@ pub const STRATEGY_NAMES: &[&str] = &[
     "krum",
     "multikrum",
     "bulyan",
+    "qfedavg",
+    "scaffold",
 ];
 
 /// `[strategy]` in the aggregator's config (and the simulator's flags): a
@@ -170,6 +244,14 @@ pub struct StrategyConfig {
     /// they may take (K x parameters x 4 bytes), checked at startup.
     pub max_held_updates: usize,
     pub memory_budget_mb: f64,
+    /// q-FedAvg's fairness exponent q (0 is an unweighted mean step).
+    pub q: f64,
+    /// q-FedAvg's Lipschitz constant L; 0 derives it from the clients'
+    /// learning rate as `1 / lr`, as the paper does.
+    pub q_lipschitz: f64,
+    /// q-FedAvg: the largest initial loss a client may report (losses must
+    /// also be finite and at least 1e-6); others are refused.
+    pub q_max_loss: f64,
 }
 
 impl Default for StrategyConfig {
@@ -188,6 +270,9 @@ impl Default for StrategyConfig {
             krum_m: 5,
             max_held_updates: 1000,
             memory_budget_mb: 2048.0,
+            q: 1.0,
+            q_lipschitz: 0.0,
+            q_max_loss: 1e3,
         }
     }
 }
@@ -241,7 +326,28 @@ impl StrategyConfig {
             return Err("strategy.max_held_updates must be in 1..=100000".into());
         }
         positive("memory_budget_mb", self.memory_budget_mb, 1e7)?;
+        if !(self.q.is_finite() && (0.0..=20.0).contains(&self.q)) {
+            return Err(format!("strategy.q must be in [0, 20], got {}", self.q));
+        }
+        if !(self.q_lipschitz.is_finite() && (0.0..=1e6).contains(&self.q_lipschitz)) {
+            return Err(format!(
+                "strategy.q_lipschitz must be in [0, 1e6] (0: 1 / client lr), got {}",
+                self.q_lipschitz
+            ));
+        }
+        if !(self.q_max_loss.is_finite() && (1e-3..=1e6).contains(&self.q_max_loss)) {
+            return Err(format!(
+                "strategy.q_max_loss must be in [0.001, 1e6], got {}",
+                self.q_max_loss
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether fit streams carry a control variate after the model (and
+    /// updates one after the delta): SCAFFOLD.
+    pub fn carries_control_variate(&self) -> bool {
+        self.name == "scaffold"
     }
 
     /// For robust strategies: checks that `max_fit` selected clients fit the
@@ -320,6 +426,8 @@ pub fn by_name(c: &StrategyConfig, len: usize) -> Result<Box<dyn Strategy>, Stri
         "bulyan" => Box::new(RobustStrategy {
             rule: RobustRule::Bulyan { f: c.byzantine_f },
         }),
+        "qfedavg" => Box::new(QFedAvg::new(c)),
+        "scaffold" => Box::new(Scaffold::new(len, c.server_lr)),
         other => {
             return Err(format!(
                 "unknown strategy '{other}'; available: {}",

@@ -1,0 +1,258 @@
+//! Where a client keeps its SCAFFOLD control variate `c_i` between rounds:
+//! in memory (the simulator's virtual clients, 4 bytes a parameter each once
+//! selected) or in a file in the client's state directory (`--state-dir`).
+//!
+//! A control variate belongs to one federated run (the aggregator's run id,
+//! sent with every SCAFFOLD task): a task from another run starts from zero,
+//! as the paper's clients do. The file is written atomically (temporary
+//! file, fsync, rename, directory fsync) and checked on load: size bounded by
+//! the model before it is read, magic, run id, value count, every value
+//! finite, and a checksum.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// The control variate's file in the state directory.
+pub const CONTROL_FILE: &str = "scaffold-control.bin";
+const MAGIC: &[u8; 8] = b"FQCV0001";
+/// Longest run id stored (as `fedquic_protocol::ScaffoldTask::MAX_RUN_LEN`).
+const MAX_RUN_LEN: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum ControlStoreError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid control variate file: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+/// One client's control variate store.
+#[derive(Debug)]
+pub enum ControlStore {
+    /// Kept in memory for the life of the client (run id, values).
+    Memory(Option<(String, Vec<f32>)>),
+    /// Kept in `DIR/scaffold-control.bin`.
+    Dir(PathBuf),
+}
+
+impl Default for ControlStore {
+    fn default() -> Self {
+        ControlStore::Memory(None)
+    }
+}
+
+impl ControlStore {
+    /// A store in `dir`, created if missing.
+    pub fn in_dir(dir: &Path) -> Result<ControlStore, ControlStoreError> {
+        fs::create_dir_all(dir).map_err(|source| ControlStoreError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        Ok(ControlStore::Dir(dir.to_path_buf()))
+    }
+
+    /// `c_i` for `run` with `len` values: what was saved for this run, or
+    /// zeros when nothing was (or it belongs to another run, or has another
+    /// length: a new model is a new start). A damaged file is an error.
+    pub fn load(&self, run: &str, len: usize) -> Result<Vec<f32>, ControlStoreError> {
+        match self {
+            ControlStore::Memory(Some((stored_run, values)))
+                if stored_run == run && values.len() == len =>
+            {
+                Ok(values.clone())
+            }
+            ControlStore::Memory(_) => Ok(vec![0.0; len]),
+            ControlStore::Dir(dir) => {
+                let path = dir.join(CONTROL_FILE);
+                match read_file(&path, len)? {
+                    Some((stored_run, values)) if stored_run == run && values.len() == len => {
+                        Ok(values)
+                    }
+                    _ => Ok(vec![0.0; len]),
+                }
+            }
+        }
+    }
+
+    /// Stores `values` as `c_i` for `run`, replacing what was there.
+    pub fn save(&mut self, run: &str, values: Vec<f32>) -> Result<(), ControlStoreError> {
+        match self {
+            ControlStore::Memory(slot) => {
+                *slot = Some((run.to_string(), values));
+                Ok(())
+            }
+            ControlStore::Dir(dir) => write_atomically(&dir.join(CONTROL_FILE), run, &values),
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: catches torn and damaged files (not an attacker, who
+/// could rewrite the whole file anyway).
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn encode(run: &str, values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 2 + run.len() + 8 + values.len() * 4 + 8);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(run.len() as u16).to_le_bytes());
+    out.extend_from_slice(run.as_bytes());
+    out.extend_from_slice(&(values.len() as u64).to_le_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    let sum = checksum(&out);
+    out.extend_from_slice(&sum.to_le_bytes());
+    out
+}
+
+/// Reads the file if there is one; `None` when it is absent or holds a
+/// different number of values than `len` (another model).
+fn read_file(path: &Path, len: usize) -> Result<Option<(String, Vec<f32>)>, ControlStoreError> {
+    let corrupt = |reason: String| ControlStoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let io = |source| ControlStoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(e)),
+    };
+    // Bounded before reading: the largest file this model can have.
+    let max = (8 + 2 + MAX_RUN_LEN + 8 + 8) as u64 + len as u64 * 4;
+    if size > max {
+        return Err(corrupt(format!(
+            "{size} bytes, more than a control variate of {len} values takes ({max})"
+        )));
+    }
+    let bytes = fs::read(path).map_err(io)?;
+    if bytes.len() < 8 + 2 + 8 + 8 || &bytes[..8] != MAGIC {
+        return Err(corrupt("bad magic or truncated".into()));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 8);
+    let mut sum_bytes = [0u8; 8];
+    sum_bytes.copy_from_slice(sum);
+    if checksum(body) != u64::from_le_bytes(sum_bytes) {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let run_len = u16::from_le_bytes([body[8], body[9]]) as usize;
+    if run_len > MAX_RUN_LEN || body.len() < 10 + run_len + 8 {
+        return Err(corrupt(format!("run id of {run_len} bytes")));
+    }
+    let run = std::str::from_utf8(&body[10..10 + run_len])
+        .map_err(|_| corrupt("run id is not UTF-8".into()))?
+        .to_string();
+    let mut count = [0u8; 8];
+    count.copy_from_slice(&body[10 + run_len..18 + run_len]);
+    let count = u64::from_le_bytes(count);
+    let data = &body[18 + run_len..];
+    if count != data.len() as u64 / 4 || data.len() % 4 != 0 {
+        return Err(corrupt(format!(
+            "says {count} values but holds {} bytes",
+            data.len()
+        )));
+    }
+    if count != len as u64 {
+        return Ok(None);
+    }
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(corrupt("holds a non-finite value".into()));
+    }
+    Ok(Some((run, values)))
+}
+
+fn write_atomically(path: &Path, run: &str, values: &[f32]) -> Result<(), ControlStoreError> {
+    let io = |source| ControlStoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("bin.tmp");
+    let mut file = fs::File::create(&tmp).map_err(io)?;
+    file.write_all(&encode(run, values)).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        // The rename is durable once the directory is.
+        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "fedquic-control-{name}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn memory_store_is_keyed_to_the_run() {
+        let mut store = ControlStore::default();
+        assert_eq!(store.load("a", 2).unwrap(), vec![0.0, 0.0]);
+        store.save("a", vec![1.0, 2.0]).unwrap();
+        assert_eq!(store.load("a", 2).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(store.load("b", 2).unwrap(), vec![0.0, 0.0], "new run");
+        assert_eq!(store.load("a", 3).unwrap(), vec![0.0; 3], "new model");
+    }
+
+    #[test]
+    fn file_store_round_trips_survives_a_restart_and_refuses_damage() {
+        let dir = temp_dir("file");
+        let mut store = ControlStore::in_dir(&dir).unwrap();
+        assert_eq!(store.load("run-1", 3).unwrap(), vec![0.0; 3], "no file yet");
+        store.save("run-1", vec![0.5, -1.0, 2.0]).unwrap();
+        // A restarted client (a new store on the same directory) finds it.
+        let again = ControlStore::in_dir(&dir).unwrap();
+        assert_eq!(again.load("run-1", 3).unwrap(), vec![0.5, -1.0, 2.0]);
+        assert_eq!(again.load("run-2", 3).unwrap(), vec![0.0; 3], "other run");
+        assert_eq!(again.load("run-1", 4).unwrap(), vec![0.0; 4], "other model");
+        assert!(!dir.join("scaffold-control.bin.tmp").exists());
+
+        let path = dir.join(CONTROL_FILE);
+        let good = fs::read(&path).unwrap();
+        // A flipped bit, a truncation, garbage and an oversized file are errors.
+        let mut flipped = good.clone();
+        flipped[20] ^= 1;
+        for (what, bytes) in [
+            ("flipped", flipped),
+            ("truncated", good[..good.len() - 3].to_vec()),
+            ("garbage", b"not a control variate".to_vec()),
+            ("oversized", vec![0u8; 1 << 16]),
+        ] {
+            fs::write(&path, &bytes).unwrap();
+            let err = again.load("run-1", 3).unwrap_err();
+            assert!(
+                matches!(err, ControlStoreError::Corrupt { .. }),
+                "{what}: {err}"
+            );
+        }
+        // A non-finite value with a valid checksum is refused too.
+        fs::write(&path, encode("run-1", &[0.0, f32::NAN, 1.0])).unwrap();
+        assert!(again.load("run-1", 3).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
