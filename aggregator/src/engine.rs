@@ -663,10 +663,17 @@ impl RoundEngine {
                 )),
                 _ if values != self.global.len() + extra_len => Err((
                     RejectCause::WrongSize,
-                    format!(
-                        "update has {values} values, expected {} (model) + {extra_len} (strategy)",
-                        self.global.len()
-                    ),
+                    match extra_len {
+                        0 => format!(
+                            "update has {values} values, model has {}",
+                            self.global.len()
+                        ),
+                        _ => format!(
+                            "update has {values} values, expected {} (model) + {extra_len} \
+                             (the strategy's control variate)",
+                            self.global.len()
+                        ),
+                    },
                 )),
                 _ => Ok(()),
             })
