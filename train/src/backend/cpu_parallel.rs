@@ -17,6 +17,10 @@ use super::{ConvGeometry, Gemm, PoolGeometry, direct_conv, small_gemm, sparse_co
 /// Multiply-adds (or element operations) below which an operation stays on one thread:
 /// waking a worker costs microseconds, this much work takes about 20-50 µs.
 const MIN_WORK: usize = 1 << 19;
+/// Multiply-adds below which a dense-layer GEMM stays on one thread: at the 2NN's batch
+/// 10 (1.6 M per layer) a split GEMM measured 0.7x one thread's speed on an idle AVX2
+/// EPYC, because each part re-reads the shared operand and the hand-off dominates.
+const MIN_GEMM_WORK: usize = 1 << 22;
 /// Elements below which an elementwise pass stays on one thread.
 const MIN_ELEMENTS: usize = 1 << 16;
 
@@ -34,6 +38,11 @@ fn parts(units: usize, work: usize) -> usize {
         return 1;
     }
     threads.min(units).min(MAX_THREADS)
+}
+
+/// A dense GEMM's work as [`parts`] sees it: none below [`MIN_GEMM_WORK`].
+fn gemm_work(macs: usize) -> usize {
+    if macs < MIN_GEMM_WORK { 0 } else { macs }
 }
 
 /// Convolution forward (output already holding the bias): the direct kernel, or
@@ -182,7 +191,7 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
     match (gemm.trans_a, gemm.trans_b) {
         (false, _) => {
             let blocks = m.div_ceil(small_gemm::MAX_SMALL);
-            let parts = parts(blocks, m * n * k);
+            let parts = parts(blocks, gemm_work(m * n * k));
             if parts < 2 {
                 return false;
             }
@@ -199,7 +208,7 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
         }
         (true, false) => {
             // Granules of 8 rows keep the kernel's 4-row blocks whole.
-            let parts = parts(m.div_ceil(8), m * n * k);
+            let parts = parts(m.div_ceil(8), gemm_work(m * n * k));
             if parts < 2 {
                 return false;
             }
