@@ -106,20 +106,7 @@ pub trait Strategy: Send + std::fmt::Debug {
         inv_weight: f64,
         max_abs: f64,
     ) -> Result<(), ModelCheckError> {
-        for (i, (g, s)) in model.iter().zip(sum).enumerate() {
-            let v = self.peek(i, *g, s * inv_weight) as f32;
-            if !v.is_finite() {
-                return Err(ModelCheckError::NotFinite { index: i });
-            }
-            if (v as f64).abs() > max_abs {
-                return Err(ModelCheckError::OutOfBounds {
-                    index: i,
-                    value: v as f64,
-                    bound: max_abs,
-                });
-            }
-        }
-        Ok(())
+        check_peeked_model(self, model, sum, inv_weight, max_abs)
     }
 
     /// The strategy's state (server momentum, moments...), for checkpoints
@@ -475,4 +462,30 @@ pub(crate) fn decode_vectors(
         return Err("strategy state holds a non-finite value".into());
     }
     Ok(vectors)
+}
+
+/// The default [`Strategy::check`]: every value [`Strategy::peek`] gives is
+/// finite and at most `max_abs` in absolute value. Strategies that check more
+/// (SCAFFOLD's control variate) call it first.
+pub(crate) fn check_peeked_model<S: Strategy + ?Sized>(
+    strategy: &S,
+    model: &[f32],
+    sum: &[f64],
+    inv_weight: f64,
+    max_abs: f64,
+) -> Result<(), ModelCheckError> {
+    for (i, (g, s)) in model.iter().zip(sum).enumerate() {
+        let v = strategy.peek(i, *g, s * inv_weight) as f32;
+        if !v.is_finite() {
+            return Err(ModelCheckError::NotFinite { index: i });
+        }
+        if (v as f64).abs() > max_abs {
+            return Err(ModelCheckError::OutOfBounds {
+                index: i,
+                value: v as f64,
+                bound: max_abs,
+            });
+        }
+    }
+    Ok(())
 }

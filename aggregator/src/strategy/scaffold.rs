@@ -139,19 +139,7 @@ impl Strategy for Scaffold {
         inv_weight: f64,
         max_abs: f64,
     ) -> Result<(), ModelCheckError> {
-        for (i, (g, s)) in model.iter().zip(sum).enumerate() {
-            let v = self.peek(i, *g, s * inv_weight) as f32;
-            if !v.is_finite() {
-                return Err(ModelCheckError::NotFinite { index: i });
-            }
-            if (v as f64).abs() > max_abs {
-                return Err(ModelCheckError::OutOfBounds {
-                    index: i,
-                    value: v as f64,
-                    bound: max_abs,
-                });
-            }
-        }
+        super::check_peeked_model(self, model, sum, inv_weight, max_abs)?;
         for (i, (c, sum)) in self.c.iter().zip(&self.c_sum).enumerate() {
             let v = Self::next_c(*c, *sum, self.clients);
             if !(v.is_finite() && (v as f64).abs() <= max_abs) {
