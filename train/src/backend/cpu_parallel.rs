@@ -253,6 +253,19 @@ pub(super) fn zipped(src: &[f32], dst: &mut [f32], op: impl Fn(&[f32], &mut [f32
     true
 }
 
+/// How a pooling pass over `input_len` values splits into whole planes: the input
+/// and output plane sizes and the planes per part, or `None` to stay on one thread.
+fn plane_split(geometry: &PoolGeometry, input_len: usize) -> Option<(usize, usize, usize)> {
+    let plane_in = geometry.in_height * geometry.in_width;
+    let plane_out = geometry.out_height * geometry.out_width;
+    if plane_in == 0 || plane_out == 0 || input_len < MIN_ELEMENTS {
+        return None;
+    }
+    let count = input_len / plane_in;
+    let parts = parts(count, input_len * 8);
+    (parts >= 2).then(|| (plane_in, plane_out, part_len(count, parts, 1)))
+}
+
 /// A pooling pass over whole planes: `op(geometry_of_part, input, output)`.
 pub(super) fn planes(
     geometry: &PoolGeometry,
@@ -260,17 +273,9 @@ pub(super) fn planes(
     output: &mut [f32],
     op: impl Fn(&PoolGeometry, &[f32], &mut [f32]) + Sync,
 ) -> bool {
-    let plane_in = geometry.in_height * geometry.in_width;
-    let plane_out = geometry.out_height * geometry.out_width;
-    if plane_in == 0 || plane_out == 0 || input.len() < MIN_ELEMENTS {
+    let Some((plane_in, plane_out, per)) = plane_split(geometry, input.len()) else {
         return false;
-    }
-    let count = input.len() / plane_in;
-    let parts = parts(count, input.len() * 8);
-    if parts < 2 {
-        return false;
-    }
-    let per = part_len(count, parts, 1);
+    };
     for_each(
         input
             .chunks(per * plane_in)
@@ -292,17 +297,9 @@ pub(super) fn planes_backward(
     input_grad: &mut [f32],
     op: impl Fn(&PoolGeometry, &[f32], &[f32], &mut [f32]) + Sync,
 ) -> bool {
-    let plane_in = geometry.in_height * geometry.in_width;
-    let plane_out = geometry.out_height * geometry.out_width;
-    if plane_in == 0 || plane_out == 0 || input.len() < MIN_ELEMENTS {
+    let Some((plane_in, plane_out, per)) = plane_split(geometry, input.len()) else {
         return false;
-    }
-    let count = input.len() / plane_in;
-    let parts = parts(count, input.len() * 8);
-    if parts < 2 {
-        return false;
-    }
-    let per = part_len(count, parts, 1);
+    };
     let items = input
         .chunks(per * plane_in)
         .zip(output_grad.chunks(per * plane_out))
