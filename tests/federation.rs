@@ -110,6 +110,7 @@ fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) -> Cli
         training_slots: None,
         endpoint: None,
         limits: Default::default(),
+        codecs: Default::default(),
     }
 }
 

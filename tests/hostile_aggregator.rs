@@ -83,9 +83,11 @@ async fn welcome(
     ));
     let welcome = Welcome {
         version: PROTOCOL_VERSION,
-        codec: Codec::F32,
+        uplink: Codec::F32,
+        downlink: Codec::F32,
         model_spec: model_spec.to_string(),
         client_name: "client-001".into(),
+        run: "hostile-run".into(),
     };
     write_message(&mut send, &Message::Welcome(welcome))
         .await

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use fedquic::aggregator::strategy::{STRATEGY_NAMES, StrategyConfig};
 use fedquic::client::{
-    ControlStore, EvalOutcome, FitOutcome, Trainer, TrainerError, run_client_with_store,
+    EvalOutcome, FitOutcome, StateStore, StateVector, Trainer, TrainerError, run_client_with_store,
 };
 use fedquic::net::pki::CertAuthority;
 use fedquic::protocol::{FitInstructions, Message};
@@ -361,8 +361,8 @@ async fn scaffold_control_variates_go_down_and_come_back_through_the_daemon() {
             seen.push(std::sync::Arc::clone(&trainer.corrections));
             // The first client keeps c_i on disk, the others in memory.
             let store = match i {
-                0 => ControlStore::in_dir(dir.path()).unwrap(),
-                _ => ControlStore::default(),
+                0 => StateStore::in_dir(dir.path()).unwrap(),
+                _ => StateStore::default(),
             };
             tokio::spawn(run_client_with_store(
                 options(agg.addr, tls, 20),
@@ -386,13 +386,17 @@ async fn scaffold_control_variates_go_down_and_come_back_through_the_daemon() {
         assert_eq!(*corrections.lock().unwrap(), vec![0.0, d - 2.0, d - 2.0]);
     }
     // The file-backed client's c_i = -1 is on disk, for this run only.
-    let stored = ControlStore::in_dir(dir.path()).unwrap();
+    let stored = StateStore::in_dir(dir.path()).unwrap();
     assert_eq!(
-        stored.load("scaffold-test-run", PARAMS).unwrap(),
+        stored
+            .load(StateVector::ScaffoldControl, "scaffold-test-run", PARAMS)
+            .unwrap(),
         vec![-1.0; PARAMS]
     );
     assert_eq!(
-        stored.load("another-run", PARAMS).unwrap(),
+        stored
+            .load(StateVector::ScaffoldControl, "another-run", PARAMS)
+            .unwrap(),
         vec![0.0; PARAMS]
     );
 }

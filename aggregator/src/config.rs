@@ -6,11 +6,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedquic_protocol::{FitInstructions, OptimizerConfig};
+use fedquic_protocol::{Codec, FitInstructions, OptimizerConfig};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::engine::{EngineConfig, NormPolicy, UpdatePolicy};
+use crate::fedbuff::FedBuffSettings;
 use crate::strategy::StrategyConfig;
 
 /// Upper bounds on configuration values, so that nothing downstream
@@ -47,6 +48,149 @@ pub struct AggregatorConfig {
     pub admission: AdmissionConfig,
     pub updates: UpdatesConfig,
     pub strategy: StrategyConfig,
+    pub codecs: CodecsConfig,
+    pub fedbuff: FedBuffConfig,
+}
+
+/// Asynchronous FedBuff instead of synchronous rounds (see
+/// [`crate::fedbuff`]). With it, `rounds.count` is the number of server
+/// steps (model versions) and `rounds.deadline_secs` the time one task may
+/// take.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FedBuffConfig {
+    pub enabled: bool,
+    /// Clients training at once.
+    pub concurrency: usize,
+    /// Updates per server step.
+    pub buffer_size: usize,
+    /// Updates from a model more versions old than this are refused.
+    pub max_staleness: u64,
+    /// `constant`, `polynomial:A` (weight `(1 + tau)^-A`) or `hinge:A,B`.
+    pub staleness: String,
+    /// Checkpoint every this many server steps (and after the last).
+    pub checkpoint_every: u64,
+}
+
+impl Default for FedBuffConfig {
+    fn default() -> Self {
+        let d = FedBuffSettings::default();
+        FedBuffConfig {
+            enabled: false,
+            concurrency: d.concurrency,
+            buffer_size: d.buffer_size,
+            max_staleness: d.max_staleness,
+            staleness: d.staleness.to_string(),
+            checkpoint_every: d.checkpoint_every,
+        }
+    }
+}
+
+impl FedBuffConfig {
+    /// The coordinator's settings when enabled; errors name the key.
+    pub fn settings(&self) -> Result<Option<FedBuffSettings>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let settings = FedBuffSettings {
+            concurrency: self.concurrency,
+            buffer_size: self.buffer_size,
+            max_staleness: self.max_staleness,
+            staleness: self
+                .staleness
+                .parse()
+                .map_err(|e| format!("fedbuff.staleness: {e}"))?,
+            checkpoint_every: self.checkpoint_every,
+        };
+        settings.validate()?;
+        Ok(Some(settings))
+    }
+}
+
+/// Which codecs updates (uplink) and models (downlink) may travel in, best
+/// first. Each client gets the first one it offers; a client offering none
+/// is refused with the list. See `fedquic_protocol::codec`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecsConfig {
+    /// `f32`, `f16`, `bf16`, `int8`, `top-k:FRACTION`, `top-k:FRACTION+f16|bf16|int8`.
+    pub uplink: Vec<String>,
+    /// `f32`, `f16` or `bf16` (models are not sparsified or int8-rounded).
+    pub downlink: Vec<String>,
+}
+
+impl Default for CodecsConfig {
+    /// Lossless both ways.
+    fn default() -> Self {
+        CodecsConfig {
+            uplink: vec!["f32".into()],
+            downlink: vec!["f32".into()],
+        }
+    }
+}
+
+/// Most codecs one direction may list.
+pub const MAX_CODECS: usize = 16;
+
+/// The parsed [`CodecsConfig`]: what the server negotiates with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodecPreference {
+    pub uplink: Vec<Codec>,
+    pub downlink: Vec<Codec>,
+}
+
+impl Default for CodecPreference {
+    fn default() -> Self {
+        CodecPreference {
+            uplink: vec![Codec::F32],
+            downlink: vec![Codec::F32],
+        }
+    }
+}
+
+impl CodecPreference {
+    /// Checks both lists: non-empty, at most [`MAX_CODECS`], valid codecs,
+    /// and only dense f32/f16/bf16 downlink.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, list) in [
+            ("codecs.uplink", &self.uplink),
+            ("codecs.downlink", &self.downlink),
+        ] {
+            if list.is_empty() || list.len() > MAX_CODECS {
+                return Err(format!("{key} must list 1..={MAX_CODECS} codecs"));
+            }
+            for c in list {
+                c.validate().map_err(|e| format!("{key}: {e}"))?;
+            }
+        }
+        if let Some(bad) = self
+            .downlink
+            .iter()
+            .find(|c| !matches!(c, Codec::F32 | Codec::F16 | Codec::Bf16))
+        {
+            return Err(format!(
+                "codecs.downlink: {bad} is not a model codec (use f32, f16 or bf16)"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl CodecsConfig {
+    /// Parses and checks the lists; the error names the key.
+    pub fn preference(&self) -> Result<CodecPreference, String> {
+        let parse = |key: &str, list: &[String]| {
+            list.iter()
+                .map(|s| s.parse::<Codec>().map_err(|e| format!("{key}: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let preference = CodecPreference {
+            uplink: parse("codecs.uplink", &self.uplink)?,
+            downlink: parse("codecs.downlink", &self.downlink)?,
+        };
+        preference.validate()?;
+        Ok(preference)
+    }
 }
 
 /// How much one update may weigh and move the model (see
@@ -288,6 +432,8 @@ impl Default for AggregatorConfig {
             admission: AdmissionConfig::default(),
             updates: UpdatesConfig::default(),
             strategy: StrategyConfig::default(),
+            codecs: CodecsConfig::default(),
+            fedbuff: FedBuffConfig::default(),
         }
     }
 }
@@ -483,6 +629,34 @@ impl AggregatorConfig {
             return bad("limits.client_log_lines_per_minute must be in 1..=10000".into());
         }
         self.strategy.validate().map_err(ConfigError::Invalid)?;
+        self.codecs.preference().map_err(ConfigError::Invalid)?;
+        if self
+            .fedbuff
+            .settings()
+            .map_err(ConfigError::Invalid)?
+            .is_some()
+        {
+            if self.evaluate.fraction > 0.0 {
+                return bad(
+                    "evaluate.fraction must be 0 with [fedbuff] (no rounds to evaluate in; \
+                     use evaluate.test_data for central evaluation)"
+                        .into(),
+                );
+            }
+            let strategy = self
+                .strategy
+                .build(1)
+                .map_err(|e| ConfigError::Invalid(format!("[strategy]: {e}")))?;
+            if strategy.robust().is_some()
+                || strategy.control_variate().is_some()
+                || strategy.wants_initial_loss()
+            {
+                return bad(format!(
+                    "strategy.name = \"{}\" needs whole rounds and cannot run with [fedbuff]",
+                    self.strategy.name
+                ));
+            }
+        }
         let u = &self.updates;
         if u.max_examples_per_update == 0 || u.max_examples_per_update > MAX_EXAMPLES_PER_UPDATE {
             return bad(format!(
@@ -602,6 +776,27 @@ mod tests {
         let mut c = AggregatorConfig::default();
         c.fit.nesterov = true;
         assert!(c.validate().is_err(), "Nesterov without momentum");
+    }
+
+    #[test]
+    fn codec_lists_are_parsed_and_bad_ones_name_their_key() {
+        let c: AggregatorConfig = toml::from_str(
+            "[codecs]\nuplink = [\"top-k:0.01+int8\", \"f16\"]\ndownlink = [\"bf16\", \"f32\"]",
+        )
+        .unwrap();
+        let p = c.codecs.preference().unwrap();
+        assert_eq!(p.uplink[1], Codec::F16);
+        assert_eq!(p.downlink, vec![Codec::Bf16, Codec::F32]);
+        for (toml, key) in [
+            ("[codecs]\nuplink = [\"f64\"]", "codecs.uplink"),
+            ("[codecs]\nuplink = []", "codecs.uplink"),
+            ("[codecs]\ndownlink = [\"int8\"]", "codecs.downlink"),
+            ("[codecs]\ndownlink = [\"top-k:0.1\"]", "codecs.downlink"),
+        ] {
+            let c: AggregatorConfig = toml::from_str(toml).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

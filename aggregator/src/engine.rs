@@ -221,9 +221,47 @@ pub struct RoundOutcome {
     pub federated_eval: Option<FederatedEval>,
     pub fit_seconds: f64,
     pub evaluate_seconds: f64,
+    /// How many model versions old the folded updates were (asynchronous
+    /// coordinators; `None` for synchronous rounds, where it is always 0).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staleness: Option<StalenessSummary>,
+    /// Whether the shell checkpoints this commit (FedBuff checkpoints every
+    /// N server steps; rounds always).
+    #[serde(skip)]
+    pub checkpoint: bool,
     /// The engine's state as of this round's commit, for the checkpoint.
     #[serde(skip)]
     pub state: EngineState,
+}
+
+/// The staleness distribution of one server step's updates.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StalenessSummary {
+    pub min: u64,
+    pub median: f64,
+    pub mean: f64,
+    pub max: u64,
+    /// `counts[tau]`: updates `tau` versions old.
+    pub counts: Vec<usize>,
+}
+
+impl StalenessSummary {
+    /// `None` for no updates.
+    pub fn of(values: &mut [u64]) -> Option<StalenessSummary> {
+        let (&min, &max) = (values.iter().min()?, values.iter().max()?);
+        let mut as_f64: Vec<f64> = values.iter().map(|v| *v as f64).collect();
+        let mut counts = vec![0; max as usize + 1];
+        for v in values.iter() {
+            counts[*v as usize] += 1;
+        }
+        Some(StalenessSummary {
+            min,
+            median: median(&mut as_f64)?,
+            mean: as_f64.iter().sum::<f64>() / as_f64.len() as f64,
+            max,
+            counts,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -279,15 +317,21 @@ pub enum Action {
 }
 
 #[derive(Clone, Debug, Default)]
-struct Tally {
-    examples: u64,
+pub(crate) struct Tally {
+    pub(crate) examples: u64,
     loss_sum: f64,
     accuracy_sum: f64,
     metric_weight: f64,
 }
 
 impl Tally {
-    fn add(&mut self, examples: u64, weight: f64, loss: Option<f64>, accuracy: Option<f64>) {
+    pub(crate) fn add(
+        &mut self,
+        examples: u64,
+        weight: f64,
+        loss: Option<f64>,
+        accuracy: Option<f64>,
+    ) {
         self.examples = self.examples.saturating_add(examples);
         if let (Some(l), Some(a)) = (loss, accuracy) {
             self.loss_sum += l * weight;
@@ -296,7 +340,7 @@ impl Tally {
         }
     }
 
-    fn means(&self) -> (Option<f64>, Option<f64>) {
+    pub(crate) fn means(&self) -> (Option<f64>, Option<f64>) {
         if self.metric_weight > 0.0 {
             (
                 Some(self.loss_sum / self.metric_weight),
@@ -1126,6 +1170,8 @@ impl RoundEngine {
             federated_eval: None,
             fit_seconds: now.duration_since(f.started).as_secs_f64(),
             evaluate_seconds: 0.0,
+            staleness: None,
+            checkpoint: true,
             state: EngineState {
                 completed_rounds: self.round,
                 next_task_id: self.next_task_id,
@@ -1203,7 +1249,7 @@ fn fraction_of(fraction: f64, n: usize) -> usize {
 /// The client's claimed training loss and accuracy, both or neither, and only
 /// when plausible: a finite loss in `[0, max_loss]`, an accuracy in `[0, 1]`.
 /// The flag says a claim was made but was out of bounds.
-fn client_metrics(metrics: &Metrics, max_loss: f64) -> (Option<f64>, Option<f64>, bool) {
+pub(crate) fn client_metrics(metrics: &Metrics, max_loss: f64) -> (Option<f64>, Option<f64>, bool) {
     let get = |name: &str| metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
     let (loss, accuracy) = (get("loss"), get("accuracy"));
     let loss_ok = loss.is_none_or(|l| l.is_finite() && (0.0..=max_loss).contains(&l));
@@ -1214,7 +1260,7 @@ fn client_metrics(metrics: &Metrics, max_loss: f64) -> (Option<f64>, Option<f64>
     }
 }
 
-fn not_committed(e: &ModelCheckError) -> String {
+pub(crate) fn not_committed(e: &ModelCheckError) -> String {
     format!("round not committed: {e}")
 }
 
@@ -1228,7 +1274,7 @@ pub fn l2_norm(values: &[f32]) -> f64 {
 }
 
 /// The median (mean of the two middle values for an even count).
-fn median(values: &mut [f64]) -> Option<f64> {
+pub(crate) fn median(values: &mut [f64]) -> Option<f64> {
     if values.is_empty() {
         return None;
     }

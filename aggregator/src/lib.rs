@@ -6,6 +6,7 @@ pub mod config;
 pub mod coordinator;
 pub mod engine;
 pub mod export;
+pub mod fedbuff;
 pub mod logging;
 pub mod server;
 pub mod setup;
@@ -16,6 +17,7 @@ mod engine_tests;
 
 pub use config::AggregatorConfig;
 pub use coordinator::{Coordinator, ReceivedUpdate};
-pub use engine::{Action, EngineConfig, RoundEngine, RoundOutcome};
+pub use engine::{Action, EngineConfig, RoundEngine, RoundOutcome, StalenessSummary};
+pub use fedbuff::{FedBuff, FedBuffSettings, Staleness};
 pub use server::{CentralEval, RoundRecord, RunSummary, Server, ServerError, ServerSetup};
 pub use setup::{CrlReload, SetupError, StartMode, setup_from_config, setup_with_crl_reload};

@@ -19,6 +19,8 @@ use crate::server::{CentralEval, ServerSetup};
 
 #[derive(Debug, Error)]
 pub enum SetupError {
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
     #[error("certificates: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("model: {0}")]
@@ -307,6 +309,16 @@ pub fn setup_with_crl_reload(
         admission: Arc::new(fedquic_net::admission::Admission::new(
             config.limits.admission(),
         )),
+        // Checked by `AggregatorConfig::validate`; checked again for configs
+        // built in code.
+        codecs: config
+            .codecs
+            .preference()
+            .map_err(SetupError::InvalidConfig)?,
+        fedbuff: config
+            .fedbuff
+            .settings()
+            .map_err(SetupError::InvalidConfig)?,
     };
     Ok((setup, crl_reload))
 }

@@ -3,18 +3,19 @@
 //! updates, reconnecting with jittered backoff while the aggregator is away.
 
 pub mod backoff;
-pub mod control;
 pub mod data;
 pub mod limits;
 pub mod predict;
 pub mod session;
+pub mod state;
 pub mod trainer;
 
 pub use backoff::Backoff;
-pub use control::{ControlStore, ControlStoreError};
 pub use data::{ClientData, PartitionSpec};
 pub use limits::{ClientLimits, LimitError};
 pub use session::{
-    ClientError, ClientOptions, ClientReport, run_client, run_client_with_store, scaffold_control,
+    ClientError, ClientOptions, ClientReport, CodecOptions, run_client, run_client_with_store,
+    scaffold_control,
 };
+pub use state::{StateStore, StateStoreError, StateVector};
 pub use trainer::{EvalOutcome, FitOutcome, LocalTrainer, Trainer, TrainerError};

@@ -6,8 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use fedquic_client::{
-    Backoff, ClientData, ClientLimits, ClientOptions, ControlStore, LocalTrainer, PartitionSpec,
-    run_client_with_store,
+    Backoff, ClientData, ClientLimits, ClientOptions, CodecOptions, LocalTrainer, PartitionSpec,
+    StateStore, run_client_with_store,
 };
 use fedquic_net::tls::{self, Identity, TransportSettings};
 use fedquic_train::backend::{BackendKind, Engine};
@@ -92,11 +92,22 @@ struct Cli {
     #[arg(long)]
     config: Option<PathBuf>,
     /// Directory for state kept between rounds and restarts: the SCAFFOLD
-    /// control variate (`scaffold-control.bin`, 4 bytes per model parameter,
-    /// written atomically, per run). Without it the variate lives in memory
-    /// and a restarted client starts it from zero.
+    /// control variate (`scaffold-control.bin`) and the error-feedback
+    /// residual of a lossy codec (`error-feedback.bin`), 4 bytes per model
+    /// parameter each, written atomically, per run. Without it they live in
+    /// memory and a restarted client starts them from zero.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Codecs this client offers for its updates and the models it receives,
+    /// comma-separated: f32, f16, bf16, int8, top-k:FRACTION[+f16|bf16|int8]
+    /// (a top-k entry accepts the fraction the aggregator chooses). The
+    /// aggregator picks its first choice among them. Default: all.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    codecs: Vec<fedquic_protocol::Codec>,
+    /// Send lossy-codec updates without error feedback (by default the part a
+    /// lossy codec drops is kept and added to the next update).
+    #[arg(long)]
+    no_error_feedback: bool,
 }
 
 /// The client's config file (command-line flags take precedence).
@@ -215,8 +226,8 @@ fn main() -> anyhow::Result<()> {
         &TransportSettings::default(),
     )?;
     let store = match &cli.state_dir {
-        Some(dir) => ControlStore::in_dir(dir)?,
-        None => ControlStore::default(),
+        Some(dir) => StateStore::in_dir(dir)?,
+        None => StateStore::default(),
     };
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
@@ -245,6 +256,13 @@ fn main() -> anyhow::Result<()> {
             training_slots: None,
             endpoint: None,
             limits,
+            codecs: CodecOptions {
+                offer: match cli.codecs.is_empty() {
+                    true => fedquic_protocol::all_codecs(),
+                    false => cli.codecs.clone(),
+                },
+                error_feedback: !cli.no_error_feedback,
+            },
         };
         let trainer =
             LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices)

@@ -7,11 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedquic_net::io::{
-    IoError, read_message, read_tensor_body, read_tensor_header, send_tensors, write_message,
+    IoError, read_message, read_tensor_body, read_tensor_header, send_encoded, send_tensors,
+    write_message,
 };
 use fedquic_protocol::{
-    Codec, EvalResult, FitTask, Hello, INITIAL_LOSS_METRIC, Message, SUPPORTED_VERSIONS,
-    StreamKind, TensorHeader, TensorLimits, TensorMeta, with_control_layout,
+    BodyDecoder, Codec, EvalResult, FitTask, Hello, INITIAL_LOSS_METRIC, Message,
+    SUPPORTED_VERSIONS, StreamKind, TensorHeader, TensorLimits, TensorMeta, all_codecs,
+    encode_body, with_control_layout,
 };
 use fedquic_train::layout::ParamLayout;
 use thiserror::Error;
@@ -19,8 +21,8 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::control::ControlStore;
 use crate::limits::{ClientLimits, LimitError};
+use crate::state::{StateStore, StateVector};
 use crate::trainer::{Trainer, TrainerError};
 
 #[derive(Debug, Error)]
@@ -58,6 +60,38 @@ pub struct ClientOptions {
     /// What this client accepts from the aggregator (model size, epochs,
     /// batch size, retry-after).
     pub limits: ClientLimits,
+    /// The codecs this client offers, and error feedback.
+    pub codecs: CodecOptions,
+}
+
+/// What a client offers to encode its updates (and decode models) with.
+/// The aggregator picks, from its own preference list, one the client offers.
+#[derive(Clone, Debug)]
+pub struct CodecOptions {
+    /// Offered codecs (a top-k entry accepts any fraction the aggregator
+    /// chooses; see `fedquic_protocol::Codec::same_family`).
+    pub offer: Vec<Codec>,
+    /// Keep what a lossy uplink codec did not send and add it to the next
+    /// update (error feedback, Karimireddy et al. 2019).
+    pub error_feedback: bool,
+}
+
+impl Default for CodecOptions {
+    /// Every codec, with error feedback.
+    fn default() -> Self {
+        CodecOptions {
+            offer: all_codecs(),
+            error_feedback: true,
+        }
+    }
+}
+
+/// What the aggregator's Welcome settled for a session.
+#[derive(Clone, Debug)]
+struct Negotiated {
+    uplink: Codec,
+    downlink: Codec,
+    run: String,
 }
 
 /// What a client did during its run.
@@ -67,6 +101,8 @@ pub struct ClientReport {
     pub evaluate_tasks: u64,
     pub sessions: u32,
     pub bytes_up: u64,
+    /// Model bytes received.
+    pub bytes_down: u64,
 }
 
 enum SessionEnd {
@@ -95,21 +131,22 @@ impl From<IoError> for SessionError {
     }
 }
 
-/// Runs the client until the aggregator completes the federated run. A
-/// SCAFFOLD control variate is kept in memory (see [`run_client_with_store`]).
+/// Runs the client until the aggregator completes the federated run. Its
+/// state between tasks (a SCAFFOLD control variate, an error-feedback
+/// residual) is kept in memory (see [`run_client_with_store`]).
 pub async fn run_client<T: Trainer>(
     opts: ClientOptions,
     trainer: T,
 ) -> Result<ClientReport, ClientError> {
-    run_client_with_store(opts, trainer, ControlStore::default()).await
+    run_client_with_store(opts, trainer, StateStore::default()).await
 }
 
-/// [`run_client`], keeping the SCAFFOLD control variate `c_i` in `store`
-/// (a state directory survives restarts).
+/// [`run_client`], keeping the state between tasks in `store` (a state
+/// directory survives restarts).
 pub async fn run_client_with_store<T: Trainer>(
     opts: ClientOptions,
     trainer: T,
-    mut store: ControlStore,
+    mut store: StateStore,
 ) -> Result<ClientReport, ClientError> {
     let endpoint = match &opts.endpoint {
         Some(e) => e.clone(),
@@ -160,58 +197,75 @@ async fn session(
     trainer: &mut Option<Box<dyn Trainer>>,
     report: &mut ClientReport,
     welcomed: &mut bool,
-    store: &mut ControlStore,
+    store: &mut StateStore,
 ) -> Result<SessionEnd, SessionError> {
     report.sessions += 1;
     let backend = trainer
         .as_ref()
         .map_or("cpu", |trainer| trainer.backend())
         .to_string();
-    let (conn, mut send, mut recv, layout) = tokio::time::timeout(opts.connect_timeout, async {
-        let connecting = endpoint
-            .connect_with(opts.tls.clone(), opts.server, &opts.server_name)
-            .map_err(|e| SessionError::Transient(format!("cannot connect: {e}")))?;
-        let conn = connecting
-            .await
-            .map_err(|e| SessionError::Transient(format!("cannot connect: {e}")))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(IoError::from)?;
-        let hello = Hello {
-            versions: SUPPORTED_VERSIONS.to_vec(),
-            codecs: vec![Codec::F32],
-            agent: concat!("fedquic-client/", env!("CARGO_PKG_VERSION")).into(),
-            backend,
-        };
-        write_message(&mut send, &Message::Hello(hello)).await?;
-        // With mutual TLS a refused certificate shows here, on the first read.
-        match read_message(&mut recv).await? {
-            Some(Message::Welcome(w)) => {
-                let layout: ParamLayout =
-                    w.model_spec
-                        .parse()
-                        .map_err(|e: fedquic_train::TrainError| {
-                            SessionError::Fatal(ClientError::Incompatible(TrainerError::Train(e)))
-                        })?;
-                // Before the trainer or a receive buffer allocates the model.
-                opts.limits
-                    .check_params(layout.num_params() as u64)
-                    .map_err(|e| SessionError::Fatal(e.into()))?;
-                info!(client = %w.client_name, model = %w.model_spec, "joined the federation");
-                Ok((conn, send, recv, layout))
+    let (conn, mut send, mut recv, layout, negotiated) =
+        tokio::time::timeout(opts.connect_timeout, async {
+            let connecting = endpoint
+                .connect_with(opts.tls.clone(), opts.server, &opts.server_name)
+                .map_err(|e| SessionError::Transient(format!("cannot connect: {e}")))?;
+            let conn = connecting
+                .await
+                .map_err(|e| SessionError::Transient(format!("cannot connect: {e}")))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(IoError::from)?;
+            let hello = Hello {
+                versions: SUPPORTED_VERSIONS.to_vec(),
+                codecs: opts.codecs.offer.clone(),
+                agent: concat!("fedquic-client/", env!("CARGO_PKG_VERSION")).into(),
+                backend,
+            };
+            write_message(&mut send, &Message::Hello(hello)).await?;
+            // With mutual TLS a refused certificate shows here, on the first read.
+            match read_message(&mut recv).await? {
+                Some(Message::Welcome(w)) => {
+                    // A Welcome naming a codec we never offered, or an unsafe run id.
+                    w.validate(&opts.codecs.offer)
+                        .map_err(|e| SessionError::Transient(e.to_string()))?;
+                    let layout: ParamLayout =
+                        w.model_spec
+                            .parse()
+                            .map_err(|e: fedquic_train::TrainError| {
+                                SessionError::Fatal(ClientError::Incompatible(TrainerError::Train(
+                                    e,
+                                )))
+                            })?;
+                    // Before the trainer or a receive buffer allocates the model.
+                    opts.limits
+                        .check_params(layout.num_params() as u64)
+                        .map_err(|e| SessionError::Fatal(e.into()))?;
+                    info!(
+                        client = %w.client_name,
+                        model = %w.model_spec,
+                        uplink = %w.uplink,
+                        downlink = %w.downlink,
+                        "joined the federation"
+                    );
+                    let negotiated = Negotiated {
+                        uplink: w.uplink,
+                        downlink: w.downlink,
+                        run: w.run,
+                    };
+                    Ok((conn, send, recv, layout, negotiated))
+                }
+                Some(Message::Reject(r)) => match r.retry_after_ms {
+                    Some(ms) => Err(SessionError::Busy {
+                        after: opts.limits.retry_after(ms),
+                        reason: format!("aggregator busy ({}), retry after {ms} ms", r.reason),
+                    }),
+                    None => Err(SessionError::Fatal(ClientError::Rejected(r.reason))),
+                },
+                other => Err(SessionError::Transient(format!(
+                    "expected Welcome, got {other:?}"
+                ))),
             }
-            Some(Message::Reject(r)) => match r.retry_after_ms {
-                Some(ms) => Err(SessionError::Busy {
-                    after: opts.limits.retry_after(ms),
-                    reason: format!("aggregator busy ({}), retry after {ms} ms", r.reason),
-                }),
-                None => Err(SessionError::Fatal(ClientError::Rejected(r.reason))),
-            },
-            other => Err(SessionError::Transient(format!(
-                "expected Welcome, got {other:?}"
-            ))),
-        }
-    })
-    .await
-    .map_err(|_| SessionError::Transient("connection attempt timed out".into()))??;
+        })
+        .await
+        .map_err(|_| SessionError::Transient("connection attempt timed out".into()))??;
     *welcomed = true;
     let mut t = trainer
         .take()
@@ -240,11 +294,21 @@ async fn session(
         };
         match msg {
             Message::FitTask(task) => {
-                let answer = fit_task(&conn, &task, trainer, opts, &wire_layout, store).await?;
+                let answer = fit_task(
+                    &conn,
+                    &task,
+                    trainer,
+                    opts,
+                    &wire_layout,
+                    store,
+                    &negotiated,
+                )
+                .await?;
                 match answer {
-                    Ok(bytes) => {
+                    Ok((up, down)) => {
                         report.fit_tasks += 1;
-                        report.bytes_up += bytes;
+                        report.bytes_up += up;
+                        report.bytes_down += down;
                     }
                     Err(reason) => {
                         warn!(round = task.round, %reason, "fit task failed");
@@ -260,8 +324,16 @@ async fn session(
                 }
             }
             Message::EvaluateTask(task) => {
-                let model =
-                    receive_model(&conn, task.round, task.task_id, &wire_layout, &limits).await?;
+                let (model, bytes) = receive_model(
+                    &conn,
+                    task.round,
+                    task.task_id,
+                    &wire_layout,
+                    &limits,
+                    negotiated.downlink,
+                )
+                .await?;
+                report.bytes_down += bytes;
                 let outcome = run_trainer(trainer, opts, move |t| {
                     t.set_parameters(&model)?;
                     let r = t.evaluate();
@@ -321,14 +393,16 @@ async fn session(
     }
 }
 
-/// Receives the global model for a task on its own stream.
+/// Receives the global model for a task on its own stream, encoded with the
+/// negotiated downlink codec. Returns it and its body's size in bytes.
 async fn receive_model(
     conn: &quinn::Connection,
     round: u64,
     task_id: u64,
     layout: &[TensorMeta],
     limits: &TensorLimits,
-) -> Result<Vec<f32>, SessionError> {
+    codec: Codec,
+) -> Result<(Vec<f32>, u64), SessionError> {
     let mut stream = conn.accept_uni().await.map_err(IoError::from)?;
     let header = read_tensor_header(&mut stream, limits).await?;
     if header.kind != StreamKind::GlobalModel || header.task_id != task_id || header.round != round
@@ -341,9 +415,15 @@ async fn receive_model(
     header
         .check_layout(layout)
         .map_err(|e| SessionError::Transient(e.to_string()))?;
+    if header.codec != codec {
+        return Err(SessionError::Transient(format!(
+            "model sent as {}, the session agreed on {codec}",
+            header.codec
+        )));
+    }
     let mut model = vec![0f32; limits.max_values as usize];
     read_tensor_body(&mut stream, &header, &mut model).await?;
-    Ok(model)
+    Ok((model, header.body_len))
 }
 
 /// Takes the model stream of a refused task and stops it unread, so the
@@ -398,7 +478,12 @@ async fn run_trainer<R: Send + 'static>(
 }
 
 /// Receives the model, trains, and streams the delta back. The inner
-/// result is the task's own outcome (bytes sent, or why training failed).
+/// result is the task's own outcome (bytes sent and received, or why
+/// training failed).
+///
+/// With a lossy uplink codec and error feedback on, the client sends
+/// `C(delta + e)` and keeps `e+ = delta + e - D(C(delta + e))`, exactly what
+/// the aggregator did not receive, for its next update of the run.
 ///
 /// SCAFFOLD tasks (option II of Karimireddy et al. 2020): the model stream
 /// carries the server's `c` after the model; training uses `g + c - c_i`;
@@ -411,8 +496,9 @@ async fn fit_task(
     trainer: &mut Option<Box<dyn Trainer>>,
     opts: &ClientOptions,
     layout: &[TensorMeta],
-    store: &mut ControlStore,
-) -> Result<Result<u64, String>, SessionError> {
+    store: &mut StateStore,
+    negotiated: &Negotiated,
+) -> Result<Result<(u64, u64), String>, SessionError> {
     let refusal = match task.config.validate() {
         Err(e) => Some(e.to_string()),
         Ok(()) => opts
@@ -440,19 +526,44 @@ async fn fit_task(
         None => (layout.to_vec(), params),
     };
     let limits = TensorLimits::for_model(values as u64);
-    let mut global = receive_model(conn, task.round, task.task_id, &stream_layout, &limits).await?;
+    let (mut global, bytes_down) = receive_model(
+        conn,
+        task.round,
+        task.task_id,
+        &stream_layout,
+        &limits,
+        negotiated.downlink,
+    )
+    .await?;
     // SCAFFOLD: split off c, and find this client's c_i for the run.
     let control = match &task.scaffold {
         Some(scaffold) => {
             let c = global.split_off(params);
-            let c_i = store.load(&scaffold.run, params).unwrap_or_else(|e| {
-                warn!(error = %e, "cannot use the stored control variate; starting from zero");
-                vec![0.0; params]
-            });
+            let c_i = store
+                .load(StateVector::ScaffoldControl, &scaffold.run, params)
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot use the stored control variate; starting from zero");
+                    vec![0.0; params]
+                });
             Some((c, c_i))
         }
         None => None,
     };
+    let uplink = negotiated.uplink;
+    let feedback = opts.codecs.error_feedback && !uplink.is_lossless();
+    let residual = match feedback {
+        true => Some(
+            store
+                .load(StateVector::Residual, &negotiated.run, values)
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot use the stored error-feedback residual; starting from zero");
+                    vec![0.0; values]
+                }),
+        ),
+        false => None,
+    };
+    // Stochastic rounding is seeded per task, so a replayed run sends the same bytes.
+    let codec_seed = task.config.seed ^ task.task_id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let config = task.config.clone();
     let initial_loss = task.initial_loss;
     let trained = run_trainer(trainer, opts, move |t| {
@@ -511,36 +622,124 @@ async fn fit_task(
             Ok((o, delta, next_control))
         });
         t.release();
-        result
+        let (o, delta, next_control) = result?;
+        let (body, next_residual) = encode_update(uplink, delta, residual, codec_seed)?;
+        Ok((o, body, next_control, next_residual))
     })
     .await?;
-    let (outcome, delta, next_control) = match trained {
+    let (outcome, body, next_control, next_residual) = match trained {
         Ok(x) => x,
         Err(e) => return Ok(Err(e.to_string())),
     };
-    let header = TensorHeader {
+    let mut header = TensorHeader {
         kind: StreamKind::Update,
         round: task.round,
         task_id: task.task_id,
-        codec: Codec::F32,
+        codec: uplink,
         tensors: stream_layout,
         num_examples: outcome.examples,
         metrics: outcome.metrics,
-        body_len: delta.len() as u64 * 4,
+        body_len: 0,
     };
-    let bytes = send_tensors(conn, &header, &delta).await?;
+    let bytes = match body {
+        UpdateBody::F32(delta) => {
+            header.body_len = delta.len() as u64 * 4;
+            send_tensors(conn, &header, &delta).await?
+        }
+        UpdateBody::Encoded(bytes) => {
+            header.body_len = bytes.len() as u64;
+            send_encoded(conn, &header, bytes.into()).await?
+        }
+    };
     if let (Some(scaffold), Some(c_next)) = (&task.scaffold, next_control)
-        && let Err(e) = store.save(&scaffold.run, c_next)
+        && let Err(e) = store.save(StateVector::ScaffoldControl, &scaffold.run, c_next)
     {
         warn!(error = %e, "cannot store the control variate");
+    }
+    if let Some(residual) = next_residual
+        && let Err(e) = store.save(StateVector::Residual, &negotiated.run, residual)
+    {
+        warn!(error = %e, "cannot store the error-feedback residual");
     }
     debug!(
         round = task.round,
         task = task.task_id,
         bytes,
+        codec = %uplink,
         "update sent"
     );
-    Ok(Ok(bytes))
+    Ok(Ok((bytes, bytes_down)))
+}
+
+/// An update ready to send.
+enum UpdateBody {
+    /// Raw values (the f32 codec: encoded as it is written).
+    F32(Vec<f32>),
+    /// A body already encoded with a compressing codec.
+    Encoded(Vec<u8>),
+}
+
+/// Encodes `delta` with `codec`. With a `residual` (error feedback), encodes
+/// `delta + residual` and returns the new residual: what the aggregator will
+/// not see, found by decoding the body exactly as the aggregator will.
+pub fn encode_update_values(
+    codec: Codec,
+    mut delta: Vec<f32>,
+    residual: Option<Vec<f32>>,
+    seed: u64,
+) -> Result<(Vec<u8>, Option<Vec<f32>>), TrainerError> {
+    let codec_error = |e: fedquic_protocol::ProtocolError| {
+        TrainerError::Other(format!("cannot encode the update as {codec}: {e}"))
+    };
+    if let Some(residual) = &residual {
+        if residual.len() != delta.len() {
+            return Err(TrainerError::Other(
+                "error-feedback residual size mismatch".into(),
+            ));
+        }
+        for (d, r) in delta.iter_mut().zip(residual) {
+            *d += r;
+        }
+    }
+    let mut body = Vec::new();
+    encode_body(codec, &delta, seed, &mut body).map_err(codec_error)?;
+    let next_residual = match residual {
+        Some(mut next) => {
+            let header = TensorHeader {
+                kind: StreamKind::Update,
+                round: 0,
+                task_id: 0,
+                codec,
+                tensors: vec![TensorMeta::f32("update", &[delta.len()])],
+                num_examples: 0,
+                metrics: Vec::new(),
+                body_len: body.len() as u64,
+            };
+            let mut decoder = BodyDecoder::new(&header);
+            decoder.push(&body, &mut next).map_err(codec_error)?;
+            decoder.finish().map_err(codec_error)?;
+            // next holds what the aggregator decodes: the residual is the rest.
+            for (r, v) in next.iter_mut().zip(&delta) {
+                *r = v - *r;
+            }
+            Some(next)
+        }
+        None => None,
+    };
+    Ok((body, next_residual))
+}
+
+fn encode_update(
+    codec: Codec,
+    delta: Vec<f32>,
+    residual: Option<Vec<f32>>,
+    seed: u64,
+) -> Result<(UpdateBody, Option<Vec<f32>>), TrainerError> {
+    if codec == Codec::F32 {
+        return Ok((UpdateBody::F32(delta), None));
+    }
+    let (body, residual) = encode_update_values(codec, delta, residual, seed)?;
+    Ok((UpdateBody::Encoded(body), residual))
 }
 
 /// SCAFFOLD option II after `steps` local steps at learning rate `lr`: from

@@ -6,17 +6,24 @@
 //! Checks, besides "no panic, no sanitizer report":
 //! - the chunked path and the whole-buffer path agree: the same header and
 //!   the same values, or both fail;
-//! - a decoded stream holds exactly `total_values()` finite values;
+//! - a decoded stream holds exactly `total_values()` finite values, and its
+//!   body length is within its codec's bounds;
 //! - a decoded header round-trips through `encode_header` (canonical bytes no
 //!   longer than the input's header, same header back), and the whole stream
-//!   re-encodes to one that decodes to the same header and values.
+//!   re-encodes with its codec to one that decodes to the same header and (but
+//!   for int8, which re-quantises) the same values.
+//!
+//! The codec is in the header, so one target covers every codec: f32, f16,
+//! bf16, int8 and top-k with each value codec (seeds for each from
+//! `make_seeds`).
 
 #![no_main]
 
 use fedquic_fuzz::{ChunkPlan, split_tensor_input};
 use fedquic_protocol::{
     BodyDecoder, ProtocolError, TENSOR_PREFIX_LEN, TENSOR_STREAM_MAGIC, TensorHeader, TensorLimits,
-    decode_header, decode_tensor_stream, encode_f32_body, encode_header, header_len_from_prefix,
+    ValueCodec, decode_header, decode_tensor_stream, encode_body, encode_header,
+    header_len_from_prefix,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -67,7 +74,7 @@ fn chunked(
     let body = &wire[TENSOR_PREFIX_LEN + header_len..];
 
     let mut dec = BodyDecoder::new(&header);
-    assert_eq!(dec.values() as u64 * 4, header.body_len);
+    assert_eq!(Ok(dec.values() as u64), header.total_values());
     if dec.values() > MAX_PREALLOCATED_VALUES && (body.len() as u64) < header.body_len {
         return None;
     }
@@ -87,18 +94,31 @@ fn check_decoded(header: &TensorHeader, values: &[f32], limits: &TensorLimits) {
     let total = header.total_values().expect("a decoded header has a total");
     assert!(total <= limits.max_values);
     assert_eq!(values.len() as u64, total);
-    assert_eq!(header.body_len, total * 4);
+    let (min, max) = header
+        .codec
+        .body_len_bounds(total)
+        .expect("a decoded header's codec has bounds");
+    assert!((min..=max).contains(&header.body_len));
     assert!(values.iter().all(|v| v.is_finite()));
     header
         .check_layout(&header.tensors)
         .expect("a header matches its own layout");
 
-    // The whole stream re-encodes and decodes to the same thing.
-    let mut bytes = encode_header(header).expect("a decoded header re-encodes");
-    encode_f32_body(values, &mut bytes);
+    // The whole stream re-encodes (same codec) to one that decodes. Values
+    // already on the codec's grid come back exactly; int8 re-quantises.
+    let mut body = Vec::new();
+    encode_body(header.codec, values, 0, &mut body).expect("decoded values re-encode");
+    let again = TensorHeader {
+        body_len: body.len() as u64,
+        ..header.clone()
+    };
+    let mut bytes = encode_header(&again).expect("a decoded header re-encodes");
+    bytes.extend_from_slice(&body);
     let (h, v) = decode_tensor_stream(&bytes, limits).expect("a re-encoded stream decodes");
-    assert_eq!(&h, header);
-    assert_eq!(v, values);
+    assert_eq!(h, again);
+    if header.codec.value_codec() != ValueCodec::Int8 {
+        assert_eq!(v, values, "{} does not round-trip its own grid", header.codec);
+    }
 }
 
 /// `encode_header` gives a canonical encoding that decodes to the same header.

@@ -15,7 +15,7 @@
 
 use fedquic_protocol::{
     Codec, EvalResult, EvaluateTask, FitInstructions, FitTask, Hello, Message, Reject, StreamKind,
-    TensorHeader, TensorLimits, TensorMeta, Welcome, encode_f32_body, encode_header,
+    TensorHeader, TensorLimits, TensorMeta, Welcome, encode_body, encode_header,
 };
 
 /// The most chunk sizes one input can carry.
@@ -109,9 +109,11 @@ pub fn sample_messages() -> Vec<Message> {
         }),
         Message::Welcome(Welcome {
             version: 1,
-            codec: Codec::F32,
+            uplink: Codec::F32,
+            downlink: Codec::F32,
             model_spec: "mlp:784-200-200-10".into(),
             client_name: "client-001".into(),
+            run: "run-1".into(),
         }),
         Message::FitTask(FitTask {
             round: 7,
@@ -162,22 +164,34 @@ pub fn sample_messages() -> Vec<Message> {
     ]
 }
 
-/// A valid tensor stream: header plus body, `shapes` giving each tensor's shape.
+/// A valid f32 tensor stream: header plus body, `shapes` giving each tensor's shape.
 pub fn sample_stream(kind: StreamKind, shapes: &[&[usize]], metrics: bool) -> Vec<u8> {
+    sample_coded_stream(kind, shapes, metrics, Codec::F32)
+}
+
+/// A valid tensor stream in `codec`.
+pub fn sample_coded_stream(
+    kind: StreamKind,
+    shapes: &[&[usize]],
+    metrics: bool,
+    codec: Codec,
+) -> Vec<u8> {
     let tensors: Vec<TensorMeta> = shapes
         .iter()
         .enumerate()
         .map(|(i, s)| TensorMeta::f32(format!("layer{i}.weight"), s))
         .collect();
     let values: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
-    let body: Vec<f32> = (0..values)
+    let values: Vec<f32> = (0..values)
         .map(|i| ((i as f32) * 0.37).sin() * 0.1)
         .collect();
+    let mut body = Vec::new();
+    encode_body(codec, &values, 7, &mut body).expect("sample values encode");
     let header = TensorHeader {
         kind,
         round: 12,
         task_id: 345,
-        codec: Codec::F32,
+        codec,
         tensors,
         num_examples: if metrics { 600 } else { 0 },
         metrics: if metrics {
@@ -185,10 +199,10 @@ pub fn sample_stream(kind: StreamKind, shapes: &[&[usize]], metrics: bool) -> Ve
         } else {
             Vec::new()
         },
-        body_len: values as u64 * 4,
+        body_len: body.len() as u64,
     };
     let mut bytes = encode_header(&header).expect("sample header encodes");
-    encode_f32_body(&body, &mut bytes);
+    bytes.extend_from_slice(&body);
     bytes
 }
 

@@ -2,7 +2,7 @@
 //! bidirectional control stream, tensor streams on unidirectional streams.
 
 use fedquic_protocol::{
-    BodyDecoder, Message, ProtocolError, TENSOR_PREFIX_LEN, TensorHeader, TensorLimits,
+    BodyDecoder, Codec, Message, ProtocolError, TENSOR_PREFIX_LEN, TensorHeader, TensorLimits,
     decode_header, decode_message, encode_f32_body, encode_header, encode_message, frame_len,
     header_len_from_prefix,
 };
@@ -93,6 +93,13 @@ pub async fn write_tensors(
     header: &TensorHeader,
     values: &[f32],
 ) -> Result<u64, IoError> {
+    if header.codec != Codec::F32 {
+        return Err(ProtocolError::Encode(format!(
+            "raw values are sent as f32, not {} (encode them and use send_encoded)",
+            header.codec
+        ))
+        .into());
+    }
     if header.body_len != values.len() as u64 * 4 {
         return Err(ProtocolError::BodyLengthMismatch {
             declared: header.body_len,
@@ -108,6 +115,30 @@ pub async fn write_tensors(
         encode_f32_body(chunk, &mut buf);
         send.write_all(&buf).await?;
     }
+    Ok(head.len() as u64 + header.body_len)
+}
+
+/// Sends a tensor stream whose body is already encoded (a compressing
+/// codec) on a new unidirectional stream and finishes it. `body` is shared,
+/// not copied: one encoded model can go to many peers. Returns the bytes
+/// written.
+pub async fn send_encoded(
+    conn: &quinn::Connection,
+    header: &TensorHeader,
+    body: bytes::Bytes,
+) -> Result<u64, IoError> {
+    if header.body_len != body.len() as u64 {
+        return Err(ProtocolError::BodyLengthMismatch {
+            declared: header.body_len,
+            expected: body.len() as u64,
+        }
+        .into());
+    }
+    let mut send = conn.open_uni().await?;
+    let head = encode_header(header)?;
+    send.write_all(&head).await?;
+    send.write_chunk(body).await?;
+    send.finish()?;
     Ok(head.len() as u64 + header.body_len)
 }
 
@@ -133,6 +164,13 @@ pub async fn send_shared_tensors(
 ) -> Result<u64, IoError> {
     #[cfg(target_endian = "little")]
     {
+        if header.codec != Codec::F32 {
+            return Err(ProtocolError::Encode(format!(
+                "raw values are sent as f32, not {}",
+                header.codec
+            ))
+            .into());
+        }
         if header.body_len != values.len() as u64 * 4 {
             return Err(ProtocolError::BodyLengthMismatch {
                 declared: header.body_len,
@@ -167,8 +205,9 @@ pub async fn read_tensor_header(
     Ok(decode_header(&bytes, limits)?)
 }
 
-/// Reads a tensor body straight into `out` as chunks arrive (no intermediate
-/// copy of the whole body), checking length and finiteness. Fails if the
+/// Reads a tensor body straight into `out` as chunks arrive, decoding it with
+/// the header's codec (no intermediate copy of the whole body), checking
+/// length, structure and finiteness. Fails if the
 /// stream carries more or fewer bytes than the header declared.
 pub async fn read_tensor_body(
     recv: &mut quinn::RecvStream,

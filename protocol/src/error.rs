@@ -26,7 +26,9 @@ pub enum ProtocolError {
     TooManyTensors { count: usize, max: usize },
     #[error("tensor '{name}': {reason}")]
     BadTensor { name: String, reason: String },
-    #[error("tensor stream declares {declared} body bytes but its tensors need {expected}")]
+    #[error(
+        "tensor stream declares {declared} body bytes but its tensors and codec need {expected}"
+    )]
     BodyLengthMismatch { declared: u64, expected: u64 },
     #[error("tensor stream of {values} values exceeds the limit of {max}")]
     TooManyValues { values: u64, max: u64 },

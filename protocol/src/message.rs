@@ -3,28 +3,24 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::Codec;
 use crate::error::{ProtocolError, Result};
 
 /// The protocol version this build speaks best.
 ///
 /// Version 2 added [`FitTask::initial_loss`] (q-FedAvg) and
 /// [`FitTask::scaffold`] (SCAFFOLD's control variates on the model and
-/// update streams). A version-1 peer would misread a version-2 `FitTask`,
-/// so version 1 is no longer spoken: old peers get a clear "no common
-/// version" refusal at Hello (whose encoding is unchanged).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// update streams). Version 3 added codecs besides f32 and a [`Welcome`]
+/// with an uplink and a downlink codec and the run id. An older peer would
+/// misread the newer messages, so only the newest version is spoken: old
+/// peers get a clear "no common version" refusal at Hello (whose encoding
+/// is unchanged for a client offering f32 only).
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Every version this build can speak, newest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[2];
+pub const SUPPORTED_VERSIONS: &[u16] = &[3];
 
 /// Named scalar metrics (loss, accuracy, ...), in a stable order.
 pub type Metrics = Vec<(String, f64)>;
-
-/// How tensor bodies are encoded on the wire.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Codec {
-    /// Raw little-endian IEEE-754 f32.
-    F32,
-}
 
 /// The client's opening message on the control stream.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -43,6 +39,8 @@ pub struct Hello {
 impl Hello {
     /// Longest accepted [`Hello::backend`].
     pub const MAX_BACKEND_LEN: usize = 32;
+    /// Most codecs one client may offer.
+    pub const MAX_CODECS: usize = 32;
 
     /// Checks the fields a receiver stores or shows: `backend` must be a short plain
     /// name, so it is safe in metrics files and logs.
@@ -58,7 +56,14 @@ impl Hello {
                 self.backend
             )));
         }
-        Ok(())
+        if self.codecs.is_empty() || self.codecs.len() > Hello::MAX_CODECS {
+            return Err(ProtocolError::Malformed(format!(
+                "hello: offer 1..={} codecs, not {}",
+                Hello::MAX_CODECS,
+                self.codecs.len()
+            )));
+        }
+        self.codecs.iter().try_for_each(|c| c.validate())
     }
 }
 
@@ -66,11 +71,53 @@ impl Hello {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Welcome {
     pub version: u16,
-    pub codec: Codec,
+    /// How this client encodes its updates (one of its [`Hello::codecs`]).
+    pub uplink: Codec,
+    /// How the aggregator encodes the models it sends this client.
+    pub downlink: Codec,
     /// The model spec string (for example `mlp:784-200-200-10`).
     pub model_spec: String,
     /// The identity the aggregator knows this client by (its certificate name).
     pub client_name: String,
+    /// The federated run: state a client keeps between tasks (error-feedback
+    /// residuals, SCAFFOLD variates) belongs to one run. See [`validate_run_id`].
+    pub run: String,
+}
+
+impl Welcome {
+    /// Checks what a client stores or acts on: codecs it offered (`offered`),
+    /// a dense downlink codec, and a plain run id.
+    pub fn validate(&self, offered: &[Codec]) -> Result<()> {
+        for (what, codec) in [("uplink", self.uplink), ("downlink", self.downlink)] {
+            codec.validate()?;
+            if !offered.iter().any(|o| o.same_family(codec)) {
+                return Err(ProtocolError::Malformed(format!(
+                    "welcome: {what} codec {codec} was not offered"
+                )));
+            }
+        }
+        if self.downlink.top_k_ppm().is_some() {
+            return Err(ProtocolError::Malformed(
+                "welcome: models are not sent with a top-k codec".into(),
+            ));
+        }
+        validate_run_id(&self.run)
+    }
+}
+
+/// Longest accepted run id.
+pub const MAX_RUN_LEN: usize = 64;
+
+/// A run id is 1 to [`MAX_RUN_LEN`] bytes of `[A-Za-z0-9_.-]`: safe to store,
+/// compare and log.
+pub fn validate_run_id(run: &str) -> Result<()> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if run.is_empty() || run.len() > MAX_RUN_LEN || !run.chars().all(plain) {
+        return Err(ProtocolError::Malformed(format!(
+            "run id must be 1..={MAX_RUN_LEN} characters of [A-Za-z0-9_.-], got {run:.40?}"
+        )));
+    }
+    Ok(())
 }
 
 /// The client's local optimizer (fresh for every task, as in FedAvg).
@@ -213,22 +260,11 @@ pub struct ScaffoldTask {
 
 impl ScaffoldTask {
     /// Longest accepted [`ScaffoldTask::run`].
-    pub const MAX_RUN_LEN: usize = 64;
+    pub const MAX_RUN_LEN: usize = MAX_RUN_LEN;
 
     /// Checks the run id a client stores and compares.
     pub fn validate(&self) -> Result<()> {
-        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-        if self.run.is_empty()
-            || self.run.len() > ScaffoldTask::MAX_RUN_LEN
-            || !self.run.chars().all(plain)
-        {
-            return Err(ProtocolError::Malformed(format!(
-                "scaffold: run id must be 1..={} characters of [A-Za-z0-9_.-], got {:.40?}",
-                ScaffoldTask::MAX_RUN_LEN,
-                self.run
-            )));
-        }
-        Ok(())
+        validate_run_id(&self.run)
     }
 }
 

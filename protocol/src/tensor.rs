@@ -2,15 +2,17 @@
 //! stream.
 //!
 //! Layout: `b"FQT1"`, a u32 little-endian header length, a postcard
-//! [`TensorHeader`], then the body: each tensor's values in header order,
-//! row-major, as little-endian f32, with no padding. The body may arrive in
-//! chunks of any size (even splitting a float); [`BodyDecoder`] reassembles
-//! it straight into the caller's buffer and checks every value is finite.
+//! [`TensorHeader`], then the body: every tensor's values in header order,
+//! row-major, encoded with the header's [`Codec`] (f32: little-endian, no
+//! padding; the others: see [`crate::codec`]). The body may arrive in chunks
+//! of any size (even splitting a value or a block); [`BodyDecoder`] decodes it
+//! straight into the caller's buffer and checks every value is finite.
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::{BlockDecoder, Codec};
 use crate::error::{ProtocolError, Result};
-use crate::message::{Codec, Metrics};
+use crate::message::Metrics;
 
 pub const TENSOR_STREAM_MAGIC: [u8; 4] = *b"FQT1";
 /// Magic plus the header length.
@@ -167,7 +169,7 @@ impl TensorLimits {
 }
 
 /// Encodes the stream prefix and header. The body follows as
-/// [`encode_f32_body`] output.
+/// [`encode_f32_body`] or [`crate::codec::encode_body`] output.
 pub fn encode_header(header: &TensorHeader) -> Result<Vec<u8>> {
     let mut prefix = Vec::with_capacity(256);
     prefix.extend_from_slice(&TENSOR_STREAM_MAGIC);
@@ -254,28 +256,27 @@ pub fn decode_header(bytes: &[u8], limits: &TensorLimits) -> Result<TensorHeader
             max: limits.max_values,
         });
     }
-    let element = match header.codec {
-        Codec::F32 => DType::F32.size() as u64,
-    };
     if header.tensors.iter().any(|t| t.dtype != DType::F32) {
         return Err(ProtocolError::Malformed(
-            "codec f32 carries only f32 tensors".into(),
+            "tensor streams carry f32 tensors (the codec says how they travel)".into(),
         ));
     }
-    // Checked: with a large `max_values` (up to `u64::MAX`) the byte length
-    // can overflow, and a wrapped length would let a tiny body pass for a
-    // huge model (found with fuzz/ tensor_stream; tests/fuzz_regressions.rs).
-    let expected = values
-        .checked_mul(element)
-        .ok_or(ProtocolError::TooManyValues {
-            values,
-            max: u64::MAX / element,
-        })?;
-    if header.body_len != expected {
+    // Checked arithmetic inside: with a large `max_values` (up to
+    // `u64::MAX`) the byte length can overflow, and a wrapped length would
+    // let a tiny body pass for a huge model (found with fuzz/ tensor_stream;
+    // tests/fuzz_regressions.rs).
+    let (min, max) = header.codec.body_len_bounds(values)?;
+    if min == max && header.body_len != min {
         return Err(ProtocolError::BodyLengthMismatch {
             declared: header.body_len,
-            expected,
+            expected: min,
         });
+    }
+    if header.body_len < min || header.body_len > max {
+        return Err(ProtocolError::Malformed(format!(
+            "{} body of {} bytes: {values} values need {min} to {max}",
+            header.codec, header.body_len
+        )));
     }
     if header.metrics.iter().any(|(_, v)| !v.is_finite()) {
         return Err(ProtocolError::Malformed("non-finite metric".into()));
@@ -283,12 +284,20 @@ pub fn decode_header(bytes: &[u8], limits: &TensorLimits) -> Result<TensorHeader
     Ok(header)
 }
 
-/// Reassembles an f32 body from chunks of any size, writing each value into
-/// the caller's buffer as soon as its four bytes are in.
+/// Reassembles a body from chunks of any size, decoding it straight into
+/// the caller's buffer as it arrives: f32 values as soon as their four bytes
+/// are in, other codecs block by block (see [`crate::codec`]). Every value is
+/// checked finite. Built from a header [`decode_header`] accepted; a header
+/// that was not validated fails on the first push.
 #[derive(Debug)]
 pub struct BodyDecoder {
     declared: u64,
     received: u64,
+    values: usize,
+    /// Why the header cannot be decoded (unvalidated input).
+    invalid: Option<ProtocolError>,
+    /// `None`: the f32 fast path below.
+    blocks: Option<BlockDecoder>,
     /// Bytes of a float split across chunks.
     carry: [u8; 4],
     carry_len: usize,
@@ -297,9 +306,30 @@ pub struct BodyDecoder {
 
 impl BodyDecoder {
     pub fn new(header: &TensorHeader) -> Self {
+        let checked = header.total_values().and_then(|n| {
+            let (min, max) = header.codec.body_len_bounds(n)?;
+            let n = usize::try_from(n).map_err(|_| ProtocolError::TooManyValues {
+                values: n,
+                max: usize::MAX as u64,
+            })?;
+            if header.body_len < min || header.body_len > max {
+                return Err(ProtocolError::BodyLengthMismatch {
+                    declared: header.body_len,
+                    expected: min,
+                });
+            }
+            Ok(n)
+        });
+        let (values, invalid) = match checked {
+            Ok(n) => (n, None),
+            Err(e) => (0, Some(e)),
+        };
         BodyDecoder {
             declared: header.body_len,
             received: 0,
+            values,
+            invalid,
+            blocks: (header.codec != Codec::F32).then(|| BlockDecoder::new(header.codec, values)),
             carry: [0; 4],
             carry_len: 0,
             written: 0,
@@ -308,16 +338,19 @@ impl BodyDecoder {
 
     /// Number of values needed in the output buffer.
     pub fn values(&self) -> usize {
-        (self.declared / 4) as usize
+        self.values
     }
 
     /// Decodes `chunk` into `out` (which must hold [`Self::values`] values).
-    /// Fails on overrun or on any non-finite value.
-    pub fn push(&mut self, mut chunk: &[u8], out: &mut [f32]) -> Result<()> {
-        if out.len() < self.values() {
+    /// Fails on overrun, on malformed blocks, or on any non-finite value.
+    pub fn push(&mut self, chunk: &[u8], out: &mut [f32]) -> Result<()> {
+        if let Some(e) = &self.invalid {
+            return Err(e.clone());
+        }
+        if out.len() < self.values {
             return Err(ProtocolError::OutputTooSmall {
                 have: out.len(),
-                need: self.values(),
+                need: self.values,
             });
         }
         let remaining = self.declared - self.received;
@@ -327,6 +360,13 @@ impl BodyDecoder {
             });
         }
         self.received += chunk.len() as u64;
+        match &mut self.blocks {
+            Some(blocks) => blocks.push(chunk, out),
+            None => self.push_f32(chunk, out),
+        }
+    }
+
+    fn push_f32(&mut self, mut chunk: &[u8], out: &mut [f32]) -> Result<()> {
         if self.carry_len > 0 {
             let take = (4 - self.carry_len).min(chunk.len());
             self.carry[self.carry_len..self.carry_len + take].copy_from_slice(&chunk[..take]);
@@ -375,15 +415,22 @@ impl BodyDecoder {
         self.received == self.declared
     }
 
-    /// Fails unless the whole declared body arrived.
+    /// Fails unless the whole declared body arrived and decoded to every value.
     pub fn finish(&self) -> Result<()> {
-        if self.is_complete() {
-            Ok(())
-        } else {
-            Err(ProtocolError::BodyTruncated {
+        if let Some(e) = &self.invalid {
+            return Err(e.clone());
+        }
+        if !self.is_complete() {
+            return Err(ProtocolError::BodyTruncated {
                 got: self.received,
                 declared: self.declared,
-            })
+            });
+        }
+        match &self.blocks {
+            Some(blocks) if !blocks.is_done() => Err(ProtocolError::Malformed(
+                "body ended before its last block".into(),
+            )),
+            _ => Ok(()),
         }
     }
 }

@@ -11,9 +11,11 @@ fn all_messages() -> Vec<Message> {
         }),
         Message::Welcome(Welcome {
             version: 1,
-            codec: Codec::F32,
+            uplink: Codec::F32,
+            downlink: Codec::F32,
             model_spec: "mlp:784-200-200-10".into(),
             client_name: "client-001".into(),
+            run: "run-1".into(),
         }),
         Message::FitTask(FitTask {
             round: 7,
@@ -125,15 +127,18 @@ fn trailing_bytes_and_unknown_tags_are_errors() {
 
 #[test]
 fn version_negotiation_picks_a_common_version_or_fails() {
-    assert_eq!(negotiate_version(&[2]).unwrap(), 2);
-    assert_eq!(negotiate_version(&[9, 2, 1]).unwrap(), 2);
-    // Version 1 peers (before q-FedAvg and SCAFFOLD grew FitTask) are refused.
+    assert_eq!(negotiate_version(&[3]).unwrap(), 3);
+    assert_eq!(negotiate_version(&[9, 3, 2, 1]).unwrap(), 3);
+    // Version 1 peers (before q-FedAvg and SCAFFOLD grew FitTask) and
+    // version 2 peers (before codecs grew Welcome) are refused.
+    for old in [1, 2] {
+        assert!(matches!(
+            negotiate_version(&[old]),
+            Err(ProtocolError::NoCommonVersion { .. })
+        ));
+    }
     assert!(matches!(
-        negotiate_version(&[1]),
-        Err(ProtocolError::NoCommonVersion { .. })
-    ));
-    assert!(matches!(
-        negotiate_version(&[3]),
+        negotiate_version(&[4]),
         Err(ProtocolError::NoCommonVersion { .. })
     ));
     assert!(negotiate_version(&[]).is_err());

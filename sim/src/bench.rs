@@ -378,6 +378,7 @@ impl ChildAggregator {
                     training_slots: None,
                     endpoint: Some(endpoint),
                     limits: Default::default(),
+                    codecs: Default::default(),
                 };
                 handles.push(tokio::spawn(run_client(
                     opts,

@@ -156,6 +156,33 @@ struct RunArgs {
     /// Seconds a round waits for updates; later ones are cut.
     #[arg(long, default_value_t = 600.0)]
     round_deadline: f64,
+    /// Update codecs the aggregator allows, best first (comma-separated): f32,
+    /// f16, bf16, int8 (per-block scale, stochastic rounding), top-k:FRACTION
+    /// and top-k:FRACTION+f16|bf16|int8. Each client gets the first it offers.
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "f32",
+        help_heading = "Codecs"
+    )]
+    codec: String,
+    /// Model codecs the aggregator allows, best first: f32, f16, bf16.
+    #[arg(
+        long,
+        value_name = "LIST",
+        default_value = "f32",
+        help_heading = "Codecs"
+    )]
+    downlink_codec: String,
+    /// Mix codecs across clients: semicolon-separated offers, client i making
+    /// offer i mod N, e.g. "f32;int8;top-k:1" (with --codec listing them all).
+    /// Default: every client offers every codec.
+    #[arg(long, value_name = "OFFERS", help_heading = "Codecs")]
+    client_codecs: Option<String>,
+    /// Lossy codecs without error feedback (by default each client keeps what
+    /// its codec dropped and adds it to its next update).
+    #[arg(long, help_heading = "Codecs")]
+    no_error_feedback: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -253,6 +280,12 @@ fn main() -> anyhow::Result<()> {
         link: a.link,
         round_deadline_secs: a.round_deadline,
         max_norm_multiple: a.max_norm_multiple,
+        codecs: fedquic_sim::simulate::SimCodecs {
+            uplink: a.codec,
+            downlink: a.downlink_codec,
+            client_offers: a.client_codecs,
+            error_feedback: !a.no_error_feedback,
+        },
         ..SimConfig::default()
     };
     if let Some(t) = a.threads {

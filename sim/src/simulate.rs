@@ -61,6 +61,63 @@ pub struct SimConfig {
     /// The aggregator clips updates longer than this multiple of the previous
     /// round's median norm (its default defence); 0 turns that off.
     pub max_norm_multiple: f64,
+    /// Update and model codecs.
+    pub codecs: SimCodecs,
+}
+
+/// Codecs in a simulation: the aggregator's lists, and what clients offer.
+#[derive(Clone, Debug, Serialize)]
+pub struct SimCodecs {
+    /// The aggregator's update codecs, best first (comma-separated).
+    pub uplink: String,
+    /// The aggregator's model codecs, best first (comma-separated).
+    pub downlink: String,
+    /// Semicolon-separated offers, client i making offer i mod N; `None`:
+    /// every client offers every codec.
+    pub client_offers: Option<String>,
+    /// Clients keep what a lossy codec dropped for their next update.
+    pub error_feedback: bool,
+}
+
+impl Default for SimCodecs {
+    fn default() -> Self {
+        SimCodecs {
+            uplink: "f32".into(),
+            downlink: "f32".into(),
+            client_offers: None,
+            error_feedback: true,
+        }
+    }
+}
+
+impl SimCodecs {
+    /// The aggregator's `[codecs]` section.
+    fn aggregator_config(&self) -> fedquic_aggregator::config::CodecsConfig {
+        let list = |s: &str| {
+            s.split(',')
+                .map(|c| c.trim().to_string())
+                .filter(|c| !c.is_empty())
+                .collect()
+        };
+        fedquic_aggregator::config::CodecsConfig {
+            uplink: list(&self.uplink),
+            downlink: list(&self.downlink),
+        }
+    }
+
+    /// Each client's offer, cycled over the clients.
+    fn offers(&self) -> anyhow::Result<Vec<Vec<fedquic_protocol::Codec>>> {
+        match &self.client_offers {
+            None => Ok(vec![fedquic_protocol::all_codecs()]),
+            Some(groups) => groups
+                .split(';')
+                .map(|g| {
+                    fedquic_protocol::parse_codec_list(g)
+                        .map_err(|e| anyhow::anyhow!("--client-codecs: {e}"))
+                })
+                .collect(),
+        }
+    }
 }
 
 impl Default for SimConfig {
@@ -90,6 +147,7 @@ impl Default for SimConfig {
             faults: FaultConfig::default(),
             link: None,
             max_norm_multiple: 10.0,
+            codecs: SimCodecs::default(),
         }
     }
 }
@@ -158,7 +216,9 @@ pub async fn simulate(
     aggregator.evaluate.fraction = config.fraction_evaluate;
     aggregator.strategy = config.strategy.clone();
     aggregator.updates.max_update_norm_median_multiple = config.max_norm_multiple;
+    aggregator.codecs = config.codecs.aggregator_config();
     aggregator.validate()?;
+    let offers = config.codecs.offers()?;
     // Krum, Multi-Krum and Bulyan need a minimum of updates each round.
     let min_fit_clients = config
         .strategy
@@ -195,6 +255,10 @@ pub async fn simulate(
         max_inflight_updates: config.threads.max(2) * 2,
         handshake_timeout: Duration::from_secs(60),
         records: Some(records_tx),
+        codecs: aggregator
+            .codecs
+            .preference()
+            .map_err(|e| anyhow::anyhow!(e))?,
         ..ServerSetup::new(
             SocketAddr::from(([127, 0, 0, 1], 0)),
             pki.server.clone(),
@@ -268,6 +332,10 @@ pub async fn simulate(
             training_slots: faults.is_none().then(|| Arc::clone(&slots)),
             endpoint: Some(endpoint.clone()),
             limits: Default::default(),
+            codecs: fedquic_client::CodecOptions {
+                offer: offers[i % offers.len()].clone(),
+                error_feedback: config.codecs.error_feedback,
+            },
         };
         let test_indices = test_parts.next().unwrap_or_default();
         match &faults {

@@ -210,6 +210,7 @@ pub fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) ->
         training_slots: None,
         endpoint: None,
         limits: Default::default(),
+        codecs: Default::default(),
     }
 }
 
@@ -242,7 +243,7 @@ pub struct Raw {
 }
 
 pub enum Opened {
-    Welcome(Raw, Welcome),
+    Welcome(Raw, Box<Welcome>),
     Refused(String),
 }
 
@@ -273,7 +274,7 @@ pub async fn open_raw(addr: SocketAddr, tls: quinn::ClientConfig, versions: Vec<
                 recv,
                 endpoint,
             },
-            w,
+            Box::new(w),
         ),
         Ok(Some(Message::Reject(r))) => Opened::Refused(format!(
             "reject: {} (retry {:?})",

@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fedquic_net::io::{
-    IoError, read_message, read_tensor_body, read_tensor_header, send_shared_tensors, write_message,
+    IoError, read_message, read_tensor_body, read_tensor_header, send_encoded, send_shared_tensors,
+    write_message,
 };
 use fedquic_protocol::{
-    Codec, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, Welcome, negotiate_version,
+    Codec, Hello, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, Welcome,
+    negotiate_codec, negotiate_version,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
@@ -25,13 +27,45 @@ pub(super) enum ToConn {
     Task {
         message: Message,
         header: TensorHeader,
-        model: Arc<Vec<f32>>,
+        model: ModelBody,
     },
     Send(Message),
     Close {
         reason: String,
         finished: bool,
     },
+}
+
+/// A model on its way to clients, shared by every transfer of it.
+#[derive(Clone)]
+pub(super) enum ModelBody {
+    /// f32: the values are their own encoding.
+    F32(Arc<Vec<f32>>),
+    /// Encoded once (f16, bf16) for every client on that codec.
+    Encoded(bytes::Bytes),
+}
+
+/// The codecs for a client: the aggregator's first choice it offers, each way.
+fn negotiate_codecs(shared: &Shared, hello: &Hello) -> Result<(Codec, Codec), String> {
+    let pick = |what: &str, preference: &[Codec]| {
+        negotiate_codec(preference, &hello.codecs).ok_or_else(|| {
+            let list = |l: &[Codec]| {
+                l.iter()
+                    .map(Codec::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            format!(
+                "no common {what} codec: the client offers [{}], the aggregator allows [{}]",
+                list(&hello.codecs),
+                list(preference)
+            )
+        })
+    };
+    Ok((
+        pick("uplink", &shared.codecs.uplink)?,
+        pick("downlink", &shared.codecs.downlink)?,
+    ))
 }
 
 pub(super) async fn accept_loop(
@@ -69,7 +103,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         conn.close(1u32.into(), b"certificate has no name");
         return;
     };
-    let (mut send, mut recv, backend) = match tokio::time::timeout(
+    let (mut send, mut recv, (backend, (uplink, downlink))) = match tokio::time::timeout(
         shared.handshake_timeout,
         async {
             let (send, mut recv) = conn.accept_bi().await?;
@@ -80,11 +114,15 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     .await
     {
         Ok(Ok((send, recv, Some(Message::Hello(hello))))) => {
-            match negotiate_version(&hello.versions).and_then(|_| hello.validate()) {
-                Ok(_) => (send, recv, hello.backend),
+            let agreed = negotiate_version(&hello.versions)
+                .and_then(|_| hello.validate())
+                .map_err(|e| e.to_string())
+                .and_then(|()| negotiate_codecs(&shared, &hello));
+            match agreed {
+                Ok(codecs) => (send, recv, (hello.backend, codecs)),
                 Err(e) => {
                     let mut send = send;
-                    reject(&conn, &mut send, &client, &e.to_string(), None).await;
+                    reject(&conn, &mut send, &client, &e, None).await;
                     return;
                 }
             }
@@ -140,9 +178,11 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     }
     let welcome = Message::Welcome(Welcome {
         version: PROTOCOL_VERSION,
-        codec: Codec::F32,
+        uplink,
+        downlink,
         model_spec: shared.model_spec.clone(),
         client_name: client.clone(),
+        run: shared.run_id.clone(),
     });
     if let Err(e) = write_message(&mut send, &welcome).await {
         warn!(%client, error = %e, "lost connection while welcoming");
@@ -157,12 +197,14 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             conn_id,
             handle: to_conn,
             backend: backend.clone(),
+            uplink,
+            downlink,
         })
         .is_err()
     {
         return;
     }
-    info!(%client, %remote, %backend, "client connected");
+    info!(%client, %remote, %backend, %uplink, %downlink, "client connected");
 
     // Every task this session starts (the control-stream reader, model
     // sends, update receivers) lives in `tasks` and is aborted when the
@@ -191,7 +233,11 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                     let conn = conn.clone();
                     let shared = Arc::clone(&shared);
                     tasks.spawn(async move {
-                        match send_shared_tensors(&conn, &header, model).await {
+                        let sent = match model {
+                            ModelBody::F32(values) => send_shared_tensors(&conn, &header, values).await,
+                            ModelBody::Encoded(body) => send_encoded(&conn, &header, body).await,
+                        };
+                        match sent {
                             Ok(bytes) => { shared.bytes_down.fetch_add(bytes, Ordering::Relaxed); }
                             Err(e) => debug!(error = %e, "model transfer failed"),
                         }
@@ -237,7 +283,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             },
             uni = conn.accept_uni() => match uni {
                 Ok(stream) => {
-                    tasks.spawn(receive_update(stream, client.clone(), conn_id, Arc::clone(&shared)));
+                    tasks.spawn(receive_update(stream, client.clone(), conn_id, uplink, Arc::clone(&shared)));
                 }
                 Err(e) => break format!("connection lost: {e}"),
             },
@@ -289,13 +335,15 @@ async fn fit_phase_closed(mut epochs: watch::Receiver<u64>, epoch: u64) {
 /// hands it to the hub. The header must arrive within the header timeout,
 /// and the hub must confirm that the round and task are current and that
 /// this client owes this update and has no other upload in flight, before a
-/// buffer is taken. The body must then arrive within its deadline, and the
+/// buffer is taken. The body is decoded with the session's uplink codec
+/// straight into the buffer. The body must then arrive within its deadline, and the
 /// read is cut off when the round closes. Nothing reaches the accumulator
 /// unless the whole update arrived and passed every check.
 async fn receive_update(
     mut stream: quinn::RecvStream,
     client: ClientId,
     conn_id: u64,
+    uplink: Codec,
     shared: Arc<Shared>,
 ) {
     let fail = |task_id: Option<u64>, cause: RejectCause, reason: String| {
@@ -340,6 +388,17 @@ async fn receive_update(
             Some(header.task_id),
             RejectCause::Malformed,
             "expected an update stream".into(),
+        );
+    }
+    if header.codec != uplink {
+        let _ = stream.stop(STREAM_REFUSED.into());
+        return fail(
+            Some(header.task_id),
+            RejectCause::Malformed,
+            format!(
+                "update encoded as {}, the session agreed on {uplink}",
+                header.codec
+            ),
         );
     }
     if let Err(e) = header.check_layout(&shared.update_layout) {

@@ -13,9 +13,9 @@ use fedquic_protocol::{Codec, EvalResult, Message, StreamKind, TensorHeader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use super::connection::ToConn;
+use super::connection::{ModelBody, ToConn};
 use super::pool::PooledBuffer;
-use super::records::{RoundRecord, append_json_line};
+use super::records::{ClientTraffic, RoundRecord, append_json_line};
 use super::{CentralEval, RunSummary, ServerError, ServerSetup, Shared};
 use crate::checkpoint::{CheckpointHeader, CheckpointStore};
 use crate::coordinator::{Coordinator, ReceivedUpdate};
@@ -29,6 +29,9 @@ pub(super) enum ToHub {
         handle: mpsc::UnboundedSender<ToConn>,
         /// The training backend the client reported in its Hello (validated).
         backend: String,
+        /// The session's update and model codecs.
+        uplink: Codec,
+        downlink: Codec,
     },
     Left {
         client: ClientId,
@@ -88,10 +91,25 @@ pub(super) struct Hub {
     fit_epoch: watch::Sender<u64>,
     log_budgets: HashMap<ClientId, LogBudget>,
     log_lines_per_minute: u32,
-    /// Each connected client's training backend, and which backend each
-    /// accepted update of the current round was trained on.
-    backends: HashMap<ClientId, String>,
+    /// Each connected client's training backend and codecs, and which
+    /// backend each accepted update of the current round was trained on.
+    sessions: HashMap<ClientId, SessionInfo>,
     round_backends: std::collections::BTreeMap<ClientId, String>,
+    /// Bytes each client sent and was sent this round, and in what codec.
+    round_traffic: std::collections::BTreeMap<ClientId, ClientTraffic>,
+    /// The model encoded for each (downlink codec, with control variate):
+    /// encoded once per model version, whoever it goes to.
+    encoded_models: HashMap<(Codec, bool), EncodedModel>,
+}
+
+/// A model version (the values it was encoded from) and its encoding.
+type EncodedModel = (Arc<Vec<f32>>, bytes::Bytes);
+
+/// What a connected client's Hello settled.
+struct SessionInfo {
+    backend: String,
+    uplink: Codec,
+    downlink: Codec,
 }
 
 impl Hub {
@@ -120,8 +138,10 @@ impl Hub {
             fit_epoch,
             log_budgets: HashMap::new(),
             log_lines_per_minute: setup.client_log_lines_per_minute,
-            backends: HashMap::new(),
+            sessions: HashMap::new(),
             round_backends: std::collections::BTreeMap::new(),
+            round_traffic: std::collections::BTreeMap::new(),
+            encoded_models: HashMap::new(),
         })
     }
 
@@ -215,8 +235,17 @@ impl Hub {
                 conn_id,
                 handle,
                 backend,
+                uplink,
+                downlink,
             } => {
-                self.backends.insert(client.clone(), backend);
+                self.sessions.insert(
+                    client.clone(),
+                    SessionInfo {
+                        backend,
+                        uplink,
+                        downlink,
+                    },
+                );
                 let mut actions = Vec::new();
                 if let Some((_, old)) = self.clients.insert(client.clone(), (conn_id, handle)) {
                     // A reconnect replaces the old session; its task is forfeited.
@@ -232,7 +261,7 @@ impl Hub {
             ToHub::Left { client, conn_id } => {
                 if self.is_current(&client, conn_id) {
                     self.clients.remove(&client);
-                    self.backends.remove(&client);
+                    self.sessions.remove(&client);
                     self.uploading.remove(&client);
                     self.log_budgets.remove(&client);
                     self.engine.client_left(&client, now)
@@ -250,6 +279,7 @@ impl Hub {
                     return Vec::new();
                 }
                 self.uploading.remove(&client);
+                self.traffic(&client).bytes_up += header.body_len;
                 let update = ReceivedUpdate {
                     client: &client,
                     task_id: header.task_id,
@@ -356,8 +386,52 @@ impl Hub {
         }
     }
 
-    /// Sends a task and its model; `with_control` (SCAFFOLD fit tasks) sends
-    /// the control variate after the model.
+    /// This round's traffic entry for `client`, created with its codecs.
+    fn traffic(&mut self, client: &str) -> &mut ClientTraffic {
+        let (uplink, downlink) = self
+            .sessions
+            .get(client)
+            .map(|s| (s.uplink.to_string(), s.downlink.to_string()))
+            .unwrap_or_default();
+        self.round_traffic
+            .entry(client.to_string())
+            .or_insert_with(|| ClientTraffic {
+                uplink,
+                downlink,
+                bytes_up: 0,
+                bytes_down: 0,
+            })
+    }
+
+    /// The model (and, with `with_control`, SCAFFOLD's control variate after
+    /// it) in `codec`: shared values for f32, otherwise encoded once per
+    /// model version and codec.
+    fn model_body(&mut self, codec: Codec, with_control: bool) -> Result<ModelBody, String> {
+        let model = match with_control {
+            true => self.engine.fit_payload(),
+            false => self.engine.global_model(),
+        };
+        if codec == Codec::F32 {
+            return Ok(ModelBody::F32(model));
+        }
+        if let Some((source, body)) = self.encoded_models.get(&(codec, with_control))
+            && Arc::ptr_eq(source, &model)
+        {
+            return Ok(ModelBody::Encoded(body.clone()));
+        }
+        let mut body = Vec::new();
+        // Downlink codecs (f16, bf16) round to nearest: the seed is unused.
+        fedquic_protocol::encode_body(codec, &model, 0, &mut body)
+            .map_err(|e| format!("cannot encode the model as {codec}: {e}"))?;
+        let body = bytes::Bytes::from(body);
+        self.encoded_models
+            .insert((codec, with_control), (model, body.clone()));
+        Ok(ModelBody::Encoded(body))
+    }
+
+    /// Sends a task and its model in the client's downlink codec;
+    /// `with_control` (SCAFFOLD fit tasks) sends the control variate after
+    /// the model.
     fn send_task(
         &mut self,
         client: &str,
@@ -366,19 +440,35 @@ impl Hub {
         task_id: u64,
         with_control: bool,
     ) {
-        let (model, tensors) = match with_control {
-            true => (self.engine.fit_payload(), self.shared.update_layout.clone()),
-            false => (self.engine.global_model(), self.shared.layout.clone()),
+        let Some(codec) = self.sessions.get(client).map(|s| s.downlink) else {
+            return;
+        };
+        let tensors = match with_control {
+            true => self.shared.update_layout.clone(),
+            false => self.shared.layout.clone(),
+        };
+        let model = match self.model_body(codec, with_control) {
+            Ok(model) => model,
+            Err(e) => {
+                // Only a non-finite model fails to encode, and the engine
+                // never commits one; the client's task times out.
+                warn!(%client, error = %e, "model not sent");
+                return;
+            }
+        };
+        let body_len = match &model {
+            ModelBody::F32(values) => values.len() as u64 * 4,
+            ModelBody::Encoded(bytes) => bytes.len() as u64,
         };
         let header = TensorHeader {
             kind: StreamKind::GlobalModel,
             round,
             task_id,
-            codec: Codec::F32,
+            codec,
             tensors,
             num_examples: 0,
             metrics: Vec::new(),
-            body_len: model.len() as u64 * 4,
+            body_len,
         };
         if let Some((_, handle)) = self.clients.get(client) {
             let _ = handle.send(ToConn::Task {
@@ -386,6 +476,7 @@ impl Hub {
                 header,
                 model,
             });
+            self.traffic(client).bytes_down += body_len;
         }
     }
 
@@ -419,8 +510,9 @@ impl Hub {
                     self.send_task(&client, Message::EvaluateTask(task), round, task_id, false);
                 }
                 Action::UpdateAccepted { client, task_id } => {
-                    if let Some(backend) = self.backends.get(&client) {
-                        self.round_backends.insert(client.clone(), backend.clone());
+                    if let Some(session) = self.sessions.get(&client) {
+                        self.round_backends
+                            .insert(client.clone(), session.backend.clone());
                     }
                     self.send(&client, Message::UpdateAccepted { task_id });
                 }
@@ -487,6 +579,7 @@ impl Hub {
             bytes_down: self.shared.bytes_down.swap(0, Ordering::Relaxed),
             bytes_up: self.shared.bytes_up.swap(0, Ordering::Relaxed),
             client_backends: std::mem::take(&mut self.round_backends),
+            client_traffic: std::mem::take(&mut self.round_traffic),
             seconds: 0.0,
             central_eval_seconds: 0.0,
             checkpoint_seconds: 0.0,
@@ -526,7 +619,11 @@ impl Hub {
             .map(|t| now.duration_since(t).as_secs_f64())
             .unwrap_or(0.0);
         record.elapsed_seconds = now.duration_since(self.started).as_secs_f64();
-        if let Some(store) = self.checkpoints.clone() {
+        if let Some(store) = self
+            .checkpoints
+            .clone()
+            .filter(|_| record.outcome.checkpoint)
+        {
             // The checkpoint carries this round's metrics line, so a crash
             // before the line reaches metrics.jsonl loses nothing: resume
             // restores it.

@@ -29,10 +29,11 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tracing::info;
 
 use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::config::CodecPreference;
 use crate::coordinator::Coordinator;
 use crate::engine::{EngineConfig, EngineState, RoundEngine};
 
-pub use records::RoundRecord;
+pub use records::{ClientTraffic, RoundRecord};
 
 use connection::accept_loop;
 use hub::{Hub, ToHub};
@@ -100,6 +101,10 @@ pub struct ServerSetup {
     /// Screens connection attempts before their handshake (Retry, cap,
     /// timeout); keep a clone to read its counters.
     pub admission: Arc<fedquic_net::admission::Admission>,
+    /// Codecs for updates and models, best first.
+    pub codecs: CodecPreference,
+    /// Run FedBuff (asynchronous) instead of synchronous rounds.
+    pub fedbuff: Option<crate::fedbuff::FedBuffSettings>,
 }
 
 impl ServerSetup {
@@ -138,6 +143,8 @@ impl ServerSetup {
             allowlist: None,
             reset_secret: None,
             admission: Arc::default(),
+            codecs: CodecPreference::default(),
+            fedbuff: None,
         }
     }
 }
@@ -183,6 +190,8 @@ struct Shared {
     bytes_down: AtomicU64,
     bytes_up: AtomicU64,
     next_conn_id: AtomicU64,
+    codecs: CodecPreference,
+    run_id: String,
 }
 
 pub struct Server {
@@ -238,6 +247,22 @@ impl Server {
             )
             .map_err(ServerError::Setup)?;
         let (config, initial) = (setup.engine.clone(), setup.initial_model.clone());
+        if let Some(settings) = &setup.fedbuff {
+            let now = std::time::Instant::now();
+            let fedbuff = match &setup.resume {
+                Some(state) => crate::fedbuff::FedBuff::resume(
+                    config,
+                    settings.clone(),
+                    initial,
+                    state,
+                    &setup.strategy_state,
+                    now,
+                ),
+                None => crate::fedbuff::FedBuff::new(config, settings.clone(), initial, now),
+            }
+            .map_err(ServerError::Setup)?;
+            return self.run_with(Box::new(fedbuff), shutdown).await;
+        }
         let engine = match &setup.resume {
             Some(state) => {
                 let mut engine = RoundEngine::resume(config, initial, state.clone());
@@ -262,6 +287,9 @@ impl Server {
         shutdown: impl Future<Output = ()>,
     ) -> Result<RunSummary, ServerError> {
         let Server { endpoint, setup } = self;
+        setup.codecs.validate().map_err(ServerError::Setup)?;
+        fedquic_protocol::validate_run_id(&setup.run_id)
+            .map_err(|e| ServerError::Setup(e.to_string()))?;
         if coordinator.global_model().len() != setup.initial_model.len() {
             return Err(ServerError::Setup(format!(
                 "the coordinator's model has {} values, the layout {}",
@@ -299,6 +327,8 @@ impl Server {
             bytes_down: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
+            codecs: setup.codecs.clone(),
+            run_id: setup.run_id.clone(),
         });
         info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -20,12 +20,24 @@ pub struct RoundRecord {
     /// The training backend (as each client reported it) of every accepted
     /// update: which clients trained on what.
     pub client_backends: std::collections::BTreeMap<ClientId, String>,
+    /// Tensor-stream body bytes each client sent (updates) and was sent
+    /// (models) during the round, and the codecs its session uses.
+    pub client_traffic: std::collections::BTreeMap<ClientId, ClientTraffic>,
     /// Wall time of the round: training, transfers, evaluation, checkpoint.
     pub seconds: f64,
     pub central_eval_seconds: f64,
     pub checkpoint_seconds: f64,
     /// Seconds since the server started.
     pub elapsed_seconds: f64,
+}
+
+/// One client's traffic in a round.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct ClientTraffic {
+    pub uplink: String,
+    pub downlink: String,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
 }
 
 pub(super) fn append_json_line(path: &PathBuf, record: &RoundRecord) -> Result<(), ServerError> {

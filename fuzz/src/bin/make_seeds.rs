@@ -7,7 +7,9 @@
 use std::fs;
 use std::path::Path;
 
-use fedquic_fuzz::{control_input, sample_messages, sample_stream, tensor_input};
+use fedquic_fuzz::{
+    control_input, sample_coded_stream, sample_messages, sample_stream, tensor_input,
+};
 use fedquic_protocol::{
     Codec, Message, StreamKind, TensorHeader, TensorMeta, encode_header, encode_message,
 };
@@ -54,7 +56,7 @@ fn main() -> std::io::Result<()> {
         control_input(&[1], &hello_bye),
     )?;
 
-    let streams: Vec<(&str, Vec<u8>)> = vec![
+    let mut streams: Vec<(String, Vec<u8>)> = vec![
         (
             "model-1x1",
             sample_stream(StreamKind::GlobalModel, &[&[1]], false),
@@ -79,7 +81,26 @@ fn main() -> std::io::Result<()> {
             "model-256",
             sample_stream(StreamKind::GlobalModel, &[&[16, 16]], false),
         ),
-    ];
+    ]
+    .into_iter()
+    .map(|(name, bytes)| (name.to_string(), bytes))
+    .collect();
+    // Every codec, on a stream of more than one block (1,500 values).
+    for codec in [
+        "f16",
+        "bf16",
+        "int8",
+        "top-k:0.01",
+        "top-k:0.3+f16",
+        "top-k:0.3+bf16",
+        "top-k:0.05+int8",
+    ] {
+        let codec: Codec = codec.parse().expect("a seed codec parses");
+        streams.push((
+            format!("update-{}", codec.to_string().replace([':', '+', '.'], "_")),
+            sample_coded_stream(StreamKind::Update, &[&[30, 50]], true, codec),
+        ));
+    }
     let mut n_tensor = 0;
     for (name, stream) in &streams {
         for (p, plan) in PLANS.iter().enumerate() {

@@ -1,75 +1,103 @@
-//! Where a client keeps its SCAFFOLD control variate `c_i` between rounds:
-//! in memory (the simulator's virtual clients, 4 bytes a parameter each once
-//! selected) or in a file in the client's state directory (`--state-dir`).
+//! What a client keeps between tasks of one federated run: its SCAFFOLD
+//! control variate `c_i` and its error-feedback residual (the part of its
+//! last updates a lossy codec did not send). In memory (the simulator's
+//! virtual clients, 4 bytes a parameter each once selected) or as files in
+//! the client's state directory (`--state-dir`).
 //!
-//! A control variate belongs to one federated run (the aggregator's run id,
-//! sent with every SCAFFOLD task): a task from another run starts from zero,
-//! as the paper's clients do. The file is written atomically (temporary
-//! file, fsync, rename, directory fsync) and checked on load: size bounded by
-//! the model before it is read, magic, run id, value count, every value
-//! finite, and a checksum.
+//! Each vector belongs to one federated run (the aggregator's run id): a
+//! task from another run starts from zero. A file is written atomically
+//! (temporary file, fsync, rename, directory fsync) and checked on load: size
+//! bounded by the model before it is read, magic, run id, value count, every
+//! value finite, and a checksum.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+/// One kind of per-run vector a client keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StateVector {
+    /// SCAFFOLD's `c_i`.
+    ScaffoldControl,
+    /// Error feedback's residual `e` (Karimireddy et al. 2019).
+    Residual,
+}
+
+impl StateVector {
+    /// The vector's file in the state directory.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            StateVector::ScaffoldControl => CONTROL_FILE,
+            StateVector::Residual => RESIDUAL_FILE,
+        }
+    }
+}
+
 /// The control variate's file in the state directory.
 pub const CONTROL_FILE: &str = "scaffold-control.bin";
+/// The error-feedback residual's file in the state directory.
+pub const RESIDUAL_FILE: &str = "error-feedback.bin";
 const MAGIC: &[u8; 8] = b"FQCV0001";
-/// Longest run id stored (as `fedquic_protocol::ScaffoldTask::MAX_RUN_LEN`).
+/// Longest run id stored (as `fedquic_protocol::MAX_RUN_LEN`).
 const MAX_RUN_LEN: usize = 64;
 
 #[derive(Debug, Error)]
-pub enum ControlStoreError {
+pub enum StateStoreError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: not a valid control variate file: {reason}")]
+    #[error("{path}: not a valid client state file: {reason}")]
     Corrupt { path: PathBuf, reason: String },
 }
 
-/// One client's control variate store.
+/// One client's state store.
 #[derive(Debug)]
-pub enum ControlStore {
+pub enum StateStore {
     /// Kept in memory for the life of the client (run id, values).
-    Memory(Option<(String, Vec<f32>)>),
-    /// Kept in `DIR/scaffold-control.bin`.
+    Memory(HashMap<StateVector, (String, Vec<f32>)>),
+    /// Kept in `DIR/<file name>`.
     Dir(PathBuf),
 }
 
-impl Default for ControlStore {
+impl Default for StateStore {
     fn default() -> Self {
-        ControlStore::Memory(None)
+        StateStore::Memory(HashMap::new())
     }
 }
 
-impl ControlStore {
+impl StateStore {
     /// A store in `dir`, created if missing.
-    pub fn in_dir(dir: &Path) -> Result<ControlStore, ControlStoreError> {
-        fs::create_dir_all(dir).map_err(|source| ControlStoreError::Io {
+    pub fn in_dir(dir: &Path) -> Result<StateStore, StateStoreError> {
+        fs::create_dir_all(dir).map_err(|source| StateStoreError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
-        Ok(ControlStore::Dir(dir.to_path_buf()))
+        Ok(StateStore::Dir(dir.to_path_buf()))
     }
 
-    /// `c_i` for `run` with `len` values: what was saved for this run, or
+    /// `which` for `run` with `len` values: what was saved for this run, or
     /// zeros when nothing was (or it belongs to another run, or has another
     /// length: a new model is a new start). A damaged file is an error.
-    pub fn load(&self, run: &str, len: usize) -> Result<Vec<f32>, ControlStoreError> {
+    pub fn load(
+        &self,
+        which: StateVector,
+        run: &str,
+        len: usize,
+    ) -> Result<Vec<f32>, StateStoreError> {
         match self {
-            ControlStore::Memory(Some((stored_run, values)))
-                if stored_run == run && values.len() == len =>
-            {
-                Ok(values.clone())
-            }
-            ControlStore::Memory(_) => Ok(vec![0.0; len]),
-            ControlStore::Dir(dir) => {
-                let path = dir.join(CONTROL_FILE);
+            StateStore::Memory(map) => match map.get(&which) {
+                Some((stored_run, values)) if stored_run == run && values.len() == len => {
+                    Ok(values.clone())
+                }
+                _ => Ok(vec![0.0; len]),
+            },
+            StateStore::Dir(dir) => {
+                let path = dir.join(which.file_name());
                 match read_file(&path, len)? {
                     Some((stored_run, values)) if stored_run == run && values.len() == len => {
                         Ok(values)
@@ -80,14 +108,19 @@ impl ControlStore {
         }
     }
 
-    /// Stores `values` as `c_i` for `run`, replacing what was there.
-    pub fn save(&mut self, run: &str, values: Vec<f32>) -> Result<(), ControlStoreError> {
+    /// Stores `values` as `which` for `run`, replacing what was there.
+    pub fn save(
+        &mut self,
+        which: StateVector,
+        run: &str,
+        values: Vec<f32>,
+    ) -> Result<(), StateStoreError> {
         match self {
-            ControlStore::Memory(slot) => {
-                *slot = Some((run.to_string(), values));
+            StateStore::Memory(map) => {
+                map.insert(which, (run.to_string(), values));
                 Ok(())
             }
-            ControlStore::Dir(dir) => write_atomically(&dir.join(CONTROL_FILE), run, &values),
+            StateStore::Dir(dir) => write_atomically(&dir.join(which.file_name()), run, &values),
         }
     }
 }
@@ -116,12 +149,12 @@ fn encode(run: &str, values: &[f32]) -> Vec<u8> {
 
 /// Reads the file if there is one; `None` when it is absent or holds a
 /// different number of values than `len` (another model).
-fn read_file(path: &Path, len: usize) -> Result<Option<(String, Vec<f32>)>, ControlStoreError> {
-    let corrupt = |reason: String| ControlStoreError::Corrupt {
+fn read_file(path: &Path, len: usize) -> Result<Option<(String, Vec<f32>)>, StateStoreError> {
+    let corrupt = |reason: String| StateStoreError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
-    let io = |source| ControlStoreError::Io {
+    let io = |source| StateStoreError::Io {
         path: path.to_path_buf(),
         source,
     };
@@ -177,8 +210,8 @@ fn read_file(path: &Path, len: usize) -> Result<Option<(String, Vec<f32>)>, Cont
     Ok(Some((run, values)))
 }
 
-fn write_atomically(path: &Path, run: &str, values: &[f32]) -> Result<(), ControlStoreError> {
-    let io = |source| ControlStoreError::Io {
+fn write_atomically(path: &Path, run: &str, values: &[f32]) -> Result<(), StateStoreError> {
+    let io = |source| StateStoreError::Io {
         path: path.to_path_buf(),
         source,
     };
@@ -211,25 +244,50 @@ mod tests {
 
     #[test]
     fn memory_store_is_keyed_to_the_run() {
-        let mut store = ControlStore::default();
-        assert_eq!(store.load("a", 2).unwrap(), vec![0.0, 0.0]);
-        store.save("a", vec![1.0, 2.0]).unwrap();
-        assert_eq!(store.load("a", 2).unwrap(), vec![1.0, 2.0]);
-        assert_eq!(store.load("b", 2).unwrap(), vec![0.0, 0.0], "new run");
-        assert_eq!(store.load("a", 3).unwrap(), vec![0.0; 3], "new model");
+        let mut store = StateStore::default();
+        let c = StateVector::ScaffoldControl;
+        assert_eq!(store.load(c, "a", 2).unwrap(), vec![0.0, 0.0]);
+        store.save(c, "a", vec![1.0, 2.0]).unwrap();
+        assert_eq!(store.load(c, "a", 2).unwrap(), vec![1.0, 2.0]);
+        assert_eq!(store.load(c, "b", 2).unwrap(), vec![0.0, 0.0], "new run");
+        assert_eq!(store.load(c, "a", 3).unwrap(), vec![0.0; 3], "new model");
+        let r = StateVector::Residual;
+        assert_eq!(store.load(r, "a", 2).unwrap(), vec![0.0; 2], "its own slot");
+        store.save(r, "a", vec![3.0, 4.0]).unwrap();
+        assert_eq!(store.load(c, "a", 2).unwrap(), vec![1.0, 2.0]);
     }
 
     #[test]
     fn file_store_round_trips_survives_a_restart_and_refuses_damage() {
         let dir = temp_dir("file");
-        let mut store = ControlStore::in_dir(&dir).unwrap();
-        assert_eq!(store.load("run-1", 3).unwrap(), vec![0.0; 3], "no file yet");
-        store.save("run-1", vec![0.5, -1.0, 2.0]).unwrap();
+        let mut store = StateStore::in_dir(&dir).unwrap();
+        let c = StateVector::ScaffoldControl;
+        assert_eq!(
+            store.load(c, "run-1", 3).unwrap(),
+            vec![0.0; 3],
+            "no file yet"
+        );
+        store.save(c, "run-1", vec![0.5, -1.0, 2.0]).unwrap();
+        store
+            .save(StateVector::Residual, "run-1", vec![9.0; 3])
+            .unwrap();
         // A restarted client (a new store on the same directory) finds it.
-        let again = ControlStore::in_dir(&dir).unwrap();
-        assert_eq!(again.load("run-1", 3).unwrap(), vec![0.5, -1.0, 2.0]);
-        assert_eq!(again.load("run-2", 3).unwrap(), vec![0.0; 3], "other run");
-        assert_eq!(again.load("run-1", 4).unwrap(), vec![0.0; 4], "other model");
+        let again = StateStore::in_dir(&dir).unwrap();
+        assert_eq!(again.load(c, "run-1", 3).unwrap(), vec![0.5, -1.0, 2.0]);
+        assert_eq!(
+            again.load(StateVector::Residual, "run-1", 3).unwrap(),
+            vec![9.0; 3]
+        );
+        assert_eq!(
+            again.load(c, "run-2", 3).unwrap(),
+            vec![0.0; 3],
+            "other run"
+        );
+        assert_eq!(
+            again.load(c, "run-1", 4).unwrap(),
+            vec![0.0; 4],
+            "other model"
+        );
         assert!(!dir.join("scaffold-control.bin.tmp").exists());
 
         let path = dir.join(CONTROL_FILE);
@@ -244,15 +302,15 @@ mod tests {
             ("oversized", vec![0u8; 1 << 16]),
         ] {
             fs::write(&path, &bytes).unwrap();
-            let err = again.load("run-1", 3).unwrap_err();
+            let err = again.load(c, "run-1", 3).unwrap_err();
             assert!(
-                matches!(err, ControlStoreError::Corrupt { .. }),
+                matches!(err, StateStoreError::Corrupt { .. }),
                 "{what}: {err}"
             );
         }
         // A non-finite value with a valid checksum is refused too.
         fs::write(&path, encode("run-1", &[0.0, f32::NAN, 1.0])).unwrap();
-        assert!(again.load("run-1", 3).is_err());
+        assert!(again.load(c, "run-1", 3).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

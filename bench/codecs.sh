@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The "Update codecs" evidence of BENCHMARKS.md: every uplink codec on the
+# MNIST subset, the 2NN and the CNN, IID and shards:2, seeds 0 1 2; then
+# bench/codecs_report.py turns the runs into a table (final accuracy, rounds
+# to target, bytes up per round; mean +- sample std over seeds) and plots.
+#
+#   2NN: 100 clients, C = 0.1, E = 1, B = 10, lr 0.05, 50 rounds (target 85%)
+#   CNN: 20 clients, C = 0.5, E = 1, B = 10, lr 0.05, 10 rounds (target 90%)
+#
+#   MNIST=DIR      MNIST IDX files (default ../shared/data/mnist-10k)
+#   OUT=DIR        results (default bench/results/codecs); finished runs are skipped
+#   SEEDS="0 1 2"  seeds
+#   ONLY="mlp cnn" which models
+#   THREADS=2      training threads per run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MNIST=${MNIST:-../shared/data/mnist-10k}
+OUT=${OUT:-bench/results/codecs}
+SEEDS=${SEEDS:-"0 1 2"}
+ONLY=${ONLY:-"mlp cnn"}
+THREADS=${THREADS:-2}
+mkdir -p "$OUT"
+cargo build --release -p fedquic-sim -p fedquic-aggregator --examples --bins --quiet
+sim=target/release/fedquic-sim
+echo "$(nproc) cores,$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'),$(date -u +%FT%TZ)" > "$OUT/machine.txt"
+
+# run MODEL PARTITION CODEC SEED ARGS...: one simulation into $OUT/MODEL/PARTITION/CODEC/seedSEED.
+run() {
+  local model=$1 part=$2 codec=$3 seed=$4
+  shift 4
+  local dir="$OUT/$model/${part/:/}/$(echo "$codec" | tr ':+' '_-')/seed$seed"
+  if [ -s "$dir/rounds.csv" ]; then return 0; fi
+  mkdir -p "$dir"
+  echo "$codec" > "$dir/codec.txt"
+  printf '%s\n' "$sim $* --codec $codec --partition $part --seed $seed --out $dir" > "$dir/command.txt"
+  echo "== $model $part $codec seed $seed"
+  if "$sim" "$@" --codec "$codec" --partition "$part" --seed "$seed" --out "$dir" --quiet \
+      > "$dir/stdout.txt" 2> "$dir/stderr.txt"; then
+    tail -n 1 "$dir/stdout.txt"
+  else
+    echo "   FAILED (see $dir/stderr.txt)"; tail -n 3 "$dir/stderr.txt"; rm -f "$dir/rounds.csv"
+  fi
+}
+
+mlp=(--data "mnist:$MNIST" --model mlp:784-200-200-10 --clients 100 --fraction 0.1
+     --rounds 50 --epochs 1 --batch-size 10 --lr 0.05 --threads "$THREADS")
+cnn=(--data "mnist:$MNIST" --model cnn:mnist --clients 20 --fraction 0.5
+     --rounds 10 --epochs 1 --batch-size 10 --lr 0.05 --threads "$THREADS")
+for seed in $SEEDS; do
+  for part in iid shards:2; do
+    if [[ " $ONLY " == *" mlp "* ]]; then
+      for codec in f32 f16 bf16 int8 top-k:0.01 top-k:0.01+int8; do
+        run mlp "$part" "$codec" "$seed" "${mlp[@]}"
+      done
+    fi
+    if [[ " $ONLY " == *" cnn "* ]]; then
+      for codec in f32 f16 int8 top-k:0.01; do
+        run cnn "$part" "$codec" "$seed" "${cnn[@]}"
+      done
+    fi
+  done
+done
+python3 bench/codecs_report.py "$OUT"
