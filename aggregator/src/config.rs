@@ -800,6 +800,47 @@ mod tests {
     }
 
     #[test]
+    fn fedbuff_section_is_checked_against_the_strategy_and_evaluation() {
+        let c: AggregatorConfig = toml::from_str(
+            "[fedbuff]\nenabled = true\nconcurrency = 4\nstaleness = \"hinge:10,4\"",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let s = c.fedbuff.settings().unwrap().unwrap();
+        assert_eq!(s.concurrency, 4);
+        assert_eq!(s.staleness.to_string(), "hinge:10,4");
+        assert!(
+            AggregatorConfig::default()
+                .fedbuff
+                .settings()
+                .unwrap()
+                .is_none()
+        );
+        for (toml, key) in [
+            (
+                "[fedbuff]\nenabled = true\nstaleness = \"x\"",
+                "fedbuff.staleness",
+            ),
+            (
+                "[fedbuff]\nenabled = true\nbuffer_size = 0",
+                "fedbuff.buffer_size",
+            ),
+            (
+                "[fedbuff]\nenabled = true\n[strategy]\nname = \"krum\"",
+                "cannot run with [fedbuff]",
+            ),
+            (
+                "[fedbuff]\nenabled = true\n[evaluate]\nfraction = 0.5",
+                "evaluate.fraction",
+            ),
+        ] {
+            let c: AggregatorConfig = toml::from_str(toml).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
     fn optimizer_settings_reach_the_fit_instructions() {
         let c: AggregatorConfig = toml::from_str(
             "[fit]\noptimizer = \"adam\"\nbeta1 = 0.8\nweight_decay = 0.01\nproximal_mu = 0.1",

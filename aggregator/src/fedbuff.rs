@@ -111,7 +111,7 @@ impl std::fmt::Display for Staleness {
 /// FedBuff's own settings; the rest (server steps = `rounds`, task
 /// deadline = `round_deadline`, fit instructions, update gate, strategy,
 /// seed) come from the [`EngineConfig`].
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FedBuffSettings {
     /// Clients training at once.
     pub concurrency: usize,

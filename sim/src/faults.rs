@@ -505,7 +505,8 @@ impl RoundFinder {
         let window = 1024u64;
         let near = hint_task.saturating_sub(window)..hint_task.saturating_add(4 * window);
         let rounds = (hint_round..=self.max_round.min(hint_round + 2))
-            .chain((1..hint_round).rev())
+            // FedBuff numbers tasks by model version, from 0.
+            .chain((0..hint_round).rev())
             .chain(hint_round + 3..=self.max_round);
         for (pass, tasks) in [near, 0..self.max_task].into_iter().enumerate() {
             for round in rounds.clone() {

@@ -183,6 +183,23 @@ struct RunArgs {
     /// its codec dropped and adds it to its next update).
     #[arg(long, help_heading = "Codecs")]
     no_error_feedback: bool,
+    /// Asynchronous FedBuff (Nguyen et al. 2022) instead of synchronous rounds:
+    /// no round barrier; --rounds counts server steps, --round-deadline is the
+    /// time one task may take.
+    #[arg(long, help_heading = "FedBuff")]
+    fedbuff: bool,
+    /// FedBuff: clients training at once.
+    #[arg(long, default_value_t = 10, help_heading = "FedBuff")]
+    concurrency: usize,
+    /// FedBuff: updates folded per server step.
+    #[arg(long, default_value_t = 5, help_heading = "FedBuff")]
+    buffer_size: usize,
+    /// FedBuff: updates from a model more than this many versions old are refused.
+    #[arg(long, default_value_t = 10, help_heading = "FedBuff")]
+    max_staleness: u64,
+    /// FedBuff: staleness weight, constant, polynomial:A ((1 + tau)^-A) or hinge:A,B.
+    #[arg(long, default_value = "polynomial:0.5", help_heading = "FedBuff")]
+    staleness: fedquic_aggregator::Staleness,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -286,6 +303,14 @@ fn main() -> anyhow::Result<()> {
             client_offers: a.client_codecs,
             error_feedback: !a.no_error_feedback,
         },
+        fedbuff: a.fedbuff.then(|| fedquic_aggregator::FedBuffSettings {
+            concurrency: a.concurrency,
+            buffer_size: a.buffer_size,
+            max_staleness: a.max_staleness,
+            staleness: a.staleness,
+            // The simulator writes no checkpoints.
+            ..Default::default()
+        }),
         ..SimConfig::default()
     };
     if let Some(t) = a.threads {

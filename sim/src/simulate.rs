@@ -63,6 +63,9 @@ pub struct SimConfig {
     pub max_norm_multiple: f64,
     /// Update and model codecs.
     pub codecs: SimCodecs,
+    /// Asynchronous FedBuff instead of synchronous rounds (`rounds` is then
+    /// the number of server steps, `round_deadline_secs` a task's deadline).
+    pub fedbuff: Option<fedquic_aggregator::FedBuffSettings>,
 }
 
 /// Codecs in a simulation: the aggregator's lists, and what clients offer.
@@ -148,6 +151,7 @@ impl Default for SimConfig {
             link: None,
             max_norm_multiple: 10.0,
             codecs: SimCodecs::default(),
+            fedbuff: None,
         }
     }
 }
@@ -217,6 +221,16 @@ pub async fn simulate(
     aggregator.strategy = config.strategy.clone();
     aggregator.updates.max_update_norm_median_multiple = config.max_norm_multiple;
     aggregator.codecs = config.codecs.aggregator_config();
+    if let Some(f) = &config.fedbuff {
+        aggregator.fedbuff = fedquic_aggregator::config::FedBuffConfig {
+            enabled: true,
+            concurrency: f.concurrency,
+            buffer_size: f.buffer_size,
+            max_staleness: f.max_staleness,
+            staleness: f.staleness.to_string(),
+            checkpoint_every: f.checkpoint_every,
+        };
+    }
     aggregator.validate()?;
     let offers = config.codecs.offers()?;
     // Krum, Multi-Krum and Bulyan need a minimum of updates each round.
@@ -258,6 +272,10 @@ pub async fn simulate(
         codecs: aggregator
             .codecs
             .preference()
+            .map_err(|e| anyhow::anyhow!(e))?,
+        fedbuff: aggregator
+            .fedbuff
+            .settings()
             .map_err(|e| anyhow::anyhow!(e))?,
         ..ServerSetup::new(
             SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -384,8 +402,12 @@ pub async fn simulate(
     while let Ok(record) = records_rx.try_recv() {
         on_round(&record);
     }
+    // Clients still busy with a task the run no longer needs (a straggler's
+    // wait, a FedBuff task in flight at the last step) get 10 s in all, not
+    // 10 s each.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     for (i, c) in clients.into_iter().enumerate() {
-        match tokio::time::timeout(Duration::from_secs(10), c).await {
+        match tokio::time::timeout_at(deadline, c).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => {
                 tracing::warn!(client = i + 1, error = %e, "client ended with an error")

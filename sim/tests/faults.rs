@@ -252,3 +252,42 @@ async fn bad_fault_settings_are_clear_errors() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("--round-deadline"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fedbuff_does_not_wait_for_stragglers() {
+    // Half the clients wait 3 s before each upload. FedBuff keeps 3 clients
+    // training and steps every 2 updates, so the fast half carries the run.
+    let config = SimConfig {
+        faults: FaultConfig {
+            stragglers: Some("0.5:const:3".parse().unwrap()),
+            ..Default::default()
+        },
+        fedbuff: Some(fedquic_aggregator::FedBuffSettings {
+            concurrency: 3,
+            buffer_size: 2,
+            max_staleness: 50,
+            ..Default::default()
+        }),
+        ..small(6)
+    };
+    let (result, rounds, _) = run(config).await;
+    assert_eq!(result.rounds.len(), 6);
+    assert_eq!(column(&rounds, "round"), ["1", "2", "3", "4", "5", "6"]);
+    for r in &result.rounds {
+        assert_eq!(
+            r.outcome
+                .staleness
+                .as_ref()
+                .unwrap()
+                .counts
+                .iter()
+                .sum::<usize>(),
+            2
+        );
+    }
+    // Synchronous rounds with these stragglers would take 3 s or more each
+    // (18 s or more for six).
+    let run_time = result.rounds.last().unwrap().elapsed_seconds;
+    assert!(run_time < 12.0, "{run_time} s");
+    assert!(result.final_test_accuracy.unwrap() > 0.2);
+}
