@@ -27,6 +27,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ProtocolError, Result};
@@ -119,8 +120,16 @@ impl ValueCodec {
                 }
             }
             ValueCodec::F16 => {
-                for v in values {
-                    let h = half::f16::from_f32(v.clamp(-F16_MAX, F16_MAX));
+                // Slice conversion: F16C instructions where the CPU has them.
+                let mut clamped = [0f32; BLOCK_VALUES];
+                let clamped = &mut clamped[..values.len()];
+                for (c, v) in clamped.iter_mut().zip(values) {
+                    *c = v.clamp(-F16_MAX, F16_MAX);
+                }
+                let mut halves = [half::f16::ZERO; BLOCK_VALUES];
+                let halves = &mut halves[..values.len()];
+                halves.convert_from_f32_slice(clamped);
+                for h in halves.iter() {
                     out.extend_from_slice(&h.to_bits().to_le_bytes());
                 }
             }
@@ -167,9 +176,14 @@ impl ValueCodec {
                 }
             }
             ValueCodec::F16 => {
-                for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *d = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                let mut bits = [0u16; BLOCK_VALUES];
+                let bits = &mut bits[..out.len()];
+                for (d, b) in bits.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *d = u16::from_le_bytes([b[0], b[1]]);
                 }
+                // Slice conversion: F16C instructions where the CPU has them.
+                bits.reinterpret_cast::<half::f16>()
+                    .convert_to_f32_slice(out);
             }
             ValueCodec::Bf16 => {
                 for (d, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
