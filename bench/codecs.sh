@@ -24,14 +24,16 @@ cargo build --release -p fedquic-sim -p fedquic-aggregator --examples --bins --q
 sim=target/release/fedquic-sim
 echo "$(nproc) cores,$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'),$(date -u +%FT%TZ)" > "$OUT/machine.txt"
 
-# run MODEL PARTITION CODEC SEED ARGS...: one simulation into $OUT/MODEL/PARTITION/CODEC/seedSEED.
+# run MODEL PARTITION CODEC SEED VARIANT ARGS...: one simulation into
+# $OUT/MODEL/PARTITION/CODEC[@VARIANT]/seedSEED (VARIANT "" is FedAvg).
 run() {
-  local model=$1 part=$2 codec=$3 seed=$4
-  shift 4
-  local dir="$OUT/$model/${part/:/}/$(echo "$codec" | tr ':+' '_-')/seed$seed"
+  local model=$1 part=$2 codec=$3 seed=$4 variant=$5
+  shift 5
+  local label=$codec${variant:+@$variant}
+  local dir="$OUT/$model/${part/:/}/$(echo "$label" | tr ':+' '_-')/seed$seed"
   if [ -s "$dir/rounds.csv" ]; then return 0; fi
   mkdir -p "$dir"
-  echo "$codec" > "$dir/codec.txt"
+  echo "$label" > "$dir/codec.txt"
   printf '%s\n' "$sim $* --codec $codec --partition $part --seed $seed --out $dir" > "$dir/command.txt"
   echo "== $model $part $codec seed $seed"
   if "$sim" "$@" --codec "$codec" --partition "$part" --seed "$seed" --out "$dir" --quiet \
@@ -46,16 +48,31 @@ mlp=(--data "mnist:$MNIST" --model mlp:784-200-200-10 --clients 100 --fraction 0
      --rounds 50 --epochs 1 --batch-size 10 --lr 0.05 --threads "$THREADS")
 cnn=(--data "mnist:$MNIST" --model cnn:mnist --clients 20 --fraction 0.5
      --rounds 10 --epochs 1 --batch-size 10 --lr 0.05 --threads "$THREADS")
+# FedAvg averages each coordinate over every client of the round, so a
+# coordinate that only some clients' top-k carried moves by a fraction of its
+# dense step: top-k rows are also run at server learning rate 3 (FedAvgM with
+# momentum 0), beside f32 at the same setting.
+lr3=(--strategy fedavgm --server-lr 3 --server-momentum 0)
 for seed in $SEEDS; do
   for part in iid shards:2; do
     if [[ " $ONLY " == *" mlp "* ]]; then
       for codec in f32 f16 bf16 int8 top-k:0.01 top-k:0.01+int8; do
-        run mlp "$part" "$codec" "$seed" "${mlp[@]}"
+        run mlp "$part" "$codec" "$seed" "" "${mlp[@]}"
+      done
+      for codec in f32 top-k:0.01 top-k:0.01+int8; do
+        run mlp "$part" "$codec" "$seed" lr3 "${mlp[@]}" "${lr3[@]}"
+      done
+      # Compressed model broadcast (downlink), updates in f32.
+      for down in f16 bf16; do
+        run mlp "$part" f32 "$seed" "down-$down" "${mlp[@]}" --downlink-codec "$down"
       done
     fi
     if [[ " $ONLY " == *" cnn "* ]]; then
       for codec in f32 f16 int8 top-k:0.01; do
-        run cnn "$part" "$codec" "$seed" "${cnn[@]}"
+        run cnn "$part" "$codec" "$seed" "" "${cnn[@]}"
+      done
+      for codec in f32 top-k:0.01; do
+        run cnn "$part" "$codec" "$seed" lr3 "${cnn[@]}" "${lr3[@]}"
       done
     fi
   done

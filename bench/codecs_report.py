@@ -20,7 +20,8 @@ from learning_quality_report import mean_curve, svg_plot  # noqa: E402
 
 TARGETS = {"mlp": 0.85, "cnn": 0.90}
 MODELS = {"mlp": "2NN (mlp:784-200-200-10)", "cnn": "CNN (cnn:mnist)"}
-ORDER = ["f32", "f16", "bf16", "int8", "top-k:0.01", "top-k:0.01+int8"]
+ORDER = ["f32", "f16", "bf16", "int8", "top-k:0.01", "top-k:0.01+int8",
+         "f32@lr3", "top-k:0.01@lr3", "top-k:0.01+int8@lr3", "f32@down-f16", "f32@down-bf16"]
 
 
 def load(out):
@@ -43,6 +44,7 @@ def load(out):
                         "acc": [float(r["test_accuracy"]) if r["test_accuracy"] else math.nan
                                 for r in rows],
                         "up": statistics.mean(float(r["bytes_up"]) for r in rows),
+                        "down": statistics.mean(float(r["bytes_down"]) for r in rows),
                         "seconds": sum(float(r["seconds"]) for r in rows),
                     })
     return runs
@@ -72,12 +74,20 @@ def main():
     for model, part in setups:
         target = TARGETS.get(model, 0.85)
         md.append(f"### {MODELS.get(model, model)}, {part}\n")
-        md.append(f"| codec | seeds | final test accuracy (%) | vs f32 (points) | rounds to "
-                  f"{target:.0%} | bytes up per round | vs f32 | wall (s) |")
-        md.append("|---|---|---|---|---|---|---|---|")
-        base = runs.get((model, part, "f32"))
-        base_acc = statistics.mean(s["acc"][-1] for s in base) if base else math.nan
-        base_up = statistics.mean(s["up"] for s in base) if base else math.nan
+        md.append(f"| codec (@lr3: server lr 3) | seeds | final test accuracy (%) | vs f32 (points) | rounds to "
+                  f"{target:.0%} | bytes up per round | vs f32 | bytes down per round | wall (s) |")
+        md.append("|---|---|---|---|---|---|---|---|---|")
+        def base_of(codec):
+            """f32 at the same server setting (the part after '@'; a downlink
+            codec compares with plain f32)."""
+            variant = codec.partition("@")[2]
+            if variant.startswith("down-"):
+                variant = ""
+            base = runs.get((model, part, "f32" + (f"@{variant}" if variant else "")))
+            if not base:
+                return math.nan, math.nan
+            return (statistics.mean(s["acc"][-1] for s in base),
+                    statistics.mean(s["up"] for s in base))
         codecs = sorted({c for (m, p, c) in runs if (m, p) == (model, part)},
                         key=lambda c: ORDER.index(c) if c in ORDER else 99)
         series = []
@@ -90,10 +100,12 @@ def main():
             if len(reached) < len(reach):
                 reach_cell += f" ({len(reach) - len(reached)} of {len(reach)} never)"
             up = statistics.mean(s["up"] for s in seeds)
+            base_acc, base_up = base_of(codec)
             md.append(
                 f"| {codec} | {len(seeds)} | {statistics.mean(final):.2f} ± {sd(final):.2f} | "
                 f"{statistics.mean(final) - base_acc * 100:+.2f} | {reach_cell} | {up:,.0f} | "
-                f"{base_up / up:.1f}x fewer | {statistics.mean(s['seconds'] for s in seeds):.1f} |")
+                f"{base_up / up:.1f}x fewer | {statistics.mean(s['down'] for s in seeds):,.0f} | "
+                f"{statistics.mean(s['seconds'] for s in seeds):.1f} |")
             series.append((codec, mean_curve(seeds)))
         md.append("")
         svg_plot(os.path.join(out, f"{model}-{part}.svg"),

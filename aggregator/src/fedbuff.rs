@@ -710,7 +710,14 @@ impl Coordinator for FedBuff {
     ) -> Vec<Action> {
         *self.step.rejections.entry(cause).or_default() += 1;
         if task_id.is_some() && self.in_flight.get(client).map(|t| t.task_id) == task_id {
-            self.drop_task(client);
+            match cause {
+                // A slow client is not a broken one: new work at once.
+                RejectCause::Stale => {
+                    self.in_flight.remove(client);
+                    self.step.dropped += 1;
+                }
+                _ => self.drop_task(client),
+            }
         }
         let mut actions = Vec::new();
         self.fill(now, &mut actions);
@@ -959,6 +966,24 @@ mod tests {
         );
         assert_eq!(task_of(&after, "a").0, 1, "a gets fresh work");
         assert_eq!(fb.global_model().as_slice(), &[1.0, 1.0]);
+    }
+
+    #[test]
+    fn a_stale_upload_refused_before_its_body_gets_new_work_at_once() {
+        let now = Instant::now();
+        let mut s = settings(2, 1, Staleness::Constant);
+        s.max_staleness = 0;
+        let mut fb = FedBuff::new(config(100), s, vec![0.0], now).unwrap();
+        let mut actions = fb.client_joined("a".into(), now);
+        actions.extend(fb.client_joined("b".into(), now));
+        let (ta, tb) = (task_of(&actions, "a"), task_of(&actions, "b"));
+        answer(&mut fb, "b", tb, &[1.0], now);
+        // The shell asks before taking a buffer, is refused, and reports it.
+        let (cause, _) = fb.check_upload("a", ta.0, ta.1).unwrap_err();
+        let after = fb.update_failed("a", Some(ta.1), cause, now);
+        let (version, _) = task_of(&after, "a");
+        assert_eq!(version, 1, "a slow client is not rested");
+        assert!(!fb.is_pending("a", ta.1));
     }
 
     #[test]
