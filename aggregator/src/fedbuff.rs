@@ -410,8 +410,7 @@ impl FedBuff {
                 "no update carried weight".into(),
             )),
         };
-        let step = std::mem::replace(&mut self.step, StepStats::new(now));
-        let mut step = step;
+        let mut step = std::mem::replace(&mut self.step, StepStats::new(now));
         if let Err(e) = checked {
             // Bound the next buffer by this one's median, as a failed round does.
             if let Some(m) = median(&mut step.norms) {
@@ -439,6 +438,18 @@ impl FedBuff {
         self.accumulator.reset();
         self.version += 1;
         self.resting.clear();
+        // Tasks too old to ever be accepted free their slots now: a slow
+        // client is not a broken one, and gets new work at once.
+        let hopeless: Vec<ClientId> = self
+            .in_flight
+            .iter()
+            .filter(|(_, t)| self.version - t.version > self.settings.max_staleness)
+            .map(|(c, _)| c.clone())
+            .collect();
+        for client in hopeless {
+            self.in_flight.remove(&client);
+            step.dropped += 1;
+        }
         for (index, _, used) in &report.capped {
             if let Some((client, claimed)) = step.arrivals.get(*index) {
                 step.weight_adjusted.push(WeightAdjustment {
@@ -549,21 +560,21 @@ impl Coordinator for FedBuff {
         if self.finished {
             return Err((RejectCause::NoRound, "the run is over".into()));
         }
+        // Checked first: the task itself may already have been retired as
+        // hopeless at a server step.
+        let tau = self.version.saturating_sub(round);
+        if round <= self.version && tau > self.settings.max_staleness {
+            return Err((
+                RejectCause::Stale,
+                format!(
+                    "update is {tau} versions stale (started from version {round}, \
+                     the model is at {}); the limit is {}",
+                    self.version, self.settings.max_staleness
+                ),
+            ));
+        }
         match self.in_flight.get(client) {
-            Some(t) if t.task_id == task_id && t.version == round => {
-                let tau = self.version - t.version;
-                match tau > self.settings.max_staleness {
-                    true => Err((
-                        RejectCause::Stale,
-                        format!(
-                            "update is {tau} versions stale (started from version {round}, \
-                             the model is at {}); the limit is {}",
-                            self.version, self.settings.max_staleness
-                        ),
-                    )),
-                    false => Ok(()),
-                }
-            }
+            Some(t) if t.task_id == task_id && t.version == round => Ok(()),
             Some(_) => Err((
                 RejectCause::WrongTask,
                 format!("task {task_id} of version {round} is not this client's current task"),
@@ -710,14 +721,7 @@ impl Coordinator for FedBuff {
     ) -> Vec<Action> {
         *self.step.rejections.entry(cause).or_default() += 1;
         if task_id.is_some() && self.in_flight.get(client).map(|t| t.task_id) == task_id {
-            match cause {
-                // A slow client is not a broken one: new work at once.
-                RejectCause::Stale => {
-                    self.in_flight.remove(client);
-                    self.step.dropped += 1;
-                }
-                _ => self.drop_task(client),
-            }
+            self.drop_task(client);
         }
         let mut actions = Vec::new();
         self.fill(now, &mut actions);
@@ -948,7 +952,7 @@ mod tests {
     }
 
     #[test]
-    fn updates_beyond_the_staleness_limit_are_refused_and_free_the_slot() {
+    fn tasks_beyond_the_staleness_limit_free_their_slot_and_their_updates_are_refused() {
         let now = Instant::now();
         let mut s = settings(2, 1, Staleness::Constant);
         s.max_staleness = 0;
@@ -956,7 +960,14 @@ mod tests {
         let mut actions = fb.client_joined("a".into(), now);
         actions.extend(fb.client_joined("b".into(), now));
         let (ta, tb) = (task_of(&actions, "a"), task_of(&actions, "b"));
-        answer(&mut fb, "b", tb, &[1.0, 1.0], now); // version 1
+        // b's update makes version 1: a's version-0 task can never be
+        // accepted now, so its slot is freed and a gets new work at once (a
+        // slow client is not a broken one).
+        let after_b = answer(&mut fb, "b", tb, &[1.0, 1.0], now);
+        assert_eq!(outcomes(&after_b)[0].clients_dropped, 1);
+        assert_eq!(task_of(&after_b, "a").0, 1);
+        assert!(!fb.is_pending("a", ta.1));
+        // Its old upload is refused before its body is read, with the reason.
         let err = fb.check_upload("a", ta.0, ta.1).unwrap_err();
         assert_eq!(err.0, RejectCause::Stale);
         assert!(err.1.contains("1 versions stale"), "{}", err.1);
@@ -964,26 +975,7 @@ mod tests {
         assert!(
             matches!(&after[0], Action::UpdateRejected { reason, .. } if reason.contains("stale"))
         );
-        assert_eq!(task_of(&after, "a").0, 1, "a gets fresh work");
         assert_eq!(fb.global_model().as_slice(), &[1.0, 1.0]);
-    }
-
-    #[test]
-    fn a_stale_upload_refused_before_its_body_gets_new_work_at_once() {
-        let now = Instant::now();
-        let mut s = settings(2, 1, Staleness::Constant);
-        s.max_staleness = 0;
-        let mut fb = FedBuff::new(config(100), s, vec![0.0], now).unwrap();
-        let mut actions = fb.client_joined("a".into(), now);
-        actions.extend(fb.client_joined("b".into(), now));
-        let (ta, tb) = (task_of(&actions, "a"), task_of(&actions, "b"));
-        answer(&mut fb, "b", tb, &[1.0], now);
-        // The shell asks before taking a buffer, is refused, and reports it.
-        let (cause, _) = fb.check_upload("a", ta.0, ta.1).unwrap_err();
-        let after = fb.update_failed("a", Some(ta.1), cause, now);
-        let (version, _) = task_of(&after, "a");
-        assert_eq!(version, 1, "a slow client is not rested");
-        assert!(!fb.is_pending("a", ta.1));
     }
 
     #[test]

@@ -322,13 +322,9 @@ impl Hub {
                         let _ = reply.send(Err(()));
                         self.warn_rejected(&client, task_id, &reason, "upload refused");
                         self.send(&client, Message::UpdateRejected { task_id, reason });
-                        // Counted. A second upload while one is in flight does
-                        // not end the task it belongs to; any other refusal of an
-                        // upload ends that task, if it is still the client's (a
-                        // stale FedBuff update frees its slot; a round engine's
-                        // current task is never refused here otherwise).
-                        let task = (cause != RejectCause::UploadBusy).then_some(task_id);
-                        self.engine.update_failed(&client, task, cause, now)
+                        // Counted, but the client keeps the task it holds: the
+                        // header may lie about the round of a task id it holds.
+                        self.engine.update_failed(&client, None, cause, now)
                     }
                 }
             }
