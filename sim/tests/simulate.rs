@@ -109,3 +109,68 @@ async fn bad_settings_are_clear_errors() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_runs_in_the_simulator_over_a_lossy_codec_and_learns() {
+    // SCAFFOLD's control variates travel both ways (the update carries
+    // Delta y and Delta c); each virtual client keeps its c_i and, with int8
+    // updates, its error-feedback residual over both halves.
+    let base = SimConfig {
+        clients: 6,
+        fraction: 0.5,
+        rounds: 4,
+        model: "mlp:784-32-10".into(),
+        data: "synthetic:1200/300:5".into(),
+        partition: "shards:2".into(),
+        learning_rate: 0.1,
+        threads: 2,
+        seed: 4,
+        strategy: fedquic_aggregator::strategy::StrategyConfig {
+            name: "scaffold".into(),
+            ..Default::default()
+        },
+        ..SimConfig::default()
+    };
+    let params = (784 * 32 + 32 + 32 * 10 + 10) as u64;
+    let f32_run = simulate(base.clone(), |_| {}).await.unwrap();
+    let int8_run = simulate(
+        SimConfig {
+            codecs: fedquic_sim::simulate::SimCodecs {
+                uplink: "int8".into(),
+                ..Default::default()
+            },
+            ..base
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    for run in [&f32_run, &int8_run] {
+        assert_eq!(run.rounds.len(), 4);
+        for r in &run.rounds {
+            assert_eq!(r.outcome.clients_answered, 3);
+            // Models go down with c: twice the parameters, as f32.
+            for t in r.client_traffic.values() {
+                assert_eq!(t.bytes_down, 2 * params * 4);
+            }
+        }
+        assert!(run.final_test_accuracy.unwrap() > 0.2);
+    }
+    // Updates carry Delta y and Delta c: 8 bytes a parameter in f32, about
+    // 2 in int8.
+    let up = |run: &fedquic_sim::SimResult| {
+        run.rounds[0]
+            .client_traffic
+            .values()
+            .map(|t| t.bytes_up)
+            .sum::<u64>()
+            / 3
+    };
+    assert_eq!(up(&f32_run), 2 * params * 4);
+    assert!(up(&int8_run) < 2 * params * 11 / 10, "{}", up(&int8_run));
+    let (a, b) = (
+        f32_run.final_test_accuracy.unwrap(),
+        int8_run.final_test_accuracy.unwrap(),
+    );
+    assert!((a - b).abs() < 0.1, "f32 {a} vs int8 {b}");
+}
