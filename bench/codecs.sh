@@ -56,7 +56,7 @@ lr3=(--strategy fedavgm --server-lr 3 --server-momentum 0)
 for seed in $SEEDS; do
   for part in iid shards:2; do
     if [[ " $ONLY " == *" mlp "* ]]; then
-      for codec in f32 f16 bf16 int8 top-k:0.01 top-k:0.01+int8; do
+      for codec in f32 f16 bf16 int8 top-k:0.01 top-k:0.01+int8 top-k:0.05+int8; do
         run mlp "$part" "$codec" "$seed" "" "${mlp[@]}"
       done
       for codec in f32 top-k:0.01 top-k:0.01+int8; do
@@ -68,7 +68,7 @@ for seed in $SEEDS; do
       done
     fi
     if [[ " $ONLY " == *" cnn "* ]]; then
-      for codec in f32 f16 int8 top-k:0.01; do
+      for codec in f32 f16 int8 top-k:0.01 top-k:0.05+int8; do
         run cnn "$part" "$codec" "$seed" "" "${cnn[@]}"
       done
       for codec in f32 top-k:0.01; do
