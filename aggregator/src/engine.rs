@@ -64,6 +64,21 @@ pub struct UpdatePolicy {
     pub max_client_loss: f64,
 }
 
+impl UpdatePolicy {
+    /// The L2 bound on updates given the previous round's (or buffer's)
+    /// median norm: the smaller of the absolute bound and the multiple.
+    pub fn norm_bound(&self, median_norm: Option<f64>) -> Option<f64> {
+        let relative = self
+            .max_update_norm_median_multiple
+            .zip(median_norm)
+            .map(|(m, median)| m * median);
+        match (self.max_update_norm, relative) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        }
+    }
+}
+
 impl Default for UpdatePolicy {
     fn default() -> Self {
         UpdatePolicy {
@@ -694,46 +709,20 @@ impl RoundEngine {
         let extra_len = self.strategy.control_variate().map_or(0, <[f32]>::len);
         let values = delta.len();
         let (delta, extra) = delta.split_at(values.min(self.global.len()));
+        let size_error = (values != self.global.len() + extra_len).then(|| match extra_len {
+            0 => format!(
+                "update has {values} values, model has {}",
+                self.global.len()
+            ),
+            _ => format!(
+                "update has {values} values, expected {} (model) + {extra_len} \
+                 (the strategy's control variate)",
+                self.global.len()
+            ),
+        });
         let verdict = self
             .check_upload(client, round, task_id)
-            .and_then(|()| match num_examples {
-                0 => Err((
-                    RejectCause::ZeroExamples,
-                    "update claims zero training examples".to_string(),
-                )),
-                n if n > MAX_EXAMPLES_PER_UPDATE => Err((
-                    RejectCause::TooManyExamples,
-                    format!("update claims {n} examples, limit is {MAX_EXAMPLES_PER_UPDATE}"),
-                )),
-                _ if values != self.global.len() + extra_len => Err((
-                    RejectCause::WrongSize,
-                    match extra_len {
-                        0 => format!(
-                            "update has {values} values, model has {}",
-                            self.global.len()
-                        ),
-                        _ => format!(
-                            "update has {values} values, expected {} (model) + {extra_len} \
-                             (the strategy's control variate)",
-                            self.global.len()
-                        ),
-                    },
-                )),
-                _ => Ok(()),
-            })
-            .and_then(|()| {
-                let norm = l2_norm(delta);
-                match norm_bound {
-                    Some(bound) if norm > bound => match policy.norm_policy {
-                        NormPolicy::Reject => Err((
-                            RejectCause::NormBound,
-                            format!("update norm {norm:.4e} exceeds the bound {bound:.4e}"),
-                        )),
-                        NormPolicy::Clip => Ok((norm, bound / norm)),
-                    },
-                    _ => Ok((norm, 1.0)),
-                }
-            });
+            .and_then(|()| gate_update(policy, norm_bound, num_examples, delta, size_error));
         let Phase::Fit(f) = &mut self.phase else {
             return actions;
         };
@@ -989,15 +978,7 @@ impl RoundEngine {
             Arc::new(payload)
         });
         self.held_spare.append(&mut self.held);
-        let policy = &self.config.updates;
-        let relative = policy
-            .max_update_norm_median_multiple
-            .zip(self.median_update_norm)
-            .map(|(m, median)| m * median);
-        let norm_bound = match (policy.max_update_norm, relative) {
-            (Some(a), Some(r)) => Some(a.min(r)),
-            (a, r) => a.or(r),
-        };
+        let norm_bound = self.config.updates.norm_bound(self.median_update_norm);
         self.phase = Phase::Fit(FitPhase {
             attempt,
             started: now,
@@ -1129,18 +1110,7 @@ impl RoundEngine {
             self.try_start_fit(attempt, now, actions);
             return;
         };
-        for (index, _, used) in &weights.capped {
-            if let Some((client, claimed)) = f.arrivals.get(*index) {
-                match f.weight_adjusted.iter_mut().find(|a| &a.client == client) {
-                    Some(adjusted) => adjusted.used = *used,
-                    None => f.weight_adjusted.push(WeightAdjustment {
-                        client: client.clone(),
-                        claimed: *claimed,
-                        used: *used,
-                    }),
-                }
-            }
-        }
+        record_share_caps(&mut f.weight_adjusted, &f.arrivals, &weights.capped);
         let median = median(&mut f.norms);
         self.median_update_norm = median.or(self.median_update_norm);
         let (train_loss, train_accuracy) = f.tally.means();
@@ -1238,6 +1208,68 @@ impl RoundEngine {
             self.round += 1;
             self.try_start_fit(1, now, actions);
         }
+    }
+}
+
+/// Records the clients the share cap lowered (`capped`: arrival index,
+/// before, after) in `adjusted`, updating a client already there (its
+/// example count was capped too).
+pub(crate) fn record_share_caps(
+    adjusted: &mut Vec<WeightAdjustment>,
+    arrivals: &[(ClientId, u64)],
+    capped: &[(usize, f64, f64)],
+) {
+    for (index, _, used) in capped {
+        if let Some((client, claimed)) = arrivals.get(*index) {
+            match adjusted.iter_mut().find(|a| &a.client == client) {
+                Some(a) => a.used = *used,
+                None => adjusted.push(WeightAdjustment {
+                    client: client.clone(),
+                    claimed: *claimed,
+                    used: *used,
+                }),
+            }
+        }
+    }
+}
+
+/// The update gate's checks of one update's claims and size, then its norm
+/// against `bound`: the norm and the clipping factor, or why it is refused.
+pub(crate) fn gate_update(
+    policy: &UpdatePolicy,
+    bound: Option<f64>,
+    num_examples: u64,
+    delta: &[f32],
+    size_error: Option<String>,
+) -> Result<(f64, f64), (RejectCause, String)> {
+    match num_examples {
+        0 => {
+            return Err((
+                RejectCause::ZeroExamples,
+                "update claims zero training examples".to_string(),
+            ));
+        }
+        n if n > MAX_EXAMPLES_PER_UPDATE => {
+            return Err((
+                RejectCause::TooManyExamples,
+                format!("update claims {n} examples, limit is {MAX_EXAMPLES_PER_UPDATE}"),
+            ));
+        }
+        _ => {}
+    }
+    if let Some(reason) = size_error {
+        return Err((RejectCause::WrongSize, reason));
+    }
+    let norm = l2_norm(delta);
+    match bound {
+        Some(bound) if norm > bound => match policy.norm_policy {
+            NormPolicy::Reject => Err((
+                RejectCause::NormBound,
+                format!("update norm {norm:.4e} exceeds the bound {bound:.4e}"),
+            )),
+            NormPolicy::Clip => Ok((norm, bound / norm)),
+        },
+        _ => Ok((norm, 1.0)),
     }
 }
 

@@ -38,9 +38,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::coordinator::{Coordinator, ReceivedUpdate};
 use crate::engine::{
-    Action, ClientId, EngineConfig, EngineState, MAX_EXAMPLES_PER_UPDATE, NormPolicy, RejectCause,
-    RoundOutcome, StalenessSummary, Tally, WeightAdjustment, client_metrics, l2_norm, median, mix,
-    not_committed,
+    Action, ClientId, EngineConfig, EngineState, NormPolicy, RejectCause, RoundOutcome,
+    StalenessSummary, Tally, WeightAdjustment, client_metrics, gate_update, median, mix,
+    not_committed, record_share_caps,
 };
 use crate::strategy::{FedAvgAccumulator, ModelCheckError, Strategy, UpdateInput};
 
@@ -315,15 +315,7 @@ impl FedBuff {
     }
 
     fn norm_bound(&self) -> Option<f64> {
-        let policy = &self.config.updates;
-        let relative = policy
-            .max_update_norm_median_multiple
-            .zip(self.median_update_norm)
-            .map(|(m, median)| m * median);
-        match (policy.max_update_norm, relative) {
-            (Some(a), Some(r)) => Some(a.min(r)),
-            (a, r) => a.or(r),
-        }
+        self.config.updates.norm_bound(self.median_update_norm)
     }
 
     /// Hands tasks to idle clients until `concurrency` are training.
@@ -450,15 +442,7 @@ impl FedBuff {
             self.in_flight.remove(&client);
             step.dropped += 1;
         }
-        for (index, _, used) in &report.capped {
-            if let Some((client, claimed)) = step.arrivals.get(*index) {
-                step.weight_adjusted.push(WeightAdjustment {
-                    client: client.clone(),
-                    claimed: *claimed,
-                    used: *used,
-                });
-            }
-        }
+        record_share_caps(&mut step.weight_adjusted, &step.arrivals, &report.capped);
         let median_norm = median(&mut step.norms);
         self.median_update_norm = median_norm.or(self.median_update_norm);
         let (train_loss, train_accuracy) = step.tally.means();
@@ -592,40 +576,16 @@ impl Coordinator for FedBuff {
         };
         let policy = self.config.updates.clone();
         let norm_bound = self.norm_bound();
+        let size_error = (u.delta.len() != self.global.len()).then(|| {
+            format!(
+                "update has {} values, model has {}",
+                u.delta.len(),
+                self.global.len()
+            )
+        });
         let verdict = self
             .check_upload(u.client, u.round, u.task_id)
-            .and_then(|()| match u.num_examples {
-                0 => Err((
-                    RejectCause::ZeroExamples,
-                    "update claims zero training examples".to_string(),
-                )),
-                n if n > MAX_EXAMPLES_PER_UPDATE => Err((
-                    RejectCause::TooManyExamples,
-                    format!("update claims {n} examples, limit is {MAX_EXAMPLES_PER_UPDATE}"),
-                )),
-                _ if u.delta.len() != self.global.len() => Err((
-                    RejectCause::WrongSize,
-                    format!(
-                        "update has {} values, model has {}",
-                        u.delta.len(),
-                        self.global.len()
-                    ),
-                )),
-                _ => Ok(()),
-            })
-            .and_then(|()| {
-                let norm = l2_norm(u.delta);
-                match norm_bound {
-                    Some(bound) if norm > bound => match policy.norm_policy {
-                        NormPolicy::Reject => Err((
-                            RejectCause::NormBound,
-                            format!("update norm {norm:.4e} exceeds the bound {bound:.4e}"),
-                        )),
-                        NormPolicy::Clip => Ok((norm, bound / norm)),
-                    },
-                    _ => Ok((norm, 1.0)),
-                }
-            });
+            .and_then(|()| gate_update(&policy, norm_bound, u.num_examples, u.delta, size_error));
         // Whatever the verdict, a task answered is a task done (a stale or
         // malformed answer to it frees the slot too).
         let task = match self.in_flight.get(u.client) {
