@@ -11,13 +11,11 @@ use common::*;
 use fedquic::aggregator::config::CodecPreference;
 use fedquic::aggregator::server::ServerSetup;
 use fedquic::client::{
-    ClientError, CodecOptions, EvalOutcome, FitOutcome, StateStore, StateVector, Trainer,
-    TrainerError, run_client, run_client_with_store,
+    ClientError, CodecOptions, StateStore, StateVector, run_client, run_client_with_store,
 };
 use fedquic::net::io::send_encoded;
 use fedquic::net::pki::CertAuthority;
-use fedquic::protocol::{Codec, FitInstructions, Message, encode_body};
-use fedquic::train::layout::ParamLayout;
+use fedquic::protocol::{Codec, Message, encode_body};
 
 fn codec(s: &str) -> Codec {
     s.parse().unwrap()
@@ -86,37 +84,10 @@ async fn clients_on_different_codecs_federate_and_the_metrics_show_each() {
 }
 
 /// Adds `(i + 1) / 100` to parameter `i`: a delta whose top-k is known.
-#[derive(Default)]
-struct Ramp {
-    params: Vec<f32>,
-}
-
-impl Trainer for Ramp {
-    fn prepare(&mut self, _layout: &ParamLayout) -> Result<(), TrainerError> {
-        Ok(())
-    }
-    fn parameters(&self) -> &[f32] {
-        &self.params
-    }
-    fn set_parameters(&mut self, params: &[f32]) -> Result<(), TrainerError> {
-        self.params = params.to_vec();
-        Ok(())
-    }
-    fn fit(&mut self, _config: &FitInstructions) -> Result<FitOutcome, TrainerError> {
-        for (i, p) in self.params.iter_mut().enumerate() {
-            *p += ramp(i);
-        }
-        Ok(FitOutcome {
-            examples: 1,
-            metrics: Vec::new(),
-        })
-    }
-    fn evaluate(&mut self) -> Result<EvalOutcome, TrainerError> {
-        Ok(EvalOutcome {
-            examples: 1,
-            loss: 1.0,
-            accuracy: 0.5,
-        })
+fn ramp_trainer() -> DeltaTrainer {
+    DeltaTrainer {
+        per_param: Some(ramp),
+        ..DeltaTrainer::new(0.0, 1)
     }
 }
 
@@ -139,7 +110,7 @@ async fn top_k_with_error_feedback_loses_nothing_over_rounds() {
     let tls = client_tls(&ca, Some(identity(&ca, "ef")));
     let client = tokio::spawn(run_client_with_store(
         options(agg.addr, tls, 20),
-        Ramp::default(),
+        ramp_trainer(),
         store,
     ));
     let summary = within(60, agg.task).await.unwrap().unwrap();
@@ -176,7 +147,7 @@ async fn without_error_feedback_top_k_drops_the_rest() {
     let tls = client_tls(&ca, Some(identity(&ca, "no-ef")));
     let mut client_opts = options(agg.addr, tls, 20);
     client_opts.codecs.error_feedback = false;
-    let client = tokio::spawn(run_client(client_opts, Ramp::default()));
+    let client = tokio::spawn(run_client(client_opts, ramp_trainer()));
     let summary = within(60, agg.task).await.unwrap().unwrap();
     within(10, client).await.unwrap().unwrap();
     for i in 0..PARAMS {

@@ -151,9 +151,11 @@ pub fn identity(ca: &CertAuthority, name: &str) -> Identity {
     Identity::from_pem(&issued.cert_pem, &issued.key_pem).unwrap()
 }
 
-/// Adds `delta` to every parameter and claims `examples` training examples.
+/// Adds `delta` (or `per_param(i)` to parameter `i`, when set) to every
+/// parameter and claims `examples` training examples.
 pub struct DeltaTrainer {
     pub delta: f32,
+    pub per_param: Option<fn(usize) -> f32>,
     pub examples: u64,
     /// Time "training" takes.
     pub delay: Duration,
@@ -164,6 +166,7 @@ impl DeltaTrainer {
     pub fn new(delta: f32, examples: u64) -> Self {
         DeltaTrainer {
             delta,
+            per_param: None,
             examples,
             delay: Duration::ZERO,
             params: Vec::new(),
@@ -184,7 +187,9 @@ impl Trainer for DeltaTrainer {
     }
     fn fit(&mut self, _config: &FitInstructions) -> Result<FitOutcome, TrainerError> {
         std::thread::sleep(self.delay);
-        self.params.iter_mut().for_each(|p| *p += self.delta);
+        for (i, p) in self.params.iter_mut().enumerate() {
+            *p += self.per_param.map_or(self.delta, |f| f(i));
+        }
         Ok(FitOutcome {
             examples: self.examples,
             metrics: vec![("loss".into(), 1.0)],

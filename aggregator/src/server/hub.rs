@@ -279,7 +279,7 @@ impl Hub {
                     return Vec::new();
                 }
                 self.uploading.remove(&client);
-                self.traffic(&client).bytes_up += header.body_len;
+                self.count_traffic(&client, header.body_len, 0);
                 let update = ReceivedUpdate {
                     client: &client,
                     task_id: header.task_id,
@@ -387,21 +387,28 @@ impl Hub {
         }
     }
 
-    /// This round's traffic entry for `client`, created with its codecs.
-    fn traffic(&mut self, client: &str) -> &mut ClientTraffic {
+    /// Adds to `client`'s traffic this round; its entry (with the session's
+    /// codec names) is made on its first bytes only.
+    fn count_traffic(&mut self, client: &str, up: u64, down: u64) {
+        if let Some(t) = self.round_traffic.get_mut(client) {
+            t.bytes_up += up;
+            t.bytes_down += down;
+            return;
+        }
         let (uplink, downlink) = self
             .sessions
             .get(client)
             .map(|s| (s.uplink.to_string(), s.downlink.to_string()))
             .unwrap_or_default();
-        self.round_traffic
-            .entry(client.to_string())
-            .or_insert_with(|| ClientTraffic {
+        self.round_traffic.insert(
+            client.to_string(),
+            ClientTraffic {
                 uplink,
                 downlink,
-                bytes_up: 0,
-                bytes_down: 0,
-            })
+                bytes_up: up,
+                bytes_down: down,
+            },
+        );
     }
 
     /// The model (and, with `with_control`, SCAFFOLD's control variate after
@@ -477,7 +484,7 @@ impl Hub {
                 header,
                 model,
             });
-            self.traffic(client).bytes_down += body_len;
+            self.count_traffic(client, 0, body_len);
         }
     }
 
