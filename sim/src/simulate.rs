@@ -233,6 +233,32 @@ pub async fn simulate(
     }
     aggregator.validate()?;
     let offers = config.codecs.offers()?;
+    // A refused client would leave the run waiting for it: check every offer
+    // against the aggregator's lists before anyone connects.
+    let preference = aggregator
+        .codecs
+        .preference()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    for offer in &offers {
+        for (flag, allowed) in [
+            ("--codec", &preference.uplink),
+            ("--downlink-codec", &preference.downlink),
+        ] {
+            if fedquic_protocol::negotiate_codec(allowed, offer).is_none() {
+                let list = |l: &[fedquic_protocol::Codec]| {
+                    l.iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                };
+                bail!(
+                    "--client-codecs: the offer \"{}\" has no codec that {flag} ({}) allows",
+                    list(offer),
+                    list(allowed)
+                );
+            }
+        }
+    }
     // Krum, Multi-Krum and Bulyan need a minimum of updates each round.
     let min_fit_clients = config
         .strategy
@@ -269,10 +295,7 @@ pub async fn simulate(
         max_inflight_updates: config.threads.max(2) * 2,
         handshake_timeout: Duration::from_secs(60),
         records: Some(records_tx),
-        codecs: aggregator
-            .codecs
-            .preference()
-            .map_err(|e| anyhow::anyhow!(e))?,
+        codecs: preference,
         fedbuff: aggregator
             .fedbuff
             .settings()

@@ -90,3 +90,21 @@ async fn a_codec_no_client_offers_is_a_clear_error() {
     .unwrap_err();
     assert!(err.to_string().contains("codecs.uplink"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_offer_the_aggregator_refuses_is_an_error_not_a_hang() {
+    let err = simulate(
+        small(SimCodecs {
+            uplink: "int8".into(),
+            client_offers: Some("int8,f32;f16".into()),
+            ..SimCodecs::default()
+        }),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("--client-codecs") && err.to_string().contains("\"f16\""),
+        "{err}"
+    );
+}
