@@ -178,6 +178,16 @@ fn poisson_ptrs<R: Rng + ?Sized>(rng: &mut R, lam: f64) -> i64 {
 /// The bound is in terms of the L1/L2 sensitivity of one client's *integer* vector
 /// (after scaling by the fixed-point factor and rounding); see [`skellam_l1_bound`].
 /// The modulus must be large enough that the noised sum does not wrap around.
+///
+/// What this guarantees: against the server (and anyone who sees only the unmasked
+/// sum), the Skellam RDP bound with the total `mu` of the contributing clients. What it
+/// does not: a client's own masked vector is protected by secure aggregation, not by its
+/// small noise share `mu / n`; if `k` clients collude with the server and subtract
+/// their own noise, the remaining noise is `(n - k) / n * mu`, so account with the
+/// noise of the honest clients you are willing to assume. The bound is for the
+/// integer vector that is actually summed, so the sensitivities must cover the scaling
+/// and rounding step (randomized rounding can increase the L2 norm; the Skellam paper
+/// bounds it with conditional rounding, which this module does not implement).
 pub fn add_skellam_noise(values: &mut [i64], mu: f64, seed: u64) -> Result<(), DpError> {
     add_skellam_noise_with_rng(values, mu, &mut rng_from(seed))
 }
