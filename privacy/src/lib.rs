@@ -4,3 +4,5 @@
 //!
 //! Pure like `fedquic-protocol`: no sockets, no clocks, every random choice
 //! seeded. The aggregator's engine and the client's session drive it.
+
+pub mod secagg;
