@@ -6,3 +6,4 @@
 //! seeded. The aggregator's engine and the client's session drive it.
 
 pub mod dp;
+pub mod secagg;
