@@ -49,6 +49,13 @@
 //! are quantised with [`FixedPoint`] so the sum of up to a stated number of
 //! clients cannot wrap mod 2^32.
 
+#![forbid(unsafe_code)]
+// Nothing here may panic on what a peer sends: no unwrap/expect outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 mod client;
 mod crypto;
 pub mod fixed_point;
