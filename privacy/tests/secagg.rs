@@ -1010,3 +1010,16 @@ fn messages_travel_on_postcard() {
     evil.extend_from_slice(&[0xff, 0xff, 0xff, 0x0f]);
     assert!(postcard::from_bytes::<UnmaskRequest>(&evil).is_err());
 }
+
+#[test]
+fn hundreds_of_clients_beyond_gf256() {
+    // Roster indices up to 599: Shamir points far beyond GF(256)'s 255.
+    let (out, _) = round_with_drops(
+        600,
+        6,
+        Threshold::Absolute(4),
+        &[(DropAt::Sharing, 0.05), (DropAt::MaskedInput, 0.05)],
+        140,
+    );
+    assert_eq!(out.contributors.len(), 570);
+}

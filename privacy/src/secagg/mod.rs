@@ -23,7 +23,7 @@
 //! 3. **Share keys** ([`ShareKeys`]): client u draws a self-mask seed b_u and
 //!    Shamir-shares b_u and s_sk_u among its neighbours (threshold t); each
 //!    neighbour's pair of shares is encrypted with ChaCha20-Poly1305 under
-//!    HKDF-SHA256(X25519(c_sk_u, c_pk_v), round, u -> v) ([`crypto`]).
+//!    HKDF-SHA256(X25519(c_sk_u, c_pk_v), round, u -> v) (module `crypto`).
 //! 4. **Relay** ([`RelayedShares`]): the server closes with U2 and forwards
 //!    each client the bundles addressed to it by senders in U2.
 //! 5. **Masked input**: y_u = x_u + PRG(b_u) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv)
