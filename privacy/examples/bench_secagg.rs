@@ -92,18 +92,24 @@ fn round(n: usize, k: usize, p: usize, drop_after_sharing: usize) -> (f64, f64, 
 }
 
 fn main() {
-    // PRG throughput over a 1M-word (4 MB) vector.
+    // PRG throughput over a 1M-word (4 MB) vector: best of 3 runs of 64
+    // passes, after one pass to fault the pages in (the machine is shared, so
+    // the best run is the least disturbed one).
     let mut v = vec![0u32; 1 << 20];
+    apply_prg(&seed(0, 6), &mut v, Sign::Add);
     let reps = 64;
-    let t = Instant::now();
-    for r in 0..reps {
-        apply_prg(&seed(r, 7), &mut v, Sign::Add);
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        for r in 0..reps {
+            apply_prg(&seed(r, 7), &mut v, Sign::Add);
+        }
+        best = best.min(t.elapsed().as_secs_f64());
     }
-    let secs = t.elapsed().as_secs_f64();
     let gb = (reps * v.len() * 4) as f64 / 1e9;
     println!(
         "PRG (ChaCha20 keystream added mod 2^32): {:.2} GB/s",
-        gb / secs
+        gb / best
     );
 
     for p in [100_000usize, 1_000_000] {
