@@ -1023,3 +1023,105 @@ fn hundreds_of_clients_beyond_gf256() {
     );
     assert_eq!(out.contributors.len(), 570);
 }
+
+mod robustness {
+    //! Mangled wire messages (bytes flipped, cut, appended, then decoded with
+    //! postcard) are fed to the client and server in the phase that expects
+    //! them: whatever decodes is rejected or accepted with a `Result`, never a
+    //! panic.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn mangle(
+        mut bytes: Vec<u8>,
+        flips: &[(usize, u8)],
+        cut: Option<usize>,
+        extra: &[u8],
+    ) -> Vec<u8> {
+        for &(at, x) in flips {
+            if !bytes.is_empty() {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c % (bytes.len() + 1));
+        }
+        bytes.extend_from_slice(extra);
+        bytes
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(160))]
+        #[test]
+        fn mangled_messages_never_panic(
+            phase in 0usize..4,
+            flips in proptest::collection::vec((any::<usize>(), 1u8..=255), 0..6),
+            cut in proptest::option::of(any::<usize>()),
+            extra in proptest::collection::vec(any::<u8>(), 0..8),
+            salt in 0u64..1000,
+        ) {
+            let mut sim = Sim::new(5, 8, 100, Threshold::Fraction(0.5), 1000 + salt);
+            let who = name(1);
+            match phase {
+                0 => {
+                    // Neighbours, to a client.
+                    let msgs = sim.server.close_advertise().unwrap();
+                    let m = &msgs.iter().find(|(n, _)| *n == who).unwrap().1;
+                    let bytes = mangle(postcard::to_stdvec(m).unwrap(), &flips, cut, &extra);
+                    if let Ok(m) = postcard::from_bytes::<Neighbours>(&bytes) {
+                        let _ = sim.clients.get_mut(&who).unwrap().on_neighbours(&m);
+                    }
+                }
+                1 => {
+                    // ShareKeys, to the server; RelayedShares, to a client.
+                    sim.close_advertise().unwrap();
+                    let bytes = mangle(postcard::to_stdvec(&sim.share_msgs[&who]).unwrap(), &flips, cut, &extra);
+                    if let Ok(m) = postcard::from_bytes::<ShareKeys>(&bytes) {
+                        let _ = sim.server.on_shares(&who, &m);
+                    }
+                    for w in sim.clients.keys() {
+                        let _ = sim.server.on_shares(w, &sim.share_msgs[w]);
+                    }
+                    let relays: BTreeMap<String, RelayedShares> =
+                        sim.server.close_sharing().unwrap().into_iter().collect();
+                    let bytes = mangle(postcard::to_stdvec(&relays[&who]).unwrap(), &flips, cut, &extra);
+                    if let Ok(m) = postcard::from_bytes::<RelayedShares>(&bytes) {
+                        let _ = sim.clients.get_mut(&who).unwrap().on_relayed_shares(&m);
+                    }
+                }
+                _ => {
+                    // UnmaskRequest, to a client; UnmaskResponse, to the server; then finish.
+                    sim.close_advertise().unwrap();
+                    sim.share(&none()).unwrap();
+                    sim.mask(&none()).unwrap();
+                    let req = sim.requests[&who].clone();
+                    let bytes = mangle(postcard::to_stdvec(&req).unwrap(), &flips, cut, &extra);
+                    let c = sim.clients.get_mut(&who).unwrap();
+                    if phase == 2 {
+                        if let Ok(m) = postcard::from_bytes::<UnmaskRequest>(&bytes) {
+                            let _ = c.on_unmask(&m);
+                        }
+                    } else {
+                        let resp = c.on_unmask(&req).unwrap();
+                        let bytes = mangle(postcard::to_stdvec(&resp).unwrap(), &flips, cut, &extra);
+                        if let Ok(m) = postcard::from_bytes::<UnmaskResponse>(&bytes) {
+                            let _ = sim.server.on_unmask(&who, &m);
+                        }
+                        for (w, c) in sim.clients.iter_mut().filter(|(w, _)| **w != who) {
+                            let r = c.on_unmask(&sim.requests[w]).unwrap();
+                            sim.server.on_unmask(w, &r).unwrap();
+                        }
+                        // Either the right sum or a typed error (a mangled share
+                        // that still decodes is caught at reconstruction).
+                        let all: Vec<String> = sim.inputs.keys().cloned().collect();
+                        let want = sim.expected_sum(&all);
+                        if let Ok(out) = sim.server.finish() {
+                            prop_assert_eq!(out.sum, want);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
