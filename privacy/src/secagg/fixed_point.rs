@@ -5,7 +5,7 @@
 //! Clipping range: every value is clamped to [-bound, bound] (NaN counts as 0).
 //! Scale: the largest s with `n * (bound * s + 1) <= 2^31 - 1`, n the most
 //! contributors a round may have. A value v becomes q = round(v * s) with
-//! unbiased stochastic rounding (E[q] = v * s, |q - v*s| < 1), so |q| <=
+//! unbiased stochastic rounding (E\[q\] = v * s, |q - v*s| < 1), so |q| <=
 //! bound * s + 1, the sum of n of them stays within i32, and the decoded sum
 //! differs from the exact sum of the clamped values by less than n / s.
 //! q is stored in two's complement mod 2^32.

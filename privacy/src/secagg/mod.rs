@@ -23,7 +23,7 @@
 //! 3. **Share keys** ([`ShareKeys`]): client u draws a self-mask seed b_u and
 //!    Shamir-shares b_u and s_sk_u among its neighbours (threshold t); each
 //!    neighbour's pair of shares is encrypted with ChaCha20-Poly1305 under
-//!    HKDF-SHA256(X25519(c_sk_u, c_pk_v), round, u -> v) ([`crypto`]).
+//!    HKDF-SHA256(X25519(c_sk_u, c_pk_v), round, u -> v) (module `crypto`).
 //! 4. **Relay** ([`RelayedShares`]): the server closes with U2 and forwards
 //!    each client the bundles addressed to it by senders in U2.
 //! 5. **Masked input**: y_u = x_u + PRG(b_u) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv)
@@ -48,6 +48,13 @@
 //! Shamir sharing is our own, over GF(2^61 - 1) ([`shamir`] says why); inputs
 //! are quantised with [`FixedPoint`] so the sum of up to a stated number of
 //! clients cannot wrap mod 2^32.
+
+#![forbid(unsafe_code)]
+// Nothing here may panic on what a peer sends: no unwrap/expect outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 mod client;
 mod crypto;

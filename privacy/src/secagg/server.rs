@@ -232,9 +232,12 @@ impl ServerRound {
         seed[..8].copy_from_slice(&self.params.graph_seed.to_le_bytes());
         seed[8..16].copy_from_slice(&self.params.round.to_le_bytes());
         seed[16..29].copy_from_slice(b"fedquic-graph");
-        let built = graph::build(n, self.params.degree, seed)
-            .and_then(|g| self.params.threshold.resolve(g.degree).map(|t| (g, t)));
-        let (graph, threshold) = match built {
+        let built = graph::build(n, self.params.degree, seed).and_then(|g| {
+            let t = self.params.threshold.resolve(g.degree)?;
+            let t32 = u32::try_from(t).map_err(|_| SecAggError::BadParams("threshold"))?;
+            Ok((g, t, t32))
+        });
+        let (graph, threshold, t32) = match built {
             Ok(v) => v,
             Err(e) => {
                 self.phase = Phase::Done;
@@ -255,7 +258,6 @@ impl ServerRound {
             .enumerate()
             .map(|(i, m)| (m.name.clone(), i as u32))
             .collect();
-        let t32 = u32::try_from(threshold).map_err(|_| SecAggError::BadParams("threshold"))?;
         let out = graph
             .adjacency
             .iter()
