@@ -46,6 +46,7 @@ impl OneAtATime {
                 config: self.instructions.clone(),
                 initial_loss: false,
                 scaffold: None,
+                secagg: None,
             },
         }]
     }

@@ -111,6 +111,7 @@ fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) -> Cli
         endpoint: None,
         limits: Default::default(),
         codecs: Default::default(),
+        privacy_seed: None,
     }
 }
 

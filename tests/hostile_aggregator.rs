@@ -109,6 +109,7 @@ fn fit_task(task_id: u64, epochs: u32, batch_size: u32) -> FitTask {
         },
         initial_loss: false,
         scaffold: None,
+        secagg: None,
     }
 }
 

@@ -50,6 +50,196 @@ pub struct AggregatorConfig {
     pub strategy: StrategyConfig,
     pub codecs: CodecsConfig,
     pub fedbuff: FedBuffConfig,
+    pub secure_aggregation: SecureAggregationConfig,
+    pub differential_privacy: DifferentialPrivacyConfig,
+}
+
+/// Secure aggregation (SecAgg+) in every round (see [`crate::secagg`]): the
+/// aggregator learns only the sum of each round's updates.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecureAggregationConfig {
+    pub enabled: bool,
+    /// Neighbours per client in the communication graph; 0 picks
+    /// `2 ceil(log2 n)` for a round of n clients (capped at n - 1, the
+    /// complete graph of the original protocol).
+    pub degree: usize,
+    /// Shares that rebuild a secret, as a fraction of the degree (never
+    /// below a majority of the neighbourhood).
+    pub threshold: f64,
+    /// Deadline of each key-exchange phase, in seconds.
+    pub phase_timeout_secs: f64,
+    /// Clients clip their update to this L2 norm before masking (with
+    /// differential privacy, its `clip_norm` applies instead).
+    pub clip_norm: f64,
+    /// Updates weigh `min(examples, weight_cap) / weight_cap` (0: all equal;
+    /// forced to 0 with differential privacy).
+    pub weight_cap: u64,
+    /// Fewest clients a phase may close with (0: rounds.min_fit_clients, at
+    /// least 2).
+    pub min_clients: usize,
+}
+
+impl Default for SecureAggregationConfig {
+    fn default() -> Self {
+        SecureAggregationConfig {
+            enabled: false,
+            degree: 0,
+            threshold: 0.5,
+            phase_timeout_secs: 30.0,
+            clip_norm: 10.0,
+            weight_cap: 1000,
+            min_clients: 0,
+        }
+    }
+}
+
+impl SecureAggregationConfig {
+    /// The coordinator's settings when enabled; errors name the key.
+    pub fn settings(
+        &self,
+        rounds: &RoundsConfig,
+        dp: &DifferentialPrivacyConfig,
+    ) -> Result<Option<crate::secagg::SecAggSettings>, String> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        if !(self.phase_timeout_secs.is_finite() && self.phase_timeout_secs > 0.0) {
+            return Err("secure_aggregation.phase_timeout_secs must be in (0, 3600]".into());
+        }
+        let settings = crate::secagg::SecAggSettings {
+            degree: self.degree,
+            threshold: self.threshold,
+            phase_timeout: Duration::from_secs_f64(self.phase_timeout_secs.min(3600.0)),
+            clip_norm: match dp.enabled {
+                true => dp.clip_norm,
+                false => self.clip_norm,
+            },
+            weight_cap: match dp.enabled {
+                true => 0,
+                false => self.weight_cap,
+            },
+            min_clients: match self.min_clients {
+                0 => rounds.min_fit_clients.max(2),
+                n => n,
+            },
+        };
+        settings.validate()?;
+        Ok(Some(settings))
+    }
+}
+
+/// Differential privacy (see [`crate::privacy`]): clipped, equally weighted
+/// updates, Gaussian noise on their sum, and an RDP accountant.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DifferentialPrivacyConfig {
+    pub enabled: bool,
+    /// "central" (the aggregator adds the noise) or "distributed" (clients
+    /// add Skellam shares before masking; needs [secure_aggregation]).
+    pub mode: String,
+    /// L2 clip norm C of each update (the initial one with adaptive clipping).
+    pub clip_norm: f64,
+    /// Noise standard deviation on the sum, in units of C.
+    pub noise_multiplier: f64,
+    /// Delta of the reported (epsilon, delta).
+    pub delta: f64,
+    /// Clients that may be sampled: the sampling rate is clients per round
+    /// over this (required).
+    pub population: usize,
+    /// "fixed" (what the engine does: a fixed number without replacement)
+    /// or "poisson" (an approximation that gives smaller epsilons).
+    pub sampling: String,
+    /// Stop (or warn, see `on_budget`) before a round that would take
+    /// epsilon past this; 0 only reports epsilon.
+    pub epsilon_budget: f64,
+    /// "stop" or "warn".
+    pub on_budget: String,
+    /// Adaptive clipping (Andrew et al. 2021): move C towards the
+    /// `target_quantile` of update norms (central mode).
+    pub adaptive_clipping: bool,
+    pub target_quantile: f64,
+    pub clip_learning_rate: f64,
+    /// Noise on the count of unclipped updates (must exceed noise_multiplier / 2).
+    pub count_noise_std: f64,
+}
+
+impl Default for DifferentialPrivacyConfig {
+    fn default() -> Self {
+        DifferentialPrivacyConfig {
+            enabled: false,
+            mode: "central".into(),
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            population: 0,
+            sampling: "fixed".into(),
+            epsilon_budget: 0.0,
+            on_budget: "stop".into(),
+            adaptive_clipping: false,
+            target_quantile: 0.5,
+            clip_learning_rate: 0.2,
+            count_noise_std: 5.0,
+        }
+    }
+}
+
+impl DifferentialPrivacyConfig {
+    /// The run's privacy when enabled; errors name the key.
+    pub fn privacy(&self) -> Result<Option<crate::privacy::Privacy>, String> {
+        use fedquic_privacy::dp;
+        if !self.enabled {
+            return Ok(None);
+        }
+        let mode = match self.mode.as_str() {
+            "central" => dp::DpMode::Central,
+            "distributed" => dp::DpMode::Distributed,
+            other => {
+                return Err(format!(
+                    "differential_privacy.mode must be \"central\" or \"distributed\", not {other:?}"
+                ));
+            }
+        };
+        let sampling = match self.sampling.as_str() {
+            "fixed" => dp::Sampling::FixedSizeWithoutReplacement,
+            "poisson" => dp::Sampling::Poisson,
+            other => {
+                return Err(format!(
+                    "differential_privacy.sampling must be \"fixed\" or \"poisson\", not {other:?}"
+                ));
+            }
+        };
+        let on_budget = match self.on_budget.as_str() {
+            "stop" => dp::OnBudget::Stop,
+            "warn" => dp::OnBudget::Warn,
+            other => {
+                return Err(format!(
+                    "differential_privacy.on_budget must be \"stop\" or \"warn\", not {other:?}"
+                ));
+            }
+        };
+        if self.population == 0 {
+            return Err(
+                "differential_privacy.population is required: how many clients may be sampled"
+                    .into(),
+            );
+        }
+        let config = dp::DpConfig {
+            mode,
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+            delta: self.delta,
+            epsilon_budget: (self.epsilon_budget != 0.0).then_some(self.epsilon_budget),
+            on_budget,
+            sampling,
+            adaptive_clipping: self.adaptive_clipping.then_some(dp::AdaptiveClipConfig {
+                target_quantile: self.target_quantile,
+                learning_rate: self.clip_learning_rate,
+                count_noise_std: self.count_noise_std,
+            }),
+        };
+        crate::privacy::Privacy::new(config, self.population).map(Some)
+    }
 }
 
 /// Asynchronous FedBuff instead of synchronous rounds (see
@@ -434,6 +624,8 @@ impl Default for AggregatorConfig {
             strategy: StrategyConfig::default(),
             codecs: CodecsConfig::default(),
             fedbuff: FedBuffConfig::default(),
+            secure_aggregation: SecureAggregationConfig::default(),
+            differential_privacy: DifferentialPrivacyConfig::default(),
         }
     }
 }
@@ -657,6 +849,7 @@ impl AggregatorConfig {
                 ));
             }
         }
+        self.check_privacy()?;
         let u = &self.updates;
         if u.max_examples_per_update == 0 || u.max_examples_per_update > MAX_EXAMPLES_PER_UPDATE {
             return bad(format!(
@@ -699,6 +892,74 @@ impl AggregatorConfig {
         }
     }
 
+    /// Secure aggregation and differential privacy against everything
+    /// else: the combinations that cannot work are refused by name.
+    fn check_privacy(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let privacy = self
+            .differential_privacy
+            .privacy()
+            .map_err(ConfigError::Invalid)?;
+        let secagg = self
+            .secure_aggregation
+            .settings(&self.rounds, &self.differential_privacy)
+            .map_err(ConfigError::Invalid)?;
+        if let Some(p) = &privacy
+            && p.mode() == fedquic_privacy::dp::DpMode::Distributed
+            && secagg.is_none()
+        {
+            return bad(
+                "differential_privacy.mode = \"distributed\" needs [secure_aggregation] \
+                 enabled (clients add noise before masking)"
+                    .into(),
+            );
+        }
+        if (privacy.is_some() || secagg.is_some()) && self.fedbuff.enabled {
+            return bad(
+                "[fedbuff] folds individual updates as they arrive; it cannot run with \
+                 [secure_aggregation] or [differential_privacy]"
+                    .into(),
+            );
+        }
+        let section = match (&secagg, &privacy) {
+            (Some(_), _) => "[secure_aggregation]",
+            (None, Some(_)) => "[differential_privacy]",
+            (None, None) => return Ok(()),
+        };
+        let strategy = self
+            .strategy
+            .build(1)
+            .map_err(|e| ConfigError::Invalid(format!("[strategy]: {e}")))?;
+        if strategy.robust().is_some()
+            || strategy.control_variate().is_some()
+            || strategy.wants_initial_loss()
+            || strategy.clip_norm().is_some()
+        {
+            return bad(format!(
+                "strategy.name = \"{}\" needs individual updates and cannot run with {section} \
+                 (use fedavg, fedprox, fedavgm, fedadam, fedyogi or fedadagrad; clipping is \
+                 done by {section} itself)",
+                self.strategy.name
+            ));
+        }
+        if secagg.is_some() {
+            if self.updates.max_update_norm > 0.0 {
+                return bad("updates.max_update_norm needs individual updates, which \
+                     [secure_aggregation] hides: set secure_aggregation.clip_norm (clients \
+                     clip before masking)"
+                    .into());
+            }
+            if self.evaluate.fraction > 0.0 {
+                return bad(
+                    "evaluate.fraction must be 0 with [secure_aggregation] (use \
+                     evaluate.test_data for central evaluation)"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn engine_config(&self) -> EngineConfig {
         let r = &self.rounds;
         EngineConfig {
@@ -713,9 +974,28 @@ impl AggregatorConfig {
             min_evaluate_clients: self.evaluate.min_clients,
             max_round_retries: r.max_retries,
             seed: r.seed,
-            updates: self.updates.policy(),
+            updates: self.privacy_policy(),
             strategy: self.strategy.clone(),
         }
+    }
+
+    /// The update policy, with what secure aggregation or differential
+    /// privacy replace: under secure aggregation there are no individual
+    /// norms to bound (clients clip); under central DP without it, every
+    /// update is clipped to C and weighs 1.
+    fn privacy_policy(&self) -> UpdatePolicy {
+        let mut policy = self.updates.policy();
+        if self.secure_aggregation.enabled {
+            policy.max_update_norm = None;
+            policy.max_update_norm_median_multiple = None;
+        } else if self.differential_privacy.enabled {
+            policy.max_update_norm = Some(self.differential_privacy.clip_norm);
+            policy.max_update_norm_median_multiple = None;
+            policy.norm_policy = NormPolicy::Clip;
+            policy.max_examples_per_update = 1;
+            policy.max_weight_share = 1.0;
+        }
+        policy
     }
 
     fn in_certs(&self, p: &Path) -> PathBuf {

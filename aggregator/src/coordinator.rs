@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use fedquic_protocol::{EvalResult, Metrics};
+use fedquic_protocol::{EvalResult, Metrics, SecAggStep};
 
 use crate::engine::{Action, ClientId, RejectCause, RoundEngine};
 
@@ -66,6 +66,17 @@ pub trait Coordinator: Send {
     fn task_failed(&mut self, client: &str, task_id: u64, now: Instant) -> Vec<Action>;
     /// An evaluation result arrived.
     fn eval_received(&mut self, client: &str, result: &EvalResult, now: Instant) -> Vec<Action>;
+    /// A secure-aggregation step arrived from a client (validated). A
+    /// coordinator without secure aggregation ignores it.
+    fn secagg_received(
+        &mut self,
+        _client: &str,
+        _task_id: u64,
+        _step: &SecAggStep,
+        _now: Instant,
+    ) -> Vec<Action> {
+        Vec::new()
+    }
     /// Whether this client still owes this task (messages about anything
     /// else are ignored).
     fn is_pending(&self, client: &str, task_id: u64) -> bool;

@@ -240,6 +240,12 @@ pub struct RoundOutcome {
     /// coordinators; `None` for synchronous rounds, where it is always 0).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub staleness: Option<StalenessSummary>,
+    /// Secure aggregation's phases (rounds run with it only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secagg: Option<Box<crate::secagg::SecAggSummary>>,
+    /// Differential privacy: the noise, clip and the budget spent so far.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<Box<crate::privacy::PrivacySummary>>,
     /// Whether the shell checkpoints this commit (FedBuff checkpoints every
     /// N server steps; rounds always).
     #[serde(skip)]
@@ -320,6 +326,12 @@ pub enum Action {
         round: u64,
         reason: String,
     },
+    /// Send this secure-aggregation step to the client, for its task.
+    SendSecAgg {
+        client: ClientId,
+        task_id: u64,
+        step: fedquic_protocol::SecAggStep,
+    },
     /// The global model now includes this round. Persist it before acting
     /// on what follows.
     RoundFinished(Box<RoundOutcome>),
@@ -399,6 +411,9 @@ struct EvalPhase {
     outcome: RoundOutcome,
 }
 
+// One phase per engine: its size does not matter, boxing would only add
+// indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 enum Phase {
     /// Waiting for enough clients before starting `attempt` of the round.
@@ -427,6 +442,8 @@ pub struct RoundEngine {
     next_task_id: u64,
     /// Rejections seen outside a fit phase, reported with the next round.
     stray_rejections: BTreeMap<RejectCause, usize>,
+    /// Central differential privacy (see [`crate::privacy`]).
+    privacy: Option<crate::privacy::Privacy>,
     median_update_norm: Option<f64>,
     /// Counts closed fit phases: uploads started under an older value are
     /// for a phase that no longer collects updates.
@@ -485,6 +502,7 @@ impl RoundEngine {
             phase,
             next_task_id: state.next_task_id.max(1),
             stray_rejections: BTreeMap::new(),
+            privacy: None,
             median_update_norm: state.median_update_norm,
             fit_epoch: 0,
             run_id: "run".into(),
@@ -512,17 +530,49 @@ impl RoundEngine {
         self.strategy.control_variate().map_or(0, <[f32]>::len)
     }
 
-    /// The strategy's state (momentum, moments), for the checkpoint.
+    /// The strategy's state (momentum, moments), and the privacy
+    /// accountant's when DP is on, for the checkpoint.
     pub fn strategy_state(&self) -> Vec<u8> {
-        self.strategy.state()
+        crate::privacy::join_state(
+            self.strategy.state(),
+            self.privacy.as_ref().map(|p| p.state()),
+        )
     }
 
-    /// Restores the strategy's state from a checkpoint.
+    /// Restores the strategy's (and the accountant's) state from a checkpoint.
     pub fn restore_strategy(&mut self, state: &[u8]) -> Result<(), String> {
         let len = self.global.len();
+        let (strategy, privacy) = crate::privacy::split_state(state)?;
         self.strategy
-            .restore(state, len)
-            .map_err(|e| format!("{} state: {e}", self.strategy.name()))
+            .restore(strategy, len)
+            .map_err(|e| format!("{} state: {e}", self.strategy.name()))?;
+        match (&mut self.privacy, privacy) {
+            (Some(p), Some(saved)) => {
+                p.restore(saved)?;
+                self.config.updates.max_update_norm = Some(p.clip_norm());
+                Ok(())
+            }
+            (Some(_), None) => Err(
+                "the checkpoint has no privacy accountant: it was written without \
+                 [differential_privacy], whose budget cannot be resumed from nothing"
+                    .into(),
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Central differential privacy: every update is clipped to the DP
+    /// clip norm and weighs 1 (the config sets the update policy), the sum
+    /// gets Gaussian noise before the server step, and the accountant
+    /// composes each committed round.
+    pub fn set_privacy(&mut self, privacy: crate::privacy::Privacy) {
+        self.config.updates.max_update_norm = Some(privacy.clip_norm());
+        self.config.updates.max_update_norm_median_multiple = None;
+        self.config.updates.norm_policy = NormPolicy::Clip;
+        self.config.updates.max_examples_per_update = 1;
+        self.config.updates.max_weight_share = 1.0;
+        self.accumulator = FedAvgAccumulator::with_share_cap(self.global.len(), 1.0);
+        self.privacy = Some(privacy);
     }
 
     /// What a checkpoint must hold besides the model, as of the last
@@ -966,6 +1016,7 @@ impl RoundEngine {
                     scaffold: self.strategy.control_variate().map(|_| ScaffoldTask {
                         run: self.run_id.clone(),
                     }),
+                    secagg: None,
                 },
             });
         }
@@ -1052,6 +1103,16 @@ impl RoundEngine {
                 }
                 self.held_spare.push(aggregate);
             }
+            if robust_failure.is_none()
+                && report.used > 0.0
+                && let Some(p) = &self.privacy
+                && let Err(e) = p.noise_sum(
+                    self.accumulator.sum_mut(),
+                    mix(self.config.seed, self.round, 0xd900 + f.attempt as u64),
+                )
+            {
+                robust_failure = Some(e);
+            }
             // Check the server step's result before touching the model or the
             // strategy's state.
             let checked = if let Some(e) = robust_failure {
@@ -1114,6 +1175,31 @@ impl RoundEngine {
         let median = median(&mut f.norms);
         self.median_update_norm = median.or(self.median_update_norm);
         let (train_loss, train_accuracy) = f.tally.means();
+        let privacy = match &mut self.privacy {
+            None => None,
+            Some(p) => {
+                let within_clip = answered.saturating_sub(f.clipped) as f64;
+                let seed = mix(self.config.seed, self.round, 0xc1);
+                match p.account(
+                    f.selected,
+                    within_clip,
+                    crate::privacy::RoundNoise::Central,
+                    seed,
+                ) {
+                    Ok(summary) => {
+                        self.config.updates.max_update_norm = Some(p.clip_norm());
+                        Some(Box::new(summary))
+                    }
+                    Err(e) => {
+                        self.phase = Phase::Aborted;
+                        actions.push(Action::Aborted {
+                            reason: format!("privacy accounting failed: {e}"),
+                        });
+                        return;
+                    }
+                }
+            }
+        };
         let outcome = RoundOutcome {
             round: self.round,
             attempts: f.attempt,
@@ -1141,6 +1227,8 @@ impl RoundEngine {
             fit_seconds: now.duration_since(f.started).as_secs_f64(),
             evaluate_seconds: 0.0,
             staleness: None,
+            secagg: None,
+            privacy,
             checkpoint: true,
             state: EngineState {
                 completed_rounds: self.round,
@@ -1201,7 +1289,15 @@ impl RoundEngine {
         // Evaluation tasks took ids after the fit phase closed.
         outcome.state.next_task_id = self.next_task_id;
         actions.push(Action::RoundFinished(Box::new(outcome)));
+        let over_budget = self
+            .privacy
+            .as_ref()
+            .and_then(|p| p.stop_reason(self.fit_count()));
         if self.round >= self.config.rounds {
+            self.phase = Phase::Done;
+            actions.push(Action::Finished);
+        } else if let Some(reason) = over_budget {
+            tracing::warn!("stopping: {reason}");
             self.phase = Phase::Done;
             actions.push(Action::Finished);
         } else {
@@ -1274,7 +1370,7 @@ pub(crate) fn gate_update(
 }
 
 /// ceil(fraction * n), immune to float error such as 0.07 * 100 = 7.000000000000001.
-fn fraction_of(fraction: f64, n: usize) -> usize {
+pub(crate) fn fraction_of(fraction: f64, n: usize) -> usize {
     ((fraction * n as f64) - 1e-9).ceil().max(0.0) as usize
 }
 

@@ -364,6 +364,7 @@ impl FedBuff {
                     config,
                     initial_loss: false,
                     scaffold: None,
+                    secagg: None,
                 },
             });
         }
@@ -474,6 +475,8 @@ impl FedBuff {
             fit_seconds: now.duration_since(step.started).as_secs_f64(),
             evaluate_seconds: 0.0,
             staleness: StalenessSummary::of(&mut step.staleness),
+            secagg: None,
+            privacy: None,
             checkpoint: last || self.version.is_multiple_of(self.settings.checkpoint_every),
             state: self.state(),
         };

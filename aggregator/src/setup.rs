@@ -319,6 +319,14 @@ pub fn setup_with_crl_reload(
             .fedbuff
             .settings()
             .map_err(SetupError::InvalidConfig)?,
+        secure_aggregation: config
+            .secure_aggregation
+            .settings(&config.rounds, &config.differential_privacy)
+            .map_err(SetupError::InvalidConfig)?,
+        privacy: config
+            .differential_privacy
+            .privacy()
+            .map_err(SetupError::InvalidConfig)?,
     };
     Ok((setup, crl_reload))
 }

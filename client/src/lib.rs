@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod data;
 pub mod limits;
 pub mod predict;
+pub mod secagg;
 pub mod session;
 pub mod state;
 pub mod trainer;

@@ -263,6 +263,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 error_feedback: !cli.no_error_feedback,
             },
+            privacy_seed: None,
         };
         let trainer =
             LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices)

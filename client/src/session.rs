@@ -10,10 +10,11 @@ use fedquic_net::io::{
     IoError, read_message, read_tensor_body, read_tensor_header, send_encoded, send_tensors,
     write_message,
 };
+use fedquic_privacy::secagg::ClientRound;
 use fedquic_protocol::{
     BodyDecoder, Codec, EvalResult, FitTask, Hello, INITIAL_LOSS_METRIC, Message,
-    SUPPORTED_VERSIONS, StreamKind, TensorHeader, TensorLimits, TensorMeta, all_codecs,
-    encode_body, with_control_layout,
+    SUPPORTED_VERSIONS, SecAggStep, SecAggTask, StreamKind, TensorHeader, TensorLimits, TensorMeta,
+    all_codecs, encode_body, with_control_layout, with_secagg_layout,
 };
 use fedquic_train::layout::ParamLayout;
 use thiserror::Error;
@@ -62,6 +63,10 @@ pub struct ClientOptions {
     pub limits: ClientLimits,
     /// The codecs this client offers, and error feedback.
     pub codecs: CodecOptions,
+    /// Secure aggregation's secrets (keys, masks, noise) come from the
+    /// operating system's generator; a seed here makes them reproducible,
+    /// for simulations only (whoever knows it can unmask the updates).
+    pub privacy_seed: Option<u64>,
 }
 
 /// What a client offers to encode its updates (and decode models) with.
@@ -275,24 +280,118 @@ async fn session(
     prepared.map_err(|e| SessionError::Fatal(e.into()))?;
     let wire_layout = layout.wire_layout();
     let limits = TensorLimits::for_model(layout.num_params() as u64);
+    // The control stream is read by its own task: reads are not cancel-safe
+    // inside select! (a secure-aggregation task listens while it trains),
+    // channel receives are.
+    let (msg_tx, mut messages) = tokio::sync::mpsc::channel(16);
+    let _reader = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let msg = read_message(&mut recv).await;
+            let stop = !matches!(msg, Ok(Some(_)));
+            if msg_tx.send(msg).await.is_err() || stop {
+                break;
+            }
+        }
+    }));
+    // A message a secure-aggregation task stopped at, handled next.
+    let mut next: Option<Message> = None;
+    // The secrets of the last masked input, kept for its unmask request.
+    let mut unmask: Option<(u64, Box<ClientRound>)> = None;
 
     loop {
-        let msg = match read_message(&mut recv).await {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                return Ok(SessionEnd::Retry {
-                    after: None,
-                    reason: "aggregator closed the session".into(),
-                });
-            }
-            Err(e) => {
-                return Ok(SessionEnd::Retry {
-                    after: None,
-                    reason: e.to_string(),
-                });
-            }
+        let msg = match next.take() {
+            Some(m) => m,
+            None => match messages.recv().await {
+                Some(Ok(Some(m))) => m,
+                Some(Ok(None)) | None => {
+                    return Ok(SessionEnd::Retry {
+                        after: None,
+                        reason: "aggregator closed the session".into(),
+                    });
+                }
+                Some(Err(e)) => {
+                    return Ok(SessionEnd::Retry {
+                        after: None,
+                        reason: e.to_string(),
+                    });
+                }
+            },
         };
         match msg {
+            Message::FitTask(task) if task.secagg.is_some() => {
+                unmask = None;
+                let outcome = secagg_fit_task(
+                    &conn,
+                    &mut send,
+                    &mut messages,
+                    &task,
+                    trainer,
+                    opts,
+                    &wire_layout,
+                    &negotiated,
+                )
+                .await?;
+                match outcome {
+                    SecAggFit::Sent { up, down, round } => {
+                        report.fit_tasks += 1;
+                        report.bytes_up += up;
+                        report.bytes_down += down;
+                        unmask = Some((task.task_id, round));
+                    }
+                    SecAggFit::Failed(reason) => {
+                        warn!(round = task.round, %reason, "secure-aggregation task failed");
+                        write_message(
+                            &mut send,
+                            &Message::TaskFailed {
+                                task_id: task.task_id,
+                                reason,
+                            },
+                        )
+                        .await?;
+                    }
+                    SecAggFit::Stopped(msg) => next = msg,
+                }
+            }
+            Message::SecAgg { task_id, step } => {
+                let Some((pending, round)) = unmask.as_mut() else {
+                    debug!(
+                        task_id,
+                        step = step.name(),
+                        "secure-aggregation step for no task; ignored"
+                    );
+                    continue;
+                };
+                let SecAggStep::UnmaskRequest(request) = &step else {
+                    debug!(
+                        task_id,
+                        step = step.name(),
+                        "unexpected secure-aggregation step; ignored"
+                    );
+                    continue;
+                };
+                if *pending != task_id {
+                    continue;
+                }
+                match step
+                    .validate()
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| round.on_unmask(request).map_err(|e| e.to_string()))
+                {
+                    Ok(response) => {
+                        let answer = Message::SecAgg {
+                            task_id,
+                            step: SecAggStep::UnmaskResponse(response),
+                        };
+                        report.bytes_up +=
+                            fedquic_protocol::encode_message(&answer).map_or(0, |f| f.len() as u64);
+                        write_message(&mut send, &answer).await?;
+                    }
+                    // An honest client answers nothing to a request that
+                    // could unmask a neighbour's update.
+                    Err(reason) => warn!(task_id, %reason, "refused the unmask request"),
+                }
+                unmask = None;
+            }
             Message::FitTask(task) => {
                 let answer = fit_task(
                     &conn,
@@ -388,6 +487,213 @@ async fn session(
                     after: None,
                     reason: format!("unexpected message {other:?}"),
                 });
+            }
+        }
+    }
+}
+
+/// Aborts a spawned task when dropped (the session's control-stream reader).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type ControlMessages = tokio::sync::mpsc::Receiver<Result<Option<Message>, IoError>>;
+
+/// How a secure-aggregation fit task ended.
+enum SecAggFit {
+    /// The masked input went out; its secrets wait for the unmask request.
+    Sent {
+        up: u64,
+        down: u64,
+        round: Box<ClientRound>,
+    },
+    /// Training or the exchange failed; the aggregator is told.
+    Failed(String),
+    /// The aggregator moved on (a new task, a rejection, goodbye): this
+    /// message is handled next, if any.
+    Stopped(Option<Message>),
+}
+
+/// A fit task with secure aggregation: the key exchange runs on the control
+/// stream while the model trains, then the masked input goes out.
+#[allow(clippy::too_many_arguments)]
+async fn secagg_fit_task(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    messages: &mut ControlMessages,
+    task: &FitTask,
+    trainer: &mut Option<Box<dyn Trainer>>,
+    opts: &ClientOptions,
+    layout: &[TensorMeta],
+    negotiated: &Negotiated,
+) -> Result<SecAggFit, SessionError> {
+    let Some(secagg) = task.secagg.clone() else {
+        return Ok(SecAggFit::Failed("not a secure-aggregation task".into()));
+    };
+    let refusal = secagg
+        .validate()
+        .err()
+        .map(|e| e.to_string())
+        .or_else(|| task.config.validate().err().map(|e| e.to_string()))
+        .or_else(|| {
+            opts.limits
+                .check_fit(task.config.epochs, task.config.batch_size)
+                .err()
+                .map(|e| e.to_string())
+        })
+        .or_else(|| {
+            task.scaffold
+                .is_some()
+                .then(|| "SCAFFOLD cannot run with secure aggregation".to_string())
+        });
+    if let Some(reason) = refusal {
+        discard_model(conn, task.task_id).await?;
+        return Ok(SecAggFit::Failed(reason));
+    }
+    let params: usize = layout
+        .iter()
+        .map(|t| t.elements().unwrap_or(0) as usize)
+        .sum();
+    let secret = crate::secagg::round_secret(opts.privacy_seed, task.task_id);
+    let noise_seed = u64::from_le_bytes(
+        crate::secagg::round_secret(
+            opts.privacy_seed.map(|s| s ^ 0x006e_6f69_7365),
+            task.task_id,
+        )[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    );
+    let (mut round, keys) = ClientRound::new(task.round, SecAggTask::vector_len(params), secret);
+    let mut up = 0u64;
+    let say = async |send: &mut quinn::SendStream, step: SecAggStep, up: &mut u64| {
+        let message = Message::SecAgg {
+            task_id: task.task_id,
+            step,
+        };
+        *up += fedquic_protocol::encode_message(&message).map_or(0, |f| f.len() as u64);
+        write_message(send, &message).await
+    };
+    say(send, SecAggStep::AdvertiseKeys(keys), &mut up).await?;
+    let limits = TensorLimits::for_model(params as u64);
+    let (global, down) = receive_model(
+        conn,
+        task.round,
+        task.task_id,
+        layout,
+        &limits,
+        negotiated.downlink,
+    )
+    .await?;
+    let config = task.config.clone();
+    let training = run_trainer(trainer, opts, move |t| {
+        t.set_parameters(&global)?;
+        let outcome = t.fit(&config);
+        let mut delta = global;
+        let result = outcome.and_then(|o| {
+            let local = t.parameters();
+            if local.len() != delta.len() || local.iter().any(|v| !v.is_finite()) {
+                return Err(TrainerError::Other(
+                    "training diverged or changed the model's size".into(),
+                ));
+            }
+            for (d, l) in delta.iter_mut().zip(local) {
+                *d = l - *d;
+            }
+            Ok((o, delta))
+        });
+        t.release();
+        result
+    });
+    tokio::pin!(training);
+    let mut trained = None;
+    let mut shares_in = false;
+    loop {
+        if shares_in && let Some(result) = trained.take() {
+            let (outcome, delta) = match result {
+                Ok(x) => x,
+                Err(e) => return Ok(SecAggFit::Failed(format!("{e}"))),
+            };
+            let outcome: crate::trainer::FitOutcome = outcome;
+            let body = match crate::secagg::prepare_masked_input(
+                &secagg,
+                delta,
+                outcome.examples,
+                &mut round,
+                noise_seed,
+            ) {
+                Ok(body) => body,
+                Err(e) => return Ok(SecAggFit::Failed(e.to_string())),
+            };
+            let header = TensorHeader {
+                kind: StreamKind::Update,
+                round: task.round,
+                task_id: task.task_id,
+                codec: Codec::Ring32,
+                tensors: with_secagg_layout(layout),
+                num_examples: outcome.examples,
+                metrics: outcome.metrics,
+                body_len: body.len() as u64,
+            };
+            up += send_encoded(conn, &header, body.into()).await?;
+            debug!(
+                round = task.round,
+                task = task.task_id,
+                bytes = up,
+                "masked input sent"
+            );
+            return Ok(SecAggFit::Sent {
+                up,
+                down,
+                round: Box::new(round),
+            });
+        }
+        tokio::select! {
+            result = &mut training, if trained.is_none() => {
+                trained = Some(result?);
+            }
+            msg = messages.recv() => {
+                let msg = match msg {
+                    Some(Ok(Some(m))) => m,
+                    Some(Ok(None)) | None => {
+                        return Err(SessionError::Transient("aggregator closed the session".into()));
+                    }
+                    Some(Err(e)) => return Err(SessionError::Transient(e.to_string())),
+                };
+                match msg {
+                    Message::SecAgg { task_id, step } if task_id == task.task_id => {
+                        if let Err(e) = step.validate() {
+                            return Ok(SecAggFit::Failed(e.to_string()));
+                        }
+                        match &step {
+                            SecAggStep::Neighbours(m) => match round.on_neighbours(m) {
+                                Ok(shares) => {
+                                    say(send, SecAggStep::ShareKeys(shares), &mut up).await?;
+                                }
+                                Err(e) => return Ok(SecAggFit::Failed(format!("secure aggregation: {e}"))),
+                            },
+                            SecAggStep::RelayedShares(m) => match round.on_relayed_shares(m) {
+                                Ok(()) => shares_in = true,
+                                Err(e) => return Ok(SecAggFit::Failed(format!("secure aggregation: {e}"))),
+                            },
+                            other => {
+                                debug!(step = other.name(), "secure-aggregation step out of order; ignored");
+                            }
+                        }
+                    }
+                    Message::Heartbeat | Message::Wait { .. } => {}
+                    Message::UpdateAccepted { .. } => {}
+                    Message::UpdateRejected { task_id, reason } if task_id == task.task_id => {
+                        warn!(task_id, %reason, "the aggregator dropped us from the round");
+                        return Ok(SecAggFit::Stopped(None));
+                    }
+                    Message::UpdateRejected { .. } | Message::SecAgg { .. } => {}
+                    // Anything else ends this task and is handled by the session.
+                    other => return Ok(SecAggFit::Stopped(Some(other))),
+                }
             }
         }
     }

@@ -126,6 +126,7 @@ pub fn sample_messages() -> Vec<Message> {
                 seed: 42, optimizer: Default::default() },
             initial_loss: false,
             scaffold: None,
+            secagg: None,
         }),
         Message::EvaluateTask(EvaluateTask {
             round: 3,

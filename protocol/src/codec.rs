@@ -49,6 +49,10 @@ pub enum ValueCodec {
     F16,
     Bf16,
     Int8,
+    /// Secure aggregation's masked integers (mod 2^32), four bytes each,
+    /// carried bit for bit in `f32` slots (`f32::from_bits`): they are not
+    /// numbers until the masks cancel, so no finiteness check applies.
+    Ring32,
 }
 
 /// How tensor bodies are encoded on the wire.
@@ -68,6 +72,9 @@ pub enum Codec {
         fraction_ppm: u32,
         values: ValueCodec,
     },
+    /// Secure aggregation's masked input (see [`ValueCodec::Ring32`]). Never
+    /// negotiated: a fit task with secure aggregation implies it.
+    Ring32,
 }
 
 impl From<ValueCodec> for Codec {
@@ -77,6 +84,7 @@ impl From<ValueCodec> for Codec {
             ValueCodec::F16 => Codec::F16,
             ValueCodec::Bf16 => Codec::Bf16,
             ValueCodec::Int8 => Codec::Int8,
+            ValueCodec::Ring32 => Codec::Ring32,
         }
     }
 }
@@ -85,7 +93,7 @@ impl ValueCodec {
     /// Bytes of one block of `len` values.
     pub fn block_bytes(self, len: usize) -> usize {
         match self {
-            ValueCodec::F32 => 4 * len,
+            ValueCodec::F32 | ValueCodec::Ring32 => 4 * len,
             ValueCodec::F16 | ValueCodec::Bf16 => 2 * len,
             ValueCodec::Int8 => 4 + len,
         }
@@ -96,7 +104,7 @@ impl ValueCodec {
         let n = n as u128;
         let blocks = n.div_ceil(BLOCK_VALUES as u128);
         match self {
-            ValueCodec::F32 => 4 * n,
+            ValueCodec::F32 | ValueCodec::Ring32 => 4 * n,
             ValueCodec::F16 | ValueCodec::Bf16 => 2 * n,
             ValueCodec::Int8 => 4 * blocks + n,
         }
@@ -108,6 +116,7 @@ impl ValueCodec {
             ValueCodec::F16 => "f16",
             ValueCodec::Bf16 => "bf16",
             ValueCodec::Int8 => "int8",
+            ValueCodec::Ring32 => "ring32",
         }
     }
 
@@ -117,6 +126,11 @@ impl ValueCodec {
             ValueCodec::F32 => {
                 for v in values {
                     out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            ValueCodec::Ring32 => {
+                for v in values {
+                    out.extend_from_slice(&v.to_bits().to_le_bytes());
                 }
             }
             ValueCodec::F16 => {
@@ -200,6 +214,12 @@ impl ValueCodec {
                     *d = f32::from(*q as i8) * scale;
                 }
             }
+            ValueCodec::Ring32 => {
+                for (d, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *d = f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                }
+                return Ok(());
+            }
         }
         // Checked after the vectorisable loops.
         match out.iter().position(|v| !v.is_finite()) {
@@ -219,6 +239,7 @@ impl Codec {
             Codec::F16 => ValueCodec::F16,
             Codec::Bf16 => ValueCodec::Bf16,
             Codec::Int8 => ValueCodec::Int8,
+            Codec::Ring32 => ValueCodec::Ring32,
             Codec::TopK { values, .. } => values,
         }
     }
@@ -254,6 +275,12 @@ impl Codec {
                     "top-k fraction of {fraction_ppm} ppm is outside 1..={PPM}"
                 )))
             }
+            Codec::TopK {
+                values: ValueCodec::Ring32,
+                ..
+            } => Err(ProtocolError::Malformed(
+                "top-k entries cannot be masked ring elements".into(),
+            )),
             _ => Ok(()),
         }
     }
@@ -335,6 +362,7 @@ impl FromStr for ValueCodec {
             "f16" => Ok(ValueCodec::F16),
             "bf16" => Ok(ValueCodec::Bf16),
             "int8" => Ok(ValueCodec::Int8),
+            "ring32" => Ok(ValueCodec::Ring32),
             other => Err(format!(
                 "unknown value codec '{other}' (expected f32, f16, bf16 or int8)"
             )),
@@ -445,6 +473,13 @@ impl SplitMix64 {
 /// int8's stochastic rounding: the same seed gives the same bytes.
 pub fn encode_body(codec: Codec, values: &[f32], seed: u64, out: &mut Vec<u8>) -> Result<()> {
     codec.validate()?;
+    if codec == Codec::Ring32 {
+        out.reserve(4 * values.len());
+        for v in values {
+            out.extend_from_slice(&v.to_bits().to_le_bytes());
+        }
+        return Ok(());
+    }
     if let Some(index) = values.iter().position(|v| !v.is_finite()) {
         return Err(ProtocolError::NonFinite { index });
     }

@@ -17,9 +17,10 @@ pub use codec::{Codec, ValueCodec, all_codecs, encode_body, negotiate_codec, par
 pub use error::{ProtocolError, Result};
 pub use frame::{FrameDecoder, MAX_CONTROL_FRAME, decode_message, encode_message, frame_len};
 pub use message::{
-    CONTROL_PREFIX, EvalResult, EvaluateTask, FitInstructions, FitTask, Hello, INITIAL_LOSS_METRIC,
-    Message, Metrics, OptimizerConfig, PROTOCOL_VERSION, Reject, SUPPORTED_VERSIONS, ScaffoldTask,
-    Welcome, negotiate_version, validate_run_id, with_control_layout,
+    CONTROL_PREFIX, ClientNoise, EvalResult, EvaluateTask, FitInstructions, FitTask, Hello,
+    INITIAL_LOSS_METRIC, Message, Metrics, OptimizerConfig, PROTOCOL_VERSION, Reject,
+    SECAGG_EXTRA_VALUES, SUPPORTED_VERSIONS, ScaffoldTask, SecAggStep, SecAggTask, Welcome,
+    negotiate_version, validate_run_id, with_control_layout, with_secagg_layout,
 };
 pub use tensor::{
     BodyDecoder, DType, StreamKind, TENSOR_PREFIX_LEN, TENSOR_STREAM_MAGIC, TensorHeader,

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use fedquic_privacy::secagg;
+
 use crate::codec::Codec;
 use crate::error::{ProtocolError, Result};
 
@@ -14,10 +16,11 @@ use crate::error::{ProtocolError, Result};
 /// with an uplink and a downlink codec and the run id. An older peer would
 /// misread the newer messages, so only the newest version is spoken: old
 /// peers get a clear "no common version" refusal at Hello (whose encoding
-/// is unchanged for a client offering f32 only).
-pub const PROTOCOL_VERSION: u16 = 3;
+/// is unchanged for a client offering f32 only). Version 4 added secure
+/// aggregation: [`FitTask::secagg`] and [`Message::SecAgg`].
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Every version this build can speak, newest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[3];
+pub const SUPPORTED_VERSIONS: &[u16] = &[4];
 
 /// Named scalar metrics (loss, accuracy, ...), in a stable order.
 pub type Metrics = Vec<(String, f64)>;
@@ -241,6 +244,117 @@ pub struct FitTask {
     /// [`CONTROL_PREFIX`]), training uses the corrected gradient, and the
     /// update carries `Delta c` after `Delta y` in the same layout.
     pub scaffold: Option<ScaffoldTask>,
+    /// Secure aggregation (SecAgg+): the client takes part in the round's
+    /// key exchange ([`Message::SecAgg`]) while it trains, and sends its
+    /// update clipped, weighted, quantised and masked, in [`Codec::Ring32`].
+    pub secagg: Option<SecAggTask>,
+}
+
+/// How a client prepares its update for secure aggregation.
+///
+/// The update `delta` is clipped to L2 norm `clip_norm`, multiplied by its
+/// weight `w = min(examples, weight_cap) / weight_cap` (or 1 when
+/// `weight_cap` is 0, as differential privacy needs), has the client's
+/// noise share added, and is quantised with
+/// `fedquic_privacy::secagg::FixedPoint::for_sum(max_contributors, bound)`:
+/// each value clamped to `[-bound, bound]`, scaled so that `max_contributors`
+/// such vectors cannot wrap modulo 2^32, stochastically rounded. Two values
+/// follow the update: `w`, and 1 if the update was within `clip_norm` before
+/// clipping (else 0), so the server learns the sums of both and nothing per
+/// client.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct SecAggTask {
+    pub clip_norm: f64,
+    pub weight_cap: u64,
+    /// Each quantised value is clamped to `[-bound, bound]` first.
+    pub bound: f64,
+    /// The most clients whose inputs the round may sum.
+    pub max_contributors: u32,
+    /// Distributed differential privacy: the noise this client adds before
+    /// masking, so the server never sees a noise-free sum.
+    pub noise: ClientNoise,
+}
+
+/// Noise a client adds to its quantised update before masking.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq)]
+pub enum ClientNoise {
+    None,
+    /// Distributed DP: Skellam noise `Poisson(mu) - Poisson(mu)` on every
+    /// quantised value (integer units), so the sum of the contributors'
+    /// shares is Skellam noise of their summed `mu` (Agarwal, Kairouz and
+    /// Liu, NeurIPS 2021).
+    Skellam {
+        mu: f64,
+    },
+}
+
+impl SecAggTask {
+    /// Largest accepted clip norm and bound (in update units).
+    pub const MAX_MAGNITUDE: f64 = 1e6;
+    /// Largest accepted Skellam `mu` (integer units; its standard deviation
+    /// `sqrt(2 mu)` is then at most about 2^31).
+    pub const MAX_SKELLAM_MU: f64 = 2.3e18;
+
+    /// Checks what a client must not trust blindly: every number finite and
+    /// in range, and a fixed-point scale that exists for them.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| {
+            Err(ProtocolError::Malformed(format!(
+                "secure aggregation: {what}"
+            )))
+        };
+        let magnitude = |v: f64| v.is_finite() && v > 0.0 && v <= Self::MAX_MAGNITUDE;
+        if !magnitude(self.clip_norm) || !magnitude(self.bound) || self.bound < 1.0 {
+            return bad(format!(
+                "clip norm {} must be in (0, {max}] and bound {} in [1, {max}]",
+                self.clip_norm,
+                self.bound,
+                max = Self::MAX_MAGNITUDE
+            ));
+        }
+        if self.max_contributors == 0 || self.max_contributors > secagg::MAX_ROSTER {
+            return bad(format!(
+                "max contributors {} must be in 1..={}",
+                self.max_contributors,
+                secagg::MAX_ROSTER
+            ));
+        }
+        if let Err(e) = self.fixed_point() {
+            return bad(e.to_string());
+        }
+        if let ClientNoise::Skellam { mu } = self.noise
+            && !(mu.is_finite() && mu > 0.0 && mu <= Self::MAX_SKELLAM_MU)
+        {
+            return bad(format!(
+                "Skellam mu {mu} must be in (0, {}]",
+                Self::MAX_SKELLAM_MU
+            ));
+        }
+        Ok(())
+    }
+
+    /// The fixed-point code both sides use.
+    pub fn fixed_point(&self) -> std::result::Result<secagg::FixedPoint, secagg::FixedPointError> {
+        secagg::FixedPoint::for_sum(self.max_contributors as usize, self.bound)
+    }
+
+    /// Values a masked input carries: the update's, then the weight and
+    /// the within-clip indicator.
+    pub fn vector_len(update_values: usize) -> usize {
+        update_values + SECAGG_EXTRA_VALUES
+    }
+}
+
+/// Values after the update in a masked input: weight, within-clip indicator.
+pub const SECAGG_EXTRA_VALUES: usize = 2;
+
+/// The layout of a masked input: `layout`, then the weight and the
+/// within-clip indicator as one-value tensors.
+pub fn with_secagg_layout(layout: &[crate::tensor::TensorMeta]) -> Vec<crate::tensor::TensorMeta> {
+    let mut out = layout.to_vec();
+    out.push(crate::tensor::TensorMeta::f32("secagg.weight", &[1]));
+    out.push(crate::tensor::TensorMeta::f32("secagg.within_clip", &[1]));
+    out
 }
 
 /// The metric name of [`FitTask::initial_loss`]'s answer.
@@ -337,6 +451,56 @@ pub enum Message {
         reason: String,
         finished: bool,
     },
+    /// One step of a fit task's secure aggregation (see [`SecAggStep`]).
+    SecAgg {
+        task_id: u64,
+        step: SecAggStep,
+    },
+}
+
+/// The SecAgg+ steps that travel on the control stream (the masked input
+/// itself goes on the update stream). Bell et al., CCS 2020.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub enum SecAggStep {
+    /// Client: its two fresh public keys for the round.
+    AdvertiseKeys(secagg::AdvertiseKeys),
+    /// Aggregator: the client's roster index and its neighbours' keys.
+    Neighbours(secagg::Neighbours),
+    /// Client: a share bundle for each neighbour, encrypted to it.
+    ShareKeys(secagg::ShareKeys),
+    /// Aggregator: the bundles other clients addressed to this one.
+    RelayedShares(secagg::RelayedShares),
+    /// Aggregator: which neighbours survived and which dropped.
+    UnmaskRequest(secagg::UnmaskRequest),
+    /// Client: the shares the request asked for.
+    UnmaskResponse(secagg::UnmaskResponse),
+}
+
+impl SecAggStep {
+    /// Bounds every list and field before the step is used.
+    pub fn validate(&self) -> Result<()> {
+        let checked = match self {
+            SecAggStep::AdvertiseKeys(m) => m.validate(),
+            SecAggStep::Neighbours(m) => m.validate(),
+            SecAggStep::ShareKeys(m) => m.validate(),
+            SecAggStep::RelayedShares(m) => m.validate(),
+            SecAggStep::UnmaskRequest(m) => m.validate(),
+            SecAggStep::UnmaskResponse(m) => m.validate(),
+        };
+        checked.map_err(|e| ProtocolError::Malformed(format!("secure aggregation: {e}")))
+    }
+
+    /// The step's name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SecAggStep::AdvertiseKeys(_) => "advertise keys",
+            SecAggStep::Neighbours(_) => "neighbours",
+            SecAggStep::ShareKeys(_) => "share keys",
+            SecAggStep::RelayedShares(_) => "relayed shares",
+            SecAggStep::UnmaskRequest(_) => "unmask request",
+            SecAggStep::UnmaskResponse(_) => "unmask response",
+        }
+    }
 }
 
 /// Picks the newest version both sides speak.

@@ -72,11 +72,55 @@ fn sample(n: usize) -> Vec<f32> {
 /// whose largest magnitude is `max`.
 fn tolerance(codec: ValueCodec, v: f32, max: f32) -> f32 {
     match codec {
-        ValueCodec::F32 => 0.0,
+        ValueCodec::F32 | ValueCodec::Ring32 => 0.0,
         ValueCodec::F16 => v.abs() / 1024.0 + 6e-8,
         ValueCodec::Bf16 => v.abs() / 128.0,
         ValueCodec::Int8 => max / 127.0 * 1.0001,
     }
+}
+
+/// Secure aggregation's masked inputs are arbitrary 32-bit words, NaN and
+/// infinity patterns included: they travel bit for bit, in any chunking,
+/// and a body of the wrong length is refused.
+#[test]
+fn ring32_carries_any_bit_pattern_exactly() {
+    let n = 2 * BLOCK_VALUES + 77;
+    let mut x = 0x9e37_79b9u32;
+    let mut words: Vec<u32> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x
+        })
+        .collect();
+    words[0] = f32::NAN.to_bits();
+    words[1] = f32::INFINITY.to_bits();
+    words[2] = 0xffff_ffff;
+    let values: Vec<f32> = words.iter().map(|w| f32::from_bits(*w)).collect();
+    let (h, bytes) = stream(Codec::Ring32, &values, 0);
+    assert_eq!(h.body_len, 4 * n as u64);
+    let body = &bytes[bytes.len() - h.body_len as usize..];
+    for chunk in [1, 3, 4096, body.len()] {
+        let out = decode_chunked(&h, body, chunk).unwrap();
+        let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, words, "chunks of {chunk}");
+    }
+    let short = header(Codec::Ring32, n, body.len() - 4);
+    let mut dec = BodyDecoder::new(&short);
+    let mut out = vec![0f32; n];
+    assert!(
+        dec.push(&body[..body.len() - 4], &mut out)
+            .and_then(|()| dec.finish())
+            .is_err()
+    );
+    assert!(
+        "top-k:0.1+ring32"
+            .parse::<Codec>()
+            .map(|c| c.validate().is_err())
+            .unwrap_or(true),
+        "ring32 is not a top-k value codec"
+    );
 }
 
 #[test]

@@ -32,6 +32,13 @@ fn all_messages() -> Vec<Message> {
             scaffold: Some(fedquic_protocol::ScaffoldTask {
                 run: "68f0-00ab".into(),
             }),
+            secagg: Some(fedquic_protocol::SecAggTask {
+                clip_norm: 5.0,
+                weight_cap: 1000,
+                bound: 5.0,
+                max_contributors: 100,
+                noise: fedquic_protocol::ClientNoise::Skellam { mu: 1e9 },
+            }),
         }),
         Message::EvaluateTask(EvaluateTask {
             round: 3,
@@ -363,7 +370,7 @@ proptest! {
     #[test]
     fn arbitrary_messages_round_trip(round in any::<u64>(), task in any::<u64>(), reason in ".{0,64}", lr in 1e-6f32..10.0) {
         for msg in [
-            Message::FitTask(FitTask { round, task_id: task, config: FitInstructions { epochs: 1, batch_size: 32, learning_rate: lr, proximal_mu: 0.0, seed: round, optimizer: Default::default() }, initial_loss: round % 2 == 0, scaffold: None }),
+            Message::FitTask(FitTask { round, task_id: task, config: FitInstructions { epochs: 1, batch_size: 32, learning_rate: lr, proximal_mu: 0.0, seed: round, optimizer: Default::default() }, initial_loss: round % 2 == 0, scaffold: None, secagg: None }),
             Message::UpdateRejected { task_id: task, reason: reason.clone() },
             Message::Reject(Reject { reason: reason.clone(), retry_after_ms: Some(round) }),
         ] {

@@ -379,6 +379,7 @@ impl ChildAggregator {
                     endpoint: Some(endpoint),
                     limits: Default::default(),
                     codecs: Default::default(),
+                    privacy_seed: None,
                 };
                 handles.push(tokio::spawn(run_client(
                     opts,

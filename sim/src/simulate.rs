@@ -377,6 +377,13 @@ pub async fn simulate(
                 offer: offers[i % offers.len()].clone(),
                 error_feedback: config.codecs.error_feedback,
             },
+            // Reproducible runs: masks cancel whatever their seed, and the
+            // DP noise is then part of the run's seed.
+            privacy_seed: Some(fedquic_aggregator::engine::mix(
+                config.seed,
+                i as u64,
+                0x5ec,
+            )),
         };
         let test_indices = test_parts.next().unwrap_or_default();
         match &faults {

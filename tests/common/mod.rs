@@ -216,6 +216,7 @@ pub fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) ->
         endpoint: None,
         limits: Default::default(),
         codecs: Default::default(),
+        privacy_seed: None,
     }
 }
 

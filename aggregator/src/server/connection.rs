@@ -264,6 +264,17 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                 Some(Ok(Some(Message::TaskFailed { task_id, reason }))) => {
                     let _ = shared.hub.send(ToHub::TaskFailed { client: client.clone(), conn_id, task_id, reason });
                 }
+                Some(Ok(Some(Message::SecAgg { task_id, step }))) => {
+                    if let Err(e) = step.validate() {
+                        let reason = format!("bad secure-aggregation step: {e}");
+                        reject(&conn, &mut send, &client, &reason, None).await;
+                        break reason;
+                    }
+                    // The frame's size, for the per-client traffic figures.
+                    let bytes = fedquic_protocol::encode_message(&Message::SecAgg { task_id, step: step.clone() })
+                        .map_or(0, |f| f.len() as u64);
+                    let _ = shared.hub.send(ToHub::SecAgg { client: client.clone(), conn_id, task_id, step, bytes });
+                }
                 Some(Ok(Some(Message::Heartbeat))) => {}
                 Some(Ok(Some(Message::Bye { reason, .. }))) => {
                     break format!("client said bye: {}", sanitize(&reason, 80));
@@ -390,6 +401,11 @@ async fn receive_update(
             "expected an update stream".into(),
         );
     }
+    // With secure aggregation every update is a masked input.
+    let uplink = match shared.secure_aggregation {
+        true => Codec::Ring32,
+        false => uplink,
+    };
     if header.codec != uplink {
         let _ = stream.stop(STREAM_REFUSED.into());
         return fail(

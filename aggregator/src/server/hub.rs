@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use fedquic_protocol::{Codec, EvalResult, Message, StreamKind, TensorHeader};
+use fedquic_protocol::{Codec, EvalResult, Message, SecAggStep, StreamKind, TensorHeader};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
@@ -69,6 +69,14 @@ pub(super) enum ToHub {
         client: ClientId,
         conn_id: u64,
         result: EvalResult,
+    },
+    /// A secure-aggregation step (validated), and its size on the wire.
+    SecAgg {
+        client: ClientId,
+        conn_id: u64,
+        task_id: u64,
+        step: SecAggStep,
+        bytes: u64,
     },
 }
 
@@ -378,6 +386,19 @@ impl Hub {
                 }
                 self.engine.eval_received(&client, &result, now)
             }
+            ToHub::SecAgg {
+                client,
+                conn_id,
+                task_id,
+                step,
+                bytes,
+            } => {
+                if !self.is_current(&client, conn_id) || !self.engine.is_pending(&client, task_id) {
+                    return Vec::new();
+                }
+                self.count_traffic(&client, bytes, 0);
+                self.engine.secagg_received(&client, task_id, &step, now)
+            }
         }
     }
 
@@ -512,6 +533,17 @@ impl Hub {
                         task_id,
                         with_control,
                     );
+                }
+                Action::SendSecAgg {
+                    client,
+                    task_id,
+                    step,
+                } => {
+                    let message = Message::SecAgg { task_id, step };
+                    let bytes = fedquic_protocol::encode_message(&message)
+                        .map_or(0, |frame| frame.len() as u64);
+                    self.count_traffic(&client, 0, bytes);
+                    self.send(&client, message);
                 }
                 Action::SendEvaluate { client, task } => {
                     let (round, task_id) = (task.round, task.task_id);

@@ -105,6 +105,10 @@ pub struct ServerSetup {
     pub codecs: CodecPreference,
     /// Run FedBuff (asynchronous) instead of synchronous rounds.
     pub fedbuff: Option<crate::fedbuff::FedBuffSettings>,
+    /// Run every round with secure aggregation (SecAgg+).
+    pub secure_aggregation: Option<crate::secagg::SecAggSettings>,
+    /// Differential privacy (with or without secure aggregation).
+    pub privacy: Option<crate::privacy::Privacy>,
 }
 
 impl ServerSetup {
@@ -145,6 +149,8 @@ impl ServerSetup {
             admission: Arc::default(),
             codecs: CodecPreference::default(),
             fedbuff: None,
+            secure_aggregation: None,
+            privacy: None,
         }
     }
 }
@@ -192,6 +198,8 @@ struct Shared {
     next_conn_id: AtomicU64,
     codecs: CodecPreference,
     run_id: String,
+    /// Every update is a masked input (codec `ring32`, two extra values).
+    secure_aggregation: bool,
 }
 
 pub struct Server {
@@ -247,6 +255,33 @@ impl Server {
             )
             .map_err(ServerError::Setup)?;
         let (config, initial) = (setup.engine.clone(), setup.initial_model.clone());
+        if setup.fedbuff.is_some()
+            && (setup.secure_aggregation.is_some() || setup.privacy.is_some())
+        {
+            return Err(ServerError::Setup(
+                "FedBuff folds individual updates as they arrive; it cannot run with secure \
+                 aggregation or differential privacy"
+                    .into(),
+            ));
+        }
+        if let Some(settings) = &setup.secure_aggregation {
+            let privacy = setup.privacy.clone();
+            let engine = match &setup.resume {
+                Some(state) => crate::secagg::SecAggEngine::resume(
+                    config,
+                    settings.clone(),
+                    privacy,
+                    initial,
+                    state,
+                    &setup.strategy_state,
+                ),
+                None => {
+                    crate::secagg::SecAggEngine::new(config, settings.clone(), privacy, initial)
+                }
+            }
+            .map_err(ServerError::Setup)?;
+            return self.run_with(Box::new(engine), shutdown).await;
+        }
         if let Some(settings) = &setup.fedbuff {
             let now = std::time::Instant::now();
             let fedbuff = match &setup.resume {
@@ -266,12 +301,21 @@ impl Server {
         let engine = match &setup.resume {
             Some(state) => {
                 let mut engine = RoundEngine::resume(config, initial, state.clone());
+                if let Some(privacy) = &setup.privacy {
+                    engine.set_privacy(privacy.clone());
+                }
                 engine
                     .restore_strategy(&setup.strategy_state)
                     .map_err(|e| ServerError::Setup(format!("checkpointed strategy: {e}")))?;
                 engine
             }
-            None => RoundEngine::new(config, initial, 0),
+            None => {
+                let mut engine = RoundEngine::new(config, initial, 0);
+                if let Some(privacy) = &setup.privacy {
+                    engine.set_privacy(privacy.clone());
+                }
+                engine
+            }
         };
         let mut engine = engine;
         engine.set_run_id(&setup.run_id);
@@ -301,7 +345,12 @@ impl Server {
         let (epoch_tx, epoch_rx) = watch::channel(0u64);
         let values = setup.initial_model.len();
         // SCAFFOLD's updates carry Delta c after Delta y: twice the values.
+        let secure_aggregation = setup.secure_aggregation.is_some();
         let (update_layout, update_values) = match setup.engine.strategy.carries_control_variate() {
+            _ if secure_aggregation => (
+                fedquic_protocol::with_secagg_layout(&setup.layout),
+                fedquic_protocol::SecAggTask::vector_len(values),
+            ),
             true => (with_control_layout(&setup.layout), 2 * values),
             false => (setup.layout.clone(), values),
         };
@@ -328,6 +377,7 @@ impl Server {
             bytes_up: AtomicU64::new(0),
             next_conn_id: AtomicU64::new(1),
             codecs: setup.codecs.clone(),
+            secure_aggregation,
             run_id: setup.run_id.clone(),
         });
         info!(

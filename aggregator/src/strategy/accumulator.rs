@@ -231,6 +231,12 @@ impl FedAvgAccumulator {
         &self.sum
     }
 
+    /// The running sum, for post-processing before the server step
+    /// (differential privacy's noise).
+    pub fn sum_mut(&mut self) -> &mut [f64] {
+        &mut self.sum
+    }
+
     /// Takes the capped clients' excess weight back out of the sum and says
     /// what weights were used. Call once, when the round closes.
     pub fn apply_share_cap(&mut self) -> WeightReport {

@@ -1,0 +1,304 @@
+//! Differential privacy of a run: the aggregator's side of DP-FedAvg
+//! (McMahan et al., ICLR 2018) with an RDP accountant.
+//!
+//! The unit of privacy is a client (user-level DP). Every round each
+//! selected client's update is clipped to L2 norm `C` and counts with
+//! weight 1, so one client changes the sum by at most `C`; the sum gets
+//! Gaussian noise of standard deviation `sigma C`:
+//! - **central** mode: the aggregator adds it to the sum (it sees the
+//!   noise-free sum; the guarantee holds against everyone who sees the
+//!   models, not against the aggregator);
+//! - **distributed** mode (secure aggregation only): every client adds its
+//!   share as Skellam noise in the integer domain before masking, so the
+//!   aggregator never sees a noise-free sum. A dropped client's share is
+//!   missing, so the round is accounted with the noise that the clients who
+//!   contributed actually added.
+//!
+//! After each round the accountant ([`fedquic_privacy::dp`]) composes the
+//! round (sampling rate `q = selected / population`) and reports epsilon at
+//! the configured delta; a budget stops the run (or warns) before a round
+//! that would exceed it.
+
+use fedquic_privacy::dp::{
+    self, AccountantState, AdaptiveClip, DpConfig, DpMode, OnBudget, RdpAccountant,
+};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+/// What one round spent, for the metrics.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PrivacySummary {
+    pub mode: &'static str,
+    /// The clip norm this round used and the next round will use (they
+    /// differ with adaptive clipping).
+    pub clip_norm: f64,
+    pub next_clip_norm: f64,
+    /// Noise multiplier on the update sum (with adaptive clipping, the part
+    /// left after the count query), and the noise standard deviation that
+    /// the sum actually carries (distributed mode: the contributors' shares).
+    pub noise_multiplier: f64,
+    pub noise_std: f64,
+    /// Sampling rate of the round.
+    pub q: f64,
+    /// Epsilon spent so far, at `delta`.
+    pub epsilon: f64,
+    pub delta: f64,
+    /// The RDP order that gave epsilon.
+    pub order: f64,
+}
+
+/// The noise a round's sum carries.
+#[derive(Clone, Copy, Debug)]
+pub enum RoundNoise {
+    /// Gaussian noise added by the aggregator.
+    Central,
+    /// Skellam shares added by `contributors` clients, `mu` each, on values
+    /// quantised with `scale`, `dim` of them.
+    Skellam {
+        mu: f64,
+        contributors: usize,
+        scale: f64,
+        dim: usize,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedPrivacy {
+    accountant: AccountantState,
+    clip: f64,
+}
+
+/// A run's differential privacy: config, accountant, adaptive clip.
+#[derive(Debug, Clone)]
+pub struct Privacy {
+    config: DpConfig,
+    population: usize,
+    accountant: RdpAccountant,
+    adaptive: Option<AdaptiveClip>,
+    clip: f64,
+}
+
+impl Privacy {
+    /// `population`: how many clients may be sampled (the sampling rate's
+    /// denominator). Fails on an invalid config.
+    pub fn new(config: DpConfig, population: usize) -> Result<Privacy, String> {
+        config
+            .validate()
+            .map_err(|e| format!("differential_privacy: {e}"))?;
+        if population < 2 {
+            return Err("differential_privacy.population must be at least 2".into());
+        }
+        if config.mode == DpMode::Distributed && config.adaptive_clipping.is_some() {
+            return Err(
+                "differential_privacy: adaptive clipping runs in central mode only (its count \
+                 query would need its own distributed noise)"
+                    .into(),
+            );
+        }
+        let accountant = RdpAccountant::new(None).map_err(|e| e.to_string())?;
+        let adaptive = config.adaptive_clip().map_err(|e| e.to_string())?;
+        Ok(Privacy {
+            clip: config.clip_norm,
+            config,
+            population,
+            accountant,
+            adaptive,
+        })
+    }
+
+    pub fn mode(&self) -> DpMode {
+        self.config.mode
+    }
+
+    pub fn mode_name(&self) -> &'static str {
+        match self.config.mode {
+            DpMode::Central => "central",
+            DpMode::Distributed => "distributed",
+        }
+    }
+
+    /// The clip norm of the coming round.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip
+    }
+
+    /// The noise multiplier on the update sum.
+    fn update_sigma(&self) -> f64 {
+        self.config
+            .update_noise_multiplier()
+            .unwrap_or(self.config.noise_multiplier)
+    }
+
+    /// Distributed mode: the standard deviation (update units) of the noise
+    /// each of `selected` clients adds, so that together they add
+    /// `sigma C`. 0 in central mode.
+    pub fn client_noise_std(&self, selected: usize) -> f64 {
+        match self.config.mode {
+            DpMode::Central => 0.0,
+            DpMode::Distributed => {
+                self.update_sigma() * self.clip / (selected.max(1) as f64).sqrt()
+            }
+        }
+    }
+
+    /// Central mode: adds the Gaussian noise to the sum of clipped updates.
+    pub fn noise_sum(&self, sum: &mut [f64], seed: u64) -> Result<(), String> {
+        if self.config.mode != DpMode::Central {
+            return Ok(());
+        }
+        dp::add_gaussian_noise(sum, self.update_sigma() * self.clip, seed)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Composes a finished round into the accountant and moves the adaptive
+    /// clip: `selected` clients were sampled, `within_clip` of the updates
+    /// were within the clip norm before clipping (exact: the aggregator
+    /// adds the count's noise here).
+    pub fn account(
+        &mut self,
+        selected: usize,
+        within_clip: f64,
+        noise: RoundNoise,
+        seed: u64,
+    ) -> Result<PrivacySummary, String> {
+        let q = (selected as f64 / self.population as f64).min(1.0);
+        let sampling = self.config.sampling;
+        let sigma = self.config.noise_multiplier;
+        let noise_std = match noise {
+            RoundNoise::Central => {
+                self.accountant
+                    .step(q, sigma, 1, sampling)
+                    .map_err(|e| e.to_string())?;
+                self.update_sigma() * self.clip
+            }
+            RoundNoise::Skellam {
+                mu,
+                contributors,
+                scale,
+                dim,
+            } => {
+                let total_mu = mu * contributors as f64;
+                // Stochastic rounding moves each value by less than 1.
+                let l2 = self.clip * scale + (dim as f64).sqrt();
+                let l1 = dp::skellam_l1_bound(l2, dim).map_err(|e| e.to_string())?;
+                self.accountant
+                    .step_skellam(q, total_mu, l1, l2, 1, sampling)
+                    .map_err(|e| e.to_string())?;
+                (2.0 * total_mu).sqrt() / scale
+            }
+        };
+        let used_clip = self.clip;
+        if let Some(adaptive) = &mut self.adaptive {
+            let noisy = adaptive
+                .noisy_count(within_clip, seed)
+                .map_err(|e| e.to_string())?;
+            self.clip = adaptive
+                .update(noisy, selected.max(1))
+                .map_err(|e| e.to_string())?;
+        }
+        let (epsilon, order) = self
+            .accountant
+            .epsilon(self.config.delta)
+            .map_err(|e| e.to_string())?;
+        Ok(PrivacySummary {
+            mode: self.mode_name(),
+            clip_norm: used_clip,
+            next_clip_norm: self.clip,
+            noise_multiplier: self.update_sigma(),
+            noise_std,
+            q,
+            epsilon,
+            delta: self.config.delta,
+            order,
+        })
+    }
+
+    /// Why the run must stop before a round of `selected` clients: the
+    /// budget would be exceeded (with `on_budget = "warn"`, a warning is
+    /// logged and the run goes on).
+    pub fn stop_reason(&self, selected: usize) -> Option<String> {
+        let budget = self.config.budget().ok().flatten()?;
+        let q = (selected as f64 / self.population as f64).min(1.0);
+        let mut next = self.accountant.clone();
+        let stepped = match self.config.mode {
+            // Distributed rounds are accounted as the Gaussian of the same
+            // variance for this look-ahead (the Skellam bound is close).
+            DpMode::Central | DpMode::Distributed => {
+                next.step(q, self.config.noise_multiplier, 1, self.config.sampling)
+            }
+        };
+        stepped.ok()?;
+        let (epsilon, _) = next.epsilon(budget.delta).ok()?;
+        if epsilon <= budget.epsilon {
+            return None;
+        }
+        let reason = format!(
+            "the privacy budget epsilon = {} at delta = {} would be exceeded by the next round \
+             (epsilon {epsilon:.3})",
+            budget.epsilon, budget.delta
+        );
+        match budget.on_exceed {
+            OnBudget::Stop => Some(reason),
+            OnBudget::Warn => {
+                warn!("{reason}; going on (on_budget = \"warn\")");
+                None
+            }
+        }
+    }
+
+    /// Accountant and clip, for the checkpoint.
+    pub fn state(&self) -> Vec<u8> {
+        postcard::to_stdvec(&SavedPrivacy {
+            accountant: self.accountant.state(),
+            clip: self.clip,
+        })
+        .unwrap_or_default()
+    }
+
+    pub fn restore(&mut self, state: &[u8]) -> Result<(), String> {
+        let saved: SavedPrivacy =
+            postcard::from_bytes(state).map_err(|e| format!("checkpointed privacy state: {e}"))?;
+        if !(saved.clip.is_finite() && saved.clip > 0.0) {
+            return Err(format!("checkpointed clip norm {} is invalid", saved.clip));
+        }
+        self.accountant = RdpAccountant::restore(saved.accountant).map_err(|e| e.to_string())?;
+        self.clip = saved.clip;
+        if let Some(a) = &mut self.adaptive {
+            a.clip = saved.clip;
+        }
+        Ok(())
+    }
+}
+
+/// Marks a checkpoint's strategy state that carries privacy state too.
+const PRIVACY_MAGIC: &[u8; 8] = b"FQDPv1\0\0";
+
+/// The strategy's state, followed by the privacy state when there is one
+/// (a run without DP keeps the plain strategy state).
+pub fn join_state(strategy: Vec<u8>, privacy: Option<Vec<u8>>) -> Vec<u8> {
+    let Some(privacy) = privacy else {
+        return strategy;
+    };
+    let mut out = Vec::with_capacity(16 + strategy.len() + privacy.len());
+    out.extend_from_slice(PRIVACY_MAGIC);
+    out.extend_from_slice(&(strategy.len() as u64).to_le_bytes());
+    out.extend_from_slice(&strategy);
+    out.extend_from_slice(&privacy);
+    out
+}
+
+/// Splits what [`join_state`] wrote.
+pub fn split_state(state: &[u8]) -> Result<(&[u8], Option<&[u8]>), String> {
+    let Some(rest) = state.strip_prefix(PRIVACY_MAGIC.as_slice()) else {
+        return Ok((state, None));
+    };
+    let (len, rest) = rest
+        .split_first_chunk::<8>()
+        .ok_or("checkpointed privacy state is truncated")?;
+    let len = u64::from_le_bytes(*len);
+    if len > rest.len() as u64 {
+        return Err("checkpointed privacy state is truncated".into());
+    }
+    let (strategy, privacy) = rest.split_at(len as usize);
+    Ok((strategy, Some(privacy)))
+}
