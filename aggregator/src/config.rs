@@ -351,6 +351,12 @@ impl CodecPreference {
             }
             for c in list {
                 c.validate().map_err(|e| format!("{key}: {e}"))?;
+                if *c == Codec::Ring32 {
+                    return Err(format!(
+                        "{key}: ring32 carries secure aggregation's masked inputs and is not \
+                         negotiated (enable [secure_aggregation] instead)"
+                    ));
+                }
             }
         }
         if let Some(bad) = self
@@ -1077,6 +1083,63 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains(key), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    fn privacy_sections_refuse_what_cannot_work_together() {
+        let refused = |toml: &str, needle: &str| {
+            let c: AggregatorConfig = toml::from_str(toml).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{toml}: {e}");
+        };
+        let secagg = "[secure_aggregation]\nenabled = true\n";
+        refused(
+            &format!("{secagg}[strategy]\nname = \"krum\"\n"),
+            "needs individual updates",
+        );
+        refused(
+            &format!("{secagg}[updates]\nmax_update_norm = 5.0\n"),
+            "updates.max_update_norm",
+        );
+        refused(&format!("{secagg}[fedbuff]\nenabled = true\n"), "[fedbuff]");
+        refused(
+            "[differential_privacy]\nenabled = true\nmode = \"distributed\"\npopulation = 100\n",
+            "needs [secure_aggregation]",
+        );
+        refused(
+            "[differential_privacy]\nenabled = true\n",
+            "differential_privacy.population",
+        );
+        refused(
+            "[differential_privacy]\nenabled = true\npopulation = 10\nnoise_multiplier = -1.0\n",
+            "noise_multiplier",
+        );
+        refused(
+            &format!("{secagg}degree = 1000\n"),
+            "secure_aggregation.degree",
+        );
+        // Together they work, and DP moves the clip norm and the weights.
+        let c: AggregatorConfig = toml::from_str(&format!(
+            "{secagg}[differential_privacy]\nenabled = true\nmode = \"distributed\"\n\
+             population = 100\nclip_norm = 2.0\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let s = c
+            .secure_aggregation
+            .settings(&c.rounds, &c.differential_privacy)
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.clip_norm, s.weight_cap), (2.0, 0));
+        // Central DP without secure aggregation: clip to C, weight 1.
+        let c: AggregatorConfig = toml::from_str(
+            "[differential_privacy]\nenabled = true\npopulation = 10\nclip_norm = 3.0\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let u = c.engine_config().updates;
+        assert_eq!(u.max_update_norm, Some(3.0));
+        assert_eq!(u.max_examples_per_update, 1);
     }
 
     #[test]

@@ -987,3 +987,277 @@ impl Coordinator for SecAggEngine {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The phases driven without a network: clients are
+    //! `fedquic_privacy::secagg::ClientRound`s fed the engine's actions;
+    //! dropouts are clients that stay silent until a deadline passes.
+
+    use std::collections::BTreeMap;
+
+    use fedquic_privacy::secagg::ClientRound;
+    use fedquic_protocol::{FitInstructions, SecAggStep};
+
+    use super::*;
+    use crate::engine::UpdatePolicy;
+
+    const P: usize = 16;
+
+    fn config(clients: usize) -> EngineConfig {
+        EngineConfig {
+            rounds: 3,
+            fraction_fit: 1.0,
+            min_fit_clients: 2,
+            max_fit_clients: 100,
+            min_available_clients: clients,
+            round_deadline: Duration::from_secs(60),
+            fit: FitInstructions {
+                epochs: 1,
+                batch_size: 1,
+                learning_rate: 0.1,
+                proximal_mu: 0.0,
+                seed: 1,
+                optimizer: Default::default(),
+            },
+            fraction_evaluate: 0.0,
+            min_evaluate_clients: 0,
+            max_round_retries: 2,
+            seed: 7,
+            updates: UpdatePolicy {
+                max_update_norm_median_multiple: None,
+                ..UpdatePolicy::default()
+            },
+            strategy: Default::default(),
+        }
+    }
+
+    fn settings() -> SecAggSettings {
+        SecAggSettings {
+            degree: 0,
+            threshold: 0.5,
+            phase_timeout: Duration::from_secs(10),
+            clip_norm: 100.0,
+            weight_cap: 0,
+            min_clients: 3,
+        }
+    }
+
+    /// Client `i`'s update: `0.1 (i + 1)` on every value.
+    fn delta(i: usize) -> Vec<f32> {
+        vec![0.1 * (i + 1) as f32; P]
+    }
+
+    struct Sim {
+        engine: SecAggEngine,
+        now: Instant,
+        clients: BTreeMap<String, (u64, FitTask, ClientRound)>,
+        /// Steps the engine sent, per client, not yet handled.
+        inbox: BTreeMap<String, Vec<SecAggStep>>,
+        outcomes: Vec<RoundOutcome>,
+        retries: usize,
+        not_committed: usize,
+    }
+
+    impl Sim {
+        fn new(n: usize) -> Sim {
+            let engine = SecAggEngine::new(config(n), settings(), None, vec![0.0; P]).unwrap();
+            let mut sim = Sim {
+                engine,
+                now: Instant::now(),
+                clients: BTreeMap::new(),
+                inbox: BTreeMap::new(),
+                outcomes: Vec::new(),
+                retries: 0,
+                not_committed: 0,
+            };
+            for i in 0..n {
+                let actions = sim.engine.client_joined(format!("c{i:02}"), sim.now);
+                sim.absorb(actions);
+            }
+            sim
+        }
+
+        fn absorb(&mut self, actions: Vec<Action>) {
+            for a in actions {
+                match a {
+                    Action::SendFit { client, task } => {
+                        let len = SecAggTask::vector_len(P);
+                        let seed = [task.task_id as u8; 32];
+                        let (round, keys) = ClientRound::new(task.round, len, seed);
+                        // A new task supersedes whatever the last one left.
+                        self.inbox
+                            .insert(client.clone(), vec![SecAggStep::AdvertiseKeys(keys)]);
+                        self.clients.insert(client, (task.task_id, task, round));
+                    }
+                    Action::SendSecAgg { client, step, .. } => {
+                        self.inbox.entry(client).or_default().push(step)
+                    }
+                    Action::RoundFinished(o) => self.outcomes.push(*o),
+                    Action::RoundRetry { .. } => self.retries += 1,
+                    Action::RoundNotCommitted { .. } => self.not_committed += 1,
+                    _ => {}
+                }
+            }
+        }
+
+        /// Every client not in `silent` handles what it was sent.
+        fn step(&mut self, silent: &[&str]) {
+            let names: Vec<String> = self.inbox.keys().cloned().collect();
+            for name in names {
+                if silent.contains(&name.as_str()) {
+                    continue;
+                }
+                let steps = self.inbox.remove(&name).unwrap_or_default();
+                for step in steps {
+                    let Some((task_id, task, round)) = self.clients.get_mut(&name) else {
+                        continue;
+                    };
+                    let task_id = *task_id;
+                    let reply = match &step {
+                        // Our own keys, queued at SendFit.
+                        SecAggStep::AdvertiseKeys(_) => Some(step.clone()),
+                        SecAggStep::Neighbours(m) => {
+                            Some(SecAggStep::ShareKeys(round.on_neighbours(m).unwrap()))
+                        }
+                        SecAggStep::RelayedShares(m) => {
+                            round.on_relayed_shares(m).unwrap();
+                            // Trained and masked: send the input now.
+                            let i: usize = name[1..].parse().unwrap();
+                            let secagg = task.secagg.clone().unwrap();
+                            let mut values = delta(i);
+                            values.extend([1.0, 1.0]);
+                            let mut input = vec![0u32; values.len()];
+                            secagg
+                                .fixed_point()
+                                .unwrap()
+                                .encode_into(&values, &mut input, i as u64)
+                                .unwrap();
+                            round.mask(&mut input).unwrap();
+                            let as_f32: &[f32] = bytemuck::cast_slice(&input);
+                            let metrics = Vec::new();
+                            let update = ReceivedUpdate {
+                                client: &name,
+                                task_id,
+                                round: task.round,
+                                num_examples: 5,
+                                metrics: &metrics,
+                                delta: as_f32,
+                            };
+                            let actions = self.engine.update_received(update, self.now);
+                            self.absorb(actions);
+                            None
+                        }
+                        SecAggStep::UnmaskRequest(m) => {
+                            Some(SecAggStep::UnmaskResponse(round.on_unmask(m).unwrap()))
+                        }
+                        SecAggStep::ShareKeys(_) | SecAggStep::UnmaskResponse(_) => None,
+                    };
+                    if let Some(reply) = reply {
+                        let actions = self
+                            .engine
+                            .secagg_received(&name, task_id, &reply, self.now);
+                        self.absorb(actions);
+                    }
+                }
+            }
+        }
+
+        /// Lets the current phase's deadline pass.
+        fn expire(&mut self) {
+            self.now = self.engine.next_deadline().unwrap() + Duration::from_millis(1);
+            let actions = self.engine.tick(self.now);
+            self.absorb(actions);
+        }
+    }
+
+    #[test]
+    fn dropouts_at_every_phase_still_give_the_exact_mean_of_the_contributors() {
+        let mut sim = Sim::new(10);
+        assert_eq!(sim.clients.len(), 10);
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::AdvertiseKeys));
+        // Three never advertise (30%): the phase closes at its deadline.
+        let silent_keys = ["c00", "c01", "c02"];
+        sim.step(&silent_keys);
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::AdvertiseKeys));
+        sim.expire();
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::ShareKeys));
+        // Of the seven, one never shares.
+        sim.step(&["c00", "c01", "c02", "c03"]);
+        sim.expire();
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::MaskedInput));
+        // One shared its keys and then never sends a masked input: its
+        // pairwise masks are rebuilt from its neighbours' shares.
+        sim.step(&["c00", "c01", "c02", "c03", "c04"]);
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::MaskedInput));
+        sim.expire();
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::Unmask));
+        sim.step(&["c00", "c01", "c02", "c03", "c04"]);
+        assert_eq!(sim.outcomes.len(), 1, "the round committed");
+        let o = &sim.outcomes[0];
+        let s = o.secagg.as_ref().unwrap();
+        assert_eq!(
+            (s.selected, s.advertised, s.shared, s.masked),
+            (10, 7, 6, 5),
+            "{s:?}"
+        );
+        assert_eq!(s.phase_seconds.len(), 4);
+        // Contributors c05..c09: mean of 0.6 .. 1.0.
+        let expected = 0.8;
+        for v in sim.engine.global_model().iter() {
+            assert!((v - expected).abs() < 1e-5, "{v}");
+        }
+        // The next round started with a fresh selection.
+        assert_eq!(sim.engine.round(), 2);
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::AdvertiseKeys));
+    }
+
+    #[test]
+    fn too_few_unmask_answers_fail_the_round_cleanly_and_it_starts_again() {
+        let mut sim = Sim::new(6);
+        sim.step(&[]);
+        sim.step(&[]);
+        sim.step(&[]);
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::Unmask));
+        // Only two of six answer the unmask request: no secret has enough
+        // shares, nothing is reconstructed, the model does not move.
+        sim.step(&["c00", "c01", "c02", "c03"]);
+        sim.expire();
+        assert_eq!(sim.outcomes.len(), 0);
+        assert_eq!((sim.not_committed, sim.retries), (1, 1));
+        assert!(sim.engine.global_model().iter().all(|v| *v == 0.0));
+        assert_eq!(sim.engine.round(), 1, "round 1 again");
+        assert_eq!(sim.engine.phase(), Some(SecAggPhase::AdvertiseKeys));
+        // The retry completes with everyone.
+        for _ in 0..4 {
+            sim.step(&[]);
+        }
+        assert_eq!(sim.outcomes.len(), 1);
+        let expected = 0.35;
+        for v in sim.engine.global_model().iter() {
+            assert!((v - expected).abs() < 1e-5, "{v}");
+        }
+    }
+
+    #[test]
+    fn strategies_and_policies_that_need_individual_updates_are_refused() {
+        for name in ["fedmedian", "krum", "scaffold", "qfedavg", "normbounded"] {
+            let mut c = config(4);
+            c.strategy.name = name.into();
+            let e = SecAggEngine::new(c, settings(), None, vec![0.0; P]).err();
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains("individual updates")),
+                "{name}: {e:?}"
+            );
+        }
+        let mut c = config(4);
+        c.updates.max_update_norm = Some(1.0);
+        assert!(SecAggEngine::new(c, settings(), None, vec![0.0; P]).is_err());
+        let bad = SecAggSettings {
+            min_clients: 1,
+            ..settings()
+        };
+        assert!(SecAggEngine::new(config(4), bad, None, vec![0.0; P]).is_err());
+    }
+}

@@ -134,18 +134,19 @@ fn trailing_bytes_and_unknown_tags_are_errors() {
 
 #[test]
 fn version_negotiation_picks_a_common_version_or_fails() {
-    assert_eq!(negotiate_version(&[3]).unwrap(), 3);
-    assert_eq!(negotiate_version(&[9, 3, 2, 1]).unwrap(), 3);
-    // Version 1 peers (before q-FedAvg and SCAFFOLD grew FitTask) and
-    // version 2 peers (before codecs grew Welcome) are refused.
-    for old in [1, 2] {
+    assert_eq!(negotiate_version(&[4]).unwrap(), 4);
+    assert_eq!(negotiate_version(&[9, 4, 3, 2, 1]).unwrap(), 4);
+    // Version 1 peers (before q-FedAvg and SCAFFOLD grew FitTask), version 2
+    // peers (before codecs grew Welcome) and version 3 peers (before secure
+    // aggregation grew FitTask) are refused.
+    for old in [1, 2, 3] {
         assert!(matches!(
             negotiate_version(&[old]),
             Err(ProtocolError::NoCommonVersion { .. })
         ));
     }
     assert!(matches!(
-        negotiate_version(&[4]),
+        negotiate_version(&[5]),
         Err(ProtocolError::NoCommonVersion { .. })
     ));
     assert!(negotiate_version(&[]).is_err());

@@ -200,6 +200,47 @@ struct RunArgs {
     /// FedBuff: staleness weight, constant, polynomial:A ((1 + tau)^-A) or hinge:A,B.
     #[arg(long, default_value = "polynomial:0.5", help_heading = "FedBuff")]
     staleness: fedquic_aggregator::Staleness,
+    /// Secure aggregation (SecAgg+): the aggregator only sees the sum of each
+    /// round's updates. Clients clip to --secagg-clip (or --dp-clip) and
+    /// weight their own updates; robust strategies are refused.
+    #[arg(long, help_heading = "Privacy")]
+    secagg: bool,
+    /// Secure aggregation: neighbours per client (0: 2 ceil(log2 n); n - 1
+    /// or more: the complete graph).
+    #[arg(long, default_value_t = 0, help_heading = "Privacy")]
+    secagg_degree: usize,
+    /// Secure aggregation: shares that rebuild a secret, as a fraction of the
+    /// degree (never below a majority).
+    #[arg(long, default_value_t = 0.5, help_heading = "Privacy")]
+    secagg_threshold: f64,
+    /// Secure aggregation: clients clip their update to this L2 norm.
+    #[arg(long, default_value_t = 10.0, help_heading = "Privacy")]
+    secagg_clip: f64,
+    /// Differential privacy: the aggregator adds the noise ("central"), or
+    /// clients add Skellam shares inside the masks ("distributed", needs
+    /// --secagg).
+    #[arg(long, value_name = "MODE", help_heading = "Privacy")]
+    dp: Option<String>,
+    /// Differential privacy: L2 clip norm C of each update.
+    #[arg(long, default_value_t = 1.0, help_heading = "Privacy")]
+    dp_clip: f64,
+    /// Differential privacy: noise multiplier (noise std on the sum is this x C).
+    #[arg(long, default_value_t = 1.0, help_heading = "Privacy")]
+    dp_noise: f64,
+    /// Differential privacy: delta of the reported (epsilon, delta).
+    #[arg(long, default_value_t = 1e-5, help_heading = "Privacy")]
+    dp_delta: f64,
+    /// Differential privacy: "fixed" (the engine's fixed-size selection) or
+    /// "poisson" (an approximation; smaller epsilons).
+    #[arg(long, default_value = "fixed", help_heading = "Privacy")]
+    dp_sampling: String,
+    /// Differential privacy: stop before a round that would take epsilon past this (0: none).
+    #[arg(long, default_value_t = 0.0, help_heading = "Privacy")]
+    epsilon_budget: f64,
+    /// Differential privacy: adaptive clipping towards the median update norm
+    /// (Andrew et al. 2021; central mode).
+    #[arg(long, help_heading = "Privacy")]
+    dp_adaptive_clip: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -311,6 +352,28 @@ fn main() -> anyhow::Result<()> {
             // The simulator writes no checkpoints.
             ..Default::default()
         }),
+        secure_aggregation: a
+            .secagg
+            .then(|| fedquic_aggregator::config::SecureAggregationConfig {
+                enabled: true,
+                degree: a.secagg_degree,
+                threshold: a.secagg_threshold,
+                clip_norm: a.secagg_clip,
+                ..Default::default()
+            }),
+        privacy: a.dp.as_ref().map(
+            |mode| fedquic_aggregator::config::DifferentialPrivacyConfig {
+                enabled: true,
+                mode: mode.clone(),
+                clip_norm: a.dp_clip,
+                noise_multiplier: a.dp_noise,
+                delta: a.dp_delta,
+                sampling: a.dp_sampling.clone(),
+                epsilon_budget: a.epsilon_budget,
+                adaptive_clipping: a.dp_adaptive_clip,
+                ..Default::default()
+            },
+        ),
         ..SimConfig::default()
     };
     if let Some(t) = a.threads {

@@ -60,14 +60,14 @@ pub fn faults_csv(faults: &[FaultEvent]) -> String {
 
 pub fn rounds_csv(records: &[RoundRecord], faults: &[FaultEvent]) -> String {
     let mut out = String::from(
-        "round,attempts,clients_selected,clients_answered,clients_dropped,updates_rejected,examples,weight_used,updates_clipped,client_reported_train_loss,client_reported_train_accuracy,test_loss,test_accuracy,federated_loss,federated_accuracy,bytes_down,bytes_up,seconds,elapsed_seconds,faults_dropout,faults_straggler,faults_byzantine,dropout_clients,straggler_clients,byzantine_clients\n",
+        "round,attempts,clients_selected,clients_answered,clients_dropped,updates_rejected,examples,weight_used,updates_clipped,client_reported_train_loss,client_reported_train_accuracy,test_loss,test_accuracy,federated_loss,federated_accuracy,bytes_down,bytes_up,seconds,elapsed_seconds,faults_dropout,faults_straggler,faults_byzantine,dropout_clients,straggler_clients,byzantine_clients,epsilon,delta,dp_clip_norm,dp_noise_std,secagg_masked\n",
     );
     let f = |v: Option<f64>| v.map(|x| x.to_string()).unwrap_or_default();
     for r in records {
         let o = &r.outcome;
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.6},{:.6},{},{},{},{},{},{}",
             o.round,
             o.attempts,
             o.clients_selected,
@@ -88,6 +88,14 @@ pub fn rounds_csv(records: &[RoundRecord], faults: &[FaultEvent]) -> String {
             r.seconds,
             r.elapsed_seconds,
             fault_columns(o.round, faults),
+            f(o.privacy.as_ref().map(|p| p.epsilon)),
+            f(o.privacy.as_ref().map(|p| p.delta)),
+            f(o.privacy.as_ref().map(|p| p.clip_norm)),
+            f(o.privacy.as_ref().map(|p| p.noise_std)),
+            o.secagg
+                .as_ref()
+                .map(|s| s.masked.to_string())
+                .unwrap_or_default(),
         );
     }
     out

@@ -66,6 +66,11 @@ pub struct SimConfig {
     /// Asynchronous FedBuff instead of synchronous rounds (`rounds` is then
     /// the number of server steps, `round_deadline_secs` a task's deadline).
     pub fedbuff: Option<fedquic_aggregator::FedBuffSettings>,
+    /// Secure aggregation (the aggregator's `[secure_aggregation]`).
+    pub secure_aggregation: Option<fedquic_aggregator::config::SecureAggregationConfig>,
+    /// Differential privacy (the aggregator's `[differential_privacy]`; its
+    /// population defaults to the number of clients).
+    pub privacy: Option<fedquic_aggregator::config::DifferentialPrivacyConfig>,
 }
 
 /// Codecs in a simulation: the aggregator's lists, and what clients offer.
@@ -152,6 +157,8 @@ impl Default for SimConfig {
             max_norm_multiple: 10.0,
             codecs: SimCodecs::default(),
             fedbuff: None,
+            secure_aggregation: None,
+            privacy: None,
         }
     }
 }
@@ -231,6 +238,22 @@ pub async fn simulate(
             checkpoint_every: f.checkpoint_every,
         };
     }
+    if let Some(s) = &config.secure_aggregation {
+        aggregator.secure_aggregation = fedquic_aggregator::config::SecureAggregationConfig {
+            enabled: true,
+            ..s.clone()
+        };
+    }
+    if let Some(p) = &config.privacy {
+        aggregator.differential_privacy = fedquic_aggregator::config::DifferentialPrivacyConfig {
+            enabled: true,
+            population: match p.population {
+                0 => config.clients,
+                n => n,
+            },
+            ..p.clone()
+        };
+    }
     aggregator.validate()?;
     let offers = config.codecs.offers()?;
     // A refused client would leave the run waiting for it: check every offer
@@ -299,6 +322,14 @@ pub async fn simulate(
         fedbuff: aggregator
             .fedbuff
             .settings()
+            .map_err(|e| anyhow::anyhow!(e))?,
+        secure_aggregation: aggregator
+            .secure_aggregation
+            .settings(&aggregator.rounds, &aggregator.differential_privacy)
+            .map_err(|e| anyhow::anyhow!(e))?,
+        privacy: aggregator
+            .differential_privacy
+            .privacy()
             .map_err(|e| anyhow::anyhow!(e))?,
         ..ServerSetup::new(
             SocketAddr::from(([127, 0, 0, 1], 0)),
