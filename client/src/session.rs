@@ -579,36 +579,37 @@ async fn secagg_fit_task(
     };
     say(send, SecAggStep::AdvertiseKeys(keys), &mut up).await?;
     let limits = TensorLimits::for_model(params as u64);
-    let (global, down) = receive_model(
-        conn,
-        task.round,
-        task.task_id,
-        layout,
-        &limits,
-        negotiated.downlink,
-    )
-    .await?;
     let config = task.config.clone();
-    let training = run_trainer(trainer, opts, move |t| {
-        t.set_parameters(&global)?;
-        let outcome = t.fit(&config);
-        let mut delta = global;
-        let result = outcome.and_then(|o| {
-            let local = t.parameters();
-            if local.len() != delta.len() || local.iter().any(|v| !v.is_finite()) {
-                return Err(TrainerError::Other(
-                    "training diverged or changed the model's size".into(),
-                ));
-            }
-            for (d, l) in delta.iter_mut().zip(local) {
-                *d = l - *d;
-            }
-            Ok((o, delta))
-        });
-        t.release();
-        result
-    });
+    // The model's download and the training run while the key exchange goes
+    // on: the control stream is served throughout.
+    let downlink = negotiated.downlink;
+    let training = async {
+        let (global, down) =
+            receive_model(conn, task.round, task.task_id, layout, &limits, downlink).await?;
+        let trained = run_trainer(trainer, opts, move |t| {
+            t.set_parameters(&global)?;
+            let outcome = t.fit(&config);
+            let mut delta = global;
+            let result = outcome.and_then(|o| {
+                let local = t.parameters();
+                if local.len() != delta.len() || local.iter().any(|v| !v.is_finite()) {
+                    return Err(TrainerError::Other(
+                        "training diverged or changed the model's size".into(),
+                    ));
+                }
+                for (d, l) in delta.iter_mut().zip(local) {
+                    *d = l - *d;
+                }
+                Ok((o, delta))
+            });
+            t.release();
+            result
+        })
+        .await?;
+        Ok::<_, SessionError>((trained, down))
+    };
     tokio::pin!(training);
+    let mut down = 0u64;
     let mut trained = None;
     let mut shares_in = false;
     loop {
@@ -653,7 +654,9 @@ async fn secagg_fit_task(
         }
         tokio::select! {
             result = &mut training, if trained.is_none() => {
-                trained = Some(result?);
+                let (result, bytes) = result?;
+                down = bytes;
+                trained = Some(result);
             }
             msg = messages.recv() => {
                 let msg = match msg {

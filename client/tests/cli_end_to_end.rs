@@ -319,6 +319,76 @@ test_data = "synthetic:600/200"
     assert!(!again.status.success());
 }
 
+/// The daemon runs secure aggregation with distributed DP from its config
+/// file, with client processes: each round's metrics show the SecAgg
+/// phases and the epsilon spent.
+#[test]
+fn daemon_runs_secure_aggregation_and_dp_from_its_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let out = Command::new(aggregator_bin())
+        .args(["certs", "init", "--dir"])
+        .arg(&certs)
+        .args(["--clients", "4"])
+        .output()
+        .unwrap();
+    assert_success(&out, "certs init");
+    std::fs::write(
+        dir.path().join("aggregator.toml"),
+        r#"
+[model]
+spec = "mlp:784-16-10"
+[rounds]
+count = 2
+fraction_fit = 1.0
+min_fit_clients = 4
+min_available_clients = 4
+deadline_secs = 60
+[fit]
+epochs = 1
+batch_size = 10
+learning_rate = 0.1
+[evaluate]
+test_data = "synthetic:600/200"
+[secure_aggregation]
+enabled = true
+phase_timeout_secs = 20.0
+[differential_privacy]
+enabled = true
+mode = "distributed"
+clip_norm = 5.0
+noise_multiplier = 0.01
+population = 40
+"#,
+    )
+    .unwrap();
+    let port = free_udp_port();
+    let aggregator = run_aggregator(dir.path(), port, &[]);
+    let clients = spawn_clients(&certs, port, 4, 40, "1");
+    let agg_out = wait_with_timeout(aggregator, Duration::from_secs(120), "aggregator");
+    assert_success(&agg_out, "aggregator");
+    for (i, c) in clients.into_iter().enumerate() {
+        let out = wait_with_timeout(c, Duration::from_secs(30), "client");
+        assert_success(&out, &format!("client {}", i + 1));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("2 fit tasks"));
+    }
+    let metrics = std::fs::read_to_string(dir.path().join("state/metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    let mut last = 0.0;
+    for l in &lines {
+        assert_eq!(l["secagg"]["masked"], 4, "{l}");
+        assert_eq!(l["privacy"]["mode"], "distributed");
+        let epsilon = l["privacy"]["epsilon"].as_f64().unwrap();
+        assert!(epsilon > last, "{l}");
+        last = epsilon;
+        assert!(l["test_accuracy"].as_f64().unwrap() > 0.0);
+    }
+}
+
 #[test]
 fn bad_arguments_get_clear_errors() {
     let out = Command::new(client_bin())

@@ -123,6 +123,10 @@ pub struct ServeReport {
     /// Per round: the mean over clients of the bytes each sent and was sent
     /// (tensor bodies, and secure aggregation's key exchange).
     pub bytes_per_client: Vec<f64>,
+    /// Secure aggregation: seconds of each phase (advertise, share, masked
+    /// input, unmask) per round.
+    #[serde(default)]
+    pub secagg_phase_seconds: Vec<Vec<f64>>,
 }
 
 /// A "trainer" that adds a fixed delta to every parameter and claims a fixed
@@ -330,6 +334,11 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         .sum();
                     total as f64 / r.client_traffic.len().max(1) as f64
                 })
+                .collect(),
+            secagg_phase_seconds: summary
+                .records
+                .iter()
+                .filter_map(|r| r.outcome.secagg.as_ref().map(|s| s.phase_seconds.clone()))
                 .collect(),
         };
         println!("RESULT {}", serde_json::to_string(&report)?);
@@ -553,6 +562,23 @@ pub fn run_overhead(args: OverheadArgs) -> anyhow::Result<()> {
         "largest error against the exact weighted mean: {:.3e} (allowed {:.3e})",
         report.max_error, report.tolerance
     );
+    if !report.secagg_phase_seconds.is_empty() {
+        let phase = |i: usize| {
+            let v: Vec<f64> = report
+                .secagg_phase_seconds
+                .iter()
+                .filter_map(|p| p.get(i).copied())
+                .collect();
+            median(&v).unwrap_or(f64::NAN)
+        };
+        println!(
+            "secure aggregation phases, median seconds: advertise {:.3}, share {:.3}, masked input {:.3}, unmask {:.3}",
+            phase(0),
+            phase(1),
+            phase(2),
+            phase(3)
+        );
+    }
     println!(
         "aggregator peak memory (VmHWM): {}",
         mb(report.peak_rss_bytes)
