@@ -91,6 +91,11 @@ pub trait Coordinator: Send {
     fn fit_payload(&self) -> Arc<Vec<f32>> {
         self.global_model()
     }
+    /// While no work can start for want of clients: how many are connected
+    /// and how many are needed (for the shell's "waiting for" log line).
+    fn waiting_for(&self) -> Option<(usize, usize)> {
+        None
+    }
     /// Model versions committed so far (rounds, for a round-based coordinator).
     fn completed_rounds(&self) -> u64;
     /// The strategy's state, for the checkpoint written after a commit.
@@ -162,6 +167,9 @@ impl Coordinator for RoundEngine {
     }
     fn completed_rounds(&self) -> u64 {
         RoundEngine::completed_rounds(self)
+    }
+    fn waiting_for(&self) -> Option<(usize, usize)> {
+        RoundEngine::waiting_for(self)
     }
     fn strategy_state(&self) -> Vec<u8> {
         RoundEngine::strategy_state(self)

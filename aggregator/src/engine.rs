@@ -672,6 +672,20 @@ impl RoundEngine {
         matches!(self.phase, Phase::Done | Phase::Aborted)
     }
 
+    /// Connected and needed clients while a round waits for enough of them.
+    pub fn waiting_for(&self) -> Option<(usize, usize)> {
+        match self.phase {
+            Phase::Waiting { .. } => Some((
+                self.connected.len(),
+                self.config
+                    .min_available_clients
+                    .max(self.config.min_fit_clients)
+                    .max(1),
+            )),
+            _ => None,
+        }
+    }
+
     pub fn connected_clients(&self) -> usize {
         self.connected.len()
     }
@@ -999,6 +1013,17 @@ impl RoundEngine {
             self.phase = Phase::Waiting { attempt };
             return;
         }
+        // The privacy budget is checked before every round, the first too.
+        if let Some(reason) = self
+            .privacy
+            .as_ref()
+            .and_then(|p| p.stop_reason(self.fit_count()))
+        {
+            tracing::warn!("stopping: {reason}");
+            self.phase = Phase::Done;
+            actions.push(Action::Finished);
+            return;
+        }
         let selected = self.sample(self.fit_count(), attempt as u64);
         let mut pending = BTreeMap::new();
         for client in selected {
@@ -1289,15 +1314,7 @@ impl RoundEngine {
         // Evaluation tasks took ids after the fit phase closed.
         outcome.state.next_task_id = self.next_task_id;
         actions.push(Action::RoundFinished(Box::new(outcome)));
-        let over_budget = self
-            .privacy
-            .as_ref()
-            .and_then(|p| p.stop_reason(self.fit_count()));
         if self.round >= self.config.rounds {
-            self.phase = Phase::Done;
-            actions.push(Action::Finished);
-        } else if let Some(reason) = over_budget {
-            tracing::warn!("stopping: {reason}");
             self.phase = Phase::Done;
             actions.push(Action::Finished);
         } else {

@@ -723,6 +723,11 @@ impl Coordinator for FedBuff {
         self.version
     }
 
+    fn waiting_for(&self) -> Option<(usize, usize)> {
+        let needed = self.config.min_available_clients.max(1);
+        (!self.started && !self.finished).then_some((self.connected.len(), needed))
+    }
+
     fn strategy_state(&self) -> Vec<u8> {
         self.strategy.state()
     }

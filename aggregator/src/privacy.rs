@@ -302,3 +302,77 @@ pub fn split_state(state: &[u8]) -> Result<(&[u8], Option<&[u8]>), String> {
     let (strategy, privacy) = rest.split_at(len as usize);
     Ok((strategy, Some(privacy)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedquic_privacy::dp::Sampling;
+
+    fn config() -> DpConfig {
+        DpConfig {
+            mode: DpMode::Central,
+            clip_norm: 2.0,
+            noise_multiplier: 1.0,
+            delta: 1e-5,
+            epsilon_budget: Some(30.0),
+            on_budget: OnBudget::Stop,
+            sampling: Sampling::FixedSizeWithoutReplacement,
+            adaptive_clipping: Some(dp::AdaptiveClipConfig {
+                target_quantile: 0.5,
+                learning_rate: 0.2,
+                count_noise_std: 5.0,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_accountant_and_clip_survive_a_checkpoint_and_strategy_state_is_kept_apart() {
+        let mut p = Privacy::new(config(), 100).unwrap();
+        let first = p.account(10, 10.0, RoundNoise::Central, 1).unwrap();
+        assert!(first.epsilon > 0.0);
+        // Every update was within the clip: the clip shrinks towards the median.
+        assert!(first.next_clip_norm < first.clip_norm);
+        let joined = join_state(vec![1, 2, 3], Some(p.state()));
+        let (strategy, saved) = split_state(&joined).unwrap();
+        assert_eq!(strategy, &[1, 2, 3]);
+        let mut restored = Privacy::new(config(), 100).unwrap();
+        restored.restore(saved.unwrap()).unwrap();
+        assert_eq!(restored.clip_norm(), p.clip_norm());
+        let a = p.account(10, 3.0, RoundNoise::Central, 2).unwrap();
+        let b = restored.account(10, 3.0, RoundNoise::Central, 2).unwrap();
+        assert_eq!(
+            a, b,
+            "a resumed run spends exactly what an uninterrupted one does"
+        );
+        // Without privacy the strategy state is stored as it was.
+        assert_eq!(join_state(vec![7], None), vec![7]);
+        assert_eq!(split_state(&[7]).unwrap(), (&[7u8][..], None));
+        // A truncated state is an error, not a panic.
+        assert!(split_state(&joined[..12]).is_err());
+        assert!(restored.restore(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn the_budget_stops_before_the_round_that_would_exceed_it() {
+        let mut p = Privacy::new(config(), 100).unwrap();
+        let mut rounds = 0;
+        while p.stop_reason(10).is_none() {
+            let s = p.account(10, 5.0, RoundNoise::Central, rounds).unwrap();
+            assert!(s.epsilon <= 30.0, "{s:?}");
+            rounds += 1;
+            assert!(rounds < 10_000);
+        }
+        assert!(rounds > 0);
+        let reason = p.stop_reason(10).unwrap();
+        assert!(reason.contains("epsilon = 30"), "{reason}");
+        let warn_only = DpConfig {
+            on_budget: OnBudget::Warn,
+            ..config()
+        };
+        let mut w = Privacy::new(warn_only, 100).unwrap();
+        for i in 0..rounds + 5 {
+            w.account(10, 5.0, RoundNoise::Central, i).unwrap();
+        }
+        assert!(w.stop_reason(10).is_none(), "warn goes on");
+    }
+}

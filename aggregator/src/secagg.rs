@@ -367,6 +367,13 @@ impl SecAggEngine {
             .max(self.settings.min_clients)
             .min(self.config.max_fit_clients.max(self.settings.min_clients))
             .min(n);
+        // The privacy budget is checked before every round, the first too.
+        if let Some(reason) = self.privacy.as_ref().and_then(|p| p.stop_reason(count)) {
+            tracing::warn!("stopping: {reason}");
+            self.stage = Stage::Done;
+            actions.push(Action::Finished);
+            return;
+        }
         let selected = self.sample(count, attempt);
         let degree = self.settings.degree_for(selected.len());
         let round = self.round();
@@ -669,15 +676,7 @@ impl SecAggEngine {
             state: self.state(),
         };
         actions.push(Action::RoundFinished(Box::new(outcome)));
-        let over_budget = self
-            .privacy
-            .as_ref()
-            .and_then(|p| p.stop_reason(r.selected));
         if self.completed >= self.config.rounds {
-            self.stage = Stage::Done;
-            actions.push(Action::Finished);
-        } else if let Some(reason) = over_budget {
-            tracing::warn!("stopping: {reason}");
             self.stage = Stage::Done;
             actions.push(Action::Finished);
         } else {
@@ -978,6 +977,19 @@ impl Coordinator for SecAggEngine {
 
     fn completed_rounds(&self) -> u64 {
         self.completed
+    }
+
+    fn waiting_for(&self) -> Option<(usize, usize)> {
+        match self.stage {
+            Stage::Waiting { .. } => Some((
+                self.connected.len(),
+                self.config
+                    .min_available_clients
+                    .max(self.config.min_fit_clients)
+                    .max(self.settings.min_clients),
+            )),
+            _ => None,
+        }
     }
 
     fn strategy_state(&self) -> Vec<u8> {

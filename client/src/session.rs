@@ -320,6 +320,13 @@ async fn session(
         match msg {
             Message::FitTask(task) if task.secagg.is_some() => {
                 unmask = None;
+                info!(
+                    round = task.round,
+                    epochs = task.config.epochs,
+                    batch_size = task.config.batch_size,
+                    lr = task.config.learning_rate,
+                    "fit task with secure aggregation received; training"
+                );
                 let outcome = secagg_fit_task(
                     &conn,
                     &mut send,
@@ -393,6 +400,13 @@ async fn session(
                 unmask = None;
             }
             Message::FitTask(task) => {
+                info!(
+                    round = task.round,
+                    epochs = task.config.epochs,
+                    batch_size = task.config.batch_size,
+                    lr = task.config.learning_rate,
+                    "fit task received; training"
+                );
                 let answer = fit_task(
                     &conn,
                     &task,
@@ -640,11 +654,12 @@ async fn secagg_fit_task(
                 body_len: body.len() as u64,
             };
             up += send_encoded(conn, &header, body.into()).await?;
-            debug!(
+            info!(
                 round = task.round,
-                task = task.task_id,
+                examples = header.num_examples,
+                train_loss = %metric_text(&header.metrics, "loss"),
                 bytes = up,
-                "masked input sent"
+                "trained; masked input sent"
             );
             return Ok(SecAggFit::Sent {
                 up,
@@ -970,14 +985,24 @@ async fn fit_task(
     {
         warn!(error = %e, "cannot store the error-feedback residual");
     }
-    debug!(
+    info!(
         round = task.round,
-        task = task.task_id,
+        examples = header.num_examples,
+        train_loss = %metric_text(&header.metrics, "loss"),
+        train_accuracy = %metric_text(&header.metrics, "accuracy"),
         bytes,
         codec = %uplink,
-        "update sent"
+        "trained; update sent"
     );
     Ok(Ok((bytes, bytes_down)))
+}
+
+/// A training metric for the log, or "-".
+fn metric_text(metrics: &fedquic_protocol::Metrics, name: &str) -> String {
+    metrics
+        .iter()
+        .find(|(n, _)| n == name)
+        .map_or_else(|| "-".into(), |(_, v)| format!("{v:.4}"))
 }
 
 /// An update ready to send.

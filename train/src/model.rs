@@ -419,6 +419,18 @@ impl Model {
             if !last_epoch.loss.is_finite() {
                 return Err(TrainError::Diverged { epoch: epoch + 1 });
             }
+            // Progress for whoever waits on a long task (the task's own
+            // summary line covers a single epoch).
+            if cfg.epochs > 1 {
+                let seen = order.len().max(1) as f64;
+                tracing::info!(
+                    epoch = epoch + 1,
+                    of = cfg.epochs,
+                    loss = format!("{:.4}", last_epoch.loss / seen),
+                    accuracy = format!("{:.4}", last_epoch.correct as f64 / seen),
+                    "epoch done"
+                );
+            }
         }
         backend.download(backend.src(&params, 0..num_params)?, &mut self.params)?;
         let examples = order.len();

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fedquic_protocol::{Codec, EvalResult, Message, SecAggStep, StreamKind, TensorHeader};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -108,6 +108,8 @@ pub(super) struct Hub {
     /// The model encoded for each (downlink codec, with control variate):
     /// encoded once per model version, whoever it goes to.
     encoded_models: HashMap<(Codec, bool), EncodedModel>,
+    /// When the last "waiting for clients" line was logged, and the count then.
+    last_waiting_log: Option<(Instant, usize)>,
 }
 
 /// A model version (the values it was encoded from) and its encoding.
@@ -150,6 +152,7 @@ impl Hub {
             round_backends: std::collections::BTreeMap::new(),
             round_traffic: std::collections::BTreeMap::new(),
             encoded_models: HashMap::new(),
+            last_waiting_log: None,
         })
     }
 
@@ -173,6 +176,36 @@ impl Hub {
                 suppressed,
                 "{what}"
             );
+        }
+    }
+
+    /// "waiting for N more clients (c/n connected)": when the count changes
+    /// (at most every 2 s) and every 30 s while it does not.
+    fn log_waiting(&mut self) {
+        let Some((connected, needed)) = self.engine.waiting_for() else {
+            self.last_waiting_log = None;
+            return;
+        };
+        let now = Instant::now();
+        let due = match self.last_waiting_log {
+            None => true,
+            Some((at, logged)) => {
+                let since = now.duration_since(at);
+                (logged != connected && since >= Duration::from_secs(2))
+                    || since >= Duration::from_secs(30)
+            }
+        };
+        if due {
+            info!(
+                "waiting for {} more client{} ({connected}/{needed} connected)",
+                needed.saturating_sub(connected),
+                if needed.saturating_sub(connected) == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            );
+            self.last_waiting_log = Some((now, connected));
         }
     }
 
@@ -201,6 +234,8 @@ impl Hub {
                     None => break,
                 },
                 _ = sleep_until(deadline) => self.engine.tick(Instant::now()),
+                // Wakes the "waiting for clients" line when nothing else happens.
+                _ = tokio::time::sleep(Duration::from_secs(30)), if self.last_waiting_log.is_some() => Vec::new(),
                 _ = &mut shutdown => {
                     info!("shutting down: the round in progress is dropped, completed rounds are checkpointed");
                     self.close_all("aggregator shutting down", false);
@@ -210,6 +245,7 @@ impl Hub {
             };
             outcome = self.execute(actions).await;
             self.publish_fit_epoch();
+            self.log_waiting();
         }
         let finished = match outcome {
             Some(Ok(finished)) => finished,
