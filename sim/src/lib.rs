@@ -13,5 +13,6 @@ pub mod pki;
 pub mod relay;
 pub mod report;
 pub mod simulate;
+pub mod sweep;
 
 pub use simulate::{SimConfig, SimResult, simulate};

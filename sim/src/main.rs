@@ -265,6 +265,12 @@ enum Command {
     /// Flood an aggregator on 127.0.0.1 with QUIC Initial packets that
     /// never complete a handshake (measures the cost of half-open attempts).
     Flood(fedquic_sim::flood::FloodArgs),
+    /// Explore hyper-parameters in parallel: a grid or a random search over
+    /// any simulator option, several seeds each, resumable, optionally with
+    /// successive halving; writes a ranked table and the best command line.
+    /// Example: `fedquic-sim sweep --grid lr=0.01,0.05 --grid
+    /// strategy=fedavg,fedadam --seeds 3 --out sweep -- --rounds 20`.
+    Sweep(fedquic_sim::sweep::SweepArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -285,6 +291,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Connections(args)) => return fedquic_sim::bench::run_connections(args),
         Some(Command::Serve(args)) => return fedquic_sim::bench::serve(args),
         Some(Command::Flood(args)) => return fedquic_sim::flood::run_flood(args),
+        Some(Command::Sweep(args)) => return fedquic_sim::sweep::run_sweep(args),
         None => {}
     }
     let a = cli.run;
