@@ -6,7 +6,6 @@
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -14,10 +13,8 @@ use common::*;
 use fedquic::client::{ClientError, ClientLimits, LimitError, run_client};
 use fedquic::net::io::{read_message, read_tensor_header, send_tensors, write_message};
 use fedquic::net::pki::CertAuthority;
-use fedquic::net::tls::{self, Identity, TransportSettings};
 use fedquic::protocol::{
-    Codec, FitInstructions, FitTask, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader,
-    TensorLimits, Welcome,
+    Codec, FitInstructions, FitTask, Message, Reject, StreamKind, TensorHeader, TensorLimits,
 };
 use fedquic::train::layout::ParamLayout;
 
@@ -52,48 +49,6 @@ unsafe impl GlobalAlloc for LargestAllocation {
 
 #[global_allocator]
 static ALLOCATOR: LargestAllocation = LargestAllocation;
-
-/// A server endpoint with a valid aggregator certificate from `ca`.
-fn hostile_endpoint(ca: &CertAuthority) -> (quinn::Endpoint, SocketAddr) {
-    let server = ca.issue_server(&["localhost".to_string()]).unwrap();
-    let config = tls::server_config(
-        tls::load_ca_pem(ca.cert_pem()).unwrap(),
-        Identity::from_pem(&server.cert_pem, &server.key_pem).unwrap(),
-        &TransportSettings::default(),
-    )
-    .unwrap();
-    let endpoint =
-        fedquic::net::endpoint::server_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), config)
-            .unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    (endpoint, addr)
-}
-
-/// Accepts one client session: returns its connection and control stream
-/// after answering its Hello with a Welcome for `model_spec`.
-async fn welcome(
-    endpoint: &quinn::Endpoint,
-    model_spec: &str,
-) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
-    let conn = endpoint.accept().await.unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
-    assert!(matches!(
-        read_message(&mut recv).await.unwrap(),
-        Some(Message::Hello(_))
-    ));
-    let welcome = Welcome {
-        version: PROTOCOL_VERSION,
-        uplink: Codec::F32,
-        downlink: Codec::F32,
-        model_spec: model_spec.to_string(),
-        client_name: "client-001".into(),
-        run: "hostile-run".into(),
-    };
-    write_message(&mut send, &Message::Welcome(welcome))
-        .await
-        .unwrap();
-    (conn, send, recv)
-}
 
 fn fit_task(task_id: u64, epochs: u32, batch_size: u32) -> FitTask {
     FitTask {

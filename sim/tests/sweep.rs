@@ -32,16 +32,27 @@ fn a_grid_sweep_ranks_its_configurations_and_resumes_without_rerunning() {
         String::from_utf8_lossy(&first.stderr)
     );
     let table = std::fs::read_to_string(out.path().join("sweep.md")).unwrap();
-    assert_eq!(table.lines().count(), 4, "header, rule, two configurations:\n{table}");
+    assert_eq!(
+        table.lines().count(),
+        4,
+        "header, rule, two configurations:\n{table}"
+    );
     assert!(table.contains("lr=0.02") && table.contains("lr=0.2"));
     assert!(table.contains(" ± "), "{table}");
     let best = std::fs::read_to_string(out.path().join("best.txt")).unwrap();
     assert!(best.contains("fedquic-sim --clients 4"), "{best}");
     let csv = std::fs::read_to_string(out.path().join("sweep.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 5, "header + 2 configurations x 2 seeds");
+    assert_eq!(
+        csv.lines().count(),
+        5,
+        "header + 2 configurations x 2 seeds"
+    );
     // The recorded command reproduces the run.
     let command = std::fs::read_to_string(out.path().join("lr=0.2/seed1/command.txt")).unwrap();
-    assert!(command.contains("--lr 0.2") && command.contains("--seed 1"), "{command}");
+    assert!(
+        command.contains("--lr 0.2") && command.contains("--seed 1"),
+        "{command}"
+    );
     let stamp = std::fs::metadata(out.path().join("lr=0.2/seed1/results.json"))
         .unwrap()
         .modified()

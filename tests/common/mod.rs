@@ -350,3 +350,45 @@ pub fn update_header(task: &FitTask, examples: u64) -> TensorHeader {
         body_len: PARAMS as u64 * 4,
     }
 }
+
+/// A server endpoint with a valid aggregator certificate from `ca`.
+pub fn hostile_endpoint(ca: &CertAuthority) -> (quinn::Endpoint, SocketAddr) {
+    let server = ca.issue_server(&["localhost".to_string()]).unwrap();
+    let config = tls::server_config(
+        tls::load_ca_pem(ca.cert_pem()).unwrap(),
+        Identity::from_pem(&server.cert_pem, &server.key_pem).unwrap(),
+        &TransportSettings::default(),
+    )
+    .unwrap();
+    let endpoint =
+        fedquic::net::endpoint::server_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+            .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    (endpoint, addr)
+}
+
+/// Accepts one client session: returns its connection and control stream
+/// after answering its Hello with a Welcome for `model_spec`.
+pub async fn welcome(
+    endpoint: &quinn::Endpoint,
+    model_spec: &str,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let conn = endpoint.accept().await.unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    assert!(matches!(
+        read_message(&mut recv).await.unwrap(),
+        Some(Message::Hello(_))
+    ));
+    let welcome = Welcome {
+        version: fedquic::protocol::PROTOCOL_VERSION,
+        uplink: Codec::F32,
+        downlink: Codec::F32,
+        model_spec: model_spec.to_string(),
+        client_name: "client-001".into(),
+        run: "hostile-run".into(),
+    };
+    write_message(&mut send, &Message::Welcome(welcome))
+        .await
+        .unwrap();
+    (conn, send, recv)
+}

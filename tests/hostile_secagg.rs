@@ -1,0 +1,221 @@
+//! A curious aggregator, hand-written over real QUIC with mutual TLS, runs a
+//! secure-aggregation round with one real client and two in-process ones,
+//! then asks the real client for both secrets of the same neighbour (which
+//! would unmask that neighbour's update). The honest client refuses: it
+//! answers nothing, to that request or to a second one, and stays in the
+//! federation.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use fedquic::client::run_client;
+use fedquic::net::io::{
+    read_message, read_tensor_body, read_tensor_header, send_tensors, write_message,
+};
+use fedquic::net::pki::CertAuthority;
+use fedquic::privacy::secagg::{
+    ClientRound, FixedPoint, ServerParams, ServerRound, Threshold, UnmaskRequest,
+};
+use fedquic::protocol::{
+    ClientNoise, Codec, FitInstructions, FitTask, Message, SecAggStep, SecAggTask, StreamKind,
+    TensorHeader, TensorLimits, TensorMeta,
+};
+
+const REAL: &str = "client-001";
+
+async fn expect_step(recv: &mut quinn::RecvStream) -> SecAggStep {
+    match tokio::time::timeout(Duration::from_secs(20), read_message(recv))
+        .await
+        .expect("the client answers")
+        .unwrap()
+    {
+        Some(Message::SecAgg { task_id: 1, step }) => step,
+        other => panic!("expected a secure-aggregation step, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_honest_client_refuses_to_reveal_both_secrets_of_a_neighbour() {
+    // The same round answered honestly: the client does send its shares...
+    let answered = round_then_unmask(false).await;
+    assert!(
+        matches!(
+            answered,
+            Some(Message::SecAgg {
+                step: SecAggStep::UnmaskResponse(_),
+                ..
+            })
+        ),
+        "{answered:?}"
+    );
+    // ...but not when the request could unmask a neighbour, nor to any
+    // request after that one.
+    assert_eq!(round_then_unmask(true).await, None);
+}
+
+/// Plays a round up to the unmask request (a curious one first if asked,
+/// then the honest one) and returns the client's answer to the first.
+async fn round_then_unmask(curious_first: bool) -> Option<Message> {
+    let ca = CertAuthority::generate("fedquic test CA").unwrap();
+    let (endpoint, addr) = hostile_endpoint(&ca);
+    let tls = client_tls(&ca, Some(identity(&ca, REAL)));
+    let client = tokio::spawn(run_client(
+        options(addr, tls, 3),
+        DeltaTrainer::new(0.25, 10),
+    ));
+
+    let spec = format!("vector:{PARAMS}");
+    let (conn, mut send, mut recv) = welcome(&endpoint, &spec).await;
+    let task = SecAggTask {
+        clip_norm: 100.0,
+        weight_cap: 0,
+        bound: 100.0,
+        max_contributors: 3,
+        noise: ClientNoise::None,
+    };
+    let fit = FitTask {
+        round: 1,
+        task_id: 1,
+        config: FitInstructions {
+            epochs: 1,
+            batch_size: 1,
+            learning_rate: 0.1,
+            proximal_mu: 0.0,
+            seed: 0,
+            optimizer: Default::default(),
+        },
+        initial_loss: false,
+        scaffold: None,
+        secagg: Some(task.clone()),
+    };
+    write_message(&mut send, &Message::FitTask(fit))
+        .await
+        .unwrap();
+    let header = TensorHeader {
+        kind: StreamKind::GlobalModel,
+        round: 1,
+        task_id: 1,
+        codec: Codec::F32,
+        tensors: vec![TensorMeta::f32("params", &[PARAMS])],
+        num_examples: 0,
+        metrics: Vec::new(),
+        body_len: 4 * PARAMS as u64,
+    };
+    send_tensors(&conn, &header, &[0.0; PARAMS]).await.unwrap();
+
+    // The round, played honestly up to the unmask request.
+    let len = SecAggTask::vector_len(PARAMS);
+    let mut server = ServerRound::new(ServerParams {
+        round: 1,
+        vector_len: len,
+        // Three clients: the complete graph.
+        degree: 2,
+        threshold: Threshold::Fraction(0.5),
+        min_clients: 2,
+        graph_seed: 5,
+    });
+    let mut fakes: Vec<(String, ClientRound)> = Vec::new();
+    for (i, name) in ["fake-a", "fake-b"].into_iter().enumerate() {
+        let (round, keys) = ClientRound::new(1, len, [i as u8 + 1; 32]);
+        server.on_keys(name, &keys).unwrap();
+        fakes.push((name.to_string(), round));
+    }
+    let SecAggStep::AdvertiseKeys(keys) = expect_step(&mut recv).await else {
+        panic!("keys first")
+    };
+    server.on_keys(REAL, &keys).unwrap();
+    for (name, neighbours) in server.close_advertise().unwrap() {
+        match fakes.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, round)) => {
+                let shares = round.on_neighbours(&neighbours).unwrap();
+                server.on_shares(&name, &shares).unwrap();
+            }
+            None => {
+                let step = SecAggStep::Neighbours(neighbours);
+                write_message(&mut send, &Message::SecAgg { task_id: 1, step })
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let SecAggStep::ShareKeys(shares) = expect_step(&mut recv).await else {
+        panic!("shares next")
+    };
+    server.on_shares(REAL, &shares).unwrap();
+    for (name, relayed) in server.close_sharing().unwrap() {
+        match fakes.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, round)) => round.on_relayed_shares(&relayed).unwrap(),
+            None => {
+                let step = SecAggStep::RelayedShares(relayed);
+                write_message(&mut send, &Message::SecAgg { task_id: 1, step })
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    // The real client's masked input arrives as ring32.
+    let mut stream = conn.accept_uni().await.unwrap();
+    let header = read_tensor_header(&mut stream, &TensorLimits::for_model(len as u64))
+        .await
+        .unwrap();
+    assert_eq!(header.codec, Codec::Ring32);
+    let mut masked = vec![0f32; len];
+    read_tensor_body(&mut stream, &header, &mut masked)
+        .await
+        .unwrap();
+    let masked: Vec<u32> = masked.iter().map(|v| v.to_bits()).collect();
+    server.on_masked_input(REAL, &masked).unwrap();
+    let fixed_point = FixedPoint::for_sum(3, 100.0).unwrap();
+    for (name, round) in &mut fakes {
+        let mut input = vec![0u32; len];
+        fixed_point
+            .encode_into(&vec![0.0; len], &mut input, 1)
+            .unwrap();
+        round.mask(&mut input).unwrap();
+        server.on_masked_input(name, &input).unwrap();
+    }
+    let requests = server.close_masked_input().unwrap();
+    let (_, honest) = requests.iter().find(|(n, _)| n == REAL).unwrap();
+    // The curious part: fake-a named both as a survivor and as dropped, so
+    // its self mask and its pairwise masks could both be removed.
+    let target = honest.survivors[0];
+    let curious = UnmaskRequest {
+        round: 1,
+        survivors: honest.survivors.clone(),
+        dropped: vec![target],
+    };
+    let requests = match curious_first {
+        true => vec![curious, honest.clone()],
+        false => vec![honest.clone()],
+    };
+    let mut answers = Vec::new();
+    for request in requests {
+        let step = SecAggStep::UnmaskRequest(request);
+        write_message(&mut send, &Message::SecAgg { task_id: 1, step })
+            .await
+            .unwrap();
+        match tokio::time::timeout(Duration::from_secs(2), read_message(&mut recv)).await {
+            Err(_) => answers.push(None),
+            Ok(Ok(msg)) => answers.push(msg),
+            Ok(Err(e)) => panic!("{e}"),
+        }
+    }
+    if curious_first {
+        assert_eq!(answers[1], None, "a second request is never answered");
+    }
+    // Still in the federation: it leaves cleanly when told the run is over.
+    write_message(
+        &mut send,
+        &Message::Bye {
+            reason: "done".into(),
+            finished: true,
+        },
+    )
+    .await
+    .unwrap();
+    let report = within(10, client).await.unwrap().unwrap();
+    assert_eq!(report.fit_tasks, 1);
+    answers.swap_remove(0)
+}
