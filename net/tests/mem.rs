@@ -279,9 +279,20 @@ async fn transfers_complete_over_a_lossy_link() {
         loss: 0.1,
     };
     let client = mem_client_endpoint(&net, Some(link), client_cfg(&pki)).expect("client");
+    let started = Instant::now();
     let conn = connect(&client, server_addr()).await;
-    let data = payload(300_000);
-    let got = exchange(&conn, &data).await;
+    eprintln!("lossy handshake: {:?}", started.elapsed());
+    let data = payload(100_000);
+    // Usually ~1 s; some runs stall ~24 s (also with zero latency, so not
+    // the delay scheduler; under investigation): allow for that.
+    let got = tokio::time::timeout(Duration::from_secs(90), exchange(&conn, &data))
+        .await
+        .expect("the lossy transfer timed out");
+    eprintln!(
+        "lossy handshake and exchange: {:?} {:?}",
+        started.elapsed(),
+        conn.stats().path
+    );
     assert!(got == answer(&data), "the answer's bytes differ");
     let lost = conn.stats().path.lost_packets;
     assert!(lost > 0, "a 10% lossy link lost nothing");
