@@ -145,6 +145,13 @@ pub fn server_endpoint_with_reset_secret(
     config: quinn::ServerConfig,
     secret: &[u8],
 ) -> Result<quinn::Endpoint, EndpointError> {
+    endpoint_with_config(listen, Some(config), reset_secret_endpoint_config(secret))
+}
+
+/// The endpoint configuration of [`server_endpoint_with_reset_secret`]:
+/// stateless-reset key and connection-ID generator derived from `secret`
+/// (shared with the in-memory endpoints of [`crate::mem`]).
+pub fn reset_secret_endpoint_config(secret: &[u8]) -> EndpointConfig {
     let mut material = b"fedquic/1 stateless reset key\0".to_vec();
     material.extend_from_slice(secret);
     let digest = ring::digest::digest(&ring::digest::SHA256, &material);
@@ -159,7 +166,7 @@ pub fn server_endpoint_with_reset_secret(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    endpoint_with_config(listen, Some(config), endpoint_config)
+    endpoint_config
 }
 
 /// A client endpoint on an ephemeral IPv4 port (`0.0.0.0:0`) whose default

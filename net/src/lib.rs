@@ -9,5 +9,6 @@
 pub mod admission;
 pub mod endpoint;
 pub mod io;
+pub mod mem;
 pub mod pki;
 pub mod tls;
