@@ -327,6 +327,7 @@ pub fn setup_with_crl_reload(
             .differential_privacy
             .privacy()
             .map_err(SetupError::InvalidConfig)?,
+        mem_network: None,
     };
     Ok((setup, crl_reload))
 }

@@ -276,15 +276,15 @@ async fn transfers_complete_over_a_lossy_link() {
     let link = LinkShape {
         latency: Duration::from_millis(5),
         bandwidth_bytes_per_sec: None,
-        loss: 0.1,
+        // 3%: enough to lose packets every run; at 10% a lost handshake
+        // packet sometimes backs quinn's probe timer off for ~24 s.
+        loss: 0.03,
     };
     let client = mem_client_endpoint(&net, Some(link), client_cfg(&pki)).expect("client");
     let started = Instant::now();
     let conn = connect(&client, server_addr()).await;
     eprintln!("lossy handshake: {:?}", started.elapsed());
     let data = payload(100_000);
-    // Usually ~1 s; some runs stall ~24 s (also with zero latency, so not
-    // the delay scheduler; under investigation): allow for that.
     let got = tokio::time::timeout(Duration::from_secs(90), exchange(&conn, &data))
         .await
         .expect("the lossy transfer timed out");
@@ -295,7 +295,7 @@ async fn transfers_complete_over_a_lossy_link() {
     );
     assert!(got == answer(&data), "the answer's bytes differ");
     let lost = conn.stats().path.lost_packets;
-    assert!(lost > 0, "a 10% lossy link lost nothing");
+    assert!(lost > 0, "a 3% lossy link lost nothing");
     conn.close(0u32.into(), b"done");
 }
 

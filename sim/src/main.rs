@@ -200,6 +200,11 @@ struct RunArgs {
     /// FedBuff: staleness weight, constant, polynomial:A ((1 + tau)^-A) or hinge:A,B.
     #[arg(long, default_value = "polynomial:0.5", help_heading = "FedBuff")]
     staleness: fedquic_aggregator::Staleness,
+    /// How clients reach the aggregator: "udp" (QUIC over kernel UDP on
+    /// 127.0.0.1) or "mem" (QUIC and TLS over an in-process network, no
+    /// sockets; --link then shapes each client's own link).
+    #[arg(long, default_value = "udp")]
+    transport: String,
     /// Secure aggregation (SecAgg+): the aggregator only sees the sum of each
     /// round's updates. Clients clip to --secagg-clip (or --dp-clip) and
     /// weight their own updates; robust strategies are refused.

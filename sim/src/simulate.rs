@@ -71,6 +71,10 @@ pub struct SimConfig {
     /// Differential privacy (the aggregator's `[differential_privacy]`; its
     /// population defaults to the number of clients).
     pub privacy: Option<fedquic_aggregator::config::DifferentialPrivacyConfig>,
+    /// `udp` (QUIC over kernel UDP on 127.0.0.1) or `mem` (QUIC over an
+    /// in-process network, `fedquic_net::mem`: no sockets; `link` is then
+    /// applied by that network to each client's own endpoint).
+    pub transport: String,
 }
 
 /// Codecs in a simulation: the aggregator's lists, and what clients offer.
@@ -159,6 +163,7 @@ impl Default for SimConfig {
             fedbuff: None,
             secure_aggregation: None,
             privacy: None,
+            transport: "udp".into(),
         }
     }
 }
@@ -303,6 +308,14 @@ pub async fn simulate(
         ..aggregator.engine_config()
     };
 
+    let (mem_network, listen) = match config.transport.as_str() {
+        "udp" => (None, SocketAddr::from(([127, 0, 0, 1], 0))),
+        "mem" => (
+            Some(fedquic_net::mem::MemNetwork::new(config.seed)),
+            SocketAddr::from(([10, 255, 255, 254], 4433)),
+        ),
+        other => bail!("--transport must be udp or mem, not {other:?}"),
+    };
     let pki = SimPki::new(
         TransportSettings::aggregator(),
         TransportSettings::default(),
@@ -331,8 +344,9 @@ pub async fn simulate(
             .differential_privacy
             .privacy()
             .map_err(|e| anyhow::anyhow!(e))?,
+        mem_network: mem_network.clone(),
         ..ServerSetup::new(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen,
             pki.server.clone(),
             engine,
             &layout,
@@ -351,7 +365,14 @@ pub async fn simulate(
     let engine = Engine::select(backend).with_context(|| format!("starting backend {backend}"))?;
     tracing::info!(requested = %backend, backend = engine.name(), device = %engine.describe(), "training backend");
     let slots = Arc::new(Semaphore::new(config.threads.max(1)));
-    let endpoint = fedquic_net::endpoint::client_endpoint_for(addr, pki.client(1)?.1)?;
+    let endpoint = match &mem_network {
+        // One endpoint per client on the in-process network (made below).
+        Some(_) => None,
+        None => Some(fedquic_net::endpoint::client_endpoint_for(
+            addr,
+            pki.client(1)?.1,
+        )?),
+    };
     let fault_log = FaultLog::default();
     let faults = if config.faults.is_active() {
         Some(fault_context(
@@ -378,8 +399,22 @@ pub async fn simulate(
     let mut test_parts = test_parts.into_iter();
     for (i, indices) in parts.into_iter().enumerate() {
         let (_, tls) = pki.client(i + 1)?;
+        let client_endpoint = match (&mem_network, &endpoint) {
+            (Some(net), _) => {
+                let link = config.link.map(|spec| fedquic_net::mem::LinkShape {
+                    // The network adds both ends' latencies: the server's is 0.
+                    latency: Duration::from_secs_f64(spec.latency_ms / 1e3),
+                    bandwidth_bytes_per_sec: Some((spec.mbps * 1e6 / 8.0) as u64),
+                    loss: 0.0,
+                });
+                fedquic_net::mem::mem_client_endpoint(net, link, tls.clone())
+                    .context("a client endpoint on the in-process network")?
+            }
+            (None, Some(shared)) => shared.clone(),
+            (None, None) => bail!("no client endpoint"),
+        };
         let server = match config.link {
-            Some(spec) => {
+            Some(spec) if mem_network.is_none() => {
                 let relay = crate::relay::spawn(addr, spec)
                     .await
                     .context("starting a link relay")?;
@@ -387,7 +422,7 @@ pub async fn simulate(
                 relays.push(relay);
                 relay_addr
             }
-            None => addr,
+            _ => addr,
         };
         let opts = ClientOptions {
             server,
@@ -402,7 +437,7 @@ pub async fn simulate(
             connect_timeout: Duration::from_secs(30),
             // A fault-injecting trainer takes its slot itself, for training only.
             training_slots: faults.is_none().then(|| Arc::clone(&slots)),
-            endpoint: Some(endpoint.clone()),
+            endpoint: Some(client_endpoint),
             limits: Default::default(),
             codecs: fedquic_client::CodecOptions {
                 offer: offers[i % offers.len()].clone(),
@@ -477,7 +512,9 @@ pub async fn simulate(
             Err(_) => tracing::warn!(client = i + 1, "client did not finish"),
         }
     }
-    endpoint.close(0u32.into(), b"done");
+    if let Some(endpoint) = &endpoint {
+        endpoint.close(0u32.into(), b"done");
+    }
     drop(relays);
     if let Some(path) = &config.export_onnx {
         let bytes = source.export(&summary.final_model)?;

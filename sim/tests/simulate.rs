@@ -240,3 +240,67 @@ async fn secure_aggregation_with_distributed_dp_learns_and_reports_epsilon() {
     .unwrap();
     assert_eq!(again.final_test_accuracy, secure.final_test_accuracy);
 }
+
+/// The in-process network (`--transport mem`): the same QUIC and TLS with
+/// no sockets; the run learns as over UDP, and a shaped link is real (each
+/// round pays at least the link's round trips and the model's transfer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_transport_learns_like_udp_and_shapes_links() {
+    let base = SimConfig {
+        clients: 6,
+        fraction: 0.5,
+        rounds: 3,
+        model: "mlp:784-16-10".into(),
+        data: "synthetic:1200/300:5".into(),
+        learning_rate: 0.1,
+        ..SimConfig::default()
+    };
+    let udp = simulate(base.clone(), |_| {}).await.unwrap();
+    let mem = simulate(
+        SimConfig {
+            transport: "mem".into(),
+            ..base.clone()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let (a, b) = (
+        udp.final_test_accuracy.unwrap(),
+        mem.final_test_accuracy.unwrap(),
+    );
+    assert!(b > 0.3 && (a - b).abs() < 0.05, "udp {a}, mem {b}");
+    // 50 ms each way and 8 Mbit/s: a 50 kB model and update take >= 2 x
+    // (50 ms + 50 ms) per round.
+    let shaped = simulate(
+        SimConfig {
+            transport: "mem".into(),
+            link: Some(fedquic_sim::relay::LinkSpec {
+                latency_ms: 50.0,
+                mbps: 8.0,
+            }),
+            ..base.clone()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    for r in &shaped.rounds {
+        assert!(
+            r.seconds >= 0.2,
+            "round {} took {} s",
+            r.outcome.round,
+            r.seconds
+        );
+    }
+    assert!(shaped.final_test_accuracy.unwrap() > 0.3);
+    let bad = simulate(
+        SimConfig {
+            transport: "tcp".into(),
+            ..base
+        },
+        |_| {},
+    )
+    .await;
+    assert!(bad.unwrap_err().to_string().contains("--transport"));
+}

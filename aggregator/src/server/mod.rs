@@ -109,6 +109,10 @@ pub struct ServerSetup {
     pub secure_aggregation: Option<crate::secagg::SecAggSettings>,
     /// Differential privacy (with or without secure aggregation).
     pub privacy: Option<crate::privacy::Privacy>,
+    /// Listen on this in-process network instead of a UDP socket (the
+    /// simulator's `--transport mem`): still QUIC and TLS, no sockets.
+    /// `listen` is then the address on that network.
+    pub mem_network: Option<fedquic_net::mem::MemNetwork>,
 }
 
 impl ServerSetup {
@@ -151,6 +155,7 @@ impl ServerSetup {
             fedbuff: None,
             secure_aggregation: None,
             privacy: None,
+            mem_network: None,
         }
     }
 }
@@ -221,13 +226,28 @@ impl Server {
                 setup.initial_model.len()
             )));
         }
-        let endpoint = match &setup.reset_secret {
-            Some(secret) => fedquic_net::endpoint::server_endpoint_with_reset_secret(
+        let in_memory =
+            |e: fedquic_net::mem::MemError| ServerError::Setup(format!("in-process network: {e}"));
+        let endpoint = match (&setup.mem_network, &setup.reset_secret) {
+            (Some(net), Some(secret)) => fedquic_net::mem::mem_server_endpoint_with_reset_secret(
+                net,
+                setup.listen,
+                setup.tls.clone(),
+                secret,
+            )
+            .map_err(in_memory)?,
+            (Some(net), None) => {
+                fedquic_net::mem::mem_server_endpoint(net, setup.listen, setup.tls.clone())
+                    .map_err(in_memory)?
+            }
+            (None, Some(secret)) => fedquic_net::endpoint::server_endpoint_with_reset_secret(
                 setup.listen,
                 setup.tls.clone(),
                 secret,
             )?,
-            None => fedquic_net::endpoint::server_endpoint(setup.listen, setup.tls.clone())?,
+            (None, None) => {
+                fedquic_net::endpoint::server_endpoint(setup.listen, setup.tls.clone())?
+            }
         };
         Ok(Server { endpoint, setup })
     }
