@@ -431,17 +431,20 @@ where
         .draw()
         .map_err(err)?;
     let markers = lines.iter().all(|l| l.points.len() <= MAX_MARKERS);
-    for line in lines {
+    for (i, line) in lines.iter().enumerate() {
         let color = line.color;
+        // Earlier lines are wider, so that equal values (bytes up and down
+        // with the same codec) still show both colours.
+        let width = 2 + 3 * (lines.len() - 1 - i) as u32;
         let drawn = chart
             .draw_series(LineSeries::new(
                 line.points.iter().copied(),
-                color.stroke_width(2),
+                color.stroke_width(width),
             ))
             .map_err(err)?;
         if !line.label.is_empty() {
             drawn.label(line.label).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3))
+                PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(width + 1))
             });
         }
         if markers {
