@@ -8,6 +8,7 @@ pub mod engine;
 pub mod export;
 pub mod fedbuff;
 pub mod logging;
+pub mod plot;
 pub mod privacy;
 pub mod secagg;
 pub mod server;

@@ -66,6 +66,19 @@ enum Command {
         #[arg(long, value_name = "OUT.onnx")]
         onnx: PathBuf,
     },
+    /// Draw PNG plots of a run from its metrics file: accuracy.png and
+    /// loss.png (by round and by wall time) and bytes.png (bytes per round).
+    Plot {
+        /// The run's state directory (holds metrics.jsonl).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Metrics file, if the config moved it (default: STATE_DIR/metrics.jsonl).
+        #[arg(long)]
+        metrics: Option<PathBuf>,
+        /// Where to write the PNG files (default: the state directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Manage the PKI: the CA, the aggregator's certificate, client certificates.
     Certs {
         #[command(subcommand)]
@@ -211,6 +224,23 @@ fn main() -> anyhow::Result<()> {
             let (round, bytes) = export_from_state(&state_dir, checkpoint_dir.as_deref(), round)?;
             write_atomically(&onnx, &bytes)?;
             println!("exported round {round} to {}", onnx.display());
+            Ok(())
+        }
+        Command::Plot {
+            state_dir,
+            metrics,
+            out,
+        } => {
+            use fedquic_aggregator::plot::{METRICS_FILE, Series, write_plots};
+            let metrics = metrics.unwrap_or_else(|| state_dir.join(METRICS_FILE));
+            let series = Series::read_metrics(&metrics)?;
+            let report = write_plots(&series, out.as_deref().unwrap_or(&state_dir))?;
+            for path in &report.written {
+                println!("wrote {}", path.display());
+            }
+            for note in &report.skipped {
+                println!("skipped {note}");
+            }
             Ok(())
         }
         Command::Certs {

@@ -121,7 +121,8 @@ struct RunArgs {
     /// Fraction of clients asked each round to evaluate on their local test share.
     #[arg(long, default_value_t = 0.0)]
     fraction_evaluate: f64,
-    /// Write rounds.csv, results.json and metrics.jsonl here.
+    /// Write rounds.csv, results.json, metrics.jsonl and the plots
+    /// (accuracy.png, loss.png, bytes.png) here.
     #[arg(long)]
     out: Option<PathBuf>,
     /// No progress bar or table; print only the summary.
@@ -457,6 +458,12 @@ fn main() -> anyhow::Result<()> {
             "wrote {}/rounds.csv, faults.csv, results.json, metrics.jsonl",
             out.display()
         );
+        for path in &result.plots.written {
+            println!("wrote {}", path.display());
+        }
+        for note in &result.plots.skipped {
+            println!("skipped {note}");
+        }
     }
     Ok(())
 }

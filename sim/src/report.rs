@@ -1,9 +1,11 @@
-//! Simulation outputs: the per-round table, `rounds.csv` and `results.json`.
+//! Simulation outputs: the per-round table, `rounds.csv`, `results.json` and
+//! the PNG plots.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::Context;
+use fedquic_aggregator::plot::{self, PlotReport, Series};
 use fedquic_aggregator::server::RoundRecord;
 
 use crate::faults::FaultEvent;
@@ -101,7 +103,9 @@ pub fn rounds_csv(records: &[RoundRecord], faults: &[FaultEvent]) -> String {
     out
 }
 
-pub fn write_outputs(dir: &Path, result: &SimResult) -> anyhow::Result<()> {
+/// Writes the tables and the plots (see [`fedquic_aggregator::plot`]) into `dir`;
+/// returns what the plotting did, for the caller to print.
+pub fn write_outputs(dir: &Path, result: &SimResult) -> anyhow::Result<PlotReport> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let csv = dir.join("rounds.csv");
     std::fs::write(&csv, rounds_csv(&result.rounds, &result.faults))
@@ -112,5 +116,8 @@ pub fn write_outputs(dir: &Path, result: &SimResult) -> anyhow::Result<()> {
     let json = dir.join("results.json");
     let text = serde_json::to_string_pretty(result)?;
     std::fs::write(&json, text).with_context(|| format!("writing {}", json.display()))?;
-    Ok(())
+    Ok(plot::write_plots(
+        &Series::from_records(&result.rounds),
+        dir,
+    )?)
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fedquic_aggregator::plot::PlotReport;
 use fedquic_aggregator::server::{CentralEval, RoundRecord, Server, ServerSetup};
 use fedquic_aggregator::{AggregatorConfig, EngineConfig};
 use fedquic_client::{Backoff, ClientOptions, LocalTrainer, run_client};
@@ -178,6 +179,9 @@ pub struct SimResult {
     pub setup_seconds: f64,
     /// Every fault injected, sorted by round and client.
     pub faults: Vec<FaultEvent>,
+    /// The plots `--out` wrote or skipped (not part of results.json).
+    #[serde(skip)]
+    pub plots: PlotReport,
 }
 
 /// Runs the simulation. `on_round` sees each round's record as it lands
@@ -521,17 +525,18 @@ pub async fn simulate(
         std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
     }
     let last = summary.records.last();
-    let result = SimResult {
+    let mut result = SimResult {
         final_test_accuracy: last.and_then(|r| r.test_accuracy),
         final_test_loss: last.and_then(|r| r.test_loss),
         rounds: summary.records.clone(),
         seconds: started.elapsed().as_secs_f64(),
         setup_seconds,
         faults: fault_log.events(),
+        plots: PlotReport::default(),
         config,
     };
     if let Some(out) = &result.config.out {
-        crate::report::write_outputs(out, &result)?;
+        result.plots = crate::report::write_outputs(out, &result)?;
     }
     Ok(result)
 }

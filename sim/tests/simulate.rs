@@ -304,3 +304,32 @@ async fn the_in_process_transport_learns_like_udp_and_shapes_links() {
     .await;
     assert!(bad.unwrap_err().to_string().contains("--transport"));
 }
+
+/// `--out` draws the plots next to the tables, from the same round records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_dir_gets_the_plots() {
+    use fedquic_aggregator::plot::{ACCURACY_PNG, BYTES_PNG, LOSS_PNG};
+    let out = tempfile::tempdir().unwrap();
+    let config = SimConfig {
+        clients: 4,
+        rounds: 2,
+        model: "mlp:784-16-10".into(),
+        data: "synthetic:400/100".into(),
+        out: Some(out.path().to_path_buf()),
+        ..SimConfig::default()
+    };
+    let result = simulate(config, |_| {}).await.unwrap();
+    assert_eq!(result.rounds.len(), 2);
+    assert!(
+        result.plots.skipped.is_empty(),
+        "{:?}",
+        result.plots.skipped
+    );
+    for name in [ACCURACY_PNG, LOSS_PNG, BYTES_PNG] {
+        let path = out.path().join(name);
+        assert!(result.plots.written.contains(&path), "{name} reported");
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{name} is a PNG");
+        assert!(bytes.len() > 5_000, "{name}: {} bytes", bytes.len());
+    }
+}
