@@ -194,7 +194,7 @@ pub fn write_plots(series: &Series, dir: &Path) -> Result<PlotReport, PlotError>
     })?;
     let wall = series.wall_seconds();
 
-    let metric_plots: [(&str, &str, &str, fn(&RoundPoint) -> Option<f64>, Metric); 2] = [
+    let metric_plots: [(&str, &str, &str, PointValue, Metric); 2] = [
         (
             ACCURACY_PNG,
             "Test accuracy",
@@ -256,6 +256,11 @@ fn register_font() -> Result<(), PlotError> {
     if ok { Ok(()) } else { Err(PlotError::Font) }
 }
 
+/// Picks one plotted value out of a round.
+type PointValue = fn(&RoundPoint) -> Option<f64>;
+/// Formats a y-axis tick label.
+type YFormat<'a> = &'a dyn Fn(&f64) -> String;
+
 #[derive(Clone, Copy)]
 enum Metric {
     Accuracy,
@@ -283,7 +288,7 @@ struct Axes<'a, X> {
     x: Range<X>,
     x_format: &'a dyn Fn(&X) -> String,
     y: Range<f64>,
-    y_format: &'a dyn Fn(&f64) -> String,
+    y_format: YFormat<'a>,
 }
 
 fn percent(v: &f64) -> String {
@@ -310,7 +315,7 @@ fn draw_metric(
     root.fill(&WHITE).map_err(|e| e.to_string())?;
     let (left, right) = root.split_horizontally(WIDTH / 2);
     let values = by_round.iter().map(|&(_, v)| v);
-    let (y, y_format): (Range<f64>, &dyn Fn(&f64) -> String) = match metric {
+    let (y, y_format): (Range<f64>, YFormat<'_>) = match metric {
         Metric::Accuracy => (padded_range(values, Some((0.0, 1.0))), &percent),
         Metric::Loss => (padded_range(values, Some((0.0, f64::INFINITY))), &plain),
     };
