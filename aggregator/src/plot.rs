@@ -246,6 +246,59 @@ pub fn write_plots(series: &Series, dir: &Path) -> Result<PlotReport, PlotError>
     Ok(report)
 }
 
+/// One comparison chart of test accuracy by round, a line per labelled
+/// series (a sweep's configurations, each the mean over its seeds), written
+/// to `path`.
+pub fn write_comparison(path: &Path, lines: &[(String, Vec<(u64, f64)>)]) -> Result<(), PlotError> {
+    let drawn: Vec<&(String, Vec<(u64, f64)>)> =
+        lines.iter().filter(|(_, p)| !p.is_empty()).collect();
+    if drawn.is_empty() {
+        return Err(PlotError::Draw {
+            path: path.to_path_buf(),
+            message: "no configuration has a test accuracy to compare".into(),
+        });
+    }
+    register_font()?;
+    let draw = || -> Result<(), String> {
+        let root = BitMapBackend::new(path, (WIDTH, HEIGHT + 160)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let points: Vec<&(u64, f64)> = drawn.iter().flat_map(|(_, p)| p.iter()).collect();
+        let palette: Vec<RGBColor> = (0..drawn.len())
+            .map(|i| {
+                let c = Palette99::pick(i).to_rgba();
+                RGBColor(c.0, c.1, c.2)
+            })
+            .collect();
+        let series: Vec<Line<'_, u64>> = drawn
+            .iter()
+            .zip(&palette)
+            .map(|((label, points), color)| Line {
+                label,
+                color: *color,
+                points,
+            })
+            .collect();
+        draw_panel(
+            &root,
+            &Axes {
+                title: "Test accuracy by round, per configuration (mean over seeds)",
+                x_desc: "round",
+                y_desc: "test accuracy",
+                x: round_axis(points.iter().map(|p| p.0)),
+                x_format: &whole,
+                y: padded_range(points.iter().map(|p| p.1), Some((0.0, 1.0))),
+                y_format: &percent,
+            },
+            &series,
+        )?;
+        root.present().map_err(|e| e.to_string())
+    };
+    draw().map_err(|message| PlotError::Draw {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
 /// Registers the embedded font once per process; plotters keeps it in a
 /// global table.
 fn register_font() -> Result<(), PlotError> {
@@ -439,8 +492,12 @@ where
     for (i, line) in lines.iter().enumerate() {
         let color = line.color;
         // Earlier lines are wider, so that equal values (bytes up and down
-        // with the same codec) still show both colours.
-        let width = 2 + 3 * (lines.len() - 1 - i) as u32;
+        // with the same codec) still show both colours; a comparison of many
+        // lines keeps them all thin.
+        let width = match lines.len() {
+            1 | 2 => 2 + 3 * (lines.len() - 1 - i) as u32,
+            _ => 2,
+        };
         let drawn = chart
             .draw_series(LineSeries::new(
                 line.points.iter().copied(),

@@ -229,6 +229,7 @@ pub struct RunResult {
     pub loss: Option<f64>,
     pub seconds: f64,
     pub command: String,
+    pub dir: PathBuf,
 }
 
 /// Mean and sample standard deviation.
@@ -258,6 +259,25 @@ fn read_result(dir: &Path) -> Option<(Option<f64>, Option<f64>, f64)> {
         v["final_test_loss"].as_f64(),
         seconds,
     ))
+}
+
+/// A run's test accuracy by round, from its `results.json`.
+fn accuracy_curve(dir: &Path) -> Vec<(u64, f64)> {
+    let Ok(text) = std::fs::read_to_string(dir.join("results.json")) else {
+        return Vec::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    v["rounds"]
+        .as_array()
+        .map(|rounds| {
+            rounds
+                .iter()
+                .filter_map(|r| Some((r["round"].as_u64()?, r["test_accuracy"].as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The `--rounds` the base arguments set (the simulator's default otherwise).
@@ -485,6 +505,7 @@ fn finished(config: usize, seed: u64, rounds: u64, dir: &Path, command: String) 
         loss,
         seconds,
         command,
+        dir: dir.to_path_buf(),
     }
 }
 
@@ -548,6 +569,28 @@ pub fn write_tables(
     }
     std::fs::write(out.join("sweep.md"), &md)?;
     print!("{md}");
+    // One comparison plot: each configuration's accuracy by round, mean over seeds.
+    let curves: Vec<(String, Vec<(u64, f64)>)> = rows
+        .iter()
+        .map(|(c, ..)| {
+            let mut by_round: BTreeMap<u64, Vec<f64>> = BTreeMap::new();
+            for r in &by_config[c] {
+                for (round, acc) in accuracy_curve(&r.dir) {
+                    by_round.entry(round).or_default().push(acc);
+                }
+            }
+            let mean = by_round
+                .into_iter()
+                .filter_map(|(round, v)| mean_std(&v).map(|(m, _)| (round, m)))
+                .collect();
+            (configs[*c].label(), mean)
+        })
+        .collect();
+    let plot = out.join("sweep.png");
+    match fedquic_aggregator::plot::write_comparison(&plot, &curves) {
+        Ok(()) => println!("wrote {}", plot.display()),
+        Err(e) => println!("no comparison plot: {e}"),
+    }
     match rows.first() {
         Some((c, Some((m, s)), _, _)) => {
             let command = by_config[c]

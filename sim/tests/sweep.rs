@@ -39,6 +39,12 @@ fn a_grid_sweep_ranks_its_configurations_and_resumes_without_rerunning() {
     );
     assert!(table.contains("lr=0.02") && table.contains("lr=0.2"));
     assert!(table.contains(" ± "), "{table}");
+    let plot = std::fs::read(out.path().join("sweep.png")).unwrap();
+    assert_eq!(
+        &plot[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "the comparison plot is a PNG"
+    );
     let best = std::fs::read_to_string(out.path().join("best.txt")).unwrap();
     assert!(best.contains("fedquic-sim --clients 4"), "{best}");
     let csv = std::fs::read_to_string(out.path().join("sweep.csv")).unwrap();
