@@ -109,6 +109,9 @@ pub struct ServerSetup {
     pub secure_aggregation: Option<crate::secagg::SecAggSettings>,
     /// Differential privacy (with or without secure aggregation).
     pub privacy: Option<crate::privacy::Privacy>,
+    /// Prometheus metrics the run updates; keep a clone to serve them
+    /// (`crate::metrics::MetricsEndpoint`) or read them.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl ServerSetup {
@@ -151,6 +154,7 @@ impl ServerSetup {
             fedbuff: None,
             secure_aggregation: None,
             privacy: None,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 }
@@ -200,6 +204,7 @@ struct Shared {
     run_id: String,
     /// Every update is a masked input (codec `ring32`, two extra values).
     secure_aggregation: bool,
+    metrics: crate::metrics::Metrics,
 }
 
 pub struct Server {
@@ -379,7 +384,9 @@ impl Server {
             codecs: setup.codecs.clone(),
             secure_aggregation,
             run_id: setup.run_id.clone(),
+            metrics: setup.metrics.clone(),
         });
+        setup.metrics.watch_admission(Arc::clone(&setup.admission));
         info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             model = %setup.model_spec, params = values, "aggregator listening"
@@ -442,6 +449,8 @@ impl Server {
         .await;
         endpoint.close(0u32.into(), b"aggregator stopped");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        // The hub stopped counting sessions when it returned; none is left.
+        shared.metrics.set_connected_clients(0);
         result
     }
 }
