@@ -52,6 +52,35 @@ pub struct AggregatorConfig {
     pub fedbuff: FedBuffConfig,
     pub secure_aggregation: SecureAggregationConfig,
     pub differential_privacy: DifferentialPrivacyConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus endpoint (see [`crate::metrics`]). Off unless `listen` is
+/// set: the metrics tell whoever reaches the port how the run is going, so
+/// exposing them is a deployment decision.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port` serving `GET /metrics` over plain HTTP (e.g.
+    /// `127.0.0.1:9464`); empty: no endpoint.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address to serve metrics on, or `None` when they are off.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let listen = self.listen.trim();
+        if listen.is_empty() {
+            return Ok(None);
+        }
+        listen.parse().map(Some).map_err(|_| {
+            format!(
+                "metrics.listen = {:?} is not host:port with a numeric IP address \
+                 (e.g. \"127.0.0.1:9464\"); leave it empty for no endpoint",
+                self.listen
+            )
+        })
+    }
 }
 
 /// Secure aggregation (SecAgg+) in every round (see [`crate::secagg`]): the
@@ -632,6 +661,7 @@ impl Default for AggregatorConfig {
             fedbuff: FedBuffConfig::default(),
             secure_aggregation: SecureAggregationConfig::default(),
             differential_privacy: DifferentialPrivacyConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -828,6 +858,7 @@ impl AggregatorConfig {
         }
         self.strategy.validate().map_err(ConfigError::Invalid)?;
         self.codecs.preference().map_err(ConfigError::Invalid)?;
+        self.metrics.listen_addr().map_err(ConfigError::Invalid)?;
         if self
             .fedbuff
             .settings()
@@ -1062,6 +1093,22 @@ mod tests {
         let mut c = AggregatorConfig::default();
         c.fit.nesterov = true;
         assert!(c.validate().is_err(), "Nesterov without momentum");
+    }
+
+    #[test]
+    fn the_metrics_endpoint_is_off_unless_an_address_is_given() {
+        let c = AggregatorConfig::default();
+        assert_eq!(c.metrics.listen_addr().unwrap(), None);
+        let c: AggregatorConfig = toml::from_str("[metrics]\nlisten = \"127.0.0.1:9464\"").unwrap();
+        assert_eq!(
+            c.metrics.listen_addr().unwrap(),
+            Some(SocketAddr::from(([127, 0, 0, 1], 9464)))
+        );
+        c.validate().unwrap();
+        let c: AggregatorConfig = toml::from_str("[metrics]\nlisten = \"localhost:80\"").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("metrics.listen"), "{e}");
+        assert!(toml::from_str::<AggregatorConfig>("[metrics]\nport = 9464").is_err());
     }
 
     #[test]

@@ -116,6 +116,23 @@ pub enum RejectCause {
 }
 
 impl RejectCause {
+    /// Every cause, so that counters can list all of them from the start.
+    pub const ALL: [RejectCause; 13] = [
+        RejectCause::NoRound,
+        RejectCause::Stale,
+        RejectCause::WrongTask,
+        RejectCause::Duplicate,
+        RejectCause::NotSelected,
+        RejectCause::ZeroExamples,
+        RejectCause::TooManyExamples,
+        RejectCause::WrongSize,
+        RejectCause::NormBound,
+        RejectCause::Malformed,
+        RejectCause::UploadTimeout,
+        RejectCause::UploadBusy,
+        RejectCause::Strategy,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             RejectCause::NoRound => "no_round",

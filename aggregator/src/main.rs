@@ -195,6 +195,7 @@ fn main() -> anyhow::Result<()> {
                     (false, false) => StartMode::New,
                 };
                 let (setup, crl) = setup_with_crl_reload(&cfg, mode, allow_ca_key)?;
+                fedquic_aggregator::setup::start_metrics_endpoint(&cfg, &setup.metrics).await?;
                 let server = Server::bind(setup)?;
                 #[cfg(unix)]
                 fedquic_aggregator::setup::reload_crl_on_sighup(crl)

@@ -29,6 +29,8 @@ pub enum SetupError {
     Onnx(fedquic_train::onnx::OnnxError),
     #[error(transparent)]
     Export(#[from] crate::export::ExportError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("central test data: {0}")]
     Data(fedquic_train::TrainError),
     #[error(transparent)]
@@ -78,6 +80,29 @@ pub enum StartMode {
     /// Continue from the newest valid checkpoint; fail if checkpoints exist
     /// but none is valid.
     Resume,
+}
+
+/// Starts the Prometheus endpoint for `metrics` when `[metrics] listen` is
+/// set, and says where it listens (the port, when the config asked for 0).
+/// It serves until the runtime stops.
+pub async fn start_metrics_endpoint(
+    config: &AggregatorConfig,
+    metrics: &crate::metrics::Metrics,
+) -> Result<Option<std::net::SocketAddr>, SetupError> {
+    let Some(addr) = config
+        .metrics
+        .listen_addr()
+        .map_err(SetupError::InvalidConfig)?
+    else {
+        return Ok(None);
+    };
+    let endpoint = crate::metrics::MetricsEndpoint::bind(addr, metrics.clone()).await?;
+    let local = endpoint
+        .local_addr()
+        .map_err(|source| crate::metrics::MetricsError::Bind { addr, source })?;
+    info!(addr = %local, "serving Prometheus metrics at /metrics");
+    endpoint.spawn();
+    Ok(Some(local))
 }
 
 pub fn setup_from_config(
@@ -328,6 +353,7 @@ pub fn setup_with_crl_reload(
             .privacy()
             .map_err(SetupError::InvalidConfig)?,
         mem_network: None,
+        metrics: crate::metrics::Metrics::new(),
     };
     Ok((setup, crl_reload))
 }

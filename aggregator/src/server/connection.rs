@@ -21,6 +21,7 @@ use super::Shared;
 use super::hub::ToHub;
 use crate::engine::{ClientId, RejectCause};
 use crate::logging::{MAX_LOGGED_CHARS, sanitize};
+use crate::metrics::HandshakeRefusal;
 
 pub(super) enum ToConn {
     /// A fit or evaluate task, followed by the global model on its own stream.
@@ -100,6 +101,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     let remote = conn.remote_address();
     let Some(client) = fedquic_net::tls::peer_name(&conn) else {
         warn!(%remote, "refused connection: client certificate has no usable name");
+        shared.metrics.handshake_refused(HandshakeRefusal::NoName);
         conn.close(1u32.into(), b"certificate has no name");
         return;
     };
@@ -115,12 +117,19 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     {
         Ok(Ok((send, recv, Some(Message::Hello(hello))))) => {
             let agreed = negotiate_version(&hello.versions)
-                .and_then(|_| hello.validate())
-                .map_err(|e| e.to_string())
-                .and_then(|()| negotiate_codecs(&shared, &hello));
+                .map_err(|e| (HandshakeRefusal::Version, e.to_string()))
+                .and_then(|_| {
+                    hello
+                        .validate()
+                        .map_err(|e| (HandshakeRefusal::BadHello, e.to_string()))
+                })
+                .and_then(|()| {
+                    negotiate_codecs(&shared, &hello).map_err(|e| (HandshakeRefusal::Codec, e))
+                });
             match agreed {
                 Ok(codecs) => (send, recv, (hello.backend, codecs)),
-                Err(e) => {
+                Err((refusal, e)) => {
+                    shared.metrics.handshake_refused(refusal);
                     let mut send = send;
                     reject(&conn, &mut send, &client, &e, None).await;
                     return;
@@ -128,6 +137,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             }
         }
         Ok(Ok((mut send, _, other))) => {
+            shared.metrics.handshake_refused(HandshakeRefusal::NoHello);
             let what = other
                 .map(|m| format!("{m:?}"))
                 .unwrap_or_else(|| "end of stream".into());
@@ -142,10 +152,14 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             return;
         }
         Ok(Err(e)) => {
+            shared.metrics.handshake_refused(HandshakeRefusal::NoHello);
             warn!(%client, %remote, error = %e, "refused connection during hello");
             return;
         }
         Err(_) => {
+            shared
+                .metrics
+                .handshake_refused(HandshakeRefusal::HelloTimeout);
             warn!(%client, %remote, "refused connection: no hello within the handshake timeout");
             conn.close(2u32.into(), b"handshake timeout");
             return;
@@ -156,6 +170,9 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         .as_ref()
         .is_some_and(|names| !names.contains(&client))
     {
+        shared
+            .metrics
+            .handshake_refused(HandshakeRefusal::Allowlist);
         reject(
             &conn,
             &mut send,
@@ -169,6 +186,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     let count = shared.connected.fetch_add(1, Ordering::Relaxed) + 1;
     let _guard = ConnectedGuard(&shared.connected);
     if count > shared.max_clients {
+        shared.metrics.handshake_refused(HandshakeRefusal::Full);
         let reason = format!(
             "aggregator is full ({} clients connected)",
             shared.max_clients
@@ -238,7 +256,10 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                             ModelBody::Encoded(body) => send_encoded(&conn, &header, body).await,
                         };
                         match sent {
-                            Ok(bytes) => { shared.bytes_down.fetch_add(bytes, Ordering::Relaxed); }
+                            Ok(bytes) => {
+                                shared.bytes_down.fetch_add(bytes, Ordering::Relaxed);
+                                shared.metrics.add_bytes_out(bytes);
+                            }
                             Err(e) => debug!(error = %e, "model transfer failed"),
                         }
                     });
@@ -465,6 +486,7 @@ async fn receive_update(
             shared
                 .bytes_up
                 .fetch_add(header.body_len, Ordering::Relaxed);
+            shared.metrics.add_bytes_in(header.body_len);
             let _ = shared.hub.send(ToHub::Update {
                 client: client.clone(),
                 conn_id,

@@ -272,6 +272,14 @@ impl Hub {
     }
 
     fn handle(&mut self, ev: ToHub) -> Vec<Action> {
+        let actions = self.handle_event(ev);
+        self.shared
+            .metrics
+            .set_connected_clients(self.clients.len());
+        actions
+    }
+
+    fn handle_event(&mut self, ev: ToHub) -> Vec<Action> {
         let now = Instant::now();
         match ev {
             ToHub::Joined {
@@ -727,6 +735,9 @@ impl Hub {
                 .await
                 .map_err(|e| ServerError::Setup(format!("checkpoint task failed: {e}")))??;
             record.checkpoint_seconds = t.elapsed().as_secs_f64();
+            self.shared
+                .metrics
+                .checkpoint_written(record.checkpoint_seconds);
         }
         info!(
             round = record.outcome.round,
@@ -743,6 +754,7 @@ impl Hub {
         if let Some(path) = &self.metrics_path {
             append_json_line(path, &record)?;
         }
+        self.shared.metrics.round_committed(&record);
         if let Some(tx) = &self.records_tx {
             let _ = tx.send(record.clone());
         }

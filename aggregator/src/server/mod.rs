@@ -113,6 +113,9 @@ pub struct ServerSetup {
     /// simulator's `--transport mem`): still QUIC and TLS, no sockets.
     /// `listen` is then the address on that network.
     pub mem_network: Option<fedquic_net::mem::MemNetwork>,
+    /// Prometheus metrics the run updates; keep a clone to serve them
+    /// (`crate::metrics::MetricsEndpoint`) or read them.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl ServerSetup {
@@ -156,6 +159,7 @@ impl ServerSetup {
             secure_aggregation: None,
             privacy: None,
             mem_network: None,
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 }
@@ -205,6 +209,7 @@ struct Shared {
     run_id: String,
     /// Every update is a masked input (codec `ring32`, two extra values).
     secure_aggregation: bool,
+    metrics: crate::metrics::Metrics,
 }
 
 pub struct Server {
@@ -399,7 +404,9 @@ impl Server {
             codecs: setup.codecs.clone(),
             secure_aggregation,
             run_id: setup.run_id.clone(),
+            metrics: setup.metrics.clone(),
         });
+        setup.metrics.watch_admission(Arc::clone(&setup.admission));
         info!(
             addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             model = %setup.model_spec, params = values, "aggregator listening"
@@ -462,6 +469,8 @@ impl Server {
         .await;
         endpoint.close(0u32.into(), b"aggregator stopped");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        // The hub stopped counting sessions when it returned; none is left.
+        shared.metrics.set_connected_clients(0);
         result
     }
 }
