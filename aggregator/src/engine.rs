@@ -1193,20 +1193,17 @@ impl RoundEngine {
         }
         let Some(weights) = weights else {
             let reason = failure.unwrap_or_default();
-            if f.attempt > self.config.max_round_retries {
-                self.phase = Phase::Aborted;
-                actions.push(Action::Aborted {
-                    reason: format!("{reason}, after {} attempts", f.attempt),
-                });
-                return;
-            }
-            let attempt = f.attempt + 1;
-            actions.push(Action::RoundRetry {
+            let retry = RetryPolicy {
                 round: self.round,
-                attempt,
+                attempt: f.attempt,
+                max_retries: self.config.max_round_retries,
                 answered,
                 needed: self.config.min_fit_clients,
-            });
+            };
+            let Some(attempt) = retry.next_attempt(&reason, actions) else {
+                self.phase = Phase::Aborted;
+                return;
+            };
             for (cause, n) in std::mem::take(&mut f.rejections) {
                 *self.stray_rejections.entry(cause).or_default() += n;
             }
@@ -1419,6 +1416,37 @@ pub(crate) fn client_metrics(metrics: &Metrics, max_loss: f64) -> (Option<f64>, 
     match (loss, accuracy) {
         (Some(l), Some(a)) if loss_ok && accuracy_ok => (Some(l), Some(a), false),
         _ => (None, None, !(loss_ok && accuracy_ok)),
+    }
+}
+
+/// What a round that did not commit does next: another attempt with a new
+/// selection, or (past the retries allowed) the end of the run.
+pub(crate) struct RetryPolicy {
+    pub(crate) round: u64,
+    pub(crate) attempt: u32,
+    pub(crate) max_retries: u32,
+    pub(crate) answered: usize,
+    pub(crate) needed: usize,
+}
+
+impl RetryPolicy {
+    /// Pushes `RoundRetry` and returns the next attempt, or pushes
+    /// `Aborted` and returns `None`.
+    pub(crate) fn next_attempt(&self, reason: &str, actions: &mut Vec<Action>) -> Option<u32> {
+        if self.attempt > self.max_retries {
+            actions.push(Action::Aborted {
+                reason: format!("{reason}, after {} attempts", self.attempt),
+            });
+            return None;
+        }
+        let attempt = self.attempt + 1;
+        actions.push(Action::RoundRetry {
+            round: self.round,
+            attempt,
+            answered: self.answered,
+            needed: self.needed,
+        });
+        Some(attempt)
     }
 }
 

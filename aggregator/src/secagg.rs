@@ -42,8 +42,8 @@ use serde::Serialize;
 
 use crate::coordinator::{Coordinator, ReceivedUpdate};
 use crate::engine::{
-    Action, ClientId, EngineConfig, EngineState, RejectCause, RoundOutcome, Tally, client_metrics,
-    fraction_of, mix, not_committed,
+    Action, ClientId, EngineConfig, EngineState, RejectCause, RetryPolicy, RoundOutcome, Tally,
+    client_metrics, fraction_of, mix, not_committed,
 };
 use crate::privacy::{Privacy, PrivacySummary, RoundNoise};
 use crate::strategy::Strategy;
@@ -454,45 +454,39 @@ impl SecAggEngine {
             .push(now.duration_since(r.phase_started).as_secs_f64());
         r.phase_started = now;
         let timeout = self.settings.phase_timeout;
-        let send = |r: &Round, out: Vec<(String, SecAggStep)>, actions: &mut Vec<Action>| {
-            for (client, step) in out {
+        // Sends each client its message of the next phase; returns how many
+        // clients the phase closed with.
+        fn send<T>(
+            r: &Round,
+            out: Vec<(String, T)>,
+            step: fn(T) -> SecAggStep,
+            actions: &mut Vec<Action>,
+        ) -> usize {
+            let closed_with = out.len();
+            for (client, message) in out {
                 if let Some(&task_id) = r.tasks.get(&client) {
                     actions.push(Action::SendSecAgg {
                         client,
                         task_id,
-                        step,
+                        step: step(message),
                     });
                 }
             }
-        };
+            closed_with
+        }
         let result = match r.server.phase() {
             SecAggPhase::AdvertiseKeys => r.server.close_advertise().map(|out| {
-                r.counts[0] = out.len();
-                let out = out
-                    .into_iter()
-                    .map(|(c, m)| (c, SecAggStep::Neighbours(m)))
-                    .collect();
-                send(r, out, actions);
+                r.counts[0] = send(r, out, SecAggStep::Neighbours, actions);
                 r.phase_deadline = now.checked_add(timeout).unwrap_or(now);
             }),
             SecAggPhase::ShareKeys => r.server.close_sharing().map(|out| {
-                r.counts[1] = out.len();
-                let out = out
-                    .into_iter()
-                    .map(|(c, m)| (c, SecAggStep::RelayedShares(m)))
-                    .collect();
-                send(r, out, actions);
+                r.counts[1] = send(r, out, SecAggStep::RelayedShares, actions);
                 // Clients train during key exchange: the masked input is due
                 // at the round deadline, with at least one phase's grace.
                 r.phase_deadline = r.fit_deadline.max(now.checked_add(timeout).unwrap_or(now));
             }),
             SecAggPhase::MaskedInput => r.server.close_masked_input().map(|out| {
-                r.counts[2] = out.len();
-                let out = out
-                    .into_iter()
-                    .map(|(c, m)| (c, SecAggStep::UnmaskRequest(m)))
-                    .collect();
-                send(r, out, actions);
+                r.counts[2] = send(r, out, SecAggStep::UnmaskRequest, actions);
                 r.phase_deadline = now.checked_add(timeout).unwrap_or(now);
             }),
             SecAggPhase::Unmask => {
@@ -721,21 +715,17 @@ impl SecAggEngine {
             round,
             reason: reason.clone(),
         });
-        if r.attempt > self.config.max_round_retries {
-            self.stage = Stage::Aborted;
-            actions.push(Action::Aborted {
-                reason: format!("{reason}, after {} attempts", r.attempt),
-            });
-            return;
-        }
-        let attempt = r.attempt + 1;
-        actions.push(Action::RoundRetry {
+        let retry = RetryPolicy {
             round,
-            attempt,
+            attempt: r.attempt,
+            max_retries: self.config.max_round_retries,
             answered,
             needed: self.settings.min_clients,
-        });
-        self.try_start(attempt, now, actions);
+        };
+        match retry.next_attempt(&reason, actions) {
+            Some(attempt) => self.try_start(attempt, now, actions),
+            None => self.stage = Stage::Aborted,
+        }
     }
 
     fn task_of(&self, client: &str) -> Option<u64> {

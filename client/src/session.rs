@@ -320,13 +320,7 @@ async fn session(
         match msg {
             Message::FitTask(task) if task.secagg.is_some() => {
                 unmask = None;
-                info!(
-                    round = task.round,
-                    epochs = task.config.epochs,
-                    batch_size = task.config.batch_size,
-                    lr = task.config.learning_rate,
-                    "fit task with secure aggregation received; training"
-                );
+                log_task_received(&task);
                 let outcome = secagg_fit_task(
                     &conn,
                     &mut send,
@@ -400,13 +394,7 @@ async fn session(
                 unmask = None;
             }
             Message::FitTask(task) => {
-                info!(
-                    round = task.round,
-                    epochs = task.config.epochs,
-                    batch_size = task.config.batch_size,
-                    lr = task.config.learning_rate,
-                    "fit task received; training"
-                );
+                log_task_received(&task);
                 let answer = fit_task(
                     &conn,
                     &task,
@@ -995,6 +983,17 @@ async fn fit_task(
         "trained; update sent"
     );
     Ok(Ok((bytes, bytes_down)))
+}
+
+fn log_task_received(task: &FitTask) {
+    info!(
+        round = task.round,
+        epochs = task.config.epochs,
+        batch_size = task.config.batch_size,
+        lr = task.config.learning_rate,
+        secure_aggregation = task.secagg.is_some(),
+        "fit task received; training"
+    );
 }
 
 /// A training metric for the log, or "-".
