@@ -53,7 +53,7 @@ struct Cli {
     /// Use only share I of N of the data (demos): e.g. 2/10.
     #[arg(long)]
     partition: Option<PartitionSpec>,
-    /// How --partition splits the data: iid, shards:S or dirichlet:ALPHA.
+    /// How --partition splits the data: iid, shards:S, dirichlet:ALPHA or quantity:SIGMA.
     #[arg(long, default_value = "iid")]
     partition_scheme: String,
     /// Seed of the partition (use the same on every client).

@@ -105,7 +105,8 @@ struct RunArgs {
     /// Data: synthetic[:TRAIN[/TEST][:SEED]] (built in), mnist:DIR (IDX files), csv:FILE.
     #[arg(long, default_value = "synthetic")]
     data: String,
-    /// How the training data is split across clients: iid, shards:S, dirichlet:ALPHA.
+    /// How the training data is split across clients: iid, shards:S, dirichlet:ALPHA,
+    /// or quantity:SIGMA (IID labels, client sizes lognormal(0, SIGMA)).
     #[arg(long, default_value = "iid")]
     partition: String,
     /// Seed of partitioning, initial weights, selection and shuffling.

@@ -22,6 +22,10 @@ pub enum PartitionScheme {
     /// Per class, client shares drawn from a symmetric Dirichlet(`alpha`): small alpha
     /// concentrates each class on few clients, large alpha approaches IID.
     Dirichlet { alpha: f64 },
+    /// Quantity skew: IID labels, but client sizes proportional to lognormal(0, `sigma`)
+    /// draws (each client at least one example), as cross-device populations are: a few
+    /// clients hold much of the data. `sigma` 0 is an even split.
+    Quantity { sigma: f64 },
 }
 
 impl FromStr for PartitionScheme {
@@ -49,9 +53,14 @@ impl FromStr for PartitionScheme {
                     .parse()
                     .map_err(|_| invalid(format!("alpha {alpha:?} is not a number")))?,
             },
+            ("quantity", Some(sigma)) => PartitionScheme::Quantity {
+                sigma: sigma
+                    .parse()
+                    .map_err(|_| invalid(format!("sigma {sigma:?} is not a number")))?,
+            },
             _ => {
                 return Err(invalid(
-                    "expected iid, shards:PER_CLIENT (e.g. shards:2) or dirichlet:ALPHA (e.g. dirichlet:0.5)"
+                    "expected iid, shards:PER_CLIENT (e.g. shards:2), dirichlet:ALPHA (e.g. dirichlet:0.5) or quantity:SIGMA (e.g. quantity:1)"
                         .to_string(),
                 ));
             }
@@ -68,6 +77,7 @@ impl fmt::Display for PartitionScheme {
             PartitionScheme::Shards { per_client } => write!(f, "shards:{per_client}"),
             // f64's Display is the shortest text that parses back to the same value.
             PartitionScheme::Dirichlet { alpha } => write!(f, "dirichlet:{alpha}"),
+            PartitionScheme::Quantity { sigma } => write!(f, "quantity:{sigma}"),
         }
     }
 }
@@ -82,6 +92,11 @@ impl PartitionScheme {
             PartitionScheme::Dirichlet { alpha } if !(alpha.is_finite() && *alpha > 0.0) => Err(
                 format!("alpha must be a finite number above 0, got {alpha}"),
             ),
+            PartitionScheme::Quantity { sigma }
+                if !(sigma.is_finite() && (0.0..=10.0).contains(sigma)) =>
+            {
+                Err(format!("sigma must be in [0, 10], got {sigma}"))
+            }
             _ => Ok(()),
         }
     }
@@ -132,7 +147,47 @@ pub fn partition(
         PartitionScheme::Dirichlet { alpha } => {
             Ok(dirichlet(labels, num_clients, *alpha, &mut rng))
         }
+        PartitionScheme::Quantity { sigma } => {
+            let mut order: Vec<usize> = (0..labels.len()).collect();
+            order.shuffle(&mut rng);
+            let sizes = lognormal_sizes(labels.len(), num_clients, *sigma, &mut rng);
+            let mut start = 0;
+            Ok(sizes
+                .into_iter()
+                .map(|n| {
+                    let part = order[start..start + n].to_vec();
+                    start += n;
+                    part
+                })
+                .collect())
+        }
     }
+}
+
+/// `parts` sizes summing to `total`, each at least 1, the rest shared in proportion to
+/// lognormal(0, `sigma`) weights (largest remainders get the leftover examples).
+fn lognormal_sizes(total: usize, parts: usize, sigma: f64, rng: &mut SeededRng) -> Vec<usize> {
+    let weights: Vec<f64> = (0..parts)
+        .map(|_| (sigma * crate::rng::standard_normal(rng)).exp())
+        .collect();
+    let sum: f64 = weights.iter().sum();
+    let spare = total - parts;
+    let shares: Vec<f64> = weights.iter().map(|w| w / sum * spare as f64).collect();
+    let mut sizes: Vec<usize> = shares.iter().map(|s| 1 + s.floor() as usize).collect();
+    let mut left = total - sizes.iter().sum::<usize>();
+    let mut by_remainder: Vec<usize> = (0..parts).collect();
+    by_remainder.sort_by(|&a, &b| {
+        let frac = |i: usize| shares[i] - shares[i].floor();
+        frac(b).total_cmp(&frac(a)).then(a.cmp(&b))
+    });
+    for i in by_remainder.into_iter().cycle() {
+        if left == 0 {
+            break;
+        }
+        sizes[i] += 1;
+        left -= 1;
+    }
+    sizes
 }
 
 /// `parts` consecutive pieces of `items` whose lengths differ by at most one (the longer
@@ -390,6 +445,45 @@ mod tests {
             partition(&labels, 20, &scheme, 1).unwrap(),
             partition(&labels, 20, &scheme, 2).unwrap()
         );
+    }
+
+    #[test]
+    fn quantity_skew_uses_every_example_once_and_skews_sizes_with_sigma() {
+        let labels: Vec<u8> = (0..10_000).map(|i| (i % 10) as u8).collect();
+        let spread = |sigma: f64| {
+            let parts = partition(&labels, 100, &PartitionScheme::Quantity { sigma }, 3).unwrap();
+            let mut seen: Vec<usize> = parts.iter().flatten().copied().collect();
+            seen.sort_unstable();
+            assert_eq!(seen, (0..labels.len()).collect::<Vec<_>>(), "sigma {sigma}");
+            let sizes: Vec<usize> = parts.iter().map(Vec::len).collect();
+            assert!(sizes.iter().all(|&n| n >= 1));
+            let (min, max) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+            *max as f64 / *min as f64
+        };
+        assert!(spread(0.0) <= 1.02, "sigma 0 is an even split");
+        let skewed = spread(1.5);
+        assert!(skewed > 20.0, "max/min {skewed}");
+        let a = partition(&labels, 50, &PartitionScheme::Quantity { sigma: 1.0 }, 9).unwrap();
+        let b = partition(&labels, 50, &PartitionScheme::Quantity { sigma: 1.0 }, 9).unwrap();
+        assert_eq!(a, b, "the same seed gives the same split");
+        // More clients than the skew can feed: still at least one example each.
+        let tight = partition(
+            &labels[..120],
+            100,
+            &PartitionScheme::Quantity { sigma: 3.0 },
+            1,
+        )
+        .unwrap();
+        assert!(tight.iter().all(|p| !p.is_empty()));
+        assert_eq!(
+            "quantity:1.5"
+                .parse::<PartitionScheme>()
+                .unwrap()
+                .to_string(),
+            "quantity:1.5"
+        );
+        assert!("quantity:-1".parse::<PartitionScheme>().is_err());
+        assert!("quantity:x".parse::<PartitionScheme>().is_err());
     }
 
     #[test]
