@@ -220,33 +220,40 @@ impl DifferentialPrivacyConfig {
         if !self.enabled {
             return Ok(None);
         }
-        let mode = match self.mode.as_str() {
-            "central" => dp::DpMode::Central,
-            "distributed" => dp::DpMode::Distributed,
-            other => {
-                return Err(format!(
-                    "differential_privacy.mode must be \"central\" or \"distributed\", not {other:?}"
-                ));
-            }
-        };
-        let sampling = match self.sampling.as_str() {
-            "fixed" => dp::Sampling::FixedSizeWithoutReplacement,
-            "poisson" => dp::Sampling::Poisson,
-            other => {
-                return Err(format!(
-                    "differential_privacy.sampling must be \"fixed\" or \"poisson\", not {other:?}"
-                ));
-            }
-        };
-        let on_budget = match self.on_budget.as_str() {
-            "stop" => dp::OnBudget::Stop,
-            "warn" => dp::OnBudget::Warn,
-            other => {
-                return Err(format!(
-                    "differential_privacy.on_budget must be \"stop\" or \"warn\", not {other:?}"
-                ));
-            }
-        };
+        // One of two named settings; the error names the key and both.
+        fn pick<T: Copy>(key: &str, value: &str, options: [(&str, T); 2]) -> Result<T, String> {
+            options
+                .iter()
+                .find(|(name, _)| *name == value)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| {
+                    format!(
+                        "differential_privacy.{key} must be \"{}\" or \"{}\", not {value:?}",
+                        options[0].0, options[1].0
+                    )
+                })
+        }
+        let mode = pick(
+            "mode",
+            &self.mode,
+            [
+                ("central", dp::DpMode::Central),
+                ("distributed", dp::DpMode::Distributed),
+            ],
+        )?;
+        let sampling = pick(
+            "sampling",
+            &self.sampling,
+            [
+                ("fixed", dp::Sampling::FixedSizeWithoutReplacement),
+                ("poisson", dp::Sampling::Poisson),
+            ],
+        )?;
+        let on_budget = pick(
+            "on_budget",
+            &self.on_budget,
+            [("stop", dp::OnBudget::Stop), ("warn", dp::OnBudget::Warn)],
+        )?;
         if self.population == 0 {
             return Err(
                 "differential_privacy.population is required: how many clients may be sampled"

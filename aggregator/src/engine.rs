@@ -1000,15 +1000,11 @@ impl RoundEngine {
     /// Picks `count` clients from the connected ones, reproducibly for a
     /// given seed, round and attempt.
     fn sample(&self, count: usize, salt: u64) -> Vec<ClientId> {
-        let mut pool: Vec<&ClientId> = self.connected.iter().collect();
-        let mut rng = StdRng::seed_from_u64(mix(self.config.seed, self.round, salt));
-        let count = count.min(pool.len());
-        for i in 0..count {
-            let j = rng.random_range(i..pool.len());
-            pool.swap(i, j);
-        }
-        pool.truncate(count);
-        pool.into_iter().cloned().collect()
+        sample_clients(
+            &self.connected,
+            count,
+            mix(self.config.seed, self.round, salt),
+        )
     }
 
     fn fit_count(&self) -> usize {
@@ -1417,6 +1413,24 @@ pub(crate) fn client_metrics(metrics: &Metrics, max_loss: f64) -> (Option<f64>, 
         (Some(l), Some(a)) if loss_ok && accuracy_ok => (Some(l), Some(a), false),
         _ => (None, None, !(loss_ok && accuracy_ok)),
     }
+}
+
+/// `count` of the `connected` clients, chosen reproducibly from `seed`
+/// (a partial Fisher-Yates shuffle).
+pub(crate) fn sample_clients(
+    connected: &BTreeSet<ClientId>,
+    count: usize,
+    seed: u64,
+) -> Vec<ClientId> {
+    let mut pool: Vec<&ClientId> = connected.iter().collect();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let count = count.min(pool.len());
+    for i in 0..count {
+        let j = rng.random_range(i..pool.len());
+        pool.swap(i, j);
+    }
+    pool.truncate(count);
+    pool.into_iter().cloned().collect()
 }
 
 /// What a round that did not commit does next: another attempt with a new

@@ -36,14 +36,12 @@ use std::time::{Duration, Instant};
 
 use fedquic_privacy::secagg::{Phase as SecAggPhase, ServerParams, ServerRound, Threshold};
 use fedquic_protocol::{ClientNoise, EvalResult, FitTask, SecAggStep, SecAggTask};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 
 use crate::coordinator::{Coordinator, ReceivedUpdate};
 use crate::engine::{
     Action, ClientId, EngineConfig, EngineState, RejectCause, RetryPolicy, RoundOutcome, Tally,
-    client_metrics, fraction_of, mix, not_committed,
+    client_metrics, fraction_of, mix, not_committed, sample_clients,
 };
 use crate::privacy::{Privacy, PrivacySummary, RoundNoise};
 use crate::strategy::Strategy;
@@ -339,18 +337,6 @@ impl SecAggEngine {
             .map_or(self.settings.clip_norm, |p| p.clip_norm())
     }
 
-    fn sample(&self, count: usize, attempt: u32) -> Vec<ClientId> {
-        let mut pool: Vec<&ClientId> = self.connected.iter().collect();
-        let mut rng = StdRng::seed_from_u64(mix(self.config.seed, self.round(), attempt as u64));
-        let count = count.min(pool.len());
-        for i in 0..count {
-            let j = rng.random_range(i..pool.len());
-            pool.swap(i, j);
-        }
-        pool.truncate(count);
-        pool.into_iter().cloned().collect()
-    }
-
     fn try_start(&mut self, attempt: u32, now: Instant, actions: &mut Vec<Action>) {
         let needed = self
             .config
@@ -374,7 +360,11 @@ impl SecAggEngine {
             actions.push(Action::Finished);
             return;
         }
-        let selected = self.sample(count, attempt);
+        let selected = sample_clients(
+            &self.connected,
+            count,
+            mix(self.config.seed, self.round(), attempt as u64),
+        );
         let degree = self.settings.degree_for(selected.len());
         let round = self.round();
         let server = ServerRound::new(ServerParams {
@@ -917,29 +907,18 @@ impl Coordinator for SecAggEngine {
         let Stage::Round(r) = &mut self.stage else {
             return actions;
         };
+        let secure = |e: fedquic_privacy::secagg::SecAggError| format!("secure aggregation: {e}");
         let result = match step {
-            SecAggStep::AdvertiseKeys(m) => r.server.on_keys(client, m),
-            SecAggStep::ShareKeys(m) => r.server.on_shares(client, m),
-            SecAggStep::UnmaskResponse(m) => r.server.on_unmask(client, m),
-            other => {
-                let reason = format!("a client cannot send '{}'", other.name());
-                self.reject(
-                    client,
-                    task_id,
-                    RejectCause::Malformed,
-                    reason,
-                    &mut actions,
-                );
-                self.drop_client(client, now, &mut actions);
-                return actions;
-            }
+            SecAggStep::AdvertiseKeys(m) => r.server.on_keys(client, m).map_err(secure),
+            SecAggStep::ShareKeys(m) => r.server.on_shares(client, m).map_err(secure),
+            SecAggStep::UnmaskResponse(m) => r.server.on_unmask(client, m).map_err(secure),
+            other => Err(format!("a client cannot send '{}'", other.name())),
         };
         match result {
             Ok(()) => self.close_if_complete(now, &mut actions),
-            Err(e) => {
+            Err(reason) => {
                 // The client is out of this round; the protocol goes on
                 // without it as if it had dropped.
-                let reason = format!("secure aggregation: {e}");
                 self.reject(
                     client,
                     task_id,
