@@ -67,6 +67,7 @@ async fn start(clients: usize, rounds: u64) -> Federation {
         min_evaluate_clients: 0,
         max_round_retries: 0,
         seed: 3,
+        one_task_per_connection: false,
         updates: Default::default(),
         strategy: Default::default(),
     };
@@ -112,6 +113,7 @@ fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) -> Cli
         limits: Default::default(),
         codecs: Default::default(),
         privacy_seed: None,
+        max_fit_tasks: None,
     }
 }
 

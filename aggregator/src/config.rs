@@ -523,6 +523,11 @@ pub struct RoundsConfig {
     pub max_retries: u32,
     /// Seed of client selection and of the clients' per-task shuffling.
     pub seed: u64,
+    /// Cross-device check-in: a connection gets at most one training task.
+    /// A client selected once is not selected again until it reconnects,
+    /// so a round only draws from clients that checked in since (devices
+    /// that leave after reporting, or the simulator's materialised clients).
+    pub one_task_per_connection: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -705,6 +710,7 @@ impl Default for RoundsConfig {
             deadline_secs: 300.0,
             max_retries: 3,
             seed: 0,
+            one_task_per_connection: false,
         }
     }
 }
@@ -866,6 +872,23 @@ impl AggregatorConfig {
         self.strategy.validate().map_err(ConfigError::Invalid)?;
         self.codecs.preference().map_err(ConfigError::Invalid)?;
         self.metrics.listen_addr().map_err(ConfigError::Invalid)?;
+        if self.rounds.one_task_per_connection {
+            if self.fedbuff.enabled {
+                return bad(
+                    "rounds.one_task_per_connection is for synchronous rounds; it cannot run \
+                     with [fedbuff]"
+                        .into(),
+                );
+            }
+            if self.evaluate.fraction > 0.0 {
+                return bad(
+                    "evaluate.fraction must be 0 with rounds.one_task_per_connection (clients \
+                     leave after their training task; use evaluate.test_data for central \
+                     evaluation)"
+                        .into(),
+                );
+            }
+        }
         if self
             .fedbuff
             .settings()
@@ -1018,6 +1041,7 @@ impl AggregatorConfig {
             min_evaluate_clients: self.evaluate.min_clients,
             max_round_retries: r.max_retries,
             seed: r.seed,
+            one_task_per_connection: r.one_task_per_connection,
             updates: self.privacy_policy(),
             strategy: self.strategy.clone(),
         }
@@ -1228,6 +1252,14 @@ mod tests {
             ),
             (
                 "[fedbuff]\nenabled = true\n[evaluate]\nfraction = 0.5",
+                "evaluate.fraction",
+            ),
+            (
+                "[rounds]\none_task_per_connection = true\n[fedbuff]\nenabled = true",
+                "one_task_per_connection",
+            ),
+            (
+                "[rounds]\none_task_per_connection = true\n[evaluate]\nfraction = 0.5",
                 "evaluate.fraction",
             ),
         ] {

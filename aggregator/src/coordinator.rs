@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use fedquic_protocol::{EvalResult, Metrics, SecAggStep};
 
-use crate::engine::{Action, ClientId, RejectCause, RoundEngine};
+use crate::engine::{Action, ClientId, RejectCause, RoundEngine, Waiting};
 
 /// One complete, framed update as the shell received it: its header's
 /// claims (untrusted) and its decoded body.
@@ -91,9 +91,11 @@ pub trait Coordinator: Send {
     fn fit_payload(&self) -> Arc<Vec<f32>> {
         self.global_model()
     }
-    /// While no work can start for want of clients: how many are connected
-    /// and how many are needed (for the shell's "waiting for" log line).
-    fn waiting_for(&self) -> Option<(usize, usize)> {
+    /// While no work can start for want of clients: which round (and
+    /// attempt) waits, how many clients are available and how many are
+    /// needed (the shell's "waiting for" log line; a simulator's cue to
+    /// bring in the next cohort).
+    fn waiting_for(&self) -> Option<Waiting> {
         None
     }
     /// Model versions committed so far (rounds, for a round-based coordinator).
@@ -168,7 +170,7 @@ impl Coordinator for RoundEngine {
     fn completed_rounds(&self) -> u64 {
         RoundEngine::completed_rounds(self)
     }
-    fn waiting_for(&self) -> Option<(usize, usize)> {
+    fn waiting_for(&self) -> Option<Waiting> {
         RoundEngine::waiting_for(self)
     }
     fn strategy_state(&self) -> Vec<u8> {

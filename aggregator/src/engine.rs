@@ -202,9 +202,23 @@ pub struct EngineConfig {
     /// is retried with a fresh selection before the run gives up.
     pub max_round_retries: u32,
     pub seed: u64,
+    /// A client gets at most one fit task per connection: once selected it
+    /// is no longer available (see `RoundsConfig::one_task_per_connection`).
+    pub one_task_per_connection: bool,
     pub updates: UpdatePolicy,
     /// The server step and per-round instructions (see [`crate::strategy`]).
     pub strategy: StrategyConfig,
+}
+
+/// A coordinator that cannot start work for want of clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    /// The round (model version) waiting to start, and its attempt (1 first).
+    pub round: u64,
+    pub attempt: u32,
+    /// Clients available to it now, and how many it needs.
+    pub available: usize,
+    pub needed: usize,
 }
 
 /// Federated evaluation results of one round, weighted by example count.
@@ -689,16 +703,19 @@ impl RoundEngine {
         matches!(self.phase, Phase::Done | Phase::Aborted)
     }
 
-    /// Connected and needed clients while a round waits for enough of them.
-    pub fn waiting_for(&self) -> Option<(usize, usize)> {
+    /// The round waiting for clients, with available and needed counts.
+    pub fn waiting_for(&self) -> Option<Waiting> {
         match self.phase {
-            Phase::Waiting { .. } => Some((
-                self.connected.len(),
-                self.config
+            Phase::Waiting { attempt } => Some(Waiting {
+                round: self.round,
+                attempt,
+                available: self.connected.len(),
+                needed: self
+                    .config
                     .min_available_clients
                     .max(self.config.min_fit_clients)
                     .max(1),
-            )),
+            }),
             _ => None,
         }
     }
@@ -1037,7 +1054,11 @@ impl RoundEngine {
             actions.push(Action::Finished);
             return;
         }
+        let available = self.connected.len();
         let selected = self.sample(self.fit_count(), attempt as u64);
+        if self.config.one_task_per_connection {
+            retire(&mut self.connected, &selected);
+        }
         let mut pending = BTreeMap::new();
         for client in selected {
             let task_id = self.task_id();
@@ -1059,7 +1080,7 @@ impl RoundEngine {
             });
         }
         self.accumulator.reset();
-        self.strategy.begin_round(self.connected.len());
+        self.strategy.begin_round(available);
         self.fit_payload = self.strategy.control_variate().map(|c| {
             let mut payload = Vec::with_capacity(self.global.len() + c.len());
             payload.extend_from_slice(&self.global);
@@ -1072,7 +1093,7 @@ impl RoundEngine {
             attempt,
             started: now,
             deadline: now.checked_add(self.config.round_deadline).unwrap_or(now),
-            available: self.connected.len(),
+            available,
             selected: pending.len(),
             pending,
             answered: BTreeSet::new(),
@@ -1397,7 +1418,7 @@ pub(crate) fn gate_update(
 }
 
 /// ceil(fraction * n), immune to float error such as 0.07 * 100 = 7.000000000000001.
-pub(crate) fn fraction_of(fraction: f64, n: usize) -> usize {
+pub fn fraction_of(fraction: f64, n: usize) -> usize {
     ((fraction * n as f64) - 1e-9).ceil().max(0.0) as usize
 }
 
@@ -1431,6 +1452,15 @@ pub(crate) fn sample_clients(
     }
     pool.truncate(count);
     pool.into_iter().cloned().collect()
+}
+
+/// Check-in mode (`one_task_per_connection`): the selected clients are no
+/// longer available; they stay known to the round through its task list
+/// and come back only by reconnecting (a new `client_joined`).
+pub(crate) fn retire(connected: &mut BTreeSet<ClientId>, selected: &[ClientId]) {
+    for client in selected {
+        connected.remove(client);
+    }
 }
 
 /// What a round that did not commit does next: another attempt with a new

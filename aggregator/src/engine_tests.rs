@@ -57,6 +57,7 @@ fn config() -> EngineConfig {
         min_evaluate_clients: 0,
         max_round_retries: 0,
         seed: 42,
+        one_task_per_connection: false,
         updates: permissive(),
         strategy: Default::default(),
     }
@@ -240,6 +241,45 @@ fn min_fit_clients_also_gates_the_start() {
     let mut e = RoundEngine::new(cfg, vec![0.0; 4], 0);
     assert!(join_all(&mut e, 3, t0).is_empty());
     assert_eq!(fits(&e.client_joined(id(3), t0)).len(), 4);
+}
+
+#[test]
+fn one_task_per_connection_draws_each_round_from_fresh_check_ins() {
+    let t0 = Instant::now();
+    let mut cfg = config();
+    cfg.rounds = 3;
+    cfg.min_available_clients = 3;
+    cfg.one_task_per_connection = true;
+    let mut e = RoundEngine::new(cfg, vec![0.0; 4], 0);
+    // Round 1 takes the first three check-ins; two more wait.
+    let first = fits(&join_all(&mut e, 3, t0));
+    assert_eq!(clients_of(&first), (0..3).map(id).collect());
+    assert_eq!(
+        e.connected_clients(),
+        0,
+        "selected clients are not available"
+    );
+    assert!(e.client_joined(id(3), t0).is_empty());
+    assert!(e.client_joined(id(4), t0).is_empty());
+    // The round completes with its retired clients' updates.
+    let mut actions = Vec::new();
+    for f in &first {
+        actions.extend(answer(&mut e, f, 10, &[1.0; 4], t0 + secs(1)));
+    }
+    let done = outcomes(&actions);
+    assert_eq!(done.len(), 1, "{actions:?}");
+    assert_eq!(done[0].clients_available, 3);
+    assert_eq!(done[0].clients_answered, 3);
+    // Round 2 does not pick round 1's clients, though they are still
+    // connected: it waits for a third fresh check-in.
+    assert!(fits(&actions).is_empty(), "{actions:?}");
+    assert_eq!(e.connected_clients(), 2);
+    // A round-1 client that reconnects is a fresh check-in.
+    let second = fits(&e.client_joined(id(0), t0 + secs(2)));
+    assert_eq!(clients_of(&second), [0, 3, 4].map(id).into_iter().collect());
+    // One leaving after its task changes nothing for the others.
+    assert!(e.client_left(&id(1), t0 + secs(2)).is_empty());
+    assert_eq!(e.connected_clients(), 0);
 }
 
 #[test]
@@ -435,6 +475,7 @@ fn scripted_run(seed: u64) -> (Vec<Action>, Vec<f32>) {
         min_evaluate_clients: 1,
         max_round_retries: 3,
         seed,
+        one_task_per_connection: false,
         updates: permissive(),
         strategy: Default::default(),
     };
@@ -1247,6 +1288,7 @@ fn five_thousand_clients_twenty_rounds() {
         min_evaluate_clients: 0,
         max_round_retries: 0,
         seed: 2024,
+        one_task_per_connection: false,
         updates: permissive(),
         strategy: Default::default(),
     };

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::coordinator::{Coordinator, ReceivedUpdate};
 use crate::engine::{
     Action, ClientId, EngineConfig, EngineState, NormPolicy, RejectCause, RoundOutcome,
-    StalenessSummary, Tally, WeightAdjustment, client_metrics, gate_update, median, mix,
+    StalenessSummary, Tally, Waiting, WeightAdjustment, client_metrics, gate_update, median, mix,
     not_committed, record_share_caps,
 };
 use crate::strategy::{FedAvgAccumulator, ModelCheckError, Strategy, UpdateInput};
@@ -723,9 +723,13 @@ impl Coordinator for FedBuff {
         self.version
     }
 
-    fn waiting_for(&self) -> Option<(usize, usize)> {
-        let needed = self.config.min_available_clients.max(1);
-        (!self.started && !self.finished).then_some((self.connected.len(), needed))
+    fn waiting_for(&self) -> Option<Waiting> {
+        (!self.started && !self.finished).then(|| Waiting {
+            round: self.completed_rounds() + 1,
+            attempt: 1,
+            available: self.connected.len(),
+            needed: self.config.min_available_clients.max(1),
+        })
     }
 
     fn strategy_state(&self) -> Vec<u8> {
@@ -763,6 +767,7 @@ mod tests {
             min_evaluate_clients: 0,
             max_round_retries: 2,
             seed: 11,
+            one_task_per_connection: false,
             updates: UpdatePolicy {
                 max_weight_share: 1.0,
                 max_update_norm_median_multiple: None,

@@ -21,7 +21,7 @@ mod engine_tests;
 
 pub use config::AggregatorConfig;
 pub use coordinator::{Coordinator, ReceivedUpdate};
-pub use engine::{Action, EngineConfig, RoundEngine, RoundOutcome, StalenessSummary};
+pub use engine::{Action, EngineConfig, RoundEngine, RoundOutcome, StalenessSummary, Waiting};
 pub use fedbuff::{FedBuff, FedBuffSettings, Staleness};
 pub use metrics::{Metrics, MetricsEndpoint};
 pub use secagg::{SecAggEngine, SecAggSettings};

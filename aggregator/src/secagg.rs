@@ -41,7 +41,7 @@ use serde::Serialize;
 use crate::coordinator::{Coordinator, ReceivedUpdate};
 use crate::engine::{
     Action, ClientId, EngineConfig, EngineState, RejectCause, RetryPolicy, RoundOutcome, Tally,
-    client_metrics, fraction_of, mix, not_committed, sample_clients,
+    Waiting, client_metrics, fraction_of, mix, not_committed, retire, sample_clients,
 };
 use crate::privacy::{Privacy, PrivacySummary, RoundNoise};
 use crate::strategy::Strategy;
@@ -365,6 +365,9 @@ impl SecAggEngine {
             count,
             mix(self.config.seed, self.round(), attempt as u64),
         );
+        if self.config.one_task_per_connection {
+            retire(&mut self.connected, &selected);
+        }
         let degree = self.settings.degree_for(selected.len());
         let round = self.round();
         let server = ServerRound::new(ServerParams {
@@ -948,15 +951,18 @@ impl Coordinator for SecAggEngine {
         self.completed
     }
 
-    fn waiting_for(&self) -> Option<(usize, usize)> {
+    fn waiting_for(&self) -> Option<Waiting> {
         match self.stage {
-            Stage::Waiting { .. } => Some((
-                self.connected.len(),
-                self.config
+            Stage::Waiting { attempt } => Some(Waiting {
+                round: self.round(),
+                attempt,
+                available: self.connected.len(),
+                needed: self
+                    .config
                     .min_available_clients
                     .max(self.config.min_fit_clients)
                     .max(self.settings.min_clients),
-            )),
+            }),
             _ => None,
         }
     }
@@ -1005,6 +1011,7 @@ mod tests {
             min_evaluate_clients: 0,
             max_round_retries: 2,
             seed: 7,
+            one_task_per_connection: false,
             updates: UpdatePolicy {
                 max_update_norm_median_multiple: None,
                 ..UpdatePolicy::default()

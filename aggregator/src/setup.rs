@@ -328,6 +328,7 @@ pub fn setup_with_crl_reload(
         min_upload_bytes_per_sec: config.limits.min_upload_bytes_per_sec,
         client_log_lines_per_minute: config.limits.client_log_lines_per_minute,
         records: None,
+        waiting: None,
         allowlist: (!config.admission.allowlist.is_empty())
             .then(|| config.admission.allowlist.iter().cloned().collect()),
         reset_secret: Some(reset_secret),

@@ -108,6 +108,11 @@ struct Cli {
     /// lossy codec drops is kept and added to the next update).
     #[arg(long)]
     no_error_feedback: bool,
+    /// Leave after answering this many training tasks (cross-device
+    /// check-in: 1, with the aggregator's rounds.one_task_per_connection);
+    /// by default the client stays until the run finishes.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_fit_tasks: Option<u64>,
 }
 
 /// The client's config file (command-line flags take precedence).
@@ -264,6 +269,7 @@ fn main() -> anyhow::Result<()> {
                 error_feedback: !cli.no_error_feedback,
             },
             privacy_seed: None,
+            max_fit_tasks: cli.max_fit_tasks,
         };
         let trainer =
             LocalTrainer::new(data.train, data.train_indices, data.test, data.test_indices)

@@ -67,6 +67,11 @@ pub struct ClientOptions {
     /// operating system's generator; a seed here makes them reproducible,
     /// for simulations only (whoever knows it can unmask the updates).
     pub privacy_seed: Option<u64>,
+    /// Leave the federation once this many training tasks are answered
+    /// (their update acknowledged, their failure reported, their unmask
+    /// request served): a cross-device check-in is `Some(1)`. None: stay
+    /// until the aggregator finishes the run.
+    pub max_fit_tasks: Option<u64>,
 }
 
 /// What a client offers to encode its updates (and decode models) with.
@@ -102,7 +107,10 @@ struct Negotiated {
 /// What a client did during its run.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ClientReport {
+    /// Training tasks whose update went out.
     pub fit_tasks: u64,
+    /// Training tasks answered to the end (see `ClientOptions::max_fit_tasks`).
+    pub fit_tasks_answered: u64,
     pub evaluate_tasks: u64,
     pub sessions: u32,
     pub bytes_up: u64,
@@ -175,6 +183,12 @@ pub async fn run_client_with_store<T: Trainer>(
         if *welcomed {
             backoff.reset();
             failures = 0;
+        }
+        if opts
+            .max_fit_tasks
+            .is_some_and(|max| report.fit_tasks_answered >= max)
+        {
+            return Ok(report);
         }
         let (after, reason) = match result {
             Ok(SessionEnd::Finished) => return Ok(report),
@@ -297,6 +311,8 @@ async fn session(
     let mut next: Option<Message> = None;
     // The secrets of the last masked input, kept for its unmask request.
     let mut unmask: Option<(u64, Box<ClientRound>)> = None;
+    // The task whose update went out and waits for its verdict.
+    let mut awaiting_verdict: Option<u64> = None;
 
     loop {
         let msg = match next.take() {
@@ -349,6 +365,9 @@ async fn session(
                             },
                         )
                         .await?;
+                        if task_answered(opts, report) {
+                            return leave(&conn, &mut send).await;
+                        }
                     }
                     SecAggFit::Stopped(msg) => next = msg,
                 }
@@ -392,6 +411,9 @@ async fn session(
                     Err(reason) => warn!(task_id, %reason, "refused the unmask request"),
                 }
                 unmask = None;
+                if task_answered(opts, report) {
+                    return leave(&conn, &mut send).await;
+                }
             }
             Message::FitTask(task) => {
                 log_task_received(&task);
@@ -410,6 +432,7 @@ async fn session(
                         report.fit_tasks += 1;
                         report.bytes_up += up;
                         report.bytes_down += down;
+                        awaiting_verdict = Some(task.task_id);
                     }
                     Err(reason) => {
                         warn!(round = task.round, %reason, "fit task failed");
@@ -421,6 +444,9 @@ async fn session(
                             },
                         )
                         .await?;
+                        if task_answered(opts, report) {
+                            return leave(&conn, &mut send).await;
+                        }
                     }
                 }
             }
@@ -458,6 +484,19 @@ async fn session(
                 write_message(&mut send, &reply).await?;
                 report.evaluate_tasks += 1;
             }
+            Message::UpdateAccepted { task_id } | Message::UpdateRejected { task_id, .. }
+                if awaiting_verdict == Some(task_id) =>
+            {
+                if let Message::UpdateRejected { reason, .. } = &msg {
+                    warn!(task_id, %reason, "aggregator rejected our update");
+                } else {
+                    debug!(task_id, "update accepted");
+                }
+                awaiting_verdict = None;
+                if task_answered(opts, report) {
+                    return leave(&conn, &mut send).await;
+                }
+            }
             Message::UpdateAccepted { task_id } => debug!(task_id, "update accepted"),
             Message::UpdateRejected { task_id, reason } => {
                 warn!(task_id, %reason, "aggregator rejected our update")
@@ -492,6 +531,39 @@ async fn session(
             }
         }
     }
+}
+
+/// Counts a training task answered to the end; true when the client has
+/// now done what it came for (`ClientOptions::max_fit_tasks`).
+fn task_answered(opts: &ClientOptions, report: &mut ClientReport) -> bool {
+    report.fit_tasks_answered += 1;
+    opts.max_fit_tasks
+        .is_some_and(|max| report.fit_tasks_answered >= max)
+}
+
+/// Says goodbye and waits (briefly) for the aggregator to close, so that
+/// everything sent before, the goodbye included, is delivered.
+async fn leave(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+) -> Result<SessionEnd, SessionError> {
+    info!("task quota reached; leaving the federation");
+    write_message(
+        send,
+        &Message::Bye {
+            reason: "task quota reached".into(),
+            finished: true,
+        },
+    )
+    .await?;
+    let _ = send.finish();
+    if tokio::time::timeout(Duration::from_secs(2), conn.closed())
+        .await
+        .is_err()
+    {
+        conn.close(0u32.into(), b"bye");
+    }
+    Ok(SessionEnd::Finished)
 }
 
 /// Aborts a spawned task when dropped (the session's control-stream reader).

@@ -243,6 +243,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             min_evaluate_clients: 0,
             max_round_retries: 0,
             seed: 0,
+            one_task_per_connection: false,
             updates: Default::default(),
             strategy: fedquic_aggregator::strategy::StrategyConfig {
                 name: args.strategy.clone(),
@@ -459,6 +460,7 @@ impl ChildAggregator {
                     limits: Default::default(),
                     codecs: Default::default(),
                     privacy_seed: None,
+                    max_fit_tasks: None,
                 };
                 handles.push(tokio::spawn(run_client(
                     opts,

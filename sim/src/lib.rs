@@ -10,6 +10,7 @@ pub mod bench;
 pub mod faults;
 pub mod flood;
 pub mod pki;
+pub mod population;
 pub mod relay;
 pub mod report;
 pub mod simulate;

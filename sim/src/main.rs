@@ -207,6 +207,14 @@ struct RunArgs {
     /// sockets; --link then shapes each client's own link).
     #[arg(long, default_value = "udp")]
     transport: String,
+    /// Which clients exist: "all" connect for the whole run; "selected": only
+    /// each round's cohort (fraction x clients, drawn with --seed) is
+    /// created, checks in over QUIC for one task and leaves, so an idle
+    /// client costs no memory (a million-client population fits in a few
+    /// hundred MB). "auto": selected for synthetic-per-client data or more
+    /// than 10,000 clients.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "all", "selected"])]
+    materialize: String,
     /// Secure aggregation (SecAgg+): the aggregator only sees the sum of each
     /// round's updates. Clients clip to --secagg-clip (or --dp-clip) and
     /// weight their own updates; robust strategies are refused.
@@ -350,6 +358,8 @@ fn main() -> anyhow::Result<()> {
             byzantine: a.byzantine,
         },
         link: a.link,
+        transport: a.transport,
+        materialize: a.materialize,
         round_deadline_secs: a.round_deadline,
         max_norm_multiple: a.max_norm_multiple,
         codecs: fedquic_sim::simulate::SimCodecs {
@@ -453,6 +463,14 @@ fn main() -> anyhow::Result<()> {
             result.rounds.len(),
             result.seconds
         ),
+    }
+    if result.materialized_on_selection {
+        println!(
+            "materialised {} client sessions for {} rounds out of a population of {}",
+            result.clients_materialized,
+            result.rounds.len(),
+            result.config.clients
+        );
     }
     if let Some(out) = &result.config.out {
         println!(

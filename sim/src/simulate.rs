@@ -5,10 +5,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fedquic_aggregator::engine::fraction_of;
 use fedquic_aggregator::plot::PlotReport;
-use fedquic_aggregator::server::{CentralEval, RoundRecord, Server, ServerSetup};
-use fedquic_aggregator::{AggregatorConfig, EngineConfig};
-use fedquic_client::{Backoff, ClientOptions, LocalTrainer, run_client};
+use fedquic_aggregator::server::{
+    CentralEval, RoundRecord, RunSummary, Server, ServerError, ServerSetup,
+};
+use fedquic_aggregator::{AggregatorConfig, EngineConfig, Waiting};
+use fedquic_client::{
+    Backoff, ClientOptions, ClientReport, LocalTrainer, StateStore, run_client,
+    run_client_with_store,
+};
 use fedquic_net::tls::TransportSettings;
 use fedquic_protocol::FitInstructions;
 use fedquic_train::backend::{BackendKind, Engine};
@@ -16,12 +22,14 @@ use fedquic_train::layout::ParamLayout;
 use fedquic_train::{DataSpec, Model, ModelSpec, PartitionScheme, partition};
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
 
 use crate::faults::{
     AttackKind, ByzantineSpec, Collusion, FaultConfig, FaultContext, FaultEvent, FaultLog,
     FaultyTrainer, KillSender, RoundFinder, Slots,
 };
 use crate::pki::{SERVER_NAME, SimPki};
+use crate::population::{AUTO_SELECTED_ABOVE, ClientData, Cohorts, StateDirs};
 use crate::relay::{LinkSpec, Relay};
 
 #[derive(Clone, Debug, Serialize)]
@@ -76,6 +84,11 @@ pub struct SimConfig {
     /// in-process network, `fedquic_net::mem`: no sockets; `link` is then
     /// applied by that network to each client's own endpoint).
     pub transport: String,
+    /// `all` (every client connects for the whole run), `selected` (only a
+    /// round's cohort exists, checks in for one task and leaves: see
+    /// [`crate::population`]) or `auto` (`selected` for per-client data or
+    /// more than [`crate::population::AUTO_SELECTED_ABOVE`] clients).
+    pub materialize: String,
 }
 
 /// Codecs in a simulation: the aggregator's lists, and what clients offer.
@@ -165,6 +178,7 @@ impl Default for SimConfig {
             secure_aggregation: None,
             privacy: None,
             transport: "udp".into(),
+            materialize: "auto".into(),
         }
     }
 }
@@ -179,6 +193,10 @@ pub struct SimResult {
     pub setup_seconds: f64,
     /// Every fault injected, sorted by round and client.
     pub faults: Vec<FaultEvent>,
+    /// Whether only selected clients were materialised, and how many
+    /// client sessions were created over the run.
+    pub materialized_on_selection: bool,
+    pub clients_materialized: u64,
     /// The plots `--out` wrote or skipped (not part of results.json).
     #[serde(skip)]
     pub plots: PlotReport,
@@ -210,21 +228,59 @@ pub async fn simulate(
     };
     let data_spec: DataSpec = config.data.parse()?;
     let scheme: PartitionScheme = config.partition.parse()?;
-    let (train, test) = data_spec
-        .load()
-        .with_context(|| format!("loading {}", config.data))?;
-    check_model_fits(&model_spec, train.dim, train.classes)?;
-    let parts = partition(&train.labels, config.clients, &scheme, config.seed)?;
-    let test_parts = partition(
-        &test.labels,
-        config.clients.min(test.len()),
-        &PartitionScheme::Iid,
-        config.seed,
-    )?;
-    let (train, test) = (Arc::new(train), Arc::new(test));
+    let on_selection = match config.materialize.as_str() {
+        "all" => false,
+        "selected" => true,
+        "auto" => data_spec.per_client().is_some() || config.clients > AUTO_SELECTED_ABOVE,
+        other => bail!("--materialize must be auto, all or selected, not {other:?}"),
+    };
+    if on_selection {
+        check_on_selection(&config)?;
+    } else if data_spec.per_client().is_some() {
+        bail!(
+            "--data {}: per-client data is drawn when a client is selected; use \
+             --materialize selected (or auto)",
+            config.data
+        );
+    }
+    let (data, test, test_parts) = match data_spec.per_client() {
+        Some(recipe) => {
+            let test = recipe.test_set();
+            check_model_fits(&model_spec, test.dim, test.classes)?;
+            let data = ClientData::PerClient {
+                recipe: recipe.clone(),
+                scheme: scheme.clone(),
+            };
+            (data, test, Vec::new())
+        }
+        None => {
+            let (train, test) = data_spec
+                .load()
+                .with_context(|| format!("loading {}", config.data))?;
+            check_model_fits(&model_spec, train.dim, train.classes)?;
+            let parts = partition(&train.labels, config.clients, &scheme, config.seed)?;
+            let test_parts = match on_selection {
+                // Federated evaluation is refused: clients keep no test share.
+                true => Vec::new(),
+                false => partition(
+                    &test.labels,
+                    config.clients.min(test.len()),
+                    &PartitionScheme::Iid,
+                    config.seed,
+                )?,
+            };
+            let data = ClientData::Shared {
+                train: Arc::new(train),
+                parts,
+            };
+            (data, test, test_parts)
+        }
+    };
+    let test = Arc::new(test);
 
     let mut aggregator = AggregatorConfig::default();
     aggregator.rounds.fraction_fit = config.fraction;
+    aggregator.rounds.one_task_per_connection = on_selection;
     aggregator.rounds.count = config.rounds;
     aggregator.fit = fedquic_aggregator::config::FitConfig {
         epochs: config.epochs,
@@ -298,11 +354,23 @@ pub async fn simulate(
         .ok()
         .and_then(|s| s.robust().map(|r| r.min_updates()))
         .unwrap_or(1);
+    // A cohort is what the aggregator would have selected from everyone.
+    let per_round = fraction_of(config.fraction, config.clients)
+        .max(min_fit_clients)
+        .clamp(1, config.clients);
     let engine = EngineConfig {
         min_fit_clients,
         max_fit_clients: config.clients,
-        // Every client connects before round 1, so selection is over all of them.
-        min_available_clients: config.clients,
+        // Every client connects before round 1, so selection is over all of
+        // them; on selection, the aggregator takes the cohort that checked in.
+        min_available_clients: match on_selection {
+            true => per_round,
+            false => config.clients,
+        },
+        fraction_fit: match on_selection {
+            true => 1.0,
+            false => config.fraction,
+        },
         round_deadline: Duration::from_secs_f64(config.round_deadline_secs),
         fit: FitInstructions {
             seed: config.seed,
@@ -325,7 +393,9 @@ pub async fn simulate(
         TransportSettings::default(),
     )?;
     let (records_tx, mut records_rx) = mpsc::unbounded_channel();
+    let (waiting_tx, waiting_rx) = tokio::sync::watch::channel(None);
     let setup = ServerSetup {
+        waiting: Some(waiting_tx),
         central_eval: Some(CentralEval {
             model: Model::try_new(model_spec, 0)?,
             test: Arc::clone(&test),
@@ -378,142 +448,134 @@ pub async fn simulate(
         )?),
     };
     let fault_log = FaultLog::default();
-    let faults = if config.faults.is_active() {
-        Some(fault_context(
-            &config,
-            &layout,
-            &parts,
-            &train,
-            &test,
-            &engine,
-            fault_log.clone(),
-        )?)
-    } else {
-        None
-    };
-    let flipped = match config.faults.byzantine {
-        Some(ByzantineSpec {
-            kind: AttackKind::LabelFlip,
-            ..
-        }) => Some(Arc::new(crate::faults::label_flipped(&train))),
-        _ => None,
-    };
+    let factory = Arc::new(ClientFactory {
+        pki,
+        addr,
+        mem_network,
+        shared_endpoint: endpoint.clone(),
+        link: config.link,
+        seed: config.seed,
+        offers,
+        error_feedback: config.codecs.error_feedback,
+        slots: Arc::clone(&slots),
+        one_task: on_selection,
+    });
+    let summary;
+    let setup_seconds;
+    let mut materialized = 0u64;
     let mut relays: Vec<Relay> = Vec::new();
-    let mut clients = Vec::with_capacity(config.clients);
-    let mut test_parts = test_parts.into_iter();
-    for (i, indices) in parts.into_iter().enumerate() {
-        let (_, tls) = pki.client(i + 1)?;
-        let client_endpoint = match (&mem_network, &endpoint) {
-            (Some(net), _) => {
-                let link = config.link.map(|spec| fedquic_net::mem::LinkShape {
-                    // The network adds both ends' latencies: the server's is 0.
-                    latency: Duration::from_secs_f64(spec.latency_ms / 1e3),
-                    bandwidth_bytes_per_sec: Some((spec.mbps * 1e6 / 8.0) as u64),
-                    loss: 0.0,
-                });
-                fedquic_net::mem::mem_client_endpoint(net, link, tls.clone())
-                    .context("a client endpoint on the in-process network")?
-            }
-            (None, Some(shared)) => shared.clone(),
-            (None, None) => bail!("no client endpoint"),
-        };
-        let server = match config.link {
-            Some(spec) if mem_network.is_none() => {
-                let relay = crate::relay::spawn(addr, spec)
-                    .await
-                    .context("starting a link relay")?;
-                let relay_addr = relay.addr;
-                relays.push(relay);
-                relay_addr
-            }
-            _ => addr,
-        };
-        let opts = ClientOptions {
-            server,
-            server_name: SERVER_NAME.into(),
-            tls,
-            backoff: Backoff::new(
-                Duration::from_millis(100),
-                Duration::from_secs(2),
-                config.seed ^ i as u64,
-            ),
-            max_attempts: Some(20),
-            connect_timeout: Duration::from_secs(30),
-            // A fault-injecting trainer takes its slot itself, for training only.
-            training_slots: faults.is_none().then(|| Arc::clone(&slots)),
-            endpoint: Some(client_endpoint),
-            limits: Default::default(),
-            codecs: fedquic_client::CodecOptions {
-                offer: offers[i % offers.len()].clone(),
-                error_feedback: config.codecs.error_feedback,
+    if on_selection {
+        setup_seconds = started.elapsed().as_secs_f64();
+        let run = CohortRun {
+            factory: Arc::clone(&factory),
+            data: Arc::new(data),
+            test: Arc::clone(&test),
+            engine: engine.share(),
+            cohorts: Cohorts {
+                population: config.clients,
+                per_round,
+                seed: config.seed,
             },
-            // Reproducible runs: masks cancel whatever their seed, and the
-            // DP noise is then part of the run's seed.
-            privacy_seed: Some(fedquic_aggregator::engine::mix(
-                config.seed,
-                i as u64,
-                0x5ec,
-            )),
+            state: needs_client_state(&config)
+                .then(|| StateDirs::new(config.out.as_deref()))
+                .transpose()?,
+            generation: Arc::new(Semaphore::new(config.threads.max(1))),
         };
-        let test_indices = test_parts.next().unwrap_or_default();
-        match &faults {
-            None => {
-                let trainer =
-                    LocalTrainer::new(Arc::clone(&train), indices, Arc::clone(&test), test_indices)
-                        .with_engine(engine.share());
-                clients.push(tokio::spawn(async move {
-                    run_client(opts, trainer).await.map(|_| ())?;
-                    anyhow::Ok(())
-                }));
-            }
-            Some(ctx) => {
-                let data = match &flipped {
-                    Some(f) if ctx.byzantine.binary_search(&i).is_ok() => Arc::clone(f),
-                    _ => Arc::clone(&train),
-                };
-                let (ctx, test, engine) = (Arc::clone(ctx), Arc::clone(&test), engine.share());
-                let make = move |kill: Option<KillSender>| {
-                    let inner = LocalTrainer::new(
-                        Arc::clone(&data),
-                        indices.clone(),
+        let (s, m) = run
+            .drive(server_task, waiting_rx, &mut records_rx, &mut on_round)
+            .await?;
+        (summary, materialized) = (s, m);
+    } else {
+        let ClientData::Shared { train, parts } = data else {
+            bail!("per-client data needs --materialize selected");
+        };
+        let faults = if config.faults.is_active() {
+            Some(fault_context(
+                &config,
+                &layout,
+                &parts,
+                &train,
+                &test,
+                &engine,
+                fault_log.clone(),
+            )?)
+        } else {
+            None
+        };
+        let flipped = match config.faults.byzantine {
+            Some(ByzantineSpec {
+                kind: AttackKind::LabelFlip,
+                ..
+            }) => Some(Arc::new(crate::faults::label_flipped(&train))),
+            _ => None,
+        };
+        let mut clients = Vec::with_capacity(config.clients);
+        let mut test_parts = test_parts.into_iter();
+        for (i, indices) in parts.into_iter().enumerate() {
+            let server = match config.link {
+                Some(spec) if factory.mem_network.is_none() => {
+                    let relay = crate::relay::spawn(addr, spec)
+                        .await
+                        .context("starting a link relay")?;
+                    let relay_addr = relay.addr;
+                    relays.push(relay);
+                    relay_addr
+                }
+                _ => addr,
+            };
+            // A fault-injecting trainer takes its slot itself, for training only.
+            let opts = factory.options(i, server, faults.is_none())?;
+            materialized += 1;
+            let test_indices = test_parts.next().unwrap_or_default();
+            match &faults {
+                None => {
+                    let trainer = LocalTrainer::new(
+                        Arc::clone(&train),
+                        indices,
                         Arc::clone(&test),
-                        test_indices.clone(),
+                        test_indices,
                     )
                     .with_engine(engine.share());
-                    FaultyTrainer::new(inner, i, Arc::clone(&ctx), kill)
-                };
-                clients.push(tokio::spawn(supervise(opts, make)));
+                    clients.push(tokio::spawn(async move {
+                        run_client(opts, trainer).await.map(|_| ())?;
+                        anyhow::Ok(())
+                    }));
+                }
+                Some(ctx) => {
+                    let data = match &flipped {
+                        Some(f) if ctx.byzantine.binary_search(&i).is_ok() => Arc::clone(f),
+                        _ => Arc::clone(&train),
+                    };
+                    let (ctx, test, engine) = (Arc::clone(ctx), Arc::clone(&test), engine.share());
+                    let make = move |kill: Option<KillSender>| {
+                        let inner = LocalTrainer::new(
+                            Arc::clone(&data),
+                            indices.clone(),
+                            Arc::clone(&test),
+                            test_indices.clone(),
+                        )
+                        .with_engine(engine.share());
+                        FaultyTrainer::new(inner, i, Arc::clone(&ctx), kill)
+                    };
+                    clients.push(tokio::spawn(supervise(opts, make)));
+                }
             }
         }
-    }
-    let setup_seconds = started.elapsed().as_secs_f64();
-
-    let server_task = async {
-        let summary = server_task.await.context("aggregator task failed")??;
-        anyhow::Ok(summary)
-    };
-    tokio::pin!(server_task);
-    let summary = loop {
-        tokio::select! {
-            Some(record) = records_rx.recv() => on_round(&record),
-            summary = &mut server_task => break summary?,
-        }
-    };
-    while let Ok(record) = records_rx.try_recv() {
-        on_round(&record);
-    }
-    // Clients still busy with a task the run no longer needs (a straggler's
-    // wait, a FedBuff task in flight at the last step) get 10 s in all, not
-    // 10 s each.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    for (i, c) in clients.into_iter().enumerate() {
-        match tokio::time::timeout_at(deadline, c).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => {
-                tracing::warn!(client = i + 1, error = %e, "client ended with an error")
+        setup_seconds = started.elapsed().as_secs_f64();
+        summary = collect_rounds(server_task, &mut records_rx, &mut on_round).await?;
+        // Clients still busy with a task the run no longer needs (a straggler's
+        // wait, a FedBuff task in flight at the last step) get 10 s in all, not
+        // 10 s each.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for (i, c) in clients.into_iter().enumerate() {
+            match tokio::time::timeout_at(deadline, c).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(client = i + 1, error = %e, "client ended with an error")
+                }
+                Ok(Err(e)) => tracing::warn!(client = i + 1, error = %e, "client task failed"),
+                Err(_) => tracing::warn!(client = i + 1, "client did not finish"),
             }
-            Ok(Err(e)) => tracing::warn!(client = i + 1, error = %e, "client task failed"),
-            Err(_) => tracing::warn!(client = i + 1, "client did not finish"),
         }
     }
     if let Some(endpoint) = &endpoint {
@@ -532,6 +594,8 @@ pub async fn simulate(
         seconds: started.elapsed().as_secs_f64(),
         setup_seconds,
         faults: fault_log.events(),
+        materialized_on_selection: on_selection,
+        clients_materialized: materialized,
         plots: PlotReport::default(),
         config,
     };
@@ -539,6 +603,245 @@ pub async fn simulate(
         result.plots = crate::report::write_outputs(out, &result)?;
     }
     Ok(result)
+}
+
+/// Waits for the aggregator to finish, passing each round's record on.
+async fn collect_rounds(
+    server_task: tokio::task::JoinHandle<Result<RunSummary, ServerError>>,
+    records_rx: &mut mpsc::UnboundedReceiver<RoundRecord>,
+    on_round: &mut impl FnMut(&RoundRecord),
+) -> anyhow::Result<RunSummary> {
+    use anyhow::Context;
+    let server_task = async {
+        let summary = server_task.await.context("aggregator task failed")??;
+        anyhow::Ok(summary)
+    };
+    tokio::pin!(server_task);
+    let summary = loop {
+        tokio::select! {
+            Some(record) = records_rx.recv() => on_round(&record),
+            summary = &mut server_task => break summary?,
+        }
+    };
+    while let Ok(record) = records_rx.try_recv() {
+        on_round(&record);
+    }
+    Ok(summary)
+}
+
+/// Builds what every simulated client shares: its certificate, endpoint and
+/// options.
+struct ClientFactory {
+    pki: SimPki,
+    addr: SocketAddr,
+    mem_network: Option<fedquic_net::mem::MemNetwork>,
+    /// The one UDP endpoint all clients share (kernel UDP transport).
+    shared_endpoint: Option<quinn::Endpoint>,
+    link: Option<LinkSpec>,
+    seed: u64,
+    offers: Vec<Vec<fedquic_protocol::Codec>>,
+    error_feedback: bool,
+    slots: Arc<Semaphore>,
+    /// Check-in clients leave after one task.
+    one_task: bool,
+}
+
+impl ClientFactory {
+    /// Client `i`'s options (0-based; its certificate names client `i + 1`),
+    /// reaching the aggregator at `server`. `take_slot`: the client takes a
+    /// training slot itself (a fault-injecting trainer takes its own).
+    fn options(
+        &self,
+        i: usize,
+        server: SocketAddr,
+        take_slot: bool,
+    ) -> anyhow::Result<ClientOptions> {
+        use anyhow::Context;
+        let (_, tls) = self.pki.client(i + 1)?;
+        let endpoint = match (&self.mem_network, &self.shared_endpoint) {
+            (Some(net), _) => {
+                let link = self.link.map(|spec| fedquic_net::mem::LinkShape {
+                    // The network adds both ends' latencies: the server's is 0.
+                    latency: Duration::from_secs_f64(spec.latency_ms / 1e3),
+                    bandwidth_bytes_per_sec: Some((spec.mbps * 1e6 / 8.0) as u64),
+                    loss: 0.0,
+                });
+                fedquic_net::mem::mem_client_endpoint(net, link, tls.clone())
+                    .context("a client endpoint on the in-process network")?
+            }
+            (None, Some(shared)) => shared.clone(),
+            (None, None) => anyhow::bail!("no client endpoint"),
+        };
+        Ok(ClientOptions {
+            server,
+            server_name: SERVER_NAME.into(),
+            tls,
+            backoff: Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(2),
+                self.seed ^ i as u64,
+            ),
+            max_attempts: Some(20),
+            connect_timeout: Duration::from_secs(30),
+            training_slots: take_slot.then(|| Arc::clone(&self.slots)),
+            endpoint: Some(endpoint),
+            limits: Default::default(),
+            codecs: fedquic_client::CodecOptions {
+                offer: self.offers[i % self.offers.len()].clone(),
+                error_feedback: self.error_feedback,
+            },
+            // Reproducible runs: masks cancel whatever their seed, and the
+            // DP noise is then part of the run's seed.
+            privacy_seed: Some(fedquic_aggregator::engine::mix(self.seed, i as u64, 0x5ec)),
+            max_fit_tasks: self.one_task.then_some(1),
+        })
+    }
+}
+
+/// A run whose clients exist only while selected (see [`crate::population`]).
+struct CohortRun {
+    factory: Arc<ClientFactory>,
+    data: Arc<ClientData>,
+    test: Arc<fedquic_train::Dataset>,
+    engine: Engine,
+    cohorts: Cohorts,
+    /// Per-client state directories, when the strategy or codec keeps state.
+    state: Option<StateDirs>,
+    /// Bounds how many clients draw their data at once.
+    generation: Arc<Semaphore>,
+}
+
+impl CohortRun {
+    /// Brings in a cohort whenever the aggregator waits for a round (or a
+    /// retry) it has not had one for, until the run ends. Returns the run's
+    /// summary and how many clients were materialised.
+    async fn drive(
+        self,
+        server_task: tokio::task::JoinHandle<Result<RunSummary, ServerError>>,
+        mut waiting: tokio::sync::watch::Receiver<Option<Waiting>>,
+        records_rx: &mut mpsc::UnboundedReceiver<RoundRecord>,
+        on_round: &mut impl FnMut(&RoundRecord),
+    ) -> anyhow::Result<(RunSummary, u64)> {
+        use anyhow::Context;
+        let server_task = async {
+            let summary = server_task.await.context("aggregator task failed")??;
+            anyhow::Ok(summary)
+        };
+        tokio::pin!(server_task);
+        let mut live: JoinSet<(usize, anyhow::Result<ClientReport>)> = JoinSet::new();
+        let mut served: Option<(u64, u32)> = None;
+        let mut materialized = 0u64;
+        let summary = loop {
+            tokio::select! {
+                Some(record) = records_rx.recv() => on_round(&record),
+                Ok(()) = waiting.changed() => {
+                    let Some(w) = *waiting.borrow_and_update() else { continue };
+                    if served == Some((w.round, w.attempt)) {
+                        continue;
+                    }
+                    served = Some((w.round, w.attempt));
+                    let cohort = self.cohorts.draw(w.round, w.attempt);
+                    tracing::debug!(round = w.round, attempt = w.attempt, clients = cohort.len(), "materialising a cohort");
+                    for i in cohort {
+                        self.spawn(i, &mut live)?;
+                        materialized += 1;
+                    }
+                }
+                Some(joined) = live.join_next() => log_client_end(joined),
+                summary = &mut server_task => break summary?,
+            }
+        };
+        while let Ok(record) = records_rx.try_recv() {
+            on_round(&record);
+        }
+        // The last cohort says goodbye as it leaves; give stragglers 10 s.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, live.join_next()).await {
+            log_client_end(joined);
+        }
+        live.abort_all();
+        Ok((summary, materialized))
+    }
+
+    /// Materialises client `i`: its options now, its data (drawn off the
+    /// async threads) and trainer in its task.
+    fn spawn(
+        &self,
+        i: usize,
+        live: &mut JoinSet<(usize, anyhow::Result<ClientReport>)>,
+    ) -> anyhow::Result<()> {
+        let opts = self.factory.options(i, self.factory.addr, true)?;
+        let store = match &self.state {
+            Some(dirs) => StateStore::in_dir(&dirs.client(i))?,
+            None => StateStore::default(),
+        };
+        let (data, test, engine) = (
+            Arc::clone(&self.data),
+            Arc::clone(&self.test),
+            self.engine.share(),
+        );
+        let generation = Arc::clone(&self.generation);
+        live.spawn(async move {
+            let run = async {
+                let (train, indices) = {
+                    let _permit = generation.acquire_owned().await?;
+                    tokio::task::spawn_blocking(move || data.materialise(i)).await??
+                };
+                let trainer =
+                    LocalTrainer::new(train, indices, test, Vec::new()).with_engine(engine);
+                Ok(run_client_with_store(opts, trainer, store).await?)
+            };
+            (i, run.await)
+        });
+        Ok(())
+    }
+}
+
+fn log_client_end(joined: Result<(usize, anyhow::Result<ClientReport>), tokio::task::JoinError>) {
+    match joined {
+        Ok((_, Ok(_))) => {}
+        Ok((i, Err(e))) => tracing::warn!(client = i + 1, error = %e, "client ended with an error"),
+        Err(e) => tracing::warn!(error = %e, "client task failed"),
+    }
+}
+
+/// What check-in clients cannot do: stay for federated evaluation, be
+/// faulty (fault injection follows clients across rounds), take part in
+/// FedBuff's continuous dispatch, or sit behind a per-client UDP relay.
+fn check_on_selection(config: &SimConfig) -> anyhow::Result<()> {
+    let refuse = |what: &str| {
+        Err(anyhow::anyhow!(
+            "{what} needs every client connected for the whole run: use --materialize all"
+        ))
+    };
+    if config.fraction_evaluate > 0.0 {
+        return refuse("--fraction-evaluate (federated evaluation)");
+    }
+    if config.faults.is_active() {
+        return refuse("fault injection (--dropout, --stragglers, --byzantine)");
+    }
+    if config.fedbuff.is_some() {
+        return refuse("--fedbuff");
+    }
+    if config.link.is_some() && config.transport != "mem" {
+        anyhow::bail!("--link with materialisation on selection needs --transport mem");
+    }
+    if config.codecs.client_offers.is_some() {
+        return refuse("--client-codecs");
+    }
+    Ok(())
+}
+
+/// Whether clients keep state between selections: SCAFFOLD's control
+/// variate, or the residual of a lossy uplink codec's error feedback.
+fn needs_client_state(config: &SimConfig) -> bool {
+    config.strategy.name == "scaffold"
+        || (config.codecs.error_feedback
+            && config
+                .codecs
+                .uplink
+                .split(',')
+                .any(|c| !c.trim().is_empty() && c.trim() != "f32"))
 }
 
 /// Runs a fault-injecting client, restarting it whenever its trainer asks

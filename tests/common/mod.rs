@@ -54,6 +54,7 @@ pub fn engine(clients: usize, min_fit: usize, rounds: u64, deadline: Duration) -
         strategy: Default::default(),
         max_round_retries: 2,
         seed: 9,
+        one_task_per_connection: false,
     }
 }
 
@@ -217,6 +218,7 @@ pub fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) ->
         limits: Default::default(),
         codecs: Default::default(),
         privacy_seed: None,
+        max_fit_tasks: None,
     }
 }
 

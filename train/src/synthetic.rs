@@ -15,7 +15,9 @@ use rand::RngExt;
 use rand::seq::SliceRandom;
 
 use crate::data::Dataset;
-use crate::rng::{SeededRng, derive_seed, seeded};
+use crate::partition::PartitionScheme;
+use crate::rng::{SeededRng, derive_seed, ln_gamma_sample, seeded, standard_normal};
+use crate::{Result, TrainError};
 
 /// Images are `IMAGE_SIDE x IMAGE_SIDE` pixels.
 pub const IMAGE_SIDE: usize = 28;
@@ -34,6 +36,13 @@ type Glyph = Vec<Vec<Point>>;
 pub fn generate(count: usize, seed: u64) -> Dataset {
     let mut labels: Vec<u8> = (0..count).map(|i| (i % CLASSES) as u8).collect();
     labels.shuffle(&mut seeded(derive_seed(seed, u64::MAX)));
+    draw_labelled(labels, seed)
+}
+
+/// One image per label (each below [`CLASSES`]), image `i` drawn from its own stream of
+/// `seed`.
+fn draw_labelled(labels: Vec<u8>, seed: u64) -> Dataset {
+    let count = labels.len();
     let mut features = vec![0.0f32; count * IMAGE_PIXELS];
     for (index, (image, &label)) in features
         .chunks_exact_mut(IMAGE_PIXELS)
@@ -55,6 +64,87 @@ pub fn generate(count: usize, seed: u64) -> Dataset {
 /// Stream tags that separate the training and test images of one seed.
 const TRAIN_STREAM: u64 = 1;
 const TEST_STREAM: u64 = 2;
+
+/// Most examples one client of [`PerClient`] data may hold.
+pub const MAX_PER_CLIENT_EXAMPLES: usize = 100_000;
+
+/// Data for a population too large for any shared dataset
+/// (`synthetic-per-client:N`): each client's examples are drawn from its id
+/// when it is needed, so an idle client costs nothing. The same seed and id
+/// always give the same examples. The test set (for the aggregator's
+/// central evaluation) comes from a stream no client draws from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PerClient {
+    /// Examples per client (the mean, under quantity skew).
+    pub examples: usize,
+    /// Test-set size.
+    pub test: usize,
+    pub seed: u64,
+}
+
+impl PerClient {
+    /// The shared test set.
+    pub fn test_set(&self) -> Dataset {
+        generate(self.test, derive_seed(self.seed, TEST_STREAM))
+    }
+
+    /// Client `id`'s training examples. `scheme` skews them across clients
+    /// as it would split a shared dataset: `iid` gives every client
+    /// `examples` balanced examples; `quantity:SIGMA` scales that by a
+    /// lognormal draw of mean 1 (at least one example, at most
+    /// [`MAX_PER_CLIENT_EXAMPLES`]); `dirichlet:ALPHA` draws the client's
+    /// class proportions from Dirichlet(ALPHA). Shards need a shared dataset
+    /// to cut, and are refused.
+    pub fn client(&self, id: u64, scheme: &PartitionScheme) -> Result<Dataset> {
+        let client_seed = derive_seed(derive_seed(self.seed, TRAIN_STREAM), id);
+        let mut rng = seeded(derive_seed(client_seed, u64::MAX - 1));
+        let size = match scheme {
+            PartitionScheme::Quantity { sigma } => {
+                let factor = (sigma * standard_normal(&mut rng) - sigma * sigma / 2.0).exp();
+                ((self.examples as f64 * factor).round() as usize).clamp(1, MAX_PER_CLIENT_EXAMPLES)
+            }
+            _ => self.examples,
+        };
+        let labels = match scheme {
+            PartitionScheme::Iid | PartitionScheme::Quantity { .. } => {
+                let mut labels: Vec<u8> = (0..size).map(|i| (i % CLASSES) as u8).collect();
+                labels.shuffle(&mut rng);
+                labels
+            }
+            PartitionScheme::Dirichlet { alpha } => {
+                // Normalised Gamma(alpha) draws, in log space (tiny alphas underflow).
+                let logs: Vec<f64> = (0..CLASSES)
+                    .map(|_| ln_gamma_sample(&mut rng, *alpha))
+                    .collect();
+                let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = logs.iter().map(|l| (l - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                (0..size)
+                    .map(|_| {
+                        let mut u = rng.random::<f64>() * total;
+                        let mut class = CLASSES - 1;
+                        for (c, w) in weights.iter().enumerate() {
+                            if u < *w {
+                                class = c;
+                                break;
+                            }
+                            u -= w;
+                        }
+                        class as u8
+                    })
+                    .collect()
+            }
+            PartitionScheme::Shards { .. } => {
+                return Err(TrainError::Partition(
+                    "shards cut a shared dataset; per-client data takes iid, quantity:SIGMA or \
+                     dirichlet:ALPHA"
+                        .into(),
+                ));
+            }
+        };
+        Ok(draw_labelled(labels, client_seed))
+    }
+}
 
 /// The `(train, test)` pair for one seed, drawn from independent streams.
 pub fn train_test(train: usize, test: usize, seed: u64) -> (Dataset, Dataset) {
@@ -363,6 +453,70 @@ mod tests {
                 "image {index}: {bright} bright pixels"
             );
         }
+    }
+
+    #[test]
+    fn per_client_data_is_a_function_of_the_client_id() {
+        let recipe = PerClient {
+            examples: 40,
+            test: 30,
+            seed: 5,
+        };
+        let a = recipe.client(17, &PartitionScheme::Iid).unwrap();
+        assert_eq!(a, recipe.client(17, &PartitionScheme::Iid).unwrap());
+        assert_ne!(
+            a.features,
+            recipe.client(18, &PartitionScheme::Iid).unwrap().features
+        );
+        assert_eq!(a.class_counts(), vec![4; 10]);
+        a.validate().unwrap();
+        // No client draws the test set's images.
+        let test = recipe.test_set();
+        assert_eq!(test.len(), 30);
+        assert!(
+            test.features
+                .chunks(IMAGE_PIXELS)
+                .all(|t| { a.features.chunks(IMAGE_PIXELS).all(|c| c != t) })
+        );
+        // A huge id is as cheap as a small one.
+        assert_eq!(
+            recipe
+                .client(u64::MAX, &PartitionScheme::Iid)
+                .unwrap()
+                .len(),
+            40
+        );
+    }
+
+    #[test]
+    fn per_client_skews_sizes_and_labels() {
+        let recipe = PerClient {
+            examples: 20,
+            test: 1,
+            seed: 1,
+        };
+        let sizes: Vec<usize> = (0..400)
+            .map(|id| {
+                recipe
+                    .client(id, &PartitionScheme::Quantity { sigma: 1.0 })
+                    .unwrap()
+                    .len()
+            })
+            .collect();
+        let mean = sizes.iter().sum::<usize>() as f64 / sizes.len() as f64;
+        assert!((15.0..25.0).contains(&mean), "mean size {mean}");
+        assert!(sizes.iter().all(|&n| n >= 1));
+        assert!(sizes.iter().max().unwrap() > &(3 * 20), "{sizes:?}");
+        // Small alpha: most of a client's examples share a class.
+        let skewed = recipe
+            .client(3, &PartitionScheme::Dirichlet { alpha: 0.05 })
+            .unwrap();
+        assert_eq!(skewed.len(), 20);
+        assert!(*skewed.class_counts().iter().max().unwrap() >= 12);
+        let err = recipe
+            .client(3, &PartitionScheme::Shards { per_client: 2 })
+            .unwrap_err();
+        assert!(err.to_string().contains("shards"), "{err}");
     }
 
     #[test]

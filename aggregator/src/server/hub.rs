@@ -19,6 +19,7 @@ use super::records::{ClientTraffic, RoundRecord, append_json_line};
 use super::{CentralEval, RunSummary, ServerError, ServerSetup, Shared};
 use crate::checkpoint::{CheckpointHeader, CheckpointStore};
 use crate::coordinator::{Coordinator, ReceivedUpdate};
+use crate::engine::Waiting;
 use crate::engine::{Action, ClientId, RejectCause, RoundOutcome};
 use crate::logging::{LogBudget, MAX_LOGGED_CHARS, sanitize};
 
@@ -110,6 +111,8 @@ pub(super) struct Hub {
     encoded_models: HashMap<(Codec, bool), EncodedModel>,
     /// When the last "waiting for clients" line was logged, and the count then.
     last_waiting_log: Option<(Instant, usize)>,
+    /// Published whenever what the coordinator waits for changes.
+    waiting: Option<tokio::sync::watch::Sender<Option<Waiting>>>,
 }
 
 /// A model version (the values it was encoded from) and its encoding.
@@ -153,6 +156,7 @@ impl Hub {
             round_traffic: std::collections::BTreeMap::new(),
             encoded_models: HashMap::new(),
             last_waiting_log: None,
+            waiting: setup.waiting,
         })
     }
 
@@ -182,7 +186,16 @@ impl Hub {
     /// "waiting for N more clients (c/n connected)": when the count changes
     /// (at most every 2 s) and every 30 s while it does not.
     fn log_waiting(&mut self) {
-        let Some((connected, needed)) = self.engine.waiting_for() else {
+        let waiting = self.engine.waiting_for();
+        if let Some(watch) = &self.waiting {
+            watch.send_if_modified(|w| std::mem::replace(w, waiting) != waiting);
+        }
+        let Some(Waiting {
+            available: connected,
+            needed,
+            ..
+        }) = waiting
+        else {
             self.last_waiting_log = None;
             return;
         };
@@ -226,6 +239,7 @@ impl Hub {
         tokio::pin!(shutdown);
         let actions = self.engine.start(Instant::now());
         let mut outcome = self.execute(actions).await;
+        self.log_waiting();
         while outcome.is_none() {
             let deadline = self.engine.next_deadline();
             let actions = tokio::select! {

@@ -92,6 +92,9 @@ pub struct ServerSetup {
     pub client_log_lines_per_minute: u32,
     /// Receives each round's record as soon as it is written (progress bars).
     pub records: Option<mpsc::UnboundedSender<RoundRecord>>,
+    /// Holds what the coordinator waits for, whenever that changes (a
+    /// simulator brings in the next cohort of check-in clients on it).
+    pub waiting: Option<tokio::sync::watch::Sender<Option<crate::engine::Waiting>>>,
     /// When set, only these client names are admitted.
     pub allowlist: Option<std::collections::HashSet<String>>,
     /// Secret for stateless-reset tokens that survive restarts (see
@@ -151,6 +154,7 @@ impl ServerSetup {
             min_upload_bytes_per_sec: limits.min_upload_bytes_per_sec,
             client_log_lines_per_minute: limits.client_log_lines_per_minute,
             records: None,
+            waiting: None,
             allowlist: None,
             reset_secret: None,
             admission: Arc::default(),

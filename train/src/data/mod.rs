@@ -171,6 +171,9 @@ pub const MAX_SYNTHETIC_EXAMPLES: usize = 1_000_000;
 /// - `synthetic:TRAIN:SEED` or `synthetic:TRAIN/TEST:SEED`: another seed.
 /// - `mnist:DIR`: the four MNIST IDX files in `DIR` (raw or `.gz`).
 /// - `csv:FILE`: `label,f1,f2,...` rows, split 80/20 deterministically.
+/// - `synthetic-per-client:N[/TEST][:SEED]`: no shared training set; each simulated
+///   client draws `N` digits of its own from its id when selected
+///   ([`crate::synthetic::PerClient`]); `TEST` (default 2,000) test digits.
 ///
 /// Sizes are between 1 and [`MAX_SYNTHETIC_EXAMPLES`].
 #[derive(Clone, Debug, PartialEq)]
@@ -186,6 +189,7 @@ pub enum DataSpec {
     Csv {
         path: PathBuf,
     },
+    SyntheticPerClient(crate::synthetic::PerClient),
 }
 
 impl Default for DataSpec {
@@ -222,6 +226,20 @@ impl DataSpec {
             }
             DataSpec::Mnist { dir } => load_mnist(dir),
             DataSpec::Csv { path } => load_csv(path),
+            DataSpec::SyntheticPerClient(_) => Err(TrainError::InvalidDataSpec {
+                spec: self.to_string(),
+                reason: "per-client data has no shared training set: each simulated client \
+                         draws its own (fedquic-sim)"
+                    .into(),
+            }),
+        }
+    }
+
+    /// The per-client recipe, for `synthetic-per-client:...`.
+    pub fn per_client(&self) -> Option<&crate::synthetic::PerClient> {
+        match self {
+            DataSpec::SyntheticPerClient(p) => Some(p),
+            _ => None,
         }
     }
 }
@@ -242,15 +260,41 @@ impl FromStr for DataSpec {
         match (kind, argument) {
             ("synthetic", None) => Ok(DataSpec::default()),
             ("synthetic", Some(argument)) => parse_synthetic(argument).map_err(invalid),
+            ("synthetic-per-client", Some(argument)) => parse_per_client(argument).map_err(invalid),
             ("mnist", Some(dir)) if !dir.is_empty() => Ok(DataSpec::Mnist { dir: dir.into() }),
             ("csv", Some(path)) if !path.is_empty() => Ok(DataSpec::Csv { path: path.into() }),
             ("mnist", _) => Err(invalid("expected mnist:DIR".to_string())),
             ("csv", _) => Err(invalid("expected csv:FILE".to_string())),
             _ => Err(invalid(
-                "expected synthetic[:TRAIN[/TEST][:SEED]], mnist:DIR or csv:FILE".to_string(),
+                "expected synthetic[:TRAIN[/TEST][:SEED]], synthetic-per-client:N[/TEST][:SEED], \
+                 mnist:DIR or csv:FILE"
+                    .to_string(),
             )),
         }
     }
+}
+
+/// Parses the part after `synthetic-per-client:`.
+fn parse_per_client(argument: &str) -> std::result::Result<DataSpec, String> {
+    let explicit_test = argument.split(':').next().is_some_and(|s| s.contains('/'));
+    let DataSpec::Synthetic { train, test, seed } = parse_synthetic(argument)? else {
+        unreachable!("parse_synthetic makes a Synthetic spec")
+    };
+    if train > crate::synthetic::MAX_PER_CLIENT_EXAMPLES {
+        return Err(format!(
+            "at most {} examples per client, got {train}",
+            crate::synthetic::MAX_PER_CLIENT_EXAMPLES
+        ));
+    }
+    Ok(DataSpec::SyntheticPerClient(crate::synthetic::PerClient {
+        examples: train,
+        test: if explicit_test {
+            test
+        } else {
+            DEFAULT_SYNTHETIC_TEST
+        },
+        seed,
+    }))
 }
 
 /// Parses the part after `synthetic:`.
@@ -307,6 +351,16 @@ impl fmt::Display for DataSpec {
             }
             DataSpec::Mnist { dir } => write!(f, "mnist:{}", dir.display()),
             DataSpec::Csv { path } => write!(f, "csv:{}", path.display()),
+            DataSpec::SyntheticPerClient(p) => {
+                write!(f, "synthetic-per-client:{}", p.examples)?;
+                if p.test != DEFAULT_SYNTHETIC_TEST {
+                    write!(f, "/{}", p.test)?;
+                }
+                if p.seed != DEFAULT_SYNTHETIC_SEED {
+                    write!(f, ":{}", p.seed)?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -379,6 +433,30 @@ mod tests {
     }
 
     #[test]
+    fn per_client_specs_parse_and_have_no_shared_training_set() {
+        let spec: DataSpec = "synthetic-per-client:600".parse().unwrap();
+        let recipe = spec.per_client().unwrap();
+        assert_eq!((recipe.examples, recipe.test, recipe.seed), (600, 2_000, 7));
+        let err = spec.load().unwrap_err().to_string();
+        assert!(err.contains("no shared training set"), "{err}");
+        for bad in [
+            "synthetic-per-client",
+            "synthetic-per-client:0",
+            "synthetic-per-client:100001",
+            "synthetic-per-client:x",
+        ] {
+            assert!(bad.parse::<DataSpec>().is_err(), "{bad}");
+        }
+        assert!(
+            "synthetic:600"
+                .parse::<DataSpec>()
+                .unwrap()
+                .per_client()
+                .is_none()
+        );
+    }
+
+    #[test]
     fn data_spec_display_round_trips() {
         for text in [
             "synthetic",
@@ -389,6 +467,9 @@ mod tests {
             "synthetic:12000:8",
             "mnist:/tmp/m",
             "csv:data.csv",
+            "synthetic-per-client:600",
+            "synthetic-per-client:20/500",
+            "synthetic-per-client:20/500:9",
         ] {
             let spec: DataSpec = text.parse().unwrap();
             assert_eq!(spec.to_string(), text);
