@@ -107,7 +107,11 @@ impl PerClient {
         };
         let labels = match scheme {
             PartitionScheme::Iid | PartitionScheme::Quantity { .. } => {
-                let mut labels: Vec<u8> = (0..size).map(|i| (i % CLASSES) as u8).collect();
+                // Balanced from a random class on, so that clients with fewer
+                // examples than classes do not all start at class 0.
+                let first = rng.random_range(0..CLASSES);
+                let mut labels: Vec<u8> =
+                    (0..size).map(|i| ((first + i) % CLASSES) as u8).collect();
                 labels.shuffle(&mut rng);
                 labels
             }
@@ -478,6 +482,16 @@ mod tests {
                 .chunks(IMAGE_PIXELS)
                 .all(|t| { a.features.chunks(IMAGE_PIXELS).all(|c| c != t) })
         );
+        // Clients with fewer examples than classes still cover every class.
+        let tiny = PerClient {
+            examples: 1,
+            test: 1,
+            seed: 2,
+        };
+        let firsts: std::collections::BTreeSet<u8> = (0..200)
+            .map(|id| tiny.client(id, &PartitionScheme::Iid).unwrap().labels[0])
+            .collect();
+        assert_eq!(firsts.len(), CLASSES);
         // A huge id is as cheap as a small one.
         assert_eq!(
             recipe
