@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use fedquic_client::{
     Backoff, ClientData, ClientLimits, ClientOptions, CodecOptions, LocalTrainer, PartitionSpec,
     StateStore, run_client_with_store,
@@ -153,7 +153,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // `--version` names the CPU kernel path training runs on.
+    let long_version: &'static str = Box::leak(
+        fedquic_train::backend::version_details(env!("CARGO_PKG_VERSION")).into_boxed_str(),
+    );
+    let cli = Cli::from_arg_matches(&Cli::command().long_version(long_version).get_matches())
+        .unwrap_or_else(|e| e.exit());
     if let Some(ClientCommand::Predict(args)) = cli.command {
         return fedquic_client::predict::run(args);
     }

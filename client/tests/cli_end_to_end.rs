@@ -657,3 +657,21 @@ epochs = 2
     assert!(old.join("checkpoints").read_dir().unwrap().count() > 0);
     assert!(metrics_rounds(&metrics).is_empty());
 }
+
+/// `--version` says which CPU kernels training runs on, and honours
+/// FEDQUIC_KERNEL.
+#[test]
+fn version_names_the_kernel_path() {
+    let out = Command::new(client_bin())
+        .arg("--version")
+        .env("FEDQUIC_KERNEL", "portable")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+    assert!(
+        text.contains("CPU kernels: portable (FEDQUIC_KERNEL=portable; best on this CPU:"),
+        "{text}"
+    );
+}

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use fedquic_aggregator::config::OptimizerName;
 use fedquic_sim::report::{TABLE_HEADER, table_row};
 use fedquic_sim::{SimConfig, simulate};
@@ -297,7 +297,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    // `--version` names the CPU kernel path training runs on.
+    let long_version: &'static str = Box::leak(
+        fedquic_train::backend::version_details(env!("CARGO_PKG_VERSION")).into_boxed_str(),
+    );
+    let cli = Cli::from_arg_matches(&Cli::command().long_version(long_version).get_matches())
+        .unwrap_or_else(|e| e.exit());
     // Clients train in parallel on `--threads` workers; each one's small
     // matrix products stay single-threaded, which uses the cores better.
     fedquic_train::set_gemm_threads(1)?;

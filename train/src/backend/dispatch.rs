@@ -192,6 +192,18 @@ pub fn kernel_path() -> KernelPath {
     })
 }
 
+/// What `--version` adds to a binary's version: the CPU kernel path this
+/// process trains with (after `FEDQUIC_KERNEL`) and the best the CPU has.
+pub fn version_details(version: &str) -> String {
+    let choice = std::env::var(KERNEL_VAR).unwrap_or_else(|_| "auto".into());
+    format!(
+        "{version}\nCPU kernels: {} ({KERNEL_VAR}={choice}; best on this CPU: {})\ntarget: {}",
+        kernel_path_name(),
+        KernelPath::best().name(),
+        std::env::consts::ARCH
+    )
+}
+
 /// [`kernel_path`]'s name (`avx512`, `avx2` or `portable`), for logs.
 pub fn kernel_path_name() -> &'static str {
     kernel_path().name()

@@ -51,7 +51,7 @@ pub mod wgpu;
 #[cfg(feature = "wgpu")]
 pub use self::wgpu::{WgpuBackend, WgpuDevice};
 pub use cpu::CpuBackend;
-pub use dispatch::{KernelPath, kernel_path, kernel_path_name, with_kernel_path};
+pub use dispatch::{KernelPath, kernel_path, kernel_path_name, version_details, with_kernel_path};
 pub use pool::{cpu_threads, with_cpu_threads};
 pub use select::{BackendKind, Engine};
 
