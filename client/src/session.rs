@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedquic_net::io::{
-    IoError, read_message, read_tensor_body, read_tensor_header, send_encoded, send_tensors,
+    IoError, read_message, read_tensor_body, read_tensor_header, send_encoded, send_shared_tensors,
     write_message,
 };
 use fedquic_privacy::secagg::ClientRound;
@@ -1028,7 +1028,9 @@ async fn fit_task(
     let bytes = match body {
         UpdateBody::F32(delta) => {
             header.body_len = delta.len() as u64 * 4;
-            send_tensors(conn, &header, &delta).await?
+            // The f32 values are their own wire encoding: handed to QUIC as
+            // one chunk, not re-encoded and copied piece by piece.
+            send_shared_tensors(conn, &header, Arc::new(delta)).await?
         }
         UpdateBody::Encoded(bytes) => {
             header.body_len = bytes.len() as u64;
