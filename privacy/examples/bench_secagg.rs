@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use fedquic_privacy::secagg::prg::{Sign, apply_prg};
 use fedquic_privacy::secagg::{
-    ClientRound, RelayedShares, ServerParams, ServerRound, ShareKeys, Threshold,
+    ClientRound, FixedPoint, RelayedShares, ServerParams, ServerRound, ShareKeys, Threshold,
 };
 
 fn seed(i: usize, salt: u8) -> [u8; 32] {
@@ -108,10 +108,25 @@ fn main() {
     }
     let gb = (reps * v.len() * 4) as f64 / 1e9;
     println!(
-        "PRG (ChaCha20 keystream added mod 2^32): {:.2} GB/s",
+        "PRG (AES-128-CTR keystream added mod 2^32): {:.2} GB/s",
         gb / best
     );
 
+    let fp = FixedPoint::for_sum(1000, 1.0).expect("fixed point");
+    for p in [100_000usize, 1_000_000] {
+        let values: Vec<f32> = (0..p).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut q = vec![0u32; p];
+        let mut best = f64::MAX;
+        for r in 0..20 {
+            let t = Instant::now();
+            fp.encode_into(&values, &mut q, r).expect("encode");
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "fixed-point encode (clamp, scale, stochastic rounding), P={p}: {:.2} ms",
+            best * 1e3
+        );
+    }
     for p in [100_000usize, 1_000_000] {
         let (mask, share, _) = round(20, 8, p, 0);
         println!(

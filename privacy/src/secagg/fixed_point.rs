@@ -5,13 +5,21 @@
 //! Clipping range: every value is clamped to [-bound, bound] (NaN counts as 0).
 //! Scale: the largest s with `n * (bound * s + 1) <= 2^31 - 1`, n the most
 //! contributors a round may have. A value v becomes q = round(v * s) with
-//! unbiased stochastic rounding (E\[q\] = v * s, |q - v*s| < 1), so |q| <=
-//! bound * s + 1, the sum of n of them stays within i32, and the decoded sum
-//! differs from the exact sum of the clamped values by less than n / s.
-//! q is stored in two's complement mod 2^32.
+//! stochastic rounding (|q - v*s| < 1, E\[q\] = v * s up to a bias below
+//! 2^-32 of a step), so |q| <= bound * s + 1, the sum of n of them stays within
+//! i32, and the decoded sum differs from the exact sum of the clamped values by
+//! less than n / s. q is stored in two's complement mod 2^32.
+//!
+//! The rounding draws one 32-bit word per value from the mask PRG
+//! ([`super::prg`], AES-128-CTR) keyed by 32 bytes drawn from ChaCha20 seeded
+//! with the caller's `u64`: the draws cost a fraction of what one `u64` per
+//! value from ChaCha20 did.
 
 use chacha20::ChaCha20Rng;
 use rand::{Rng, SeedableRng};
+use zeroize::Zeroizing;
+
+use super::prg::{BUF_WORDS, Keystream};
 
 /// Why a quantiser cannot be built or used.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -43,7 +51,7 @@ pub struct FixedPoint {
     bound: f64,
     max_contributors: usize,
     /// floor((2^31 - 1) / max_contributors): no quantised value exceeds it.
-    max_q: i64,
+    max_q: f64,
 }
 
 const I32_MAX: f64 = i32::MAX as f64;
@@ -70,7 +78,11 @@ impl FixedPoint {
         if !(scale.is_finite() && scale > 0.0) {
             return Err(FixedPointError::BadBound(bound));
         }
-        let max_q = i64::from(i32::MAX) / max_contributors as i64;
+        let max_q = f64::from(
+            i32::MAX
+                / i32::try_from(max_contributors)
+                    .map_err(|_| FixedPointError::TooManyContributors(max_contributors))?,
+        );
         Ok(FixedPoint {
             scale,
             bound,
@@ -101,8 +113,8 @@ impl FixedPoint {
     }
 
     /// Quantises `values` into `out` (same length): clamp to ±bound, scale,
-    /// unbiased stochastic rounding drawn from ChaCha20 seeded with
-    /// `rng_seed`, two's complement mod 2^32.
+    /// stochastic rounding with draws from the mask PRG keyed from
+    /// `rng_seed` (see the module documentation), two's complement mod 2^32.
     pub fn encode_into(
         &self,
         values: &[f32],
@@ -115,23 +127,49 @@ impl FixedPoint {
                 output: out.len(),
             });
         }
-        let mut rng = ChaCha20Rng::seed_from_u64(rng_seed);
-        const TWO_POW_M53: f64 = 1.0 / (1u64 << 53) as f64;
-        for (o, &v) in out.iter_mut().zip(values) {
-            let v = if v.is_nan() {
-                0.0
-            } else {
-                f64::from(v).clamp(-self.bound, self.bound)
-            };
-            let x = v * self.scale;
-            let floor = x.floor();
-            let frac = x - floor;
-            let u = (rng.next_u64() >> 11) as f64 * TWO_POW_M53;
-            let q = floor as i64 + i64::from(u < frac);
-            let q = q.clamp(-self.max_q, self.max_q);
-            *o = q as i32 as u32;
+        let mut seed = Zeroizing::new([0u8; 32]);
+        ChaCha20Rng::seed_from_u64(rng_seed).fill_bytes(&mut *seed);
+        let mut draws = Keystream::new(&seed);
+        for (outs, vals) in out.chunks_mut(BUF_WORDS).zip(values.chunks(BUF_WORDS)) {
+            let words = draws.next_words(outs.len());
+            for ((o, &v), w) in outs.iter_mut().zip(vals).zip(words) {
+                *o = self.quantise(v, u32::from_le_bytes(*w));
+            }
         }
         Ok(())
+    }
+
+    /// One value, rounded up with probability (just above) its fractional
+    /// part: up when `draw < frac * 2^32`.
+    ///
+    /// Only f64 arithmetic, no `f64::floor` (a libm call on baseline x86-64,
+    /// which lacks SSE4.1) and no float-to-int casts, so the loop vectorises.
+    /// Adding then subtracting 1.5 * 2^52 rounds any |x| < 2^51 to an integer
+    /// exactly; an integer q with |q| < 2^31 plus 1.5 * 2^52 has q's two's
+    /// complement in its low 32 bits.
+    #[inline(always)]
+    fn quantise(&self, v: f32, draw: u32) -> u32 {
+        const TWO_POW_32: f64 = (1u64 << 32) as f64;
+        const ROUND: f64 = (3u64 << 51) as f64;
+        let v = if v.is_nan() { 0.0 } else { f64::from(v) };
+        // Clamps written as compare-and-select, which compile to plain
+        // `maxpd`/`minpd` (`f64::max` adds NaN fix-ups; there is no NaN here).
+        let v = if v < -self.bound { -self.bound } else { v };
+        let v = if v > self.bound { self.bound } else { v };
+        // |x| <= bound * scale < 2^31 - 1.
+        let x = v * self.scale;
+        let nearest = (x + ROUND) - ROUND;
+        let floor = nearest - if nearest > x { 1.0 } else { 0.0 };
+        let frac = x - floor; // exact, in [0, 1)
+        let up = if f64::from(draw) < frac * TWO_POW_32 {
+            1.0
+        } else {
+            0.0
+        };
+        let q = floor + up;
+        let q = if q < -self.max_q { -self.max_q } else { q };
+        let q = if q > self.max_q { self.max_q } else { q };
+        (q + ROUND).to_bits() as u32
     }
 
     /// Reads a sum of encodings back: each word as i32, divided by the scale.
@@ -151,6 +189,7 @@ impl FixedPoint {
 
 #[cfg(test)]
 mod tests {
+    use super::super::prg::{Sign, apply_prg};
     use super::*;
     use proptest::prelude::*;
 
@@ -210,7 +249,94 @@ mod tests {
         assert!((mean - x).abs() < 0.017, "mean {mean} vs {x}");
     }
 
+    /// `quantise` written the plain way: `f64::floor`, integer arithmetic.
+    fn quantise_reference(fp: &FixedPoint, v: f32, draw: u32) -> u32 {
+        let v = if v.is_nan() {
+            0.0
+        } else {
+            f64::from(v).clamp(-fp.bound, fp.bound)
+        };
+        let x = v * fp.scale;
+        let floor = x.floor();
+        let up = f64::from(draw) < (x - floor) * 4_294_967_296.0;
+        let q = (floor as i64 + i64::from(up)).clamp(-(fp.max_q as i64), fp.max_q as i64);
+        q as i32 as u32
+    }
+
+    #[test]
+    fn quantise_matches_the_plain_formula_at_the_edges() {
+        for (n, bound) in [(1usize, 1.0f64), (3, 2.5), (1000, 1e-3), (100_000, 7.0)] {
+            let fp = FixedPoint::for_sum(n, bound).unwrap();
+            let step = (1.0 / fp.scale()) as f32;
+            let b = bound as f32;
+            let values = [
+                0.0,
+                -0.0,
+                step,
+                -step,
+                step / 3.0,
+                -step / 3.0,
+                b,
+                -b,
+                b * 0.999_999,
+                -b * 0.999_999,
+                f32::MIN_POSITIVE,
+                -f32::MIN_POSITIVE,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+                f32::NAN,
+            ];
+            for v in values {
+                for draw in [0, 1, 1 << 31, u32::MAX - 1, u32::MAX] {
+                    assert_eq!(
+                        fp.quantise(v, draw),
+                        quantise_reference(&fp, v, draw),
+                        "n {n}, bound {bound}, v {v}, draw {draw}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn encode_draws_one_prg_word_per_value() {
+        // Past several keystream runs, with specials mixed in.
+        let fp = FixedPoint::for_sum(50, 1.5).unwrap();
+        let values: Vec<f32> = (0..2_000)
+            .map(|i| match i % 97 {
+                0 => f32::NAN,
+                1 => f32::INFINITY,
+                2 => -3.0,
+                _ => ((i as f32) * 0.618).sin() * 1.6,
+            })
+            .collect();
+        let mut out = vec![0u32; values.len()];
+        fp.encode_into(&values, &mut out, 77).unwrap();
+        let mut seed = [0u8; 32];
+        ChaCha20Rng::seed_from_u64(77).fill_bytes(&mut seed);
+        let mut draws = vec![0u32; values.len()];
+        apply_prg(&seed, &mut draws, Sign::Add);
+        for ((&q, &v), &d) in out.iter().zip(&values).zip(&draws) {
+            assert_eq!(q, quantise_reference(&fp, v, d), "value {v}");
+        }
+    }
+
     proptest! {
+        #[test]
+        fn quantise_matches_the_plain_formula(
+            v in any::<f32>(),
+            draw in any::<u32>(),
+            n in 1usize..100_000,
+            bound in 1e-6f64..1e6,
+        ) {
+            let fp = FixedPoint::for_sum(n, bound).unwrap();
+            prop_assert_eq!(fp.quantise(v, draw), quantise_reference(&fp, v, draw));
+            // And a value within the bound, where the fraction matters.
+            let w = (f64::from(v).rem_euclid(2.0 * bound) - bound) as f32;
+            prop_assert_eq!(fp.quantise(w, draw), quantise_reference(&fp, w, draw));
+        }
+
         #[test]
         fn round_trip_within_one_step(
             values in proptest::collection::vec(-3.0f32..3.0, 1..50),

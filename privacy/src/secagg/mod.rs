@@ -27,7 +27,7 @@
 //! 4. **Relay** ([`RelayedShares`]): the server closes with U2 and forwards
 //!    each client the bundles addressed to it by senders in U2.
 //! 5. **Masked input**: y_u = x_u + PRG(b_u) + Σ_{v ∈ N(u) ∩ U2} ±PRG(s_uv)
-//!    mod 2^32, + when u < v. PRG is the ChaCha20 keystream ([`prg`]).
+//!    mod 2^32, + when u < v. PRG is the AES-128-CTR keystream ([`prg`]).
 //! 6. **Unmask** ([`UnmaskRequest`], [`UnmaskResponse`]): the server closes
 //!    with U3 and asks each client in U3, for each of its neighbours, either a
 //!    share of b (neighbour in U3) or of s_sk (neighbour in U2 \ U3), never
