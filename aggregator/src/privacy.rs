@@ -76,6 +76,20 @@ pub struct Privacy {
     accountant: RdpAccountant,
     adaptive: Option<AdaptiveClip>,
     clip: f64,
+    noise_key: NoiseKey,
+}
+
+/// The key of the aggregator's noise (central DP, the adaptive clip's
+/// count): whoever knows it can regenerate the noise and subtract it from
+/// the published model, so it comes from the OS, is never written to a
+/// checkpoint, and is not printed.
+#[derive(Clone)]
+struct NoiseKey([u8; 32]);
+
+impl std::fmt::Debug for NoiseKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NoiseKey(..)")
+    }
 }
 
 impl Privacy {
@@ -103,7 +117,20 @@ impl Privacy {
             population,
             accountant,
             adaptive,
+            noise_key: NoiseKey(rand::random()),
         })
+    }
+
+    /// Noise derived from `seed` instead of the OS: reproducible runs for
+    /// research (the simulator). Anyone who knows the seed can remove the
+    /// noise, so a deployment never does this.
+    pub fn with_reproducible_noise(mut self, seed: u64) -> Privacy {
+        let mut key = [0u8; 32];
+        for (i, chunk) in key.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&crate::engine::mix(seed, i as u64, 0x0d9_5eed).to_le_bytes());
+        }
+        self.noise_key = NoiseKey(key);
+        self
     }
 
     pub fn mode(&self) -> DpMode {
@@ -141,13 +168,18 @@ impl Privacy {
         }
     }
 
-    /// Central mode: adds the Gaussian noise to the sum of clipped updates.
-    pub fn noise_sum(&self, sum: &mut [f64], seed: u64) -> Result<(), String> {
+    /// Central mode: adds the Gaussian noise to the sum of clipped updates,
+    /// from the run's noise key on `stream` (distinct per round and attempt).
+    pub fn noise_sum(&self, sum: &mut [f64], stream: u64) -> Result<(), String> {
         if self.config.mode != DpMode::Central {
             return Ok(());
         }
-        dp::add_gaussian_noise(sum, self.update_sigma() * self.clip, seed)
-            .map_err(|e| e.to_string())
+        dp::add_gaussian_noise_with_rng(
+            sum,
+            self.update_sigma() * self.clip,
+            &mut dp::keyed_rng(&self.noise_key.0, stream),
+        )
+        .map_err(|e| e.to_string())
     }
 
     /// Composes a finished round into the accountant and moves the adaptive
@@ -159,7 +191,7 @@ impl Privacy {
         selected: usize,
         within_clip: f64,
         noise: RoundNoise,
-        seed: u64,
+        stream: u64,
     ) -> Result<PrivacySummary, String> {
         let q = (selected as f64 / self.population as f64).min(1.0);
         let sampling = self.config.sampling;
@@ -190,7 +222,7 @@ impl Privacy {
         let used_clip = self.clip;
         if let Some(adaptive) = &mut self.adaptive {
             let noisy = adaptive
-                .noisy_count(within_clip, seed)
+                .noisy_count_with_rng(within_clip, &mut dp::keyed_rng(&self.noise_key.0, stream))
                 .map_err(|e| e.to_string())?;
             self.clip = adaptive
                 .update(noisy, selected.max(1))
@@ -326,8 +358,37 @@ mod tests {
     }
 
     #[test]
+    fn noise_is_keyed_by_the_os_unless_a_simulation_asks_for_a_seed() {
+        let noise = |p: &Privacy| {
+            let mut sum = vec![0.0; 16];
+            p.noise_sum(&mut sum, 7).unwrap();
+            sum
+        };
+        let (a, b) = (
+            Privacy::new(config(), 100).unwrap(),
+            Privacy::new(config(), 100).unwrap(),
+        );
+        assert_ne!(noise(&a), noise(&b), "two runs must not share their noise");
+        assert_ne!(noise(&a), vec![0.0; 16]);
+        let seeded = |seed| {
+            Privacy::new(config(), 100)
+                .unwrap()
+                .with_reproducible_noise(seed)
+        };
+        assert_eq!(noise(&seeded(1)), noise(&seeded(1)));
+        assert_ne!(noise(&seeded(1)), noise(&seeded(2)));
+        // Each round draws its own stream.
+        let mut other = vec![0.0; 16];
+        seeded(1).noise_sum(&mut other, 8).unwrap();
+        assert_ne!(other, noise(&seeded(1)));
+        assert!(!format!("{a:?}").contains(&format!("{:?}", a.noise_key.0)));
+    }
+
+    #[test]
     fn the_accountant_and_clip_survive_a_checkpoint_and_strategy_state_is_kept_apart() {
-        let mut p = Privacy::new(config(), 100).unwrap();
+        let mut p = Privacy::new(config(), 100)
+            .unwrap()
+            .with_reproducible_noise(5);
         let first = p.account(10, 10.0, RoundNoise::Central, 1).unwrap();
         assert!(first.epsilon > 0.0);
         // Every update was within the clip: the clip shrinks towards the median.
@@ -335,7 +396,9 @@ mod tests {
         let joined = join_state(vec![1, 2, 3], Some(p.state()));
         let (strategy, saved) = split_state(&joined).unwrap();
         assert_eq!(strategy, &[1, 2, 3]);
-        let mut restored = Privacy::new(config(), 100).unwrap();
+        let mut restored = Privacy::new(config(), 100)
+            .unwrap()
+            .with_reproducible_noise(5);
         restored.restore(saved.unwrap()).unwrap();
         assert_eq!(restored.clip_norm(), p.clip_norm());
         let a = p.account(10, 3.0, RoundNoise::Central, 2).unwrap();

@@ -57,15 +57,15 @@ pub fn round_secret(seed: Option<u64>, task_id: u64) -> [u8; 32] {
 /// `delta` clipped to `task.clip_norm`, scaled by the update's weight, then
 /// the weight and the within-clip indicator, quantised with the task's fixed
 /// point, Skellam noise added when the task asks for it, and masked by
-/// `round`. `noise_seed` drives the rounding and the noise: it must be
-/// secret from the aggregator (see [`round_secret`]). Returns the body's
-/// bytes (little-endian `u32`s).
+/// `round`. `noise_key` drives the rounding and the noise: it must be
+/// secret from the aggregator (see [`round_secret`]); the noise uses all
+/// 32 bytes of it. Returns the body's bytes (little-endian `u32`s).
 pub fn prepare_masked_input(
     task: &SecAggTask,
     mut delta: Vec<f32>,
     examples: u64,
     round: &mut ClientRound,
-    noise_seed: u64,
+    noise_key: &[u8; 32],
 ) -> Result<Vec<u8>, SecAggClientError> {
     task.validate()
         .map_err(|e| SecAggClientError::Task(e.to_string()))?;
@@ -84,12 +84,13 @@ pub fn prepare_masked_input(
     delta.push(weight as f32);
     delta.push(if within_clip { 1.0 } else { 0.0 });
     let fixed_point = task.fixed_point()?;
-    let seed = noise_seed;
+    let mut rounding_seed = [0u8; 8];
+    rounding_seed.copy_from_slice(&noise_key[..8]);
     let mut input = vec![0u32; delta.len()];
-    fixed_point.encode_into(&delta, &mut input, seed ^ 0x51)?;
+    fixed_point.encode_into(&delta, &mut input, u64::from_le_bytes(rounding_seed) ^ 0x51)?;
     drop(delta);
     if let ClientNoise::Skellam { mu } = task.noise {
-        dp::add_skellam_noise_u32(&mut input, mu, seed ^ 0x5e)?;
+        dp::add_skellam_noise_u32_with_rng(&mut input, mu, &mut dp::keyed_rng(noise_key, 0x5e))?;
     }
     round.mask(&mut input)?;
     let mut body = Vec::with_capacity(4 * input.len());

@@ -633,13 +633,9 @@ async fn secagg_fit_task(
         .map(|t| t.elements().unwrap_or(0) as usize)
         .sum();
     let secret = crate::secagg::round_secret(opts.privacy_seed, task.task_id);
-    let noise_seed = u64::from_le_bytes(
-        crate::secagg::round_secret(
-            opts.privacy_seed.map(|s| s ^ 0x006e_6f69_7365),
-            task.task_id,
-        )[..8]
-            .try_into()
-            .unwrap_or([0; 8]),
+    let noise_key = crate::secagg::round_secret(
+        opts.privacy_seed.map(|s| s ^ 0x006e_6f69_7365),
+        task.task_id,
     );
     let (mut round, keys) = ClientRound::new(task.round, SecAggTask::vector_len(params), secret);
     let mut up = 0u64;
@@ -698,7 +694,7 @@ async fn secagg_fit_task(
                 delta,
                 outcome.examples,
                 &mut round,
-                noise_seed,
+                &noise_key,
             ) {
                 Ok(body) => body,
                 Err(e) => return Ok(SecAggFit::Failed(e.to_string())),

@@ -414,10 +414,13 @@ pub async fn simulate(
             .secure_aggregation
             .settings(&aggregator.rounds, &aggregator.differential_privacy)
             .map_err(|e| anyhow::anyhow!(e))?,
+        // Reproducible runs: the aggregator's noise follows the seed, as the
+        // clients' does (a simulation has nothing to hide).
         privacy: aggregator
             .differential_privacy
             .privacy()
-            .map_err(|e| anyhow::anyhow!(e))?,
+            .map_err(|e| anyhow::anyhow!(e))?
+            .map(|p| p.with_reproducible_noise(config.seed)),
         mem_network: mem_network.clone(),
         ..ServerSetup::new(
             listen,

@@ -26,6 +26,15 @@ fn rng_from(seed: u64) -> ChaCha12Rng {
     ChaCha12Rng::seed_from_u64(seed)
 }
 
+/// The deployment generator: ChaCha12 keyed by 32 secret bytes (OS entropy),
+/// on its own `stream` (e.g. the round), so that one key serves a whole run
+/// and nobody without it can predict, and so remove, the noise.
+pub fn keyed_rng(key: &[u8; 32], stream: u64) -> ChaCha12Rng {
+    let mut rng = ChaCha12Rng::from_seed(*key);
+    rng.set_stream(stream);
+    rng
+}
+
 /// Scales `values` so that their L2 norm is at most `bound` (`bound > 0`) and returns
 /// the norm before clipping. The norm is accumulated in f64; after clipping, the
 /// f32 vector's norm (computed in f64) is guaranteed `<= bound` (the scale is nudged
@@ -209,10 +218,18 @@ pub fn add_skellam_noise_with_rng<R: Rng + ?Sized>(
 /// the representation of 32-bit modular secure aggregation: noise `k` is added as
 /// `k mod 2^32`.
 pub fn add_skellam_noise_u32(values: &mut [u32], mu: f64, seed: u64) -> Result<(), DpError> {
+    add_skellam_noise_u32_with_rng(values, mu, &mut rng_from(seed))
+}
+
+/// [`add_skellam_noise_u32`] drawing from `rng`.
+pub fn add_skellam_noise_u32_with_rng<R: Rng + ?Sized>(
+    values: &mut [u32],
+    mu: f64,
+    rng: &mut R,
+) -> Result<(), DpError> {
     check_mu(mu)?;
-    let mut rng = rng_from(seed);
     for v in values.iter_mut() {
-        *v = v.wrapping_add(skellam(&mut rng, mu) as u32);
+        *v = v.wrapping_add(skellam(rng, mu) as u32);
     }
     Ok(())
 }
@@ -343,9 +360,18 @@ impl AdaptiveClip {
 
     /// `count + N(0, sigma_b^2)`, the noisy number of unclipped clients.
     pub fn noisy_count(&self, count: f64, seed: u64) -> Result<f64, DpError> {
+        self.noisy_count_with_rng(count, &mut rng_from(seed))
+    }
+
+    /// [`Self::noisy_count`] drawing from `rng`.
+    pub fn noisy_count_with_rng<R: Rng + ?Sized>(
+        &self,
+        count: f64,
+        rng: &mut R,
+    ) -> Result<f64, DpError> {
         self.validate()?;
         let count = check("count", count, "finite", |_| true)?;
-        let z: f64 = StandardNormal.sample(&mut rng_from(seed));
+        let z: f64 = StandardNormal.sample(rng);
         Ok(count + self.count_noise_std * z)
     }
 
