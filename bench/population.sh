@@ -5,6 +5,7 @@
 # FedAvg paper's MNIST clients), over the in-process QUIC network. Also:
 #   floor   the same at 1M with one example per client (what is left is
 #           certificates, handshakes, model transfer and central evaluation);
+#   e5      the same at 1M with 5 local epochs (E = 5, as often in the FedAvg paper);
 #   all     every client connected for the whole run (--materialize all) at 1,000
 #           and 2,000 clients, for the memory an idle connected client takes;
 #   small   a 7,850-float model (logreg) at 10k and 100k, next to Flower's figures
@@ -41,6 +42,7 @@ run pop_100k  --clients 100000   --fraction 0.001    --data synthetic-per-client
 run pop_1m    --clients 1000000  --fraction 0.0001   --data synthetic-per-client:600 "${twonn[@]}"
 run pop_10m   --clients 10000000 --fraction 0.00001  --data synthetic-per-client:600 "${twonn[@]}"
 run floor_1m  --clients 1000000  --fraction 0.0001   --data synthetic-per-client:1   "${twonn[@]}"
+run e5_1m     --clients 1000000  --fraction 0.0001   --data synthetic-per-client:600 "${twonn[@]}" --epochs 5
 run all_1000  --clients 1000 --fraction 0.1  --materialize all --data synthetic:12000 \
   --model mlp:784-200-200-10 --rounds 3 --transport mem --seed 0 --quiet
 run all_2000  --clients 2000 --fraction 0.05 --materialize all --data synthetic:12000 \

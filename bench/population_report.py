@@ -40,7 +40,7 @@ def load(name):
 
 
 runs = {n: load(n) for n in [
-    "pop_10k", "pop_100k", "pop_1m", "pop_10m", "floor_1m",
+    "pop_10k", "pop_100k", "pop_1m", "pop_10m", "floor_1m", "e5_1m",
     "all_1000", "all_2000", "small_10k", "small_100k"]}
 machine = (out / "machine.txt").read_text().strip() if (out / "machine.txt").exists() else "?"
 print(f"Machine: {machine}\n")
@@ -50,7 +50,8 @@ print("|---|---|---|---|---|---|---|---|---|")
 labels = {
     "pop_10k": "2NN, 600 ex/client", "pop_100k": "2NN, 600 ex/client",
     "pop_1m": "2NN, 600 ex/client", "pop_10m": "2NN, 600 ex/client",
-    "floor_1m": "2NN, 1 ex/client (floor)", "all_1000": "2NN, all connected",
+    "floor_1m": "2NN, 1 ex/client (floor)", "e5_1m": "2NN, 600 ex/client, E = 5",
+    "all_1000": "2NN, all connected",
     "all_2000": "2NN, all connected", "small_10k": "logreg, 10 ex/client",
     "small_100k": "logreg, 10 ex/client",
 }
@@ -73,11 +74,16 @@ if a1 and a2:
     per = (a2["rss_mb"] - a1["rss_mb"]) * 1024 / 1000
     print(f"- Memory per idle client, all connected: ({a2['rss_mb']:.0f} - {a1['rss_mb']:.0f}) MB "
           f"over 1,000 more clients = {per:.0f} KB.")
-if f1m and p1m:
-    share = 1 - f1m["round_wall"] / p1m["round_wall"]
-    print(f"- Training's share of a 1M-client round: 1 - {f1m['round_wall']:.2f} / "
-          f"{p1m['round_wall']:.2f} = {100 * share:.0f}% (the floor run keeps everything but "
-          f"the examples).")
+for name in ["pop_1m", "e5_1m"]:
+    r = runs.get(name)
+    if f1m and r:
+        share = 1 - f1m["round_wall"] / r["round_wall"]
+        print(f"- Local work's share of a 1M-client round ({name}): 1 - {f1m['round_wall']:.2f} / "
+              f"{r['round_wall']:.2f} = {100 * share:.0f}% (the floor run keeps everything but "
+              f"the examples: check-in, transfers, aggregation, central evaluation).")
+if f1m:
+    print(f"- Check-in (certificates, handshakes, the cohort draw) between rounds at 1M with one "
+          f"example each: {f1m['round_wall'] - f1m['round_phase']:.2f} s a round.")
 print()
 for name, r in runs.items():
     if r:
