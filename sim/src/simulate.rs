@@ -319,14 +319,16 @@ pub async fn simulate(
             ..p.clone()
         };
     }
-    aggregator.validate()?;
+    aggregator
+        .validate()
+        .map_err(|e| anyhow::anyhow!(in_flag_names(&e.to_string())))?;
     let offers = config.codecs.offers()?;
     // A refused client would leave the run waiting for it: check every offer
     // against the aggregator's lists before anyone connects.
     let preference = aggregator
         .codecs
         .preference()
-        .map_err(|e| anyhow::anyhow!(e))?;
+        .map_err(|e| anyhow::anyhow!(in_flag_names(&e)))?;
     for offer in &offers {
         for (flag, allowed) in [
             ("--codec", &preference.uplink),
@@ -409,17 +411,17 @@ pub async fn simulate(
         fedbuff: aggregator
             .fedbuff
             .settings()
-            .map_err(|e| anyhow::anyhow!(e))?,
+            .map_err(|e| anyhow::anyhow!(in_flag_names(&e)))?,
         secure_aggregation: aggregator
             .secure_aggregation
             .settings(&aggregator.rounds, &aggregator.differential_privacy)
-            .map_err(|e| anyhow::anyhow!(e))?,
+            .map_err(|e| anyhow::anyhow!(in_flag_names(&e)))?,
         // Reproducible runs: the aggregator's noise follows the seed, as the
         // clients' does (a simulation has nothing to hide).
         privacy: aggregator
             .differential_privacy
             .privacy()
-            .map_err(|e| anyhow::anyhow!(e))?
+            .map_err(|e| anyhow::anyhow!(in_flag_names(&e)))?
             .map(|p| p.with_reproducible_noise(config.seed)),
         mem_network: mem_network.clone(),
         ..ServerSetup::new(
@@ -606,6 +608,51 @@ pub async fn simulate(
         result.plots = crate::report::write_outputs(out, &result)?;
     }
     Ok(result)
+}
+
+/// The aggregator's config keys that the simulator sets from a flag, and
+/// the flag: its errors name what the user typed. Longer keys first (a
+/// section name is a prefix of its keys).
+const FLAG_NAMES: &[(&str, &str)] = &[
+    (
+        "differential_privacy.adaptive_clipping",
+        "--dp-adaptive-clip",
+    ),
+    ("differential_privacy.noise_multiplier", "--dp-noise"),
+    ("differential_privacy.epsilon_budget", "--epsilon-budget"),
+    ("differential_privacy.clip_norm", "--dp-clip"),
+    ("differential_privacy.sampling", "--dp-sampling"),
+    ("differential_privacy.delta", "--dp-delta"),
+    ("differential_privacy.mode", "--dp"),
+    ("[differential_privacy]", "--dp"),
+    ("secure_aggregation.threshold", "--secagg-threshold"),
+    ("secure_aggregation.clip_norm", "--secagg-clip"),
+    ("secure_aggregation.degree", "--secagg-degree"),
+    ("[secure_aggregation]", "--secagg"),
+    ("fedbuff.max_staleness", "--max-staleness"),
+    ("fedbuff.buffer_size", "--buffer-size"),
+    ("fedbuff.concurrency", "--concurrency"),
+    ("fedbuff.staleness", "--staleness"),
+    ("[fedbuff]", "--fedbuff"),
+    ("evaluate.fraction", "--fraction-evaluate"),
+    ("rounds.fraction_fit", "--fraction"),
+    ("rounds.count", "--rounds"),
+    ("fit.learning_rate", "--lr"),
+    ("fit.batch_size", "--batch-size"),
+    ("fit.epochs", "--epochs"),
+    ("fit.proximal_mu", "--mu"),
+    ("codecs.uplink", "--codec"),
+    ("codecs.downlink", "--downlink-codec"),
+    ("strategy.name", "--strategy"),
+    ("[strategy]", "--strategy"),
+];
+
+/// `message` with the aggregator's config keys replaced by the simulator's
+/// flags.
+fn in_flag_names(message: &str) -> String {
+    FLAG_NAMES
+        .iter()
+        .fold(message.to_string(), |m, (key, flag)| m.replace(key, flag))
 }
 
 /// Waits for the aggregator to finish, passing each round's record on.

@@ -101,6 +101,38 @@ async fn bad_settings_are_clear_errors() {
             },
             "shards",
         ),
+        // The aggregator's config errors name the simulator's flags.
+        (
+            SimConfig {
+                privacy: Some(fedquic_aggregator::config::DifferentialPrivacyConfig {
+                    mode: "everywhere".into(),
+                    ..Default::default()
+                }),
+                ..SimConfig::default()
+            },
+            "--dp must be",
+        ),
+        (
+            SimConfig {
+                privacy: Some(fedquic_aggregator::config::DifferentialPrivacyConfig {
+                    mode: "distributed".into(),
+                    ..Default::default()
+                }),
+                ..SimConfig::default()
+            },
+            "needs --secagg",
+        ),
+        (
+            SimConfig {
+                secure_aggregation: Some(Default::default()),
+                strategy: fedquic_aggregator::strategy::StrategyConfig {
+                    name: "krum".into(),
+                    ..Default::default()
+                },
+                ..SimConfig::default()
+            },
+            "--secagg",
+        ),
     ] {
         let err = simulate(config, |_| {}).await.expect_err(needle);
         assert!(
