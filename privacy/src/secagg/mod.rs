@@ -260,8 +260,9 @@ pub enum SecAggError {
     /// A public key used twice (by two clients, or twice by one).
     #[error("public key of {0} is used more than once")]
     DuplicateKey(String),
-    /// A low-order public key (X25519 gives a non-contributory secret).
-    #[error("public key of {0} is of low order")]
+    /// A public key of small order (X25519 gives a non-contributory secret)
+    /// or not on the curve.
+    #[error("public key of {0} is not a usable X25519 key (small order or not on the curve)")]
     WeakKey(String),
     /// An index that is not a neighbour of the client concerned.
     #[error("{0} is not a neighbour")]

@@ -209,7 +209,7 @@ impl ServerRound {
         {
             return Err(SecAggError::DuplicateKey(client.to_string()));
         }
-        if crypto::is_low_order(&msg.cipher_pk) || crypto::is_low_order(&msg.mask_pk) {
+        if crypto::is_weak_key(&msg.cipher_pk) || crypto::is_weak_key(&msg.mask_pk) {
             return Err(SecAggError::WeakKey(client.to_string()));
         }
         self.keys_seen.insert(msg.cipher_pk);
