@@ -88,7 +88,7 @@ async fn a_codec_no_client_offers_is_a_clear_error() {
     )
     .await
     .unwrap_err();
-    assert!(err.to_string().contains("codecs.uplink"), "{err}");
+    assert!(err.to_string().contains("--codec: unknown codec"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
