@@ -258,6 +258,16 @@ pub async fn simulate(
                 .load()
                 .with_context(|| format!("loading {}", config.data))?;
             check_model_fits(&model_spec, train.dim, train.classes)?;
+            if config.clients > train.len() {
+                bail!(
+                    "{} clients but --data {} has {} training examples: every client needs at \
+                     least one; for populations larger than a dataset use \
+                     --data synthetic-per-client:N (N examples drawn for each client)",
+                    config.clients,
+                    config.data,
+                    train.len()
+                );
+            }
             let parts = partition(&train.labels, config.clients, &scheme, config.seed)?;
             let test_parts = match on_selection {
                 // Federated evaluation is refused: clients keep no test share.

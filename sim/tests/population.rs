@@ -165,6 +165,14 @@ async fn what_check_in_clients_cannot_do_is_refused_by_flag() {
             },
             "--materialize",
         ),
+        (
+            SimConfig {
+                clients: 1_000_000,
+                fraction: 0.0001,
+                ..base.clone()
+            },
+            "synthetic-per-client",
+        ),
     ] {
         let err = simulate(config, |_| {}).await.unwrap_err().to_string();
         assert!(err.contains(needle), "{needle}: {err}");
