@@ -783,6 +783,7 @@ impl CohortRun {
         on_round: &mut impl FnMut(&RoundRecord),
     ) -> anyhow::Result<(RunSummary, u64)> {
         use anyhow::Context;
+        let stop_server = server_task.abort_handle();
         let server_task = async {
             let summary = server_task.await.context("aggregator task failed")??;
             anyhow::Ok(summary)
@@ -807,7 +808,25 @@ impl CohortRun {
                         materialized += 1;
                     }
                 }
-                Some(joined) = live.join_next() => log_client_end(joined),
+                Some(joined) = live.join_next() => {
+                    // A client that failed while the aggregator still waits
+                    // for its cohort to check in would leave the round
+                    // waiting for ever: end the run with its error instead.
+                    if let Ok((i, Err(e))) = &joined
+                        && let Some(w) = *waiting.borrow()
+                        && served == Some((w.round, w.attempt))
+                        && w.available < w.needed
+                    {
+                        stop_server.abort();
+                        anyhow::bail!(
+                            "client {} of round {}'s cohort failed before the round could \
+                             start: {e:#}",
+                            i + 1,
+                            w.round
+                        );
+                    }
+                    log_client_end(joined);
+                }
                 summary = &mut server_task => break summary?,
             }
         };

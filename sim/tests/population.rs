@@ -173,8 +173,24 @@ async fn what_check_in_clients_cannot_do_is_refused_by_flag() {
             },
             "synthetic-per-client",
         ),
+        // A cohort client that fails before its round starts (here: it
+        // cannot draw shards of its own data) ends the run with its error
+        // rather than leaving the aggregator waiting.
+        (
+            SimConfig {
+                data: "synthetic-per-client:10".into(),
+                partition: "shards:2".into(),
+                ..base.clone()
+            },
+            "failed before the round could start: cannot partition: shards cut a shared dataset",
+        ),
     ] {
-        let err = simulate(config, |_| {}).await.unwrap_err().to_string();
+        let err =
+            tokio::time::timeout(std::time::Duration::from_secs(60), simulate(config, |_| {}))
+                .await
+                .expect("an error, not a hang")
+                .unwrap_err();
+        let err = format!("{err:#}");
         assert!(err.contains(needle), "{needle}: {err}");
     }
 }
