@@ -255,6 +255,7 @@ fn measure_peak() -> Option<(f64, &'static str)> {
 
 /// The best of 25 timed runs of `run`, in seconds (its result kept alive): many short
 /// runs, so that on a shared machine some run undisturbed.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 fn best_time(mut run: impl FnMut() -> f32) -> f64 {
     (0..25)
         .map(|_| {

@@ -211,6 +211,7 @@ pub fn kernel_path_name() -> &'static str {
 
 /// Whether the AVX2+FMA kernels are to run (which implies the CPU has them): on the
 /// `avx2` path, and on the `avx512` one, which uses them where it has no kernel of its own.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(crate) fn avx2_fma() -> bool {
     matches!(kernel_path(), KernelPath::Avx2Fma | KernelPath::Avx512)
 }

@@ -17,8 +17,10 @@ use super::Gemm;
 pub(super) const MAX_SMALL: usize = 16;
 
 /// Lanes per vector register (AVX2, f32).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(super) const LANES: usize = 8;
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(super) type Lane = [f32; LANES];
 
 /// Runs `gemm` with a small-batch kernel if one fits its shape: the AVX2+FMA one, or the
@@ -399,7 +401,9 @@ fn dot_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
 }
 
 /// Lanes per row of the batch in [`scale_rows`]' strips.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 const STRIP_LANES: usize = 4;
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 const STRIP: usize = STRIP_LANES * LANES;
 
 /// `out = alpha * acc + beta * out` for one lane, not reading `out` when `beta == 0`.
@@ -578,6 +582,7 @@ struct Fused {
 }
 
 /// Columns per step of [`fused_block`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 const FUSED_COLS: usize = 2 * LANES;
 
 /// See [`try_fused_dense_backward`]: blocks of 4 weight rows, then single rows.

@@ -110,6 +110,7 @@ impl Shape {
     }
 
     /// Values of one input example.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
     pub(super) fn input_len(&self) -> usize {
         self.channels * self.height * self.width
     }
