@@ -360,12 +360,17 @@ pub async fn simulate(
         }
     }
     // Krum, Multi-Krum and Bulyan need a minimum of updates each round.
-    let min_fit_clients = config
-        .strategy
-        .build(layout.num_params())
-        .ok()
+    let strategy = config.strategy.build(layout.num_params()).ok();
+    let min_fit_clients = strategy
+        .as_ref()
         .and_then(|s| s.robust().map(|r| r.min_updates()))
         .unwrap_or(1);
+    // What clients keep between selections: SCAFFOLD's control variate, or
+    // the residual of a lossy uplink codec's error feedback.
+    let clients_keep_state = strategy
+        .as_ref()
+        .is_some_and(|s| s.control_variate().is_some())
+        || (config.codecs.error_feedback && preference.uplink.iter().any(|c| !c.is_lossless()));
     // A cohort is what the aggregator would have selected from everyone.
     let per_round = fraction_of(config.fraction, config.clients)
         .max(min_fit_clients)
@@ -417,7 +422,7 @@ pub async fn simulate(
         max_inflight_updates: config.threads.max(2) * 2,
         handshake_timeout: Duration::from_secs(60),
         records: Some(records_tx),
-        codecs: preference,
+        codecs: preference.clone(),
         fedbuff: aggregator
             .fedbuff
             .settings()
@@ -491,7 +496,7 @@ pub async fn simulate(
                 per_round,
                 seed: config.seed,
             },
-            state: needs_client_state(&config)
+            state: clients_keep_state
                 .then(|| StateDirs::new(config.out.as_deref()))
                 .transpose()?,
             generation: Arc::new(Semaphore::new(config.threads.max(1))),
@@ -905,22 +910,7 @@ fn check_on_selection(config: &SimConfig) -> anyhow::Result<()> {
     if config.link.is_some() && config.transport != "mem" {
         anyhow::bail!("--link with materialisation on selection needs --transport mem");
     }
-    if config.codecs.client_offers.is_some() {
-        return refuse("--client-codecs");
-    }
     Ok(())
-}
-
-/// Whether clients keep state between selections: SCAFFOLD's control
-/// variate, or the residual of a lossy uplink codec's error feedback.
-fn needs_client_state(config: &SimConfig) -> bool {
-    config.strategy.name == "scaffold"
-        || (config.codecs.error_feedback
-            && config
-                .codecs
-                .uplink
-                .split(',')
-                .any(|c| !c.trim().is_empty() && c.trim() != "f32"))
 }
 
 /// Runs a fault-injecting client, restarting it whenever its trainer asks
