@@ -18,6 +18,9 @@ pub const SERVER_NAME: &str = "localhost";
 pub struct SimPki {
     pub server: quinn::ServerConfig,
     ca: CertAuthority,
+    /// The CA as a trust store, parsed once (a check-in run makes a client
+    /// configuration for every client it materialises).
+    roots: tls::RootCertStore,
     transport: TransportSettings,
 }
 
@@ -28,14 +31,16 @@ impl SimPki {
     ) -> Result<Self, SimPkiError> {
         let ca = CertAuthority::generate("fedquic-sim CA")?;
         let issued = ca.issue_server(&[SERVER_NAME.to_string(), "127.0.0.1".to_string()])?;
+        let roots = tls::load_ca_pem(ca.cert_pem())?;
         let server = tls::server_config(
-            tls::load_ca_pem(ca.cert_pem())?,
+            roots.clone(),
             Identity::from_pem(&issued.cert_pem, &issued.key_pem)?,
             &server_transport,
         )?;
         Ok(SimPki {
             server,
             ca,
+            roots,
             transport,
         })
     }
@@ -45,7 +50,7 @@ impl SimPki {
         let name = client_name(index);
         let issued = self.ca.issue_client(&name)?;
         let config = tls::client_config(
-            tls::load_ca_pem(self.ca.cert_pem())?,
+            self.roots.clone(),
             Some(Identity::from_pem(&issued.cert_pem, &issued.key_pem)?),
             &self.transport,
         )?;

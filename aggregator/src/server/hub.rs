@@ -183,9 +183,10 @@ impl Hub {
         }
     }
 
-    /// "waiting for N more clients (c/n connected)": when the count changes
-    /// (at most every 2 s) and every 30 s while it does not.
-    fn log_waiting(&mut self) {
+    /// Publishes what the coordinator waits for (`ServerSetup.waiting`) and
+    /// logs "waiting for N more clients (c/n connected)" when the count
+    /// changes (at most every 2 s) and every 30 s while it does not.
+    fn report_waiting(&mut self) {
         let waiting = self.engine.waiting_for();
         if let Some(watch) = &self.waiting {
             watch.send_if_modified(|w| std::mem::replace(w, waiting) != waiting);
@@ -239,7 +240,7 @@ impl Hub {
         tokio::pin!(shutdown);
         let actions = self.engine.start(Instant::now());
         let mut outcome = self.execute(actions).await;
-        self.log_waiting();
+        self.report_waiting();
         while outcome.is_none() {
             let deadline = self.engine.next_deadline();
             let actions = tokio::select! {
@@ -259,7 +260,7 @@ impl Hub {
             };
             outcome = self.execute(actions).await;
             self.publish_fit_epoch();
-            self.log_waiting();
+            self.report_waiting();
         }
         let finished = match outcome {
             Some(Ok(finished)) => finished,
