@@ -118,7 +118,7 @@ impl Backend for CpuBackend {
         if cpu_parallel::gemm(&gemm, a, b, c) {
             return Ok(());
         }
-        if small_gemm::try_gemm(&gemm, a, b, c) || small_gemm::try_gemm_blocked(&gemm, a, b, c) {
+        if small_gemm::try_gemm(&gemm, a, b, c) {
             return Ok(());
         }
         let a = matrix(a, gemm.m, gemm.k, gemm.trans_a)?;

@@ -202,7 +202,7 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
                     m: c.len() / n,
                     ..*gemm
                 };
-                small_gemm::try_gemm_blocked(&sub, a, b, c);
+                small_gemm::try_gemm(&sub, a, b, c);
             });
             true
         }
@@ -220,7 +220,7 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
                     m: c.len() / n,
                     ..*gemm
                 };
-                small_gemm::rank_update_blocked(&sub, m, &a[first..], b, c);
+                small_gemm::try_gemm_strided(&sub, m, &a[first..], b, c);
             });
             true
         }

@@ -1,19 +1,23 @@
-//! Matrix products where one dimension is a small training batch (dense layers at batch
-//! sizes like 10), on x86-64 with AVX2 and FMA.
+//! Matrix products of training's dense layers (one dimension is the batch), on x86-64
+//! with AVX2 and FMA, and a portable path.
 //!
 //! A general GEMM copies ("packs") both operands into cache-friendly panels on every
-//! call. With a batch of 10 that copy of the weight matrix costs more than the
-//! arithmetic: the FedAvg CNN's `dense0` weight is 6.4 MB, packed twice per step (forward
-//! and input gradient) and then read and written again by the update. These kernels
-//! stream the weight matrix exactly once per product instead, keeping the small operand
-//! (the batch) in cache, and use register-blocked FMA loops over contiguous rows.
+//! call, into a freshly allocated buffer. With a batch of 10 that copy of the weight
+//! matrix costs more than the arithmetic: the FedAvg CNN's `dense0` weight is 6.4 MB,
+//! packed twice per step (forward and input gradient) and then read and written again by
+//! the update. These kernels read their operands where they lie instead: register tiles
+//! of C (6 x 16 for the input and weight gradients, 3 x 4 dot products for the forward
+//! pass) over cache blocks of the operands. They allocate nothing, and at batches 64 and
+//! 256 they match or beat matrixmultiply and the gemm crate on the models' shapes
+//! (`bench/gemm-eval`, BENCHMARKS.md).
 //!
 //! Results are deterministic (fixed summation order) but rounded differently from
 //! matrixmultiply's; the caller picks a path per shape, never per run.
 
 use super::Gemm;
 
-/// Largest batch dimension these kernels take; above it the general GEMM wins.
+/// Largest batch the fused dense backward takes (above it the two products run
+/// separately), and the row granule of threaded products.
 pub(super) const MAX_SMALL: usize = 16;
 
 /// Lanes per vector register (AVX2, f32).
@@ -41,12 +45,14 @@ pub(super) fn try_gemm_strided(
     c: &mut [f32],
 ) -> bool {
     let kind = match (gemm.trans_a, gemm.trans_b) {
-        // Dense forward: C[batch, out] = X[batch, in] . W[out, in]^T.
-        (false, true) if gemm.m <= MAX_SMALL => Kind::DotRows,
-        // Dense input gradient: C[batch, in] = dY[batch, out] . W[out, in].
-        (false, false) if gemm.m <= MAX_SMALL => Kind::ScaleRows,
-        // Dense weight gradient: C[out, in] = dY[batch, out]^T . X[batch, in].
-        (true, false) if gemm.k <= MAX_SMALL => Kind::RankUpdate,
+        // Dense forward: C[batch, out] = X[batch, in] . W[out, in]^T, any batch.
+        (false, true) => Kind::DotRows,
+        // Dense input gradient: C[batch, in] = dY[batch, out] . W[out, in]. Any batch:
+        // the kernels tile C's rows themselves.
+        (false, false) => Kind::ScaleRows,
+        // Dense weight gradient: C[out, in] = dY[batch, out]^T . X[batch, in]. Any
+        // batch: C's tiles stay in registers over the whole batch.
+        (true, false) => Kind::RankUpdate,
         _ => return false,
     };
     if gemm.m == 0 || gemm.n == 0 || gemm.k == 0 {
@@ -162,7 +168,7 @@ mod portable {
                 let width = (n - start).min(STRIP);
                 let mut acc = [0.0f32; STRIP];
                 for p in 0..k {
-                    let s = alpha * a[p * lda + i];
+                    let s = a[p * lda + i];
                     let row = &b[p * n + start..p * n + start + width];
                     for (sum, &value) in acc.iter_mut().zip(row) {
                         *sum += s * value;
@@ -170,73 +176,11 @@ mod portable {
                 }
                 let out = &mut c[i * n + start..i * n + start + width];
                 for (value, &sum) in out.iter_mut().zip(&acc) {
-                    // alpha is already in the coefficients, as in the AVX2 kernel.
-                    finish(value, sum, 1.0, beta);
+                    finish(value, sum, alpha, beta);
                 }
             }
         }
     }
-}
-
-/// Products larger than the small kernels take, cut into blocks they do
-/// take: row blocks of at most [`MAX_SMALL`] for the two "rows" shapes, and
-/// blocks of the inner dimension (accumulated into C) for the rank update.
-/// Unlike a general GEMM library, this allocates nothing, so a training step
-/// allocates nothing whatever the batch size. Returns false for shapes it
-/// does not cover (the caller falls back to the general GEMM).
-pub(super) fn try_gemm_blocked(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
-    let (m, n, k) = (gemm.m, gemm.n, gemm.k);
-    match (gemm.trans_a, gemm.trans_b) {
-        (false, _) => {
-            let mut ok = true;
-            for (block, (a_rows, c_rows)) in a
-                .chunks(MAX_SMALL * k)
-                .zip(c.chunks_mut(MAX_SMALL * n))
-                .enumerate()
-            {
-                let rows = (m - block * MAX_SMALL).min(MAX_SMALL);
-                let sub = Gemm { m: rows, ..*gemm };
-                ok &= try_gemm(&sub, a_rows, b, c_rows);
-                if !ok {
-                    // Only the first block can fail (support does not depend on
-                    // the block), so C is untouched when we report false.
-                    return block > 0;
-                }
-            }
-            true
-        }
-        (true, false) => rank_update_blocked(gemm, m, a, b, c),
-        (true, true) => false,
-    }
-}
-
-/// The `(true, false)` case of [`try_gemm_blocked`] with A's rows `lda` apart (see
-/// [`try_gemm_strided`]).
-pub(super) fn rank_update_blocked(
-    gemm: &Gemm,
-    lda: usize,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-) -> bool {
-    let (n, k) = (gemm.n, gemm.k);
-    for (block, (a_rows, b_rows)) in a
-        .chunks(MAX_SMALL * lda)
-        .zip(b.chunks(MAX_SMALL * n))
-        .enumerate()
-    {
-        let depth = (k - block * MAX_SMALL).min(MAX_SMALL);
-        let beta = if block == 0 { gemm.beta } else { 1.0 };
-        let sub = Gemm {
-            k: depth,
-            beta,
-            ..*gemm
-        };
-        if !try_gemm_strided(&sub, lda, a_rows, b_rows, c) {
-            return block > 0;
-        }
-    }
-    true
 }
 
 enum Kind {
@@ -264,8 +208,9 @@ fn finish(c: &mut f32, sum: f32, alpha: f32, beta: f32) {
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
-    __m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
-    _mm256_storeu_ps,
+    __m256, _mm_add_ps, _mm_storeu_ps, _mm256_castps256_ps128, _mm256_extractf128_ps,
+    _mm256_fmadd_ps, _mm256_hadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps,
+    _mm256_setzero_ps, _mm256_storeu_ps,
 };
 
 /// Loads one lane.
@@ -323,49 +268,87 @@ fn dot_block<const MI: usize, const NJ: usize>(
     }
     let mut acc = [[_mm256_setzero_ps(); NJ]; MI];
     for chunk in 0..whole / LANES {
-        let mut bv = [_mm256_setzero_ps(); NJ];
-        for j in 0..NJ {
-            bv[j] = load(&b_lanes[j][chunk]);
-        }
+        // A's lanes first, then one lane of B at a time: MI * NJ + MI + 1 registers.
+        let mut av = [_mm256_setzero_ps(); MI];
         for i in 0..MI {
-            let av = load(&a_lanes[i][chunk]);
-            for j in 0..NJ {
-                acc[i][j] = _mm256_fmadd_ps(av, bv[j], acc[i][j]);
+            av[i] = load(&a_lanes[i][chunk]);
+        }
+        for j in 0..NJ {
+            let bv = load(&b_lanes[j][chunk]);
+            for i in 0..MI {
+                acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
             }
         }
     }
     let mut sums = [[0.0f32; NJ]; MI];
     for i in 0..MI {
-        for j in 0..NJ {
-            let mut sum = horizontal_sum(acc[i][j]);
-            for p in whole..k {
-                sum = a[i][p].mul_add(b[j][p], sum);
+        if NJ == 4 {
+            let four = horizontal_sums4([acc[i][0], acc[i][1], acc[i][2], acc[i][3]]);
+            sums[i].copy_from_slice(&four[..NJ]);
+        } else {
+            for j in 0..NJ {
+                sums[i][j] = horizontal_sum(acc[i][j]);
             }
-            sums[i][j] = sum;
+        }
+        for j in 0..NJ {
+            for p in whole..k {
+                sums[i][j] = a[i][p].mul_add(b[j][p], sums[i][j]);
+            }
         }
     }
     sums
 }
 
+/// The lane sums of four registers at once (three horizontal adds and one add instead
+/// of four separate reductions), each pairwise in a fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn horizontal_sums4(values: [__m256; 4]) -> [f32; 4] {
+    let pairs01 = _mm256_hadd_ps(values[0], values[1]);
+    let pairs23 = _mm256_hadd_ps(values[2], values[3]);
+    let quads = _mm256_hadd_ps(pairs01, pairs23);
+    let sums = _mm_add_ps(
+        _mm256_castps256_ps128(quads),
+        _mm256_extractf128_ps::<1>(quads),
+    );
+    let mut out = [0.0f32; 4];
+    // SAFETY: `out` is 4 writable f32 values; the store is unaligned.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
+    out
+}
+
 /// Dense forward: `C = alpha * A . B^T + beta * C`, A `m x k` (the batch), B `n x k`.
-/// Blocks of 4 rows of B (streamed once from memory) against pairs of rows of A (in cache).
+/// Blocks of 4 rows of B (streamed from memory once per block of A's rows) against 3
+/// rows of A at a time (in cache): 12 accumulators.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn dot_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+    let m = gemm.m;
+    for rows in (0..m).step_by(DOT_BLOCK_ROWS) {
+        let rows_end = (rows + DOT_BLOCK_ROWS).min(m);
+        dot_rows_block(gemm, a, b, c, rows, rows_end);
+    }
+}
+
+/// Rows of A per pass of [`dot_rows`] over B: 48 rows of 784 values (150 KB) stay in
+/// L2 while B streams past once per block.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
+const DOT_BLOCK_ROWS: usize = 48;
+
+/// [`dot_rows`] for C's rows `rows..rows_end`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_rows_block(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], rows: usize, rows_end: usize) {
     let Gemm {
-        m,
-        n,
-        k,
-        alpha,
-        beta,
-        ..
+        n, k, alpha, beta, ..
     } = *gemm;
     let mut j = 0;
     while j < n {
         let nj = (n - j).min(4);
-        let mut i = 0;
-        while i < m {
-            let mi = (m - i).min(2);
+        let mut i = rows;
+        while i < rows_end {
+            let mi = (rows_end - i).min(3);
             macro_rules! block {
                 ($mi:literal, $nj:literal) => {{
                     let mut a_rows: [&[f32]; $mi] = [&[]; $mi];
@@ -385,6 +368,10 @@ fn dot_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
                 }};
             }
             match (mi, nj) {
+                (3, 4) => block!(3, 4),
+                (3, 3) => block!(3, 3),
+                (3, 2) => block!(3, 2),
+                (3, _) => block!(3, 1),
                 (2, 4) => block!(2, 4),
                 (2, 3) => block!(2, 3),
                 (2, 2) => block!(2, 2),
@@ -400,11 +387,56 @@ fn dot_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     }
 }
 
-/// Lanes per row of the batch in [`scale_rows`]' strips.
+/// Rows of C per register tile in [`scale_rows`] and [`rank_update`]: 6 rows x 2 lanes
+/// is 12 accumulators, plus 2 lanes of B and a broadcast, within AVX2's 16 registers
+/// (BLIS's 6x16 shape for this ISA).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
-const STRIP_LANES: usize = 4;
+const TILE_ROWS: usize = 6;
+
+/// Columns of B per cache block of [`rank_update`]: 256 columns of a batch of 64 are
+/// 64 KB, which stay in L2 while every row tile of C passes over them.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
-const STRIP: usize = STRIP_LANES * LANES;
+const BLOCK_COLS: usize = 256;
+
+/// Runs `$tile::<R, $lanes>(.., i, start)` over C's rows in tiles of [`TILE_ROWS`] rows
+/// and then one tile of the remaining rows, each `R` a constant.
+#[cfg(target_arch = "x86_64")]
+macro_rules! row_tiles {
+    ($m:expr, |$i:ident, $rows:ident| $body:expr) => {{
+        let m = $m;
+        let mut $i = 0;
+        while $i + TILE_ROWS <= m {
+            {
+                const $rows: usize = TILE_ROWS;
+                $body;
+            }
+            $i += TILE_ROWS;
+        }
+        match m - $i {
+            5 => {
+                const $rows: usize = 5;
+                $body
+            }
+            4 => {
+                const $rows: usize = 4;
+                $body
+            }
+            3 => {
+                const $rows: usize = 3;
+                $body
+            }
+            2 => {
+                const $rows: usize = 2;
+                $body
+            }
+            1 => {
+                const $rows: usize = 1;
+                $body
+            }
+            _ => {}
+        }
+    }};
+}
 
 /// `out = alpha * acc + beta * out` for one lane, not reading `out` when `beta == 0`.
 #[cfg(target_arch = "x86_64")]
@@ -421,8 +453,9 @@ fn finish_lane(out: &mut Lane, acc: __m256, alpha: f32, beta: f32) {
 }
 
 /// Dense input gradient: `C = alpha * A . B + beta * C`, A `m x k` (the batch), B `k x n`.
-/// For each strip of `STRIP` columns, every row of C is a sum of B's rows scaled by
-/// A's entries; B's strip (k x STRIP values) stays in cache across the batch's rows.
+/// For each strip of 16 columns, every row of C is a sum of B's rows scaled by A's
+/// entries: B's strip (k x 16 values) stays in cache across the batch's rows, and each
+/// 6-row tile of C stays in registers over all of k.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn scale_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
@@ -434,38 +467,17 @@ fn scale_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
         beta,
         ..
     } = *gemm;
-    let whole = n / STRIP * STRIP;
-    for start in (0..whole).step_by(STRIP) {
-        let mut i = 0;
-        while i < m {
-            let rows = (m - i).min(2);
-            let mut acc = [[_mm256_setzero_ps(); STRIP_LANES]; 2];
-            for p in 0..k {
-                let strip = &b[p * n + start..p * n + start + STRIP];
-                let lanes = strip.as_chunks::<LANES>().0;
-                let mut bv = [_mm256_setzero_ps(); STRIP_LANES];
-                for (value, lane) in bv.iter_mut().zip(lanes) {
-                    *value = load(lane);
-                }
-                for r in 0..rows {
-                    let s = _mm256_set1_ps(a[(i + r) * k + p]);
-                    for l in 0..STRIP_LANES {
-                        acc[r][l] = _mm256_fmadd_ps(s, bv[l], acc[r][l]);
-                    }
-                }
-            }
-            for (r, acc) in acc.iter().enumerate().take(rows) {
-                let out = &mut c[(i + r) * n + start..(i + r) * n + start + STRIP];
-                for (lane, &value) in out.as_chunks_mut::<LANES>().0.iter_mut().zip(acc) {
-                    finish_lane(lane, value, alpha, beta);
-                }
-            }
-            i += rows;
-        }
+    let pairs = n / (2 * LANES) * (2 * LANES);
+    for start in (0..pairs).step_by(2 * LANES) {
+        row_tiles!(m, |i, R| scale_tile::<R, 2>(gemm, a, b, c, i, start));
+    }
+    let lanes = n / LANES * LANES;
+    for start in (pairs..lanes).step_by(LANES) {
+        row_tiles!(m, |i, R| scale_tile::<R, 1>(gemm, a, b, c, i, start));
     }
     // The last columns, one at a time.
     for i in 0..m {
-        for col in whole..n {
+        for col in lanes..n {
             let mut sum = 0.0f32;
             for p in 0..k {
                 sum = a[i * k + p].mul_add(b[p * n + col], sum);
@@ -475,9 +487,54 @@ fn scale_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
     }
 }
 
+/// `R` rows x `L` lanes of C from row `i`, column `start`: `R * L` accumulators held in
+/// registers (`R` and `L` are constants so that the loops unroll into them).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn scale_tile<const R: usize, const L: usize>(
+    gemm: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    i: usize,
+    start: usize,
+) {
+    let Gemm {
+        n, k, alpha, beta, ..
+    } = *gemm;
+    let width = L * LANES;
+    let mut a_rows: [&[f32]; R] = [&[]; R];
+    for (r, row) in a_rows.iter_mut().enumerate() {
+        *row = &a[(i + r) * k..(i + r + 1) * k];
+    }
+    let mut acc = [[_mm256_setzero_ps(); L]; R];
+    for (p, b_row) in b.chunks_exact(n).take(k).enumerate() {
+        let lanes = b_row[start..start + width].as_chunks::<LANES>().0;
+        let mut bv = [_mm256_setzero_ps(); L];
+        for (value, lane) in bv.iter_mut().zip(lanes) {
+            *value = load(lane);
+        }
+        for r in 0..R {
+            let s = _mm256_set1_ps(a_rows[r][p]);
+            for l in 0..L {
+                acc[r][l] = _mm256_fmadd_ps(s, bv[l], acc[r][l]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let out = &mut c[(i + r) * n + start..(i + r) * n + start + width];
+        for (lane, &value) in out.as_chunks_mut::<LANES>().0.iter_mut().zip(acc) {
+            finish_lane(lane, value, alpha, beta);
+        }
+    }
+}
+
 /// Dense weight gradient (or fused SGD update): `C = alpha * A^T . B + beta * C`, A
-/// `k x m` and B `k x n` with `k` the batch. Each block of 4 rows of C is read and
-/// written once, as a sum of B's `k` rows (in cache) with coefficients from A.
+/// `k x m` (rows `lda` apart) and B `k x n`, with `k` the batch. Each tile of C (6 rows x
+/// 16 columns) is read and written once, accumulated in registers over the whole batch
+/// from B's rows with coefficients from A; B is taken in blocks of [`BLOCK_COLS`]
+/// columns that stay in cache while every row tile of C passes over them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn rank_update(gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
@@ -489,46 +546,69 @@ fn rank_update(gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
         beta,
         ..
     } = *gemm;
-    let whole = n / (2 * LANES) * (2 * LANES);
-    let mut coefficients = [[0.0f32; 4]; MAX_SMALL];
-    let mut i = 0;
-    while i < m {
-        let rows = (m - i).min(4);
-        for (p, coefficient) in coefficients.iter_mut().enumerate().take(k) {
-            for r in 0..rows {
-                coefficient[r] = alpha * a[p * lda + i + r];
+    let pairs = n / (2 * LANES) * (2 * LANES);
+    for block in (0..pairs).step_by(BLOCK_COLS) {
+        let end = (block + BLOCK_COLS).min(pairs);
+        row_tiles!(m, |i, R| {
+            for start in (block..end).step_by(2 * LANES) {
+                rank_tile::<R, 2>(gemm, lda, a, b, c, i, start);
+            }
+        });
+    }
+    let lanes = n / LANES * LANES;
+    for start in (pairs..lanes).step_by(LANES) {
+        row_tiles!(m, |i, R| rank_tile::<R, 1>(gemm, lda, a, b, c, i, start));
+    }
+    for i in 0..m {
+        for col in lanes..n {
+            let mut sum = 0.0f32;
+            for p in 0..k {
+                sum = a[p * lda + i].mul_add(b[p * n + col], sum);
+            }
+            finish(&mut c[i * n + col], sum, alpha, beta);
+        }
+    }
+}
+
+/// `R` rows x `L` lanes of C in registers, summed over all `k` rows of A and B.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn rank_tile<const R: usize, const L: usize>(
+    gemm: &Gemm,
+    lda: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    i: usize,
+    start: usize,
+) {
+    let Gemm {
+        n, k, alpha, beta, ..
+    } = *gemm;
+    let width = L * LANES;
+    let mut acc = [[_mm256_setzero_ps(); L]; R];
+    for p in 0..k {
+        let coefficients = &a[p * lda + i..p * lda + i + R];
+        let lanes = b[p * n + start..p * n + start + width]
+            .as_chunks::<LANES>()
+            .0;
+        let mut bv = [_mm256_setzero_ps(); L];
+        for (value, lane) in bv.iter_mut().zip(lanes) {
+            *value = load(lane);
+        }
+        for r in 0..R {
+            let s = _mm256_set1_ps(coefficients[r]);
+            for l in 0..L {
+                acc[r][l] = _mm256_fmadd_ps(s, bv[l], acc[r][l]);
             }
         }
-        for start in (0..whole).step_by(2 * LANES) {
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-            for (p, coefficient) in coefficients.iter().enumerate().take(k) {
-                let pair = &b[p * n + start..p * n + start + 2 * LANES];
-                let lanes = pair.as_chunks::<LANES>().0;
-                let (low, high) = (load(&lanes[0]), load(&lanes[1]));
-                for r in 0..rows {
-                    let s = _mm256_set1_ps(coefficient[r]);
-                    acc[r][0] = _mm256_fmadd_ps(s, low, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(s, high, acc[r][1]);
-                }
-            }
-            for (r, acc) in acc.iter().enumerate().take(rows) {
-                let out = &mut c[(i + r) * n + start..(i + r) * n + start + 2 * LANES];
-                for (lane, &value) in out.as_chunks_mut::<LANES>().0.iter_mut().zip(acc) {
-                    // alpha is already in the coefficients.
-                    finish_lane(lane, value, 1.0, beta);
-                }
-            }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        let out = &mut c[(i + r) * n + start..(i + r) * n + start + width];
+        for (lane, &value) in out.as_chunks_mut::<LANES>().0.iter_mut().zip(acc) {
+            finish_lane(lane, value, alpha, beta);
         }
-        for r in 0..rows {
-            for col in whole..n {
-                let mut sum = 0.0f32;
-                for (p, coefficient) in coefficients.iter().enumerate().take(k) {
-                    sum = coefficient[r].mul_add(b[p * n + col], sum);
-                }
-                finish(&mut c[(i + r) * n + col], sum, 1.0, beta);
-            }
-        }
-        i += rows;
     }
 }
 
@@ -807,9 +887,6 @@ mod tests {
         ];
         for (m, n, k) in shapes {
             for (trans_a, trans_b) in [(false, true), (false, false), (true, false)] {
-                if (trans_a && k > MAX_SMALL) || (!trans_a && m > MAX_SMALL) {
-                    continue;
-                }
                 for beta in [0.0, 0.75] {
                     let gemm = Gemm {
                         m,
