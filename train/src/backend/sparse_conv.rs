@@ -187,6 +187,10 @@ fn axpy<const FUSED: bool>(dst: &mut [f32], g: f32, src: &[f32]) {
 #[inline(always)]
 fn collect_nonzero(shape: &Shape, dy_o: &[f32], nonzero: &mut Vec<(usize, f32)>) {
     nonzero.clear();
+    // Room for every pixel at once: sized by the count of nonzeros, the buffer would
+    // grow again whenever a later step had more of them (an allocation mid-training,
+    // seen on aarch64's portable path).
+    nonzero.reserve(dy_o.len());
     nonzero.extend(
         dy_o.iter()
             .enumerate()
