@@ -204,7 +204,7 @@ fn main() -> anyhow::Result<()> {
     tracing::info!(
         kernel = kernel.name(),
         cpu_threads = fedquic_train::cpu_threads(),
-        "training kernels (FEDQUIC_KERNEL=auto|avx512|avx2|portable)"
+        "training kernels (FEDQUIC_KERNEL=auto|avx512|avx2|neon|portable)"
     );
     // After the GEMM threads: a Vulkan driver may start threads of its own.
     let engine = Engine::select(backend).with_context(|| format!("starting backend {backend}"))?;

@@ -18,7 +18,7 @@
 //! - `--eval-batches LIST` inference batch sizes, replacing `--eval-batch`
 //! - `--peak` only measure one core's FMA peak (GFLOP/s) and exit
 //!
-//! The header names the CPU, the kernel path (`FEDQUIC_KERNEL=auto|avx512|avx2|portable`
+//! The header names the CPU, the kernel path (`FEDQUIC_KERNEL=auto|avx512|avx2|neon|portable`
 //! forces one; a level the CPU lacks is refused) and one core's measured FMA peak. Each
 //! row also gives GFLOP/s: the nominal floating-point operations of the dense
 //! computation (2 per multiply-add of every convolution and dense layer; training counts

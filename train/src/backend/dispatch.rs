@@ -1,17 +1,18 @@
-//! Which CPU kernels run: AVX-512, AVX2+FMA or portable.
+//! Which CPU kernels run: AVX-512, AVX2+FMA, NEON or portable.
 //!
 //! The choice is made once per process from `FEDQUIC_KERNEL` (`auto`, the default: the
-//! best level the CPU has; `avx512`, `avx2` or `portable` force a level, and a process
+//! best level the CPU has; `avx512`, `avx2`, `neon` or `portable` force a level, and a process
 //! asking for a level its CPU lacks stops with a clear error from [`process_path`]
 //! instead of silently running another), and can be overridden for the current thread
 //! with [`with_kernel_path`], so tests run every path the machine has in one
 //! `cargo test`, and CI without AVX2 still runs the portable one. Every kernel asks
 //! [`kernel_path`]; vector code only ever runs when the CPU supports it.
 //!
-//! The `avx512` level (AVX-512F on top of AVX2+FMA) currently runs the AVX2+FMA
-//! kernels: it is detected, reported and forcible so that AVX-512 kernels can be added
-//! behind it and measured on a CPU that has it. aarch64 (and any other target) runs the
-//! portable kernels.
+//! The dense layers' products ([`super::simd_gemm`]) are written once against pulp's
+//! portable SIMD trait and run with 16-lane AVX-512 vectors on the `avx512` level, 8-lane
+//! AVX2 ones on `avx2` and 4-lane NEON ones on `neon` (aarch64). The other hand-written
+//! x86-64 kernels (convolutions, pooling, the small-batch fused dense backward) are
+//! AVX2+FMA, which the `avx512` level also runs. Other targets run the portable kernels.
 
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -27,26 +28,30 @@ pub enum KernelPath {
     Avx512,
     /// x86-64 kernels using AVX2 and FMA.
     Avx2Fma,
+    /// aarch64 with NEON (Advanced SIMD): the dense products; the rest is portable.
+    Neon,
     /// Plain Rust (vectorised by the compiler for the baseline target).
     Portable,
 }
 
 impl KernelPath {
-    /// Short name for logs and benchmark output: `avx512`, `avx2` or `portable`.
+    /// Short name for logs and benchmark output: `avx512`, `avx2`, `neon` or `portable`.
     pub fn name(self) -> &'static str {
         match self {
             KernelPath::Avx512 => "avx512",
             KernelPath::Avx2Fma => "avx2",
+            KernelPath::Neon => "neon",
             KernelPath::Portable => "portable",
         }
     }
 
-    /// The paths this CPU can run, best first: `Avx512` and `Avx2Fma` where supported,
-    /// always `Portable`.
+    /// The paths this CPU can run, best first: `Avx512`, `Avx2Fma` and `Neon` where
+    /// supported, always `Portable`.
     pub fn available() -> Vec<KernelPath> {
         [
             KernelPath::Avx512,
             KernelPath::Avx2Fma,
+            KernelPath::Neon,
             KernelPath::Portable,
         ]
         .into_iter()
@@ -59,6 +64,7 @@ impl KernelPath {
         match self {
             KernelPath::Avx512 => cpu_has_avx512(),
             KernelPath::Avx2Fma => cpu_has_avx2_fma(),
+            KernelPath::Neon => cpu_has_neon(),
             KernelPath::Portable => true,
         }
     }
@@ -79,11 +85,12 @@ pub enum KernelChoice {
     Portable,
     Avx2,
     Avx512,
+    Neon,
 }
 
 /// A `FEDQUIC_KERNEL` value that is none of `auto`, `portable`, `avx2`, `avx512`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{KERNEL_VAR}={0:?} is not one of auto, portable, avx2, avx512")]
+#[error("{KERNEL_VAR}={0:?} is not one of auto, portable, avx2, avx512, neon")]
 pub struct KernelChoiceError(pub String);
 
 /// `FEDQUIC_KERNEL` asked for a level this CPU lacks.
@@ -115,6 +122,7 @@ impl std::str::FromStr for KernelChoice {
             "portable" => Ok(KernelChoice::Portable),
             "avx2" => Ok(KernelChoice::Avx2),
             "avx512" => Ok(KernelChoice::Avx512),
+            "neon" => Ok(KernelChoice::Neon),
             _ => Err(KernelChoiceError(s.to_owned())),
         }
     }
@@ -126,6 +134,17 @@ fn cpu_has_avx512() -> bool {
         cpu_has_avx2_fma() && std::arch::is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn cpu_has_neon() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("neon")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
     {
         false
     }
@@ -151,6 +170,7 @@ pub fn resolve(choice: KernelChoice) -> Result<KernelPath, KernelUnsupported> {
         KernelChoice::Portable => KernelPath::Portable,
         KernelChoice::Avx2 => KernelPath::Avx2Fma,
         KernelChoice::Avx512 => KernelPath::Avx512,
+        KernelChoice::Neon => KernelPath::Neon,
     };
     if asked.supported() {
         Ok(asked)
@@ -204,7 +224,7 @@ pub fn version_details(version: &str) -> String {
     )
 }
 
-/// [`kernel_path`]'s name (`avx512`, `avx2` or `portable`), for logs.
+/// [`kernel_path`]'s name (`avx512`, `avx2`, `neon` or `portable`), for logs.
 pub fn kernel_path_name() -> &'static str {
     kernel_path().name()
 }
@@ -225,10 +245,15 @@ pub fn with_kernel_path<R>(path: KernelPath, work: impl FnOnce() -> R) -> R {
             THREAD_PATH.with(|p| p.set(self.0));
         }
     }
-    let effective = [path, KernelPath::Avx2Fma, KernelPath::Portable]
-        .into_iter()
-        .find(|p| p.supported() && *p >= path)
-        .unwrap_or(KernelPath::Portable);
+    let effective = [
+        path,
+        KernelPath::Avx2Fma,
+        KernelPath::Neon,
+        KernelPath::Portable,
+    ]
+    .into_iter()
+    .find(|p| p.supported() && *p >= path)
+    .unwrap_or(KernelPath::Portable);
     let _restore = Restore(THREAD_PATH.with(|p| p.replace(Some(effective))));
     work()
 }
@@ -248,9 +273,11 @@ mod tests {
         assert_eq!(resolve(KernelChoice::Portable), Ok(KernelPath::Portable));
         let best = KernelPath::available()[0];
         assert_eq!(resolve(KernelChoice::Auto), Ok(best));
+        assert_eq!("neon".parse(), Ok(KernelChoice::Neon));
         for (choice, path) in [
             (KernelChoice::Avx2, KernelPath::Avx2Fma),
             (KernelChoice::Avx512, KernelPath::Avx512),
+            (KernelChoice::Neon, KernelPath::Neon),
         ] {
             match resolve(choice) {
                 Ok(resolved) => {
@@ -279,12 +306,11 @@ mod tests {
             let other = std::thread::spawn(kernel_path).join().expect("thread");
             assert_eq!(other, outer);
             with_kernel_path(KernelPath::Avx2Fma, || {
-                let expected = if KernelPath::Avx2Fma.supported() {
-                    KernelPath::Avx2Fma
-                } else {
-                    KernelPath::Portable
-                };
-                assert_eq!(kernel_path(), expected);
+                // Asking for a level the CPU lacks gets the best one below it.
+                let expected = [KernelPath::Avx2Fma, KernelPath::Neon, KernelPath::Portable]
+                    .into_iter()
+                    .find(|path| path.supported());
+                assert_eq!(Some(kernel_path()), expected);
             });
             with_kernel_path(KernelPath::Avx512, || {
                 assert_eq!(kernel_path(), KernelPath::best());

@@ -43,6 +43,7 @@ pub mod dispatch;
 pub(crate) mod host_ops;
 pub mod pool;
 mod select;
+mod simd_gemm;
 mod small_gemm;
 mod sparse_conv;
 #[cfg(feature = "wgpu")]

@@ -27,9 +27,10 @@ pub(super) const LANES: usize = 8;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
 pub(super) type Lane = [f32; LANES];
 
-/// Runs `gemm` with a small-batch kernel if one fits its shape: the AVX2+FMA one, or the
-/// portable one ([`super::dispatch`] decides); returns whether it did. Lengths were
-/// checked by the caller.
+/// Runs `gemm` with a dense-layer kernel if one fits its shape: the vector one of the
+/// kernel path in use ([`super::simd_gemm`]: AVX-512, AVX2+FMA or NEON), or the portable
+/// one ([`super::dispatch`] decides); returns whether it did. Lengths were checked by the
+/// caller.
 pub(super) fn try_gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
     try_gemm_strided(gemm, gemm.m, a, b, c)
 }
@@ -58,16 +59,7 @@ pub(super) fn try_gemm_strided(
     if gemm.m == 0 || gemm.n == 0 || gemm.k == 0 {
         return false;
     }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (`has_avx2_fma` only says so then).
-        unsafe {
-            match kind {
-                Kind::DotRows => dot_rows(gemm, a, b, c),
-                Kind::ScaleRows => scale_rows(gemm, a, b, c),
-                Kind::RankUpdate => rank_update(gemm, lda, a, b, c),
-            }
-        }
+    if simd_product(kind, gemm, lda, a, b, c) {
         return true;
     }
     match kind {
@@ -78,9 +70,9 @@ pub(super) fn try_gemm_strided(
     true
 }
 
-/// The same three products in plain Rust, for the portable path: like the AVX2 ones they
+/// The same three products in plain Rust, for the portable path: like the vector ones they
 /// stream the large operand once and allocate nothing (so training allocates nothing on
-/// either path), with f32 sums in a fixed order. Rounding differs from the AVX2 kernels
+/// either path), with f32 sums in a fixed order. Rounding differs from the vector kernels
 /// (no fused multiply-add).
 mod portable {
     use super::{Gemm, finish};
@@ -183,10 +175,63 @@ mod portable {
     }
 }
 
-enum Kind {
+/// The three dense products (see [`try_gemm_strided`]).
+#[derive(Clone, Copy)]
+pub(super) enum Kind {
     DotRows,
     ScaleRows,
     RankUpdate,
+}
+
+/// Runs the product with [`super::simd_gemm`]'s kernels on the vector instruction set
+/// of the kernel path in use (AVX-512, AVX2+FMA or NEON); false on the portable path.
+fn simd_product(kind: Kind, gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
+    use super::dispatch::{KernelPath, kernel_path};
+    use super::simd_gemm::Product;
+    use pulp::Simd;
+    let product = Product {
+        kind,
+        gemm,
+        lda,
+        a,
+        b,
+        c,
+    };
+    match kernel_path() {
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 => {
+            if let Some(simd) = pulp::x86::V4::try_new() {
+                Simd::vectorize(simd, product);
+                return true;
+            }
+            // AVX-512F without the rest of pulp's x86-64-v4 set: the AVX2 instance.
+            match pulp::x86::V3::try_new() {
+                Some(simd) => Simd::vectorize(simd, product),
+                None => return false,
+            }
+            true
+        }
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2Fma => match pulp::x86::V3::try_new() {
+            Some(simd) => {
+                Simd::vectorize(simd, product);
+                true
+            }
+            None => false,
+        },
+        #[cfg(target_arch = "aarch64")]
+        KernelPath::Neon => match pulp::aarch64::Neon::try_new() {
+            Some(simd) => {
+                Simd::vectorize(simd, product);
+                true
+            }
+            None => false,
+        },
+        _ => {
+            let _ = product;
+            false
+        }
+    }
 }
 
 /// Whether the AVX2+FMA kernels run: [`super::dispatch`]'s choice, which is never
@@ -198,7 +243,7 @@ pub(super) fn has_avx2_fma() -> bool {
 
 /// `c = alpha * sum + beta * c`, not reading `c` when `beta == 0`.
 #[inline(always)]
-fn finish(c: &mut f32, sum: f32, alpha: f32, beta: f32) {
+pub(super) fn finish(c: &mut f32, sum: f32, alpha: f32, beta: f32) {
     *c = if beta == 0.0 {
         alpha * sum
     } else {
@@ -208,9 +253,8 @@ fn finish(c: &mut f32, sum: f32, alpha: f32, beta: f32) {
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
-    __m256, _mm_add_ps, _mm_storeu_ps, _mm256_castps256_ps128, _mm256_extractf128_ps,
-    _mm256_fmadd_ps, _mm256_hadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps,
-    _mm256_setzero_ps, _mm256_storeu_ps,
+    __m256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
+    _mm256_storeu_ps,
 };
 
 /// Loads one lane.
@@ -229,387 +273,6 @@ pub(super) fn load(lane: &Lane) -> __m256 {
 fn store(lane: &mut Lane, value: __m256) {
     // SAFETY: `lane` is 8 writable f32 values; the store is unaligned.
     unsafe { _mm256_storeu_ps(lane.as_mut_ptr(), value) }
-}
-
-/// The sum of a register's lanes, pairwise in a fixed order.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-pub(super) fn horizontal_sum(value: __m256) -> f32 {
-    let mut lane = [0.0f32; LANES];
-    store(&mut lane, value);
-    let quad = [
-        lane[0] + lane[4],
-        lane[1] + lane[5],
-        lane[2] + lane[6],
-        lane[3] + lane[7],
-    ];
-    (quad[0] + quad[2]) + (quad[1] + quad[3])
-}
-
-/// Dot products of `MI` rows of A with `NJ` rows of B (all `k` long): one accumulator
-/// register per pair, so each loaded lane feeds several FMAs.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn dot_block<const MI: usize, const NJ: usize>(
-    a: [&[f32]; MI],
-    b: [&[f32]; NJ],
-    k: usize,
-) -> [[f32; NJ]; MI] {
-    let whole = k / LANES * LANES;
-    let mut a_lanes: [&[Lane]; MI] = [&[]; MI];
-    for (lanes, row) in a_lanes.iter_mut().zip(a) {
-        *lanes = row[..whole].as_chunks::<LANES>().0;
-    }
-    let mut b_lanes: [&[Lane]; NJ] = [&[]; NJ];
-    for (lanes, row) in b_lanes.iter_mut().zip(b) {
-        *lanes = row[..whole].as_chunks::<LANES>().0;
-    }
-    let mut acc = [[_mm256_setzero_ps(); NJ]; MI];
-    for chunk in 0..whole / LANES {
-        // A's lanes first, then one lane of B at a time: MI * NJ + MI + 1 registers.
-        let mut av = [_mm256_setzero_ps(); MI];
-        for i in 0..MI {
-            av[i] = load(&a_lanes[i][chunk]);
-        }
-        for j in 0..NJ {
-            let bv = load(&b_lanes[j][chunk]);
-            for i in 0..MI {
-                acc[i][j] = _mm256_fmadd_ps(av[i], bv, acc[i][j]);
-            }
-        }
-    }
-    let mut sums = [[0.0f32; NJ]; MI];
-    for i in 0..MI {
-        if NJ == 4 {
-            let four = horizontal_sums4([acc[i][0], acc[i][1], acc[i][2], acc[i][3]]);
-            sums[i].copy_from_slice(&four[..NJ]);
-        } else {
-            for j in 0..NJ {
-                sums[i][j] = horizontal_sum(acc[i][j]);
-            }
-        }
-        for j in 0..NJ {
-            for p in whole..k {
-                sums[i][j] = a[i][p].mul_add(b[j][p], sums[i][j]);
-            }
-        }
-    }
-    sums
-}
-
-/// The lane sums of four registers at once (three horizontal adds and one add instead
-/// of four separate reductions), each pairwise in a fixed order.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn horizontal_sums4(values: [__m256; 4]) -> [f32; 4] {
-    let pairs01 = _mm256_hadd_ps(values[0], values[1]);
-    let pairs23 = _mm256_hadd_ps(values[2], values[3]);
-    let quads = _mm256_hadd_ps(pairs01, pairs23);
-    let sums = _mm_add_ps(
-        _mm256_castps256_ps128(quads),
-        _mm256_extractf128_ps::<1>(quads),
-    );
-    let mut out = [0.0f32; 4];
-    // SAFETY: `out` is 4 writable f32 values; the store is unaligned.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
-    out
-}
-
-/// Dense forward: `C = alpha * A . B^T + beta * C`, A `m x k` (the batch), B `n x k`.
-/// Blocks of 4 rows of B (streamed from memory once per block of A's rows) against 3
-/// rows of A at a time (in cache): 12 accumulators.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-    let m = gemm.m;
-    for rows in (0..m).step_by(DOT_BLOCK_ROWS) {
-        let rows_end = (rows + DOT_BLOCK_ROWS).min(m);
-        dot_rows_block(gemm, a, b, c, rows, rows_end);
-    }
-}
-
-/// Rows of A per pass of [`dot_rows`] over B: 48 rows of 784 values (150 KB) stay in
-/// L2 while B streams past once per block.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
-const DOT_BLOCK_ROWS: usize = 48;
-
-/// [`dot_rows`] for C's rows `rows..rows_end`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_rows_block(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32], rows: usize, rows_end: usize) {
-    let Gemm {
-        n, k, alpha, beta, ..
-    } = *gemm;
-    let mut j = 0;
-    while j < n {
-        let nj = (n - j).min(4);
-        let mut i = rows;
-        while i < rows_end {
-            let mi = (rows_end - i).min(3);
-            macro_rules! block {
-                ($mi:literal, $nj:literal) => {{
-                    let mut a_rows: [&[f32]; $mi] = [&[]; $mi];
-                    for (r, row) in a_rows.iter_mut().enumerate() {
-                        *row = &a[(i + r) * k..(i + r + 1) * k];
-                    }
-                    let mut b_rows: [&[f32]; $nj] = [&[]; $nj];
-                    for (s, row) in b_rows.iter_mut().enumerate() {
-                        *row = &b[(j + s) * k..(j + s + 1) * k];
-                    }
-                    let sums = dot_block::<$mi, $nj>(a_rows, b_rows, k);
-                    for (r, row) in sums.iter().enumerate() {
-                        for (s, &sum) in row.iter().enumerate() {
-                            finish(&mut c[(i + r) * n + j + s], sum, alpha, beta);
-                        }
-                    }
-                }};
-            }
-            match (mi, nj) {
-                (3, 4) => block!(3, 4),
-                (3, 3) => block!(3, 3),
-                (3, 2) => block!(3, 2),
-                (3, _) => block!(3, 1),
-                (2, 4) => block!(2, 4),
-                (2, 3) => block!(2, 3),
-                (2, 2) => block!(2, 2),
-                (2, _) => block!(2, 1),
-                (_, 4) => block!(1, 4),
-                (_, 3) => block!(1, 3),
-                (_, 2) => block!(1, 2),
-                _ => block!(1, 1),
-            }
-            i += mi;
-        }
-        j += nj;
-    }
-}
-
-/// Rows of C per register tile in [`scale_rows`] and [`rank_update`]: 6 rows x 2 lanes
-/// is 12 accumulators, plus 2 lanes of B and a broadcast, within AVX2's 16 registers
-/// (BLIS's 6x16 shape for this ISA).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
-const TILE_ROWS: usize = 6;
-
-/// Columns of B per cache block of [`rank_update`]: 256 columns of a batch of 64 are
-/// 64 KB, which stay in L2 while every row tile of C passes over them.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // used by the x86-64 kernels only
-const BLOCK_COLS: usize = 256;
-
-/// Runs `$tile::<R, $lanes>(.., i, start)` over C's rows in tiles of [`TILE_ROWS`] rows
-/// and then one tile of the remaining rows, each `R` a constant.
-#[cfg(target_arch = "x86_64")]
-macro_rules! row_tiles {
-    ($m:expr, |$i:ident, $rows:ident| $body:expr) => {{
-        let m = $m;
-        let mut $i = 0;
-        while $i + TILE_ROWS <= m {
-            {
-                const $rows: usize = TILE_ROWS;
-                $body;
-            }
-            $i += TILE_ROWS;
-        }
-        match m - $i {
-            5 => {
-                const $rows: usize = 5;
-                $body
-            }
-            4 => {
-                const $rows: usize = 4;
-                $body
-            }
-            3 => {
-                const $rows: usize = 3;
-                $body
-            }
-            2 => {
-                const $rows: usize = 2;
-                $body
-            }
-            1 => {
-                const $rows: usize = 1;
-                $body
-            }
-            _ => {}
-        }
-    }};
-}
-
-/// `out = alpha * acc + beta * out` for one lane, not reading `out` when `beta == 0`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn finish_lane(out: &mut Lane, acc: __m256, alpha: f32, beta: f32) {
-    let scaled = _mm256_mul_ps(acc, _mm256_set1_ps(alpha));
-    let value = if beta == 0.0 {
-        scaled
-    } else {
-        _mm256_fmadd_ps(load(out), _mm256_set1_ps(beta), scaled)
-    };
-    store(out, value);
-}
-
-/// Dense input gradient: `C = alpha * A . B + beta * C`, A `m x k` (the batch), B `k x n`.
-/// For each strip of 16 columns, every row of C is a sum of B's rows scaled by A's
-/// entries: B's strip (k x 16 values) stays in cache across the batch's rows, and each
-/// 6-row tile of C stays in registers over all of k.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn scale_rows(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-    let Gemm {
-        m,
-        n,
-        k,
-        alpha,
-        beta,
-        ..
-    } = *gemm;
-    let pairs = n / (2 * LANES) * (2 * LANES);
-    for start in (0..pairs).step_by(2 * LANES) {
-        row_tiles!(m, |i, R| scale_tile::<R, 2>(gemm, a, b, c, i, start));
-    }
-    let lanes = n / LANES * LANES;
-    for start in (pairs..lanes).step_by(LANES) {
-        row_tiles!(m, |i, R| scale_tile::<R, 1>(gemm, a, b, c, i, start));
-    }
-    // The last columns, one at a time.
-    for i in 0..m {
-        for col in lanes..n {
-            let mut sum = 0.0f32;
-            for p in 0..k {
-                sum = a[i * k + p].mul_add(b[p * n + col], sum);
-            }
-            finish(&mut c[i * n + col], sum, alpha, beta);
-        }
-    }
-}
-
-/// `R` rows x `L` lanes of C from row `i`, column `start`: `R * L` accumulators held in
-/// registers (`R` and `L` are constants so that the loops unroll into them).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn scale_tile<const R: usize, const L: usize>(
-    gemm: &Gemm,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    i: usize,
-    start: usize,
-) {
-    let Gemm {
-        n, k, alpha, beta, ..
-    } = *gemm;
-    let width = L * LANES;
-    let mut a_rows: [&[f32]; R] = [&[]; R];
-    for (r, row) in a_rows.iter_mut().enumerate() {
-        *row = &a[(i + r) * k..(i + r + 1) * k];
-    }
-    let mut acc = [[_mm256_setzero_ps(); L]; R];
-    for (p, b_row) in b.chunks_exact(n).take(k).enumerate() {
-        let lanes = b_row[start..start + width].as_chunks::<LANES>().0;
-        let mut bv = [_mm256_setzero_ps(); L];
-        for (value, lane) in bv.iter_mut().zip(lanes) {
-            *value = load(lane);
-        }
-        for r in 0..R {
-            let s = _mm256_set1_ps(a_rows[r][p]);
-            for l in 0..L {
-                acc[r][l] = _mm256_fmadd_ps(s, bv[l], acc[r][l]);
-            }
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        let out = &mut c[(i + r) * n + start..(i + r) * n + start + width];
-        for (lane, &value) in out.as_chunks_mut::<LANES>().0.iter_mut().zip(acc) {
-            finish_lane(lane, value, alpha, beta);
-        }
-    }
-}
-
-/// Dense weight gradient (or fused SGD update): `C = alpha * A^T . B + beta * C`, A
-/// `k x m` (rows `lda` apart) and B `k x n`, with `k` the batch. Each tile of C (6 rows x
-/// 16 columns) is read and written once, accumulated in registers over the whole batch
-/// from B's rows with coefficients from A; B is taken in blocks of [`BLOCK_COLS`]
-/// columns that stay in cache while every row tile of C passes over them.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn rank_update(gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    let Gemm {
-        m,
-        n,
-        k,
-        alpha,
-        beta,
-        ..
-    } = *gemm;
-    let pairs = n / (2 * LANES) * (2 * LANES);
-    for block in (0..pairs).step_by(BLOCK_COLS) {
-        let end = (block + BLOCK_COLS).min(pairs);
-        row_tiles!(m, |i, R| {
-            for start in (block..end).step_by(2 * LANES) {
-                rank_tile::<R, 2>(gemm, lda, a, b, c, i, start);
-            }
-        });
-    }
-    let lanes = n / LANES * LANES;
-    for start in (pairs..lanes).step_by(LANES) {
-        row_tiles!(m, |i, R| rank_tile::<R, 1>(gemm, lda, a, b, c, i, start));
-    }
-    for i in 0..m {
-        for col in lanes..n {
-            let mut sum = 0.0f32;
-            for p in 0..k {
-                sum = a[p * lda + i].mul_add(b[p * n + col], sum);
-            }
-            finish(&mut c[i * n + col], sum, alpha, beta);
-        }
-    }
-}
-
-/// `R` rows x `L` lanes of C in registers, summed over all `k` rows of A and B.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[inline]
-fn rank_tile<const R: usize, const L: usize>(
-    gemm: &Gemm,
-    lda: usize,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    i: usize,
-    start: usize,
-) {
-    let Gemm {
-        n, k, alpha, beta, ..
-    } = *gemm;
-    let width = L * LANES;
-    let mut acc = [[_mm256_setzero_ps(); L]; R];
-    for p in 0..k {
-        let coefficients = &a[p * lda + i..p * lda + i + R];
-        let lanes = b[p * n + start..p * n + start + width]
-            .as_chunks::<LANES>()
-            .0;
-        let mut bv = [_mm256_setzero_ps(); L];
-        for (value, lane) in bv.iter_mut().zip(lanes) {
-            *value = load(lane);
-        }
-        for r in 0..R {
-            let s = _mm256_set1_ps(coefficients[r]);
-            for l in 0..L {
-                acc[r][l] = _mm256_fmadd_ps(s, bv[l], acc[r][l]);
-            }
-        }
-    }
-    for (r, acc) in acc.iter().enumerate() {
-        let out = &mut c[(i + r) * n + start..(i + r) * n + start + width];
-        for (lane, &value) in out.as_chunks_mut::<LANES>().0.iter_mut().zip(acc) {
-            finish_lane(lane, value, alpha, beta);
-        }
-    }
 }
 
 /// Dense backward with an in-place weight update, in one pass over the weights (the
