@@ -111,6 +111,26 @@ fn finish_vector<S: Simd>(simd: S, out: &mut S::f32s, acc: S::f32s, alpha: f32, 
     };
 }
 
+/// Writes a tile of sums to C's rows from `i`, columns from `start`:
+/// `C = alpha * acc + beta * C`.
+#[inline(always)]
+fn store_tile<S: Simd, const R: usize, const L: usize>(
+    simd: S,
+    gemm: &Gemm,
+    acc: &[[S::f32s; L]; R],
+    c: &mut [f32],
+    i: usize,
+    start: usize,
+) {
+    let (n, width) = (gemm.n, L * S::F32_LANES);
+    for (r, acc) in acc.iter().enumerate() {
+        let out = &mut c[(i + r) * n + start..(i + r) * n + start + width];
+        for (out, &value) in S::as_mut_simd_f32s(out).0.iter_mut().zip(acc) {
+            finish_vector(simd, out, value, gemm.alpha, gemm.beta);
+        }
+    }
+}
+
 /// Dense forward: `C = alpha * A . B^T + beta * C`, A `m x k` (the batch), B `n x k`.
 /// Blocks of 4 rows of B (streamed from memory once per block of A's rows) against 3
 /// rows of A at a time (in cache): 12 accumulators.
@@ -308,9 +328,7 @@ fn scale_tile<S: Simd, const R: usize, const L: usize>(
     i: usize,
     start: usize,
 ) {
-    let Gemm {
-        n, k, alpha, beta, ..
-    } = *gemm;
+    let Gemm { n, k, .. } = *gemm;
     let width = L * S::F32_LANES;
     let mut a_rows: [&[f32]; R] = [&[]; R];
     for (r, row) in a_rows.iter_mut().enumerate() {
@@ -331,12 +349,7 @@ fn scale_tile<S: Simd, const R: usize, const L: usize>(
             }
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        let out = &mut c[(i + r) * n + start..(i + r) * n + start + width];
-        for (out, &value) in S::as_mut_simd_f32s(out).0.iter_mut().zip(acc) {
-            finish_vector(simd, out, value, alpha, beta);
-        }
-    }
+    store_tile(simd, gemm, &acc, c, i, start);
 }
 
 /// Dense weight gradient (or fused SGD update): `C = alpha * A^T . B + beta * C`, A
@@ -394,9 +407,7 @@ fn rank_tile<S: Simd, const R: usize, const L: usize>(
     i: usize,
     start: usize,
 ) {
-    let Gemm {
-        n, k, alpha, beta, ..
-    } = *gemm;
+    let Gemm { n, k, .. } = *gemm;
     let width = L * S::F32_LANES;
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; L]; R];
@@ -414,10 +425,5 @@ fn rank_tile<S: Simd, const R: usize, const L: usize>(
             }
         }
     }
-    for (r, acc) in acc.iter().enumerate() {
-        let out = &mut c[(i + r) * n + start..(i + r) * n + start + width];
-        for (out, &value) in S::as_mut_simd_f32s(out).0.iter_mut().zip(acc) {
-            finish_vector(simd, out, value, alpha, beta);
-        }
-    }
+    store_tile(simd, gemm, &acc, c, i, start);
 }

@@ -547,6 +547,10 @@ mod tests {
             (10, 37, 70),
             (16, 64, 33),
             (5, 33, 17),
+            // More than one 256-column cache block, ragged on every edge, a 6-row tile
+            // plus a 1-row one; and more than one 48-row block of the forward pass.
+            (7, 300, 20),
+            (50, 19, 9),
         ];
         for (m, n, k) in shapes {
             for (trans_a, trans_b) in [(false, true), (false, false), (true, false)] {
