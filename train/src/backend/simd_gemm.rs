@@ -291,17 +291,21 @@ fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]
         beta,
         ..
     } = *gemm;
+    let rows = Coefficients {
+        row_step: k,
+        depth_step: 1,
+    };
     let lanes = S::F32_LANES;
     let pairs = n / (2 * lanes) * (2 * lanes);
     for start in (0..pairs).step_by(2 * lanes) {
-        row_tiles!(m, |i, R| scale_tile::<S, R, 2>(
-            simd, gemm, a, b, c, i, start
+        row_tiles!(m, |i, R| broadcast_tile::<S, R, 2>(
+            simd, gemm, rows, a, b, c, i, start
         ));
     }
     let vectors = n / lanes * lanes;
     for start in (pairs..vectors).step_by(lanes) {
-        row_tiles!(m, |i, R| scale_tile::<S, R, 1>(
-            simd, gemm, a, b, c, i, start
+        row_tiles!(m, |i, R| broadcast_tile::<S, R, 1>(
+            simd, gemm, rows, a, b, c, i, start
         ));
     }
     // The last columns, one at a time.
@@ -314,42 +318,6 @@ fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]
             finish(&mut c[i * n + col], sum, alpha, beta);
         }
     }
-}
-
-/// `R` rows x `L` vectors of C from row `i`, column `start`: `R * L` accumulators held
-/// in registers (`R` and `L` are constants so that the loops unroll into them).
-#[inline(always)]
-fn scale_tile<S: Simd, const R: usize, const L: usize>(
-    simd: S,
-    gemm: &Gemm,
-    a: &[f32],
-    b: &[f32],
-    c: &mut [f32],
-    i: usize,
-    start: usize,
-) {
-    let Gemm { n, k, .. } = *gemm;
-    let width = L * S::F32_LANES;
-    let mut a_rows: [&[f32]; R] = [&[]; R];
-    for (r, row) in a_rows.iter_mut().enumerate() {
-        *row = &a[(i + r) * k..(i + r + 1) * k];
-    }
-    let zero = simd.splat_f32s(0.0);
-    let mut acc = [[zero; L]; R];
-    for (p, b_row) in b.chunks_exact(n).take(k).enumerate() {
-        let vectors = S::as_simd_f32s(&b_row[start..start + width]).0;
-        let mut bv = [zero; L];
-        for (value, vector) in bv.iter_mut().zip(vectors) {
-            *value = *vector;
-        }
-        for r in 0..R {
-            let s = simd.splat_f32s(a_rows[r][p]);
-            for l in 0..L {
-                acc[r][l] = simd.mul_add_f32s(s, bv[l], acc[r][l]);
-            }
-        }
-    }
-    store_tile(simd, gemm, &acc, c, i, start);
 }
 
 /// Dense weight gradient (or fused SGD update): `C = alpha * A^T . B + beta * C`, A
@@ -367,20 +335,24 @@ fn rank_update<S: Simd>(simd: S, gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], 
         beta,
         ..
     } = *gemm;
+    let transposed = Coefficients {
+        row_step: 1,
+        depth_step: lda,
+    };
     let lanes = S::F32_LANES;
     let pairs = n / (2 * lanes) * (2 * lanes);
     for block in (0..pairs).step_by(BLOCK_COLS) {
         let end = (block + BLOCK_COLS).min(pairs);
         row_tiles!(m, |i, R| {
             for start in (block..end).step_by(2 * lanes) {
-                rank_tile::<S, R, 2>(simd, gemm, lda, a, b, c, i, start);
+                broadcast_tile::<S, R, 2>(simd, gemm, transposed, a, b, c, i, start);
             }
         });
     }
     let vectors = n / lanes * lanes;
     for start in (pairs..vectors).step_by(lanes) {
-        row_tiles!(m, |i, R| rank_tile::<S, R, 1>(
-            simd, gemm, lda, a, b, c, i, start
+        row_tiles!(m, |i, R| broadcast_tile::<S, R, 1>(
+            simd, gemm, transposed, a, b, c, i, start
         ));
     }
     for i in 0..m {
@@ -394,13 +366,25 @@ fn rank_update<S: Simd>(simd: S, gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], 
     }
 }
 
-/// `R` rows x `L` vectors of C in registers, summed over all `k` rows of A and B.
+/// Where a product's coefficients lie in A: coefficient `(r, p)` (row `r` of C, step `p`
+/// of the sum) is `a[r * row_step + p * depth_step]`. The input gradient reads A's rows
+/// (`row_step = k`, `depth_step = 1`); the weight gradient reads them transposed
+/// (`row_step = 1`, `depth_step = lda`).
+#[derive(Clone, Copy)]
+struct Coefficients {
+    row_step: usize,
+    depth_step: usize,
+}
+
+/// `R` rows x `L` vectors of C from row `i`, column `start`, in registers (`R` and `L`
+/// are constants so that the loops unroll into them), summed over all `k` rows of B,
+/// each scaled by a broadcast coefficient from A.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rank_tile<S: Simd, const R: usize, const L: usize>(
+fn broadcast_tile<S: Simd, const R: usize, const L: usize>(
     simd: S,
     gemm: &Gemm,
-    lda: usize,
+    coefficients: Coefficients,
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
@@ -408,18 +392,21 @@ fn rank_tile<S: Simd, const R: usize, const L: usize>(
     start: usize,
 ) {
     let Gemm { n, k, .. } = *gemm;
+    let Coefficients {
+        row_step,
+        depth_step,
+    } = coefficients;
     let width = L * S::F32_LANES;
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; L]; R];
     for p in 0..k {
-        let coefficients = &a[p * lda + i..p * lda + i + R];
         let vectors = S::as_simd_f32s(&b[p * n + start..p * n + start + width]).0;
         let mut bv = [zero; L];
         for (value, vector) in bv.iter_mut().zip(vectors) {
             *value = *vector;
         }
         for r in 0..R {
-            let s = simd.splat_f32s(coefficients[r]);
+            let s = simd.splat_f32s(a[(i + r) * row_step + p * depth_step]);
             for l in 0..L {
                 acc[r][l] = simd.mul_add_f32s(s, bv[l], acc[r][l]);
             }

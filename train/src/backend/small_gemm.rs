@@ -1,5 +1,6 @@
-//! Matrix products of training's dense layers (one dimension is the batch), on x86-64
-//! with AVX2 and FMA, and a portable path.
+//! Matrix products of training's dense layers (one dimension is the batch): which kernel
+//! runs (the vector ones are in [`super::simd_gemm`]), the portable kernels, and the
+//! small-batch fused dense backward (AVX2+FMA).
 //!
 //! A general GEMM copies ("packs") both operands into cache-friendly panels on every
 //! call, into a freshly allocated buffer. With a batch of 10 that copy of the weight
@@ -197,41 +198,32 @@ fn simd_product(kind: Kind, gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &m
         b,
         c,
     };
-    match kernel_path() {
-        #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx512 => {
-            if let Some(simd) = pulp::x86::V4::try_new() {
-                Simd::vectorize(simd, product);
-                return true;
-            }
-            // AVX-512F without the rest of pulp's x86-64-v4 set: the AVX2 instance.
-            match pulp::x86::V3::try_new() {
-                Some(simd) => Simd::vectorize(simd, product),
-                None => return false,
-            }
-            true
+    let path = kernel_path();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if path == KernelPath::Avx512
+            && let Some(simd) = pulp::x86::V4::try_new()
+        {
+            Simd::vectorize(simd, product);
+            return true;
         }
-        #[cfg(target_arch = "x86_64")]
-        KernelPath::Avx2Fma => match pulp::x86::V3::try_new() {
-            Some(simd) => {
-                Simd::vectorize(simd, product);
-                true
-            }
-            None => false,
-        },
-        #[cfg(target_arch = "aarch64")]
-        KernelPath::Neon => match pulp::aarch64::Neon::try_new() {
-            Some(simd) => {
-                Simd::vectorize(simd, product);
-                true
-            }
-            None => false,
-        },
-        _ => {
-            let _ = product;
-            false
+        // The AVX2 instance also serves AVX-512F without the rest of pulp's x86-64-v4 set.
+        if matches!(path, KernelPath::Avx512 | KernelPath::Avx2Fma)
+            && let Some(simd) = pulp::x86::V3::try_new()
+        {
+            Simd::vectorize(simd, product);
+            return true;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    if path == KernelPath::Neon
+        && let Some(simd) = pulp::aarch64::Neon::try_new()
+    {
+        Simd::vectorize(simd, product);
+        return true;
+    }
+    let _ = (path, product);
+    false
 }
 
 /// Whether the AVX2+FMA kernels run: [`super::dispatch`]'s choice, which is never
