@@ -1,13 +1,13 @@
 //! GFLOP/s of three GEMM implementations on the shapes fedquic's models train and infer
-//! with, one thread: fedquic-train's CPU backend (its own small-batch kernels, else
-//! matrixmultiply), matrixmultiply alone, and the gemm crate (runtime-dispatched
-//! AVX2/AVX-512/NEON micro-kernels). Run: `cargo run --release` in this directory.
+//! with, one thread: fedquic-train's CPU backend (its dense kernels, written against
+//! pulp), matrixmultiply alone, and the gemm crate (runtime-dispatched AVX2/AVX-512/NEON
+//! micro-kernels). Run: `cargo run --release` in this directory. (Until commit 7ffabd6
+//! the backend's kernels were hand-written AVX2 and this tool also timed a pulp version
+//! of the weight-gradient tile, `src/pulp_rank.rs`, for BENCHMARKS.md's pulp column.)
 
 use std::time::{Duration, Instant};
 
 use fedquic_train::backend::{Backend, CpuBackend, Gemm};
-
-mod pulp_rank;
 
 struct Shape {
     label: &'static str,
@@ -90,16 +90,14 @@ fn main() {
             .unwrap_or(300),
     );
     println!(
-        "kernel path {} | gemm crate 0.19 | matrixmultiply 0.3 | pulp 0.22 ({:?}) | one thread | GFLOP/s, best of 3 x {} ms",
+        "kernel path {} | gemm crate 0.19 | matrixmultiply 0.3 | one thread | GFLOP/s, best of 3 x {} ms",
         fedquic_train::kernel_path_name(),
-        pulp::Arch::new(),
         window.as_millis()
     );
     println!(
-        "| shape | m | n | k | ours | matrixmultiply | gemm | gemm / ours | pulp (weight gradients) | max abs diff vs ours |"
+        "| shape | m | n | k | ours | matrixmultiply | gemm | gemm / ours | max abs diff vs ours |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    let arch = pulp::Arch::new();
+    println!("|---|---|---|---|---|---|---|---|---|");
     for s in SHAPES {
         let (m, n, k) = (s.m, s.n, s.k);
         let a = filled(m * k, 1);
@@ -180,37 +178,14 @@ fn main() {
                 )
             }
         });
-        let mut c_pulp = vec![0.0f32; m * n];
-        let pulp_rate = if s.trans_a && !s.trans_b {
-            let rate = measure(flops, window, || {
-                pulp_rank::rank_update(
-                    arch,
-                    pulp_rank::RankUpdate {
-                        m,
-                        n,
-                        k,
-                        alpha: 1.0,
-                        beta: 0.0,
-                        a: &a,
-                        b: &b,
-                        c: &mut c_pulp,
-                    },
-                )
-            });
-            format!("{rate:.1}")
-        } else {
-            c_pulp.copy_from_slice(&c_ours);
-            String::new()
-        };
         let diff = c_ours
             .iter()
             .zip(&c_gemm)
             .chain(c_ours.iter().zip(&c_mm))
-            .chain(c_ours.iter().zip(&c_pulp))
             .map(|(x, y)| (x - y).abs())
             .fold(0.0f32, f32::max);
         println!(
-            "| {} | {m} | {n} | {k} | {ours:.1} | {mm:.1} | {gm:.1} | {:.2}x | {pulp_rate} | {diff:.1e} |",
+            "| {} | {m} | {n} | {k} | {ours:.1} | {mm:.1} | {gm:.1} | {:.2}x | {diff:.1e} |",
             s.label,
             gm / ours
         );
