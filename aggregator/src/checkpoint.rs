@@ -226,7 +226,7 @@ pub fn load(path: &Path) -> Result<Checkpoint, CheckpointError> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    if model.iter().any(|v| !v.is_finite()) {
+    if fedquic_protocol::first_non_finite(&model).is_some() {
         return Err(corrupt("non-finite parameter"));
     }
     Ok(Checkpoint {

@@ -6,6 +6,8 @@
 //! what happens in a round lives here, so it is tested without a network,
 //! with thousands of simulated clients.
 
+/// Shared with the clients' DP clipping, in the privacy crate.
+pub use fedquic_privacy::dp::l2_norm;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
@@ -1496,15 +1498,6 @@ impl RetryPolicy {
 
 pub(crate) fn not_committed(e: &ModelCheckError) -> String {
     format!("round not committed: {e}")
-}
-
-/// L2 norm, accumulated in f64.
-pub fn l2_norm(values: &[f32]) -> f64 {
-    values
-        .iter()
-        .map(|v| (*v as f64) * (*v as f64))
-        .sum::<f64>()
-        .sqrt()
 }
 
 /// The median (mean of the two middle values for an even count).

@@ -662,7 +662,8 @@ async fn secagg_fit_task(
             let mut delta = global;
             let result = outcome.and_then(|o| {
                 let local = t.parameters();
-                if local.len() != delta.len() || local.iter().any(|v| !v.is_finite()) {
+                if local.len() != delta.len() || fedquic_protocol::first_non_finite(local).is_some()
+                {
                     return Err(TrainerError::Other(
                         "training diverged or changed the model's size".into(),
                     ));
@@ -979,7 +980,7 @@ async fn fit_task(
                     delta.len()
                 )));
             }
-            if local.iter().any(|v| !v.is_finite()) {
+            if fedquic_protocol::first_non_finite(local).is_some() {
                 return Err(TrainerError::Other(
                     "training diverged (non-finite parameters)".into(),
                 ));

@@ -204,7 +204,7 @@ fn read_file(path: &Path, len: usize) -> Result<Option<(String, Vec<f32>)>, Stat
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
-    if values.iter().any(|v| !v.is_finite()) {
+    if fedquic_protocol::first_non_finite(&values).is_some() {
         return Err(corrupt("holds a non-finite value".into()));
     }
     Ok(Some((run, values)))

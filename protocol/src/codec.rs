@@ -222,7 +222,7 @@ impl ValueCodec {
             }
         }
         // Checked after the vectorisable loops.
-        match out.iter().position(|v| !v.is_finite()) {
+        match crate::tensor::first_non_finite(out) {
             Some(i) => Err(i),
             None => Ok(()),
         }
@@ -480,7 +480,7 @@ pub fn encode_body(codec: Codec, values: &[f32], seed: u64, out: &mut Vec<u8>) -
         }
         return Ok(());
     }
-    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+    if let Some(index) = crate::tensor::first_non_finite(values) {
         return Err(ProtocolError::NonFinite { index });
     }
     let (min, _) = codec.body_len_bounds(values.len() as u64)?;

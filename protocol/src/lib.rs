@@ -25,5 +25,5 @@ pub use message::{
 pub use tensor::{
     BodyDecoder, DType, StreamKind, TENSOR_PREFIX_LEN, TENSOR_STREAM_MAGIC, TensorHeader,
     TensorLimits, TensorMeta, decode_header, decode_tensor_stream, encode_f32_body, encode_header,
-    header_len_from_prefix,
+    first_non_finite, header_len_from_prefix,
 };

@@ -402,3 +402,26 @@ fn hello_backend_is_validated() {
         assert!(error.contains("backend"), "{bad:?}: {error}");
     }
 }
+
+#[test]
+fn first_non_finite_finds_the_first_bad_value_anywhere() {
+    assert_eq!(first_non_finite(&[]), None);
+    let clean: Vec<f32> = (0..5000).map(|i| i as f32 * 0.5 - 100.0).collect();
+    assert_eq!(first_non_finite(&clean), None);
+    // Block edges (1024 values), both infinities and NaN, and a later second one.
+    for index in [0, 1, 1023, 1024, 1025, 2047, 4999] {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut values = clean.clone();
+            values[index] = bad;
+            if index + 7 < values.len() {
+                values[index + 7] = f32::NAN;
+            }
+            assert_eq!(first_non_finite(&values), Some(index), "{bad} at {index}");
+        }
+    }
+    // Largest finite and subnormal values are finite.
+    assert_eq!(
+        first_non_finite(&[f32::MAX, f32::MIN, f32::MIN_POSITIVE / 2.0]),
+        None
+    );
+}

@@ -68,12 +68,27 @@ pub fn clip_l2(values: &mut [f32], bound: f64) -> Result<f64, DpError> {
     Ok(norm)
 }
 
-fn l2_norm(values: &[f32]) -> f64 {
-    values
-        .iter()
-        .map(|&v| f64::from(v) * f64::from(v))
-        .sum::<f64>()
-        .sqrt()
+/// The Euclidean norm of `values`, summed in f64.
+///
+/// Eight partial sums in a fixed order (so the result is reproducible) let
+/// the compiler vectorise what one running sum serialises on the adder's
+/// latency: the aggregator takes every update's norm, and the single sum
+/// was 5% of a K = 50, P = 1M round's CPU.
+pub fn l2_norm(values: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut partial = [0f64; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (p, &v) in partial.iter_mut().zip(chunk) {
+            *p += f64::from(v) * f64::from(v);
+        }
+    }
+    let mut sum: f64 = partial.iter().sum();
+    for &v in tail {
+        sum += f64::from(v) * f64::from(v);
+    }
+    sum.sqrt()
 }
 
 /// Central DP: adds i.i.d. `N(0, std^2)` to every coordinate of `sum`, drawn with the
