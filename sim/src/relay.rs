@@ -23,6 +23,13 @@ pub const MAX_LATENCY_MS: f64 = 10_000.0;
 pub const MIN_MBPS: f64 = 0.01;
 pub const MAX_MBPS: f64 = 100_000.0;
 
+/// The largest UDP payload a shaped link carries: an Ethernet path (1,500
+/// bytes less the IPv4 and UDP headers). Larger datagrams are dropped, as a
+/// router that does not fragment drops them, so QUIC's MTU discovery
+/// settles where it would on the internet instead of at the 6,500 bytes
+/// loopback allows.
+pub const LINK_MAX_DATAGRAM: usize = 1_472;
+
 /// A link: one-way latency and rate, the same in both directions.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct LinkSpec {
@@ -171,6 +178,9 @@ pub async fn spawn(server: SocketAddr, spec: LinkSpec) -> std::io::Result<Relay>
         let mut buf = vec![0u8; 65536];
         while let Ok((n, from)) = f.recv_from(&mut buf).await {
             *c.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+            if n > LINK_MAX_DATAGRAM {
+                continue;
+            }
             if let Some(at) = pacer.admit(n, Instant::now())
                 && up_tx.send((at, buf[..n].to_vec())).is_err()
             {
@@ -186,7 +196,7 @@ pub async fn spawn(server: SocketAddr, spec: LinkSpec) -> std::io::Result<Relay>
                 break;
             };
             // Only the aggregator's datagrams go down to the client.
-            if from != server {
+            if from != server || n > LINK_MAX_DATAGRAM {
                 continue;
             }
             if let Some(at) = pacer.admit(n, Instant::now())
@@ -263,5 +273,42 @@ mod tests {
         assert_eq!(&buf[..n], b"pong");
         let rtt = t.elapsed();
         assert!(rtt >= Duration::from_millis(60), "round trip {rtt:?}");
+    }
+
+    #[tokio::test]
+    async fn relay_drops_datagrams_larger_than_an_ethernet_path_carries() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let spec = LinkSpec {
+            latency_ms: 1.0,
+            mbps: 100.0,
+        };
+        let relay = spawn(server.local_addr().unwrap(), spec).await.unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // Too large, then the largest allowed: only the second arrives.
+        client
+            .send_to(&[1u8; LINK_MAX_DATAGRAM + 1], relay.addr)
+            .await
+            .unwrap();
+        client
+            .send_to(&[2u8; LINK_MAX_DATAGRAM], relay.addr)
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 65536];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(5), server.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((n, buf[0]), (LINK_MAX_DATAGRAM, 2));
+        // The same going down.
+        server
+            .send_to(&[3u8; LINK_MAX_DATAGRAM + 1], from)
+            .await
+            .unwrap();
+        server.send_to(&[4u8; 100], from).await.unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((n, buf[0]), (100, 4));
     }
 }
