@@ -456,3 +456,46 @@ async fn an_oversized_update_header_is_refused_before_it_is_read() {
         Some(&1)
     );
 }
+
+/// A client whose own endpoint is closed (the simulator closes the shared one
+/// when a run ends) stops at once with `EndpointClosed`, whether the endpoint
+/// was closed before it connected or while a handshake was hanging, instead
+/// of retrying until it gives up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_client_endpoint_ends_the_client() {
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let tls = client_tls(&ca, Some(identity(&ca, "client-001")));
+    // A "server" that swallows every datagram: handshakes hang.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+
+    let closed = fedquic::net::endpoint::client_endpoint(tls.clone()).unwrap();
+    closed.close(0u32.into(), b"run over");
+    let mut opts = options(addr, tls.clone(), 20);
+    opts.endpoint = Some(closed);
+    let err = within(
+        10,
+        fedquic::client::run_client(opts, DeltaTrainer::new(1.0, 1)),
+    )
+    .await
+    .expect_err("a closed endpoint cannot connect");
+    assert!(
+        matches!(err, fedquic::client::ClientError::EndpointClosed),
+        "{err}"
+    );
+
+    let endpoint = fedquic::net::endpoint::client_endpoint(tls.clone()).unwrap();
+    let mut opts = options(addr, tls, 20);
+    opts.endpoint = Some(endpoint.clone());
+    let client = tokio::spawn(fedquic::client::run_client(opts, DeltaTrainer::new(1.0, 1)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    endpoint.close(0u32.into(), b"run over");
+    let err = within(10, client)
+        .await
+        .unwrap()
+        .expect_err("the handshake was cut");
+    assert!(
+        matches!(err, fedquic::client::ClientError::EndpointClosed),
+        "{err}"
+    );
+}

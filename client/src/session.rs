@@ -38,6 +38,10 @@ pub enum ClientError {
     Endpoint(#[from] fedquic_net::endpoint::EndpointError),
     #[error("refusing the aggregator's demand: {0}")]
     Limit(#[from] LimitError),
+    /// The client's own QUIC endpoint was closed (by the process sharing it,
+    /// e.g. the simulator at the end of a run): no attempt can succeed.
+    #[error("the client's endpoint was closed")]
+    EndpointClosed,
 }
 
 /// Everything a client needs to reach its aggregator.
@@ -227,10 +231,18 @@ async fn session(
         tokio::time::timeout(opts.connect_timeout, async {
             let connecting = endpoint
                 .connect_with(opts.tls.clone(), opts.server, &opts.server_name)
-                .map_err(|e| SessionError::Transient(format!("cannot connect: {e}")))?;
-            let conn = connecting
-                .await
-                .map_err(|e| SessionError::Transient(format!("cannot connect: {e}")))?;
+                .map_err(|e| match e {
+                    quinn::ConnectError::EndpointStopping => {
+                        SessionError::Fatal(ClientError::EndpointClosed)
+                    }
+                    e => SessionError::Transient(format!("cannot connect: {e}")),
+                })?;
+            let conn = connecting.await.map_err(|e| match e {
+                quinn::ConnectionError::LocallyClosed => {
+                    SessionError::Fatal(ClientError::EndpointClosed)
+                }
+                e => SessionError::Transient(format!("cannot connect: {e}")),
+            })?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(IoError::from)?;
             let hello = Hello {
                 versions: SUPPORTED_VERSIONS.to_vec(),

@@ -584,12 +584,24 @@ pub async fn simulate(
         setup_seconds = started.elapsed().as_secs_f64();
         summary = collect_rounds(server_task, &mut records_rx, &mut on_round).await?;
         // Clients still busy with a task the run no longer needs (a straggler's
-        // wait, a FedBuff task in flight at the last step) get 10 s in all, not
-        // 10 s each.
+        // wait, a FedBuff task in flight at the last step) missed the goodbye
+        // and would reconnect to an aggregator that is gone until their
+        // connect timeout. Once the goodbyes are delivered, the shared client
+        // endpoint closes: those clients end at their next connection attempt.
+        // All get 10 s in all, not 10 s each.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        if let Some(endpoint) = endpoint.clone() {
+            tokio::spawn(async move {
+                tokio::time::sleep(GOODBYE_GRACE).await;
+                endpoint.close(0u32.into(), b"run over");
+            });
+        }
         for (i, c) in clients.into_iter().enumerate() {
             match tokio::time::timeout_at(deadline, c).await {
                 Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) if stopped_at_the_end(&e) => {
+                    tracing::debug!(client = i + 1, "client stopped at the end of the run")
+                }
                 Ok(Ok(Err(e))) => {
                     tracing::warn!(client = i + 1, error = %e, "client ended with an error")
                 }
@@ -628,6 +640,19 @@ pub async fn simulate(
 /// The aggregator's config keys that the simulator sets from a flag, and
 /// the flag: its errors name what the user typed. Longer keys first (a
 /// section name is a prefix of its keys).
+/// How long after the last round the clients' goodbyes have to arrive
+/// before the shared client endpoint closes.
+const GOODBYE_GRACE: Duration = Duration::from_secs(1);
+
+/// A client that ended because the run closed its endpoint (it was busy
+/// when the goodbye came), not because something failed.
+fn stopped_at_the_end(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|e| e.downcast_ref::<fedquic_client::ClientError>())
+        .any(|e| matches!(e, fedquic_client::ClientError::EndpointClosed))
+}
+
 const FLAG_NAMES: &[(&str, &str)] = &[
     (
         "differential_privacy.adaptive_clipping",
