@@ -55,6 +55,14 @@ pub async fn write_message(send: &mut quinn::SendStream, msg: &Message) -> Resul
 /// Reads one control message; `Ok(None)` when the peer finished the stream
 /// cleanly between messages.
 pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Option<Message>, IoError> {
+    Ok(read_message_sized(recv).await?.map(|(msg, _)| msg))
+}
+
+/// [`read_message`], with the frame's size on the wire (prefix included),
+/// for traffic accounting without encoding the message again.
+pub async fn read_message_sized(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<(Message, u64)>, IoError> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -70,7 +78,8 @@ pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Option<Message
     let len = frame_len(prefix)?;
     let mut payload = vec![0u8; len];
     read_exact_named(recv, &mut payload, "control frame").await?;
-    Ok(Some(decode_message(&payload)?))
+    let size = (prefix.len() + len) as u64;
+    Ok(Some((decode_message(&payload)?, size)))
 }
 
 /// Sends a tensor stream (header then body) on a new unidirectional stream

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fedquic_net::io::{
-    IoError, read_message, read_tensor_body, read_tensor_header, send_encoded, send_shared_tensors,
-    write_message,
+    IoError, read_message, read_message_sized, read_tensor_body, read_tensor_header, send_encoded,
+    send_shared_tensors, write_message,
 };
 use fedquic_protocol::{
     Codec, Hello, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, Welcome,
@@ -233,7 +233,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     let (msg_tx, mut messages) = mpsc::channel(16);
     tasks.spawn(async move {
         loop {
-            let msg = read_message(&mut recv).await;
+            let msg = read_message_sized(&mut recv).await;
             let stop = !matches!(msg, Ok(Some(_)));
             if msg_tx.send(msg).await.is_err() || stop {
                 break;
@@ -279,28 +279,25 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                 None => break "aggregator stopped".into(),
             },
             msg = messages.recv() => match msg {
-                Some(Ok(Some(Message::EvalResult(result)))) => {
+                Some(Ok(Some((Message::EvalResult(result), _)))) => {
                     let _ = shared.hub.send(ToHub::Eval { client: client.clone(), conn_id, result });
                 }
-                Some(Ok(Some(Message::TaskFailed { task_id, reason }))) => {
+                Some(Ok(Some((Message::TaskFailed { task_id, reason }, _)))) => {
                     let _ = shared.hub.send(ToHub::TaskFailed { client: client.clone(), conn_id, task_id, reason });
                 }
-                Some(Ok(Some(Message::SecAgg { task_id, step }))) => {
+                Some(Ok(Some((Message::SecAgg { task_id, step }, bytes)))) => {
                     if let Err(e) = step.validate() {
                         let reason = format!("bad secure-aggregation step: {e}");
                         reject(&conn, &mut send, &client, &reason, None).await;
                         break reason;
                     }
-                    // The frame's size, for the per-client traffic figures.
-                    let bytes = fedquic_protocol::encode_message(&Message::SecAgg { task_id, step: step.clone() })
-                        .map_or(0, |f| f.len() as u64);
                     let _ = shared.hub.send(ToHub::SecAgg { client: client.clone(), conn_id, task_id, step, bytes });
                 }
-                Some(Ok(Some(Message::Heartbeat))) => {}
-                Some(Ok(Some(Message::Bye { reason, .. }))) => {
+                Some(Ok(Some((Message::Heartbeat, _)))) => {}
+                Some(Ok(Some((Message::Bye { reason, .. }, _)))) => {
                     break format!("client said bye: {}", sanitize(&reason, 80));
                 }
-                Some(Ok(Some(other))) => {
+                Some(Ok(Some((other, _)))) => {
                     let reason = format!("unexpected message from client: {:.80}", format!("{other:?}"));
                     reject(&conn, &mut send, &client, &reason, None).await;
                     break reason;
