@@ -583,19 +583,9 @@ pub async fn simulate(
         }
         setup_seconds = started.elapsed().as_secs_f64();
         summary = collect_rounds(server_task, &mut records_rx, &mut on_round).await?;
-        // Clients still busy with a task the run no longer needs (a straggler's
-        // wait, a FedBuff task in flight at the last step) missed the goodbye
-        // and would reconnect to an aggregator that is gone until their
-        // connect timeout. Once the goodbyes are delivered, the shared client
-        // endpoint closes: those clients end at their next connection attempt.
-        // All get 10 s in all, not 10 s each.
+        close_after_goodbyes(endpoint.as_ref());
+        // The clients get 10 s in all, not 10 s each.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        if let Some(endpoint) = endpoint.clone() {
-            tokio::spawn(async move {
-                tokio::time::sleep(GOODBYE_GRACE).await;
-                endpoint.close(0u32.into(), b"run over");
-            });
-        }
         for (i, c) in clients.into_iter().enumerate() {
             match tokio::time::timeout_at(deadline, c).await {
                 Ok(Ok(Ok(()))) => {}
@@ -701,11 +691,7 @@ async fn collect_rounds(
     records_rx: &mut mpsc::UnboundedReceiver<RoundRecord>,
     on_round: &mut impl FnMut(&RoundRecord),
 ) -> anyhow::Result<RunSummary> {
-    use anyhow::Context;
-    let server_task = async {
-        let summary = server_task.await.context("aggregator task failed")??;
-        anyhow::Ok(summary)
-    };
+    let server_task = server_summary(server_task);
     tokio::pin!(server_task);
     let summary = loop {
         tokio::select! {
@@ -713,10 +699,41 @@ async fn collect_rounds(
             summary = &mut server_task => break summary?,
         }
     };
+    drain_records(records_rx, on_round);
+    Ok(summary)
+}
+
+/// The aggregator task's summary; its failure or panic as one error.
+async fn server_summary(
+    server_task: tokio::task::JoinHandle<Result<RunSummary, ServerError>>,
+) -> anyhow::Result<RunSummary> {
+    use anyhow::Context;
+    Ok(server_task.await.context("aggregator task failed")??)
+}
+
+/// Hands on the rounds recorded after the aggregator finished.
+fn drain_records(
+    records_rx: &mut mpsc::UnboundedReceiver<RoundRecord>,
+    on_round: &mut impl FnMut(&RoundRecord),
+) {
     while let Ok(record) = records_rx.try_recv() {
         on_round(&record);
     }
-    Ok(summary)
+}
+
+/// Clients still busy with a task the run no longer needs (a straggler's
+/// wait, a FedBuff task in flight at the last step) missed the goodbye and
+/// would reconnect to an aggregator that is gone until their connect
+/// timeout. Once the goodbyes are delivered ([`GOODBYE_GRACE`]), the shared
+/// client endpoint closes: those clients end at their next connection
+/// attempt with `EndpointClosed`.
+fn close_after_goodbyes(endpoint: Option<&quinn::Endpoint>) {
+    if let Some(endpoint) = endpoint.cloned() {
+        tokio::spawn(async move {
+            tokio::time::sleep(GOODBYE_GRACE).await;
+            endpoint.close(0u32.into(), b"run over");
+        });
+    }
 }
 
 /// Builds what every simulated client shares: its certificate, endpoint and
@@ -812,12 +829,8 @@ impl CohortRun {
         records_rx: &mut mpsc::UnboundedReceiver<RoundRecord>,
         on_round: &mut impl FnMut(&RoundRecord),
     ) -> anyhow::Result<(RunSummary, u64)> {
-        use anyhow::Context;
         let stop_server = server_task.abort_handle();
-        let server_task = async {
-            let summary = server_task.await.context("aggregator task failed")??;
-            anyhow::Ok(summary)
-        };
+        let server_task = server_summary(server_task);
         tokio::pin!(server_task);
         let mut live: JoinSet<(usize, anyhow::Result<ClientReport>)> = JoinSet::new();
         let mut served: Option<(u64, u32)> = None;
@@ -860,10 +873,9 @@ impl CohortRun {
                 summary = &mut server_task => break summary?,
             }
         };
-        while let Ok(record) = records_rx.try_recv() {
-            on_round(&record);
-        }
+        drain_records(records_rx, on_round);
         // The last cohort says goodbye as it leaves; give stragglers 10 s.
+        close_after_goodbyes(self.factory.shared_endpoint.as_ref());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while let Ok(Some(joined)) = tokio::time::timeout_at(deadline, live.join_next()).await {
             log_client_end(joined);
@@ -909,6 +921,9 @@ impl CohortRun {
 fn log_client_end(joined: Result<(usize, anyhow::Result<ClientReport>), tokio::task::JoinError>) {
     match joined {
         Ok((_, Ok(_))) => {}
+        Ok((i, Err(e))) if stopped_at_the_end(&e) => {
+            tracing::debug!(client = i + 1, "client stopped at the end of the run")
+        }
         Ok((i, Err(e))) => tracing::warn!(client = i + 1, error = %e, "client ended with an error"),
         Err(e) => tracing::warn!(error = %e, "client task failed"),
     }
