@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fedquic_aggregator::EngineConfig;
+use fedquic_aggregator::config::CodecPreference;
 use fedquic_aggregator::server::{Server, ServerSetup};
 use fedquic_client::{
     Backoff, ClientOptions, EvalOutcome, FitOutcome, Trainer, TrainerError, run_client,
 };
 use fedquic_net::pki::{self, CertAuthority, client_name};
 use fedquic_net::tls::{self, Identity, TransportSettings};
-use fedquic_protocol::FitInstructions;
+use fedquic_protocol::{Codec, FitInstructions};
 use fedquic_train::layout::ParamLayout;
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +73,10 @@ pub struct OverheadArgs {
     /// Secure aggregation: neighbours per client (0: 2 ceil(log2 K)).
     #[arg(long, default_value_t = 0)]
     pub secagg_degree: usize,
+    /// The model broadcast's codec: f32 (lossless), f16 or bf16 (half the
+    /// downlink bytes). Updates go up as f32 either way.
+    #[arg(long, default_value = "f32")]
+    pub downlink_codec: Codec,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -104,6 +109,8 @@ pub struct ServeArgs {
     pub secagg: bool,
     #[arg(long, default_value_t = 0)]
     pub secagg_degree: usize,
+    #[arg(long, default_value = "f32")]
+    pub downlink_codec: Codec,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -284,6 +291,10 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_clients: args.clients + 8,
             handshake_timeout: Duration::from_secs(60),
             secure_aggregation,
+            codecs: CodecPreference {
+                downlink: vec![args.downlink_codec],
+                ..CodecPreference::default()
+            },
             ..ServerSetup::new(
                 SocketAddr::from(([127, 0, 0, 1], 0)),
                 tls,
@@ -364,6 +375,7 @@ impl ChildAggregator {
         rounds: u64,
         strategy: &str,
         secagg: Option<usize>,
+        downlink: Codec,
     ) -> anyhow::Result<Self> {
         let certs = tempfile_dir()?;
         let ca = CertAuthority::generate("fedquic bench CA")?;
@@ -388,6 +400,7 @@ impl ChildAggregator {
             ])
             .args(["--rounds", &rounds.to_string()])
             .args(["--strategy", strategy])
+            .arg(format!("--downlink-codec={downlink}"))
             .args(match secagg {
                 Some(degree) => vec!["--secagg".to_string(), format!("--secagg-degree={degree}")],
                 None => Vec::new(),
@@ -525,6 +538,12 @@ pub fn run_overhead(args: OverheadArgs) -> anyhow::Result<()> {
     }
     .validate()
     .map_err(|e| anyhow::anyhow!("--strategy: {e}"))?;
+    CodecPreference {
+        downlink: vec![args.downlink_codec],
+        ..CodecPreference::default()
+    }
+    .validate()
+    .map_err(|e| anyhow::anyhow!("--downlink-codec: {e}"))?;
     let secagg = args.secagg.then_some(args.secagg_degree);
     let report = ChildAggregator::start(
         args.clients,
@@ -532,15 +551,17 @@ pub fn run_overhead(args: OverheadArgs) -> anyhow::Result<()> {
         args.rounds,
         &args.strategy,
         secagg,
+        args.downlink_codec,
     )?
     .run_fleet(args.clients)?;
     let median_s = median(&report.round_seconds).unwrap_or(f64::NAN);
     println!(
-        "bench-overhead: K={} clients, P={} params, {} rounds, strategy {}, mutual TLS on, secure aggregation {}",
+        "bench-overhead: K={} clients, P={} params, {} rounds, strategy {}, model sent as {}, mutual TLS on, secure aggregation {}",
         args.clients,
         args.params,
         args.rounds,
         args.strategy,
+        args.downlink_codec,
         match args.secagg {
             true => "on",
             false => "off",
@@ -595,8 +616,15 @@ pub fn run_connections(args: ConnectionsArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.params == 0 || args.rounds == 0 {
         bail!("--clients, --params and --rounds must be at least 1");
     }
-    let report = ChildAggregator::start(args.clients, args.params, args.rounds, "fedavg", None)?
-        .run_fleet(args.clients)?;
+    let report = ChildAggregator::start(
+        args.clients,
+        args.params,
+        args.rounds,
+        "fedavg",
+        None,
+        Codec::F32,
+    )?
+    .run_fleet(args.clients)?;
     if report.clients_per_round.iter().any(|&n| n != args.clients) {
         bail!(
             "not every client took part in every round: {:?}",
