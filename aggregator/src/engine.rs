@@ -6,8 +6,6 @@
 //! what happens in a round lives here, so it is tested without a network,
 //! with thousands of simulated clients.
 
-/// Shared with the clients' DP clipping, in the privacy crate.
-pub use fedquic_privacy::dp::l2_norm;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
@@ -17,6 +15,9 @@ use fedquic_protocol::{EvalResult, EvaluateTask, FitInstructions, FitTask, Metri
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
+
+/// Shared with the clients' DP clipping, in the privacy crate.
+pub use fedquic_privacy::dp::l2_norm;
 
 use crate::strategy::{
     FedAvg, FedAvgAccumulator, ModelCheckError, Strategy, StrategyConfig, UpdateInput,
