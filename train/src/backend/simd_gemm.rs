@@ -283,14 +283,7 @@ fn sums4_avx(values: [std::arch::x86_64::__m256; 4]) -> [f32; 4] {
 /// of C stays in registers over all of k.
 #[inline(always)]
 fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-    let Gemm {
-        m,
-        n,
-        k,
-        alpha,
-        beta,
-        ..
-    } = *gemm;
+    let Gemm { m, n, k, .. } = *gemm;
     let rows = Coefficients {
         row_step: k,
         depth_step: 1,
@@ -302,22 +295,7 @@ fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]
             simd, gemm, rows, a, b, c, i, start
         ));
     }
-    let vectors = n / lanes * lanes;
-    for start in (pairs..vectors).step_by(lanes) {
-        row_tiles!(m, |i, R| broadcast_tile::<S, R, 1>(
-            simd, gemm, rows, a, b, c, i, start
-        ));
-    }
-    // The last columns, one at a time.
-    for i in 0..m {
-        for col in vectors..n {
-            let mut sum = 0.0f32;
-            for p in 0..k {
-                sum = a[i * k + p].mul_add(b[p * n + col], sum);
-            }
-            finish(&mut c[i * n + col], sum, alpha, beta);
-        }
-    }
+    broadcast_tail(simd, gemm, rows, a, b, c, pairs);
 }
 
 /// Dense weight gradient (or fused SGD update): `C = alpha * A^T . B + beta * C`, A
@@ -327,14 +305,7 @@ fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]
 /// columns that stay in cache while every row tile of C passes over them.
 #[inline(always)]
 fn rank_update<S: Simd>(simd: S, gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    let Gemm {
-        m,
-        n,
-        k,
-        alpha,
-        beta,
-        ..
-    } = *gemm;
+    let Gemm { m, n, .. } = *gemm;
     let transposed = Coefficients {
         row_step: 1,
         depth_step: lda,
@@ -349,17 +320,52 @@ fn rank_update<S: Simd>(simd: S, gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], 
             }
         });
     }
+    broadcast_tail(simd, gemm, transposed, a, b, c, pairs);
+}
+
+/// The columns of C from `from` on that pairs of vectors do not cover: one vector at a
+/// time, then the last columns one at a time (shared by both broadcast products).
+#[inline(always)]
+fn broadcast_tail<S: Simd>(
+    simd: S,
+    gemm: &Gemm,
+    coefficients: Coefficients,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    from: usize,
+) {
+    let Gemm {
+        m,
+        n,
+        k,
+        alpha,
+        beta,
+        ..
+    } = *gemm;
+    let lanes = S::F32_LANES;
     let vectors = n / lanes * lanes;
-    for start in (pairs..vectors).step_by(lanes) {
+    for start in (from..vectors).step_by(lanes) {
         row_tiles!(m, |i, R| broadcast_tile::<S, R, 1>(
-            simd, gemm, transposed, a, b, c, i, start
+            simd,
+            gemm,
+            coefficients,
+            a,
+            b,
+            c,
+            i,
+            start
         ));
     }
+    let Coefficients {
+        row_step,
+        depth_step,
+    } = coefficients;
     for i in 0..m {
         for col in vectors..n {
             let mut sum = 0.0f32;
             for p in 0..k {
-                sum = a[p * lda + i].mul_add(b[p * n + col], sum);
+                sum = a[i * row_step + p * depth_step].mul_add(b[p * n + col], sum);
             }
             finish(&mut c[i * n + col], sum, alpha, beta);
         }
