@@ -291,10 +291,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_clients: args.clients + 8,
             handshake_timeout: Duration::from_secs(60),
             secure_aggregation,
-            codecs: CodecPreference {
-                downlink: vec![args.downlink_codec],
-                ..CodecPreference::default()
-            },
+            codecs: downlink_preference(args.downlink_codec),
             ..ServerSetup::new(
                 SocketAddr::from(([127, 0, 0, 1], 0)),
                 tls,
@@ -527,6 +524,14 @@ fn mb(bytes: Option<u64>) -> String {
         .unwrap_or_else(|| "unavailable".into())
 }
 
+/// The benchmark aggregator's codecs: f32 updates, the model as `downlink`.
+fn downlink_preference(downlink: Codec) -> CodecPreference {
+    CodecPreference {
+        downlink: vec![downlink],
+        ..CodecPreference::default()
+    }
+}
+
 /// Runs the overhead benchmark and prints its results.
 pub fn run_overhead(args: OverheadArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.params == 0 || args.rounds == 0 {
@@ -538,12 +543,9 @@ pub fn run_overhead(args: OverheadArgs) -> anyhow::Result<()> {
     }
     .validate()
     .map_err(|e| anyhow::anyhow!("--strategy: {e}"))?;
-    CodecPreference {
-        downlink: vec![args.downlink_codec],
-        ..CodecPreference::default()
-    }
-    .validate()
-    .map_err(|e| anyhow::anyhow!("--downlink-codec: {e}"))?;
+    downlink_preference(args.downlink_codec)
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--downlink-codec: {e}"))?;
     let secagg = args.secagg.then_some(args.secagg_degree);
     let report = ChildAggregator::start(
         args.clients,
