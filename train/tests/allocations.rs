@@ -6,7 +6,12 @@ use fedquic_train::{KernelPath, kernel_path_name, with_kernel_path};
 mod counting;
 use counting::allocations_for;
 
-#[test]
+/// Run without libtest (`harness = false` in Cargo.toml): see there.
+fn main() {
+    more_steps_do_not_allocate_more();
+    println!("more_steps_do_not_allocate_more: ok");
+}
+
 fn more_steps_do_not_allocate_more() {
     // On each kernel path this CPU has: the portable kernels allocate no more
     // than the AVX2 ones (neither calls the general GEMM, which packs into a

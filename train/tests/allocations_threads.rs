@@ -9,7 +9,12 @@ use fedquic_train::{
 mod counting;
 use counting::allocations_for;
 
-#[test]
+/// Run without libtest (`harness = false` in Cargo.toml): see there.
+fn main() {
+    more_steps_do_not_allocate_more_with_two_threads();
+    println!("more_steps_do_not_allocate_more_with_two_threads: ok");
+}
+
 fn more_steps_do_not_allocate_more_with_two_threads() {
     assert_eq!(set_gemm_threads(2).expect("first setting"), 2);
     assert_eq!(cpu_threads(), 2);
