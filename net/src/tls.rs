@@ -177,7 +177,17 @@ pub struct TransportSettings {
     pub receive_window: u64,
     /// Bytes this side keeps in flight/buffered for sending on a connection.
     pub send_window: u64,
+    /// The UDP payload size a connection starts with, before MTU discovery:
+    /// QUIC's safe 1,200 ([`MIN_INITIAL_MTU`]) unless both ends are known to
+    /// share this host with nothing in between (see
+    /// [`TransportSettings::direct_loopback`]). A size the path cannot carry
+    /// loses the handshake's packets, so this is never guessed.
+    pub initial_mtu: u16,
 }
+
+/// QUIC's smallest datagram payload, which every path must carry: the size
+/// a connection starts with unless it is known to be on loopback.
+pub const MIN_INITIAL_MTU: u16 = 1_200;
 
 impl Default for TransportSettings {
     fn default() -> Self {
@@ -191,6 +201,7 @@ impl Default for TransportSettings {
             stream_receive_window: 16 << 20,
             receive_window: 32 << 20,
             send_window: 32 << 20,
+            initial_mtu: MIN_INITIAL_MTU,
         }
     }
 }
@@ -208,13 +219,29 @@ impl TransportSettings {
             ..Self::default()
         }
     }
+
+    /// These settings for a connection whose two ends are on this host and
+    /// talk over loopback directly (no relay, tunnel or shaped link between
+    /// them): it starts at [`crate::endpoint::MAX_UDP_PAYLOAD`] instead of
+    /// 1,200 bytes. Loopback's MTU (64 KiB) is known, as TCP knows it, so
+    /// the first rounds do not wait for MTU discovery, which takes about 10
+    /// probe round trips per connection and direction and only probes while
+    /// the connection has nothing else to send. The simulator and the
+    /// overhead benchmark use it; a daemon cannot know what lies behind a
+    /// loopback address (a local UDP tunnel, say) and does not.
+    pub fn direct_loopback(self) -> Self {
+        TransportSettings {
+            initial_mtu: crate::endpoint::MAX_UDP_PAYLOAD,
+            ..self
+        }
+    }
 }
 
 /// The congestion window a connection starts with: room for an MTU probe and
 /// two full datagrams of [`crate::endpoint::MAX_UDP_PAYLOAD`] (see
-/// `transport_config`). On a path of Ethernet's MTU that is 18 datagrams in
-/// the first round trip instead of 10, paced by quinn.
-pub const INITIAL_WINDOW: u64 = 4 * crate::endpoint::MAX_UDP_PAYLOAD as u64;
+/// `transport_config`). On a path of Ethernet's MTU that is 32 datagrams in
+/// the first round trip instead of 10, paced by quinn over the round trip.
+pub const INITIAL_WINDOW: u64 = 3 * crate::endpoint::MAX_UDP_PAYLOAD as u64;
 
 fn varint(value: u64, what: &str) -> Result<VarInt, TlsError> {
     VarInt::from_u64(value).map_err(|_| TlsError::Transport(format!("{what} {value} is too large")))
@@ -250,13 +277,21 @@ impl TransportSettings {
         let mut mtu_discovery = MtuDiscoveryConfig::default();
         mtu_discovery.upper_bound(crate::endpoint::MAX_UDP_PAYLOAD);
         config.mtu_discovery_config(Some(mtu_discovery));
+        if !(MIN_INITIAL_MTU..=crate::endpoint::MAX_UDP_PAYLOAD).contains(&self.initial_mtu) {
+            return Err(TlsError::Transport(format!(
+                "initial MTU {} is outside {MIN_INITIAL_MTU}..={}",
+                self.initial_mtu,
+                crate::endpoint::MAX_UDP_PAYLOAD
+            )));
+        }
+        config.initial_mtu(self.initial_mtu);
         // quinn 0.11 never sends CONNECTION_CLOSE while the congestion window
         // is full (quinn issue 2785, fixed after 0.11.19), and the peer then
         // waits out its idle timeout. Discovery's probes of up to
         // MAX_UDP_PAYLOAD bytes filled the default 14,720-byte initial window
         // at the start of one connection in about 25, right when a client that
-        // refuses the model closes. The window holds an in-flight probe and
-        // two more datagrams of the largest size.
+        // refuses the model closes. The window holds an in-flight probe, one
+        // more datagram of the largest size and the close.
         let mut cubic = CubicConfig::default();
         cubic.initial_window(INITIAL_WINDOW);
         config.congestion_controller_factory(Arc::new(cubic));
@@ -631,6 +666,20 @@ mod tests {
             huge.transport_config(),
             Err(TlsError::Transport(_))
         ));
+        for initial_mtu in [1_199, crate::endpoint::MAX_UDP_PAYLOAD + 1] {
+            let bad = TransportSettings {
+                initial_mtu,
+                ..TransportSettings::default()
+            };
+            assert!(
+                matches!(bad.transport_config(), Err(TlsError::Transport(_))),
+                "initial MTU {initial_mtu} accepted"
+            );
+        }
+        TransportSettings::default()
+            .direct_loopback()
+            .transport_config()
+            .expect("loopback settings");
         // A key that does not match the certificate is refused.
         let other = ca.issue_server(&["localhost".into()]).expect("server");
         let mismatched = Identity::from_pem(&server.cert_pem, &other.key_pem).expect("id");

@@ -229,7 +229,8 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 &args.certs.join(pki::SERVER_CERT_FILE),
                 &args.certs.join(pki::SERVER_KEY_FILE),
             )?,
-            &TransportSettings::aggregator(),
+            // Both processes are on this host, over loopback directly.
+            &TransportSettings::aggregator().direct_loopback(),
         )?;
         let engine = EngineConfig {
             rounds: args.rounds,
@@ -443,7 +444,7 @@ impl ChildAggregator {
                 let tls = tls::client_config(
                     roots.clone(),
                     Some(identity),
-                    &TransportSettings::default(),
+                    &TransportSettings::default().direct_loopback(),
                 )?;
                 let endpoint = match &endpoint {
                     Some(e) => e.clone(),

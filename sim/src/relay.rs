@@ -26,7 +26,7 @@ pub const MAX_MBPS: f64 = 100_000.0;
 /// The largest UDP payload a shaped link carries: an Ethernet path (1,500
 /// bytes less the IPv4 and UDP headers). Larger datagrams are dropped, as a
 /// router that does not fragment drops them, so QUIC's MTU discovery
-/// settles where it would on the internet instead of at the 6,500 bytes
+/// settles where it would on the internet instead of at the 16,000 bytes
 /// loopback allows.
 pub const LINK_MAX_DATAGRAM: usize = 1_472;
 

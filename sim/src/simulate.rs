@@ -405,9 +405,17 @@ pub async fn simulate(
         ),
         other => bail!("--transport must be udp or mem, not {other:?}"),
     };
+    // Over real UDP without a shaped link, every client reaches the
+    // aggregator over loopback directly. A link relay carries only Ethernet's
+    // datagram size, and the in-process network has its own.
+    let direct_loopback = mem_network.is_none() && config.link.is_none();
+    let settings = |base: TransportSettings| match direct_loopback {
+        true => base.direct_loopback(),
+        false => base,
+    };
     let pki = SimPki::new(
-        TransportSettings::aggregator(),
-        TransportSettings::default(),
+        settings(TransportSettings::aggregator()),
+        settings(TransportSettings::default()),
     )?;
     let (records_tx, mut records_rx) = mpsc::unbounded_channel();
     let (waiting_tx, waiting_rx) = tokio::sync::watch::channel(None);
