@@ -327,9 +327,17 @@ mod tests {
 
     /// An echo server: on each connection, echoes one bi stream back.
     fn start_server(ca: &CertAuthority, server: &Issued) -> Server {
+        start_server_settings(ca, server, &TransportSettings::default())
+    }
+
+    fn start_server_settings(
+        ca: &CertAuthority,
+        server: &Issued,
+        settings: &TransportSettings,
+    ) -> Server {
         let roots = load_ca_pem(ca.cert_pem()).expect("roots");
         let id = Identity::from_pem(&server.cert_pem, &server.key_pem).expect("identity");
-        let config = server_config(roots, id, &TransportSettings::default()).expect("config");
+        let config = server_config(roots, id, settings).expect("config");
         start_server_with(config)
     }
 
@@ -372,12 +380,37 @@ mod tests {
     }
 
     fn client(ca_pem: &str, identity: Option<&Issued>) -> quinn::Endpoint {
+        client_settings(ca_pem, identity, &TransportSettings::default())
+    }
+
+    fn client_settings(
+        ca_pem: &str,
+        identity: Option<&Issued>,
+        settings: &TransportSettings,
+    ) -> quinn::Endpoint {
         let roots = load_ca_pem(ca_pem).expect("roots");
         let identity =
             identity.map(|i| Identity::from_pem(&i.cert_pem, &i.key_pem).expect("client identity"));
-        let config =
-            client_config(roots, identity, &TransportSettings::default()).expect("client config");
+        let config = client_config(roots, identity, settings).expect("client config");
         client_endpoint_for(SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), config).expect("endpoint")
+    }
+
+    /// Echoes `payload` over a new bi stream of `conn` and checks it comes
+    /// back whole and that the server admitted `client-001`.
+    async fn echo_whole(conn: &quinn::Connection, server: &mut Server, payload: &[u8]) {
+        let (mut send, mut recv) = within("open_bi", conn.open_bi()).await.expect("open_bi");
+        within("write", send.write_all(payload))
+            .await
+            .expect("write");
+        send.finish().expect("finish");
+        let echoed = within("read", recv.read_to_end(1 << 20))
+            .await
+            .expect("read");
+        assert!(echoed == payload, "echo differs");
+        assert_eq!(
+            next_seen(server).await,
+            Seen::Admitted(Some("client-001".into()))
+        );
     }
 
     /// Connects and does one echo round trip; the error says which step failed.
@@ -463,19 +496,7 @@ mod tests {
         }
         assert_eq!(mtu, MAX_UDP_PAYLOAD, "path MTU discovery stopped short");
         let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let (mut send, mut recv) = within("open_bi", conn.open_bi()).await.expect("open_bi");
-        within("write", send.write_all(&payload))
-            .await
-            .expect("write");
-        send.finish().expect("finish");
-        let echoed = within("read", recv.read_to_end(1 << 20))
-            .await
-            .expect("read");
-        assert!(echoed == payload, "echo differs");
-        assert_eq!(
-            next_seen(&mut server).await,
-            Seen::Admitted(Some("client-001".into()))
-        );
+        echo_whole(&conn, &mut server, &payload).await;
         let stats = conn.stats();
         assert_eq!(stats.path.current_mtu, MAX_UDP_PAYLOAD);
         // 2 MB moved in datagrams of 16 kB (about 180 with the ACKs): at
@@ -494,16 +515,10 @@ mod tests {
     #[tokio::test]
     async fn direct_loopback_starts_at_the_largest_datagram() {
         let (ca, server_cert) = setup();
-        let roots = || load_ca_pem(ca.cert_pem()).expect("roots");
         let loopback = TransportSettings::default().direct_loopback();
-        let id = Identity::from_pem(&server_cert.cert_pem, &server_cert.key_pem).expect("id");
-        let mut server =
-            start_server_with(server_config(roots(), id, &loopback).expect("server config"));
+        let mut server = start_server_settings(&ca, &server_cert, &loopback);
         let client_cert = ca.issue_client("client-001").expect("client");
-        let identity =
-            Identity::from_pem(&client_cert.cert_pem, &client_cert.key_pem).expect("identity");
-        let config = client_config(roots(), Some(identity), &loopback).expect("client config");
-        let endpoint = client_endpoint_for(server.addr, config).expect("endpoint");
+        let endpoint = client_settings(ca.cert_pem(), Some(&client_cert), &loopback);
         let conn = within(
             "handshake",
             endpoint.connect(server.addr, "localhost").expect("connect"),
@@ -512,19 +527,7 @@ mod tests {
         .expect("handshake");
         assert_eq!(conn.stats().path.current_mtu, MAX_UDP_PAYLOAD);
         let payload: Vec<u8> = (0..200_000u32).map(|i| (i * 13 % 251) as u8).collect();
-        let (mut send, mut recv) = within("open_bi", conn.open_bi()).await.expect("open_bi");
-        within("write", send.write_all(&payload))
-            .await
-            .expect("write");
-        send.finish().expect("finish");
-        let echoed = within("read", recv.read_to_end(1 << 20))
-            .await
-            .expect("read");
-        assert!(echoed == payload, "echo differs");
-        assert_eq!(
-            next_seen(&mut server).await,
-            Seen::Admitted(Some("client-001".into()))
-        );
+        echo_whole(&conn, &mut server, &payload).await;
         assert_eq!(conn.stats().path.current_mtu, MAX_UDP_PAYLOAD);
         conn.close(0u32.into(), b"done");
     }

@@ -254,15 +254,22 @@ mod tests {
         assert!(dropped >= 90, "{dropped}");
     }
 
-    #[tokio::test]
-    async fn relay_forwards_both_ways_with_the_latency() {
+    /// A server socket, a relay to it with `latency_ms` at 100 Mbit/s, and a
+    /// client socket.
+    async fn relayed(latency_ms: f64) -> (UdpSocket, Relay, UdpSocket) {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let spec = LinkSpec {
-            latency_ms: 30.0,
+            latency_ms,
             mbps: 100.0,
         };
         let relay = spawn(server.local_addr().unwrap(), spec).await.unwrap();
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        (server, relay, client)
+    }
+
+    #[tokio::test]
+    async fn relay_forwards_both_ways_with_the_latency() {
+        let (server, relay, client) = relayed(30.0).await;
         let t = std::time::Instant::now();
         client.send_to(b"ping", relay.addr).await.unwrap();
         let mut buf = [0u8; 16];
@@ -277,13 +284,7 @@ mod tests {
 
     #[tokio::test]
     async fn relay_drops_datagrams_larger_than_an_ethernet_path_carries() {
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let spec = LinkSpec {
-            latency_ms: 1.0,
-            mbps: 100.0,
-        };
-        let relay = spawn(server.local_addr().unwrap(), spec).await.unwrap();
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (server, relay, client) = relayed(1.0).await;
         // Too large, then the largest allowed: only the second arrives.
         client
             .send_to(&[1u8; LINK_MAX_DATAGRAM + 1], relay.addr)
