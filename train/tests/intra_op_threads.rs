@@ -4,7 +4,7 @@
 
 use fedquic_train::backend::{Backend, CpuBackend, Gemm};
 use fedquic_train::{
-    DataSpec, Dataset, FitConfig, KernelPath, Model, cpu_threads, kernel_path_name,
+    DataSpec, Dataset, FitConfig, KernelPath, Model, Optimizer, cpu_threads, kernel_path_name,
     set_gemm_threads, with_cpu_threads, with_kernel_path,
 };
 
@@ -130,6 +130,102 @@ fn models_match() {
     }
 }
 
+/// Bias fills and bias-gradient sums over channel planes, split into plane or channel
+/// ranges whose boundaries fall inside a channel cycle (odd batch, 5 channels): bit for
+/// bit one thread's, and the fill against the obvious loop.
+fn split_channel_passes_match() {
+    let (batch, channels, plane) = (3, 5, 9_000);
+    let bias = [0.5, -1.0, 2.0, 3.5, -0.25];
+    let fill = || {
+        let mut dst = vec![f32::NAN; batch * channels * plane];
+        CpuBackend
+            .fill_channels(&bias, batch, plane, &mut dst)
+            .unwrap();
+        dst
+    };
+    for dst in [fill(), with_cpu_threads(1, fill)] {
+        for (index, &value) in dst.iter().enumerate() {
+            assert_eq!(value, bias[index / plane % channels], "fill at {index}");
+        }
+    }
+    let src: Vec<f32> = (0..batch * channels * plane)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    for beta in [0.0, 1.0, 0.5] {
+        let sum = || {
+            let mut dst = vec![1.5f32; channels];
+            CpuBackend
+                .sum_channels(&src, batch, plane, -0.5, beta, &mut dst)
+                .unwrap();
+            dst
+        };
+        let threaded = sum();
+        assert_eq!(threaded, with_cpu_threads(1, sum), "beta {beta}");
+        for (channel, &total) in threaded.iter().enumerate() {
+            let expected: f64 = (0..batch)
+                .flat_map(|b| {
+                    let start = (b * channels + channel) * plane;
+                    src[start..start + plane].iter().map(|&v| f64::from(v))
+                })
+                .sum();
+            let expected = 1.5 * f64::from(beta) - 0.5 * expected;
+            assert!(
+                (f64::from(total) - expected).abs() <= 1e-3 * (1.0 + expected.abs()),
+                "channel {channel}: {total} vs {expected}"
+            );
+        }
+    }
+}
+
+/// The optimizer updates split into ranges (SGD with momentum, Nesterov, weight decay
+/// and FedProx's anchor; Adam): an MLP, whose split products are bit-identical too,
+/// trains to exactly one thread's parameters.
+fn optimizers_match() {
+    let data = data();
+    let model = Model::try_new("mlp:784-256-256-10".parse().unwrap(), 5).unwrap();
+    let all: Vec<usize> = (0..data.len()).collect();
+    let optimizers = [
+        Optimizer::Sgd {
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-3,
+        },
+        Optimizer::Sgd {
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 1e-3,
+        },
+        Optimizer::adam(),
+    ];
+    for optimizer in optimizers {
+        for proximal_mu in [0.0, 0.01] {
+            let config = FitConfig {
+                epochs: 1,
+                batch_size: 32,
+                learning_rate: 0.01,
+                optimizer,
+                proximal_mu,
+                ..FitConfig::default()
+            };
+            let mut a = model.clone();
+            a.fit(&data, &all, &config).unwrap();
+            let mut b = model.clone();
+            with_cpu_threads(1, || b.fit(&data, &all, &config).unwrap());
+            let differing = a
+                .parameters()
+                .iter()
+                .zip(b.parameters())
+                .position(|(x, y)| x.to_bits() != y.to_bits());
+            assert_eq!(
+                differing,
+                None,
+                "{optimizer:?}, mu {proximal_mu} on {}: first differing parameter",
+                kernel_path_name()
+            );
+        }
+    }
+}
+
 #[test]
 fn split_operations_match_one_thread_on_every_path() {
     two_threads();
@@ -137,6 +233,8 @@ fn split_operations_match_one_thread_on_every_path() {
         with_kernel_path(path, || {
             split_products_match();
             models_match();
+            split_channel_passes_match();
+            optimizers_match();
         });
     }
 }

@@ -9,7 +9,7 @@ use std::ops::Range;
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ErrorKind, ShapeError};
 
-use super::cpu_parallel;
+use super::cpu_parallel::{self, ParamSlices};
 use super::direct_conv;
 use super::small_gemm;
 use super::sparse_conv;
@@ -148,7 +148,7 @@ impl Backend for CpuBackend {
         dst: &mut [f32],
     ) -> Result<()> {
         check_len(dst, batch * bias.len() * plane)?;
-        if plane == 0 {
+        if plane == 0 || cpu_parallel::fill_channels(bias, plane, dst) {
             return Ok(());
         }
         for (run, &value) in dst.chunks_exact_mut(plane).zip(bias.iter().cycle()) {
@@ -190,6 +190,9 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let channels = dst.len();
         check_len(src, batch * channels * plane)?;
+        if cpu_parallel::sum_channels(src, plane, alpha, beta, dst) {
+            return Ok(());
+        }
         scale_or_clear(dst, beta);
         if plane == 0 {
             return Ok(());
@@ -591,54 +594,21 @@ impl Backend for CpuBackend {
         anchor: Option<&[f32]>,
     ) -> Result<()> {
         check_len(params, grads.len())?;
-        let &SgdStep {
-            learning_rate: lr,
-            momentum,
-            nesterov,
-            weight_decay: decay,
-            proximal_mu: mu,
-        } = step;
-        // One specialised loop per combination keeps each loop branch-free.
-        match (velocity, anchor) {
-            (None, None) => {
-                for (w, &g) in params.iter_mut().zip(grads) {
-                    *w -= lr * (g + decay * *w);
-                }
-            }
-            (None, Some(anchor)) => {
-                check_len(anchor, params.len())?;
-                for ((w, &g), &a) in params.iter_mut().zip(grads).zip(anchor) {
-                    *w -= lr * (g + decay * *w + mu * (*w - a));
-                }
-            }
-            (Some(velocity), anchor) => {
-                check_len(velocity, params.len())?;
-                let momentum_step = |w: &mut f32, v: &mut f32, g: f32| {
-                    *v = momentum * *v + g;
-                    let direction = if nesterov { g + momentum * *v } else { *v };
-                    *w -= lr * direction;
-                };
-                match anchor {
-                    None => {
-                        for ((w, v), &g) in params.iter_mut().zip(velocity.iter_mut()).zip(grads) {
-                            let g = g + decay * *w;
-                            momentum_step(w, v, g);
-                        }
-                    }
-                    Some(anchor) => {
-                        check_len(anchor, params.len())?;
-                        for (((w, v), &g), &a) in params
-                            .iter_mut()
-                            .zip(velocity.iter_mut())
-                            .zip(grads)
-                            .zip(anchor)
-                        {
-                            let g = g + decay * *w + mu * (*w - a);
-                            momentum_step(w, v, g);
-                        }
-                    }
-                }
-            }
+        if let Some(velocity) = &velocity {
+            check_len(velocity, params.len())?;
+        }
+        if let Some(anchor) = anchor {
+            check_len(anchor, params.len())?;
+        }
+        let slices = ParamSlices {
+            params,
+            grads,
+            first: velocity,
+            second: None,
+            anchor,
+        };
+        if let Err(slices) = cpu_parallel::param_update(slices, |part| sgd_update(step, part)) {
+            sgd_update(step, slices);
         }
         Ok(())
     }
@@ -656,38 +626,123 @@ impl Backend for CpuBackend {
         check_len(grads, len)?;
         check_len(moment1, len)?;
         check_len(moment2, len)?;
-        let step_size = step.learning_rate / step.bias_correction1;
-        let update = |w: &mut f32, m: &mut f32, v: &mut f32, g: f32| {
-            *m = step.beta1 * *m + (1.0 - step.beta1) * g;
-            *v = step.beta2 * *v + (1.0 - step.beta2) * g * g;
-            let denominator = v.sqrt() / step.bias_correction2_sqrt + step.epsilon;
-            *w -= step_size * *m / denominator;
+        if let Some(anchor) = anchor {
+            check_len(anchor, len)?;
+        }
+        let slices = ParamSlices {
+            params,
+            grads,
+            first: Some(moment1),
+            second: Some(moment2),
+            anchor,
         };
-        let states = params
-            .iter_mut()
-            .zip(moment1.iter_mut())
-            .zip(moment2.iter_mut());
-        match anchor {
-            None => {
-                for (((w, m), v), &g) in states.zip(grads) {
-                    let g = g + step.weight_decay * *w;
-                    update(w, m, v, g);
-                }
-            }
-            Some(anchor) => {
-                check_len(anchor, len)?;
-                for ((((w, m), v), &g), &a) in states.zip(grads).zip(anchor) {
-                    let g = g + step.weight_decay * *w + step.proximal_mu * (*w - a);
-                    update(w, m, v, g);
-                }
-            }
+        if let Err(slices) = cpu_parallel::param_update(slices, |part| adam_update(step, part)) {
+            adam_update(step, slices);
         }
         Ok(())
     }
 }
 
+/// SGD (with optional momentum and a proximal anchor) over slices of equal length; the
+/// momentum buffer is `slices.first`.
+fn sgd_update(step: &SgdStep, slices: ParamSlices<'_>) {
+    let &SgdStep {
+        learning_rate: lr,
+        momentum,
+        nesterov,
+        weight_decay: decay,
+        proximal_mu: mu,
+    } = step;
+    let ParamSlices {
+        params,
+        grads,
+        first: velocity,
+        anchor,
+        ..
+    } = slices;
+    // One specialised loop per combination keeps each loop branch-free.
+    match (velocity, anchor) {
+        (None, None) => {
+            for (w, &g) in params.iter_mut().zip(grads) {
+                *w -= lr * (g + decay * *w);
+            }
+        }
+        (None, Some(anchor)) => {
+            for ((w, &g), &a) in params.iter_mut().zip(grads).zip(anchor) {
+                *w -= lr * (g + decay * *w + mu * (*w - a));
+            }
+        }
+        (Some(velocity), anchor) => {
+            let momentum_step = |w: &mut f32, v: &mut f32, g: f32| {
+                *v = momentum * *v + g;
+                let direction = if nesterov { g + momentum * *v } else { *v };
+                *w -= lr * direction;
+            };
+            match anchor {
+                None => {
+                    for ((w, v), &g) in params.iter_mut().zip(velocity.iter_mut()).zip(grads) {
+                        let g = g + decay * *w;
+                        momentum_step(w, v, g);
+                    }
+                }
+                Some(anchor) => {
+                    for (((w, v), &g), &a) in params
+                        .iter_mut()
+                        .zip(velocity.iter_mut())
+                        .zip(grads)
+                        .zip(anchor)
+                    {
+                        let g = g + decay * *w + mu * (*w - a);
+                        momentum_step(w, v, g);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Adam over slices of equal length; the moments are `slices.first` and `slices.second`
+/// (both present: the caller passes them).
+fn adam_update(step: &AdamStep, slices: ParamSlices<'_>) {
+    let ParamSlices {
+        params,
+        grads,
+        first: Some(moment1),
+        second: Some(moment2),
+        anchor,
+    } = slices
+    else {
+        return;
+    };
+    let step_size = step.learning_rate / step.bias_correction1;
+    let update = |w: &mut f32, m: &mut f32, v: &mut f32, g: f32| {
+        *m = step.beta1 * *m + (1.0 - step.beta1) * g;
+        *v = step.beta2 * *v + (1.0 - step.beta2) * g * g;
+        let denominator = v.sqrt() / step.bias_correction2_sqrt + step.epsilon;
+        *w -= step_size * *m / denominator;
+    };
+    let states = params
+        .iter_mut()
+        .zip(moment1.iter_mut())
+        .zip(moment2.iter_mut());
+    match anchor {
+        None => {
+            for (((w, m), v), &g) in states.zip(grads) {
+                let g = g + step.weight_decay * *w;
+                update(w, m, v, g);
+            }
+        }
+        Some(anchor) => {
+            for ((((w, m), v), &g), &a) in states.zip(grads).zip(anchor) {
+                let g = g + step.weight_decay * *w + step.proximal_mu * (*w - a);
+                update(w, m, v, g);
+            }
+        }
+    }
+}
+
 /// `dst *= beta`, where `beta == 0` clears (so stale NaNs cannot survive).
-fn scale_or_clear(dst: &mut [f32], beta: f32) {
+pub(super) fn scale_or_clear(dst: &mut [f32], beta: f32) {
     if beta == 0.0 {
         dst.fill(0.0);
     } else if beta != 1.0 {

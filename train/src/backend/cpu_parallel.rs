@@ -310,3 +310,106 @@ pub(super) fn planes_backward(
     });
     true
 }
+
+/// Fills every plane of `dst` (`plane` values each, channels cycling through `bias`)
+/// with its channel's bias, split into ranges of whole planes.
+pub(super) fn fill_channels(bias: &[f32], plane: usize, dst: &mut [f32]) -> bool {
+    if plane == 0 || bias.is_empty() || dst.len() < MIN_ELEMENTS {
+        return false;
+    }
+    let planes = dst.len() / plane;
+    let parts = parts(planes, dst.len() * 8);
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(planes, parts, 1);
+    for_each(dst.chunks_mut(per * plane).enumerate(), |(part, dst)| {
+        let first = part * per % bias.len();
+        let channels = bias[first..].iter().chain(bias.iter().cycle());
+        for (run, &value) in dst.chunks_exact_mut(plane).zip(channels) {
+            run.fill(value);
+        }
+    });
+    true
+}
+
+/// Per-channel sums over a batch (`dst[c] = beta * dst[c] + alpha * sum of channel c's
+/// planes`), split into ranges of channels. Each channel adds its planes in batch order,
+/// as on one thread, so the sums are bit-identical to the single-threaded ones.
+pub(super) fn sum_channels(
+    src: &[f32],
+    plane: usize,
+    alpha: f32,
+    beta: f32,
+    dst: &mut [f32],
+) -> bool {
+    let channels = dst.len();
+    if plane == 0 || channels == 0 || src.len() < MIN_ELEMENTS {
+        return false;
+    }
+    let parts = parts(channels, src.len() * 4);
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(channels, parts, 1);
+    for_each(dst.chunks_mut(per).enumerate(), |(part, dst)| {
+        super::cpu::scale_or_clear(dst, beta);
+        let first = part * per;
+        for example in src.chunks_exact(channels * plane) {
+            let runs = example[first * plane..].chunks_exact(plane);
+            for (total, run) in dst.iter_mut().zip(runs) {
+                let sum: f32 = run.iter().sum();
+                *total += alpha * sum;
+            }
+        }
+    });
+    true
+}
+
+/// One optimizer step's slices, cut into matching element ranges: the parameters, their
+/// gradients, up to two per-parameter states (momentum, Adam's moments) and an anchor.
+pub(super) struct ParamSlices<'a> {
+    pub params: &'a mut [f32],
+    pub grads: &'a [f32],
+    pub first: Option<&'a mut [f32]>,
+    pub second: Option<&'a mut [f32]>,
+    pub anchor: Option<&'a [f32]>,
+}
+
+/// Runs an optimizer update `op` over ranges of `slices` in parallel (every slice has
+/// the parameters' length, checked by the caller). Each value's update reads and writes
+/// only its own index, so results are bit-identical to one thread's. Returns the slices
+/// untouched when the update is too small to split.
+pub(super) fn param_update<'a>(
+    slices: ParamSlices<'a>,
+    op: impl Fn(ParamSlices<'_>) + Sync,
+) -> Result<(), ParamSlices<'a>> {
+    let len = slices.params.len();
+    let parts = parts(len / MIN_ELEMENTS + 1, len * 8);
+    if parts < 2 || len < MIN_ELEMENTS {
+        return Err(slices);
+    }
+    let per = part_len(len, parts, 64);
+    let ParamSlices {
+        params,
+        grads,
+        first,
+        second,
+        anchor,
+    } = slices;
+    let mut first = first.map(|s| s.chunks_mut(per));
+    let mut second = second.map(|s| s.chunks_mut(per));
+    let mut anchor = anchor.map(|s| s.chunks(per));
+    let items = params
+        .chunks_mut(per)
+        .zip(grads.chunks(per))
+        .map(|(params, grads)| ParamSlices {
+            params,
+            grads,
+            first: first.as_mut().and_then(Iterator::next),
+            second: second.as_mut().and_then(Iterator::next),
+            anchor: anchor.as_mut().and_then(Iterator::next),
+        });
+    for_each(items, op);
+    Ok(())
+}
