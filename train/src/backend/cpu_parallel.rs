@@ -17,10 +17,12 @@ use super::{ConvGeometry, Gemm, PoolGeometry, direct_conv, small_gemm, sparse_co
 /// Multiply-adds (or element operations) below which an operation stays on one thread:
 /// waking a worker costs microseconds, this much work takes about 20-50 µs.
 const MIN_WORK: usize = 1 << 19;
-/// Multiply-adds below which a dense-layer GEMM stays on one thread: at the 2NN's batch
-/// 10 (1.6 M per layer) a split GEMM measured 0.7x one thread's speed on an idle AVX2
-/// EPYC, because each part re-reads the shared operand and the hand-off dominates.
-const MIN_GEMM_WORK: usize = 1 << 22;
+/// Multiply-adds below which a dense-layer GEMM stays on one thread: each part re-reads
+/// the shared operand. With a pool that slept between operations, the 2NN's batch-10
+/// layers (1.6 M) split ran at 0.7x one thread on an idle AVX2 EPYC and this was 4 M;
+/// since the pool spins across the gaps ([`super::pool`]), 1 M measured best there
+/// (2NN inference at batch 64: 1.15x over 4 M; batch-10 training no longer slower).
+const MIN_GEMM_WORK: usize = 1 << 20;
 /// Elements below which an elementwise pass stays on one thread.
 const MIN_ELEMENTS: usize = 1 << 16;
 
