@@ -12,6 +12,8 @@
 #   SEEDS="0 1 2"  seeds
 #   ONLY="mlp cnn" which models
 #   THREADS=2      training threads per run
+#   LONG=1         also the shards:2 convergence runs (f32 and top-k 1%, 2NN 250
+#                  rounds, CNN 30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MNIST=${MNIST:-../shared/data/mnist-10k}
@@ -44,10 +46,12 @@ run() {
   fi
 }
 
-mlp=(--data "mnist:$MNIST" --model mlp:784-200-200-10 --clients 100 --fraction 0.1
-     --rounds 50 --epochs 1 --batch-size 10 --lr 0.05 --threads "$THREADS")
-cnn=(--data "mnist:$MNIST" --model cnn:mnist --clients 20 --fraction 0.5
-     --rounds 10 --epochs 1 --batch-size 10 --lr 0.05 --threads "$THREADS")
+mlp_base=(--data "mnist:$MNIST" --model mlp:784-200-200-10 --clients 100 --fraction 0.1
+          --epochs 1 --batch-size 10 --lr 0.05 --threads "$THREADS")
+cnn_base=(--data "mnist:$MNIST" --model cnn:mnist --clients 20 --fraction 0.5
+          --epochs 1 --batch-size 10 --lr 0.05 --threads "$THREADS")
+mlp=("${mlp_base[@]}" --rounds 50)
+cnn=("${cnn_base[@]}" --rounds 10)
 # FedAvg averages each coordinate over every client of the round, so a
 # coordinate that only some clients' top-k carried moves by a fraction of its
 # dense step: top-k rows are also run at server learning rate 3 (FedAvgM with
@@ -77,4 +81,18 @@ for seed in $SEEDS; do
     fi
   done
 done
+# LONG=1: the non-IID runs again, long enough for f32 to flatten out (2NN 250
+# rounds, CNN 30), for top-k 1% against f32 at convergence (rows "@r250", "@r30").
+if [ "${LONG:-0}" = 1 ]; then
+  for seed in $SEEDS; do
+    for codec in f32 top-k:0.01; do
+      if [[ " $ONLY " == *" mlp "* ]]; then
+        run mlp shards:2 "$codec" "$seed" r250 "${mlp_base[@]}" --rounds 250
+      fi
+      if [[ " $ONLY " == *" cnn "* ]]; then
+        run cnn shards:2 "$codec" "$seed" r30 "${cnn_base[@]}" --rounds 30
+      fi
+    done
+  done
+fi
 python3 bench/codecs_report.py "$OUT"

@@ -21,7 +21,8 @@ from learning_quality_report import mean_curve, svg_plot  # noqa: E402
 TARGETS = {"mlp": 0.85, "cnn": 0.90}
 MODELS = {"mlp": "2NN (mlp:784-200-200-10)", "cnn": "CNN (cnn:mnist)"}
 ORDER = ["f32", "f16", "bf16", "int8", "top-k:0.01", "top-k:0.01+int8", "top-k:0.05+int8",
-         "f32@lr3", "top-k:0.01@lr3", "top-k:0.01+int8@lr3", "f32@down-f16", "f32@down-bf16"]
+         "f32@lr3", "top-k:0.01@lr3", "top-k:0.01+int8@lr3", "f32@down-f16", "f32@down-bf16",
+         "f32@r250", "top-k:0.01@r250", "f32@r30", "top-k:0.01@r30"]
 
 
 def load(out):
