@@ -325,6 +325,10 @@ async fn session(
     let mut unmask: Option<(u64, Box<ClientRound>)> = None;
     // The task whose update went out and waits for its verdict.
     let mut awaiting_verdict: Option<u64> = None;
+    let mut tasks = TaskState {
+        store,
+        spare_model: None,
+    };
 
     loop {
         let msg = match next.take() {
@@ -435,7 +439,7 @@ async fn session(
                     trainer,
                     opts,
                     &wire_layout,
-                    store,
+                    &mut tasks,
                     &negotiated,
                 )
                 .await?;
@@ -470,6 +474,7 @@ async fn session(
                     &wire_layout,
                     &limits,
                     negotiated.downlink,
+                    None,
                 )
                 .await?;
                 report.bytes_down += bytes;
@@ -666,8 +671,16 @@ async fn secagg_fit_task(
     // on: the control stream is served throughout.
     let downlink = negotiated.downlink;
     let training = async {
-        let (global, down) =
-            receive_model(conn, task.round, task.task_id, layout, &limits, downlink).await?;
+        let (global, down) = receive_model(
+            conn,
+            task.round,
+            task.task_id,
+            layout,
+            &limits,
+            downlink,
+            None,
+        )
+        .await?;
         let trained = run_trainer(trainer, opts, move |t| {
             t.set_parameters(&global)?;
             let outcome = t.fit(&config);
@@ -786,6 +799,13 @@ async fn secagg_fit_task(
     }
 }
 
+/// What fit tasks keep between them besides the trainer: the client's stored vectors,
+/// and the last f32 update's buffer, which the next model is received into.
+struct TaskState<'a> {
+    store: &'a mut StateStore,
+    spare_model: Option<Arc<Vec<f32>>>,
+}
+
 /// Receives the global model for a task on its own stream, encoded with the
 /// negotiated downlink codec. Returns it and its body's size in bytes.
 async fn receive_model(
@@ -795,6 +815,7 @@ async fn receive_model(
     layout: &[TensorMeta],
     limits: &TensorLimits,
     codec: Codec,
+    buffer: Option<Vec<f32>>,
 ) -> Result<(Vec<f32>, u64), SessionError> {
     let mut stream = conn.accept_uni().await.map_err(IoError::from)?;
     let header = read_tensor_header(&mut stream, limits).await?;
@@ -814,7 +835,16 @@ async fn receive_model(
             header.codec
         )));
     }
-    let mut model = vec![0f32; limits.max_values as usize];
+    // The decoder writes every value (zeros included), so a reused buffer needs no
+    // clearing; a fresh one would cost a page fault per 4 KiB on every task.
+    let values = limits.max_values as usize;
+    let mut model = match buffer {
+        Some(mut buffer) => {
+            buffer.resize(values, 0.0);
+            buffer
+        }
+        None => vec![0f32; values],
+    };
     read_tensor_body(&mut stream, &header, &mut model).await?;
     Ok((model, header.body_len))
 }
@@ -889,7 +919,7 @@ async fn fit_task(
     trainer: &mut Option<Box<dyn Trainer>>,
     opts: &ClientOptions,
     layout: &[TensorMeta],
-    store: &mut StateStore,
+    state: &mut TaskState<'_>,
     negotiated: &Negotiated,
 ) -> Result<Result<(u64, u64), String>, SessionError> {
     let refusal = match task.config.validate() {
@@ -919,6 +949,11 @@ async fn fit_task(
         None => (layout.to_vec(), params),
     };
     let limits = TensorLimits::for_model(values as u64);
+    // The previous update's buffer, once QUIC has let go of it (acknowledged).
+    let reuse = state
+        .spare_model
+        .take()
+        .and_then(|shared| Arc::try_unwrap(shared).ok());
     let (mut global, bytes_down) = receive_model(
         conn,
         task.round,
@@ -926,13 +961,15 @@ async fn fit_task(
         &stream_layout,
         &limits,
         negotiated.downlink,
+        reuse,
     )
     .await?;
     // SCAFFOLD: split off c, and find this client's c_i for the run.
     let control = match &task.scaffold {
         Some(scaffold) => {
             let c = global.split_off(params);
-            let c_i = store
+            let c_i = state
+                .store
                 .load(StateVector::ScaffoldControl, &scaffold.run, params)
                 .unwrap_or_else(|e| {
                     warn!(error = %e, "cannot use the stored control variate; starting from zero");
@@ -946,7 +983,8 @@ async fn fit_task(
     let feedback = opts.codecs.error_feedback && !uplink.is_lossless();
     let residual = match feedback {
         true => Some(
-            store
+            state
+                .store
                 .load(StateVector::Residual, &negotiated.run, values)
                 .unwrap_or_else(|e| {
                     warn!(error = %e, "cannot use the stored error-feedback residual; starting from zero");
@@ -1038,8 +1076,12 @@ async fn fit_task(
         UpdateBody::F32(delta) => {
             header.body_len = delta.len() as u64 * 4;
             // The f32 values are their own wire encoding: handed to QUIC as
-            // one chunk, not re-encoded and copied piece by piece.
-            send_shared_tensors(conn, &header, Arc::new(delta)).await?
+            // one chunk, not re-encoded and copied piece by piece. Kept to
+            // receive the next task's model into.
+            let shared = Arc::new(delta);
+            let sent = send_shared_tensors(conn, &header, Arc::clone(&shared)).await?;
+            state.spare_model = Some(shared);
+            sent
         }
         UpdateBody::Encoded(bytes) => {
             header.body_len = bytes.len() as u64;
@@ -1047,12 +1089,16 @@ async fn fit_task(
         }
     };
     if let (Some(scaffold), Some(c_next)) = (&task.scaffold, next_control)
-        && let Err(e) = store.save(StateVector::ScaffoldControl, &scaffold.run, c_next)
+        && let Err(e) = state
+            .store
+            .save(StateVector::ScaffoldControl, &scaffold.run, c_next)
     {
         warn!(error = %e, "cannot store the control variate");
     }
     if let Some(residual) = next_residual
-        && let Err(e) = store.save(StateVector::Residual, &negotiated.run, residual)
+        && let Err(e) = state
+            .store
+            .save(StateVector::Residual, &negotiated.run, residual)
     {
         warn!(error = %e, "cannot store the error-feedback residual");
     }
