@@ -24,6 +24,8 @@ fn more_steps_do_not_allocate_more_with_two_threads() {
             // dense products are split across the two threads.
             for (spec, batch) in [
                 ("mlp:784-256-256-10", 64),
+                // Batch 10: the dense forward splits C's columns instead of its rows.
+                ("mlp:784-256-256-10", 10),
                 ("cnn:1x28x28-c16k5p2-m2-c32k5p2-m2-d64-10", 32),
             ] {
                 let one = allocations_for(spec, batch, 1);

@@ -37,12 +37,17 @@ fn reference(g: &Gemm, a: &[f32], b: &[f32], c0: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Products large enough to be split (row blocks, and the rank update's C rows with
-/// A's stride), against f64, and bit for bit against one thread.
+/// Products large enough to be split (row blocks, C's columns for a single row block,
+/// and the rank update's C rows with A's stride), against f64, and bit for bit against
+/// one thread.
 fn split_products_match() {
     let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
     for &(m, n, k, trans_a, trans_b) in &[
         (72, 200, 300, false, true),
+        // One row block (a batch of 10, or fewer): split by C's columns instead.
+        (10, 200, 784, false, true),
+        (7, 130, 1_200, false, true),
+        (1, 1_003, 1_100, false, true),
         (70, 130, 256, false, false),
         (100, 300, 40, true, false),
         (37, 64, 600, true, false),

@@ -10,6 +10,7 @@
 //! order (deterministic for a given thread count). Lengths were checked by the caller.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::pool::{MAX_THREADS, cpu_threads, for_each, part_len};
 use super::{ConvGeometry, Gemm, PoolGeometry, direct_conv, small_gemm, sparse_conv};
@@ -31,6 +32,8 @@ thread_local! {
     static COLS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     /// The other parts' weight-gradient sums, on the calling thread.
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// [`forward_by_columns`]'s column blocks, on the calling thread.
+    static COLUMN_BLOCKS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// How many parts to cut `units` into for `work` operations (1: do not split).
@@ -191,6 +194,9 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
         return false;
     }
     match (gemm.trans_a, gemm.trans_b) {
+        // A dense forward pass at a batch of one row block (federated clients train at
+        // batch 10): the rows cannot be shared out, so the outputs are.
+        (false, true) if m <= small_gemm::MAX_SMALL => forward_by_columns(gemm, a, b, c),
         (false, _) => {
             let blocks = m.div_ceil(small_gemm::MAX_SMALL);
             let parts = parts(blocks, gemm_work(m * n * k));
@@ -229,6 +235,55 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
         (true, true) => false,
     }
 }
+
+/// C = alpha A B^T + beta C for a few rows of C, split into ranges of C's columns (rows
+/// of B, contiguous). Each part computes its columns into its own contiguous block of
+/// the caller's scratch (seeded from C when beta != 0); the caller then copies the
+/// blocks into C. Parts are whole multiples of the dot-product kernels' 4-column
+/// blocks, so every value is computed by the same instructions as on one thread.
+/// Returns false with C untouched if a part's shape is one the small kernels decline.
+fn forward_by_columns(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
+    let (m, n, k) = (gemm.m, gemm.n, gemm.k);
+    let parts = parts(n.div_ceil(COLUMN_GRANULE), gemm_work(m * n * k));
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(n, parts, COLUMN_GRANULE);
+    let declined = AtomicBool::new(false);
+    COLUMN_BLOCKS.with_borrow_mut(|scratch| {
+        scratch.resize(m * n, 0.0);
+        let seed: &[f32] = c;
+        let items = b
+            .chunks(per * k)
+            .zip(scratch.chunks_mut(m * per))
+            .enumerate();
+        for_each(items, |(part, (b, block))| {
+            let (first, width) = (part * per, b.len() / k);
+            if gemm.beta != 0.0 {
+                for (row, out) in block.chunks_exact_mut(width).enumerate() {
+                    out.copy_from_slice(&seed[row * n + first..][..width]);
+                }
+            }
+            let sub = Gemm { n: width, ..*gemm };
+            if !small_gemm::try_gemm(&sub, a, b, block) {
+                declined.store(true, Ordering::Relaxed);
+            }
+        });
+        if declined.load(Ordering::Relaxed) {
+            return false;
+        }
+        for (part, block) in scratch.chunks(m * per).enumerate() {
+            let (first, width) = (part * per, block.len() / m);
+            for (row, values) in block.chunks_exact(width).enumerate() {
+                c[row * n + first..][..width].copy_from_slice(values);
+            }
+        }
+        true
+    })
+}
+
+/// Columns per part of [`forward_by_columns`]: the forward kernels' column block.
+const COLUMN_GRANULE: usize = 4;
 
 /// An elementwise pass `op` over `x`, split into ranges.
 pub(super) fn elementwise(x: &mut [f32], op: impl Fn(&mut [f32]) + Sync) -> bool {
