@@ -135,6 +135,49 @@ fn models_match() {
     }
 }
 
+/// The fused small-batch dense backward split into ranges of weight rows (CNN-sized and
+/// odd shapes): the updated weights equal one thread's bit for bit, and the input
+/// gradient (summed over the parts) matches one thread's within rounding.
+fn split_fused_backward_matches() {
+    let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 50.0;
+    for &(batch, inputs, outputs) in &[(10, 3_136, 512), (7, 1_001, 203), (16, 640, 130)] {
+        let x: Vec<f32> = (0..batch * inputs).map(value).collect();
+        let dy: Vec<f32> = (0..batch * outputs).map(|i| value(i + 5)).collect();
+        let w0: Vec<f32> = (0..outputs * inputs).map(|i| value(i + 9)).collect();
+        let run = || {
+            let mut w = w0.clone();
+            let mut dx = vec![f32::NAN; batch * inputs];
+            let ran = CpuBackend
+                .dense_backward_fused(batch, inputs, outputs, &x, &dy, -0.05, 1.0, &mut w, &mut dx)
+                .unwrap();
+            (ran, w, dx)
+        };
+        let (ran, w, dx) = run();
+        let (single_ran, single_w, single_dx) = with_cpu_threads(1, run);
+        assert_eq!(
+            ran, single_ran,
+            "the kernel runs on this path or on neither"
+        );
+        if !ran {
+            continue; // No fused kernel on this path (the caller runs two products).
+        }
+        let differing = w
+            .iter()
+            .zip(&single_w)
+            .position(|(a, b)| a.to_bits() != b.to_bits());
+        assert_eq!(
+            differing, None,
+            "{batch}x{inputs}x{outputs}: first differing weight"
+        );
+        for (i, (a, b)) in dx.iter().zip(&single_dx).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                "{batch}x{inputs}x{outputs}: dx {i}: {a} vs {b}"
+            );
+        }
+    }
+}
+
 /// Bias fills and bias-gradient sums over channel planes, split into plane or channel
 /// ranges whose boundaries fall inside a channel cycle (odd batch, 5 channels): bit for
 /// bit one thread's, and the fill against the obvious loop.
@@ -239,6 +282,7 @@ fn split_operations_match_one_thread_on_every_path() {
             split_products_match();
             models_match();
             split_channel_passes_match();
+            split_fused_backward_matches();
             optimizers_match();
         });
     }

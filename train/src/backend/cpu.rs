@@ -364,6 +364,16 @@ impl Backend for CpuBackend {
         check_len(input_grad, batch * inputs)?;
         check_len(output_grad, batch * outputs)?;
         check_len(weight, outputs * inputs)?;
+        let shape = small_gemm::FusedShape {
+            batch,
+            inputs,
+            outputs,
+            alpha,
+            beta,
+        };
+        if cpu_parallel::dense_backward_fused(&shape, input, output_grad, weight, input_grad) {
+            return Ok(true);
+        }
         Ok(small_gemm::try_fused_dense_backward(
             batch,
             inputs,

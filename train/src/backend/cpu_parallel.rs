@@ -282,6 +282,50 @@ fn forward_by_columns(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool 
     })
 }
 
+/// The fused small-batch dense backward ([`small_gemm::try_fused_dense_backward`]) split
+/// into ranges of weight rows, in whole 4-row kernel blocks. Each part updates its own
+/// rows, bit-identical to one thread, and writes its share of the input gradient: the
+/// first part straight into `dx`, the others into partial sums that are then added in
+/// part order (so `dx` is deterministic for a given thread count, within rounding of
+/// one thread's). Returns false, touching nothing, when the kernel would not run or the
+/// work is too small to split.
+pub(super) fn dense_backward_fused(
+    shape: &small_gemm::FusedShape,
+    x: &[f32],
+    dy: &[f32],
+    w: &mut [f32],
+    dx: &mut [f32],
+) -> bool {
+    let (batch, inputs, outputs) = (shape.batch, shape.inputs, shape.outputs);
+    if !small_gemm::fused_dense_backward_runs(batch) || inputs == 0 {
+        return false;
+    }
+    let parts = parts(outputs.div_ceil(4), gemm_work(2 * batch * inputs * outputs));
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(outputs, parts, 4);
+    let parts = outputs.div_ceil(per);
+    let len = dx.len();
+    PARTIALS.with_borrow_mut(|partials| {
+        partials.resize((parts - 1) * len, 0.0);
+        let targets = std::iter::once(&mut *dx).chain(partials.chunks_mut(len.max(1)));
+        let items = w.chunks_mut(per * inputs).zip(targets).enumerate();
+        for_each(items, |(part, (w_rows, target))| {
+            let first = part * per;
+            let rows = first..first + w_rows.len() / inputs;
+            let ran = small_gemm::try_fused_dense_backward_rows(shape, rows, x, dy, w_rows, target);
+            debug_assert!(ran, "checked by fused_dense_backward_runs");
+        });
+        for partial in partials.chunks(len.max(1)) {
+            for (total, &value) in dx.iter_mut().zip(partial) {
+                *total += value;
+            }
+        }
+    });
+    true
+}
+
 /// Columns per part of [`forward_by_columns`]: the forward kernels' column block.
 const COLUMN_GRANULE: usize = 4;
 

@@ -284,36 +284,89 @@ pub(super) fn try_fused_dense_backward(
     w: &mut [f32],
     dx: &mut [f32],
 ) -> bool {
+    let shape = FusedShape {
+        batch,
+        inputs,
+        outputs,
+        alpha,
+        beta,
+    };
+    try_fused_dense_backward_rows(&shape, 0..outputs, x, dy, w, dx)
+}
+
+/// A fused dense backward's sizes and update coefficients.
+#[derive(Clone, Copy)]
+pub(super) struct FusedShape {
+    pub batch: usize,
+    pub inputs: usize,
+    pub outputs: usize,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+/// Whether [`try_fused_dense_backward`] runs for this batch on this CPU and kernel path
+/// (it declines otherwise, touching nothing).
+pub(super) fn fused_dense_backward_runs(batch: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if batch == 0 || batch > MAX_SMALL || inputs == 0 || outputs == 0 || !has_avx2_fma() {
-            return false;
-        }
-        let shape = Fused {
+        batch > 0 && batch <= MAX_SMALL && has_avx2_fma()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = batch;
+        false
+    }
+}
+
+/// [`try_fused_dense_backward`] for the weight rows `rows` only: `w_rows` holds just
+/// those rows, and `dx` receives their share of the input gradient (written, not
+/// added to), so threads can each take a range of rows and sum their shares after.
+pub(super) fn try_fused_dense_backward_rows(
+    shape: &FusedShape,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    dy: &[f32],
+    w_rows: &mut [f32],
+    dx: &mut [f32],
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let FusedShape {
             batch,
             inputs,
             outputs,
-            alpha,
-            beta,
+            ..
+        } = *shape;
+        if !fused_dense_backward_runs(batch)
+            || inputs == 0
+            || rows.start >= rows.end
+            || rows.end > outputs
+            || w_rows.len() != rows.len() * inputs
+        {
+            return false;
+        }
+        let fused = Fused {
+            shape: *shape,
+            first_row: rows.start,
+            end_row: rows.end,
         };
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { fused_dense_backward(&shape, x, dy, w, dx) };
+        unsafe { fused_dense_backward(&fused, x, dy, w_rows, dx) };
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (batch, inputs, outputs, x, dy, alpha, beta, w, dx);
+        let _ = (shape, rows, x, dy, w_rows, dx);
         false
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 struct Fused {
-    batch: usize,
-    inputs: usize,
-    outputs: usize,
-    alpha: f32,
-    beta: f32,
+    shape: FusedShape,
+    /// The weight rows this call covers; the slice it gets starts at `first_row`.
+    first_row: usize,
+    end_row: usize,
 }
 
 /// Columns per step of [`fused_block`].
@@ -324,9 +377,9 @@ const FUSED_COLS: usize = 2 * LANES;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn fused_dense_backward(shape: &Fused, x: &[f32], dy: &[f32], w: &mut [f32], dx: &mut [f32]) {
-    let mut row = 0;
-    while row < shape.outputs {
-        if shape.outputs - row >= 4 {
+    let mut row = shape.first_row;
+    while row < shape.end_row {
+        if shape.end_row - row >= 4 {
             fused_block::<4>(shape, row, x, dy, w, dx);
             row += 4;
         } else {
@@ -336,7 +389,7 @@ fn fused_dense_backward(shape: &Fused, x: &[f32], dy: &[f32], w: &mut [f32], dx:
     }
 }
 
-/// Weight rows `row..row + R`: adds their share of `dx` (writing it when `row == 0`), then
+/// Weight rows `row..row + R`: adds their share of `dx` (writing it at the call's first row), then
 /// updates them; each strip of `FUSED_COLS` columns is loaded and stored once, with the
 /// batch's rows of `dx` and `x` in cache.
 #[cfg(target_arch = "x86_64")]
@@ -350,14 +403,14 @@ fn fused_block<const R: usize>(
     w: &mut [f32],
     dx: &mut [f32],
 ) {
-    let Fused {
+    let FusedShape {
         batch,
         inputs,
         outputs,
         alpha,
         beta,
-    } = *shape;
-    let first = row == 0;
+    } = shape.shape;
+    let first = row == shape.first_row;
     let mut grads = [[0.0f32; R]; MAX_SMALL];
     let mut coefficients = [[0.0f32; R]; MAX_SMALL];
     for b in 0..batch {
@@ -366,7 +419,8 @@ fn fused_block<const R: usize>(
             coefficients[b][r] = alpha * grads[b][r];
         }
     }
-    let rows = &mut w[row * inputs..(row + R) * inputs];
+    let local = row - shape.first_row;
+    let rows = &mut w[local * inputs..(local + R) * inputs];
     let whole = inputs / FUSED_COLS * FUSED_COLS;
     for start in (0..whole).step_by(FUSED_COLS) {
         let mut wv = [[_mm256_setzero_ps(); 2]; R];
