@@ -154,17 +154,14 @@ pub(super) fn conv_weight_grad(
         return false;
     }
     let per = part_len(batch, parts, 1);
-    let parts = batch.div_ceil(per);
-    let len = weight_grad.len();
-    PARTIALS.with_borrow_mut(|partials| {
-        partials.resize((parts - 1) * len, 0.0);
-        let targets = std::iter::once(&mut *weight_grad).chain(partials.chunks_mut(len.max(1)));
-        let items = input
-            .chunks(per * geometry.input_len())
-            .zip(output_grad.chunks(per * out_channels * plane))
-            .zip(targets)
-            .enumerate();
-        for_each(items, |(part, ((input, output_grad), target))| {
+    let items = input
+        .chunks(per * geometry.input_len())
+        .zip(output_grad.chunks(per * out_channels * plane));
+    summed_in_parts(
+        weight_grad,
+        batch.div_ceil(per),
+        items,
+        |part, (input, output_grad), target| {
             let beta = if part == 0 { beta } else { 0.0 };
             sparse_conv::weight_grad(
                 geometry,
@@ -175,14 +172,33 @@ pub(super) fn conv_weight_grad(
                 beta,
                 target,
             );
+        },
+    );
+    true
+}
+
+/// Runs `work(part, item, target)` for each of `parts` items on the pool: part 0's
+/// target is `total` itself, the others' are partial sums on the calling thread, which
+/// are then added into `total` in part order (deterministic for a given thread count).
+fn summed_in_parts<T: Send>(
+    total: &mut [f32],
+    parts: usize,
+    items: impl Iterator<Item = T>,
+    work: impl Fn(usize, T, &mut [f32]) + Sync,
+) {
+    let len = total.len();
+    PARTIALS.with_borrow_mut(|partials| {
+        partials.resize(parts.saturating_sub(1) * len, 0.0);
+        let targets = std::iter::once(&mut *total).chain(partials.chunks_mut(len.max(1)));
+        for_each(items.zip(targets).enumerate(), |(part, (item, target))| {
+            work(part, item, target);
         });
         for partial in partials.chunks(len.max(1)) {
-            for (total, &value) in weight_grad.iter_mut().zip(partial) {
-                *total += value;
+            for (sum, &value) in total.iter_mut().zip(partial) {
+                *sum += value;
             }
         }
     });
-    true
 }
 
 /// A small-GEMM product split into parts of C's rows: whole 16-row blocks of the
@@ -305,23 +321,12 @@ pub(super) fn dense_backward_fused(
         return false;
     }
     let per = part_len(outputs, parts, 4);
-    let parts = outputs.div_ceil(per);
-    let len = dx.len();
-    PARTIALS.with_borrow_mut(|partials| {
-        partials.resize((parts - 1) * len, 0.0);
-        let targets = std::iter::once(&mut *dx).chain(partials.chunks_mut(len.max(1)));
-        let items = w.chunks_mut(per * inputs).zip(targets).enumerate();
-        for_each(items, |(part, (w_rows, target))| {
-            let first = part * per;
-            let rows = first..first + w_rows.len() / inputs;
-            let ran = small_gemm::try_fused_dense_backward_rows(shape, rows, x, dy, w_rows, target);
-            debug_assert!(ran, "checked by fused_dense_backward_runs");
-        });
-        for partial in partials.chunks(len.max(1)) {
-            for (total, &value) in dx.iter_mut().zip(partial) {
-                *total += value;
-            }
-        }
+    let items = w.chunks_mut(per * inputs);
+    summed_in_parts(dx, outputs.div_ceil(per), items, |part, w_rows, target| {
+        let first = part * per;
+        let rows = first..first + w_rows.len() / inputs;
+        let ran = small_gemm::try_fused_dense_backward_rows(shape, rows, x, dy, w_rows, target);
+        debug_assert!(ran, "checked by fused_dense_backward_runs");
     });
     true
 }
