@@ -375,13 +375,10 @@ impl Backend for CpuBackend {
             return Ok(true);
         }
         Ok(small_gemm::try_fused_dense_backward(
-            batch,
-            inputs,
-            outputs,
+            &shape,
+            0..outputs,
             input,
             output_grad,
-            alpha,
-            beta,
             weight,
             input_grad,
         ))

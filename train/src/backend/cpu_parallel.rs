@@ -10,7 +10,6 @@
 //! order (deterministic for a given thread count). Lengths were checked by the caller.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::pool::{MAX_THREADS, cpu_threads, for_each, part_len};
 use super::{ConvGeometry, Gemm, PoolGeometry, direct_conv, small_gemm, sparse_conv};
@@ -257,7 +256,7 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
 /// the caller's scratch (seeded from C when beta != 0); the caller then copies the
 /// blocks into C. Parts are whole multiples of the dot-product kernels' 4-column
 /// blocks, so every value is computed by the same instructions as on one thread.
-/// Returns false with C untouched if a part's shape is one the small kernels decline.
+/// Returns false, C untouched, when the product is too small to split.
 fn forward_by_columns(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
     let (m, n, k) = (gemm.m, gemm.n, gemm.k);
     let parts = parts(n.div_ceil(COLUMN_GRANULE), gemm_work(m * n * k));
@@ -265,7 +264,6 @@ fn forward_by_columns(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool 
         return false;
     }
     let per = part_len(n, parts, COLUMN_GRANULE);
-    let declined = AtomicBool::new(false);
     COLUMN_BLOCKS.with_borrow_mut(|scratch| {
         scratch.resize(m * n, 0.0);
         let seed: &[f32] = c;
@@ -281,21 +279,17 @@ fn forward_by_columns(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool 
                 }
             }
             let sub = Gemm { n: width, ..*gemm };
-            if !small_gemm::try_gemm(&sub, a, b, block) {
-                declined.store(true, Ordering::Relaxed);
-            }
+            let done = small_gemm::try_gemm(&sub, a, b, block);
+            debug_assert!(done, "the small kernels take every non-empty product");
         });
-        if declined.load(Ordering::Relaxed) {
-            return false;
-        }
         for (part, block) in scratch.chunks(m * per).enumerate() {
             let (first, width) = (part * per, block.len() / m);
             for (row, values) in block.chunks_exact(width).enumerate() {
                 c[row * n + first..][..width].copy_from_slice(values);
             }
         }
-        true
-    })
+    });
+    true
 }
 
 /// The fused small-batch dense backward ([`small_gemm::try_fused_dense_backward`]) split
@@ -325,7 +319,7 @@ pub(super) fn dense_backward_fused(
     summed_in_parts(dx, outputs.div_ceil(per), items, |part, w_rows, target| {
         let first = part * per;
         let rows = first..first + w_rows.len() / inputs;
-        let ran = small_gemm::try_fused_dense_backward_rows(shape, rows, x, dy, w_rows, target);
+        let ran = small_gemm::try_fused_dense_backward(shape, rows, x, dy, w_rows, target);
         debug_assert!(ran, "checked by fused_dense_backward_runs");
     });
     true

@@ -267,40 +267,15 @@ fn store(lane: &mut Lane, value: __m256) {
     unsafe { _mm256_storeu_ps(lane.as_mut_ptr(), value) }
 }
 
-/// Dense backward with an in-place weight update, in one pass over the weights (the
-/// largest operand at small batches): `dx [batch, in] = dy [batch, out] . W [out, in]`
-/// with the weights as they were, then `W = alpha * dy^T . x + beta * W` (W ignored when
-/// `beta == 0`). Returns whether it ran (a small batch on a CPU with AVX2 and FMA);
-/// lengths were checked by the caller.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn try_fused_dense_backward(
-    batch: usize,
-    inputs: usize,
-    outputs: usize,
-    x: &[f32],
-    dy: &[f32],
-    alpha: f32,
-    beta: f32,
-    w: &mut [f32],
-    dx: &mut [f32],
-) -> bool {
-    let shape = FusedShape {
-        batch,
-        inputs,
-        outputs,
-        alpha,
-        beta,
-    };
-    try_fused_dense_backward_rows(&shape, 0..outputs, x, dy, w, dx)
-}
-
 /// A fused dense backward's sizes and update coefficients.
 #[derive(Clone, Copy)]
 pub(super) struct FusedShape {
     pub batch: usize,
     pub inputs: usize,
     pub outputs: usize,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86-64 kernel only
     pub alpha: f32,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub beta: f32,
 }
 
@@ -318,10 +293,15 @@ pub(super) fn fused_dense_backward_runs(batch: usize) -> bool {
     }
 }
 
-/// [`try_fused_dense_backward`] for the weight rows `rows` only: `w_rows` holds just
-/// those rows, and `dx` receives their share of the input gradient (written, not
-/// added to), so threads can each take a range of rows and sum their shares after.
-pub(super) fn try_fused_dense_backward_rows(
+/// Dense backward with an in-place weight update, in one pass over the weights (the
+/// largest operand at small batches), for the weight rows `rows`: `dx [batch, in] =
+/// dy [batch, out:rows] . W [rows, in]` with the weights as they were, then
+/// `W[rows] = alpha * dy[:, rows]^T . x + beta * W[rows]` (W ignored when `beta == 0`).
+/// `w_rows` holds just those rows and `dx` is written, not added to, so threads can
+/// each take a range of rows and sum their shares of `dx` after (`0..outputs` is the
+/// whole layer). Returns whether it ran (a small batch on a CPU with AVX2 and FMA);
+/// lengths were checked by the caller.
+pub(super) fn try_fused_dense_backward(
     shape: &FusedShape,
     rows: std::ops::Range<usize>,
     x: &[f32],
@@ -537,9 +517,14 @@ mod tests {
                     w_for_dx.clone()
                 };
                 let mut dx = vec![f32::NAN; batch * inputs];
-                let ran = try_fused_dense_backward(
-                    batch, inputs, outputs, &x, &dy, -0.5, beta, &mut w, &mut dx,
-                );
+                let shape = FusedShape {
+                    batch,
+                    inputs,
+                    outputs,
+                    alpha: -0.5,
+                    beta,
+                };
+                let ran = try_fused_dense_backward(&shape, 0..outputs, &x, &dy, &mut w, &mut dx);
                 // Only the AVX2 path has a fused kernel; the portable path declines
                 // and the caller runs the two products (tested below) instead.
                 assert_eq!(ran, crate::backend::dispatch::avx2_fma());
