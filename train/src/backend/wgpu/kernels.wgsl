@@ -116,20 +116,6 @@ fn fill_channels(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
     b2[p.a.z + i] = b1[p.a.y + (i / p.a.w) % p.b.x];
 }
 
-// dst (b2)[j] = alpha * sum_i src (b1)[i, j] + beta * dst[j]
-// a = (cols, src, dst, rows), b = (alpha, beta)
-@compute @workgroup_size(256)
-fn sum_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let j = flat_id(gid, groups);
-    let cols = p.a.x;
-    if j >= cols { return; }
-    var total = 0.0;
-    for (var i = 0u; i < p.a.w; i++) {
-        total += b1[p.a.y + i * cols + j];
-    }
-    b2[p.a.z + j] = blend(total, b2[p.a.z + j], fl(p.b.x), fl(p.b.y));
-}
-
 var<workgroup> partial_sums: array<f32, 256>;
 var<workgroup> partial_counts: array<f32, 256>;
 
@@ -145,60 +131,277 @@ fn reduce_partials(t: u32) {
     workgroupBarrier();
 }
 
-// One workgroup per channel c: dst (b2)[c] = alpha * sum_{e,q} src (b1)[e, c, q] + beta * dst[c]
-// a = (channels, src, dst, plane), b = (batch, alpha, beta)
+// dst (b2)[j] = alpha * sum_i src (b1)[i, j] + beta * dst[j]
+// a = (cols, src, dst, rows), b = (alpha, beta, lanes)
+// A workgroup covers 256 / lanes columns with `lanes` invocations each (lane l sums rows
+// l, l + lanes, ...), so a short, wide batch and a long, narrow one both spread over
+// many invocations.
+@compute @workgroup_size(256)
+fn sum_rows(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let cols = p.a.x;
+    let lanes = p.b.z;
+    let per_group = 256u / lanes;
+    let j = flat_group(wid, groups) * per_group + t % per_group;
+    var total = 0.0;
+    if j < cols {
+        for (var i = t / per_group; i < p.a.w; i += lanes) {
+            total += b1[p.a.y + i * cols + j];
+        }
+    }
+    total = sum_lanes(t, lanes, total);
+    if t < per_group && j < cols {
+        b2[p.a.z + j] = blend(total, b2[p.a.z + j], fl(p.b.x), fl(p.b.y));
+    }
+}
+
+// The sum of `value` over the `lanes` invocations t % (256 / lanes) of a 256-invocation
+// workgroup, returned to the first lane (t < 256 / lanes); `lanes` is a power of two
+// from the uniform block, and every invocation must call this.
+fn sum_lanes(t: u32, lanes: u32, value: f32) -> f32 {
+    let per_group = 256u / lanes;
+    partial_sums[t] = value;
+    for (var width = lanes / 2u; width > 0u; width >>= 1u) {
+        workgroupBarrier();
+        if t / per_group < width {
+            partial_sums[t] += partial_sums[t + width * per_group];
+        }
+    }
+    workgroupBarrier();
+    return partial_sums[t];
+}
+
+// Workgroup (c, part) sums part `part` (b.w values long) of channel c's batch * plane
+// values of src (b1, [e, c, q]). With one part it writes dst (b2)[c] = alpha * sum +
+// beta * dst[c]; with more, partials (b3)[part, c], which `sum_rows` then combines.
+// a = (channels, src, dst, plane), b = (batch, alpha, beta, part length)
 @compute @workgroup_size(256)
 fn sum_channels(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let c = flat_group(wid, groups);
+    let c = wid.x;
+    let part = wid.y;
     let channels = p.a.x;
     let plane = p.a.w;
-    let total_len = p.b.x * plane;
+    let begin = part * p.b.w;
+    let end = min(p.b.x * plane, begin + p.b.w);
     var total = 0.0;
-    if c < channels {
-        for (var i = t; i < total_len; i += 256u) {
-            let e = i / plane;
-            total += b1[p.a.y + (e * channels + c) * plane + i % plane];
-        }
+    for (var i = begin + t; i < end; i += 256u) {
+        let e = i / plane;
+        total += b1[p.a.y + (e * channels + c) * plane + i % plane];
     }
     partial_sums[t] = total;
     partial_counts[t] = 0.0;
     reduce_partials(t);
-    if t == 0u && c < channels {
-        b2[p.a.z + c] = blend(partial_sums[0], b2[p.a.z + c], fl(p.b.y), fl(p.b.z));
+    if t == 0u {
+        if groups.y == 1u {
+            b2[p.a.z + c] = blend(partial_sums[0], b2[p.a.z + c], fl(p.b.y), fl(p.b.z));
+        } else {
+            b3[part * channels + c] = partial_sums[0];
+        }
     }
 }
 
 // ---------------------------------------------------------------- matrix products
 //
-// C = alpha * A B + beta * C over tiles of TILE_M x TILE_N (16 x 16 invocations, each
-// computing (TILE_M / 16) x (TILE_N / 16) outputs) with K in steps of 16 through
-// workgroup memory. Operands are read through addressing modes, so the same kernel runs
-// dense layers and convolutions without materialising an im2col matrix (implicit GEMM).
-//
-// a = (m, n, k, modes), b = (A offset (b1), B offset (b2), C offset (b3), k per split),
-// c = (alpha, beta, conv: in_channels, conv: out_channels),
-// d = (conv: in_height | in_width << 16, kernel | stride << 16, padding, out_height | out_width << 16)
-// modes: bits 0-3 A mode, 4-7 B mode, 8-11 C mode.
-//  A modes: 0 row-major m x k; 1 stored k x m (transposed);
-//           2 output gradient dy[e, oc, q] as [oc, (e, q)];
-//           3 weights w[oc, c, ky, kx] as [c, (oc, ky, kx)] (input gradient).
-//  B modes: 0 row-major k x n; 1 stored n x k (transposed);
-//           2 im2col of input x as [(c, ky, kx), (e, q)] (forward);
-//           3 im2col transposed, [(e, q), (c, ky, kx)] (weight gradient);
-//           4 dy gathered for the input gradient, [(oc, ky, kx), (e, y, x)].
-//  C modes: 0 row-major m x n; 1 conv output [e, oc, q] from (oc, (e, q));
-//           2 input gradient [e, c, pixel] from (c, (e, pixel)).
+// C = alpha * A B + beta * C over tiles of TILE_M x TILE_N with K in steps of TILE_K
+// through workgroup memory. The operand layouts are pipeline constants (one pipeline per
+// combination, see mod.rs), so the loads compile without branches:
+//  MODE_A: 0 row-major m x k; 1 stored k x m (transposed).
+//  MODE_B: 0 row-major k x n; 1 stored n x k (transposed).
+//  MODE_C: 0 row-major m x n; 1 convolution output [e, oc, q] from (oc, (e, q)) with
+//          d.x = plane (output pixels per channel).
+// a = (m, n, k, _), b = (A offset (b1), B offset (b2), C offset (b3), k per split),
+// c = (alpha, beta), d.x = plane.
 // With more than one split (grid z), each split writes its K range's product to the
 // partial buffer b4 ([split, m, n]) and `gemm_reduce` combines them.
+//
+// Convolutions run through the same kernel after `im2col` (explicit, over the whole
+// batch: a few memory passes are cheaper on a GPU than decoding im2col indices inside
+// the product's loads) and `to_channel_major`.
 
-const TILE_K: u32 = 16u;
+override MODE_A: u32 = 0u;
+override MODE_B: u32 = 0u;
+override MODE_C: u32 = 0u;
 
-var<workgroup> tile_a: array<f32, 1024>;
-var<workgroup> tile_b: array<f32, 1024>;
+// The tiles as rows of vec4 along m (n), one vec4 of padding per k row: the along-k
+// stores then hit each bank at most twice.
+const ROW4_A: u32 = TILE_M / 4u + 1u;
+const ROW4_B: u32 = TILE_N / 4u + 1u;
+
+var<workgroup> tile_a: array<vec4<f32>, ROW4_A * TILE_K>;
+var<workgroup> tile_b: array<vec4<f32>, ROW4_B * TILE_K>;
+
+// Element `e` of a K step's A tile as (i, kk): neighbouring invocations read neighbouring
+// addresses, along k for row-major A and along m for transposed A (same for B).
+fn a_coords(e: u32) -> vec2<u32> {
+    if MODE_A == 0u {
+        return vec2<u32>(e / TILE_K, e % TILE_K);
+    }
+    return vec2<u32>(e % TILE_M, e / TILE_M);
+}
+
+fn b_coords(e: u32) -> vec2<u32> {
+    if MODE_B == 1u {
+        return vec2<u32>(e / TILE_K, e % TILE_K);
+    }
+    return vec2<u32>(e % TILE_N, e / TILE_N);
+}
+
+fn load_a(e: u32, row0: u32, k0: u32, m: u32, k: u32, k_end: u32) -> f32 {
+    let at = a_coords(e);
+    let gi = row0 + at.x;
+    let gk = k0 + at.y;
+    if gi >= m || gk >= k_end {
+        return 0.0;
+    }
+    if MODE_A == 0u {
+        return b1[p.b.x + gi * k + gk];
+    }
+    return b1[p.b.x + gk * m + gi];
+}
+
+fn load_b(e: u32, col0: u32, k0: u32, n: u32, k: u32, k_end: u32) -> f32 {
+    let at = b_coords(e);
+    let gj = col0 + at.x;
+    let gk = k0 + at.y;
+    if gj >= n || gk >= k_end {
+        return 0.0;
+    }
+    if MODE_B == 1u {
+        return b2[p.b.y + gj * k + gk];
+    }
+    return b2[p.b.y + gk * n + gj];
+}
+
+fn store_a(e: u32, v: f32) {
+    let at = a_coords(e);
+    tile_a[at.y * ROW4_A + at.x / 4u][at.x % 4u] = v;
+}
+
+fn store_b(e: u32, v: f32) {
+    let at = b_coords(e);
+    tile_b[at.y * ROW4_B + at.x / 4u][at.x % 4u] = v;
+}
+
+fn c_index(i: u32, j: u32, m: u32, n: u32) -> u32 {
+    if MODE_C == 0u {
+        return p.b.z + i * n + j;
+    }
+    let plane = p.d.x;
+    return p.b.z + ((j / plane) * m + i) * plane + j % plane;
+}
+
+// Writes one row of an invocation's 4 x 4 block: to C, or to split `split`'s partials.
+fn store_row(gi: u32, gj0: u32, values: vec4<f32>, m: u32, n: u32, split: u32, splits: u32) {
+    if gi >= m { return; }
+    for (var c = 0u; c < 4u; c++) {
+        let gj = gj0 + c;
+        if gj < n {
+            if splits > 1u {
+                b4[(split * m + gi) * n + gj] = values[c];
+            } else {
+                let index = c_index(gi, gj, m, n);
+                b3[index] = blend(values[c], b3[index], fl(p.c.x), fl(p.c.y));
+            }
+        }
+    }
+}
+
+// SIDE x SIDE invocations, each computing a 4 x 4 block of the TILE_M x TILE_N tile
+// (TILE = 4 * SIDE) in four vec4 accumulators: registers, where a private array indexed
+// in loops may live in slow local memory. Each invocation loads 4 values of each operand
+// per K step (TILE_K = 4 * THREADS / TILE), into registers one step ahead, so the global
+// loads of the next step overlap this step's arithmetic. The host generates the 64 and
+// 32 variants by defining TILE_M, TILE_N, TILE_K, SIDE and THREADS ahead of this text
+// (see mod.rs).
+@compute @workgroup_size(SIDE, SIDE)
+fn gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
+    let m = p.a.x;
+    let n = p.a.y;
+    let k = p.a.z;
+    let row0 = wid.y * TILE_M;
+    let col0 = wid.x * TILE_N;
+    let k_begin = wid.z * p.b.w;
+    let k_end = min(k, k_begin + p.b.w);
+    let e0 = lid.y * SIDE + lid.x;
+    let e1 = e0 + THREADS;
+    let e2 = e0 + 2u * THREADS;
+    let e3 = e0 + 3u * THREADS;
+    var acc0 = vec4<f32>();
+    var acc1 = vec4<f32>();
+    var acc2 = vec4<f32>();
+    var acc3 = vec4<f32>();
+    var next_a = vec4<f32>(load_a(e0, row0, k_begin, m, k, k_end), load_a(e1, row0, k_begin, m, k, k_end),
+                           load_a(e2, row0, k_begin, m, k, k_end), load_a(e3, row0, k_begin, m, k, k_end));
+    var next_b = vec4<f32>(load_b(e0, col0, k_begin, n, k, k_end), load_b(e1, col0, k_begin, n, k, k_end),
+                           load_b(e2, col0, k_begin, n, k, k_end), load_b(e3, col0, k_begin, n, k, k_end));
+    for (var k0 = k_begin; k0 < k_end; k0 += TILE_K) {
+        store_a(e0, next_a.x);
+        store_a(e1, next_a.y);
+        store_a(e2, next_a.z);
+        store_a(e3, next_a.w);
+        store_b(e0, next_b.x);
+        store_b(e1, next_b.y);
+        store_b(e2, next_b.z);
+        store_b(e3, next_b.w);
+        workgroupBarrier();
+        let k1 = k0 + TILE_K;
+        if k1 < k_end {
+            next_a = vec4<f32>(load_a(e0, row0, k1, m, k, k_end), load_a(e1, row0, k1, m, k, k_end),
+                               load_a(e2, row0, k1, m, k, k_end), load_a(e3, row0, k1, m, k, k_end));
+            next_b = vec4<f32>(load_b(e0, col0, k1, n, k, k_end), load_b(e1, col0, k1, n, k, k_end),
+                               load_b(e2, col0, k1, n, k, k_end), load_b(e3, col0, k1, n, k, k_end));
+        }
+        for (var kk = 0u; kk < TILE_K; kk++) {
+            let a = tile_a[kk * ROW4_A + lid.y];
+            let b = tile_b[kk * ROW4_B + lid.x];
+            acc0 = fma(vec4<f32>(a.x), b, acc0);
+            acc1 = fma(vec4<f32>(a.y), b, acc1);
+            acc2 = fma(vec4<f32>(a.z), b, acc2);
+            acc3 = fma(vec4<f32>(a.w), b, acc3);
+        }
+        workgroupBarrier();
+    }
+    let splits = (k + p.b.w - 1u) / p.b.w;
+    let gi = row0 + lid.y * 4u;
+    let gj = col0 + lid.x * 4u;
+    store_row(gi, gj, acc0, m, n, wid.z, splits);
+    store_row(gi + 1u, gj, acc1, m, n, wid.z, splits);
+    store_row(gi + 2u, gj, acc2, m, n, wid.z, splits);
+    store_row(gi + 3u, gj, acc3, m, n, wid.z, splits);
+}
+
+// Sums the split-K partials (b4, [splits, m, n]) into C (b3) with alpha and beta, each
+// output summed by `lanes` (d.y) invocations as in `sum_rows`. Same parameters and
+// pipeline constants as `gemm`.
+@compute @workgroup_size(256)
+fn gemm_reduce(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let m = p.a.x;
+    let n = p.a.y;
+    let lanes = p.d.y;
+    let per_group = 256u / lanes;
+    let id = flat_group(wid, groups) * per_group + t % per_group;
+    let splits = (p.a.z + p.b.w - 1u) / p.b.w;
+    var total = 0.0;
+    if id < m * n {
+        for (var s = t / per_group; s < splits; s += lanes) {
+            total += b4[s * m * n + id];
+        }
+    }
+    total = sum_lanes(t, lanes, total);
+    if t < per_group && id < m * n {
+        let index = c_index(id / n, id % n, m, n);
+        b3[index] = blend(total, b3[index], fl(p.c.x), fl(p.c.y));
+    }
+}
+
+// ---------------------------------------------------------------- im2col / col2im
+//
+// Over a batch: the im2col matrix has rows (c, ky, kx) and columns (e, q), example-major,
+// so one product covers every example. Geometry:
+// a = (len, input offset, cols offset, batch), c.z = in channels,
+// d = (in_height | in_width << 16, kernel | stride << 16, padding, out_height | out_width << 16).
 
 struct Conv {
     in_c: u32,
-    out_c: u32,
     in_h: u32,
     in_w: u32,
     kernel: u32,
@@ -209,309 +412,50 @@ struct Conv {
 }
 
 fn conv_params() -> Conv {
-    return Conv(p.c.z, p.c.w, p.d.x & 0xffffu, p.d.x >> 16u, p.d.y & 0xffffu, p.d.y >> 16u,
+    return Conv(p.c.z, p.d.x & 0xffffu, p.d.x >> 16u, p.d.y & 0xffffu, p.d.y >> 16u,
                 p.d.z, p.d.w & 0xffffu, p.d.w >> 16u);
 }
 
-// Input pixel of im2col row (c, ky, kx) and column (e, q), or 0 in the padding.
-fn im2col_value(g: Conv, row: u32, col: u32) -> f32 {
+// cols (b2) = im2col of the batch's inputs (b1): grid z is the row (c, ky, kx), decoded
+// once per workgroup; x and y run over the columns (e, q).
+@compute @workgroup_size(256)
+fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let col = flat_id(gid, groups);
+    let g = conv_params();
+    let plane = g.out_h * g.out_w;
+    let columns = plane * p.a.w;
+    if col >= columns { return; }
+    let row = gid.z;
     let kk = g.kernel * g.kernel;
     let c = row / kk;
     let ky = (row % kk) / g.kernel;
     let kx = row % g.kernel;
-    let plane = g.out_h * g.out_w;
     let e = col / plane;
     let q = col % plane;
     let iy = i32((q / g.out_w) * g.stride + ky) - i32(g.pad);
     let ix = i32((q % g.out_w) * g.stride + kx) - i32(g.pad);
-    if iy < 0 || ix < 0 || iy >= i32(g.in_h) || ix >= i32(g.in_w) {
-        return 0.0;
-    }
-    return b2[p.b.y + ((e * g.in_c + c) * g.in_h + u32(iy)) * g.in_w + u32(ix)];
-}
-
-fn load_a(mode: u32, i: u32, kk: u32, m: u32, k: u32, g: Conv) -> f32 {
-    switch mode {
-        case 0u: { return b1[p.b.x + i * k + kk]; }
-        case 1u: { return b1[p.b.x + kk * m + i]; }
-        case 2u: {
-            let plane = g.out_h * g.out_w;
-            return b1[p.b.x + ((kk / plane) * g.out_c + i) * plane + kk % plane];
-        }
-        default: {
-            let kk2 = g.kernel * g.kernel;
-            let oc = kk / kk2;
-            return b1[p.b.x + (oc * g.in_c + i) * kk2 + kk % kk2];
-        }
-    }
-}
-
-fn load_b(mode: u32, kk: u32, j: u32, n: u32, k: u32, g: Conv) -> f32 {
-    switch mode {
-        case 0u: { return b2[p.b.y + kk * n + j]; }
-        case 1u: { return b2[p.b.y + j * k + kk]; }
-        case 2u: { return im2col_value(g, kk, j); }
-        case 3u: { return im2col_value(g, j, kk); }
-        default: {
-            // dx[e, c, y, x] gathers dy[e, oc, oy, ox] * w[oc, c, ky, kx] over the
-            // (oc, ky, kx) with y = oy * stride + ky - padding (same for x).
-            let kk2 = g.kernel * g.kernel;
-            let oc = kk / kk2;
-            let ky = (kk % kk2) / g.kernel;
-            let kx = kk % g.kernel;
-            let in_plane = g.in_h * g.in_w;
-            let e = j / in_plane;
-            let pixel = j % in_plane;
-            let ty = i32(pixel / g.in_w + g.pad) - i32(ky);
-            let tx = i32(pixel % g.in_w + g.pad) - i32(kx);
-            if ty < 0 || tx < 0 {
-                return 0.0;
-            }
-            let uy = u32(ty);
-            let ux = u32(tx);
-            if uy % g.stride != 0u || ux % g.stride != 0u {
-                return 0.0;
-            }
-            let oy = uy / g.stride;
-            let ox = ux / g.stride;
-            if oy >= g.out_h || ox >= g.out_w {
-                return 0.0;
-            }
-            return b2[p.b.y + ((e * g.out_c + oc) * g.out_h + oy) * g.out_w + ox];
-        }
-    }
-}
-
-fn c_index(mode: u32, i: u32, j: u32, n: u32, g: Conv) -> u32 {
-    switch mode {
-        case 0u: { return p.b.z + i * n + j; }
-        case 1u: {
-            let plane = g.out_h * g.out_w;
-            return p.b.z + ((j / plane) * g.out_c + i) * plane + j % plane;
-        }
-        default: {
-            let in_plane = g.in_h * g.in_w;
-            return p.b.z + ((j / in_plane) * g.in_c + i) * in_plane + j % in_plane;
-        }
-    }
-}
-
-// A B-tile column's part of the implicit-GEMM addressing, decoded once per invocation:
-// with B read along n (modes 0, 2, 4) every invocation loads the same tile column at
-// every step (256 is a multiple of TILE_N), so only the row part varies per element.
-struct Column {
-    base: u32,
-    y0: i32,
-    x0: i32,
-}
-
-fn decode_column(mode: u32, j: u32, g: Conv) -> Column {
-    if mode == 2u {
-        // Forward im2col column (e, oy, ox): the window's top-left input pixel.
-        let plane = g.out_h * g.out_w;
-        let q = j % plane;
-        return Column(p.b.y + (j / plane) * g.in_c * g.in_h * g.in_w,
-                      i32((q / g.out_w) * g.stride) - i32(g.pad),
-                      i32((q % g.out_w) * g.stride) - i32(g.pad));
-    }
-    // Input-gradient column (e, y, x), shifted by the padding.
-    let in_plane = g.in_h * g.in_w;
-    let pixel = j % in_plane;
-    return Column(p.b.y + (j / in_plane) * g.out_c * g.out_h * g.out_w,
-                  i32(pixel / g.in_w + g.pad),
-                  i32(pixel % g.in_w + g.pad));
-}
-
-// load_b for modes 2 and 4 with the column decoded (same values as load_b).
-fn load_b_column(mode: u32, kk: u32, col: Column, g: Conv) -> f32 {
-    let kk2 = g.kernel * g.kernel;
-    let outer = kk / kk2;
-    let ky = (kk % kk2) / g.kernel;
-    let kx = kk % g.kernel;
-    if mode == 2u {
-        let iy = col.y0 + i32(ky);
-        let ix = col.x0 + i32(kx);
-        if iy < 0 || ix < 0 || iy >= i32(g.in_h) || ix >= i32(g.in_w) {
-            return 0.0;
-        }
-        return b2[col.base + (outer * g.in_h + u32(iy)) * g.in_w + u32(ix)];
-    }
-    let ty = col.y0 - i32(ky);
-    let tx = col.x0 - i32(kx);
-    if ty < 0 || tx < 0 {
-        return 0.0;
-    }
-    let uy = u32(ty);
-    let ux = u32(tx);
-    if uy % g.stride != 0u || ux % g.stride != 0u {
-        return 0.0;
-    }
-    let oy = uy / g.stride;
-    let ox = ux / g.stride;
-    if oy >= g.out_h || ox >= g.out_w {
-        return 0.0;
-    }
-    return b2[col.base + (outer * g.out_h + oy) * g.out_w + ox];
-}
-
-// Written for TILE_M = TILE_N = 64 (4 x 4 per invocation); the 32 x 32 variant is
-// generated from this text by the host (see mod.rs).
-@compute @workgroup_size(16, 16)
-fn gemm(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wid: vec3<u32>) {
-    let m = p.a.x;
-    let n = p.a.y;
-    let k = p.a.z;
-    let mode_a = p.a.w & 15u;
-    let mode_b = (p.a.w >> 4u) & 15u;
-    let mode_c = (p.a.w >> 8u) & 15u;
-    let g = conv_params();
-    let row0 = wid.y * TILE_M;
-    let col0 = wid.x * TILE_N;
-    let k_begin = wid.z * p.b.w;
-    let k_end = min(k, k_begin + p.b.w);
-    let t = lid.y * 16u + lid.x;
-    // Loads are arranged so that neighbouring invocations read neighbouring addresses:
-    // along k for row-major A / transposed B, along m (n) otherwise.
-    let a_along_k = mode_a == 0u;
-    let b_along_k = mode_b == 1u || mode_b == 3u;
-    let column_modes = mode_b == 2u || mode_b == 4u;
-    var column = Column(0u, 0, 0);
-    if column_modes {
-        column = decode_column(mode_b, min(col0 + t % TILE_N, n - 1u), g);
-    }
-    var acc: array<f32, ROWS_X_COLS>;
-    for (var k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        for (var r = 0u; r < TILE_M * TILE_K / 256u; r++) {
-            let e = t + r * 256u;
-            var i: u32;
-            var kk: u32;
-            if a_along_k {
-                kk = e % TILE_K;
-                i = e / TILE_K;
-            } else {
-                i = e % TILE_M;
-                kk = e / TILE_M;
-            }
-            let gi = row0 + i;
-            let gk = k0 + kk;
-            var v = 0.0;
-            if gi < m && gk < k_end {
-                v = load_a(mode_a, gi, gk, m, k, g);
-            }
-            tile_a[kk * TILE_M + i] = v;
-        }
-        for (var r = 0u; r < TILE_N * TILE_K / 256u; r++) {
-            let e = t + r * 256u;
-            var j: u32;
-            var kk: u32;
-            if b_along_k {
-                kk = e % TILE_K;
-                j = e / TILE_K;
-            } else {
-                j = e % TILE_N;
-                kk = e / TILE_N;
-            }
-            let gj = col0 + j;
-            let gk = k0 + kk;
-            var v = 0.0;
-            if gj < n && gk < k_end {
-                if column_modes {
-                    v = load_b_column(mode_b, gk, column, g);
-                } else {
-                    v = load_b(mode_b, gk, gj, n, k, g);
-                }
-            }
-            tile_b[kk * TILE_N + j] = v;
-        }
-        workgroupBarrier();
-        for (var kk = 0u; kk < TILE_K; kk++) {
-            var av: array<f32, PER_ROW>;
-            var bv: array<f32, PER_COL>;
-            for (var r = 0u; r < PER_ROW; r++) {
-                av[r] = tile_a[kk * TILE_M + lid.y + 16u * r];
-            }
-            for (var c = 0u; c < PER_COL; c++) {
-                bv[c] = tile_b[kk * TILE_N + lid.x + 16u * c];
-            }
-            for (var r = 0u; r < PER_ROW; r++) {
-                for (var c = 0u; c < PER_COL; c++) {
-                    acc[r * PER_COL + c] = fma(av[r], bv[c], acc[r * PER_COL + c]);
-                }
-            }
-        }
-        workgroupBarrier();
-    }
-    let split = wid.z;
-    let splits = (k + p.b.w - 1u) / p.b.w;
-    for (var r = 0u; r < PER_ROW; r++) {
-        let gi = row0 + lid.y + 16u * r;
-        for (var c = 0u; c < PER_COL; c++) {
-            let gj = col0 + lid.x + 16u * c;
-            if gi < m && gj < n {
-                if splits > 1u {
-                    b4[(split * m + gi) * n + gj] = acc[r * PER_COL + c];
-                } else {
-                    let index = c_index(mode_c, gi, gj, n, g);
-                    b3[index] = blend(acc[r * PER_COL + c], b3[index], fl(p.c.x), fl(p.c.y));
-                }
-            }
-        }
-    }
-}
-
-// Sums the split-K partials (b4, [splits, m, n]) into C (b3) with alpha and beta.
-// Same parameters as `gemm`.
-@compute @workgroup_size(256)
-fn gemm_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let id = flat_id(gid, groups);
-    let m = p.a.x;
-    let n = p.a.y;
-    if id >= m * n { return; }
-    let splits = (p.a.z + p.b.w - 1u) / p.b.w;
-    var total = 0.0;
-    for (var s = 0u; s < splits; s++) {
-        total += b4[s * m * n + id];
-    }
-    let index = c_index((p.a.w >> 8u) & 15u, id / n, id % n, n, conv_params());
-    b3[index] = blend(total, b3[index], fl(p.c.x), fl(p.c.y));
-}
-
-// ---------------------------------------------------------------- im2col / col2im
-
-// cols (b2) = im2col of one example (b1); a = (len, input offset, cols offset, _),
-// conv geometry in c.z (in channels), d as for gemm; batch index 0.
-@compute @workgroup_size(256)
-fn im2col(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
-    let id = flat_id(gid, groups);
-    if id >= p.a.x { return; }
-    let g = conv_params();
-    let cols = g.out_h * g.out_w;
-    let row = id / cols;
-    let col = id % cols;
-    let kk = g.kernel * g.kernel;
-    let c = row / kk;
-    let ky = (row % kk) / g.kernel;
-    let kx = row % g.kernel;
-    let iy = i32((col / g.out_w) * g.stride + ky) - i32(g.pad);
-    let ix = i32((col % g.out_w) * g.stride + kx) - i32(g.pad);
     var v = 0.0;
     if iy >= 0 && ix >= 0 && iy < i32(g.in_h) && ix < i32(g.in_w) {
-        v = b1[p.a.y + (c * g.in_h + u32(iy)) * g.in_w + u32(ix)];
+        v = b1[p.a.y + ((e * g.in_c + c) * g.in_h + u32(iy)) * g.in_w + u32(ix)];
     }
-    b2[p.a.z + id] = v;
+    b2[p.a.z + row * columns + col] = v;
 }
 
-// input_grad (b2) = adjoint of im2col applied to cols (b1); one invocation per pixel.
+// input_grad (b2) = adjoint of im2col applied to cols (b1); one invocation per input
+// value of the batch.
 @compute @workgroup_size(256)
 fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
     let id = flat_id(gid, groups);
     if id >= p.a.x { return; }
     let g = conv_params();
     let in_plane = g.in_h * g.in_w;
-    let c = id / in_plane;
+    let e = id / (g.in_c * in_plane);
+    let c = (id / in_plane) % g.in_c;
     let y = (id % in_plane) / g.in_w;
     let x = id % g.in_w;
-    let cols = g.out_h * g.out_w;
+    let plane = g.out_h * g.out_w;
+    let columns = plane * p.a.w;
+    let col0 = e * plane;
     var total = 0.0;
     for (var ky = 0u; ky < g.kernel; ky++) {
         let ty = i32(y + g.pad) - i32(ky);
@@ -524,10 +468,24 @@ fn col2im(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
             let ox = u32(tx) / g.stride;
             if ox >= g.out_w { continue; }
             let row = (c * g.kernel + ky) * g.kernel + kx;
-            total += b1[p.a.y + row * cols + oy * g.out_w + ox];
+            total += b1[p.a.y + row * columns + col0 + oy * g.out_w + ox];
         }
     }
     b2[p.a.z + id] = total;
+}
+
+// dst (b2)[ch, e, q] = src (b1)[e, ch, q]: a batch of feature maps as one matrix with a
+// row per channel. a = (len, src, dst, plane), b = (channels, batch).
+@compute @workgroup_size(256)
+fn to_channel_major(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>) {
+    let id = flat_id(gid, groups);
+    if id >= p.a.x { return; }
+    let plane = p.a.w;
+    let row = plane * p.b.y;
+    let ch = id / row;
+    let e = (id % row) / plane;
+    let q = id % plane;
+    b2[p.a.z + id] = b1[p.a.y + (e * p.b.x + ch) * plane + q];
 }
 
 // ---------------------------------------------------------------- max pooling

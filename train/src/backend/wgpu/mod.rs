@@ -20,9 +20,21 @@
 //!   group depends only on which buffers a dispatch uses; bind groups are created the
 //!   first time a combination is used (the first training step) and reused after that,
 //!   and dropped with their buffers;
-//! - the split-K scratch and the read-back buffer grow on first use and are kept.
+//! - the scratch buffers (split-K partials, a batch's im2col matrix, a gradient in
+//!   channel-major order) and the read-back buffer grow on first use and are kept.
 //!
 //! Only [`Backend::download`] waits for the device.
+//!
+//! # Kernels
+//!
+//! Every product runs through one tiled GEMM (see kernels.wgsl): 4 x 4 register blocks
+//! per invocation, operands staged through workgroup memory one K step ahead, operand
+//! layouts as pipeline constants, and K split over more workgroups when the tiles alone
+//! would leave a large GPU idle ([`gemm_plan`]). A convolution writes the whole batch's
+//! im2col matrix to a scratch buffer and runs one plain product over it (backward: the
+//! output gradient transposed to channel-major, a product, and `col2im`); measured on an
+//! H200 this beat decoding im2col indices inside the product's loads several times over
+//! (BENCHMARKS.md). `FEDQUIC_WGPU_PROFILE=FILE` times every dispatch (profile.rs).
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -33,6 +45,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{AdamStep, Backend, ConvGeometry, Gemm, PoolGeometry, SgdStep};
 use crate::error::{Result, TrainError};
+
+mod profile;
+use profile::Profiler;
 
 const SHADER: &str = include_str!("kernels.wgsl");
 
@@ -63,11 +78,18 @@ enum Kernel {
     FillChannels,
     SumRows,
     SumChannels,
-    Gemm64,
-    Gemm32,
-    GemmReduce,
+    /// The tiled product with 64 x 64 tiles (`big`) or 32 x 32.
+    Gemm {
+        big: bool,
+        modes: GemmModes,
+    },
+    /// The split-K sum, writing C as `conv_output` says (MODE_C 1) or row-major.
+    GemmReduce {
+        conv_output: bool,
+    },
     Im2col,
     Col2im,
+    ToChannelMajor,
     MaxPool,
     MaxPoolBackward,
     SoftmaxCrossEntropy,
@@ -76,27 +98,62 @@ enum Kernel {
 }
 
 impl Kernel {
-    const ALL: [Kernel; 19] = [
-        Kernel::Relu,
-        Kernel::ReluBackward,
-        Kernel::Mul,
-        Kernel::Copy,
-        Kernel::DropoutMask,
-        Kernel::FillRows,
-        Kernel::FillChannels,
-        Kernel::SumRows,
-        Kernel::SumChannels,
-        Kernel::Gemm64,
-        Kernel::Gemm32,
-        Kernel::GemmReduce,
-        Kernel::Im2col,
-        Kernel::Col2im,
-        Kernel::MaxPool,
-        Kernel::MaxPoolBackward,
-        Kernel::SoftmaxCrossEntropy,
-        Kernel::SgdStep,
-        Kernel::AdamStep,
-    ];
+    /// Every pipeline a device creates: the GEMM in each tile size and operand layout it
+    /// is used with (the convolution output layout only with plain A and B).
+    fn all() -> Vec<Kernel> {
+        let mut all = vec![
+            Kernel::Relu,
+            Kernel::ReluBackward,
+            Kernel::Mul,
+            Kernel::Copy,
+            Kernel::DropoutMask,
+            Kernel::FillRows,
+            Kernel::FillChannels,
+            Kernel::SumRows,
+            Kernel::SumChannels,
+            Kernel::GemmReduce { conv_output: false },
+            Kernel::GemmReduce { conv_output: true },
+            Kernel::Im2col,
+            Kernel::Col2im,
+            Kernel::ToChannelMajor,
+            Kernel::MaxPool,
+            Kernel::MaxPoolBackward,
+            Kernel::SoftmaxCrossEntropy,
+            Kernel::SgdStep,
+            Kernel::AdamStep,
+        ];
+        for big in [true, false] {
+            for (a, b) in [(false, false), (false, true), (true, false), (true, true)] {
+                let plain = GemmModes {
+                    trans_a: a,
+                    trans_b: b,
+                    conv_output: false,
+                };
+                all.push(Kernel::Gemm { big, modes: plain });
+            }
+            let conv = GemmModes {
+                trans_a: false,
+                trans_b: false,
+                conv_output: true,
+            };
+            all.push(Kernel::Gemm { big, modes: conv });
+        }
+        all
+    }
+
+    /// Values of the shader's pipeline constants for this kernel.
+    fn constants(self) -> Vec<(&'static str, f64)> {
+        let flag = |on: bool| if on { 1.0 } else { 0.0 };
+        match self {
+            Kernel::Gemm { modes, .. } => vec![
+                ("MODE_A", flag(modes.trans_a)),
+                ("MODE_B", flag(modes.trans_b)),
+                ("MODE_C", flag(modes.conv_output)),
+            ],
+            Kernel::GemmReduce { conv_output } => vec![("MODE_C", flag(conv_output))],
+            _ => Vec::new(),
+        }
+    }
 
     fn entry_point(self) -> &'static str {
         match self {
@@ -109,10 +166,11 @@ impl Kernel {
             Kernel::FillChannels => "fill_channels",
             Kernel::SumRows => "sum_rows",
             Kernel::SumChannels => "sum_channels",
-            Kernel::Gemm64 | Kernel::Gemm32 => "gemm",
-            Kernel::GemmReduce => "gemm_reduce",
+            Kernel::Gemm { .. } => "gemm",
+            Kernel::GemmReduce { .. } => "gemm_reduce",
             Kernel::Im2col => "im2col",
             Kernel::Col2im => "col2im",
+            Kernel::ToChannelMajor => "to_channel_major",
             Kernel::MaxPool => "max_pool",
             Kernel::MaxPoolBackward => "max_pool_backward",
             Kernel::SoftmaxCrossEntropy => "softmax_cross_entropy",
@@ -122,14 +180,16 @@ impl Kernel {
     }
 }
 
-/// The shader source for a GEMM tile of `tile x tile` (64 or 32).
+/// The shader source for a GEMM tile of `tile x tile` (64 or 32): `tile / 4` squared
+/// invocations, each computing a 4 x 4 block and loading 4 values of each operand per
+/// K step.
 fn shader_source(tile: u32) -> String {
-    let per = tile / 16;
+    let side = tile / 4;
+    let threads = side * side;
     let consts = format!(
         "const TILE_M: u32 = {tile}u;\nconst TILE_N: u32 = {tile}u;\n\
-         const PER_ROW: u32 = {per}u;\nconst PER_COL: u32 = {per}u;\n\
-         const ROWS_X_COLS: u32 = {}u;\n",
-        per * per
+         const TILE_K: u32 = {}u;\nconst SIDE: u32 = {side}u;\nconst THREADS: u32 = {threads}u;\n",
+        4 * threads / tile
     );
     format!("{consts}{SHADER}")
 }
@@ -174,6 +234,8 @@ pub struct WgpuDevice {
     /// flush or download instead of the default handler's panic.
     error: Arc<Mutex<Option<String>>>,
     dummy: wgpu::Buffer,
+    /// Per-dispatch timing, when `FEDQUIC_WGPU_PROFILE` asks for it (see profile.rs).
+    profiler: Option<Mutex<Profiler>>,
 }
 
 impl fmt::Debug for WgpuDevice {
@@ -238,9 +300,15 @@ impl WgpuDevice {
             ),
         };
         let limits = adapter.limits();
+        let profile_path = Profiler::requested(adapter.features());
+        let required_features = if profile_path.is_some() {
+            wgpu::Features::TIMESTAMP_QUERY
+        } else {
+            wgpu::Features::empty()
+        };
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("fedquic-train"),
-            required_features: wgpu::Features::empty(),
+            required_features,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -289,20 +357,25 @@ impl WgpuDevice {
             })
         };
         let (module64, module32) = (module(64), module(32));
-        let pipelines = Kernel::ALL
-            .iter()
-            .map(|&kernel| {
-                let module = if kernel == Kernel::Gemm32 {
+        let pipelines = Kernel::all()
+            .into_iter()
+            .map(|kernel| {
+                let module = if matches!(kernel, Kernel::Gemm { big: false, .. }) {
                     &module32
                 } else {
                     &module64
                 };
+                let constants = kernel.constants();
                 let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                     label: Some(kernel.entry_point()),
                     layout: Some(&pipeline_layout),
                     module,
                     entry_point: Some(kernel.entry_point()),
-                    compilation_options: Default::default(),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        // Every kernel writes its workgroup memory before reading it.
+                        zero_initialize_workgroup_memory: false,
+                    },
                     cache: None,
                 });
                 (kernel, pipeline)
@@ -314,7 +387,9 @@ impl WgpuDevice {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
+        let profiler = profile_path.map(|path| Mutex::new(Profiler::new(&device, &queue, path)));
         let shared = WgpuDevice {
+            profiler,
             uniform_stride: u64::from(limits.min_uniform_buffer_offset_alignment).max(64),
             max_binding: limits
                 .max_storage_buffer_binding_size
@@ -413,8 +488,8 @@ struct Recorder {
     arena_buffer: wgpu::Buffer,
     in_flight: VecDeque<wgpu::SubmissionIndex>,
     readback: Option<wgpu::Buffer>,
-    /// Split-K partial products.
-    scratch: Option<Arc<GpuBuffer>>,
+    /// Scratch buffers by [`Scratch`] kind.
+    scratch: [Option<Arc<GpuBuffer>>; 3],
 }
 
 /// One thread's handle on a [`WgpuDevice`]: records operations and submits them.
@@ -423,6 +498,9 @@ pub struct WgpuBackend {
     recorder: Mutex<Recorder>,
     /// Part of every bind group key: bind groups bind this recorder's uniform buffer.
     recorder_id: u64,
+    /// The most floats of a batched convolution's im2col matrix ([`COLUMN_LIMIT`]; tests
+    /// lower it to exercise the per-chunk passes).
+    column_limit: usize,
 }
 
 impl Drop for WgpuBackend {
@@ -496,24 +574,81 @@ fn grid(groups: usize) -> Result<(u32, u32, u32)> {
     Ok((x as u32, y as u32, 1))
 }
 
-/// Convolution geometry words (c.z, c.w, d.x..d.w of the GEMM parameters).
-fn conv_words(geometry: &ConvGeometry, out_channels: usize) -> Result<[u32; 6]> {
-    Ok([
-        word(geometry.in_channels)?,
-        word(out_channels)?,
-        packed(geometry.in_height, geometry.in_width)?,
-        packed(geometry.kernel, geometry.stride)?,
-        word(geometry.padding)?,
-        packed(geometry.out_height, geometry.out_width)?,
-    ])
+/// Invocations that share the sum of one column of `rows` rows in `sum_rows` and
+/// `gemm_reduce`: a power of two up to 16, no more than there are rows.
+fn reduce_lanes(rows: usize) -> usize {
+    rows.clamp(1, 16).next_power_of_two().min(16)
 }
 
-/// Operand addressing of the GEMM kernel (see kernels.wgsl).
-#[derive(Clone, Copy)]
+/// The most floats of a batched convolution's im2col matrix (256 MiB); larger batches
+/// run in several passes.
+const COLUMN_LIMIT: usize = 1 << 26;
+
+/// Values of one channel a workgroup of `sum_channels` sums.
+const SUM_PART: usize = 4096;
+
+/// Invocations a product should spread over to hide a large GPU's memory latency.
+const GEMM_TARGET_THREADS: usize = 64 * 1024;
+/// The least K a split-K part runs over.
+const GEMM_MIN_SPLIT_K: usize = 64;
+/// The most floats of split-K partial products.
+const GEMM_MAX_PARTIALS: usize = 1 << 24;
+
+/// How the GEMM kernel covers an `m x n x k` product: (64 x 64 tiles, else 32 x 32;
+/// K splits; K per split, a multiple of both tiles' K step). 64 tiles reuse each load
+/// more but need both sides to be large; K is split when the tiles alone give too few
+/// invocations.
+fn gemm_plan(m: usize, n: usize, k: usize) -> (bool, usize, usize) {
+    let big = m >= 48 && n >= 48;
+    let (tile, threads) = if big { (64, 256) } else { (32, 64) };
+    let tiles = m.div_ceil(tile) * n.div_ceil(tile);
+    let wanted = GEMM_TARGET_THREADS.div_ceil(tiles * threads);
+    let splits = wanted
+        .min(k / GEMM_MIN_SPLIT_K)
+        .min(GEMM_MAX_PARTIALS / (m * n).max(1))
+        .max(1);
+    let k_per_split = k.div_ceil(splits).div_ceil(16).max(1) * 16;
+    (big, k.div_ceil(k_per_split).max(1), k_per_split)
+}
+
+/// The parameters of `im2col` / `col2im` over `batch` examples (see kernels.wgsl).
+fn conv_params(
+    geometry: &ConvGeometry,
+    len: usize,
+    src: usize,
+    dst: usize,
+    batch: usize,
+) -> Result<Params> {
+    Ok(
+        Params::new(&[word(len)?, word(src)?, word(dst)?, word(batch)?])
+            .set(10, word(geometry.in_channels)?)
+            .set(12, packed(geometry.in_height, geometry.in_width)?)
+            .set(13, packed(geometry.kernel, geometry.stride)?)
+            .set(14, word(geometry.padding)?)
+            .set(15, packed(geometry.out_height, geometry.out_width)?),
+    )
+}
+
+/// Operand layouts of the GEMM kernel (pipeline constants; see kernels.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct GemmModes {
-    a: u32,
-    b: u32,
-    c: u32,
+    /// A stored k x m.
+    trans_a: bool,
+    /// B stored n x k.
+    trans_b: bool,
+    /// C written as a convolution output [e, oc, q] from (oc, (e, q)).
+    conv_output: bool,
+}
+
+/// Which of a recorder's scratch buffers (each grows on first use and is kept).
+#[derive(Clone, Copy)]
+enum Scratch {
+    /// Split-K partial products.
+    SplitK,
+    /// A batch's im2col matrix (or its gradient).
+    Columns,
+    /// An output gradient in channel-major order.
+    ChannelMajor,
 }
 
 impl WgpuBackend {
@@ -540,11 +675,20 @@ impl WgpuBackend {
                 arena_buffer,
                 in_flight: VecDeque::new(),
                 readback: None,
-                scratch: None,
+                scratch: Default::default(),
             }),
             recorder_id: device.next_id.fetch_add(1, Ordering::Relaxed),
+            column_limit: COLUMN_LIMIT,
             device,
         }
+    }
+
+    /// This backend with batched convolutions split into passes of at most `floats`
+    /// im2col values.
+    #[cfg(test)]
+    fn with_column_limit(mut self, floats: usize) -> WgpuBackend {
+        self.column_limit = floats;
+        self
     }
 
     /// Opens a device ([`WgpuDevice::open`]) and a recorder on it.
@@ -663,6 +807,8 @@ impl WgpuBackend {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("step"),
             });
+        let mut profiler = device.profiler.as_ref().map(lock);
+        let mut profiled = Vec::new();
         {
             let mut cache = lock(&device.bind_groups);
             let mut pass: Option<wgpu::ComputePass<'_>> = None;
@@ -696,7 +842,25 @@ impl WgpuBackend {
                         let bind_group = cache
                             .entry(key)
                             .or_insert_with(|| self.create_bind_group(recorder, bindings));
-                        if pass.is_none() {
+                        if let Some(profiler) = &profiler {
+                            // Its own pass, timestamped at both ends.
+                            drop(pass.take());
+                            let index = 2 * profiled.len() as u32;
+                            pass = Some(
+                                encoder
+                                    .begin_compute_pass(&wgpu::ComputePassDescriptor {
+                                        label: None,
+                                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                                            query_set: &profiler.query_set,
+                                            beginning_of_pass_write_index: Some(index),
+                                            end_of_pass_write_index: Some(index + 1),
+                                        }),
+                                    })
+                                    .forget_lifetime(),
+                            );
+                            let at = *uniform_slot as usize * device.uniform_stride as usize;
+                            profiled.push((*kernel, params_at(&recorder.uniforms, at), *groups));
+                        } else if pass.is_none() {
                             pass = Some(
                                 encoder
                                     .begin_compute_pass(&wgpu::ComputePassDescriptor {
@@ -722,7 +886,20 @@ impl WgpuBackend {
             }
             drop(pass);
         }
+        let queries = 2 * profiled.len() as u64;
+        if let Some(profiler) = &profiler
+            && queries > 0
+        {
+            encoder.resolve_query_set(&profiler.query_set, 0..queries as u32, &profiler.resolve, 0);
+            encoder.copy_buffer_to_buffer(&profiler.resolve, 0, &profiler.readback, 0, queries * 8);
+        }
         let index = device.queue.submit([encoder.finish()]);
+        if let Some(profiler) = profiler.as_mut()
+            && queries > 0
+        {
+            let ticks = read_back_u64s(device, &profiler.readback, index.clone(), queries)?;
+            profiler.record(&profiled, &ticks);
+        }
         recorder.commands.clear();
         recorder.uniforms.clear();
         recorder.arena.clear();
@@ -809,22 +986,94 @@ impl WgpuBackend {
         Ok(())
     }
 
-    /// The split-K scratch buffer, grown to at least `len` floats.
-    fn scratch(&self, len: usize) -> Result<Arc<GpuBuffer>> {
+    /// Scratch buffer `kind`, grown to at least `len` floats. Dispatches run in order,
+    /// so one buffer serves every operation of a recorder.
+    fn scratch(&self, kind: Scratch, len: usize) -> Arc<GpuBuffer> {
         let mut recorder = lock(&self.recorder);
-        if let Some(scratch) = &recorder.scratch
+        let slot = &mut recorder.scratch[kind as usize];
+        if let Some(scratch) = slot
             && scratch.len >= len
         {
-            return Ok(Arc::clone(scratch));
+            return Arc::clone(scratch);
         }
-        // Pending work may still use the old scratch buffer; it stays alive through the
+        // Pending work may still use the old buffer; it stays alive through the
         // commands' handles.
-        let scratch = Arc::new(self.buffer(len.next_power_of_two(), "split-k scratch"));
-        recorder.scratch = Some(Arc::clone(&scratch));
-        Ok(scratch)
+        let scratch = Arc::new(self.buffer(len.next_power_of_two(), "scratch"));
+        *slot = Some(Arc::clone(&scratch));
+        scratch
     }
 
-    /// `C = alpha * A B + beta * C` with the given addressing modes.
+    /// Examples per pass of a batched convolution, so that its im2col matrix stays
+    /// within one binding and [`COLUMN_LIMIT`].
+    fn conv_chunk(&self, geometry: &ConvGeometry, batch: usize) -> usize {
+        let limit = (self.device.max_binding as usize / 4).min(self.column_limit);
+        let per_example = (geometry.col_rows() * geometry.col_cols()).max(1);
+        (limit / per_example).clamp(1, batch.max(1))
+    }
+
+    /// `dst` (a scratch buffer) = `src` (`batch` maps of `channels x plane`) as a
+    /// `channels x (batch * plane)` matrix.
+    fn to_channel_major(
+        &self,
+        src: &GpuSlice<'_>,
+        channels: usize,
+        batch: usize,
+        plane: usize,
+    ) -> Result<Arc<GpuBuffer>> {
+        let len = channels * batch * plane;
+        check(src, len)?;
+        let dst = self.scratch(Scratch::ChannelMajor, len);
+        let params = Params::new(&[word(len)?, word(src.offset)?, 0, word(plane)?])
+            .set(4, word(channels)?)
+            .set(5, word(batch)?);
+        self.dispatch_1d(Kernel::ToChannelMajor, &[src.buffer, &dst], params, len)?;
+        Ok(dst)
+    }
+
+    /// The im2col matrix of `batch` examples of `input` into a scratch buffer.
+    fn im2col_batch(
+        &self,
+        geometry: &ConvGeometry,
+        input: &GpuSlice<'_>,
+        batch: usize,
+    ) -> Result<Arc<GpuBuffer>> {
+        check(input, batch * geometry.input_len())?;
+        let len = geometry.col_rows() * geometry.col_cols() * batch;
+        let cols = self.scratch(Scratch::Columns, len);
+        let dst = self.src(&cols, 0..len)?;
+        self.dispatch_im2col(geometry, input, &dst, batch)?;
+        Ok(cols)
+    }
+
+    /// Records `im2col` of `batch` examples of `input` into `cols`.
+    fn dispatch_im2col(
+        &self,
+        geometry: &ConvGeometry,
+        input: &GpuSlice<'_>,
+        cols: &GpuSlice<'_>,
+        batch: usize,
+    ) -> Result<()> {
+        let (rows, columns) = (geometry.col_rows(), geometry.col_cols() * batch);
+        if rows == 0 || columns == 0 {
+            return Ok(());
+        }
+        if rows > MAX_GROUPS {
+            return Err(gpu_error(format!(
+                "{rows} im2col rows exceed the dispatch limit"
+            )));
+        }
+        let params = conv_params(geometry, rows * columns, input.offset, cols.offset, batch)?;
+        let (x, y, _) = grid(columns.div_ceil(GROUP))?;
+        self.dispatch(
+            Kernel::Im2col,
+            &[input.buffer, cols.buffer],
+            params,
+            (x, y, rows as u32),
+        )
+    }
+
+    /// `C = alpha * A B + beta * C` with the given operand layouts; `plane` is the
+    /// output pixels per channel of a convolution output (`modes.conv_output`).
     #[allow(clippy::too_many_arguments)]
     fn gemm_modes(
         &self,
@@ -835,43 +1084,28 @@ impl WgpuBackend {
         c: &GpuSlice<'_>,
         alpha: f32,
         beta: f32,
-        conv: [u32; 6],
+        plane: usize,
     ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        // Big tiles when there are enough of them to fill a GPU, small ones otherwise.
-        let big_tiles = m.div_ceil(64) * n.div_ceil(64);
-        let (kernel, tile) = if big_tiles >= 128 {
-            (Kernel::Gemm64, 64)
-        } else {
-            (Kernel::Gemm32, 32)
-        };
-        let tiles = m.div_ceil(tile) * n.div_ceil(tile);
-        // Split K when few tiles would each loop over a long K.
-        let mut splits = 1;
-        if tiles < 128 && k >= 512 {
-            splits = (256 / tiles).clamp(1, k / 256).min(64);
-        }
-        let k_per_split = k.div_ceil(splits).div_ceil(16) * 16;
-        let splits = k.div_ceil(k_per_split.max(1)).max(1);
+        let (big, splits, k_per_split) = gemm_plan(m, n, k);
+        let tile = if big { 64 } else { 32 };
         let params = Params::new(&[
             word(m)?,
             word(n)?,
             word(k)?,
-            modes.a | modes.b << 4 | modes.c << 8,
+            0,
             word(a.offset)?,
             word(b.offset)?,
             word(c.offset)?,
-            word(k_per_split.max(16))?,
+            word(k_per_split)?,
             alpha.to_bits(),
             beta.to_bits(),
-            conv[0],
-            conv[1],
-            conv[2],
-            conv[3],
-            conv[4],
-            conv[5],
+            0,
+            0,
+            word(plane)?,
+            reduce_lanes(splits) as u32,
         ]);
         let groups_x = n.div_ceil(tile);
         let groups_y = m.div_ceil(tile);
@@ -879,21 +1113,51 @@ impl WgpuBackend {
             return Err(gpu_error(format!("matrix product {m}x{n} is too large")));
         }
         let groups = (groups_x as u32, groups_y as u32, splits as u32);
+        let kernel = Kernel::Gemm { big, modes };
         if splits == 1 {
             return self.dispatch(kernel, &[a.buffer, b.buffer, c.buffer], params, groups);
         }
-        let scratch = self.scratch(splits * m * n)?;
+        let scratch = self.scratch(Scratch::SplitK, splits * m * n);
         self.dispatch(
             kernel,
             &[a.buffer, b.buffer, c.buffer, &scratch],
             params,
             groups,
         )?;
-        self.dispatch_1d(
-            Kernel::GemmReduce,
+        self.dispatch(
+            Kernel::GemmReduce {
+                conv_output: modes.conv_output,
+            },
             &[a.buffer, b.buffer, c.buffer, &scratch],
             params,
-            m * n,
+            grid((m * n).div_ceil(GROUP / reduce_lanes(splits)))?,
+        )
+    }
+
+    /// `dst = alpha * (sum of the rows of src) + beta * dst`.
+    fn sum_rows_of(
+        &self,
+        src: &GpuSlice<'_>,
+        rows: usize,
+        alpha: f32,
+        beta: f32,
+        dst: &GpuSlice<'_>,
+    ) -> Result<()> {
+        let lanes = reduce_lanes(rows);
+        let params = Params::new(&[
+            word(dst.len)?,
+            word(src.offset)?,
+            word(dst.offset)?,
+            word(rows)?,
+            alpha.to_bits(),
+            beta.to_bits(),
+            lanes as u32,
+        ]);
+        self.dispatch(
+            Kernel::SumRows,
+            &[src.buffer, dst.buffer],
+            params,
+            grid(dst.len.div_ceil(GROUP / lanes))?,
         )
     }
 
@@ -912,6 +1176,56 @@ impl WgpuBackend {
         recorder.readback = Some(buffer.clone());
         buffer
     }
+}
+
+/// The parameters recorded at byte `at` of a recorder's uniform data.
+fn params_at(uniforms: &[u8], at: usize) -> Params {
+    let mut params = Params::default();
+    for (index, word) in params.0.iter_mut().enumerate() {
+        let start = at + 4 * index;
+        if let Some(bytes) = uniforms.get(start..start + 4) {
+            *word = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        }
+    }
+    params
+}
+
+/// Waits for submission `index` and reads `count` u64s from the start of `buffer`
+/// (mappable for reading).
+fn read_back_u64s(
+    device: &WgpuDevice,
+    buffer: &wgpu::Buffer,
+    index: wgpu::SubmissionIndex,
+    count: u64,
+) -> Result<Vec<u64>> {
+    let bytes = count * 8;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    buffer.map_async(wgpu::MapMode::Read, 0..bytes, move |result| {
+        let _ = sender.send(result);
+    });
+    device
+        .device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(index),
+            timeout: None,
+        })
+        .map_err(gpu_error)?;
+    receiver
+        .recv()
+        .map_err(|_| gpu_error("read-back callback never ran"))?
+        .map_err(gpu_error)?;
+    let values = {
+        let view = buffer.get_mapped_range(0..bytes).map_err(gpu_error)?;
+        view.chunks_exact(8)
+            .map(|chunk| {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(chunk);
+                u64::from_le_bytes(word)
+            })
+            .collect()
+    };
+    buffer.unmap();
+    Ok(values)
 }
 
 fn floats_as_bytes(values: &[f32]) -> &[u8] {
@@ -1046,9 +1360,9 @@ impl Backend for WgpuBackend {
         check(&b, gemm.k * gemm.n)?;
         check(&c.0, gemm.m * gemm.n)?;
         let modes = GemmModes {
-            a: u32::from(gemm.trans_a),
-            b: u32::from(gemm.trans_b),
-            c: 0,
+            trans_a: gemm.trans_a,
+            trans_b: gemm.trans_b,
+            conv_output: false,
         };
         self.gemm_modes(
             (gemm.m, gemm.n, gemm.k),
@@ -1058,7 +1372,7 @@ impl Backend for WgpuBackend {
             &c.0,
             gemm.alpha,
             gemm.beta,
-            [0; 6],
+            0,
         )
     }
 
@@ -1116,20 +1430,7 @@ impl Backend for WgpuBackend {
         dst: GpuSliceMut<'_>,
     ) -> Result<()> {
         check(&src, rows * dst.0.len)?;
-        let params = Params::new(&[
-            word(dst.0.len)?,
-            word(src.offset)?,
-            word(dst.0.offset)?,
-            word(rows)?,
-            alpha.to_bits(),
-            beta.to_bits(),
-        ]);
-        self.dispatch_1d(
-            Kernel::SumRows,
-            &[src.buffer, dst.0.buffer],
-            params,
-            dst.0.len,
-        )
+        self.sum_rows_of(&src, rows, alpha, beta, &dst.0)
     }
 
     fn sum_channels(
@@ -1141,25 +1442,46 @@ impl Backend for WgpuBackend {
         beta: f32,
         dst: GpuSliceMut<'_>,
     ) -> Result<()> {
-        check(&src, batch * dst.0.len * plane)?;
-        if dst.0.len == 0 {
+        let channels = dst.0.len;
+        check(&src, batch * channels * plane)?;
+        if channels == 0 {
             return Ok(());
         }
+        if channels > MAX_GROUPS {
+            return Err(gpu_error(format!(
+                "{channels} channels exceed the dispatch limit"
+            )));
+        }
+        let parts = (batch * plane).div_ceil(SUM_PART).clamp(1, MAX_GROUPS);
+        let part_len = (batch * plane).div_ceil(parts).max(1);
         let params = Params::new(&[
-            word(dst.0.len)?,
+            word(channels)?,
             word(src.offset)?,
             word(dst.0.offset)?,
             word(plane)?,
             word(batch)?,
             alpha.to_bits(),
             beta.to_bits(),
+            word(part_len)?,
         ]);
+        let groups = (channels as u32, parts as u32, 1);
+        if parts == 1 {
+            return self.dispatch(
+                Kernel::SumChannels,
+                &[src.buffer, dst.0.buffer],
+                params,
+                groups,
+            );
+        }
+        let partials = self.scratch(Scratch::SplitK, parts * channels);
         self.dispatch(
             Kernel::SumChannels,
-            &[src.buffer, dst.0.buffer],
+            &[src.buffer, dst.0.buffer, &partials],
             params,
-            grid(dst.0.len)?,
-        )
+            groups,
+        )?;
+        let partials = self.src(&partials, 0..parts * channels)?;
+        self.sum_rows_of(&partials, parts, alpha, beta, &dst.0)
     }
 
     fn relu(&self, x: GpuSliceMut<'_>) -> Result<()> {
@@ -1216,16 +1538,8 @@ impl Backend for WgpuBackend {
         cols: GpuSliceMut<'_>,
     ) -> Result<()> {
         check(&input, geometry.input_len())?;
-        let len = geometry.col_rows() * geometry.col_cols();
-        check(&cols.0, len)?;
-        let conv = conv_words(geometry, 0)?;
-        let params = Params::new(&[word(len)?, word(input.offset)?, word(cols.0.offset)?])
-            .set(10, conv[0])
-            .set(12, conv[2])
-            .set(13, conv[3])
-            .set(14, conv[4])
-            .set(15, conv[5]);
-        self.dispatch_1d(Kernel::Im2col, &[input.buffer, cols.0.buffer], params, len)
+        check(&cols.0, geometry.col_rows() * geometry.col_cols())?;
+        self.dispatch_im2col(geometry, &input, &cols.0, 1)
     }
 
     fn col2im(
@@ -1237,13 +1551,7 @@ impl Backend for WgpuBackend {
         check(&cols, geometry.col_rows() * geometry.col_cols())?;
         let len = geometry.input_len();
         check(&input_grad.0, len)?;
-        let conv = conv_words(geometry, 0)?;
-        let params = Params::new(&[word(len)?, word(cols.offset)?, word(input_grad.0.offset)?])
-            .set(10, conv[0])
-            .set(12, conv[2])
-            .set(13, conv[3])
-            .set(14, conv[4])
-            .set(15, conv[5]);
+        let params = conv_params(geometry, len, cols.offset, input_grad.0.offset, 1)?;
         self.dispatch_1d(
             Kernel::Col2im,
             &[cols.buffer, input_grad.0.buffer],
@@ -1261,25 +1569,39 @@ impl Backend for WgpuBackend {
         input: GpuSlice<'_>,
         output: GpuSliceMut<'_>,
     ) -> Result<bool> {
-        check(&weight, out_channels * geometry.col_rows())?;
-        check(&input, batch * geometry.input_len())?;
-        check(&output.0, batch * out_channels * geometry.col_cols())?;
-        // output[oc, (e, q)] += W [oc, rows] . im2col(x) [rows, (e, q)], im2col implicit.
-        let modes = GemmModes { a: 0, b: 2, c: 1 };
-        self.gemm_modes(
-            (
-                out_channels,
-                batch * geometry.col_cols(),
-                geometry.col_rows(),
-            ),
-            modes,
-            &weight,
-            &input,
-            &output.0,
-            1.0,
-            1.0,
-            conv_words(geometry, out_channels)?,
-        )?;
+        let (rows, plane, in_len) = (
+            geometry.col_rows(),
+            geometry.col_cols(),
+            geometry.input_len(),
+        );
+        check(&weight, out_channels * rows)?;
+        check(&input, batch * in_len)?;
+        check(&output.0, batch * out_channels * plane)?;
+        let modes = GemmModes {
+            trans_a: false,
+            trans_b: false,
+            conv_output: true,
+        };
+        let chunk = self.conv_chunk(geometry, batch);
+        for first in (0..batch).step_by(chunk) {
+            let examples = chunk.min(batch - first);
+            // output[e, oc, q] += W [oc, rows] . cols [rows, (e, q)]
+            let x = sub(&input, first * in_len, examples * in_len);
+            let cols = self.im2col_batch(geometry, &x, examples)?;
+            let cols = self.src(&cols, 0..rows * examples * plane)?;
+            let out_len = out_channels * plane;
+            let y = sub(&output.0, first * out_len, examples * out_len);
+            self.gemm_modes(
+                (out_channels, examples * plane, rows),
+                modes,
+                &weight,
+                &cols,
+                &y,
+                1.0,
+                1.0,
+                plane,
+            )?;
+        }
         Ok(true)
     }
 
@@ -1292,26 +1614,49 @@ impl Backend for WgpuBackend {
         output_grad: GpuSlice<'_>,
         input_grad: GpuSliceMut<'_>,
     ) -> Result<bool> {
-        check(&weight, out_channels * geometry.col_rows())?;
-        check(&output_grad, batch * out_channels * geometry.col_cols())?;
-        check(&input_grad.0, batch * geometry.input_len())?;
-        // dx[c, (e, pixel)] = W' [c, (oc, ky, kx)] . gathered dy [(oc, ky, kx), (e, pixel)].
-        let kk = geometry.kernel * geometry.kernel;
-        let modes = GemmModes { a: 3, b: 4, c: 2 };
-        self.gemm_modes(
-            (
-                geometry.in_channels,
-                batch * geometry.in_height * geometry.in_width,
-                out_channels * kk,
-            ),
-            modes,
-            &weight,
-            &output_grad,
-            &input_grad.0,
-            1.0,
-            0.0,
-            conv_words(geometry, out_channels)?,
-        )?;
+        let (rows, plane, in_len) = (
+            geometry.col_rows(),
+            geometry.col_cols(),
+            geometry.input_len(),
+        );
+        check(&weight, out_channels * rows)?;
+        check(&output_grad, batch * out_channels * plane)?;
+        check(&input_grad.0, batch * in_len)?;
+        let modes = GemmModes {
+            trans_a: true,
+            trans_b: false,
+            conv_output: false,
+        };
+        let chunk = self.conv_chunk(geometry, batch);
+        for first in (0..batch).step_by(chunk) {
+            let examples = chunk.min(batch - first);
+            // dcols [rows, (e, q)] = W^T [rows, oc] . dy [oc, (e, q)], then col2im.
+            let out_len = out_channels * plane;
+            let dy = sub(&output_grad, first * out_len, examples * out_len);
+            let dy = self.to_channel_major(&dy, out_channels, examples, plane)?;
+            let dy = self.src(&dy, 0..examples * out_len)?;
+            let cols_len = rows * examples * plane;
+            let dcols = self.scratch(Scratch::Columns, cols_len);
+            let dcols = self.src(&dcols, 0..cols_len)?;
+            self.gemm_modes(
+                (rows, examples * plane, out_channels),
+                modes,
+                &weight,
+                &dy,
+                &dcols,
+                1.0,
+                0.0,
+                0,
+            )?;
+            let dx = sub(&input_grad.0, first * in_len, examples * in_len);
+            let params = conv_params(geometry, examples * in_len, 0, dx.offset, examples)?;
+            self.dispatch_1d(
+                Kernel::Col2im,
+                &[dcols.buffer, dx.buffer],
+                params,
+                examples * in_len,
+            )?;
+        }
         Ok(true)
     }
 
@@ -1326,25 +1671,42 @@ impl Backend for WgpuBackend {
         beta: f32,
         weight_grad: GpuSliceMut<'_>,
     ) -> Result<bool> {
-        check(&weight_grad.0, out_channels * geometry.col_rows())?;
-        check(&output_grad, batch * out_channels * geometry.col_cols())?;
-        check(&input, batch * geometry.input_len())?;
-        // dW [oc, rows] = dy [oc, (e, q)] . im2col(x)^T [(e, q), rows].
-        let modes = GemmModes { a: 2, b: 3, c: 0 };
-        self.gemm_modes(
-            (
-                out_channels,
-                geometry.col_rows(),
-                batch * geometry.col_cols(),
-            ),
-            modes,
-            &output_grad,
-            &input,
-            &weight_grad.0,
-            alpha,
-            beta,
-            conv_words(geometry, out_channels)?,
-        )?;
+        let (rows, plane, in_len) = (
+            geometry.col_rows(),
+            geometry.col_cols(),
+            geometry.input_len(),
+        );
+        check(&weight_grad.0, out_channels * rows)?;
+        check(&output_grad, batch * out_channels * plane)?;
+        check(&input, batch * in_len)?;
+        let modes = GemmModes {
+            trans_a: false,
+            trans_b: true,
+            conv_output: false,
+        };
+        let chunk = self.conv_chunk(geometry, batch);
+        for first in (0..batch).step_by(chunk) {
+            let examples = chunk.min(batch - first);
+            // dW [oc, rows] = dy [oc, (e, q)] . cols^T [(e, q), rows], accumulated over
+            // the chunks.
+            let out_len = out_channels * plane;
+            let dy = sub(&output_grad, first * out_len, examples * out_len);
+            let dy = self.to_channel_major(&dy, out_channels, examples, plane)?;
+            let dy = self.src(&dy, 0..examples * out_len)?;
+            let x = sub(&input, first * in_len, examples * in_len);
+            let cols = self.im2col_batch(geometry, &x, examples)?;
+            let cols = self.src(&cols, 0..rows * examples * plane)?;
+            self.gemm_modes(
+                (out_channels, rows, examples * plane),
+                modes,
+                &dy,
+                &cols,
+                &weight_grad.0,
+                alpha,
+                if first == 0 { beta } else { 1.0 },
+                0,
+            )?;
+        }
         Ok(true)
     }
 
@@ -1559,6 +1921,15 @@ fn pool_params(
         word(geometry.out_height)?,
         word(geometry.out_width)?,
     ]))
+}
+
+/// `len` values of `slice` from `start` (within it: the callers' checks ensure it).
+fn sub<'a>(slice: &GpuSlice<'a>, start: usize, len: usize) -> GpuSlice<'a> {
+    GpuSlice {
+        buffer: slice.buffer,
+        offset: slice.offset + start,
+        len,
+    }
 }
 
 /// An iterator with a known length (`flat_map` does not report one).

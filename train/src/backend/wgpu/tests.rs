@@ -192,9 +192,10 @@ fn bias_broadcasts_and_reductions_match_cpu() {
     .unwrap();
     assert_close(&download(&gpu, &out, len), &expected, "fill_channels");
 
-    let src = random(rows * cols, 4);
-    let gsrc = upload(&gpu, &src);
-    for (alpha, beta) in [(1.0, 0.0), (-0.3, 0.9)] {
+    // Narrow and wide: one workgroup of the reduction, and several.
+    for (rows, cols, alpha, beta) in [(37, 13, 1.0, 0.0), (37, 13, -0.3, 0.9), (5, 40, 0.5, 0.5)] {
+        let src = random(rows * cols, 4);
+        let gsrc = upload(&gpu, &src);
         let mut expected = random(cols, 5);
         let mut out = upload(&gpu, &expected);
         CpuBackend
@@ -211,19 +212,21 @@ fn bias_broadcasts_and_reductions_match_cpu() {
         assert_close(&download(&gpu, &out, cols), &expected, "sum_rows");
     }
 
+    // One part per channel, and several (more than 4096 values per channel).
     let channels = 5;
-    let src = random(batch * channels * 301, 6);
-    let gsrc = upload(&gpu, &src);
-    for (alpha, beta) in [(1.0, 0.0), (0.5, 2.0)] {
+    for (batch, plane, alpha, beta) in [(3, 301, 1.0, 0.0), (3, 301, 0.5, 2.0), (7, 1500, 0.5, 2.0)]
+    {
+        let src = random(batch * channels * plane, 6);
+        let gsrc = upload(&gpu, &src);
         let mut expected = random(channels, 7);
         let mut out = upload(&gpu, &expected);
         CpuBackend
-            .sum_channels(&src, batch, 301, alpha, beta, &mut expected)
+            .sum_channels(&src, batch, plane, alpha, beta, &mut expected)
             .unwrap();
         gpu.sum_channels(
             gpu.src(&gsrc, range(src.len())).unwrap(),
             batch,
-            301,
+            plane,
             alpha,
             beta,
             gpu.dst(&mut out, range(channels)).unwrap(),
@@ -300,6 +303,9 @@ fn geometries() -> Vec<(ConvGeometry, usize)> {
         (ConvGeometry::new((2, 8, 11), 5, 2, 2).unwrap(), 3),
         (ConvGeometry::new((4, 6, 6), 1, 1, 0).unwrap(), 7),
         (ConvGeometry::new((1, 12, 12), 5, 1, 2).unwrap(), 32),
+        // 144 im2col rows: the forward product splits K and reduces into the
+        // convolution output layout.
+        (ConvGeometry::new((16, 5, 5), 3, 1, 1).unwrap(), 4),
     ]
 }
 
@@ -416,7 +422,18 @@ fn cpu_conv(
 fn convolution_forward_and_gradients_match_cpu() {
     let Some(gpu) = gpu() else { return };
     let batch = 3;
-    for (index, (geometry, out_channels)) in geometries().into_iter().enumerate() {
+    let cases = geometries()
+        .into_iter()
+        .enumerate()
+        .flat_map(|case| [(case, false), (case, true)]);
+    for ((index, (geometry, out_channels)), one_example_per_pass) in cases {
+        // The second time with room for one example's im2col matrix per pass.
+        let gpu = if one_example_per_pass {
+            WgpuBackend::new(Arc::clone(gpu.device()))
+                .with_column_limit(geometry.col_rows() * geometry.col_cols())
+        } else {
+            WgpuBackend::new(Arc::clone(gpu.device()))
+        };
         let seed = 30 + 3 * index as u64;
         let weight = random(out_channels * geometry.col_rows(), seed);
         let input = random(batch * geometry.input_len(), seed + 1);
