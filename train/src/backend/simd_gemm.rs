@@ -218,42 +218,106 @@ fn dot_block<S: Simd, const MI: usize, const NJ: usize>(
             }
         }
     }
-    let mut sums = [[0.0f32; NJ]; MI];
-    for i in 0..MI {
-        if NJ == 4 {
-            let four = reduce_sum4(simd, [acc[i][0], acc[i][1], acc[i][2], acc[i][3]]);
-            sums[i].copy_from_slice(&four[..NJ]);
-        } else {
-            for j in 0..NJ {
-                sums[i][j] = simd.reduce_sum_f32s(acc[i][j]);
-            }
+    if whole < k {
+        // The last k % lanes values as zero-padded vectors (masked loads on AVX-512):
+        // with 16 lanes the 2NN's k = 200 leaves 8, which one at a time cost as much
+        // as the 12 whole vectors before them.
+        let mut av = [zero; MI];
+        for i in 0..MI {
+            av[i] = simd.partial_load_f32s(&a[i][whole..k]);
         }
         for j in 0..NJ {
-            for p in whole..k {
-                sums[i][j] = a[i][p].mul_add(b[j][p], sums[i][j]);
+            let bv = simd.partial_load_f32s(&b[j][whole..k]);
+            for i in 0..MI {
+                acc[i][j] = simd.mul_add_f32s(av[i], bv, acc[i][j]);
             }
         }
+    }
+    let mut sums = [[0.0f32; NJ]; MI];
+    for i in 0..MI {
+        let mut four = [zero; 4];
+        four[..NJ].copy_from_slice(&acc[i]);
+        sums[i].copy_from_slice(&reduce_sum4(simd, four)[..NJ]);
     }
     sums
 }
 
 /// The lane sums of four vectors. On AVX2 three horizontal adds and one add do all four
 /// at once (15-25% faster for the 2NN's forward products than four separate
-/// reductions, which is all pulp offers generically); elsewhere pulp's reduction.
+/// reductions, which is all pulp offers generically); AVX-512 first adds each vector's
+/// two halves. Elsewhere pulp's reduction.
+///
+/// No `array::map` here: a closure is compiled without the instruction set pulp enables
+/// for the kernel, so the intrinsics inside it became function calls (on AVX-512, half
+/// of the 2NN's inference time went to pulp's reduction called that way).
 #[inline(always)]
 fn reduce_sum4<S: Simd>(simd: S, values: [S::f32s; 4]) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
-    if std::any::TypeId::of::<S>() == std::any::TypeId::of::<pulp::x86::V3>() {
-        use std::arch::x86_64::__m256;
-        // SAFETY: `S` is pulp's V3, whose `f32s` is 8 f32 in 32 bytes, the layout of
-        // `__m256`; and a V3 value exists only on a CPU with AVX2, which `sums4_avx`
-        // needs.
-        return unsafe {
-            let registers = values.map(|value| std::mem::transmute_copy::<S::f32s, __m256>(&value));
-            sums4_avx(registers)
-        };
+    {
+        use std::any::TypeId;
+        use std::arch::x86_64::{__m256, __m512};
+        use std::mem::transmute_copy;
+        if TypeId::of::<S>() == TypeId::of::<pulp::x86::V3>() {
+            // SAFETY: `S` is pulp's V3, whose `f32s` is 8 f32 in 32 bytes, the layout of
+            // `__m256`; and a V3 value exists only on a CPU with AVX2, which `sums4_avx`
+            // needs.
+            return unsafe {
+                sums4_avx([
+                    transmute_copy::<S::f32s, __m256>(&values[0]),
+                    transmute_copy::<S::f32s, __m256>(&values[1]),
+                    transmute_copy::<S::f32s, __m256>(&values[2]),
+                    transmute_copy::<S::f32s, __m256>(&values[3]),
+                ])
+            };
+        }
+        if TypeId::of::<S>() == TypeId::of::<pulp::x86::V4>() {
+            // SAFETY: `S` is pulp's V4, whose `f32s` is 16 f32 in 64 bytes, the layout of
+            // `__m512`; and a V4 value exists only on a CPU with AVX-512F, which
+            // `sums4_avx512` needs.
+            return unsafe {
+                sums4_avx512([
+                    transmute_copy::<S::f32s, __m512>(&values[0]),
+                    transmute_copy::<S::f32s, __m512>(&values[1]),
+                    transmute_copy::<S::f32s, __m512>(&values[2]),
+                    transmute_copy::<S::f32s, __m512>(&values[3]),
+                ])
+            };
+        }
     }
-    values.map(|value| simd.reduce_sum_f32s(value))
+    [
+        simd.reduce_sum_f32s(values[0]),
+        simd.reduce_sum_f32s(values[1]),
+        simd.reduce_sum_f32s(values[2]),
+        simd.reduce_sum_f32s(values[3]),
+    ]
+}
+
+/// [`reduce_sum4`] on AVX-512: each vector's two 256-bit halves added, then
+/// [`sums4_avx`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn sums4_avx512(values: [std::arch::x86_64::__m512; 4]) -> [f32; 4] {
+    sums4_avx([
+        halves_added(values[0]),
+        halves_added(values[1]),
+        halves_added(values[2]),
+        halves_added(values[3]),
+    ])
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn halves_added(value: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::{
+        _mm256_add_ps, _mm256_castpd_ps, _mm512_castps_pd, _mm512_castps512_ps256,
+        _mm512_extractf64x4_pd,
+    };
+    _mm256_add_ps(
+        _mm512_castps512_ps256(value),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(value))),
+    )
 }
 
 /// [`reduce_sum4`] on AVX: each sum pairwise in a fixed order.
