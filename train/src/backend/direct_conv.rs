@@ -1,4 +1,5 @@
-//! Convolution forward pass without an im2col matrix, on x86-64 with AVX2 and FMA.
+//! Convolution forward pass without an im2col matrix, on x86-64 with AVX2 and FMA (and
+//! AVX-512 where the kernel path is `avx512`).
 //!
 //! Each example is copied once into a zero-padded channel-last plane (see
 //! [`super::sparse_conv::Shape`]), where kernel row `ky` of an output pixel's patch is
@@ -7,6 +8,10 @@
 //! runs, computed for blocks of 4 output channels by 3 pixels at once (12 accumulator
 //! registers; each loaded lane feeds 3 or 4 FMAs). This skips writing and re-reading
 //! the im2col matrix (25 times the input for a 5x5 kernel) and GEMM packing.
+//!
+//! On the `avx512` path a full panel's 16 channels are one 16-lane vector and tiles are
+//! 12 pixels wide ([`row_avx512`]); each output value gets the same FMAs in the same
+//! order either way.
 //!
 //! Summation order is fixed, so results are reproducible; they are rounded differently
 //! from the im2col + GEMM path, which the caller uses when this one declines (no AVX2,
@@ -29,6 +34,11 @@ const TILE_PIXELS: usize = 6;
 /// Output channels per register tile (two lanes).
 #[cfg(target_arch = "x86_64")]
 const TILE_OUT: usize = 16;
+/// Output pixels per register tile on AVX-512, where a whole panel's `TILE_OUT` channels
+/// are one vector: 12 accumulators of the 32 registers, and each weight vector loaded
+/// feeds 12 FMAs.
+#[cfg(target_arch = "x86_64")]
+const TILE_PIXELS_512: usize = 12;
 
 /// Whether [`forward`] takes this convolution (on this thread's kernel path).
 pub(super) fn supports(geometry: &super::ConvGeometry, out_channels: usize) -> bool {
@@ -155,6 +165,8 @@ fn forward_examples(
 ) {
     let shape = *shape;
     let out_len = out_channels * shape.out_plane;
+    let avx512 = super::dispatch::kernel_path() == super::dispatch::KernelPath::Avx512
+        && std::arch::is_x86_feature_detected!("avx512f");
     for (x, y) in input
         .chunks_exact(shape.input_len())
         .zip(output.chunks_exact_mut(out_len))
@@ -169,6 +181,11 @@ fn forward_examples(
             let sums = &mut sums_buffer[..shape.out_plane * width];
             sums.fill(0.0);
             for (ky, panel_rows) in panel.chunks_exact(shape.run * width).enumerate() {
+                if avx512 && width == TILE_OUT {
+                    // SAFETY: the CPU supports AVX-512F (checked above).
+                    unsafe { row_avx512(&shape, panel_rows, padded, ky, sums) };
+                    continue;
+                }
                 let mut p = 0;
                 while p < shape.out_plane {
                     let np = (shape.out_plane - p).min(TILE_PIXELS);
@@ -203,6 +220,84 @@ fn forward_examples(
             }
             o += width;
         }
+    }
+}
+
+/// Kernel row `ky`'s share of every output pixel for a full panel (`TILE_OUT` channels)
+/// on AVX-512, in tiles of [`TILE_PIXELS_512`] pixels: per output value, the same FMAs in
+/// the same order as [`tile`], so both paths give identical sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn row_avx512(
+    shape: &super::sparse_conv::Shape,
+    panel_rows: &[f32],
+    padded: &[f32],
+    ky: usize,
+    sums: &mut [f32],
+) {
+    let mut p = 0;
+    while p < shape.out_plane {
+        let np = (shape.out_plane - p).min(TILE_PIXELS_512);
+        let tile_sums = &mut sums[p * TILE_OUT..(p + np) * TILE_OUT];
+        macro_rules! tile {
+            ($np:literal) => {
+                tile_avx512::<$np>(shape, panel_rows, padded, ky, p, tile_sums)
+            };
+        }
+        match np {
+            12 => tile!(12),
+            11 => tile!(11),
+            10 => tile!(10),
+            9 => tile!(9),
+            8 => tile!(8),
+            7 => tile!(7),
+            6 => tile!(6),
+            5 => tile!(5),
+            4 => tile!(4),
+            3 => tile!(3),
+            2 => tile!(2),
+            _ => tile!(1),
+        }
+        p += np;
+    }
+}
+
+/// [`tile`] for a full panel on AVX-512: `NP` pixels by one 16-lane vector of channels.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn tile_avx512<const NP: usize>(
+    shape: &super::sparse_conv::Shape,
+    panel_rows: &[f32],
+    padded: &[f32],
+    ky: usize,
+    p: usize,
+    sums: &mut [f32],
+) {
+    use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps};
+    let run = shape.run;
+    let (sum_vectors, _) = sums.as_chunks_mut::<TILE_OUT>();
+    let mut acc = [_mm512_set1_ps(0.0); NP];
+    for (a, sum) in acc.iter_mut().zip(sum_vectors.iter()) {
+        // SAFETY: `sum` is 16 readable f32 values; the load is unaligned.
+        *a = unsafe { _mm512_loadu_ps(sum.as_ptr()) };
+    }
+    let mut x: [&[f32]; NP] = [&[]; NP];
+    for (j, values) in x.iter_mut().enumerate() {
+        let start = shape.patch_row(p + j, ky);
+        *values = &padded[start..start + run];
+    }
+    let (rows, _) = panel_rows.as_chunks::<TILE_OUT>();
+    for (t, row) in rows.iter().enumerate() {
+        // SAFETY: `row` is 16 readable f32 values; the load is unaligned.
+        let w = unsafe { _mm512_loadu_ps(row.as_ptr()) };
+        for (a, values) in acc.iter_mut().zip(&x) {
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(values[t]), w, *a);
+        }
+    }
+    for (a, sum) in acc.iter().zip(sum_vectors.iter_mut()) {
+        // SAFETY: `sum` is 16 writable f32 values; the store is unaligned.
+        unsafe { _mm512_storeu_ps(sum.as_mut_ptr(), *a) };
     }
 }
 
