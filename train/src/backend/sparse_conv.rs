@@ -205,6 +205,13 @@ fn has_avx2_fma() -> bool {
     super::dispatch::avx2_fma()
 }
 
+/// Whether this thread's kernel path is `avx512` (only ever on a CPU with AVX-512F).
+#[cfg(target_arch = "x86_64")]
+fn on_avx512() -> bool {
+    super::dispatch::kernel_path() == super::dispatch::KernelPath::Avx512
+        && std::arch::is_x86_feature_detected!("avx512f")
+}
+
 /// Input gradient (overwritten) of a batch of examples from the output gradient and the
 /// `[out, in, k, k]` weights. Lengths were checked by the caller.
 pub(super) fn input_grad(
@@ -218,6 +225,22 @@ pub(super) fn input_grad(
         REORDERED.with_borrow_mut(|reordered| {
             PADDED.with_borrow_mut(|padded| {
                 let scratch = Scratch { reordered, padded };
+                #[cfg(target_arch = "x86_64")]
+                if on_avx512() {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    unsafe {
+                        input_grad_avx512(
+                            geometry,
+                            out_channels,
+                            weight,
+                            output_grad,
+                            input_grad,
+                            scratch,
+                            nonzero,
+                        )
+                    };
+                    return;
+                }
                 #[cfg(target_arch = "x86_64")]
                 if has_avx2_fma() {
                     // SAFETY: the CPU supports AVX2 and FMA (checked just above).
@@ -251,6 +274,30 @@ pub(super) fn input_grad(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn input_grad_avx2(
+    geometry: &ConvGeometry,
+    out_channels: usize,
+    weight: &[f32],
+    output_grad: &[f32],
+    input_grad: &mut [f32],
+    scratch: Scratch<'_>,
+    nonzero: &mut Vec<(usize, f32)>,
+) {
+    input_grad_body::<true>(
+        geometry,
+        out_channels,
+        weight,
+        output_grad,
+        input_grad,
+        scratch,
+        nonzero,
+    );
+}
+
+/// [`input_grad_avx2`] compiled for AVX-512 (16-lane vectors); the same FMAs per
+/// value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn input_grad_avx512(
     geometry: &ConvGeometry,
     out_channels: usize,
     weight: &[f32],
@@ -344,6 +391,22 @@ pub(super) fn weight_grad(
             PADDED.with_borrow_mut(|padded| {
                 let scratch = Scratch { reordered, padded };
                 #[cfg(target_arch = "x86_64")]
+                if on_avx512() {
+                    // SAFETY: the CPU supports AVX-512F (checked just above).
+                    unsafe {
+                        weight_grad_avx512(
+                            geometry,
+                            out_channels,
+                            (input, output_grad),
+                            (alpha, beta),
+                            weight_grad,
+                            scratch,
+                            nonzero,
+                        )
+                    };
+                    return;
+                }
+                #[cfg(target_arch = "x86_64")]
                 if has_avx2_fma() {
                     // SAFETY: the CPU supports AVX2 and FMA (checked just above).
                     unsafe {
@@ -376,6 +439,30 @@ pub(super) fn weight_grad(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn weight_grad_avx2(
+    geometry: &ConvGeometry,
+    out_channels: usize,
+    (input, output_grad): (&[f32], &[f32]),
+    scale: (f32, f32),
+    weight_grad: &mut [f32],
+    scratch: Scratch<'_>,
+    nonzero: &mut Vec<(usize, f32)>,
+) {
+    weight_grad_body::<true>(
+        geometry,
+        out_channels,
+        (input, output_grad),
+        scale,
+        weight_grad,
+        scratch,
+        nonzero,
+    );
+}
+
+/// [`weight_grad_avx2`] compiled for AVX-512 (16-lane vectors); the same FMAs per
+/// value.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn weight_grad_avx512(
     geometry: &ConvGeometry,
     out_channels: usize,
     (input, output_grad): (&[f32], &[f32]),
