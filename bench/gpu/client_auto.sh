@@ -5,15 +5,7 @@
 # Needs .gpu/ (fedquic-aggregator, fedquic-client, mnist-10k; bench/gpu/prepare.sh) and,
 # on NVIDIA, .gl/. Logs go to $OUT (./gpu-out elsewhere): client_auto.txt.
 set -u
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-if ! ldconfig -p | grep -q libvulkan.so.1 || ! ldconfig -p | grep -q libGLdispatch.so.0; then
-    for deb in .gl/*.deb; do [ -e "$deb" ] && dpkg -x "$deb" /; done
-    ldconfig 2>/dev/null
-fi
-export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-run}
-mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+source "$(dirname "$0")/env.sh"
 WORK=$(mktemp -d)
 LOG="$OUT/client_auto.txt"
 .gpu/fedquic-aggregator certs init --dir "$WORK/certs" --clients 2 --server-name localhost > "$LOG" 2>&1

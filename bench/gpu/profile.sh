@@ -6,23 +6,9 @@
 # bench/gpu/prepare.sh; about a minute. Logs go to $OUT (./gpu-out elsewhere): every
 # profile in profiles.txt, the unprofiled rows in bench_wgpu.txt.
 set -u
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-if ! ldconfig -p | grep -q libvulkan.so.1 || ! ldconfig -p | grep -q libGLdispatch.so.0; then
-    for deb in .gl/*.deb; do [ -e "$deb" ] && dpkg -x "$deb" /; done
-    ldconfig 2>/dev/null
-fi
-export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-run}
-mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+source "$(dirname "$0")/env.sh"
 B=.gpu/bench_train
-if ! timeout 60 "$B" --backend wgpu --models mlp:784-10-10 --batches 10 --eval-batches 10 --seconds 0.05 > "$OUT/probe.txt" 2>&1; then
-    for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json; do
-        [ -e "$icd" ] || continue
-        export VK_DRIVER_FILES=$icd
-        timeout 60 "$B" --backend wgpu --models mlp:784-10-10 --batches 10 --eval-batches 10 --seconds 0.05 >> "$OUT/probe.txt" 2>&1 && break
-    done
-fi
+find_adapter "$OUT/probe.txt"
 grep -m1 backend "$OUT/probe.txt"
 PROFILES=$(mktemp -d)
 for job in "cnn:mnist 64 cnn_train64" "cnn:mnist 256 cnn_train256" "mlp:784-200-200-10 256 mlp_train256" "mlp:784-200-200-10 10 mlp_train10"; do

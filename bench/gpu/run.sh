@@ -10,16 +10,7 @@
 # - sim_wgpu.txt / sim_cpu.txt: the federated CNN run on the MNIST subset.
 # Every step has its own timeout; the whole run takes about 6 minutes.
 set -u
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-gpu-out}
-mkdir -p "$OUT"
-# The Vulkan loader and glvnd, only where the host lacks them.
-if ! ldconfig -p | grep -q libvulkan.so.1 || ! ldconfig -p | grep -q libGLdispatch.so.0; then
-    for deb in .gl/*.deb; do [ -e "$deb" ] && dpkg -x "$deb" /; done
-    ldconfig 2>/dev/null
-fi
-export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp/xdg-run}
-mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+source "$(dirname "$0")/env.sh"
 export RUST_LOG=info
 {
     date -u; uname -a; nproc; grep -m1 "model name" /proc/cpuinfo
@@ -28,17 +19,7 @@ export RUST_LOG=info
     ls /usr/share/vulkan/icd.d /etc/vulkan/icd.d /usr/local/nvidia/share/vulkan/icd.d
 } > "$OUT/env.txt" 2>&1
 B=.gpu/bench_train
-probe() {
-    timeout 60 "$B" --backend wgpu --models mlp:784-10-10 --batches 10 --eval-batches 10 --seconds 0.05
-}
-if ! VK_LOADER_DEBUG=error,warn probe > "$OUT/probe.txt" 2>&1; then
-    for icd in /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json /usr/share/vulkan/icd.d/nvidia_icd.json /etc/vulkan/icd.d/nvidia_icd.json; do
-        [ -e "$icd" ] || continue
-        export VK_DRIVER_FILES=$icd
-        echo "retry with VK_DRIVER_FILES=$icd" >> "$OUT/probe.txt"
-        VK_LOADER_DEBUG=error,warn probe >> "$OUT/probe.txt" 2>&1 && break
-    done
-fi
+find_adapter "$OUT/probe.txt"
 tail -n 20 "$OUT/probe.txt"
 echo "== wgpu bench"
 timeout 150 "$B" --backend wgpu --batches 10,64,256 --eval-batches 10,64,256 --seconds 1.5 2>&1 | tee "$OUT/bench_wgpu.txt"

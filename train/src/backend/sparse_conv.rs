@@ -226,36 +226,39 @@ pub(super) fn input_grad(
             PADDED.with_borrow_mut(|padded| {
                 let scratch = Scratch { reordered, padded };
                 #[cfg(target_arch = "x86_64")]
-                if on_avx512() {
-                    // SAFETY: the CPU supports AVX-512F (checked just above).
-                    unsafe {
-                        input_grad_avx512(
-                            geometry,
-                            out_channels,
-                            weight,
-                            output_grad,
-                            input_grad,
-                            scratch,
-                            nonzero,
-                        )
+                {
+                    type Kernel = unsafe fn(
+                        &ConvGeometry,
+                        usize,
+                        &[f32],
+                        &[f32],
+                        &mut [f32],
+                        Scratch<'_>,
+                        &mut Vec<(usize, f32)>,
+                    );
+                    let kernel: Option<Kernel> = if on_avx512() {
+                        Some(input_grad_avx512)
+                    } else if has_avx2_fma() {
+                        Some(input_grad_avx2)
+                    } else {
+                        None
                     };
-                    return;
-                }
-                #[cfg(target_arch = "x86_64")]
-                if has_avx2_fma() {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    unsafe {
-                        input_grad_avx2(
-                            geometry,
-                            out_channels,
-                            weight,
-                            output_grad,
-                            input_grad,
-                            scratch,
-                            nonzero,
-                        )
-                    };
-                    return;
+                    if let Some(kernel) = kernel {
+                        // SAFETY: the CPU has the instruction set of the kernel chosen
+                        // (checked just above).
+                        unsafe {
+                            kernel(
+                                geometry,
+                                out_channels,
+                                weight,
+                                output_grad,
+                                input_grad,
+                                scratch,
+                                nonzero,
+                            )
+                        };
+                        return;
+                    }
                 }
                 input_grad_body::<false>(
                     geometry,
@@ -391,36 +394,39 @@ pub(super) fn weight_grad(
             PADDED.with_borrow_mut(|padded| {
                 let scratch = Scratch { reordered, padded };
                 #[cfg(target_arch = "x86_64")]
-                if on_avx512() {
-                    // SAFETY: the CPU supports AVX-512F (checked just above).
-                    unsafe {
-                        weight_grad_avx512(
-                            geometry,
-                            out_channels,
-                            (input, output_grad),
-                            (alpha, beta),
-                            weight_grad,
-                            scratch,
-                            nonzero,
-                        )
+                {
+                    type Kernel = unsafe fn(
+                        &ConvGeometry,
+                        usize,
+                        (&[f32], &[f32]),
+                        (f32, f32),
+                        &mut [f32],
+                        Scratch<'_>,
+                        &mut Vec<(usize, f32)>,
+                    );
+                    let kernel: Option<Kernel> = if on_avx512() {
+                        Some(weight_grad_avx512)
+                    } else if has_avx2_fma() {
+                        Some(weight_grad_avx2)
+                    } else {
+                        None
                     };
-                    return;
-                }
-                #[cfg(target_arch = "x86_64")]
-                if has_avx2_fma() {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    unsafe {
-                        weight_grad_avx2(
-                            geometry,
-                            out_channels,
-                            (input, output_grad),
-                            (alpha, beta),
-                            weight_grad,
-                            scratch,
-                            nonzero,
-                        )
-                    };
-                    return;
+                    if let Some(kernel) = kernel {
+                        // SAFETY: the CPU has the instruction set of the kernel chosen
+                        // (checked just above).
+                        unsafe {
+                            kernel(
+                                geometry,
+                                out_channels,
+                                (input, output_grad),
+                                (alpha, beta),
+                                weight_grad,
+                                scratch,
+                                nonzero,
+                            )
+                        };
+                        return;
+                    }
                 }
                 weight_grad_body::<false>(
                     geometry,

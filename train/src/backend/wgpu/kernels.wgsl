@@ -187,14 +187,12 @@ fn sum_channels(@builtin(local_invocation_index) t: u32, @builtin(workgroup_id) 
         let e = i / plane;
         total += b1[p.a.y + (e * channels + c) * plane + i % plane];
     }
-    partial_sums[t] = total;
-    partial_counts[t] = 0.0;
-    reduce_partials(t);
+    total = sum_lanes(t, 256u, total);
     if t == 0u {
         if groups.y == 1u {
-            b2[p.a.z + c] = blend(partial_sums[0], b2[p.a.z + c], fl(p.b.y), fl(p.b.z));
+            b2[p.a.z + c] = blend(total, b2[p.a.z + c], fl(p.b.y), fl(p.b.z));
         } else {
-            b3[part * channels + c] = partial_sums[0];
+            b3[part * channels + c] = total;
         }
     }
 }
