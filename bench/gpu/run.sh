@@ -8,7 +8,7 @@
 #   reference: CNN batch 64 at 20x, 2NN batch 256 at 10x);
 # - torch_cuda.txt: PyTorch CUDA beside it, when torch is importable;
 # - sim_wgpu.txt / sim_cpu.txt: the federated CNN run on the MNIST subset.
-# Every step has its own timeout; the whole run takes about 6 minutes.
+# Every step has its own timeout; on an H200 the whole run took about 90 seconds.
 set -u
 source "$(dirname "$0")/env.sh"
 export RUST_LOG=info
