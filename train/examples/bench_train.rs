@@ -15,7 +15,8 @@
 //! - `--optimizer sgd|momentum|nesterov|adam` [sgd] (sgd: plain SGD, the fused path)
 //! - `--backend cpu|wgpu|auto` [cpu]: wgpu takes any Vulkan adapter (lavapipe too), auto
 //!   a GPU when there is one, else the CPU. The adapter is printed first.
-//! - `--eval-batches LIST` inference batch sizes, replacing `--eval-batch`
+//! - `--eval-batches LIST` inference batch sizes, replacing `--eval-batch` (`none`: no
+//!   inference rows; `--batches none` likewise skips training)
 //! - `--peak` only measure one core's FMA peak (GFLOP/s) and exit
 //!
 //! The header names the CPU, the kernel path (`FEDQUIC_KERNEL=auto|avx512|avx2|neon|portable`
@@ -52,6 +53,9 @@ struct Options {
 }
 
 fn list<T: std::str::FromStr>(text: &str, what: &str) -> Result<Vec<T>, String> {
+    if text == "none" {
+        return Ok(Vec::new());
+    }
     text.split(',')
         .map(|item| {
             item.trim()
@@ -233,17 +237,22 @@ fn nominal_flops(spec: &ModelSpec) -> Option<(f64, f64)> {
 }
 
 /// One core's peak f32 FMA rate in GFLOP/s, measured with independent FMA chains in the
-/// widest vectors the CPU has (AVX-512, else AVX2+FMA); `None` without either.
+/// vectors of the kernel path in use (AVX-512 on `avx512`, AVX2+FMA on `avx2`: a forced
+/// `avx2` run on an AVX-512 CPU is measured against the AVX2 peak); `None` elsewhere.
 fn measure_peak() -> Option<(f64, &'static str)> {
     #[cfg(target_arch = "x86_64")]
     {
+        use fedquic_train::backend::KernelPath;
         const ROUNDS: u64 = 4_000_000;
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        let path = fedquic_train::backend::dispatch::process_path().ok()?;
+        if path == KernelPath::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU supports AVX-512F (checked just above).
             let seconds = best_time(|| unsafe { fma_chains_avx512(ROUNDS) });
             return Some((ROUNDS as f64 * 12.0 * 16.0 * 2.0 / seconds / 1e9, "avx512"));
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if path <= KernelPath::Avx2Fma
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             let seconds = best_time(|| unsafe { fma_chains_avx2(ROUNDS) });

@@ -40,6 +40,12 @@ fn every_shape_on_this_path() {
         (100, 31, 3),
         (5, 40, 64),
         (70, 8, 70),
+        // The avx512 forward's packed path (m >= 32): whole 16 x 16 transposed blocks,
+        // two-vector strips and a narrower last strip, with edges in both directions.
+        (48, 70, 45),
+        (33, 64, 1100),
+        // The dot-product forward's blocks of depth (k > 1024).
+        (20, 13, 1100),
     ] {
         for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
             for (alpha, beta) in [(1.0, 0.0), (-0.5, 1.0), (2.0, 0.25)] {

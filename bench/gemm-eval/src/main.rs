@@ -98,7 +98,9 @@ fn main() {
         "| shape | m | n | k | ours | matrixmultiply | gemm | gemm / ours | max abs diff vs ours |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for s in SHAPES {
+    // GEMM_EVAL_ONLY=TEXT: only the shapes whose label contains TEXT (for profiling).
+    let only = std::env::var("GEMM_EVAL_ONLY").unwrap_or_default();
+    for s in SHAPES.iter().filter(|s| s.label.contains(only.as_str())) {
         let (m, n, k) = (s.m, s.n, s.k);
         let a = filled(m * k, 1);
         let b = filled(k * n, 2);

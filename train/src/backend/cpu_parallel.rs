@@ -212,23 +212,9 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
         // A dense forward pass at a batch of one row block (federated clients train at
         // batch 10): the rows cannot be shared out, so the outputs are.
         (false, true) if m <= small_gemm::MAX_SMALL => forward_by_columns(gemm, a, b, c),
-        (false, _) => {
-            let blocks = m.div_ceil(small_gemm::MAX_SMALL);
-            let parts = parts(blocks, gemm_work(m * n * k));
-            if parts < 2 {
-                return false;
-            }
-            let per = part_len(m, parts, small_gemm::MAX_SMALL);
-            let chunks = a.chunks(per * k).zip(c.chunks_mut(per * n));
-            for_each(chunks, |(a, c)| {
-                let sub = Gemm {
-                    m: c.len() / n,
-                    ..*gemm
-                };
-                small_gemm::try_gemm(&sub, a, b, c);
-            });
-            true
-        }
+        (false, _) => by_rows(gemm, a, b, c, |sub, a, b, c| {
+            small_gemm::try_gemm(sub, a, b, c);
+        }),
         (true, false) => {
             // Granules of 8 rows keep the kernel's 4-row blocks whole.
             let parts = parts(m.div_ceil(8), gemm_work(m * n * k));
@@ -249,6 +235,34 @@ pub(super) fn gemm(gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> bool {
         }
         (true, true) => false,
     }
+}
+
+/// A product whose rows of C depend only on the same rows of A (`trans_a` false), split
+/// into parts of whole 16-row blocks of C, each computed by `kernel` (every row alike
+/// whatever the split). Returns false (C untouched) when too small to split.
+pub(super) fn by_rows(
+    gemm: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    kernel: impl Fn(&Gemm, &[f32], &[f32], &mut [f32]) + Sync,
+) -> bool {
+    let (m, n, k) = (gemm.m, gemm.n, gemm.k);
+    let blocks = m.div_ceil(small_gemm::MAX_SMALL);
+    let parts = parts(blocks, gemm_work(m * n * k));
+    if parts < 2 {
+        return false;
+    }
+    let per = part_len(m, parts, small_gemm::MAX_SMALL);
+    let chunks = a.chunks(per * k).zip(c.chunks_mut(per * n));
+    for_each(chunks, |(a, c)| {
+        let sub = Gemm {
+            m: c.len() / n,
+            ..*gemm
+        };
+        kernel(&sub, a, b, c);
+    });
+    true
 }
 
 /// C = alpha A B^T + beta C for a few rows of C, split into ranges of C's columns (rows

@@ -10,7 +10,7 @@
 //! once per instruction set inside a function that enables it, and only inlined code
 //! inherits those target features.
 
-use pulp::{Simd, WithSimd};
+use pulp::{MemMask, Simd, WithSimd};
 
 use super::Gemm;
 use super::small_gemm::{Kind, finish};
@@ -27,7 +27,12 @@ const BLOCK_COLS: usize = 256;
 
 /// Rows of A per pass of [`dot_rows`] over B: 48 rows of 784 values (150 KB) stay in L2
 /// while B streams past once per block.
-const DOT_BLOCK_ROWS: usize = 48;
+const DOT_BLOCK_ROWS: usize = 12;
+
+/// Most values of each row summed per pass of [`dot_rows`]: a tile's 6 rows of B of
+/// 1,024 values are 24 KB, which stay in L1 while A's rows stream past (the CNN's dense
+/// layer has rows of 3,136).
+const DOT_BLOCK_DEPTH: usize = 512;
 
 /// One product for [`pulp::Arch`]-style dispatch: `kind` names the shape (lengths were
 /// checked by the caller); for the rank update A's rows are `lda` apart.
@@ -55,18 +60,35 @@ impl WithSimd for Product<'_> {
         } = self;
         match kind {
             Kind::DotRows => dot_rows(simd, gemm, a, b, c),
-            Kind::ScaleRows => scale_rows(simd, gemm, a, b, c),
+            Kind::ScaleRows => scale_rows(simd, gemm, BLayout::Rows, a, b, c),
+            Kind::StripRows => scale_rows(simd, gemm, BLayout::Strips, a, b, c),
             Kind::RankUpdate => rank_update(simd, gemm, lda, a, b, c),
         }
     }
 }
 
-/// Runs `$body` over C's rows in tiles of [`TILE_ROWS`] rows and then one tile of the
-/// remaining rows, with `$i` the tile's first row and `$rows` its (constant) height.
+/// Rows of C per register tile with AVX-512's 32 registers: 12 rows x 2 vectors is 24
+/// accumulators plus 2 vectors of B and a broadcast (twice [`TILE_ROWS`], so every
+/// coefficient broadcast feeds twice as many FMAs per vector of B loaded).
+const WIDE_TILE_ROWS: usize = 12;
+
+/// Runs `$body` over C's rows in tiles of [`WIDE_TILE_ROWS`] rows when `$wide` (the
+/// instruction set has 32 vector registers), then of [`TILE_ROWS`] rows, then one tile
+/// of the remaining rows, with `$i` the tile's first row and `$rows` its (constant)
+/// height.
 macro_rules! row_tiles {
-    ($m:expr, |$i:ident, $rows:ident| $body:expr) => {{
+    ($m:expr, $wide:expr, |$i:ident, $rows:ident| $body:expr) => {{
         let m = $m;
         let mut $i = 0;
+        if $wide {
+            while $i + WIDE_TILE_ROWS <= m {
+                {
+                    const $rows: usize = WIDE_TILE_ROWS;
+                    $body;
+                }
+                $i += WIDE_TILE_ROWS;
+            }
+        }
         while $i + TILE_ROWS <= m {
             {
                 const $rows: usize = TILE_ROWS;
@@ -100,6 +122,13 @@ macro_rules! row_tiles {
     }};
 }
 
+/// Whether `S` has 32 vector registers for the wide tiles: AVX-512 (16 lanes). NEON has
+/// 32 too but is untimed, so it keeps the AVX2 shapes.
+#[inline(always)]
+fn wide<S: Simd>() -> bool {
+    S::F32_LANES == 16
+}
+
 /// `out = alpha * acc + beta * out` for one vector, not reading `out` when `beta == 0`.
 #[inline(always)]
 fn finish_vector<S: Simd>(simd: S, out: &mut S::f32s, acc: S::f32s, alpha: f32, beta: f32) {
@@ -109,6 +138,19 @@ fn finish_vector<S: Simd>(simd: S, out: &mut S::f32s, acc: S::f32s, alpha: f32, 
     } else {
         simd.mul_add_f32s(*out, simd.splat_f32s(beta), scaled)
     };
+}
+
+/// The first `values.len() < lanes` values as a vector with zeros after them: a masked
+/// load. pulp's own `partial_load_f32s` makes it a call to an out-of-line stub (through
+/// the function pointer its `MemMask` carries on x86-64), which cost more than the FMAs
+/// of a 2NN layer's `k % 16` tail; a `MemMask` made from the bare lane mask loads inline.
+#[inline(always)]
+fn partial_load<S: Simd>(simd: S, values: &[f32]) -> S::f32s {
+    debug_assert!(values.len() < S::F32_LANES);
+    let mask = MemMask::new(simd.mask_between_m32s(0, values.len() as u32).mask());
+    // SAFETY: the mask enables the first `values.len()` lanes, all inside `values`;
+    // masked-off lanes are not read.
+    unsafe { simd.mask_load_ptr_f32s(mask, values.as_ptr()) }
 }
 
 /// Writes a tile of sums to C's rows from `i`, columns from `start`:
@@ -132,56 +174,89 @@ fn store_tile<S: Simd, const R: usize, const L: usize>(
 }
 
 /// Dense forward: `C = alpha * A . B^T + beta * C`, A `m x k` (the batch), B `n x k`.
-/// Blocks of 4 rows of B (streamed from memory once per block of A's rows) against 3
-/// rows of A at a time (in cache): 12 accumulators.
+/// Blocks of rows of B (streamed from memory once per block of A's rows) against a few
+/// rows of A at a time (in cache): 3 x 4 dot products (12 accumulators) within AVX2's 16
+/// registers, 4 x 6 (24) with AVX-512's 32, which loads a third fewer vectors per FMA.
 #[inline(always)]
 fn dot_rows<S: Simd>(simd: S, gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
-    for rows in (0..gemm.m).step_by(DOT_BLOCK_ROWS) {
-        let rows_end = (rows + DOT_BLOCK_ROWS).min(gemm.m);
-        let Gemm {
-            n, k, alpha, beta, ..
-        } = *gemm;
-        let mut j = 0;
-        while j < n {
-            let nj = (n - j).min(4);
-            let mut i = rows;
-            while i < rows_end {
-                let mi = (rows_end - i).min(3);
-                macro_rules! block {
-                    ($mi:literal, $nj:literal) => {{
-                        let mut a_rows: [&[f32]; $mi] = [&[]; $mi];
-                        for (r, row) in a_rows.iter_mut().enumerate() {
-                            *row = &a[(i + r) * k..(i + r + 1) * k];
-                        }
-                        let mut b_rows: [&[f32]; $nj] = [&[]; $nj];
-                        for (s, row) in b_rows.iter_mut().enumerate() {
-                            *row = &b[(j + s) * k..(j + s + 1) * k];
-                        }
-                        let sums = dot_block::<S, $mi, $nj>(simd, a_rows, b_rows, k);
-                        for (r, row) in sums.iter().enumerate() {
-                            for (s, &sum) in row.iter().enumerate() {
-                                finish(&mut c[(i + r) * n + j + s], sum, alpha, beta);
+    let (tile_rows, tile_cols) = if wide::<S>() { (4, 6) } else { (3, 4) };
+    let Gemm { m, n, k, alpha, .. } = *gemm;
+    // Long rows are summed in equal blocks of at most DOT_BLOCK_DEPTH values, so that the
+    // tile's rows of B stay in L1; every block after the first adds to C.
+    let depth_blocks = k.div_ceil(DOT_BLOCK_DEPTH);
+    let depth = k.div_ceil(depth_blocks);
+    for depth_start in (0..k).step_by(depth) {
+        let depth_end = (depth_start + depth).min(k);
+        let beta = if depth_start == 0 { gemm.beta } else { 1.0 };
+        for rows in (0..m).step_by(DOT_BLOCK_ROWS) {
+            let rows_end = (rows + DOT_BLOCK_ROWS).min(m);
+            let mut j = 0;
+            while j < n {
+                let nj = (n - j).min(tile_cols);
+                let mut i = rows;
+                while i < rows_end {
+                    let mi = (rows_end - i).min(tile_rows);
+                    macro_rules! block {
+                        ($mi:literal, $nj:literal) => {{
+                            let mut a_rows: [&[f32]; $mi] = [&[]; $mi];
+                            for (r, row) in a_rows.iter_mut().enumerate() {
+                                *row = &a[(i + r) * k + depth_start..(i + r) * k + depth_end];
                             }
+                            let mut b_rows: [&[f32]; $nj] = [&[]; $nj];
+                            for (s, row) in b_rows.iter_mut().enumerate() {
+                                *row = &b[(j + s) * k + depth_start..(j + s) * k + depth_end];
+                            }
+                            let sums = dot_block::<S, $mi, $nj>(
+                                simd,
+                                a_rows,
+                                b_rows,
+                                depth_end - depth_start,
+                            );
+                            for (r, row) in sums.iter().enumerate() {
+                                for (s, &sum) in row.iter().enumerate() {
+                                    finish(&mut c[(i + r) * n + j + s], sum, alpha, beta);
+                                }
+                            }
+                        }};
+                    }
+                    macro_rules! shapes {
+                    ($(($r:literal, $s:literal)),*) => {
+                        match (mi, nj) {
+                            $(($r, $s) => block!($r, $s),)*
+                            _ => unreachable!("tiles are at most 4 x 6"),
                         }
-                    }};
+                    };
                 }
-                match (mi, nj) {
-                    (3, 4) => block!(3, 4),
-                    (3, 3) => block!(3, 3),
-                    (3, 2) => block!(3, 2),
-                    (3, _) => block!(3, 1),
-                    (2, 4) => block!(2, 4),
-                    (2, 3) => block!(2, 3),
-                    (2, 2) => block!(2, 2),
-                    (2, _) => block!(2, 1),
-                    (_, 4) => block!(1, 4),
-                    (_, 3) => block!(1, 3),
-                    (_, 2) => block!(1, 2),
-                    _ => block!(1, 1),
+                    shapes!(
+                        (4, 6),
+                        (4, 5),
+                        (4, 4),
+                        (4, 3),
+                        (4, 2),
+                        (4, 1),
+                        (3, 6),
+                        (3, 5),
+                        (3, 4),
+                        (3, 3),
+                        (3, 2),
+                        (3, 1),
+                        (2, 6),
+                        (2, 5),
+                        (2, 4),
+                        (2, 3),
+                        (2, 2),
+                        (2, 1),
+                        (1, 6),
+                        (1, 5),
+                        (1, 4),
+                        (1, 3),
+                        (1, 2),
+                        (1, 1)
+                    );
+                    i += mi;
                 }
-                i += mi;
+                j += nj;
             }
-            j += nj;
         }
     }
 }
@@ -224,10 +299,10 @@ fn dot_block<S: Simd, const MI: usize, const NJ: usize>(
         // as the 12 whole vectors before them.
         let mut av = [zero; MI];
         for i in 0..MI {
-            av[i] = simd.partial_load_f32s(&a[i][whole..k]);
+            av[i] = partial_load(simd, &a[i][whole..k]);
         }
         for j in 0..NJ {
-            let bv = simd.partial_load_f32s(&b[j][whole..k]);
+            let bv = partial_load(simd, &b[j][whole..k]);
             for i in 0..MI {
                 acc[i][j] = simd.mul_add_f32s(av[i], bv, acc[i][j]);
             }
@@ -235,9 +310,12 @@ fn dot_block<S: Simd, const MI: usize, const NJ: usize>(
     }
     let mut sums = [[0.0f32; NJ]; MI];
     for i in 0..MI {
-        let mut four = [zero; 4];
-        four[..NJ].copy_from_slice(&acc[i]);
-        sums[i].copy_from_slice(&reduce_sum4(simd, four)[..NJ]);
+        for first in (0..NJ).step_by(4) {
+            let count = (NJ - first).min(4);
+            let mut four = [zero; 4];
+            four[..count].copy_from_slice(&acc[i][first..first + count]);
+            sums[i][first..first + count].copy_from_slice(&reduce_sum4(simd, four)[..count]);
+        }
     }
     sums
 }
@@ -346,20 +424,52 @@ fn sums4_avx(values: [std::arch::x86_64::__m256; 4]) -> [f32; 4] {
 /// by A's entries: B's strip stays in cache across the batch's rows, and each 6-row tile
 /// of C stays in registers over all of k.
 #[inline(always)]
-fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]) {
+fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, layout: BLayout, a: &[f32], b: &[f32], c: &mut [f32]) {
     let Gemm { m, n, k, .. } = *gemm;
     let rows = Coefficients {
         row_step: k,
         depth_step: 1,
     };
     let lanes = S::F32_LANES;
+    debug_assert!(matches!(layout, BLayout::Rows) || 2 * lanes == STRIP_COLUMNS);
     let pairs = n / (2 * lanes) * (2 * lanes);
     for start in (0..pairs).step_by(2 * lanes) {
-        row_tiles!(m, |i, R| broadcast_tile::<S, R, 2>(
-            simd, gemm, rows, a, b, c, i, start
+        let panel = layout.panel(gemm, start);
+        row_tiles!(m, wide::<S>(), |i, R| broadcast_tile::<S, R, 2>(
+            simd, gemm, rows, a, b, panel, c, i, start
         ));
     }
-    broadcast_tail(simd, gemm, rows, a, b, c, pairs);
+    broadcast_tail(simd, gemm, rows, layout, a, b, c, pairs);
+}
+
+/// Columns per strip of a [`BLayout::Strips`] operand: AVX-512's two vectors, the width
+/// of [`broadcast_tile`]'s tiles on the one path that packs B.
+pub(super) const STRIP_COLUMNS: usize = 32;
+
+/// How B (`k x n`) is stored.
+#[derive(Clone, Copy)]
+enum BLayout {
+    /// Row-major: value `(p, col)` at `p * n + col`.
+    Rows,
+    /// In strips of [`STRIP_COLUMNS`] columns (the last one narrower), each row-major and
+    /// contiguous, the strip from column `s` at `s * k`: every row tile reads its strip
+    /// as one sequential stream ([`super::small_gemm::pack_strips`] writes it).
+    Strips,
+}
+
+impl BLayout {
+    /// Where the columns from `start` lie: `(offset of row 0, distance between rows)`.
+    #[inline(always)]
+    fn panel(self, gemm: &Gemm, start: usize) -> (usize, usize) {
+        match self {
+            BLayout::Rows => (start, gemm.n),
+            BLayout::Strips => {
+                let strip = start / STRIP_COLUMNS * STRIP_COLUMNS;
+                let width = (gemm.n - strip).min(STRIP_COLUMNS);
+                (strip * gemm.k + (start - strip), width)
+            }
+        }
+    }
 }
 
 /// Dense weight gradient (or fused SGD update): `C = alpha * A^T . B + beta * C`, A
@@ -378,61 +488,108 @@ fn rank_update<S: Simd>(simd: S, gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], 
     let pairs = n / (2 * lanes) * (2 * lanes);
     for block in (0..pairs).step_by(BLOCK_COLS) {
         let end = (block + BLOCK_COLS).min(pairs);
-        row_tiles!(m, |i, R| {
+        row_tiles!(m, wide::<S>(), |i, R| {
             for start in (block..end).step_by(2 * lanes) {
-                broadcast_tile::<S, R, 2>(simd, gemm, transposed, a, b, c, i, start);
+                let panel = (start, n);
+                broadcast_tile::<S, R, 2>(simd, gemm, transposed, a, b, panel, c, i, start);
             }
         });
     }
-    broadcast_tail(simd, gemm, transposed, a, b, c, pairs);
+    broadcast_tail(simd, gemm, transposed, BLayout::Rows, a, b, c, pairs);
 }
 
 /// The columns of C from `from` on that pairs of vectors do not cover: one vector at a
-/// time, then the last columns one at a time (shared by both broadcast products).
+/// time, then the last columns as one partial vector (shared by both broadcast products).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn broadcast_tail<S: Simd>(
     simd: S,
     gemm: &Gemm,
     coefficients: Coefficients,
+    layout: BLayout,
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
     from: usize,
 ) {
-    let Gemm {
-        m,
-        n,
-        k,
-        alpha,
-        beta,
-        ..
-    } = *gemm;
+    let Gemm { m, n, .. } = *gemm;
     let lanes = S::F32_LANES;
     let vectors = n / lanes * lanes;
     for start in (from..vectors).step_by(lanes) {
-        row_tiles!(m, |i, R| broadcast_tile::<S, R, 1>(
+        let panel = layout.panel(gemm, start);
+        row_tiles!(m, wide::<S>(), |i, R| broadcast_tile::<S, R, 1>(
             simd,
             gemm,
             coefficients,
             a,
             b,
+            panel,
             c,
             i,
             start
         ));
     }
+    if vectors < n {
+        // The last n % lanes columns as one zero-padded vector (masked loads and stores
+        // on AVX-512): with 16 lanes the 2NN's n = 200 leaves 8 columns, which one at a
+        // time, down strided columns of B, cost as much as the other 192.
+        let panel = layout.panel(gemm, vectors);
+        row_tiles!(m, wide::<S>(), |i, R| partial_tile::<S, R>(
+            simd,
+            gemm,
+            coefficients,
+            a,
+            b,
+            panel,
+            c,
+            i,
+            vectors
+        ));
+    }
+}
+
+/// [`broadcast_tile`] for the last `n - start < lanes` columns of C: one partial vector
+/// per row, read through [`partial_load`] and written through
+/// [`Simd::partial_store_f32s`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn partial_tile<S: Simd, const R: usize>(
+    simd: S,
+    gemm: &Gemm,
+    coefficients: Coefficients,
+    a: &[f32],
+    b: &[f32],
+    (b_offset, b_step): (usize, usize),
+    c: &mut [f32],
+    i: usize,
+    start: usize,
+) {
+    let Gemm {
+        n, k, alpha, beta, ..
+    } = *gemm;
     let Coefficients {
         row_step,
         depth_step,
     } = coefficients;
-    for i in 0..m {
-        for col in vectors..n {
-            let mut sum = 0.0f32;
-            for p in 0..k {
-                sum = a[i * row_step + p * depth_step].mul_add(b[p * n + col], sum);
-            }
-            finish(&mut c[i * n + col], sum, alpha, beta);
+    let zero = simd.splat_f32s(0.0);
+    let mut acc = [zero; R];
+    let width = n - start;
+    for p in 0..k {
+        let bv = partial_load(simd, &b[b_offset + p * b_step..][..width]);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let s = simd.splat_f32s(a[(i + r) * row_step + p * depth_step]);
+            *acc = simd.mul_add_f32s(s, bv, *acc);
         }
+    }
+    for (r, &acc) in acc.iter().enumerate() {
+        let out = &mut c[(i + r) * n + start..(i + r + 1) * n];
+        let mut value = if beta == 0.0 {
+            zero
+        } else {
+            simd.partial_load_f32s(out)
+        };
+        finish_vector(simd, &mut value, acc, alpha, beta);
+        simd.partial_store_f32s(out, value);
     }
 }
 
@@ -447,8 +604,9 @@ struct Coefficients {
 }
 
 /// `R` rows x `L` vectors of C from row `i`, column `start`, in registers (`R` and `L`
-/// are constants so that the loops unroll into them), summed over all `k` rows of B,
-/// each scaled by a broadcast coefficient from A.
+/// are constants so that the loops unroll into them), summed over all `k` rows of B
+/// (row `p` of the panel at `b_offset + p * b_step`), each scaled by a broadcast
+/// coefficient from A.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn broadcast_tile<S: Simd, const R: usize, const L: usize>(
@@ -457,28 +615,41 @@ fn broadcast_tile<S: Simd, const R: usize, const L: usize>(
     coefficients: Coefficients,
     a: &[f32],
     b: &[f32],
+    (b_offset, b_step): (usize, usize),
     c: &mut [f32],
     i: usize,
     start: usize,
 ) {
-    let Gemm { n, k, .. } = *gemm;
+    let k = gemm.k;
     let Coefficients {
         row_step,
         depth_step,
     } = coefficients;
-    let width = L * S::F32_LANES;
+    let lanes = S::F32_LANES;
+    let width = L * lanes;
+    // Every read below is in bounds: the last row of B read ends at `b_end`, the last
+    // coefficient is at `a_last`. Checked once here rather than per FMA: with a bounds
+    // check per coefficient LLVM spilled accumulators of the 12-row tile on every step.
+    let b_end = b_offset + (k - 1) * b_step + width;
+    let a_last = (i + R - 1) * row_step + (k - 1) * depth_step;
+    assert!(k > 0 && b_end <= b.len() && a_last < a.len());
     let zero = simd.splat_f32s(0.0);
     let mut acc = [[zero; L]; R];
+    let (a, b) = (a.as_ptr(), b.as_ptr());
     for p in 0..k {
-        let vectors = S::as_simd_f32s(&b[p * n + start..p * n + start + width]).0;
+        // SAFETY: `b_offset + p * b_step + width <= b_end <= b.len()` for `p < k`, so
+        // the `L` vectors from there are inside `b`; unaligned reads of plain f32s.
+        let row = unsafe { b.add(b_offset + p * b_step) };
         let mut bv = [zero; L];
-        for (value, vector) in bv.iter_mut().zip(vectors) {
-            *value = *vector;
+        for (l, value) in bv.iter_mut().enumerate() {
+            *value = unsafe { row.add(l * lanes).cast::<S::f32s>().read_unaligned() };
         }
-        for r in 0..R {
-            let s = simd.splat_f32s(a[(i + r) * row_step + p * depth_step]);
-            for l in 0..L {
-                acc[r][l] = simd.mul_add_f32s(s, bv[l], acc[r][l]);
+        // SAFETY: `(i + r) * row_step + p * depth_step <= a_last < a.len()` for `r < R`.
+        let coefficients = unsafe { a.add(i * row_step + p * depth_step) };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let s = simd.splat_f32s(unsafe { *coefficients.add(r * row_step) });
+            for (acc, &bv) in acc.iter_mut().zip(&bv) {
+                *acc = simd.mul_add_f32s(s, bv, *acc);
             }
         }
     }

@@ -66,9 +66,176 @@ pub(super) fn try_gemm_strided(
     match kind {
         Kind::DotRows => portable::dot_rows(gemm, a, b, c),
         Kind::ScaleRows => portable::scale_rows(gemm, a, b, c),
+        Kind::StripRows => portable::strip_rows(gemm, a, b, c),
         Kind::RankUpdate => portable::rank_update(gemm, lda, a, b, c),
     }
     true
+}
+
+/// Rows of C from which a dense forward on the `avx512` path packs B transposed
+/// ([`pack_strips`]) and runs as the input gradient's broadcast product
+/// ([`Kind::StripRows`]) instead of as dot products: on a Xeon that product reached
+/// 100-110 GFLOP/s where the 4 x 6 dot tile stopped near 80 (its horizontal sums and
+/// its two streams of long rows), and the packing is a few percent of a product with
+/// this many rows. Below it (federated training's batch 10) the dot products win: B is
+/// read once and nothing is copied.
+const PACKED_FORWARD_ROWS: usize = 32;
+
+thread_local! {
+    /// B packed for [`forward_packed`], on the calling thread.
+    static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs a dense forward (`C = alpha * A . B^T + beta * C`) as `A . (B^T)` with B^T packed
+/// into a per-thread buffer, handing the plain product (`trans_b` false) and the packed
+/// operand to `run` (which calls [`strip_rows`], on C's rows shared out or not), when
+/// the shape and kernel path call for it ([`PACKED_FORWARD_ROWS`]); returns whether it
+/// did. Lengths were checked by the caller.
+pub(super) fn forward_packed(
+    gemm: &Gemm,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    run: impl FnOnce(&Gemm, &[f32], &[f32], &mut [f32]),
+) -> bool {
+    if gemm.trans_a
+        || !gemm.trans_b
+        || gemm.m < PACKED_FORWARD_ROWS
+        || gemm.n == 0
+        || gemm.k == 0
+        || !strips_run()
+    {
+        return false;
+    }
+    PACKED.with_borrow_mut(|buffer| {
+        // Grown only, never shrunk: a model's layers of different sizes take turns here,
+        // and every value read is written by the packing first.
+        let len = gemm.k * gemm.n;
+        if buffer.len() < len {
+            buffer.resize(len, 0.0);
+        }
+        let packed = &mut buffer[..len];
+        pack_strips(&b[..len], gemm.n, gemm.k, packed);
+        let plain = Gemm {
+            trans_b: false,
+            ..*gemm
+        };
+        run(&plain, a, packed, c);
+    });
+    true
+}
+
+/// Whether [`Kind::StripRows`] runs its vector kernel: on the `avx512` path with pulp's
+/// 16-lane instance, whose two-vector tiles are [`super::simd_gemm::STRIP_COLUMNS`] wide.
+fn strips_run() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::dispatch::{KernelPath, kernel_path};
+        kernel_path() == KernelPath::Avx512 && pulp::x86::V4::try_new().is_some()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `C = alpha * A . B + beta * C` with B (`k x n`) packed by [`pack_strips`]; `a` holds
+/// C's rows of A (`m x k`).
+pub(super) fn strip_rows(gemm: &Gemm, a: &[f32], packed: &[f32], c: &mut [f32]) {
+    if gemm.m == 0 || gemm.n == 0 || gemm.k == 0 {
+        return;
+    }
+    if !simd_product(Kind::StripRows, gemm, gemm.m, a, packed, c) {
+        portable::strip_rows(gemm, a, packed, c);
+    }
+}
+
+/// Writes `b` (`n x k`, row-major: the dense weight) transposed into `dst` (`k x n`) in
+/// strips of [`super::simd_gemm::STRIP_COLUMNS`] of its columns: the strip from column
+/// `s`, `width` columns wide, is `k x width` row-major at `dst[s * k..]`. Whole 16 x 16
+/// blocks go through registers on AVX-512 ([`transpose16_avx512`]); the edges one value
+/// at a time.
+pub(super) fn pack_strips(b: &[f32], n: usize, k: usize, dst: &mut [f32]) {
+    use super::simd_gemm::STRIP_COLUMNS;
+    for strip in (0..n).step_by(STRIP_COLUMNS) {
+        let width = (n - strip).min(STRIP_COLUMNS);
+        let out = &mut dst[strip * k..(strip + width) * k];
+        let mut done_rows = 0;
+        let mut done_depth = 0;
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            done_rows = width / 16 * 16;
+            done_depth = k / 16 * 16;
+            for row in (0..done_rows).step_by(16) {
+                for depth in (0..done_depth).step_by(16) {
+                    // SAFETY: AVX-512F is present (checked above); rows `strip + row..+16`
+                    // of `b` have `k >= depth + 16` values each, and rows
+                    // `depth..depth + 16` of `out` (`width` apart) have `row + 16 <= width`.
+                    unsafe {
+                        transpose16_avx512(
+                            b[(strip + row) * k + depth..].as_ptr(),
+                            k,
+                            out[depth * width + row..].as_mut_ptr(),
+                            width,
+                        );
+                    }
+                }
+            }
+        }
+        for row in 0..width {
+            let source = &b[(strip + row) * k..(strip + row + 1) * k];
+            let depths = if row < done_rows { done_depth } else { 0 };
+            for (depth, &value) in source.iter().enumerate().skip(depths) {
+                out[depth * width + row] = value;
+            }
+        }
+    }
+}
+
+/// Transposes one 16 x 16 block: row `r` of the source (`src + r * src_step`, 16
+/// values) becomes column `r` of the destination (`dst + q * dst_step + r`).
+///
+/// # Safety
+/// The CPU has AVX-512F; the 16 source rows and 16 destination rows of 16 values each
+/// are valid for reads and writes respectively.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16_avx512(src: *const f32, src_step: usize, dst: *mut f32, dst_step: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY (for the loads and stores below): the caller's contract.
+    let mut rows = [_mm512_setzero_ps(); 16];
+    for (r, row) in rows.iter_mut().enumerate() {
+        *row = unsafe { _mm512_loadu_ps(src.add(r * src_step)) };
+    }
+    // Interleave pairs of rows, then pairs of pairs (within 128-bit lanes), then swap
+    // 128-bit lanes twice: the classic 16 x 16 transpose in 64 shuffles.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(rows[2 * i], rows[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(rows[2 * i], rows[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        let (a, b, c, d) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        u[4 * i] = _mm512_shuffle_ps::<0x44>(a, c);
+        u[4 * i + 1] = _mm512_shuffle_ps::<0xEE>(a, c);
+        u[4 * i + 2] = _mm512_shuffle_ps::<0x44>(b, d);
+        u[4 * i + 3] = _mm512_shuffle_ps::<0xEE>(b, d);
+    }
+    let mut v = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        v[i] = _mm512_shuffle_f32x4::<0x88>(u[i], u[i + 4]);
+        v[i + 4] = _mm512_shuffle_f32x4::<0xDD>(u[i], u[i + 4]);
+        v[i + 8] = _mm512_shuffle_f32x4::<0x88>(u[i + 8], u[i + 12]);
+        v[i + 12] = _mm512_shuffle_f32x4::<0xDD>(u[i + 8], u[i + 12]);
+    }
+    for i in 0..4 {
+        rows[i] = _mm512_shuffle_f32x4::<0x88>(v[i], v[i + 8]);
+        rows[i + 8] = _mm512_shuffle_f32x4::<0xDD>(v[i], v[i + 8]);
+        rows[i + 4] = _mm512_shuffle_f32x4::<0x88>(v[i + 4], v[i + 12]);
+        rows[i + 12] = _mm512_shuffle_f32x4::<0xDD>(v[i + 4], v[i + 12]);
+    }
+    for (q, row) in rows.iter().enumerate() {
+        unsafe { _mm512_storeu_ps(dst.add(q * dst_step), *row) };
+    }
 }
 
 /// The same three products in plain Rust, for the portable path: like the vector ones they
@@ -146,6 +313,36 @@ mod portable {
         }
     }
 
+    /// [`scale_rows`] with B packed by [`super::pack_strips`].
+    pub(super) fn strip_rows(gemm: &Gemm, a: &[f32], packed: &[f32], c: &mut [f32]) {
+        use super::super::simd_gemm::STRIP_COLUMNS;
+        let Gemm {
+            m,
+            n,
+            k,
+            alpha,
+            beta,
+            ..
+        } = *gemm;
+        for strip in (0..n).step_by(STRIP_COLUMNS) {
+            let width = (n - strip).min(STRIP_COLUMNS);
+            let panel = &packed[strip * k..(strip + width) * k];
+            for i in 0..m {
+                let mut acc = [0.0f32; STRIP_COLUMNS];
+                for (p, row) in panel.chunks_exact(width).enumerate() {
+                    let s = a[i * k + p];
+                    for (sum, &value) in acc.iter_mut().zip(row) {
+                        *sum += s * value;
+                    }
+                }
+                let out = &mut c[i * n + strip..i * n + strip + width];
+                for (value, &sum) in out.iter_mut().zip(&acc) {
+                    finish(value, sum, alpha, beta);
+                }
+            }
+        }
+    }
+
     /// `C = alpha * A^T . B + beta * C`, A `k x m`, B `k x n`, `k` the batch.
     pub(super) fn rank_update(gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
         let Gemm {
@@ -181,6 +378,8 @@ mod portable {
 pub(super) enum Kind {
     DotRows,
     ScaleRows,
+    /// [`Kind::ScaleRows`] with B packed by [`pack_strips`] (`avx512` only).
+    StripRows,
     RankUpdate,
 }
 
