@@ -115,11 +115,18 @@ impl Backend for CpuBackend {
         check_len(a, gemm.m * gemm.k)?;
         check_len(b, gemm.k * gemm.n)?;
         check_len(c, gemm.m * gemm.n)?;
-        let packed = small_gemm::forward_packed(&gemm, a, b, c, |plain, a, packed, c| {
-            if !cpu_parallel::by_rows(plain, a, packed, c, small_gemm::strip_rows) {
-                small_gemm::strip_rows(plain, a, packed, c);
-            }
-        });
+        let packed = small_gemm::forward_packed(
+            &gemm,
+            a,
+            b,
+            c,
+            cpu_parallel::pack_strips,
+            |plain, a, packed, c| {
+                if !cpu_parallel::by_rows(plain, a, packed, c, small_gemm::strip_rows) {
+                    small_gemm::strip_rows(plain, a, packed, c);
+                }
+            },
+        );
         if packed {
             return Ok(());
         }

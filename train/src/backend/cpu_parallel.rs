@@ -265,6 +265,22 @@ pub(super) fn by_rows(
     true
 }
 
+/// [`small_gemm::pack_strips`] split into parts of whole strips (each part writes its
+/// own strips), or on this thread when the weight is small.
+pub(super) fn pack_strips(b: &[f32], n: usize, k: usize, dst: &mut [f32]) {
+    use super::simd_gemm::STRIP_COLUMNS;
+    let strips = n.div_ceil(STRIP_COLUMNS);
+    let parts = parts(strips, n * k);
+    if parts < 2 {
+        small_gemm::pack_strips(b, n, k, dst);
+        return;
+    }
+    let per = part_len(strips, parts, 1) * STRIP_COLUMNS;
+    for_each(dst.chunks_mut(per * k).enumerate(), |(part, out)| {
+        small_gemm::pack_strips_from(b, n, k, part * per, out);
+    });
+}
+
 /// C = alpha A B^T + beta C for a few rows of C, split into ranges of C's columns (rows
 /// of B, contiguous). Each part computes its columns into its own contiguous block of
 /// the caller's scratch (seeded from C when beta != 0); the caller then copies the

@@ -87,8 +87,9 @@ thread_local! {
 }
 
 /// Runs a dense forward (`C = alpha * A . B^T + beta * C`) as `A . (B^T)` with B^T packed
-/// into a per-thread buffer, handing the plain product (`trans_b` false) and the packed
-/// operand to `run` (which calls [`strip_rows`], on C's rows shared out or not), when
+/// by `pack` ([`pack_strips`], on one thread or several) into a per-thread buffer,
+/// handing the plain product (`trans_b` false) and the packed operand to `run` (which
+/// calls [`strip_rows`], on C's rows shared out or not), when
 /// the shape and kernel path call for it ([`PACKED_FORWARD_ROWS`]); returns whether it
 /// did. Lengths were checked by the caller.
 pub(super) fn forward_packed(
@@ -96,6 +97,7 @@ pub(super) fn forward_packed(
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
+    pack: impl FnOnce(&[f32], usize, usize, &mut [f32]),
     run: impl FnOnce(&Gemm, &[f32], &[f32], &mut [f32]),
 ) -> bool {
     if gemm.trans_a
@@ -115,7 +117,7 @@ pub(super) fn forward_packed(
             buffer.resize(len, 0.0);
         }
         let packed = &mut buffer[..len];
-        pack_strips(&b[..len], gemm.n, gemm.k, packed);
+        pack(&b[..len], gemm.n, gemm.k, packed);
         let plain = Gemm {
             trans_b: false,
             ..*gemm
@@ -154,10 +156,19 @@ pub(super) fn strip_rows(gemm: &Gemm, a: &[f32], packed: &[f32], c: &mut [f32]) 
 /// blocks go through registers on AVX-512 ([`transpose16_avx512`]); the edges one value
 /// at a time.
 pub(super) fn pack_strips(b: &[f32], n: usize, k: usize, dst: &mut [f32]) {
+    pack_strips_from(b, n, k, 0, dst);
+}
+
+/// [`pack_strips`] for the strips from column `first` (a multiple of
+/// [`super::simd_gemm::STRIP_COLUMNS`]) that `dst` holds: `dst` is the packed operand
+/// from `first * k` on, so threads can pack separate strips.
+pub(super) fn pack_strips_from(b: &[f32], n: usize, k: usize, first: usize, dst: &mut [f32]) {
     use super::simd_gemm::STRIP_COLUMNS;
-    for strip in (0..n).step_by(STRIP_COLUMNS) {
+    debug_assert_eq!(first % STRIP_COLUMNS, 0);
+    let end = (first + dst.len() / k).min(n);
+    for strip in (first..end).step_by(STRIP_COLUMNS) {
         let width = (n - strip).min(STRIP_COLUMNS);
-        let out = &mut dst[strip * k..(strip + width) * k];
+        let out = &mut dst[(strip - first) * k..(strip - first + width) * k];
         let mut done_rows = 0;
         let mut done_depth = 0;
         #[cfg(target_arch = "x86_64")]
