@@ -540,8 +540,17 @@ pub(super) fn try_fused_dense_backward(
             first_row: rows.start,
             end_row: rows.end,
         };
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        unsafe { fused_dense_backward(&fused, x, dy, w_rows, dx) };
+        if super::dispatch::kernel_path() == super::dispatch::KernelPath::Avx512
+            && std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            // SAFETY: the CPU supports AVX-512F and VL (checked just above), and AVX2 and
+            // FMA (checked by `fused_dense_backward_runs`).
+            unsafe { fused_dense_backward_avx512(&fused, x, dy, w_rows, dx) };
+        } else {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            unsafe { fused_dense_backward(&fused, x, dy, w_rows, dx) };
+        }
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -570,6 +579,35 @@ fn fused_dense_backward(shape: &Fused, x: &[f32], dy: &[f32], w: &mut [f32], dx:
     let mut row = shape.first_row;
     while row < shape.end_row {
         if shape.end_row - row >= 4 {
+            fused_block::<4>(shape, row, x, dy, w, dx);
+            row += 4;
+        } else {
+            fused_block::<1>(shape, row, x, dy, w, dx);
+            row += 1;
+        }
+    }
+}
+
+/// [`fused_dense_backward`] in blocks of 8 weight rows, compiled with AVX-512VL so that
+/// the block's 16 vectors of weights and the rest fit in its 32 registers: each pass
+/// over the batch's rows of `dx` (read and written once per block) now serves twice the
+/// rows. The same FMAs in the same order per value as the 4-row blocks.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl")]
+fn fused_dense_backward_avx512(
+    shape: &Fused,
+    x: &[f32],
+    dy: &[f32],
+    w: &mut [f32],
+    dx: &mut [f32],
+) {
+    let mut row = shape.first_row;
+    while row < shape.end_row {
+        let left = shape.end_row - row;
+        if left >= 8 {
+            fused_block::<8>(shape, row, x, dy, w, dx);
+            row += 8;
+        } else if left >= 4 {
             fused_block::<4>(shape, row, x, dy, w, dx);
             row += 4;
         } else {
