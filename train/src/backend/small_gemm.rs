@@ -169,28 +169,7 @@ pub(super) fn pack_strips_from(b: &[f32], n: usize, k: usize, first: usize, dst:
     for strip in (first..end).step_by(STRIP_COLUMNS) {
         let width = (n - strip).min(STRIP_COLUMNS);
         let out = &mut dst[(strip - first) * k..(strip - first + width) * k];
-        let mut done_rows = 0;
-        let mut done_depth = 0;
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            done_rows = width / 16 * 16;
-            done_depth = k / 16 * 16;
-            for row in (0..done_rows).step_by(16) {
-                for depth in (0..done_depth).step_by(16) {
-                    // SAFETY: AVX-512F is present (checked above); rows `strip + row..+16`
-                    // of `b` have `k >= depth + 16` values each, and rows
-                    // `depth..depth + 16` of `out` (`width` apart) have `row + 16 <= width`.
-                    unsafe {
-                        transpose16_avx512(
-                            b[(strip + row) * k + depth..].as_ptr(),
-                            k,
-                            out[depth * width + row..].as_mut_ptr(),
-                            width,
-                        );
-                    }
-                }
-            }
-        }
+        let (done_rows, done_depth) = pack_blocks_avx512(&b[strip * k..], k, width, out);
         for row in 0..width {
             let source = &b[(strip + row) * k..(strip + row + 1) * k];
             let depths = if row < done_rows { done_depth } else { 0 };
@@ -199,6 +178,34 @@ pub(super) fn pack_strips_from(b: &[f32], n: usize, k: usize, first: usize, dst:
             }
         }
     }
+}
+
+/// The whole 16 x 16 blocks of one strip (`width` rows of `b`, `k` apart, into `out`)
+/// through AVX-512 registers where the CPU has it; returns how many of the strip's rows
+/// and how much of their depth that covered (nothing elsewhere).
+fn pack_blocks_avx512(b: &[f32], k: usize, width: usize, out: &mut [f32]) -> (usize, usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        let (rows, depth) = (width / 16 * 16, k / 16 * 16);
+        for row in (0..rows).step_by(16) {
+            for start in (0..depth).step_by(16) {
+                // SAFETY: AVX-512F is present (checked above); rows `row..row + 16` of
+                // `b` have `k >= start + 16` values each, and rows `start..start + 16` of
+                // `out` (`width` apart) have `row + 16 <= width` values.
+                unsafe {
+                    transpose16_avx512(
+                        b[row * k + start..].as_ptr(),
+                        k,
+                        out[start * width + row..].as_mut_ptr(),
+                        width,
+                    );
+                }
+            }
+        }
+        return (rows, depth);
+    }
+    let _ = (b, k, width, out);
+    (0, 0)
 }
 
 /// Transposes one 16 x 16 block: row `r` of the source (`src + r * src_step`, 16
