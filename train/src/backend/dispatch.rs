@@ -12,8 +12,9 @@
 //! portable SIMD trait and run with 16-lane AVX-512 vectors on the `avx512` level, 8-lane
 //! AVX2 ones on `avx2` and 4-lane NEON ones on `neon` (aarch64). The convolutions have
 //! AVX-512 instances on the `avx512` level (the direct forward's 16-lane tiles, the sparse
-//! backward compiled for AVX-512); the other hand-written x86-64 kernels (pooling, the
-//! small-batch fused dense backward) are AVX2+FMA, which the `avx512` level also runs.
+//! backward compiled for AVX-512), and so has the small-batch fused dense backward
+//! (8-row blocks in AVX-512VL's 32 registers); pooling is AVX2+FMA, which the `avx512`
+//! level also runs.
 //! Other targets run the portable kernels.
 
 use std::cell::Cell;

@@ -1,10 +1,9 @@
 //! The dense layers' three matrix products (see [`super::small_gemm`] for the shapes and
 //! why they stream their operands instead of packing them), written once against pulp's
 //! [`Simd`] trait and instantiated per instruction set at run time: AVX2+FMA (8 lanes),
-//! AVX-512 (16 lanes) and NEON (4 lanes). Register tiles have the same shape in vectors
-//! on every instruction set (6 rows x 2 vectors of C for the gradients, 3 x 4 dot
-//! products for the forward pass), so they fit AVX2's 16 registers and leave room on
-//! the 32 of AVX-512 and NEON.
+//! AVX-512 (16 lanes) and NEON (4 lanes). Register tiles are sized for AVX2's 16
+//! registers (6 rows x 2 vectors of C for the gradients, 3 x 4 dot products for the
+//! forward pass), which NEON keeps; AVX-512's 32 take 12 x 2 and 4 x 6 ([`wide`]).
 //!
 //! Everything below [`Product::with_simd`] is `#[inline(always)]`: pulp compiles the body
 //! once per instruction set inside a function that enables it, and only inlined code

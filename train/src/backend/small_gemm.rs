@@ -1,16 +1,20 @@
 //! Matrix products of training's dense layers (one dimension is the batch): which kernel
 //! runs (the vector ones are in [`super::simd_gemm`]), the portable kernels, and the
-//! small-batch fused dense backward (AVX2+FMA).
+//! small-batch fused dense backward (AVX2+FMA; compiled for AVX-512VL's 32 registers on
+//! the `avx512` path).
 //!
 //! A general GEMM copies ("packs") both operands into cache-friendly panels on every
 //! call, into a freshly allocated buffer. With a batch of 10 that copy of the weight
 //! matrix costs more than the arithmetic: the FedAvg CNN's `dense0` weight is 6.4 MB,
 //! packed twice per step (forward and input gradient) and then read and written again by
 //! the update. These kernels read their operands where they lie instead: register tiles
-//! of C (6 x 16 for the input and weight gradients, 3 x 4 dot products for the forward
-//! pass) over cache blocks of the operands. They allocate nothing, and at batches 64 and
-//! 256 they match or beat matrixmultiply and the gemm crate on the models' shapes
-//! (`bench/gemm-eval`, BENCHMARKS.md).
+//! of C (6 x 2 vectors for the input and weight gradients, 3 x 4 dot products for the
+//! forward pass; 12 x 2 and 4 x 6 with AVX-512's 32 registers) over cache blocks of the
+//! operands. The one copy: on `avx512` a forward of [`PACKED_FORWARD_ROWS`] or more rows
+//! packs the weight transposed once per call into a per-thread buffer (allocated once),
+//! to run as broadcast tiles over one sequential stream. They allocate nothing per step,
+//! and at batches 64 and 256 they match or beat matrixmultiply (AVX-512 kernels
+//! included) and the gemm crate on the models' shapes (`bench/gemm-eval`, BENCHMARKS.md).
 //!
 //! Results are deterministic (fixed summation order) but rounded differently from
 //! matrixmultiply's; the caller picks a path per shape, never per run.
