@@ -26,12 +26,12 @@ const BLOCK_COLS: usize = 256;
 
 /// Rows of A per pass of [`dot_rows`] over B: 48 rows of 784 values (150 KB) stay in L2
 /// while B streams past once per block.
-const DOT_BLOCK_ROWS: usize = 12;
+const DOT_BLOCK_ROWS: usize = 48;
 
 /// Most values of each row summed per pass of [`dot_rows`]: a tile's 6 rows of B of
 /// 1,024 values are 24 KB, which stay in L1 while A's rows stream past (the CNN's dense
 /// layer has rows of 3,136).
-const DOT_BLOCK_DEPTH: usize = 512;
+const DOT_BLOCK_DEPTH: usize = 1024;
 
 /// One product for [`pulp::Arch`]-style dispatch: `kind` names the shape (lengths were
 /// checked by the caller); for the rank update A's rows are `lda` apart.
