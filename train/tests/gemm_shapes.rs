@@ -40,10 +40,10 @@ fn every_shape_on_this_path() {
         (100, 31, 3),
         (5, 40, 64),
         (70, 8, 70),
-        // The avx512 forward's packed path (m >= 32): whole 16 x 16 transposed blocks,
-        // two-vector strips and a narrower last strip, with edges in both directions.
+        // The avx512 forward's packed path (m >= 48, n >= 32): whole 16 x 16 transposed
+        // blocks, two-vector strips and a narrower last strip, edges both ways.
         (48, 70, 45),
-        (33, 64, 1100),
+        (50, 64, 1100),
         // The dot-product forward's blocks of depth (k > 1024).
         (20, 13, 1100),
     ] {

@@ -44,9 +44,9 @@ fn split_products_match() {
     let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 25.0;
     for &(m, n, k, trans_a, trans_b) in &[
         (72, 200, 300, false, true),
-        // On avx512 a forward of 32+ rows packs B^T in strips: this one (n x k >= 2^19)
+        // On avx512 a forward of 48+ rows packs B^T in strips: this one (n x k >= 2^19)
         // packs on both threads, with a narrower last strip.
-        (40, 1_000, 700, false, true),
+        (56, 1_000, 700, false, true),
         // One row block (a batch of 10, or fewer): split by C's columns instead.
         (10, 200, 784, false, true),
         (7, 130, 1_200, false, true),

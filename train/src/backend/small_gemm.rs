@@ -82,8 +82,10 @@ pub(super) fn try_gemm_strided(
 /// 100-110 GFLOP/s where the 4 x 6 dot tile stopped near 80 (its horizontal sums and
 /// its two streams of long rows), and the packing is a few percent of a product with
 /// this many rows. Below it (federated training's batch 10) the dot products win: B is
-/// read once and nothing is copied.
-const PACKED_FORWARD_ROWS: usize = 32;
+/// read once and nothing is copied. Packing costs about a 16-lane FMA per value moved
+/// per 6 rows of C, so below 48 rows (a convolution's per-example weight gradient has
+/// its 32 output channels) or below one whole strip of columns it does not pay.
+const PACKED_FORWARD_ROWS: usize = 48;
 
 thread_local! {
     /// B packed for [`forward_packed`], on the calling thread.
@@ -107,7 +109,7 @@ pub(super) fn forward_packed(
     if gemm.trans_a
         || !gemm.trans_b
         || gemm.m < PACKED_FORWARD_ROWS
-        || gemm.n == 0
+        || gemm.n < super::simd_gemm::STRIP_COLUMNS
         || gemm.k == 0
         || !strips_run()
     {
