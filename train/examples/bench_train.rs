@@ -100,6 +100,9 @@ fn parse_options() -> Result<Options, String> {
                 "         --eval-batches LIST  --seconds S  --optimizer sgd|momentum|nesterov|adam"
             );
             println!("         --backend cpu|wgpu|auto  --peak");
+            println!(
+                "(a LIST is comma-separated; `none` for --batches or --eval-batches skips those rows)"
+            );
             std::process::exit(0);
         }
         if flag == "--peak" {

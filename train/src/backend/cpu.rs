@@ -121,9 +121,10 @@ impl Backend for CpuBackend {
             b,
             c,
             cpu_parallel::pack_strips,
-            |plain, a, packed, c| {
-                if !cpu_parallel::by_rows(plain, a, packed, c, small_gemm::strip_rows) {
-                    small_gemm::strip_rows(plain, a, packed, c);
+            |plain, a, packed, c, kernel| {
+                let rows = |g: &Gemm, a: &[f32], b: &[f32], c: &mut [f32]| kernel.run(g, a, b, c);
+                if !cpu_parallel::by_rows(plain, a, packed, c, rows) {
+                    kernel.run(plain, a, packed, c);
                 }
             },
         );

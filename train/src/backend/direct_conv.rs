@@ -165,8 +165,7 @@ fn forward_examples(
 ) {
     let shape = *shape;
     let out_len = out_channels * shape.out_plane;
-    let avx512 = super::dispatch::kernel_path() == super::dispatch::KernelPath::Avx512
-        && std::arch::is_x86_feature_detected!("avx512f");
+    let avx512 = super::dispatch::avx512f();
     for (x, y) in input
         .chunks_exact(shape.input_len())
         .zip(output.chunks_exact_mut(out_len))

@@ -239,6 +239,14 @@ pub(crate) fn avx2_fma() -> bool {
     matches!(kernel_path(), KernelPath::Avx2Fma | KernelPath::Avx512)
 }
 
+/// Whether the AVX-512F kernels are to run: on the `avx512` path, which is never chosen
+/// for a CPU without AVX-512F (checked again here, since callers rely on it to make
+/// `unsafe` calls into `avx512f` functions).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx512f() -> bool {
+    kernel_path() == KernelPath::Avx512 && std::arch::is_x86_feature_detected!("avx512f")
+}
+
 /// Runs `work` on this thread with the kernels of `path` (or of the best level below it
 /// that the CPU has), then restores the previous choice, even if `work` panics.
 pub fn with_kernel_path<R>(path: KernelPath, work: impl FnOnce() -> R) -> R {

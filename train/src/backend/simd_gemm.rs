@@ -60,9 +60,28 @@ impl WithSimd for Product<'_> {
         match kind {
             Kind::DotRows => dot_rows(simd, gemm, a, b, c),
             Kind::ScaleRows => scale_rows(simd, gemm, BLayout::Rows, a, b, c),
-            Kind::StripRows => scale_rows(simd, gemm, BLayout::Strips, a, b, c),
             Kind::RankUpdate => rank_update(simd, gemm, lda, a, b, c),
         }
+    }
+}
+
+/// The input gradient's product over an operand packed in strips
+/// ([`super::small_gemm::pack_strips`]): the dense forward of many rows on `avx512`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // run on x86-64 only
+pub(super) struct StripProduct<'a> {
+    pub gemm: &'a Gemm,
+    pub a: &'a [f32],
+    pub packed: &'a [f32],
+    pub c: &'a mut [f32],
+}
+
+impl WithSimd for StripProduct<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, simd: S) {
+        let StripProduct { gemm, a, packed, c } = self;
+        scale_rows(simd, gemm, BLayout::Strips, a, packed, c);
     }
 }
 
@@ -489,7 +508,7 @@ fn rank_update<S: Simd>(simd: S, gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], 
         let end = (block + BLOCK_COLS).min(pairs);
         row_tiles!(m, wide::<S>(), |i, R| {
             for start in (block..end).step_by(2 * lanes) {
-                let panel = (start, n);
+                let panel = BLayout::Rows.panel(gemm, start);
                 broadcast_tile::<S, R, 2>(simd, gemm, transposed, a, b, panel, c, i, start);
             }
         });
@@ -549,7 +568,7 @@ fn broadcast_tail<S: Simd>(
 
 /// [`broadcast_tile`] for the last `n - start < lanes` columns of C: one partial vector
 /// per row, read through [`partial_load`] and written through
-/// [`Simd::partial_store_f32s`].
+/// [`Simd::partial_store_f32s`] (once per row).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn partial_tile<S: Simd, const R: usize>(
@@ -585,7 +604,7 @@ fn partial_tile<S: Simd, const R: usize>(
         let mut value = if beta == 0.0 {
             zero
         } else {
-            simd.partial_load_f32s(out)
+            partial_load(simd, out)
         };
         finish_vector(simd, &mut value, acc, alpha, beta);
         simd.partial_store_f32s(out, value);

@@ -70,7 +70,6 @@ pub(super) fn try_gemm_strided(
     match kind {
         Kind::DotRows => portable::dot_rows(gemm, a, b, c),
         Kind::ScaleRows => portable::scale_rows(gemm, a, b, c),
-        Kind::StripRows => portable::strip_rows(gemm, a, b, c),
         Kind::RankUpdate => portable::rank_update(gemm, lda, a, b, c),
     }
     true
@@ -78,7 +77,7 @@ pub(super) fn try_gemm_strided(
 
 /// Rows of C from which a dense forward on the `avx512` path packs B transposed
 /// ([`pack_strips`]) and runs as the input gradient's broadcast product
-/// ([`Kind::StripRows`]) instead of as dot products: on a Xeon that product reached
+/// ([`StripKernel`]) instead of as dot products: on a Xeon that product reached
 /// 100-110 GFLOP/s where the 4 x 6 dot tile stopped near 80 (its horizontal sums and
 /// its two streams of long rows), and the packing is a few percent of a product with
 /// this many rows. Below it (federated training's batch 10) the dot products win: B is
@@ -94,27 +93,29 @@ thread_local! {
 
 /// Runs a dense forward (`C = alpha * A . B^T + beta * C`) as `A . (B^T)` with B^T packed
 /// by `pack` ([`pack_strips`], on one thread or several) into a per-thread buffer,
-/// handing the plain product (`trans_b` false) and the packed operand to `run` (which
-/// calls [`strip_rows`], on C's rows shared out or not), when
-/// the shape and kernel path call for it ([`PACKED_FORWARD_ROWS`]); returns whether it
-/// did. Lengths were checked by the caller.
+/// handing the plain product (`trans_b` false), the packed operand and the kernel that
+/// reads it to `run` (which may share C's rows out), when the shape and kernel path call
+/// for it ([`PACKED_FORWARD_ROWS`]); returns whether it did. Lengths were checked by the
+/// caller.
 pub(super) fn forward_packed(
     gemm: &Gemm,
     a: &[f32],
     b: &[f32],
     c: &mut [f32],
     pack: impl FnOnce(&[f32], usize, usize, &mut [f32]),
-    run: impl FnOnce(&Gemm, &[f32], &[f32], &mut [f32]),
+    run: impl FnOnce(&Gemm, &[f32], &[f32], &mut [f32], StripKernel),
 ) -> bool {
     if gemm.trans_a
         || !gemm.trans_b
         || gemm.m < PACKED_FORWARD_ROWS
         || gemm.n < super::simd_gemm::STRIP_COLUMNS
         || gemm.k == 0
-        || !strips_run()
     {
         return false;
     }
+    let Some(kernel) = StripKernel::on_this_path() else {
+        return false;
+    };
     PACKED.with_borrow_mut(|buffer| {
         // Grown only, never shrunk: a model's layers of different sizes take turns here,
         // and every value read is written by the packing first.
@@ -128,31 +129,47 @@ pub(super) fn forward_packed(
             trans_b: false,
             ..*gemm
         };
-        run(&plain, a, packed, c);
+        run(&plain, a, packed, c, kernel);
     });
     true
 }
 
-/// Whether [`Kind::StripRows`] runs its vector kernel: on the `avx512` path with pulp's
-/// 16-lane instance, whose two-vector tiles are [`super::simd_gemm::STRIP_COLUMNS`] wide.
-fn strips_run() -> bool {
+/// The vector kernel over an operand packed by [`pack_strips`]: pulp's 16-lane AVX-512
+/// instance, whose two-vector tiles are [`super::simd_gemm::STRIP_COLUMNS`] wide. A value
+/// exists only on the `avx512` path of a CPU that has it, so the packed product has no
+/// other kernel to fall back to.
+#[derive(Clone, Copy)]
+pub(super) struct StripKernel {
     #[cfg(target_arch = "x86_64")]
-    {
-        use super::dispatch::{KernelPath, kernel_path};
-        kernel_path() == KernelPath::Avx512 && pulp::x86::V4::try_new().is_some()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    simd: pulp::x86::V4,
 }
 
-/// `C = alpha * A . B + beta * C` with B (`k x n`) packed by [`pack_strips`]; `a` holds
-/// C's rows of A (`m x k`).
-pub(super) fn strip_rows(gemm: &Gemm, a: &[f32], packed: &[f32], c: &mut [f32]) {
-    if gemm.m == 0 || gemm.n == 0 || gemm.k == 0 {
-        return;
+impl StripKernel {
+    fn on_this_path() -> Option<StripKernel> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::dispatch::{KernelPath, kernel_path};
+            if kernel_path() == KernelPath::Avx512 {
+                return pulp::x86::V4::try_new().map(|simd| StripKernel { simd });
+            }
+        }
+        None
     }
-    if !simd_product(Kind::StripRows, gemm, gemm.m, a, packed, c) {
-        portable::strip_rows(gemm, a, packed, c);
+
+    /// `C = alpha * A . B + beta * C` with B (`k x n`) packed by [`pack_strips`]; `a`
+    /// holds C's rows of A (`m x k`).
+    pub(super) fn run(self, gemm: &Gemm, a: &[f32], packed: &[f32], c: &mut [f32]) {
+        if gemm.m == 0 || gemm.n == 0 || gemm.k == 0 {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use pulp::Simd;
+            let product = super::simd_gemm::StripProduct { gemm, a, packed, c };
+            Simd::vectorize(self.simd, product);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (a, packed, c);
     }
 }
 
@@ -337,36 +354,6 @@ mod portable {
         }
     }
 
-    /// [`scale_rows`] with B packed by [`super::pack_strips`].
-    pub(super) fn strip_rows(gemm: &Gemm, a: &[f32], packed: &[f32], c: &mut [f32]) {
-        use super::super::simd_gemm::STRIP_COLUMNS;
-        let Gemm {
-            m,
-            n,
-            k,
-            alpha,
-            beta,
-            ..
-        } = *gemm;
-        for strip in (0..n).step_by(STRIP_COLUMNS) {
-            let width = (n - strip).min(STRIP_COLUMNS);
-            let panel = &packed[strip * k..(strip + width) * k];
-            for i in 0..m {
-                let mut acc = [0.0f32; STRIP_COLUMNS];
-                for (p, row) in panel.chunks_exact(width).enumerate() {
-                    let s = a[i * k + p];
-                    for (sum, &value) in acc.iter_mut().zip(row) {
-                        *sum += s * value;
-                    }
-                }
-                let out = &mut c[i * n + strip..i * n + strip + width];
-                for (value, &sum) in out.iter_mut().zip(&acc) {
-                    finish(value, sum, alpha, beta);
-                }
-            }
-        }
-    }
-
     /// `C = alpha * A^T . B + beta * C`, A `k x m`, B `k x n`, `k` the batch.
     pub(super) fn rank_update(gemm: &Gemm, lda: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
         let Gemm {
@@ -402,8 +389,6 @@ mod portable {
 pub(super) enum Kind {
     DotRows,
     ScaleRows,
-    /// [`Kind::ScaleRows`] with B packed by [`pack_strips`] (`avx512` only).
-    StripRows,
     RankUpdate,
 }
 
@@ -553,10 +538,7 @@ pub(super) fn try_fused_dense_backward(
             first_row: rows.start,
             end_row: rows.end,
         };
-        if super::dispatch::kernel_path() == super::dispatch::KernelPath::Avx512
-            && std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-        {
+        if super::dispatch::avx512f() && std::arch::is_x86_feature_detected!("avx512vl") {
             // SAFETY: the CPU supports AVX-512F and VL (checked just above), and AVX2 and
             // FMA (checked by `fused_dense_backward_runs`).
             unsafe { fused_dense_backward_avx512(&fused, x, dy, w_rows, dx) };

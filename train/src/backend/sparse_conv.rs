@@ -205,11 +205,17 @@ fn has_avx2_fma() -> bool {
     super::dispatch::avx2_fma()
 }
 
-/// Whether this thread's kernel path is `avx512` (only ever on a CPU with AVX-512F).
+/// The kernel compiled for the instruction set the kernel path runs: AVX-512, else
+/// AVX2+FMA, else none (the portable body).
 #[cfg(target_arch = "x86_64")]
-fn on_avx512() -> bool {
-    super::dispatch::kernel_path() == super::dispatch::KernelPath::Avx512
-        && std::arch::is_x86_feature_detected!("avx512f")
+fn vector_kernel<K>(avx512: K, avx2: K) -> Option<K> {
+    if super::dispatch::avx512f() {
+        Some(avx512)
+    } else if has_avx2_fma() {
+        Some(avx2)
+    } else {
+        None
+    }
 }
 
 /// Input gradient (overwritten) of a batch of examples from the output gradient and the
@@ -236,14 +242,9 @@ pub(super) fn input_grad(
                         Scratch<'_>,
                         &mut Vec<(usize, f32)>,
                     );
-                    let kernel: Option<Kernel> = if on_avx512() {
-                        Some(input_grad_avx512)
-                    } else if has_avx2_fma() {
-                        Some(input_grad_avx2)
-                    } else {
-                        None
-                    };
-                    if let Some(kernel) = kernel {
+                    if let Some(kernel) =
+                        vector_kernel::<Kernel>(input_grad_avx512, input_grad_avx2)
+                    {
                         // SAFETY: the CPU has the instruction set of the kernel chosen
                         // (checked just above).
                         unsafe {
@@ -404,14 +405,9 @@ pub(super) fn weight_grad(
                         Scratch<'_>,
                         &mut Vec<(usize, f32)>,
                     );
-                    let kernel: Option<Kernel> = if on_avx512() {
-                        Some(weight_grad_avx512)
-                    } else if has_avx2_fma() {
-                        Some(weight_grad_avx2)
-                    } else {
-                        None
-                    };
-                    if let Some(kernel) = kernel {
+                    if let Some(kernel) =
+                        vector_kernel::<Kernel>(weight_grad_avx512, weight_grad_avx2)
+                    {
                         // SAFETY: the CPU has the instruction set of the kernel chosen
                         // (checked just above).
                         unsafe {
