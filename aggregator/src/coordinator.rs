@@ -29,6 +29,10 @@ pub struct ReceivedUpdate<'a> {
     pub num_examples: u64,
     pub metrics: &'a Metrics,
     pub delta: &'a [f32],
+    /// `delta`'s L2 norm ([`crate::engine::l2_norm`]) where the shell took
+    /// it while decoding (computed by the shell, never claimed by the
+    /// client); `None`: the coordinator computes it.
+    pub norm: Option<f64>,
 }
 
 /// What the server shell drives. Every method returns the actions the shell
@@ -129,16 +133,7 @@ impl Coordinator for RoundEngine {
         RoundEngine::check_upload(self, client, round, task_id)
     }
     fn update_received(&mut self, u: ReceivedUpdate<'_>, now: Instant) -> Vec<Action> {
-        RoundEngine::update_received(
-            self,
-            u.client,
-            u.task_id,
-            u.round,
-            u.num_examples,
-            u.metrics,
-            u.delta,
-            now,
-        )
+        RoundEngine::receive_update(self, u, now)
     }
     fn update_failed(
         &mut self,

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 /// Shared with the clients' DP clipping, in the privacy crate.
 pub use fedquic_privacy::dp::l2_norm;
 
+use crate::coordinator::ReceivedUpdate;
 use crate::strategy::{
     FedAvg, FedAvgAccumulator, ModelCheckError, Strategy, StrategyConfig, UpdateInput,
 };
@@ -787,6 +788,29 @@ impl RoundEngine {
         delta: &[f32],
         now: Instant,
     ) -> Vec<Action> {
+        let update = ReceivedUpdate {
+            client,
+            task_id,
+            round,
+            num_examples,
+            metrics,
+            delta,
+            norm: None,
+        };
+        self.receive_update(update, now)
+    }
+
+    /// [`Self::update_received`], with the norm the shell may have taken.
+    pub fn receive_update(&mut self, update: ReceivedUpdate<'_>, now: Instant) -> Vec<Action> {
+        let ReceivedUpdate {
+            client,
+            task_id,
+            round,
+            num_examples,
+            metrics,
+            delta,
+            norm: decoded_norm,
+        } = update;
         let mut actions = Vec::new();
         let reject = |reason: String| Action::UpdateRejected {
             client: client.to_string(),
@@ -821,9 +845,19 @@ impl RoundEngine {
                 self.global.len()
             ),
         });
-        let verdict = self
-            .check_upload(client, round, task_id)
-            .and_then(|()| gate_update(policy, norm_bound, num_examples, delta, size_error));
+        // The shell's norm covers every value: without a control variate,
+        // just the model's.
+        let decoded_norm = decoded_norm.filter(|_| extra.is_empty());
+        let verdict = self.check_upload(client, round, task_id).and_then(|()| {
+            gate_update(
+                policy,
+                norm_bound,
+                num_examples,
+                delta,
+                decoded_norm,
+                size_error,
+            )
+        });
         let Phase::Fit(f) = &mut self.phase else {
             return actions;
         };
@@ -1382,11 +1416,13 @@ pub(crate) fn record_share_caps(
 
 /// The update gate's checks of one update's claims and size, then its norm
 /// against `bound`: the norm and the clipping factor, or why it is refused.
+/// `decoded_norm` is `delta`'s norm if the shell took it while decoding.
 pub(crate) fn gate_update(
     policy: &UpdatePolicy,
     bound: Option<f64>,
     num_examples: u64,
     delta: &[f32],
+    decoded_norm: Option<f64>,
     size_error: Option<String>,
 ) -> Result<(f64, f64), (RejectCause, String)> {
     match num_examples {
@@ -1407,7 +1443,8 @@ pub(crate) fn gate_update(
     if let Some(reason) = size_error {
         return Err((RejectCause::WrongSize, reason));
     }
-    let norm = l2_norm(delta);
+    debug_assert!(decoded_norm.is_none_or(|n| n.to_bits() == l2_norm(delta).to_bits()));
+    let norm = decoded_norm.unwrap_or_else(|| l2_norm(delta));
     match bound {
         Some(bound) if norm > bound => match policy.norm_policy {
             NormPolicy::Reject => Err((

@@ -588,7 +588,16 @@ impl Coordinator for FedBuff {
         });
         let verdict = self
             .check_upload(u.client, u.round, u.task_id)
-            .and_then(|()| gate_update(&policy, norm_bound, u.num_examples, u.delta, size_error));
+            .and_then(|()| {
+                gate_update(
+                    &policy,
+                    norm_bound,
+                    u.num_examples,
+                    u.delta,
+                    u.norm,
+                    size_error,
+                )
+            });
         // Whatever the verdict, a task answered is a task done (a stale or
         // malformed answer to it frees the slot too).
         let task = match self.in_flight.get(u.client) {
@@ -827,6 +836,8 @@ mod tests {
                 num_examples: 1,
                 metrics: &metrics,
                 delta,
+                // As the shell passes it (the gate checks it in debug builds).
+                norm: Some(crate::engine::l2_norm(delta)),
             },
             now,
         )

@@ -1131,6 +1131,7 @@ mod tests {
                                 num_examples: 5,
                                 metrics: &metrics,
                                 delta: as_f32,
+                                norm: None,
                             };
                             let actions = self.engine.update_received(update, self.now);
                             self.absorb(actions);

@@ -900,6 +900,24 @@ async fn run_trainer<R: Send + 'static>(
     Ok(result)
 }
 
+/// `delta = local - delta`, refusing non-finite results (training that
+/// diverged, or a step too large for f32). Done a block at a time, so each
+/// block is checked while it is still in cache: one pass over the model.
+fn subtract_finite(delta: &mut [f32], local: &[f32]) -> Result<(), TrainerError> {
+    const BLOCK: usize = 4096;
+    for (d, l) in delta.chunks_mut(BLOCK).zip(local.chunks(BLOCK)) {
+        for (d, l) in d.iter_mut().zip(l) {
+            *d = l - *d;
+        }
+        if fedquic_protocol::first_non_finite(d).is_some() {
+            return Err(TrainerError::Other(
+                "training diverged (non-finite parameters)".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Receives the model, trains, and streams the delta back. The inner
 /// result is the task's own outcome (bytes sent and received, or why
 /// training failed).
@@ -1030,14 +1048,7 @@ async fn fit_task(
                     delta.len()
                 )));
             }
-            if fedquic_protocol::first_non_finite(local).is_some() {
-                return Err(TrainerError::Other(
-                    "training diverged (non-finite parameters)".into(),
-                ));
-            }
-            for (d, l) in delta.iter_mut().zip(local) {
-                *d = l - *d;
-            }
+            subtract_finite(&mut delta, local)?;
             if let Some(loss) = loss_before {
                 o.metrics.push((INITIAL_LOSS_METRIC.into(), loss));
             }
@@ -1246,6 +1257,28 @@ pub fn scaffold_control(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delta_is_local_minus_global_and_refuses_non_finite_values() {
+        let global: Vec<f32> = (0..10_000).map(|i| i as f32 * 0.5).collect();
+        let local: Vec<f32> = (0..10_000).map(|i| i as f32).collect();
+        let mut delta = global.clone();
+        subtract_finite(&mut delta, &local).unwrap();
+        assert!(delta.iter().enumerate().all(|(i, d)| *d == i as f32 * 0.5));
+        // A NaN in a later block, and a step that overflows f32.
+        for (at, value) in [(9_000, f32::NAN), (5_000, f32::INFINITY), (1, f32::MAX)] {
+            let mut local = local.clone();
+            local[at] = value;
+            let mut delta = global.clone();
+            if value == f32::MAX {
+                delta[at] = -f32::MAX;
+            }
+            assert!(
+                subtract_finite(&mut delta, &local).is_err(),
+                "{value} at {at}"
+            );
+        }
+    }
 
     #[test]
     fn scaffold_control_matches_hand_computation() {

@@ -223,10 +223,28 @@ pub async fn read_tensor_body(
     header: &TensorHeader,
     out: &mut [f32],
 ) -> Result<(), IoError> {
-    let mut decoder = BodyDecoder::new(header);
+    read_body(recv, BodyDecoder::new(header), out).await?;
+    Ok(())
+}
+
+/// [`read_tensor_body`], also taking the L2 norm of the values on the way
+/// (see [`BodyDecoder::with_norm`]; `None` for top-k bodies).
+pub async fn read_tensor_body_with_norm(
+    recv: &mut quinn::RecvStream,
+    header: &TensorHeader,
+    out: &mut [f32],
+) -> Result<Option<f64>, IoError> {
+    read_body(recv, BodyDecoder::with_norm(header), out).await
+}
+
+async fn read_body(
+    recv: &mut quinn::RecvStream,
+    mut decoder: BodyDecoder,
+    out: &mut [f32],
+) -> Result<Option<f64>, IoError> {
     while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
         decoder.push(&chunk.bytes, out)?;
     }
     decoder.finish()?;
-    Ok(())
+    Ok(decoder.norm())
 }

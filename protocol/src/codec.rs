@@ -27,6 +27,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use fedquic_privacy::dp::NormAccumulator;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use serde::{Deserialize, Serialize};
 
@@ -623,8 +624,14 @@ impl BlockDecoder {
     }
 
     /// Decodes `chunk` into `out` (at least `values` long), staging a unit
-    /// split across chunks.
-    pub(crate) fn push(&mut self, mut chunk: &[u8], out: &mut [f32]) -> Result<()> {
+    /// split across chunks; dense blocks are added to `norm` as they are
+    /// decoded.
+    pub(crate) fn push(
+        &mut self,
+        mut chunk: &[u8],
+        out: &mut [f32],
+        mut norm: Option<&mut NormAccumulator>,
+    ) -> Result<()> {
         while !chunk.is_empty() {
             if self.unit == Unit::Done {
                 return Err(ProtocolError::Malformed(format!(
@@ -636,7 +643,7 @@ impl BlockDecoder {
             let need = self.unit_len();
             if self.stage.is_empty() && chunk.len() >= need {
                 let (unit, rest) = chunk.split_at(need);
-                self.process(unit, out)?;
+                self.process(unit, out, norm.as_deref_mut())?;
                 chunk = rest;
             } else {
                 let take = (need - self.stage.len()).min(chunk.len());
@@ -644,7 +651,7 @@ impl BlockDecoder {
                 chunk = &chunk[take..];
                 if self.stage.len() == need {
                     let staged = std::mem::take(&mut self.stage);
-                    let result = self.process(&staged, out);
+                    let result = self.process(&staged, out, norm.as_deref_mut());
                     self.stage = staged;
                     self.stage.clear();
                     result?;
@@ -654,7 +661,12 @@ impl BlockDecoder {
         Ok(())
     }
 
-    fn process(&mut self, unit: &[u8], out: &mut [f32]) -> Result<()> {
+    fn process(
+        &mut self,
+        unit: &[u8],
+        out: &mut [f32],
+        norm: Option<&mut NormAccumulator>,
+    ) -> Result<()> {
         let value_codec = self.codec.value_codec();
         match self.unit {
             Unit::Dense => {
@@ -665,6 +677,9 @@ impl BlockDecoder {
                     .map_err(|i| ProtocolError::NonFinite {
                         index: self.written + i,
                     })?;
+                if let Some(norm) = norm {
+                    norm.add(self.written, dst);
+                }
                 self.written += len;
                 if self.written == self.values {
                     self.unit = Unit::Done;

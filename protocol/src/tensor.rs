@@ -10,6 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use fedquic_privacy::dp::NormAccumulator;
+
 use crate::codec::{BlockDecoder, Codec};
 use crate::error::{ProtocolError, Result};
 use crate::message::Metrics;
@@ -178,13 +180,35 @@ pub fn first_non_finite(values: &[f32]) -> Option<usize> {
     values
         .chunks(BLOCK)
         .enumerate()
-        .find(|(_, block)| block.iter().fold(false, |bad, v| bad | !v.is_finite()))
+        .find(|(_, block)| any_non_finite(block))
         .and_then(|(b, block)| {
             block
                 .iter()
                 .position(|v| !v.is_finite())
                 .map(|i| b * BLOCK + i)
         })
+}
+
+fn any_non_finite(block: &[f32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked on the line above).
+        return unsafe { any_non_finite_avx2(block) };
+    }
+    any_non_finite_portable(block)
+}
+
+#[inline(always)]
+fn any_non_finite_portable(block: &[f32]) -> bool {
+    block.iter().fold(false, |bad, v| bad | !v.is_finite())
+}
+
+/// Eight values per compare instead of the baseline's four: every value a
+/// peer sends passes through here.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn any_non_finite_avx2(block: &[f32]) -> bool {
+    any_non_finite_portable(block)
 }
 
 /// Encodes the stream prefix and header. The body follows as
@@ -321,6 +345,8 @@ pub struct BodyDecoder {
     carry: [u8; 4],
     carry_len: usize,
     written: usize,
+    /// The norm of the values decoded so far ([`Self::with_norm`]).
+    norm: Option<NormAccumulator>,
 }
 
 impl BodyDecoder {
@@ -352,6 +378,34 @@ impl BodyDecoder {
             carry: [0; 4],
             carry_len: 0,
             written: 0,
+            norm: None,
+        }
+    }
+
+    /// A decoder that also takes the L2 norm of the values as it decodes
+    /// them, while each chunk is still in cache ([`Self::norm`]): the
+    /// aggregator needs every update's norm, and a separate pass over a
+    /// large update costs more than the decode itself. Only dense value
+    /// codecs are tracked: top-k bodies are mostly zeros written out of
+    /// order, and secure aggregation's masked words are not values.
+    pub fn with_norm(header: &TensorHeader) -> Self {
+        let mut decoder = Self::new(header);
+        if matches!(
+            header.codec,
+            Codec::F32 | Codec::F16 | Codec::Bf16 | Codec::Int8
+        ) {
+            decoder.norm = Some(NormAccumulator::default());
+        }
+        decoder
+    }
+
+    /// The L2 norm of the decoded values, exactly as
+    /// [`fedquic_privacy::dp::l2_norm`] computes it over the output buffer,
+    /// once [`Self::finish`] succeeded; `None` before, or if not tracked.
+    pub fn norm(&self) -> Option<f64> {
+        match self.finish() {
+            Ok(()) => self.norm.map(|n| n.norm()),
+            Err(_) => None,
         }
     }
 
@@ -380,7 +434,7 @@ impl BodyDecoder {
         }
         self.received += chunk.len() as u64;
         match &mut self.blocks {
-            Some(blocks) => blocks.push(chunk, out),
+            Some(blocks) => blocks.push(chunk, out, self.norm.as_mut()),
             None => self.push_f32(chunk, out),
         }
     }
@@ -408,6 +462,9 @@ impl BodyDecoder {
                 index: self.written + i,
             });
         }
+        if let Some(norm) = &mut self.norm {
+            norm.add(self.written, dst);
+        }
         self.written += whole / 4;
         let tail = &chunk[whole..];
         self.carry[..tail.len()].copy_from_slice(tail);
@@ -422,6 +479,9 @@ impl BodyDecoder {
             });
         }
         out[self.written] = v;
+        if let Some(norm) = &mut self.norm {
+            norm.add(self.written, &[v]);
+        }
         self.written += 1;
         Ok(())
     }
@@ -486,4 +546,35 @@ pub fn decode_tensor_stream(
     decoder.push(body, &mut values)?;
     decoder.finish()?;
     Ok((header, values))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_finiteness_check_agrees_on_every_instruction_set() {
+        for len in [0usize, 1, 7, 8, 9, 31, 1_024] {
+            for bad in [
+                None,
+                Some(f32::NAN),
+                Some(f32::INFINITY),
+                Some(f32::NEG_INFINITY),
+            ] {
+                for at in [0, len / 2, len.saturating_sub(1)] {
+                    let mut block = vec![f32::MAX; len];
+                    if let (Some(v), true) = (bad, len > 0) {
+                        block[at] = v;
+                    }
+                    let expected = bad.is_some() && len > 0;
+                    assert_eq!(any_non_finite_portable(&block), expected);
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx2") {
+                        // SAFETY: the CPU has AVX2 (checked on the line above).
+                        assert_eq!(unsafe { any_non_finite_avx2(&block) }, expected);
+                    }
+                }
+            }
+        }
+    }
 }

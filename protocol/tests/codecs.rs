@@ -1,6 +1,7 @@
 //! Every codec through the real stream path: encode, header, chunked
 //! decoding, and hostile bodies.
 
+use fedquic_privacy::dp::l2_norm;
 use fedquic_protocol::codec::{BLOCK_VALUES, PPM};
 use fedquic_protocol::{
     BodyDecoder, Codec, ProtocolError, StreamKind, TensorHeader, TensorLimits, TensorMeta,
@@ -30,14 +31,25 @@ fn stream(codec: Codec, values: &[f32], seed: u64) -> (TensorHeader, Vec<u8>) {
     (h, bytes)
 }
 
+/// Decodes in chunks of `chunk` bytes, checking that the norm taken on the
+/// way is exactly the norm of the result (all but top-k codecs).
 fn decode_chunked(h: &TensorHeader, body: &[u8], chunk: usize) -> Result<Vec<f32>, ProtocolError> {
-    let mut dec = BodyDecoder::new(h);
+    let mut dec = BodyDecoder::with_norm(h);
     // A pooled buffer holds garbage from its last use: decoding overwrites all of it.
     let mut out = vec![f32::MAX; dec.values()];
     for c in body.chunks(chunk.max(1)) {
+        assert_eq!(dec.norm(), None, "no norm before the body is complete");
         dec.push(c, &mut out)?;
     }
     dec.finish()?;
+    match (h.codec, dec.norm()) {
+        (Codec::TopK { .. } | Codec::Ring32, norm) => assert_eq!(norm, None),
+        (codec, norm) => assert_eq!(
+            norm.map(f64::to_bits),
+            Some(l2_norm(&out).to_bits()),
+            "{codec}"
+        ),
+    }
     Ok(out)
 }
 

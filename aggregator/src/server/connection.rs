@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fedquic_net::io::{
-    IoError, read_message, read_message_sized, read_tensor_body, read_tensor_header, send_encoded,
-    send_shared_tensors, write_message,
+    IoError, read_message, read_message_sized, read_tensor_body_with_norm, read_tensor_header,
+    send_encoded, send_shared_tensors, write_message,
 };
 use fedquic_protocol::{
     Codec, Hello, Message, PROTOCOL_VERSION, Reject, StreamKind, TensorHeader, Welcome,
@@ -470,7 +470,7 @@ async fn receive_update(
     let deadline = shared.upload_grace
         + Duration::from_secs_f64(header.body_len as f64 / shared.min_upload_rate);
     let body = tokio::select! {
-        body = tokio::time::timeout(deadline, read_tensor_body(&mut stream, &header, &mut delta.buf)) => body,
+        body = tokio::time::timeout(deadline, read_tensor_body_with_norm(&mut stream, &header, &mut delta.buf)) => body,
         _ = &mut closed => {
             // The round closed while this upload was in flight: free the
             // buffer now, there is nothing to fold it into.
@@ -479,7 +479,7 @@ async fn receive_update(
         }
     };
     match body {
-        Ok(Ok(())) => {
+        Ok(Ok(norm)) => {
             shared
                 .bytes_up
                 .fetch_add(header.body_len, Ordering::Relaxed);
@@ -489,6 +489,7 @@ async fn receive_update(
                 conn_id,
                 header,
                 delta,
+                norm,
             });
         }
         Ok(Err(e)) => {

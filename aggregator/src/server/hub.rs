@@ -43,6 +43,8 @@ pub(super) enum ToHub {
         conn_id: u64,
         header: TensorHeader,
         delta: PooledBuffer,
+        /// `delta`'s L2 norm, taken while it was decoded.
+        norm: Option<f64>,
     },
     /// May this client upload for this task now? Answered with the fit
     /// epoch the upload belongs to, or refused (the hub tells the client).
@@ -341,6 +343,7 @@ impl Hub {
                 conn_id,
                 header,
                 delta,
+                norm,
             } => {
                 if !self.is_current(&client, conn_id) {
                     return Vec::new();
@@ -354,6 +357,7 @@ impl Hub {
                     num_examples: header.num_examples,
                     metrics: &header.metrics,
                     delta: &delta.buf,
+                    norm,
                 };
                 self.engine.update_received(update, now)
                 // `delta` goes back to the pool here.

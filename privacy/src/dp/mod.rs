@@ -26,10 +26,10 @@ pub use accountant::{
 };
 pub use config::{AdaptiveClipConfig, DpConfig, DpMode, OnBudget};
 pub use mechanism::{
-    AdaptiveClip, add_gaussian_noise, add_gaussian_noise_with_rng, add_skellam_noise,
-    add_skellam_noise_u32, add_skellam_noise_u32_with_rng, add_skellam_noise_with_rng, clip_l2,
-    keyed_rng, l2_norm, noise_multiplier_after_count_noise, sample_poisson, skellam_l1_bound,
-    skellam_mu_per_client,
+    AdaptiveClip, NormAccumulator, add_gaussian_noise, add_gaussian_noise_with_rng,
+    add_skellam_noise, add_skellam_noise_u32, add_skellam_noise_u32_with_rng,
+    add_skellam_noise_with_rng, clip_l2, keyed_rng, l2_norm, noise_multiplier_after_count_noise,
+    sample_poisson, skellam_l1_bound, skellam_mu_per_client,
 };
 
 /// Everything that can go wrong in `dp`: invalid parameters, never internal panics.
