@@ -528,22 +528,26 @@ impl Model {
         let batches = examples.div_ceil(batch_size);
         let mut stats = backend.zeros(2 * batches);
         let scale = with_gradient.then_some(1.0 / examples as f32);
-        for (batch_number, chunk) in indices.chunks(batch_size).enumerate() {
-            let batch = workspace.load_batch(backend, data, chunk, classes)?;
-            layers::forward(backend, &self.network, &params, &mut workspace, batch, None)?;
-            let slot = 2 * batch_number..2 * batch_number + 2;
-            let slot = backend.dst(&mut stats, slot)?;
-            layers::loss(backend, &self.network, &mut workspace, batch, scale, slot)?;
-            if with_gradient {
-                let update = Update::Store {
-                    params: &params,
-                    grads: &mut grads,
-                    accumulate: batch_number > 0,
-                };
-                layers::backward(backend, &self.network, &mut workspace, batch, update)?;
+        // The parameters stay as they are for the whole pass.
+        backend.with_frozen_params(&params, || -> Result<()> {
+            for (batch_number, chunk) in indices.chunks(batch_size).enumerate() {
+                let batch = workspace.load_batch(backend, data, chunk, classes)?;
+                layers::forward(backend, &self.network, &params, &mut workspace, batch, None)?;
+                let slot = 2 * batch_number..2 * batch_number + 2;
+                let slot = backend.dst(&mut stats, slot)?;
+                layers::loss(backend, &self.network, &mut workspace, batch, scale, slot)?;
+                if with_gradient {
+                    let update = Update::Store {
+                        params: &params,
+                        grads: &mut grads,
+                        accumulate: batch_number > 0,
+                    };
+                    layers::backward(backend, &self.network, &mut workspace, batch, update)?;
+                }
+                backend.flush()?;
             }
-            backend.flush()?;
-        }
+            Ok(())
+        })?;
         let mut stats_host = vec![0.0f32; 2 * batches];
         backend.download(backend.src(&stats, 0..2 * batches)?, &mut stats_host)?;
         let total = sum_stats(&stats_host);

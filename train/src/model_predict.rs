@@ -2,6 +2,7 @@
 //! other runtimes and for prediction.
 
 use super::{EVAL_BATCH, Model};
+use crate::backend::{Backend, CpuBackend};
 use crate::error::{Result, TrainError};
 use crate::layers;
 use crate::spec::{ModelSpec, NetOutput};
@@ -18,14 +19,17 @@ impl Model {
             });
         }
         let mut out = Vec::with_capacity(inputs.len() / dim * self.spec.num_classes());
-        for chunk in inputs.chunks(EVAL_BATCH * dim) {
-            out.extend(layers::logits(
-                &self.network,
-                &self.params,
-                chunk,
-                chunk.len() / dim,
-            )?);
-        }
+        CpuBackend.with_frozen_params(&self.params, || -> Result<()> {
+            for chunk in inputs.chunks(EVAL_BATCH * dim) {
+                out.extend(layers::logits(
+                    &self.network,
+                    &self.params,
+                    chunk,
+                    chunk.len() / dim,
+                )?);
+            }
+            Ok(())
+        })?;
         Ok(out)
     }
 

@@ -277,12 +277,35 @@ fn optimizers_match() {
     }
 }
 
+/// A batch's rows gathered on both threads: the same rows in the same places, in any
+/// order, and an index out of range refused before anything is copied.
+fn split_gather_matches() {
+    let dim = 784;
+    let data: Vec<f32> = (0..300 * dim).map(|i| i as f32).collect();
+    let rows: Vec<usize> = (0..256).map(|i| (i * 113 + 7) % 300).collect();
+    let gather = |rows: &[usize]| {
+        let mut dst = vec![f32::NAN; rows.len() * dim];
+        CpuBackend
+            .gather_rows(&data, dim, rows, &mut dst)
+            .map(|()| dst)
+    };
+    let threaded = gather(&rows).unwrap();
+    assert_eq!(threaded, with_cpu_threads(1, || gather(&rows)).unwrap());
+    for (slot, &row) in threaded.chunks(dim).zip(&rows) {
+        assert_eq!(slot, &data[row * dim..(row + 1) * dim]);
+    }
+    let mut bad = rows.clone();
+    bad[200] = 300;
+    assert!(gather(&bad).is_err());
+}
+
 #[test]
 fn split_operations_match_one_thread_on_every_path() {
     two_threads();
     for path in KernelPath::available() {
         with_kernel_path(path, || {
             split_products_match();
+            split_gather_matches();
             models_match();
             split_channel_passes_match();
             split_fused_backward_matches();

@@ -96,6 +96,12 @@ impl Backend for CpuBackend {
     fn gather_rows(&self, data: &[f32], dim: usize, rows: &[usize], dst: &mut [f32]) -> Result<()> {
         check_len(dst, rows.len() * dim)?;
         let len = data.len() / dim.max(1);
+        if let Some(&index) = rows.iter().find(|&&row| row >= len) {
+            return Err(TrainError::IndexOutOfRange { index, len });
+        }
+        if cpu_parallel::gather_rows(data, dim, rows, dst) {
+            return Ok(());
+        }
         for (slot, &row) in dst.chunks_exact_mut(dim.max(1)).zip(rows) {
             let source = data
                 .get(row * dim..(row + 1) * dim)
@@ -109,6 +115,10 @@ impl Backend for CpuBackend {
         check_len(dst, src.len())?;
         dst.copy_from_slice(src);
         Ok(())
+    }
+
+    fn with_frozen_params<R>(&self, params: &Vec<f32>, work: impl FnOnce() -> R) -> R {
+        small_gemm::with_frozen_weights(params, work)
     }
 
     fn gemm(&self, gemm: Gemm, a: &[f32], b: &[f32], c: &mut [f32]) -> Result<()> {

@@ -353,6 +353,15 @@ pub trait Backend {
         Ok(())
     }
 
+    /// Runs `work` with `params` frozen: nothing changes them meanwhile (the shared
+    /// borrow guarantees it), so a backend may prepare a weight once (the CPU's packed
+    /// forward operand) and reuse it for every batch of an evaluation. The default
+    /// just runs `work`.
+    fn with_frozen_params<R>(&self, params: &Self::Buffer, work: impl FnOnce() -> R) -> R {
+        let _ = params;
+        work()
+    }
+
     /// The im2col matrix (`col_rows x col_cols`) of one example (`input_len` values);
     /// padding reads as zero.
     fn im2col(
