@@ -12,7 +12,9 @@
 //! forward pass; 12 x 2 and 4 x 6 with AVX-512's 32 registers) over cache blocks of the
 //! operands. The one copy: on `avx512` a forward of [`PACKED_FORWARD_ROWS`] or more rows
 //! packs the weight transposed once per call into a per-thread buffer (allocated once),
-//! to run as broadcast tiles over one sequential stream. They allocate nothing per step,
+//! to run as broadcast tiles over one sequential stream; while the parameters are frozen
+//! (an evaluation, [`with_frozen_weights`]) each weight is packed once for all batches.
+//! They allocate nothing per step,
 //! and at batches 64 and 256 they match or beat matrixmultiply (AVX-512 kernels
 //! included) and the gemm crate on the models' shapes (`bench/gemm-eval`, BENCHMARKS.md).
 //!
