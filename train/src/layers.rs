@@ -214,6 +214,34 @@ impl Network {
         }
     }
 
+    /// Whether layer `index` is an in-place ReLU feeding a max pool, which then runs
+    /// after the pool instead, on a quarter of the values (2 x 2 pooling).
+    ///
+    /// `max(relu(a), relu(b), ..) = relu(max(a, b, ..))` exactly, and the gradient is
+    /// the same too: a window whose maximum is positive routes to the same first
+    /// maximum in both orders and ReLU passes it; a window whose maximum is not positive
+    /// sends nothing back either way. So the forward pass skips a read and write of the
+    /// convolution's whole output (6.4 MB per batch of 64 for the FedAvg CNN's first
+    /// layer), and backward the same, with results bit for bit those of the written
+    /// order for finite values.
+    fn relu_moves_past_pool(&self, index: usize) -> bool {
+        match (self.layers.get(index), self.layers.get(index + 1)) {
+            (Some(relu), Some(pool)) => {
+                relu.op == Op::Relu
+                    && relu.input == relu.output
+                    && matches!(pool.op, Op::MaxPool { .. })
+                    && pool.input == relu.output
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the max pool at `index` applies the ReLU before it (see
+    /// [`Self::relu_moves_past_pool`]).
+    fn pool_applies_relu(&self, index: usize) -> bool {
+        index > 0 && self.relu_moves_past_pool(index - 1)
+    }
+
     /// Index of the first layer with parameters: nothing below it needs a gradient.
     fn first_param_layer(&self) -> usize {
         self.layers
@@ -429,7 +457,7 @@ pub(crate) fn forward<B: Backend>(
     mut dropout: Option<&mut SeededRng>,
 ) -> Result<()> {
     workspace.dropout_applied = dropout.is_some();
-    for layer in &network.layers {
+    for (index, layer) in network.layers.iter().enumerate() {
         let in_range = 0..batch * layer.input_len;
         let out_range = 0..batch * layer.output_len;
         match layer.op {
@@ -519,9 +547,13 @@ pub(crate) fn forward<B: Backend>(
                 backend.max_pool(
                     &geometry,
                     backend.src(x, in_range)?,
-                    backend.dst(y, out_range)?,
+                    backend.dst(y, out_range.clone())?,
                 )?;
+                if network.pool_applies_relu(index) {
+                    backend.relu(backend.dst(y, out_range)?)?;
+                }
             }
+            Op::Relu if network.relu_moves_past_pool(index) => {}
             Op::Relu => {
                 let x = workspace.acts.get_mut(layer.input).ok_or_else(shape_bug)?;
                 backend.relu(backend.dst(x, out_range)?)?;
@@ -647,6 +679,16 @@ pub(crate) fn backward<B: Backend>(
         }
         let in_range = 0..batch * layer.input_len;
         let out_range = 0..batch * layer.output_len;
+        if network.pool_applies_relu(index) {
+            // The ReLU after the pool (see `Network::relu_moves_past_pool`), backward.
+            let [first, second] = &mut workspace.deltas;
+            let dy = if current == 0 { first } else { second };
+            let y = workspace.acts.get(layer.output).ok_or_else(shape_bug)?;
+            backend.relu_backward(
+                backend.src(y, out_range.clone())?,
+                backend.dst(dy, out_range.clone())?,
+            )?;
+        }
         let [first, second] = &mut workspace.deltas;
         let (dy, dx) = if current == 0 {
             (&*first, second)
@@ -837,6 +879,7 @@ pub(crate) fn backward<B: Backend>(
                 )?;
                 current = 1 - current;
             }
+            Op::Relu if network.relu_moves_past_pool(index) => {}
             Op::Relu => {
                 let [first, second] = &mut workspace.deltas;
                 let dy = if current == 0 { first } else { second };

@@ -845,3 +845,72 @@ fn max_pool_2x2_forward_vectors_match_the_definition() {
         assert_eq!(bits(&actual), bits(&expected), "{height}x{width}");
     }
 }
+
+/// ReLU then max pool, as written, against the pool then ReLU that `forward` and
+/// `backward` run (`Network::relu_moves_past_pool`): the same bits forward and backward,
+/// for 2 x 2 and overlapping 3 x 3 windows, with ties, zeros and all-negative windows.
+#[test]
+fn relu_after_the_pool_gives_the_written_order_bit_for_bit() {
+    let backend = CpuBackend;
+    let mut rng = seeded(17);
+    for (size, stride, height, width) in [(2, 2, 28, 28), (2, 2, 7, 9), (3, 2, 11, 10)] {
+        let geometry = PoolGeometry::new(6, (height, width), size, stride).unwrap();
+        // Values on a coarse grid (many ties), half of them negative or zero.
+        let x: Vec<f32> = (0..geometry.input_len())
+            .map(|_| rng.random_range(-4i32..4) as f32 * 0.5)
+            .collect();
+        let dy: Vec<f32> = (0..geometry.output_len())
+            .map(|_| rng.random_range(-1.0..1.0f32))
+            .collect();
+
+        // As written: y = pool(relu(x)); dx = relu'(pool'(dy)).
+        let mut relu_x = x.clone();
+        backend.relu(&mut relu_x).unwrap();
+        let mut written_y = vec![f32::NAN; geometry.output_len()];
+        backend
+            .max_pool(&geometry, &relu_x, &mut written_y)
+            .unwrap();
+        let mut written_dx = vec![f32::NAN; geometry.input_len()];
+        backend
+            .max_pool_backward(&geometry, &relu_x, &dy, &mut written_dx)
+            .unwrap();
+        backend.relu_backward(&relu_x, &mut written_dx).unwrap();
+
+        // As run: y = relu(pool(x)); dx = pool'(relu'(dy)).
+        let mut y = vec![f32::NAN; geometry.output_len()];
+        backend.max_pool(&geometry, &x, &mut y).unwrap();
+        backend.relu(&mut y).unwrap();
+        let mut masked = dy.clone();
+        backend.relu_backward(&y, &mut masked).unwrap();
+        let mut dx = vec![f32::NAN; geometry.input_len()];
+        backend
+            .max_pool_backward(&geometry, &x, &masked, &mut dx)
+            .unwrap();
+
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&y),
+            bits(&written_y),
+            "forward, {size}x{size} / {stride}"
+        );
+        assert_eq!(
+            bits(&dx),
+            bits(&written_dx),
+            "backward, {size}x{size} / {stride}"
+        );
+    }
+}
+
+/// The networks that qualify: an in-place ReLU directly before a max pool.
+#[test]
+fn only_a_relu_right_before_a_max_pool_moves() {
+    let spec: ModelSpec = "cnn:mnist".parse().unwrap();
+    let network = Network::new(&spec.plan().unwrap());
+    let moved: Vec<usize> = (0..network.layers.len())
+        .filter(|&i| network.relu_moves_past_pool(i))
+        .collect();
+    // conv, relu, pool, conv, relu, pool, flatten, dense, relu, dense
+    assert_eq!(moved, vec![1, 4]);
+    assert!(network.pool_applies_relu(2) && network.pool_applies_relu(5));
+    assert!(!network.pool_applies_relu(0) && !network.pool_applies_relu(9));
+}
