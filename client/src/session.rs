@@ -900,9 +900,10 @@ async fn run_trainer<R: Send + 'static>(
     Ok(result)
 }
 
-/// `delta = local - delta`, refusing non-finite results (training that
-/// diverged, or a step too large for f32). Done a block at a time, so each
-/// block is checked while it is still in cache: one pass over the model.
+/// Turns `delta`, which holds the received global model, into `local -
+/// global`, refusing non-finite results (training that diverged, or a step
+/// too large for f32). Done a block at a time, so each block is checked while
+/// it is still in cache: one pass over the model.
 fn subtract_finite(delta: &mut [f32], local: &[f32]) -> Result<(), TrainerError> {
     const BLOCK: usize = 4096;
     for (d, l) in delta.chunks_mut(BLOCK).zip(local.chunks(BLOCK)) {

@@ -223,7 +223,8 @@ impl Network {
     /// sends nothing back either way. So the forward pass skips a read and write of the
     /// convolution's whole output (6.4 MB per batch of 64 for the FedAvg CNN's first
     /// layer), and backward the same, with results bit for bit those of the written
-    /// order for finite values.
+    /// order for finite values. (A NaN input, from a diverged model, can differ: the
+    /// pool lets a NaN win its window, which the ReLU used to zero first.)
     fn relu_moves_past_pool(&self, index: usize) -> bool {
         match (self.layers.get(index), self.layers.get(index + 1)) {
             (Some(relu), Some(pool)) => {

@@ -246,10 +246,12 @@ pub(crate) fn restore_frozen_on<B: Backend>(
 }
 
 /// The last layer's outputs (logits) for `inputs` (`batch x network.input_len`, row-major),
-/// dropout off, on the CPU backend.
+/// dropout off, on the CPU backend. `params` is the CPU backend's buffer type, so that
+/// weights frozen by the caller ([`Backend::with_frozen_params`]) are the ones read.
+#[allow(clippy::ptr_arg)]
 pub(crate) fn logits(
     network: &Network,
-    params: &[f32],
+    params: &Vec<f32>,
     inputs: &[f32],
     batch: usize,
 ) -> Result<Vec<f32>> {
@@ -263,8 +265,7 @@ pub(crate) fn logits(
         let input = workspace.acts.first_mut().ok_or_else(shape_bug)?;
         backend.upload(inputs, backend.dst(input, 0..inputs.len())?)?;
     }
-    let params = params.to_vec();
-    forward_all(&backend, network, &params, &mut workspace, batch, None)?;
+    forward_all(&backend, network, params, &mut workspace, batch, None)?;
     let last = network.layers.last().map_or(0, |layer| layer.output);
     let out = workspace.acts.get(last).ok_or_else(shape_bug)?;
     let len = batch * network.classes;

@@ -76,8 +76,8 @@ pub fn l2_norm(values: &[f32]) -> f64 {
     acc.norm()
 }
 
-/// The Euclidean norm of a vector whose values come in pieces, in any
-/// pieces: value `i` is squared into partial sum `i % 8`, and the eight sums
+/// The Euclidean norm of a vector whose values come in pieces, added in
+/// order: value `i` is squared into partial sum `i % 8`, and the eight sums
 /// are added in order at the end, so the result is the same bits however the
 /// vector was split (a receiver's chunks are decided by the network).
 ///

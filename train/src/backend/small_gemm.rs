@@ -14,9 +14,9 @@
 //! packs the weight transposed once per call into a per-thread buffer (allocated once),
 //! to run as broadcast tiles over one sequential stream; while the parameters are frozen
 //! (an evaluation, [`with_frozen_weights`]) each weight is packed once for all batches.
-//! They allocate nothing per step,
-//! and at batches 64 and 256 they match or beat matrixmultiply (AVX-512 kernels
-//! included) and the gemm crate on the models' shapes (`bench/gemm-eval`, BENCHMARKS.md).
+//! They allocate nothing per training step, and at batches 64 and 256 they match or
+//! beat matrixmultiply (AVX-512 kernels included) and the gemm crate on the models'
+//! shapes (`bench/gemm-eval`, BENCHMARKS.md).
 //!
 //! Results are deterministic (fixed summation order) but rounded differently from
 //! matrixmultiply's; the caller picks a path per shape, never per run.
@@ -103,9 +103,6 @@ struct FrozenPacks {
     params: std::ops::Range<usize>,
     /// (offset of the weight in bytes, n, k) and its packing.
     packs: Vec<((usize, usize, usize), Vec<f32>)>,
-    /// Buffers of an earlier freeze, reused so that repeated evaluations allocate
-    /// nothing once they have run.
-    spare: Vec<Vec<f32>>,
 }
 
 impl FrozenPacks {
@@ -113,7 +110,6 @@ impl FrozenPacks {
         FrozenPacks {
             params: 0..0,
             packs: Vec::new(),
-            spare: Vec::new(),
         }
     }
 
@@ -131,7 +127,7 @@ impl FrozenPacks {
 /// packing it again for every batch of an evaluation (7% of the 2NN's inference at
 /// batch 256). The shared borrow of `params` for the whole call is what makes the
 /// reuse sound: nothing can change a weight while it is frozen. Nested freezes keep
-/// the outer one.
+/// the outer one. The packings are freed when the call returns.
 pub(super) fn with_frozen_weights<R>(params: &[f32], work: impl FnOnce() -> R) -> R {
     let range = params.as_ptr_range();
     let outer = FROZEN.with_borrow_mut(|frozen| {
@@ -148,12 +144,11 @@ pub(super) fn with_frozen_weights<R>(params: &[f32], work: impl FnOnce() -> R) -
     struct Thaw;
     impl Drop for Thaw {
         fn drop(&mut self) {
+            // The packings are freed: an evaluation allocates them once (at most one
+            // model's worth), and a thread keeps none between evaluations.
             FROZEN.with_borrow_mut(|frozen| {
                 frozen.params = 0..0;
-                let packs = std::mem::take(&mut frozen.packs);
-                frozen
-                    .spare
-                    .extend(packs.into_iter().map(|(_, buffer)| buffer));
+                frozen.packs = Vec::new();
             });
         }
     }
@@ -197,12 +192,11 @@ pub(super) fn forward_packed(
         let key = frozen.key(&b[..len], gemm)?;
         Some(match frozen.packs.iter().position(|(k, _)| *k == key) {
             Some(at) => (key, frozen.packs.swap_remove(at).1, false),
-            None => (key, frozen.spare.pop().unwrap_or_default(), true),
+            None => (key, Vec::new(), true),
         })
     });
     if let Some((key, mut packed, first_use)) = frozen {
         if first_use {
-            packed.clear();
             packed.resize(len, 0.0);
             pack(&b[..len], gemm.n, gemm.k, &mut packed);
         }
