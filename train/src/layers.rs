@@ -237,6 +237,21 @@ impl Network {
         }
     }
 
+    /// Whether a forward pass may read its input in place (a contiguous range of a
+    /// dataset) instead of from the workspace's input buffer: only dense layers read the
+    /// input, possibly through an in-place flatten, and nothing writes it.
+    pub(crate) fn reads_input_in_place(&self) -> bool {
+        let mut readers = self.layers.iter().filter(|layer| layer.input == 0);
+        readers
+            .clone()
+            .any(|layer| matches!(layer.op, Op::Dense { .. }))
+            && readers.all(|layer| match layer.op {
+                Op::Dense { .. } => layer.output != 0,
+                Op::Flatten => true,
+                _ => false,
+            })
+    }
+
     /// Whether the max pool at `index` applies the ReLU before it (see
     /// [`Self::relu_moves_past_pool`]).
     fn pool_applies_relu(&self, index: usize) -> bool {
@@ -371,6 +386,23 @@ impl<B: Backend> Workspace<B> {
         indices: &[usize],
         classes: usize,
     ) -> Result<usize> {
+        let batch = self.load_labels(backend, data, indices, classes)?;
+        let input = self.acts.first_mut().ok_or_else(shape_bug)?;
+        let dst = backend.dst(input, 0..batch * data.dim)?;
+        backend.gather_rows(&data.features, data.dim, indices, dst)?;
+        Ok(batch)
+    }
+
+    /// The labels of the examples `indices` (at most `capacity`), each index and label
+    /// checked, without their inputs (a forward pass given them in place). Returns the
+    /// batch size.
+    pub fn load_labels(
+        &mut self,
+        backend: &B,
+        data: &Dataset,
+        indices: &[usize],
+        classes: usize,
+    ) -> Result<usize> {
         let batch = indices.len();
         if batch > self.capacity {
             return Err(TrainError::InvalidConfig(format!(
@@ -394,9 +426,6 @@ impl<B: Backend> Workspace<B> {
         }
         let labels = self.labels_host.get(..batch).ok_or_else(shape_bug)?;
         backend.upload(labels, backend.dst(&mut self.labels, 0..batch)?)?;
-        let input = self.acts.first_mut().ok_or_else(shape_bug)?;
-        let dst = backend.dst(input, 0..batch * data.dim)?;
-        backend.gather_rows(&data.features, data.dim, indices, dst)?;
         Ok(batch)
     }
 
@@ -448,7 +477,9 @@ fn read_write<T>(items: &mut [T], read: usize, write: usize) -> Result<(&T, &mut
 
 /// Runs the batch loaded into `workspace` through the network, leaving the logits in the
 /// last layer's output buffer. `dropout` is the training RNG for dropout masks; `None`
-/// evaluates (dropout is then the identity).
+/// evaluates (dropout is then the identity). `input`, where given, is the batch's input
+/// read in place instead of the workspace's input buffer; only for a network whose
+/// [`Network::reads_input_in_place`] holds.
 pub(crate) fn forward<B: Backend>(
     backend: &B,
     network: &Network,
@@ -456,7 +487,9 @@ pub(crate) fn forward<B: Backend>(
     workspace: &mut Workspace<B>,
     batch: usize,
     mut dropout: Option<&mut SeededRng>,
+    input: Option<B::Src<'_>>,
 ) -> Result<()> {
+    let input = input.filter(|_| network.reads_input_in_place());
     workspace.dropout_applied = dropout.is_some();
     for (index, layer) in network.layers.iter().enumerate() {
         let in_range = 0..batch * layer.input_len;
@@ -483,12 +516,11 @@ pub(crate) fn forward<B: Backend>(
                     beta: 1.0,
                 };
                 let w = backend.src(params, weight..weight + inputs * outputs)?;
-                backend.gemm(
-                    gemm,
-                    backend.src(x, in_range)?,
-                    w,
-                    backend.dst(y, out_range)?,
-                )?;
+                let y = backend.dst(y, out_range)?;
+                match input {
+                    Some(input) if layer.input == 0 => backend.gemm(gemm, input, w, y)?,
+                    _ => backend.gemm(gemm, backend.src(x, in_range)?, w, y)?,
+                }
             }
             Op::Conv {
                 geometry,

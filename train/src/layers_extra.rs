@@ -265,7 +265,7 @@ pub(crate) fn logits(
         let input = workspace.acts.first_mut().ok_or_else(shape_bug)?;
         backend.upload(inputs, backend.dst(input, 0..inputs.len())?)?;
     }
-    forward_all(&backend, network, params, &mut workspace, batch, None)?;
+    forward_all(&backend, network, params, &mut workspace, batch, None, None)?;
     let last = network.layers.last().map_or(0, |layer| layer.output);
     let out = workspace.acts.get(last).ok_or_else(shape_bug)?;
     let len = batch * network.classes;

@@ -67,6 +67,7 @@ impl Problem {
             &mut workspace,
             self.batch,
             rng.as_mut(),
+            None,
         )
         .unwrap();
         workspace

@@ -355,6 +355,7 @@ impl Model {
                     &mut workspace,
                     batch,
                     Some(&mut dropout_rng),
+                    None,
                 )?;
                 let slot = 2 * batch_number..2 * batch_number + 2;
                 layers::loss(
@@ -528,11 +529,32 @@ impl Model {
         let batches = examples.div_ceil(batch_size);
         let mut stats = backend.zeros(2 * batches);
         let scale = with_gradient.then_some(1.0 / examples as f32);
+        // Without a gradient, a batch of consecutive examples is read where it lies (the
+        // copy was 8% of the 2NN's inference) when the backend can and the network allows.
+        let in_place = !with_gradient && self.network.reads_input_in_place();
         // The parameters stay as they are for the whole pass.
         backend.with_frozen_params(&params, || -> Result<()> {
             for (batch_number, chunk) in indices.chunks(batch_size).enumerate() {
-                let batch = workspace.load_batch(backend, data, chunk, classes)?;
-                layers::forward(backend, &self.network, &params, &mut workspace, batch, None)?;
+                let input = match (in_place, consecutive_rows(chunk)) {
+                    (true, Some(rows)) => data
+                        .features
+                        .get(rows.start * data.dim..rows.end * data.dim)
+                        .and_then(|rows| backend.host_src(rows)),
+                    _ => None,
+                };
+                let batch = match input {
+                    Some(_) => workspace.load_labels(backend, data, chunk, classes)?,
+                    None => workspace.load_batch(backend, data, chunk, classes)?,
+                };
+                layers::forward(
+                    backend,
+                    &self.network,
+                    &params,
+                    &mut workspace,
+                    batch,
+                    None,
+                    input,
+                )?;
                 let slot = 2 * batch_number..2 * batch_number + 2;
                 let slot = backend.dst(&mut stats, slot)?;
                 layers::loss(backend, &self.network, &mut workspace, batch, scale, slot)?;
@@ -577,6 +599,16 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The examples `chunk` as a range of rows when they are consecutive and non-empty.
+fn consecutive_rows(chunk: &[usize]) -> Option<std::ops::Range<usize>> {
+    let first = *chunk.first()?;
+    let consecutive = chunk
+        .iter()
+        .enumerate()
+        .all(|(i, &row)| first.checked_add(i) == Some(row));
+    consecutive.then(|| first..first + chunk.len())
 }
 
 /// Adds up per-batch `[loss sum, correct]` pairs (in f64: an epoch has many batches).

@@ -1184,3 +1184,34 @@ fn cnn_training_with_dropout_and_adam_is_bit_identical_for_a_seed() {
     assert_eq!(eval, model.evaluate(&data, &indices).unwrap());
     assert_eq!(eval, model.gradient(&data, &indices).unwrap().0);
 }
+
+/// An evaluation reads consecutive examples in place (no row copy) where the network
+/// allows it, and gets exactly what the copying path gets: the gradient pass always
+/// copies, and shuffled indices copy too.
+#[test]
+fn evaluation_in_place_matches_the_copying_path() {
+    let data = synthetic::generate(300, 4);
+    for text in ["mlp:784-64-10", "cnn:1x28x28-c4k5p2-m2-d16-10"] {
+        let model = Model::try_new(spec(text), 7).unwrap();
+        assert_eq!(
+            model.network.reads_input_in_place(),
+            text.starts_with("mlp"),
+            "{text}"
+        );
+        let consecutive: Vec<usize> = (10..290).collect();
+        let evaluated = model.evaluate(&data, &consecutive).unwrap();
+        let (copied, _) = model.gradient(&data, &consecutive).unwrap();
+        assert_eq!(evaluated.loss.to_bits(), copied.loss.to_bits(), "{text}");
+        assert_eq!(evaluated.accuracy, copied.accuracy, "{text}");
+        // Batches of 256 here: one in place, one of 24; and a mixed batch.
+        let mut mixed = consecutive.clone();
+        mixed.swap(3, 260);
+        let (mixed_copied, _) = model.gradient(&data, &mixed).unwrap();
+        let mixed_evaluated = model.evaluate(&data, &mixed).unwrap();
+        assert_eq!(mixed_evaluated.loss.to_bits(), mixed_copied.loss.to_bits());
+    }
+    assert_eq!(consecutive_rows(&[4, 5, 6]), Some(4..7));
+    assert_eq!(consecutive_rows(&[4, 6]), None);
+    assert_eq!(consecutive_rows(&[]), None);
+    assert_eq!(consecutive_rows(&[usize::MAX, 0]), None);
+}

@@ -117,6 +117,10 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn host_src<'a>(&self, data: &'a [f32]) -> Option<&'a [f32]> {
+        Some(data)
+    }
+
     fn with_frozen_params<R>(&self, params: &Vec<f32>, work: impl FnOnce() -> R) -> R {
         small_gemm::with_frozen_weights(params, work)
     }

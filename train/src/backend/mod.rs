@@ -353,6 +353,13 @@ pub trait Backend {
         Ok(())
     }
 
+    /// `data` (host memory) as an operand this backend reads in place, if it can: the
+    /// CPU backend reads host memory directly; a GPU backend must upload it (`None`).
+    fn host_src<'a>(&self, data: &'a [f32]) -> Option<Self::Src<'a>> {
+        let _ = data;
+        None
+    }
+
     /// Runs `work` with `params` frozen: nothing changes them meanwhile (the shared
     /// borrow guarantees it), so a backend may prepare a weight once (the CPU's packed
     /// forward operand) and reuse it for every batch of an evaluation. The default
