@@ -489,7 +489,10 @@ pub(crate) fn forward<B: Backend>(
     mut dropout: Option<&mut SeededRng>,
     input: Option<B::Src<'_>>,
 ) -> Result<()> {
-    let input = input.filter(|_| network.reads_input_in_place());
+    if input.is_some() && !network.reads_input_in_place() {
+        // The workspace's input buffer was not loaded: refuse rather than read it.
+        return Err(shape_bug());
+    }
     workspace.dropout_applied = dropout.is_some();
     for (index, layer) in network.layers.iter().enumerate() {
         let in_range = 0..batch * layer.input_len;

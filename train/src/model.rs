@@ -536,9 +536,11 @@ impl Model {
         backend.with_frozen_params(&params, || -> Result<()> {
             for (batch_number, chunk) in indices.chunks(batch_size).enumerate() {
                 let input = match (in_place, consecutive_rows(chunk)) {
-                    (true, Some(rows)) => data
-                        .features
-                        .get(rows.start * data.dim..rows.end * data.dim)
+                    (true, Some(rows)) => rows
+                        .start
+                        .checked_mul(data.dim)
+                        .zip(rows.end.checked_mul(data.dim))
+                        .and_then(|(start, end)| data.features.get(start..end))
                         .and_then(|rows| backend.host_src(rows)),
                     _ => None,
                 };
@@ -601,14 +603,13 @@ impl Model {
     }
 }
 
-/// The examples `chunk` as a range of rows when they are consecutive and non-empty.
+/// The examples `chunk` as a range of rows when they are consecutive and non-empty
+/// (`None` too for indices at the end of `usize`'s range: they are checked later).
 fn consecutive_rows(chunk: &[usize]) -> Option<std::ops::Range<usize>> {
     let first = *chunk.first()?;
-    let consecutive = chunk
-        .iter()
-        .enumerate()
-        .all(|(i, &row)| first.checked_add(i) == Some(row));
-    consecutive.then(|| first..first + chunk.len())
+    let end = first.checked_add(chunk.len())?;
+    let consecutive = chunk.iter().enumerate().all(|(i, &row)| first + i == row);
+    consecutive.then_some(first..end)
 }
 
 /// Adds up per-batch `[loss sum, correct]` pairs (in f64: an epoch has many batches).

@@ -1214,4 +1214,10 @@ fn evaluation_in_place_matches_the_copying_path() {
     assert_eq!(consecutive_rows(&[4, 6]), None);
     assert_eq!(consecutive_rows(&[]), None);
     assert_eq!(consecutive_rows(&[usize::MAX, 0]), None);
+    assert_eq!(consecutive_rows(&[usize::MAX]), None);
+    // Hostile indices are refused with an error, never an overflow.
+    let model = Model::try_new(spec("mlp:784-64-10"), 7).unwrap();
+    for indices in [vec![usize::MAX], vec![usize::MAX / 784 + 1], vec![299, 300]] {
+        assert!(model.evaluate(&data, &indices).is_err(), "{indices:?}");
+    }
 }
