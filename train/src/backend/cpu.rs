@@ -99,14 +99,16 @@ impl Backend for CpuBackend {
         if let Some(&index) = rows.iter().find(|&&row| row >= len) {
             return Err(TrainError::IndexOutOfRange { index, len });
         }
-        if cpu_parallel::gather_rows(data, dim, rows, dst) {
-            return Ok(());
-        }
-        for (slot, &row) in dst.chunks_exact_mut(dim.max(1)).zip(rows) {
-            let source = data
-                .get(row * dim..(row + 1) * dim)
-                .ok_or(TrainError::IndexOutOfRange { index: row, len })?;
-            slot.copy_from_slice(source);
+        // Every index is in range: `get` only keeps the copy free of panics.
+        let copy_rows = |rows: &[usize], dst: &mut [f32]| {
+            for (slot, &row) in dst.chunks_exact_mut(dim.max(1)).zip(rows) {
+                if let Some(source) = data.get(row * dim..(row + 1) * dim) {
+                    slot.copy_from_slice(source);
+                }
+            }
+        };
+        if !cpu_parallel::gather_rows(dim, rows, dst, copy_rows) {
+            copy_rows(rows, dst);
         }
         Ok(())
     }

@@ -187,16 +187,18 @@ pub(super) fn forward_packed(
         ..*gemm
     };
     // A frozen weight's packing, taken out of the cache while it is used (so nothing
-    // borrows the cache meanwhile), with whether it still has to be packed.
+    // borrows the cache meanwhile); empty the first time.
     let frozen = FROZEN.with_borrow_mut(|frozen| {
         let key = frozen.key(&b[..len], gemm)?;
-        Some(match frozen.packs.iter().position(|(k, _)| *k == key) {
-            Some(at) => (key, frozen.packs.swap_remove(at).1, false),
-            None => (key, Vec::new(), true),
-        })
+        let at = frozen.packs.iter().position(|(k, _)| *k == key);
+        Some((
+            key,
+            at.map(|at| frozen.packs.swap_remove(at).1)
+                .unwrap_or_default(),
+        ))
     });
-    if let Some((key, mut packed, first_use)) = frozen {
-        if first_use {
+    if let Some((key, mut packed)) = frozen {
+        if packed.is_empty() {
             packed.resize(len, 0.0);
             pack(&b[..len], gemm.n, gemm.k, &mut packed);
         }
