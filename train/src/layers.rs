@@ -534,18 +534,19 @@ pub(crate) fn forward<B: Backend>(
                 let (x, y) = read_write(&mut workspace.acts, layer.input, layer.output)?;
                 let (rows, plane) = (geometry.col_rows(), geometry.col_cols());
                 let bias = backend.src(params, bias..bias + out_channels)?;
-                backend.fill_channels(bias, batch, plane, backend.dst(y, out_range.clone())?)?;
                 let w = backend.src(params, weight..weight + out_channels * rows)?;
                 if backend.conv_forward_direct(
                     &geometry,
                     out_channels,
                     batch,
+                    bias,
                     w,
-                    backend.src(x, in_range)?,
-                    backend.dst(y, out_range)?,
+                    backend.src(x, in_range.clone())?,
+                    backend.dst(y, out_range.clone())?,
                 )? {
                     continue;
                 }
+                backend.fill_channels(bias, batch, plane, backend.dst(y, out_range)?)?;
                 let gemm = Gemm {
                     m: out_channels,
                     n: plane,

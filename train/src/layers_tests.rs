@@ -565,15 +565,14 @@ fn direct_conv_forward_matches_naive() {
         let bias = uniform(out_channels, 32);
         let input = uniform(batch * geometry.input_len(), 33);
         let out_len = out_channels * geometry.col_cols();
-        let mut output = vec![0.0; batch * out_len];
-        backend
-            .fill_channels(&bias, batch, geometry.col_cols(), &mut output)
-            .unwrap();
+        // Overwritten: whatever the output held is ignored.
+        let mut output = vec![f32::NAN; batch * out_len];
         let ran = backend
             .conv_forward_direct(
                 &geometry,
                 out_channels,
                 batch,
+                &bias,
                 &weights,
                 &input,
                 &mut output,
@@ -755,7 +754,8 @@ fn max_pool_2x2_backward_routes_ties_and_nan() {
     assert_eq!(grad, [0.0, 0.0, 0.0, -2.0]);
 }
 
-/// The vectorized 2x2 backward (rows of 4+ windows) routes like the definition: each
+/// The vectorized 2x2 backward (rows of 4+ windows, a ragged end as an overlapping last
+/// block of 4) routes like the definition: each
 /// window's gradient to its first maximum (row-major), a NaN window's to its last cell,
 /// with many ties, NaNs and signed zeros, and ragged widths and heights.
 #[test]
@@ -763,7 +763,7 @@ fn max_pool_2x2_backward_vectors_match_the_definition() {
     let backend = CpuBackend;
     let mut rng = crate::rng::seeded(77);
     let values = [-1.0, -0.0, 0.0, 1.0, 2.0, f32::NAN];
-    for (height, width) in [(8, 8), (5, 11), (4, 28), (14, 14), (6, 17)] {
+    for (height, width) in [(8, 8), (5, 11), (4, 28), (14, 14), (6, 17), (4, 6), (3, 26)] {
         let geometry = PoolGeometry::new(3, (height, width), 2, 2).unwrap();
         let input: Vec<f32> = (0..geometry.input_len())
             .map(|_| {
@@ -805,15 +805,25 @@ fn max_pool_2x2_backward_vectors_match_the_definition() {
     }
 }
 
-/// The vectorized 2x2 forward (rows of 8+ windows) picks like the definition: the first
-/// maximum in row-major order (so the sign of a tied zero is the first one's), NaN if
-/// the window has one.
+/// The vectorized 2x2 forward (rows of 4+ windows: blocks of 8, of 4, and an overlapping
+/// last 4) picks like the definition: the first maximum in row-major order (so the sign
+/// of a tied zero is the first one's), NaN if the window has one.
 #[test]
 fn max_pool_2x2_forward_vectors_match_the_definition() {
     let backend = CpuBackend;
     let mut rng = crate::rng::seeded(78);
     let values = [-1.0, -0.0, 0.0, 1.0, 2.0, f32::NAN];
-    for (height, width) in [(4, 16), (5, 19), (28, 28), (6, 34)] {
+    for (height, width) in [
+        (4, 16),
+        (5, 19),
+        (28, 28),
+        (6, 34),
+        (14, 14),
+        (4, 8),
+        (6, 10),
+        (3, 26),
+        (2, 6),
+    ] {
         let geometry = PoolGeometry::new(2, (height, width), 2, 2).unwrap();
         let input: Vec<f32> = (0..geometry.input_len())
             .map(|_| {

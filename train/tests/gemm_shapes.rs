@@ -46,6 +46,9 @@ fn every_shape_on_this_path() {
         (50, 64, 1100),
         // The dot-product forward's blocks of depth (k > 1024).
         (20, 13, 1100),
+        // The input gradient's copied panels (B of 2^18 values or more, over one row
+        // tile), then the last columns as one vector and a partial one.
+        (29, 530, 500),
     ] {
         for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
             for (alpha, beta) in [(1.0, 0.0), (-0.5, 1.0), (2.0, 0.25)] {

@@ -230,9 +230,7 @@ impl Backend for CpuBackend {
             return Ok(());
         }
         for (run, channel) in src.chunks_exact(plane).zip((0..channels).cycle()) {
-            // Sum each run on its own first (vectorisable), then fold it in.
-            let total: f32 = run.iter().sum();
-            dst[channel] += alpha * total;
+            dst[channel] += alpha * run_sum(run);
         }
         Ok(())
     }
@@ -361,23 +359,25 @@ impl Backend for CpuBackend {
         geometry: &ConvGeometry,
         out_channels: usize,
         batch: usize,
+        bias: &[f32],
         weight: &[f32],
         input: &[f32],
         output: &mut [f32],
     ) -> Result<bool> {
+        check_len(bias, out_channels)?;
         check_len(weight, out_channels * geometry.col_rows())?;
         check_len(input, batch * geometry.input_len())?;
         check_len(output, batch * out_channels * geometry.col_cols())?;
-        if cpu_parallel::conv_forward(self, geometry, out_channels, batch, weight, input, output) {
-            return Ok(true);
-        }
-        Ok(direct_conv::forward(
+        let layer = direct_conv::Layer {
             geometry,
             out_channels,
+            bias,
             weight,
-            input,
-            output,
-        ))
+        };
+        if cpu_parallel::conv_forward(self, &layer, batch, input, output) {
+            return Ok(true);
+        }
+        Ok(direct_conv::forward(&layer, input, output))
     }
 
     fn dense_backward_fused(
@@ -780,6 +780,33 @@ fn adam_update(step: &AdamStep, slices: ParamSlices<'_>) {
     }
 }
 
+/// The sum of `run` in 16 partial sums (value `i` into sum `i % 16`), added pairwise at
+/// the end. A plain `iter().sum()` is one chain of dependent adds, which the compiler
+/// may not reorder: 4 cycles a value, where this vectorises. The order is fixed, so the
+/// bits are the same on every kernel path and thread count.
+pub(super) fn run_sum(run: &[f32]) -> f32 {
+    const PARTIALS: usize = 16;
+    let mut partial = [0.0f32; PARTIALS];
+    let (blocks, tail) = run.as_chunks::<PARTIALS>();
+    for block in blocks {
+        for (p, v) in partial.iter_mut().zip(block) {
+            *p += v;
+        }
+    }
+    for (p, v) in partial.iter_mut().zip(tail) {
+        *p += v;
+    }
+    let mut width = PARTIALS;
+    while width > 1 {
+        width /= 2;
+        let (low, high) = partial.split_at_mut(width);
+        for (p, q) in low.iter_mut().zip(&*high) {
+            *p += q;
+        }
+    }
+    partial[0]
+}
+
 /// `dst *= beta`, where `beta == 0` clears (so stale NaNs cannot survive).
 pub(super) fn scale_or_clear(dst: &mut [f32], beta: f32) {
     if beta == 0.0 {
@@ -995,10 +1022,11 @@ fn max_pool_2x2_backward(
     }
 }
 
-/// The first windows of one row of [`max_pool_2x2_backward`], four at a time with AVX2,
-/// routed exactly as the scalar loop does; returns how many windows it wrote (0 without
-/// AVX2 and FMA). `top`, `bottom`, `grad_top` and `grad_bottom` are at least
-/// `2 * grads.len()` long.
+/// The windows of one row of [`max_pool_2x2_backward`], four at a time with AVX2, routed
+/// exactly as the scalar loop does; returns how many windows it wrote: all of them for
+/// rows of 4 or more (a ragged end is one more block of 4 that overlaps the last one and
+/// rewrites its windows with the same values), 0 without AVX2 and FMA. `top`, `bottom`,
+/// `grad_top` and `grad_bottom` are at least `2 * grads.len()` long.
 fn route_2x2_vectors(
     top: &[f32],
     bottom: &[f32],
@@ -1034,7 +1062,10 @@ fn route_2x2_avx2(
         _mm256_or_ps, _mm256_permute_ps, _mm256_permutevar8x32_ps, _mm256_set1_epi32,
         _mm256_setr_epi32, _mm256_storeu_ps,
     };
-    let windows = grads.len() / 4 * 4;
+    let windows = grads.len();
+    if windows < 4 {
+        return 0;
+    }
     let (top, bottom) = (&top[..2 * windows], &bottom[..2 * windows]);
     let (grad_top, grad_bottom) = (
         &mut grad_top[..2 * windows],
@@ -1044,7 +1075,9 @@ fn route_2x2_avx2(
     // Set in the lanes holding a window's left column.
     let left = _mm256_castsi256_ps(_mm256_setr_epi32(-1, 0, -1, 0, -1, 0, -1, 0));
     let ones = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-    for w in (0..windows).step_by(4) {
+    // Whole blocks of 4, then the last 4 windows again if the row is ragged.
+    let ragged = (!windows.is_multiple_of(4)).then_some(windows - 4);
+    for w in (0..windows / 4 * 4).step_by(4).chain(ragged) {
         let cells = 2 * w..2 * w + 8;
         // SAFETY (all loads and stores below): `cells` is in bounds of the four slices
         // (2 * windows long, checked by the slicing above), and `w..w + 4` of `grads`;
@@ -1091,13 +1124,15 @@ fn route_2x2_avx2(
     windows
 }
 
-/// The first windows of one output row of [`max_pool_2x2`], eight at a time with AVX2,
-/// with the scalar loop's choice (first maximum, NaN propagating); returns how many it
-/// wrote (0 without AVX2 and FMA). `top` and `bottom` are `2 * out.len()` long.
+/// The windows of one output row of [`max_pool_2x2`], eight and then four at a time with
+/// AVX2, with the scalar loop's choice (first maximum, NaN propagating); returns how many
+/// it wrote: all of them for rows of 4 or more (a ragged end is one more block of 4 that
+/// overlaps the one before and rewrites its windows with the same values), 0 without
+/// AVX2 and FMA. `top` and `bottom` are `2 * out.len()` long.
 fn max_2x2_vectors(top: &[f32], bottom: &[f32], out: &mut [f32]) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        if out.len() >= 8 && small_gemm::has_avx2_fma() {
+        if out.len() >= 4 && small_gemm::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             return unsafe { max_2x2_avx2(top, bottom, out) };
         }
@@ -1112,9 +1147,10 @@ fn max_2x2_vectors(top: &[f32], bottom: &[f32], out: &mut [f32]) -> usize {
 #[target_feature(enable = "avx2,fma")]
 fn max_2x2_avx2(top: &[f32], bottom: &[f32], out: &mut [f32]) -> usize {
     use std::arch::x86_64::{
-        __m256, _CMP_GT_OQ, _CMP_UNORD_Q, _mm256_blendv_ps, _mm256_castpd_ps, _mm256_castps_pd,
-        _mm256_cmp_ps, _mm256_loadu_ps, _mm256_or_ps, _mm256_permute4x64_pd, _mm256_shuffle_ps,
-        _mm256_storeu_ps,
+        __m128, __m256, _CMP_GT_OQ, _CMP_UNORD_Q, _mm_blendv_ps, _mm_cmp_ps, _mm_loadu_ps,
+        _mm_or_ps, _mm_shuffle_ps, _mm_storeu_ps, _mm256_blendv_ps, _mm256_castpd_ps,
+        _mm256_castps_pd, _mm256_cmp_ps, _mm256_loadu_ps, _mm256_or_ps, _mm256_permute4x64_pd,
+        _mm256_shuffle_ps, _mm256_storeu_ps,
     };
     // `value` replaces `best` when strictly greater or NaN, as in `beats`.
     #[target_feature(enable = "avx2,fma")]
@@ -1126,10 +1162,46 @@ fn max_2x2_avx2(top: &[f32], bottom: &[f32], out: &mut [f32]) -> usize {
         );
         _mm256_blendv_ps(best, value, beats)
     }
-    let windows = out.len() / 8 * 8;
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn take4(best: __m128, value: __m128) -> __m128 {
+        let beats = _mm_or_ps(
+            _mm_cmp_ps(value, best, _CMP_GT_OQ),
+            _mm_cmp_ps(value, value, _CMP_UNORD_Q),
+        );
+        _mm_blendv_ps(best, value, beats)
+    }
+    let windows = out.len();
+    if windows < 4 {
+        return 0;
+    }
     let (top, bottom) = (&top[..2 * windows], &bottom[..2 * windows]);
-    let out = &mut out[..windows];
-    for w in (0..windows).step_by(8) {
+    let eights = windows / 8 * 8;
+    // Blocks of 4 after the 8s: one more if 4 are left, and the last 4 windows again if
+    // the row is ragged.
+    let four = (windows - eights >= 4).then_some(eights);
+    let ragged = (!windows.is_multiple_of(4)).then_some(windows - 4);
+    for w in four.into_iter().chain(ragged) {
+        // SAFETY: `2 * w..2 * w + 8` is in bounds of `top` and `bottom` (2 * windows
+        // long, w + 4 <= windows); the loads are unaligned.
+        let (t0, t1, b0, b1) = unsafe {
+            (
+                _mm_loadu_ps(top[2 * w..2 * w + 4].as_ptr()),
+                _mm_loadu_ps(top[2 * w + 4..2 * w + 8].as_ptr()),
+                _mm_loadu_ps(bottom[2 * w..2 * w + 4].as_ptr()),
+                _mm_loadu_ps(bottom[2 * w + 4..2 * w + 8].as_ptr()),
+            )
+        };
+        // Windows in order: the left cells are the even lanes of `t0, t1`.
+        let mut best = _mm_shuffle_ps(t0, t1, 0x88);
+        best = take4(best, _mm_shuffle_ps(t0, t1, 0xDD));
+        best = take4(best, _mm_shuffle_ps(b0, b1, 0x88));
+        best = take4(best, _mm_shuffle_ps(b0, b1, 0xDD));
+        // SAFETY: `w..w + 4` is in bounds of `out`; the store is unaligned.
+        unsafe { _mm_storeu_ps(out[w..w + 4].as_mut_ptr(), best) };
+    }
+    let out = &mut out[..eights];
+    for w in (0..eights).step_by(8) {
         // SAFETY: `2 * w..2 * w + 16` is in bounds of `top` and `bottom` (2 * windows
         // long, checked by the slicing above); the loads are unaligned.
         let (t0, t1, b0, b1) = unsafe {
@@ -1146,7 +1218,7 @@ fn max_2x2_avx2(top: &[f32], bottom: &[f32], out: &mut [f32]) -> usize {
         best = take(best, _mm256_shuffle_ps(b0, b1, 0x88));
         best = take(best, _mm256_shuffle_ps(b0, b1, 0xDD));
         let ordered = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(best), 0xD8));
-        // SAFETY: `w..w + 8` is in bounds of `out` (`windows` long); the store is unaligned.
+        // SAFETY: `w..w + 8` is in bounds of `out` (`eights` long); the store is unaligned.
         unsafe { _mm256_storeu_ps(out[w..w + 8].as_mut_ptr(), ordered) };
     }
     windows

@@ -49,17 +49,16 @@ fn gemm_work(macs: usize) -> usize {
     if macs < MIN_GEMM_WORK { 0 } else { macs }
 }
 
-/// Convolution forward (output already holding the bias): the direct kernel, or
-/// im2col + GEMM per example, on each part of the batch.
+/// Convolution forward (output overwritten with bias plus convolution): the direct
+/// kernel, or the bias then im2col + GEMM per example, on each part of the batch.
 pub(super) fn conv_forward(
     backend: &super::CpuBackend,
-    geometry: &ConvGeometry,
-    out_channels: usize,
+    layer: &direct_conv::Layer<'_>,
     batch: usize,
-    weight: &[f32],
     input: &[f32],
     output: &mut [f32],
 ) -> bool {
+    let (geometry, out_channels) = (layer.geometry, layer.out_channels);
     let (rows, plane) = (geometry.col_rows(), geometry.col_cols());
     let parts = parts(batch, batch * out_channels * rows * plane);
     if parts < 2 {
@@ -72,7 +71,7 @@ pub(super) fn conv_forward(
         .zip(output.chunks_mut(per * out_len));
     if direct_conv::supports(geometry, out_channels) {
         for_each(chunks, |(input, output)| {
-            direct_conv::forward(geometry, out_channels, weight, input, output);
+            direct_conv::forward(layer, input, output);
         });
         return true;
     }
@@ -89,13 +88,16 @@ pub(super) fn conv_forward(
         COLS.with_borrow_mut(|cols| {
             cols.resize(rows * plane, 0.0);
             for (example, out) in input.chunks(in_len).zip(output.chunks_mut(out_len)) {
+                for (run, &value) in out.chunks_exact_mut(plane).zip(layer.bias) {
+                    run.fill(value);
+                }
                 // Lengths are right by construction; an error here would be a bug in
                 // this function, which the single-threaded path would also report.
                 let done = if geometry.is_pointwise() {
-                    super::Backend::gemm(backend, gemm, weight, example, out)
+                    super::Backend::gemm(backend, gemm, layer.weight, example, out)
                 } else {
                     super::Backend::im2col(backend, geometry, example, cols)
-                        .and_then(|()| super::Backend::gemm(backend, gemm, weight, cols, out))
+                        .and_then(|()| super::Backend::gemm(backend, gemm, layer.weight, cols, out))
                 };
                 debug_assert!(done.is_ok(), "{done:?}");
             }
@@ -514,8 +516,7 @@ pub(super) fn sum_channels(
         for example in src.chunks_exact(channels * plane) {
             let runs = example[first * plane..].chunks_exact(plane);
             for (total, run) in dst.iter_mut().zip(runs) {
-                let sum: f32 = run.iter().sum();
-                *total += alpha * sum;
+                *total += alpha * super::cpu::run_sum(run);
             }
         }
     });

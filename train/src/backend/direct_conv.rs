@@ -18,9 +18,6 @@
 //! or runs that are not whole lanes, such as a single-channel first layer).
 
 #[cfg(target_arch = "x86_64")]
-use super::ConvGeometry;
-
-#[cfg(target_arch = "x86_64")]
 thread_local! {
     /// Reordered weights before they are cut into panels.
     static STAGING: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -57,34 +54,39 @@ pub(super) fn supports(geometry: &super::ConvGeometry, out_channels: usize) -> b
     }
 }
 
-/// Adds the convolution of every example of `input` (`[batch, in, h, w]`) with `weight`
-/// (`[out, in, k, k]`) to `output` (`[batch, out, plane]`, already holding the bias).
-/// Returns whether it did; lengths were checked by the caller.
-pub(super) fn forward(
-    geometry: &super::ConvGeometry,
-    out_channels: usize,
-    weight: &[f32],
-    input: &[f32],
-    output: &mut [f32],
-) -> bool {
+/// A convolution layer's shape and parameters.
+pub(super) struct Layer<'a> {
+    pub geometry: &'a super::ConvGeometry,
+    pub out_channels: usize,
+    /// One value per output channel.
+    pub bias: &'a [f32],
+    /// `[out, in, k, k]`.
+    pub weight: &'a [f32],
+}
+
+/// Writes each channel's bias plus the convolution of every example of `input`
+/// (`[batch, in, h, w]`) with the layer's weights to `output` (`[batch, out, plane]`,
+/// overwritten). Returns whether it did (untouched if not); lengths were checked by the
+/// caller.
+pub(super) fn forward(layer: &Layer<'_>, input: &[f32], output: &mut [f32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use super::sparse_conv::{PADDED, REORDERED, Scratch};
-        if !supports(geometry, out_channels) {
+        if !supports(layer.geometry, layer.out_channels) {
             return false;
         }
         REORDERED.with_borrow_mut(|reordered| {
             PADDED.with_borrow_mut(|padded| {
                 let scratch = Scratch { reordered, padded };
                 // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                unsafe { forward_avx2(geometry, out_channels, weight, input, output, scratch) };
+                unsafe { forward_avx2(layer, input, output, scratch) };
             })
         });
         true
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (geometry, out_channels, weight, input, output);
+        let _ = (layer, input, output);
         false
     }
 }
@@ -128,26 +130,16 @@ fn fill_panels(out_channels: usize, rows: usize, reordered: &[f32], panels: &mut
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn forward_avx2(
-    geometry: &ConvGeometry,
-    out_channels: usize,
-    weight: &[f32],
+    layer: &Layer<'_>,
     input: &[f32],
     output: &mut [f32],
     super::sparse_conv::Scratch { reordered, padded }: super::sparse_conv::Scratch<'_>,
 ) {
-    let shape = super::sparse_conv::Shape::new(geometry);
-    let panels = panel_weights(&shape, out_channels, weight, reordered);
+    let shape = super::sparse_conv::Shape::new(layer.geometry);
+    let panels = panel_weights(&shape, layer.out_channels, layer.weight, reordered);
     SUMS.with_borrow_mut(|sums_buffer| {
         sums_buffer.resize(shape.out_plane * TILE_OUT, 0.0);
-        forward_examples(
-            &shape,
-            out_channels,
-            panels,
-            input,
-            output,
-            padded,
-            sums_buffer,
-        );
+        forward_examples(&shape, layer, panels, input, output, padded, sums_buffer);
     });
 }
 
@@ -156,7 +148,7 @@ fn forward_avx2(
 #[target_feature(enable = "avx2,fma")]
 fn forward_examples(
     shape: &super::sparse_conv::Shape,
-    out_channels: usize,
+    layer: &Layer<'_>,
     panels: &[f32],
     input: &[f32],
     output: &mut [f32],
@@ -164,6 +156,7 @@ fn forward_examples(
     sums_buffer: &mut [f32],
 ) {
     let shape = *shape;
+    let out_channels = layer.out_channels;
     let out_len = out_channels * shape.out_plane;
     let avx512 = super::dispatch::avx512f();
     for (x, y) in input
@@ -209,12 +202,14 @@ fn forward_examples(
                     p += np;
                 }
             }
-            for (c, y_c) in y[o * shape.out_plane..(o + width) * shape.out_plane]
+            let bias = &layer.bias[o..o + width];
+            for (c, (y_c, &b)) in y[o * shape.out_plane..(o + width) * shape.out_plane]
                 .chunks_exact_mut(shape.out_plane)
+                .zip(bias)
                 .enumerate()
             {
                 for (out, pixel) in y_c.iter_mut().zip(sums.chunks_exact(width)) {
-                    *out += pixel[c];
+                    *out = b + pixel[c];
                 }
             }
             o += width;

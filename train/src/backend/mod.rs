@@ -386,21 +386,24 @@ pub trait Backend {
         input_grad: Self::Dst<'_>,
     ) -> Result<()>;
 
-    /// Convolution forward without an im2col matrix: adds the convolution of the
-    /// `batch` examples of `input` with the `[out, in, k, k]` weights to `output`
-    /// (`[batch, out_channels, plane]`, already holding the bias). Returns `Ok(false)`,
-    /// touching nothing, when the backend has no such route for this geometry; the
-    /// caller then uses im2col and GEMM.
+    /// Convolution forward without an im2col matrix: writes each output channel's `bias`
+    /// plus the convolution of the `batch` examples of `input` with the `[out, in, k, k]`
+    /// weights to `output` (`[batch, out_channels, plane]`, overwritten; the CPU adds
+    /// the bias as it stores each sum, saving a pass over the output). Returns
+    /// `Ok(false)`, touching nothing, when the backend has no such route for this
+    /// geometry; the caller then fills the bias and uses im2col and GEMM.
+    #[allow(clippy::too_many_arguments)]
     fn conv_forward_direct(
         &self,
         geometry: &ConvGeometry,
         out_channels: usize,
         batch: usize,
+        bias: Self::Src<'_>,
         weight: Self::Src<'_>,
         input: Self::Src<'_>,
         output: Self::Dst<'_>,
     ) -> Result<bool> {
-        let _ = (geometry, out_channels, batch, weight, input, output);
+        let _ = (geometry, out_channels, batch, bias, weight, input, output);
         Ok(false)
     }
     /// Dense backward with the SGD update folded in, in one pass over the weights:

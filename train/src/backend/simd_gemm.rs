@@ -451,13 +451,71 @@ fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, layout: BLayout, a: &[f32], b: &[f3
     let lanes = S::F32_LANES;
     debug_assert!(matches!(layout, BLayout::Rows) || 2 * lanes == STRIP_COLUMNS);
     let pairs = n / (2 * lanes) * (2 * lanes);
-    for start in (0..pairs).step_by(2 * lanes) {
-        let panel = layout.panel(gemm, start);
-        row_tiles!(m, wide::<S>(), |i, R| broadcast_tile::<S, R, 2>(
-            simd, gemm, rows, a, b, panel, c, i, start
-        ));
+    let width = 2 * lanes;
+    let copy_panels = matches!(layout, BLayout::Rows)
+        && m > if wide::<S>() {
+            WIDE_TILE_ROWS
+        } else {
+            TILE_ROWS
+        }
+        && k * n >= COPIED_PANEL_MIN_B
+        && k <= COPIED_PANEL_MAX_DEPTH;
+    if copy_panels {
+        // Each panel of B is `k` rows of `width` values a whole row of B apart: a page
+        // apart for the CNN's 3,136-wide weight, so every row tile read it through a
+        // TLB miss per row, and it was the slowest of the dense products. Copied once
+        // into a contiguous buffer, the row tiles read it as one stream (the same FMAs
+        // in the same order: the same bits).
+        // Taken out of the thread-local rather than used inside `with`: a closure is a
+        // function of its own, without the target features that pulp enables here.
+        let mut buffer = PANEL.with_borrow_mut(std::mem::take);
+        if buffer.len() < k * width {
+            buffer.resize(k * width, 0.0);
+        }
+        {
+            let panel_copy = &mut buffer[..k * width];
+            for start in (0..pairs).step_by(width) {
+                for (dst, src) in panel_copy.chunks_exact_mut(width).zip(b[start..].chunks(n)) {
+                    dst.copy_from_slice(&src[..width]);
+                }
+                let panel_copy = &*panel_copy;
+                row_tiles!(m, wide::<S>(), |i, R| broadcast_tile::<S, R, 2>(
+                    simd,
+                    gemm,
+                    rows,
+                    a,
+                    panel_copy,
+                    (0, width),
+                    c,
+                    i,
+                    start
+                ));
+            }
+        }
+        PANEL.with_borrow_mut(|kept| *kept = buffer);
+    } else {
+        for start in (0..pairs).step_by(width) {
+            let panel = layout.panel(gemm, start);
+            row_tiles!(m, wide::<S>(), |i, R| broadcast_tile::<S, R, 2>(
+                simd, gemm, rows, a, b, panel, c, i, start
+            ));
+        }
     }
     broadcast_tail(simd, gemm, rows, layout, a, b, c, pairs);
+}
+
+/// Smallest B (in values) whose panels [`scale_rows`] copies: below it (the 2NN's 200 x
+/// 200 and 784 x 200 weights) B stays in L2 and its rows are close enough to read in
+/// place.
+const COPIED_PANEL_MIN_B: usize = 1 << 18;
+/// Deepest B whose panels [`scale_rows`] copies: a panel of `k` rows of two AVX-512
+/// vectors is `128 * k` bytes, which should stay in L2 while the row tiles pass over it.
+const COPIED_PANEL_MAX_DEPTH: usize = 4096;
+
+thread_local! {
+    /// One panel of B for [`scale_rows`], on the calling thread (grown, never shrunk:
+    /// at most 512 KB).
+    static PANEL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Columns per strip of a [`BLayout::Strips`] operand: AVX-512's two vectors, the width

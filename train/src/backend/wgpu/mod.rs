@@ -1565,6 +1565,7 @@ impl Backend for WgpuBackend {
         geometry: &ConvGeometry,
         out_channels: usize,
         batch: usize,
+        bias: GpuSlice<'_>,
         weight: GpuSlice<'_>,
         input: GpuSlice<'_>,
         output: GpuSliceMut<'_>,
@@ -1574,9 +1575,12 @@ impl Backend for WgpuBackend {
             geometry.col_cols(),
             geometry.input_len(),
         );
+        check(&bias, out_channels)?;
         check(&weight, out_channels * rows)?;
         check(&input, batch * in_len)?;
         check(&output.0, batch * out_channels * plane)?;
+        // The implicit GEMM below adds to the output.
+        self.fill_channels(bias, batch, plane, GpuSliceMut(output.0))?;
         let modes = GemmModes {
             trans_a: false,
             trans_b: false,

@@ -448,20 +448,32 @@ fn convolution_forward_and_gradients_match_cpu() {
             batch,
         );
 
-        let (gw, gx, gdy) = (
+        // The forward overwrites its output with the bias plus the convolution.
+        let bias = random(out_channels, seed + 3);
+        let plane = geometry.col_cols();
+        let output: Vec<f32> = output
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + bias[i / plane % out_channels])
+            .collect();
+
+        let (gw, gx, gdy, gb) = (
             upload(&gpu, &weight),
             upload(&gpu, &input),
             upload(&gpu, &output_grad),
+            upload(&gpu, &bias),
         );
         let w = gpu.src(&gw, range(weight.len())).unwrap();
         let x = gpu.src(&gx, range(input.len())).unwrap();
         let dy = gpu.src(&gdy, range(out_len)).unwrap();
-        let mut out = upload(&gpu, &vec![0.0; out_len]);
+        let b = gpu.src(&gb, range(out_channels)).unwrap();
+        let mut out = upload(&gpu, &vec![f32::NAN; out_len]);
         assert!(
             gpu.conv_forward_direct(
                 &geometry,
                 out_channels,
                 batch,
+                b,
                 w,
                 x,
                 gpu.dst(&mut out, range(out_len)).unwrap()
