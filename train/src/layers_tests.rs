@@ -603,6 +603,10 @@ fn sparse_conv_backward_matches_naive() {
         ((4, 8, 8), 5, 1, 2, 5),
         ((8, 7, 9), 3, 2, 1, 3),
         ((32, 14, 14), 5, 1, 2, 8),
+        // Kernel rows of 144 and 200 values: every block size of every vector path
+        // (128, 64 and 32 values, and a shorter rest).
+        ((48, 6, 6), 3, 1, 1, 4),
+        ((40, 5, 5), 5, 1, 2, 3),
     ] {
         let g = ConvGeometry::new(shape, kernel, stride, padding).unwrap();
         let batch = 2;
@@ -657,51 +661,60 @@ fn sparse_conv_backward_matches_naive() {
                 }
             }
         }
-        let mut input_grad = vec![f32::NAN; batch * g.input_len()];
-        let ran = backend
-            .conv_input_grad_sparse(
-                &g,
-                out_channels,
-                batch,
-                &weights,
-                &output_grad,
-                &mut input_grad,
-            )
-            .unwrap();
-        assert!(ran, "{g:?}: sparse input gradient declined");
-        for (a, e) in input_grad.iter().zip(&input_grad_ref) {
-            assert!((f64::from(*a) - e).abs() < 1e-4, "{g:?} dx: {a} vs {e}");
-        }
-        for beta in [0.0f32, 0.75] {
-            let start = if beta == 0.0 {
-                vec![f32::NAN; weights.len()]
-            } else {
-                uniform(weights.len(), 44)
-            };
-            let mut weight_grad = start.clone();
-            let ran = backend
-                .conv_weight_grad_sparse(
-                    &g,
-                    out_channels,
-                    batch,
-                    &input,
-                    &output_grad,
-                    -0.5,
-                    beta,
-                    &mut weight_grad,
-                )
-                .unwrap();
-            assert!(ran, "{g:?}: sparse weight gradient declined");
-            for ((a, e), s) in weight_grad.iter().zip(&weight_grad_ref).zip(&start) {
-                let mut expected = -0.5 * e;
-                if beta != 0.0 {
-                    expected += f64::from(beta) * f64::from(*s);
+        for path in crate::KernelPath::available() {
+            crate::with_kernel_path(path, || {
+                let mut input_grad = vec![f32::NAN; batch * g.input_len()];
+                let ran = backend
+                    .conv_input_grad_sparse(
+                        &g,
+                        out_channels,
+                        batch,
+                        &weights,
+                        &output_grad,
+                        &mut input_grad,
+                    )
+                    .unwrap();
+                assert!(ran, "{g:?}: sparse input gradient declined");
+                for (a, e) in input_grad.iter().zip(&input_grad_ref) {
+                    assert!(
+                        (f64::from(*a) - e).abs() < 1e-4,
+                        "{g:?} dx on {}: {a} vs {e}",
+                        path.name()
+                    );
                 }
-                assert!(
-                    (f64::from(*a) - expected).abs() < 1e-4,
-                    "{g:?} dw (beta {beta}): {a} vs {expected}"
-                );
-            }
+                for beta in [0.0f32, 0.75] {
+                    let start = if beta == 0.0 {
+                        vec![f32::NAN; weights.len()]
+                    } else {
+                        uniform(weights.len(), 44)
+                    };
+                    let mut weight_grad = start.clone();
+                    let ran = backend
+                        .conv_weight_grad_sparse(
+                            &g,
+                            out_channels,
+                            batch,
+                            &input,
+                            &output_grad,
+                            -0.5,
+                            beta,
+                            &mut weight_grad,
+                        )
+                        .unwrap();
+                    assert!(ran, "{g:?}: sparse weight gradient declined");
+                    for ((a, e), s) in weight_grad.iter().zip(&weight_grad_ref).zip(&start) {
+                        let mut expected = -0.5 * e;
+                        if beta != 0.0 {
+                            expected += f64::from(beta) * f64::from(*s);
+                        }
+                        assert!(
+                            (f64::from(*a) - expected).abs() < 1e-4,
+                            "{g:?} dw (beta {beta}) on {}: {a} vs {expected}",
+                            path.name()
+                        );
+                    }
+                }
+            });
         }
         // A dense gradient goes to im2col + GEMM, untouched here.
         let dense = uniform(batch * out_len, 45);

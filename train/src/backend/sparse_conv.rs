@@ -30,8 +30,19 @@ const MIN_RUN: usize = 16;
 /// pays off well below a density of one half; 2x2 pooling gives at most a quarter.
 const MAX_DENSITY_INVERSE: usize = 3;
 
-/// Sums of a weight-gradient row kept in registers at once (4 AVX2 lanes).
+/// Values of a kernel row kept in registers at once (weights for the input gradient,
+/// sums for the weight gradient) on the portable path and for a row's last values.
 const SUM_BLOCK: usize = 32;
+
+/// [`SUM_BLOCK`] on AVX2: 8 vectors. In the weight gradient every vector is a chain of
+/// dependent FMAs (one per nonzero gradient), so it takes 8 chains to cover the FMA's
+/// latency at two per cycle; in the input gradient the loop's own work per nonzero is
+/// spread over more values.
+const SUM_BLOCK_AVX2: usize = 64;
+
+/// [`SUM_BLOCK`] on AVX-512: 8 of its 32 registers of 16 values (with 32-value blocks,
+/// two chains, the weight gradient ran at a quarter of the FMA peak).
+const SUM_BLOCK_AVX512: usize = 128;
 
 thread_local! {
     /// Padded channel-last plane of one example (input or input gradient).
@@ -183,20 +194,121 @@ fn axpy<const FUSED: bool>(dst: &mut [f32], g: f32, src: &[f32]) {
     }
 }
 
+/// Cuts a kernel row of `run` values into blocks for [`scatter_block`] and
+/// [`gather_block`]: `BLOCK`s, then [`SUM_BLOCK`]s, then the rest. Calls `block(from,
+/// len)` for each.
+#[inline(always)]
+fn for_blocks<const BLOCK: usize>(run: usize, mut block: impl FnMut(usize, usize)) {
+    let mut from = 0;
+    while from < run {
+        let len = match run - from {
+            left if left >= BLOCK => BLOCK,
+            left if left >= SUM_BLOCK => SUM_BLOCK,
+            left => left,
+        };
+        block(from, len);
+        from += len;
+    }
+}
+
+/// Input gradient, one block of a kernel row: `padded[start + offset..][..len] += g *
+/// w_block` for each nonzero `(start, g)`, the weights held in registers throughout.
+#[inline(always)]
+fn scatter_block<const FUSED: bool, const BLOCK: usize>(
+    padded: &mut [f32],
+    offset: usize,
+    w_block: &[f32],
+    nonzero: &[(usize, f32)],
+) {
+    macro_rules! scatter {
+        ($n:expr) => {{
+            let Ok(&w_block) = <&[f32; $n]>::try_from(w_block) else {
+                unreachable!("the block is {} long", $n)
+            };
+            for &(start, g) in nonzero {
+                let d = start + offset;
+                axpy::<FUSED>(&mut padded[d..d + $n], g, &w_block);
+            }
+        }};
+    }
+    let len = w_block.len();
+    if len == BLOCK {
+        scatter!(BLOCK)
+    } else if len == SUM_BLOCK {
+        scatter!(SUM_BLOCK)
+    } else {
+        for &(start, g) in nonzero {
+            let d = start + offset;
+            axpy::<FUSED>(&mut padded[d..d + len], g, w_block);
+        }
+    }
+}
+
+/// Weight gradient, one block of a kernel row: `block += g * padded[start +
+/// offset..][..len]` for each nonzero `(start, g)`, the sums held in registers
+/// throughout (each value's terms in the same order whatever the block size).
+#[inline(always)]
+fn gather_block<const FUSED: bool, const BLOCK: usize>(
+    block: &mut [f32],
+    padded: &[f32],
+    offset: usize,
+    nonzero: &[(usize, f32)],
+) {
+    macro_rules! gather {
+        ($n:expr) => {{
+            let Ok(block) = <&mut [f32; $n]>::try_from(&mut *block) else {
+                unreachable!("the block is {} long", $n)
+            };
+            let mut acc = *block;
+            for &(start, g) in nonzero {
+                let x = &padded[start + offset..start + offset + $n];
+                axpy::<FUSED>(&mut acc, g, x);
+            }
+            *block = acc;
+        }};
+    }
+    let len = block.len();
+    if len == BLOCK {
+        gather!(BLOCK)
+    } else if len == SUM_BLOCK {
+        gather!(SUM_BLOCK)
+    } else {
+        for &(start, g) in nonzero {
+            let x = &padded[start + offset..start + offset + len];
+            axpy::<FUSED>(block, g, x);
+        }
+    }
+}
+
 /// `nonzero` becomes the (patch start, value) of each nonzero gradient of one channel.
 #[inline(always)]
 fn collect_nonzero(shape: &Shape, dy_o: &[f32], nonzero: &mut Vec<(usize, f32)>) {
-    nonzero.clear();
     // Room for every pixel at once: sized by the count of nonzeros, the buffer would
     // grow again whenever a later step had more of them (an allocation mid-training,
     // seen on aarch64's portable path).
-    nonzero.reserve(dy_o.len());
-    nonzero.extend(
-        dy_o.iter()
-            .enumerate()
-            .filter(|&(_, &g)| g != 0.0)
-            .map(|(pixel, &g)| (shape.patch_row(pixel, 0), g)),
-    );
+    nonzero.clear();
+    nonzero.resize(dy_o.len(), (0, 0.0));
+    if shape.out_width == 0 {
+        nonzero.clear();
+        return;
+    }
+    // Branch-free: every pixel is written at the next free place, which only a nonzero
+    // keeps. Which gradients are zero is data (a quarter survive pooling, at random),
+    // and a branch on it was mispredicted often enough to cost a quarter of the input
+    // gradient's time.
+    let row_step = shape.stride * shape.padded_width * shape.channels;
+    let column_step = shape.stride * shape.channels;
+    let mut count = 0;
+    for (oy, row) in dy_o.chunks_exact(shape.out_width).enumerate() {
+        // `patch_row(pixel, 0)` without a division per pixel.
+        let mut start = oy * row_step;
+        for &g in row {
+            nonzero[count] = (start, g);
+            count += usize::from(g != 0.0);
+            start += column_step;
+        }
+    }
+    nonzero.truncate(count);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -261,7 +373,7 @@ pub(super) fn input_grad(
                         return;
                     }
                 }
-                input_grad_body::<false>(
+                input_grad_body::<false, SUM_BLOCK>(
                     geometry,
                     out_channels,
                     weight,
@@ -286,7 +398,7 @@ fn input_grad_avx2(
     scratch: Scratch<'_>,
     nonzero: &mut Vec<(usize, f32)>,
 ) {
-    input_grad_body::<true>(
+    input_grad_body::<true, SUM_BLOCK_AVX2>(
         geometry,
         out_channels,
         weight,
@@ -310,7 +422,7 @@ fn input_grad_avx512(
     scratch: Scratch<'_>,
     nonzero: &mut Vec<(usize, f32)>,
 ) {
-    input_grad_body::<true>(
+    input_grad_body::<true, SUM_BLOCK_AVX512>(
         geometry,
         out_channels,
         weight,
@@ -322,7 +434,7 @@ fn input_grad_avx512(
 }
 
 #[inline(always)]
-fn input_grad_body<const FUSED: bool>(
+fn input_grad_body<const FUSED: bool, const BLOCK: usize>(
     geometry: &ConvGeometry,
     out_channels: usize,
     weight: &[f32],
@@ -348,20 +460,11 @@ fn input_grad_body<const FUSED: bool>(
                     // the channel's nonzero gradients.
                     for (ky, w_row) in w_o.chunks_exact(run).enumerate() {
                         let row_offset = shape.patch_row(0, ky);
-                        for (b, w_block) in w_row.chunks(SUM_BLOCK).enumerate() {
-                            let offset = row_offset + b * SUM_BLOCK;
-                            if let Ok(&w_block) = <&[f32; SUM_BLOCK]>::try_from(w_block) {
-                                for &(start, g) in nonzero.iter() {
-                                    let d = start + offset;
-                                    axpy::<FUSED>(&mut padded[d..d + SUM_BLOCK], g, &w_block);
-                                }
-                            } else {
-                                for &(start, g) in nonzero.iter() {
-                                    let d = start + offset;
-                                    axpy::<FUSED>(&mut padded[d..d + w_block.len()], g, w_block);
-                                }
-                            }
-                        }
+                        for_blocks::<BLOCK>(run, |from, len| {
+                            let w_block = &w_row[from..from + len];
+                            let offset = row_offset + from;
+                            scatter_block::<FUSED, BLOCK>(padded, offset, w_block, nonzero);
+                        });
                     }
                 }
                 for (ci, dx_c) in dx.chunks_exact_mut(in_plane).enumerate() {
@@ -424,7 +527,7 @@ pub(super) fn weight_grad(
                         return;
                     }
                 }
-                weight_grad_body::<false>(
+                weight_grad_body::<false, SUM_BLOCK>(
                     geometry,
                     out_channels,
                     (input, output_grad),
@@ -449,7 +552,7 @@ fn weight_grad_avx2(
     scratch: Scratch<'_>,
     nonzero: &mut Vec<(usize, f32)>,
 ) {
-    weight_grad_body::<true>(
+    weight_grad_body::<true, SUM_BLOCK_AVX2>(
         geometry,
         out_channels,
         (input, output_grad),
@@ -473,7 +576,7 @@ fn weight_grad_avx512(
     scratch: Scratch<'_>,
     nonzero: &mut Vec<(usize, f32)>,
 ) {
-    weight_grad_body::<true>(
+    weight_grad_body::<true, SUM_BLOCK_AVX512>(
         geometry,
         out_channels,
         (input, output_grad),
@@ -485,7 +588,7 @@ fn weight_grad_avx512(
 }
 
 #[inline(always)]
-fn weight_grad_body<const FUSED: bool>(
+fn weight_grad_body<const FUSED: bool, const BLOCK: usize>(
     geometry: &ConvGeometry,
     out_channels: usize,
     (input, output_grad): (&[f32], &[f32]),
@@ -514,22 +617,11 @@ fn weight_grad_body<const FUSED: bool>(
                     // the channel's nonzero gradients (same order as one at a time).
                     for (ky, sum_row) in sum_o.chunks_exact_mut(run).enumerate() {
                         let row_offset = shape.patch_row(0, ky);
-                        for (b, block) in sum_row.chunks_mut(SUM_BLOCK).enumerate() {
-                            let offset = row_offset + b * SUM_BLOCK;
-                            if let Ok(block) = <&mut [f32; SUM_BLOCK]>::try_from(&mut *block) {
-                                let mut acc = *block;
-                                for &(start, g) in nonzero.iter() {
-                                    let x = &padded[start + offset..start + offset + SUM_BLOCK];
-                                    axpy::<FUSED>(&mut acc, g, x);
-                                }
-                                *block = acc;
-                            } else {
-                                for &(start, g) in nonzero.iter() {
-                                    let x = &padded[start + offset..start + offset + block.len()];
-                                    axpy::<FUSED>(block, g, x);
-                                }
-                            }
-                        }
+                        for_blocks::<BLOCK>(run, |from, len| {
+                            let block = &mut sum_row[from..from + len];
+                            let offset = row_offset + from;
+                            gather_block::<FUSED, BLOCK>(block, padded, offset, nonzero);
+                        });
                     }
                 }
             }
