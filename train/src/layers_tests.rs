@@ -558,6 +558,9 @@ fn direct_conv_forward_matches_naive() {
         ((4, 7, 6), 3, 1, 1, 8),
         ((8, 9, 9), 5, 1, 2, 24),
         ((3, 8, 7), 3, 2, 1, 40),
+        // Whole 32-channel panels (AVX-512's two-vector tiles), as in the CNN.
+        ((32, 14, 14), 5, 1, 2, 64),
+        ((3, 8, 7), 3, 2, 1, 32),
     ] {
         let geometry = ConvGeometry::new(shape, kernel, stride, padding).unwrap();
         let batch = 3;
@@ -565,22 +568,38 @@ fn direct_conv_forward_matches_naive() {
         let bias = uniform(out_channels, 32);
         let input = uniform(batch * geometry.input_len(), 33);
         let out_len = out_channels * geometry.col_cols();
-        // Overwritten: whatever the output held is ignored.
-        let mut output = vec![f32::NAN; batch * out_len];
-        let ran = backend
-            .conv_forward_direct(
-                &geometry,
-                out_channels,
-                batch,
-                &bias,
-                &weights,
-                &input,
-                &mut output,
-            )
-            .unwrap();
-        if !ran {
+        let forward = || {
+            // Overwritten: whatever the output held is ignored.
+            let mut output = vec![f32::NAN; batch * out_len];
+            let ran = backend
+                .conv_forward_direct(
+                    &geometry,
+                    out_channels,
+                    batch,
+                    &bias,
+                    &weights,
+                    &input,
+                    &mut output,
+                )
+                .unwrap();
+            ran.then_some(output)
+        };
+        let Some(output) = forward() else {
             // No AVX2/FMA here: nothing to check.
             return;
+        };
+        // Every vector path (AVX2's tiles, AVX-512's one- and two-vector tiles) runs
+        // the same FMAs in the same order.
+        for path in crate::KernelPath::available() {
+            if let Some(other) = crate::with_kernel_path(path, forward) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&other),
+                    bits(&output),
+                    "{geometry:?} on {}",
+                    path.name()
+                );
+            }
         }
         for example in 0..batch {
             let x = &input[example * geometry.input_len()..][..geometry.input_len()];

@@ -31,6 +31,12 @@ const TILE_PIXELS: usize = 6;
 /// Output channels per register tile (two lanes).
 #[cfg(target_arch = "x86_64")]
 const TILE_OUT: usize = 16;
+/// Output channels per panel on AVX-512 when they come in whole panels of it: two
+/// 16-lane vectors, so that each input value broadcast feeds two FMAs. With one vector
+/// per pixel a tile loaded 13 values per 12 FMAs, more than the two 512-bit loads a
+/// cycle that keep the FMAs busy; with two it loads 14 per 24.
+#[cfg(target_arch = "x86_64")]
+const WIDE_PANEL: usize = 32;
 /// Output pixels per register tile on AVX-512, where a whole panel's `TILE_OUT` channels
 /// are one vector: 12 accumulators of the 32 registers, and each weight vector loaded
 /// feeds 12 FMAs.
@@ -91,13 +97,25 @@ pub(super) fn forward(layer: &Layer<'_>, input: &[f32], output: &mut [f32]) -> b
     }
 }
 
-/// The weights as panels of `TILE_OUT` output channels (the last one `LANES` wide when
-/// `out_channels` is an odd number of lanes): the panel of channels `o..o + width`
+/// Output channels per panel of weights: [`WIDE_PANEL`] on AVX-512 when they come in
+/// whole panels of it, else [`TILE_OUT`].
+#[cfg(target_arch = "x86_64")]
+fn panel_width(out_channels: usize) -> usize {
+    match super::dispatch::avx512f() && out_channels.is_multiple_of(WIDE_PANEL) {
+        true => WIDE_PANEL,
+        false => TILE_OUT,
+    }
+}
+
+/// The weights as panels of `panel_width` output channels (with [`TILE_OUT`], the last
+/// one `LANES` wide when `out_channels` is an odd number of lanes): the panel of
+/// channels `o..o + width`
 /// starts at `o * rows` and holds, for each `(ky, kx, in)` in order, `width` values.
 #[cfg(target_arch = "x86_64")]
 fn panel_weights<'a>(
     shape: &super::sparse_conv::Shape,
     out_channels: usize,
+    panel_width: usize,
     weight: &[f32],
     buffer: &'a mut Vec<f32>,
 ) -> &'a [f32] {
@@ -106,17 +124,23 @@ fn panel_weights<'a>(
     // `[out][ky][kx][in]` first, then transposed panel by panel.
     STAGING.with_borrow_mut(|staging| {
         let reordered = shape.reorder_weights(weight, staging);
-        fill_panels(out_channels, rows, reordered, panels);
+        fill_panels(out_channels, rows, panel_width, reordered, panels);
     });
     panels
 }
 
 /// Transposes `[out][rows]` weights into panels (see [`panel_weights`]).
 #[cfg(target_arch = "x86_64")]
-fn fill_panels(out_channels: usize, rows: usize, reordered: &[f32], panels: &mut [f32]) {
+fn fill_panels(
+    out_channels: usize,
+    rows: usize,
+    panel_width: usize,
+    reordered: &[f32],
+    panels: &mut [f32],
+) {
     let mut o = 0;
     while o < out_channels {
-        let width = (out_channels - o).min(TILE_OUT);
+        let width = (out_channels - o).min(panel_width);
         let panel = &mut panels[o * rows..(o + width) * rows];
         for (e, dst) in panel.chunks_exact_mut(width).enumerate() {
             for (c, value) in dst.iter_mut().enumerate() {
@@ -136,9 +160,16 @@ fn forward_avx2(
     super::sparse_conv::Scratch { reordered, padded }: super::sparse_conv::Scratch<'_>,
 ) {
     let shape = super::sparse_conv::Shape::new(layer.geometry);
-    let panels = panel_weights(&shape, layer.out_channels, layer.weight, reordered);
+    let panel_width = panel_width(layer.out_channels);
+    let panels = panel_weights(
+        &shape,
+        layer.out_channels,
+        panel_width,
+        layer.weight,
+        reordered,
+    );
     SUMS.with_borrow_mut(|sums_buffer| {
-        sums_buffer.resize(shape.out_plane * TILE_OUT, 0.0);
+        sums_buffer.resize(shape.out_plane * panel_width, 0.0);
         forward_examples(&shape, layer, panels, input, output, padded, sums_buffer);
     });
 }
@@ -157,6 +188,7 @@ fn forward_examples(
 ) {
     let shape = *shape;
     let out_channels = layer.out_channels;
+    let panel_width = panel_width(out_channels);
     let out_len = out_channels * shape.out_plane;
     let avx512 = super::dispatch::avx512f();
     for (x, y) in input
@@ -166,16 +198,21 @@ fn forward_examples(
         let padded = shape.pad_channels_last(x, padded);
         let mut o = 0;
         while o < out_channels {
-            let width = (out_channels - o).min(TILE_OUT);
+            let width = (out_channels - o).min(panel_width);
             let panel = &panels[o * shape.rows..(o + width) * shape.rows];
             // `[pixel][channel]` sums of this panel, kernel row by kernel row so that
             // row's weights (`run * width` values) stay in L1 across all pixels.
             let sums = &mut sums_buffer[..shape.out_plane * width];
             sums.fill(0.0);
             for (ky, panel_rows) in panel.chunks_exact(shape.run * width).enumerate() {
+                if avx512 && width == WIDE_PANEL {
+                    // SAFETY: the CPU supports AVX-512F (checked above).
+                    unsafe { row_avx512::<2>(&shape, panel_rows, padded, ky, sums) };
+                    continue;
+                }
                 if avx512 && width == TILE_OUT {
                     // SAFETY: the CPU supports AVX-512F (checked above).
-                    unsafe { row_avx512(&shape, panel_rows, padded, ky, sums) };
+                    unsafe { row_avx512::<1>(&shape, panel_rows, padded, ky, sums) };
                     continue;
                 }
                 let mut p = 0;
@@ -217,12 +254,13 @@ fn forward_examples(
     }
 }
 
-/// Kernel row `ky`'s share of every output pixel for a full panel (`TILE_OUT` channels)
-/// on AVX-512, in tiles of [`TILE_PIXELS_512`] pixels: per output value, the same FMAs in
-/// the same order as [`tile`], so both paths give identical sums.
+/// Kernel row `ky`'s share of every output pixel for a full panel of `NV` 16-lane vectors
+/// of channels ([`TILE_OUT`] or [`WIDE_PANEL`]) on AVX-512, in tiles of
+/// [`TILE_PIXELS_512`] pixels: per output value, the same FMAs in the same order as
+/// [`tile`], so both paths give identical sums.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-fn row_avx512(
+fn row_avx512<const NV: usize>(
     shape: &super::sparse_conv::Shape,
     panel_rows: &[f32],
     padded: &[f32],
@@ -232,10 +270,10 @@ fn row_avx512(
     let mut p = 0;
     while p < shape.out_plane {
         let np = (shape.out_plane - p).min(TILE_PIXELS_512);
-        let tile_sums = &mut sums[p * TILE_OUT..(p + np) * TILE_OUT];
+        let tile_sums = &mut sums[p * NV * 16..(p + np) * NV * 16];
         macro_rules! tile {
             ($np:literal) => {
-                tile_avx512::<$np>(shape, panel_rows, padded, ky, p, tile_sums)
+                tile_avx512::<$np, NV>(shape, panel_rows, padded, ky, p, tile_sums)
             };
         }
         match np {
@@ -256,11 +294,11 @@ fn row_avx512(
     }
 }
 
-/// [`tile`] for a full panel on AVX-512: `NP` pixels by one 16-lane vector of channels.
+/// [`tile`] for a full panel on AVX-512: `NP` pixels by `NV` 16-lane vectors of channels.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-fn tile_avx512<const NP: usize>(
+fn tile_avx512<const NP: usize, const NV: usize>(
     shape: &super::sparse_conv::Shape,
     panel_rows: &[f32],
     padded: &[f32],
@@ -271,10 +309,12 @@ fn tile_avx512<const NP: usize>(
     use std::arch::x86_64::{_mm512_fmadd_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_storeu_ps};
     let run = shape.run;
     let (sum_vectors, _) = sums.as_chunks_mut::<TILE_OUT>();
-    let mut acc = [_mm512_set1_ps(0.0); NP];
-    for (a, sum) in acc.iter_mut().zip(sum_vectors.iter()) {
-        // SAFETY: `sum` is 16 readable f32 values; the load is unaligned.
-        *a = unsafe { _mm512_loadu_ps(sum.as_ptr()) };
+    let mut acc = [[_mm512_set1_ps(0.0); NV]; NP];
+    for (acc_j, sums_j) in acc.iter_mut().zip(sum_vectors.chunks_exact(NV)) {
+        for (a, sum) in acc_j.iter_mut().zip(sums_j) {
+            // SAFETY: `sum` is 16 readable f32 values; the load is unaligned.
+            *a = unsafe { _mm512_loadu_ps(sum.as_ptr()) };
+        }
     }
     let mut x: [&[f32]; NP] = [&[]; NP];
     for (j, values) in x.iter_mut().enumerate() {
@@ -282,16 +322,24 @@ fn tile_avx512<const NP: usize>(
         *values = &padded[start..start + run];
     }
     let (rows, _) = panel_rows.as_chunks::<TILE_OUT>();
-    for (t, row) in rows.iter().enumerate() {
-        // SAFETY: `row` is 16 readable f32 values; the load is unaligned.
-        let w = unsafe { _mm512_loadu_ps(row.as_ptr()) };
-        for (a, values) in acc.iter_mut().zip(&x) {
-            *a = _mm512_fmadd_ps(_mm512_set1_ps(values[t]), w, *a);
+    for (t, row) in rows.chunks_exact(NV).enumerate() {
+        let mut w = [_mm512_set1_ps(0.0); NV];
+        for (w, lane) in w.iter_mut().zip(row) {
+            // SAFETY: `lane` is 16 readable f32 values; the load is unaligned.
+            *w = unsafe { _mm512_loadu_ps(lane.as_ptr()) };
+        }
+        for (acc_j, values) in acc.iter_mut().zip(&x) {
+            let xb = _mm512_set1_ps(values[t]);
+            for (a, &wv) in acc_j.iter_mut().zip(&w) {
+                *a = _mm512_fmadd_ps(xb, wv, *a);
+            }
         }
     }
-    for (a, sum) in acc.iter().zip(sum_vectors.iter_mut()) {
-        // SAFETY: `sum` is 16 writable f32 values; the store is unaligned.
-        unsafe { _mm512_storeu_ps(sum.as_mut_ptr(), *a) };
+    for (acc_j, sums_j) in acc.iter().zip(sum_vectors.chunks_exact_mut(NV)) {
+        for (a, sum) in acc_j.iter().zip(sums_j) {
+            // SAFETY: `sum` is 16 writable f32 values; the store is unaligned.
+            unsafe { _mm512_storeu_ps(sum.as_mut_ptr(), *a) };
+        }
     }
 }
 
