@@ -9,9 +9,9 @@
 //! registers; each loaded lane feeds 3 or 4 FMAs). This skips writing and re-reading
 //! the im2col matrix (25 times the input for a 5x5 kernel) and GEMM packing.
 //!
-//! On the `avx512` path a full panel's 16 channels are one 16-lane vector and tiles are
-//! 12 pixels wide ([`row_avx512`]); each output value gets the same FMAs in the same
-//! order either way.
+//! On the `avx512` path a full panel is 32 channels (two 16-lane vectors) when the
+//! channel count allows, else 16 (one vector), and tiles are 12 pixels wide
+//! ([`row_avx512`]); each output value gets the same FMAs in the same order either way.
 //!
 //! Summation order is fixed, so results are reproducible; they are rounded differently
 //! from the im2col + GEMM path, which the caller uses when this one declines (no AVX2,

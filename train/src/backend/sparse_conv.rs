@@ -13,9 +13,12 @@
 //! Both run on a zero-padded channel-last (`[height][width][channel]`) copy of one
 //! example's plane, where each kernel row of a patch is one contiguous run of
 //! `kernel * in_channels` values, and on weights reordered to `[out][ky][kx][in]` to
-//! match. Summation order is fixed (examples, then channels, then pixels in order), so
-//! results are reproducible; they are rounded differently from the GEMM path, which the
-//! caller picks by the gradient's density (deterministic in the data).
+//! match. Summation order is fixed per kernel path (examples, then channels, then kernel
+//! rows in blocks, then pixels), so results are reproducible; the input gradient's block
+//! size differs between AVX-512, AVX2 and the portable path, so its rounding differs
+//! between paths (the weight gradient's does not). Both are rounded differently from the
+//! GEMM path, which the caller picks by the gradient's density (deterministic in the
+//! data).
 
 use std::cell::RefCell;
 
@@ -38,10 +41,12 @@ const SUM_BLOCK: usize = 32;
 /// dependent FMAs (one per nonzero gradient), so it takes 8 chains to cover the FMA's
 /// latency at two per cycle; in the input gradient the loop's own work per nonzero is
 /// spread over more values.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // x86-64 kernels only
 const SUM_BLOCK_AVX2: usize = 64;
 
 /// [`SUM_BLOCK`] on AVX-512: 8 of its 32 registers of 16 values (with 32-value blocks,
 /// two chains, the weight gradient ran at a quarter of the FMA peak).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // x86-64 kernels only
 const SUM_BLOCK_AVX512: usize = 128;
 
 thread_local! {
@@ -409,8 +414,8 @@ fn input_grad_avx2(
     );
 }
 
-/// [`input_grad_avx2`] compiled for AVX-512 (16-lane vectors); the same FMAs per
-/// value.
+/// [`input_grad_avx2`] compiled for AVX-512 (16-lane vectors), in blocks of 128 values
+/// (so its sums are added in a different order from AVX2's).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 fn input_grad_avx512(
