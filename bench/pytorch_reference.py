@@ -280,6 +280,11 @@ def main():
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "load_average_at_start": list(os.getloadavg()),
+        # ATen's vector ISA; oneDNN's and MKL's follow ONEDNN_MAX_CPU_ISA and
+        # MKL_ENABLE_INSTRUCTIONS, recorded as set.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_environment": {k: v for k, v in os.environ.items()
+                            if k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")},
         "settings": {
             "learning_rate": LEARNING_RATE,
             "optimizer": "SGD, no momentum, no weight decay",
@@ -294,7 +299,8 @@ def main():
         "runs": [],
     }
     print(f"torch {torch.__version__}, python {info['python_version']}, CPU {info['cpu_model']} "
-          f"x {info['cpu_count']}, load average {info['load_average_at_start'][0]:.2f}", file=sys.stderr)
+          f"x {info['cpu_count']}, ATen {info['cpu_capability']} {info['isa_environment'] or ''}, "
+          f"load average {info['load_average_at_start'][0]:.2f}", file=sys.stderr)
 
     for n in args.threads:
         if os.cpu_count() and n > os.cpu_count():

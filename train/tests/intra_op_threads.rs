@@ -112,9 +112,16 @@ fn models_match() {
                 kernel_path_name()
             );
         }
+        // Evaluation splits by examples: each row's outputs as on one thread, the loss
+        // summed per share, so equal up to the order of that sum.
         let eval = model.evaluate(&data, &indices).unwrap();
         let single_eval = with_cpu_threads(1, || model.evaluate(&data, &indices).unwrap());
-        assert_eq!(eval.loss, single_eval.loss, "{spec}");
+        assert!(
+            (eval.loss - single_eval.loss).abs() <= 1e-5 * single_eval.loss.abs().max(1.0),
+            "{spec}: {} vs {}",
+            eval.loss,
+            single_eval.loss
+        );
         assert_eq!(eval.accuracy, single_eval.accuracy, "{spec}");
 
         // And training moves the same way.
@@ -136,6 +143,50 @@ fn models_match() {
             );
         }
     }
+}
+
+/// Evaluation split by examples across the threads (each runs whole forward passes on
+/// its share of every batch): the one-thread figures for batch sizes that split unevenly
+/// or not at all, a short last batch, scattered and consecutive indices; a bad index or
+/// label still refused.
+fn split_evaluation_matches() {
+    let data = data();
+    let model = Model::try_new("mlp:784-64-10".parse().unwrap(), 5).unwrap();
+    let consecutive: Vec<usize> = (0..128).collect();
+    let scattered: Vec<usize> = (0..101).map(|i| (i * 37 + 11) % 128).collect();
+    for indices in [&consecutive, &scattered] {
+        for batch in [1, 17, 31, 32, 33, 48, 64, 100, 256] {
+            let threaded = model
+                .evaluate_batched_on(&CpuBackend, &data, indices, batch)
+                .unwrap();
+            let single = with_cpu_threads(1, || {
+                model.evaluate_batched_on(&CpuBackend, &data, indices, batch)
+            })
+            .unwrap();
+            assert_eq!(threaded.examples, single.examples);
+            assert_eq!(threaded.accuracy, single.accuracy, "batch {batch}");
+            assert!(
+                (threaded.loss - single.loss).abs() <= 1e-5 * single.loss.abs().max(1.0),
+                "batch {batch} on {}: {} vs {}",
+                kernel_path_name(),
+                threaded.loss,
+                single.loss
+            );
+        }
+    }
+    // An index past the end, in the second thread's share of the second batch.
+    let mut bad = consecutive.clone();
+    bad[64 + 50] = data.len();
+    assert!(
+        model
+            .evaluate_batched_on(&CpuBackend, &data, &bad, 64)
+            .is_err()
+    );
+    assert!(
+        model
+            .evaluate_batched_on(&CpuBackend, &data, &[], 64)
+            .is_err()
+    );
 }
 
 /// The fused small-batch dense backward split into ranges of weight rows (CNN-sized and
@@ -307,6 +358,7 @@ fn split_operations_match_one_thread_on_every_path() {
             split_products_match();
             split_gather_matches();
             models_match();
+            split_evaluation_matches();
             split_channel_passes_match();
             split_fused_backward_matches();
             optimizers_match();

@@ -77,6 +77,10 @@ impl Backend for CpuBackend {
         vec![0.0; len]
     }
 
+    fn as_cpu(&self) -> Option<&CpuBackend> {
+        Some(self)
+    }
+
     fn src<'a>(&self, buffer: &'a Vec<f32>, range: Range<usize>) -> Result<&'a [f32]> {
         buffer.get(range).ok_or_else(shape_error)
     }

@@ -360,6 +360,13 @@ pub trait Backend {
         None
     }
 
+    /// This backend as the CPU backend, if it is one: an evaluation on it may hand whole
+    /// forward passes to the CPU's threads ([`crate::Model::evaluate`]). The default:
+    /// `None`.
+    fn as_cpu(&self) -> Option<&CpuBackend> {
+        None
+    }
+
     /// Runs `work` with `params` frozen: nothing changes them meanwhile (the shared
     /// borrow guarantees it), so a backend may prepare a weight once (the CPU's packed
     /// forward operand) and reuse it for every batch of an evaluation. The default

@@ -296,7 +296,7 @@ pub fn with_cpu_threads<R>(threads: usize, work: impl FnOnce() -> R) -> R {
 /// Splits `items` (at most [`MAX_THREADS`]; more are run by the last task) into one task
 /// each and runs `work` on each in the process's pool. No allocation: the items wait in
 /// a fixed array of slots, each taken by exactly one task.
-pub(super) fn for_each<T: Send>(items: impl IntoIterator<Item = T>, work: impl Fn(T) + Sync) {
+pub(crate) fn for_each<T: Send>(items: impl IntoIterator<Item = T>, work: impl Fn(T) + Sync) {
     let slots: [Mutex<Option<T>>; MAX_THREADS] = std::array::from_fn(|_| Mutex::new(None));
     let mut count = 0;
     let mut items = items.into_iter();
@@ -318,7 +318,7 @@ pub(super) fn for_each<T: Send>(items: impl IntoIterator<Item = T>, work: impl F
 
 /// `len` items cut into `parts` near-equal contiguous ranges' lengths, each a multiple of
 /// `granule` except the last (for splitting a batch or a GEMM's row blocks).
-pub(super) fn part_len(len: usize, parts: usize, granule: usize) -> usize {
+pub(crate) fn part_len(len: usize, parts: usize, granule: usize) -> usize {
     let granule = granule.max(1);
     let granules = len.div_ceil(granule);
     granules.div_ceil(parts.max(1)).max(1) * granule
