@@ -2,9 +2,9 @@
 //! `2 x K x P x 4` bytes (every model down, every update up) over QUIC must
 //! cost at the least, from the costs of its parts measured here:
 //!
-//! - AES-256-GCM (ring) sealing and opening packet-sized records, one core:
-//!   the AEAD fedquic's connections negotiate (TLS13_AES_256_GCM_SHA384 leads
-//!   rustls's ring provider's suites, and both ends use that provider);
+//! - AES-128-GCM (ring) sealing and opening packet-sized records, one core:
+//!   the AEAD fedquic's connections negotiate (`fedquic_net::tls` puts
+//!   TLS13_AES_128_GCM_SHA256 first, and both ends use that provider);
 //! - memory copy bandwidth, one core;
 //! - UDP on loopback through quinn's own socket layer (quinn-udp), with and
 //!   without GSO/GRO, sender and receiver on their own threads.
@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use fedquic_net::endpoint::MAX_UDP_PAYLOAD;
 use quinn::udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::aead::{AES_128_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 /// QUIC's smallest datagram payload (its initial MTU).
 const MIN_DATAGRAM: usize = 1200;
@@ -55,7 +55,7 @@ fn main() -> std::io::Result<()> {
         let record = datagram - PACKET_OVERHEAD;
         let (seal, open) = aead_rates(record);
         println!(
-            "\n{datagram} B datagrams: AES-256-GCM (ring), {record} B records, one core: \
+            "\n{datagram} B datagrams: AES-128-GCM (ring), {record} B records, one core: \
              seal {seal:.2} GB/s, open {open:.2} GB/s"
         );
         let (plain_rate, plain_dgrams) = udp_rate(false, datagram)?;
@@ -94,7 +94,7 @@ fn main() -> std::io::Result<()> {
 
 /// Seal and open rates (GB/s of plaintext) for records of `len` bytes.
 fn aead_rates(len: usize) -> (f64, f64) {
-    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &[7u8; 32]).expect("32-byte key"));
+    let key = LessSafeKey::new(UnboundKey::new(&AES_128_GCM, &[7u8; 16]).expect("16-byte key"));
     let records = 200_000u64;
     let mut buf = vec![0x5au8; len];
     let nonce = |i: u64| {

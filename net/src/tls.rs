@@ -299,8 +299,17 @@ impl TransportSettings {
     }
 }
 
+/// ring's provider with TLS 1.3's AES-128-GCM first. ring lists AES-256-GCM first, and
+/// a rustls server follows the client's order, so every connection paid AES-256's 14
+/// rounds per block instead of 10 on the bulk of the traffic (the model and the
+/// updates). AES-128 keeps a 128-bit security level and is what QUIC's initial packets
+/// use anyway; ChaCha20-Poly1305 stays for CPUs without AES instructions.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Reads every CRL in a PEM file (as written by [`crate::pki::revoke`]).
@@ -607,6 +616,15 @@ mod tests {
             .expect("identity")
             .cert_chain[0];
         assert_eq!(cert_name(der).expect("name"), "10.0.0.1");
+    }
+
+    #[test]
+    fn aes_128_gcm_is_offered_first() {
+        let suites: Vec<_> = provider().cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(suites[0], rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        // Nothing dropped: AES-256 and ChaCha20 still follow.
+        assert!(suites.contains(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384));
+        assert!(suites.contains(&rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256));
     }
 
     #[test]
