@@ -456,11 +456,14 @@ impl Model {
         data: &Dataset,
         indices: &[usize],
     ) -> Result<EvalStats> {
-        self.evaluation(backend, data, indices, EVAL_BATCH)
+        self.evaluate_batched_on(backend, data, indices, EVAL_BATCH)
     }
 
     /// [`Model::evaluate_on`] with forward passes of `batch_size` examples (at least 1)
-    /// instead of 256: for measuring inference at a given batch size.
+    /// instead of 256: for measuring inference at a given batch size. On the CPU with
+    /// several threads, each thread runs whole forward passes over its share of every
+    /// batch (evaluation split by examples); otherwise one pass per batch, whose
+    /// operations the backend may split itself.
     pub fn evaluate_batched_on<B: Backend>(
         &self,
         backend: &B,
@@ -473,20 +476,6 @@ impl Model {
                 "batch_size must be at least 1".to_string(),
             ));
         }
-        self.evaluation(backend, data, indices, batch_size)
-    }
-
-    /// Loss and accuracy over `indices` in batches of `batch_size`: on the CPU with
-    /// several threads, each thread runs whole forward passes over its share of every
-    /// batch ([`Model::evaluate_in_parts`]); otherwise one pass per batch, whose
-    /// operations the backend may split itself.
-    fn evaluation<B: Backend>(
-        &self,
-        backend: &B,
-        data: &Dataset,
-        indices: &[usize],
-        batch_size: usize,
-    ) -> Result<EvalStats> {
         if let Some(cpu) = backend.as_cpu()
             && let Some(stats) = self.evaluate_in_parts(cpu, data, indices, batch_size)?
         {
