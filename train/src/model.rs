@@ -507,14 +507,13 @@ impl Model {
         const MIN_SHARE: usize = 16;
         let batch = batch_size.min(indices.len());
         let threads = cpu_threads().min(batch / MIN_SHARE);
-        if threads < 2 || batch_size == 0 {
+        if threads < 2 {
             return Ok(None);
         }
         self.check_dataset(data)?;
         gemm_threads();
         let share = part_len(batch, threads, MIN_SHARE);
         let parts = batch.div_ceil(share);
-        let batches = indices.len().div_ceil(batch_size);
         let mut outcomes: Vec<Result<Vec<f32>>> = (0..parts).map(|_| Ok(Vec::new())).collect();
         for_each(outcomes.iter_mut().enumerate(), |(part, outcome)| {
             let rows = part * share..(part + 1) * share;
@@ -522,26 +521,9 @@ impl Model {
                 self.evaluate_share(backend, data, indices, batch_size, rows)
             });
         });
-        let mut shares = Vec::with_capacity(parts);
-        for outcome in outcomes {
-            shares.push(outcome?);
-        }
-        // Batch by batch, shares in order: the same sum for a given thread count.
-        let pairs: Vec<f32> = (0..batches)
-            .flat_map(|b| {
-                shares
-                    .iter()
-                    .flat_map(move |share| share[2 * b..2 * b + 2].iter())
-            })
-            .copied()
-            .collect();
-        let total = sum_stats(&pairs);
-        let examples = indices.len();
-        Ok(Some(EvalStats {
-            examples,
-            loss: (total.loss / examples as f64) as f32,
-            accuracy: (total.correct as f64 / examples as f64) as f32,
-        }))
+        let shares = outcomes.into_iter().collect::<Result<Vec<_>>>()?;
+        // Shares in order: the same sum for a given thread count.
+        Ok(Some(mean_stats(&shares.concat(), indices.len())))
     }
 
     /// One thread's part of [`Model::evaluate_in_parts`]: the rows `rows` of every batch
@@ -693,17 +675,12 @@ impl Model {
         })?;
         let mut stats_host = vec![0.0f32; 2 * batches];
         backend.download(backend.src(&stats, 0..2 * batches)?, &mut stats_host)?;
-        let total = sum_stats(&stats_host);
+        let stats = mean_stats(&stats_host, examples);
         let mut gradient = Vec::new();
         if with_gradient {
             gradient = vec![0.0f32; num_params];
             backend.download(backend.src(&grads, 0..num_params)?, &mut gradient)?;
         }
-        let stats = EvalStats {
-            examples,
-            loss: (total.loss / examples as f64) as f32,
-            accuracy: (total.correct as f64 / examples as f64) as f32,
-        };
         Ok((stats, gradient))
     }
 
@@ -739,6 +716,16 @@ fn sum_stats(stats: &[f32]) -> LossSum {
             loss: total.loss + f64::from(pair[0]),
             correct: total.correct + pair[1] as usize,
         })
+}
+
+/// Mean loss and accuracy over `examples` from per-batch `[loss sum, correct]` pairs.
+fn mean_stats(stats: &[f32], examples: usize) -> EvalStats {
+    let total = sum_stats(stats);
+    EvalStats {
+        examples,
+        loss: (total.loss / examples as f64) as f32,
+        accuracy: (total.correct as f64 / examples as f64) as f32,
+    }
 }
 
 #[path = "model_predict.rs"]
