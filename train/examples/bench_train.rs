@@ -377,10 +377,14 @@ fn bench(options: &Options, threads: usize) -> Result<(), String> {
     let peak = measure_peak();
     println!("CPU: {}", cpu_model());
     println!(
-        "CPU threads: {} (pool {})   kernel path: {} (FEDQUIC_KERNEL)   optimizer: {}   (best of 3 timed calls, after a warm-up)",
+        "CPU threads: {} (pool {})   kernel path: {} ({}={}; best on this CPU: {})   optimizer: {}   (best of 3 timed calls, after a warm-up)",
         fixed,
         fedquic_train::cpu_threads(),
         path.name(),
+        fedquic_train::backend::dispatch::KERNEL_VAR,
+        std::env::var(fedquic_train::backend::dispatch::KERNEL_VAR)
+            .unwrap_or_else(|_| "auto".into()),
+        fedquic_train::backend::dispatch::KernelPath::best().name(),
         options.optimizer.0
     );
     match peak {
