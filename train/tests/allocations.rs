@@ -23,6 +23,9 @@ fn more_steps_do_not_allocate_more() {
                 ("mlp:784-64-10", 64),
                 ("cnn:1x28x28-c4k5p2-m2-c8k5p2-m2-d16-10", 10),
                 ("cnn:1x28x28-c4k5p2-m2-c8k5p2-m2-d16-10", 32),
+                // A 512 x 512 weight: the dense input gradient copies its panels into
+                // the thread's panel buffer (`COPIED_PANEL_MIN_B`).
+                ("mlp:784-32-512-512-10", 64),
             ] {
                 let one = allocations_for(spec, batch, 1);
                 let four = allocations_for(spec, batch, 4);

@@ -27,6 +27,9 @@ fn more_steps_do_not_allocate_more_with_two_threads() {
                 // Batch 10: the dense forward splits C's columns instead of its rows.
                 ("mlp:784-256-256-10", 10),
                 ("cnn:1x28x28-c16k5p2-m2-c32k5p2-m2-d64-10", 32),
+                // A 512 x 512 weight: each thread copies the dense input gradient's
+                // panels into its own panel buffer (`COPIED_PANEL_MIN_B`).
+                ("mlp:784-32-512-512-10", 64),
             ] {
                 let one = allocations_for(spec, batch, 1);
                 let four = allocations_for(spec, batch, 4);
