@@ -44,6 +44,10 @@ fn every_shape_on_this_path() {
         // blocks, two-vector strips and a narrower last strip, edges both ways.
         (48, 70, 45),
         (50, 64, 1100),
+        // A frozen weight's packed forward from 16 rows (on avx2 too), below the 48
+        // rows from which avx512 packs every product.
+        (16, 70, 45),
+        (23, 32, 9),
         // The dot-product forward's blocks of depth (k > 1024).
         (20, 13, 1100),
         // The input gradient's copied panels (B of 2^18 values or more, over one row
@@ -64,19 +68,28 @@ fn every_shape_on_this_path() {
                 let a: Vec<f32> = (0..m * k).map(value).collect();
                 let b: Vec<f32> = (0..k * n).map(|i| value(i + 7)).collect();
                 let c0: Vec<f32> = (0..m * n).map(|i| value(i + 3)).collect();
-                let mut c = if beta == 0.0 {
-                    vec![f32::NAN; m * n]
-                } else {
-                    c0.clone()
-                };
-                CpuBackend.gemm(g, &a, &b, &mut c).unwrap();
                 let want = reference(&g, &a, &b, &c0);
-                for (x, y) in c.iter().zip(&want) {
-                    assert!(
-                        (x - y).abs() <= 1e-3 * (1.0 + y.abs()),
-                        "{g:?} on {}: {x} vs {y}",
-                        kernel_path_name()
-                    );
+                // As in training, and with B frozen as in an evaluation (the forward
+                // packs a frozen weight once, on more paths and shapes).
+                for frozen in [false, true] {
+                    let mut c = if beta == 0.0 {
+                        vec![f32::NAN; m * n]
+                    } else {
+                        c0.clone()
+                    };
+                    let mut product = || CpuBackend.gemm(g, &a, &b, &mut c).unwrap();
+                    if frozen {
+                        CpuBackend.with_frozen_params(&b, product);
+                    } else {
+                        product();
+                    }
+                    for (x, y) in c.iter().zip(&want) {
+                        assert!(
+                            (x - y).abs() <= 1e-3 * (1.0 + y.abs()),
+                            "{g:?} (frozen: {frozen}) on {}: {x} vs {y}",
+                            kernel_path_name()
+                        );
+                    }
                 }
             }
         }

@@ -66,7 +66,8 @@ impl WithSimd for Product<'_> {
 }
 
 /// The input gradient's product over an operand packed in strips
-/// ([`super::small_gemm::pack_strips`]): the dense forward of many rows on `avx512`.
+/// ([`super::small_gemm::pack_strips`]): the dense forward of many rows on `avx512`, and
+/// of a frozen weight on `avx2` too.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // run on x86-64 only
 pub(super) struct StripProduct<'a> {
     pub gemm: &'a Gemm,
@@ -449,7 +450,7 @@ fn scale_rows<S: Simd>(simd: S, gemm: &Gemm, layout: BLayout, a: &[f32], b: &[f3
         depth_step: 1,
     };
     let lanes = S::F32_LANES;
-    debug_assert!(matches!(layout, BLayout::Rows) || 2 * lanes == STRIP_COLUMNS);
+    debug_assert!(matches!(layout, BLayout::Rows) || STRIP_COLUMNS.is_multiple_of(2 * lanes));
     let pairs = n / (2 * lanes) * (2 * lanes);
     let width = 2 * lanes;
     let copy_panels = matches!(layout, BLayout::Rows)
