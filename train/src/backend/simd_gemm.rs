@@ -531,6 +531,7 @@ enum BLayout {
     /// In strips of [`STRIP_COLUMNS`] columns (the last one narrower), each row-major and
     /// contiguous, the strip from column `s` at `s * k`: every row tile reads its strip
     /// as one sequential stream ([`super::small_gemm::pack_strips`] writes it).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // packed on x86-64 only
     Strips,
 }
 
