@@ -186,12 +186,11 @@ pub(super) fn forward_packed(
         return false;
     };
     let len = gemm.k * gemm.n;
-    let min_rows = if FROZEN.with_borrow(|frozen| frozen.key(&b[..len], gemm).is_some()) {
-        FROZEN_PACKED_ROWS
-    } else if kernel.packs_every_call() {
-        PACKED_FORWARD_ROWS
-    } else {
-        return false;
+    let frozen_key = FROZEN.with_borrow(|frozen| frozen.key(&b[..len], gemm));
+    let min_rows = match frozen_key {
+        Some(_) => FROZEN_PACKED_ROWS,
+        None if kernel.packs_every_call() => PACKED_FORWARD_ROWS,
+        None => return false,
     };
     if gemm.m < min_rows {
         return false;
@@ -200,18 +199,14 @@ pub(super) fn forward_packed(
         trans_b: false,
         ..*gemm
     };
-    // A frozen weight's packing, taken out of the cache while it is used (so nothing
-    // borrows the cache meanwhile); empty the first time.
-    let frozen = FROZEN.with_borrow_mut(|frozen| {
-        let key = frozen.key(&b[..len], gemm)?;
-        let at = frozen.packs.iter().position(|(k, _)| *k == key);
-        Some((
-            key,
+    if let Some(key) = frozen_key {
+        // The weight's packing, taken out of the cache while it is used (so nothing
+        // borrows the cache meanwhile); empty the first time.
+        let mut packed = FROZEN.with_borrow_mut(|frozen| {
+            let at = frozen.packs.iter().position(|(k, _)| *k == key);
             at.map(|at| frozen.packs.swap_remove(at).1)
-                .unwrap_or_default(),
-        ))
-    });
-    if let Some((key, mut packed)) = frozen {
+                .unwrap_or_default()
+        });
         if packed.is_empty() {
             packed.resize(len, 0.0);
             pack(&b[..len], gemm.n, gemm.k, &mut packed);
@@ -942,25 +937,32 @@ mod tests {
         let mut params = random(n1 * k1 + n2 * n1, 21);
         let outside = random(n1 * k1, 22);
         let x = random(m * k1, 23);
+        let product = |n: usize, k: usize, trans_b: bool| Gemm {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b,
+            alpha: 1.0,
+            beta: 0.0,
+        };
         let forward = |w: &[f32], n: usize, k: usize, a: &[f32]| {
             let mut c = vec![f32::NAN; m * n];
-            let gemm = Gemm {
-                m,
-                n,
-                k,
-                trans_a: false,
-                trans_b: true,
-                alpha: 1.0,
-                beta: 0.0,
-            };
-            CpuBackend.gemm(gemm, a, w, &mut c).unwrap();
+            CpuBackend.gemm(product(n, k, true), a, w, &mut c).unwrap();
             c
         };
-        let two_layers = |params: &[f32]| {
+        /// One dense forward: weight (`n x k`), `n`, `k`, input rows.
+        type Forward<'f> = &'f dyn Fn(&[f32], usize, usize, &[f32]) -> Vec<f32>;
+        // Both frozen weights through `frozen_product`, and the weight outside them.
+        let layers = |params: &[f32], frozen_product: Forward<'_>| {
             let (w1, w2) = params.split_at(n1 * k1);
-            let h = forward(w1, n1, k1, &x);
-            (forward(w2, n2, n1, &h), forward(&outside, n1, k1, &x))
+            let h = frozen_product(w1, n1, k1, &x);
+            (
+                frozen_product(w2, n2, n1, &h),
+                forward(&outside, n1, k1, &x),
+            )
         };
+        let two_layers = |params: &[f32]| layers(params, &forward);
         // What a frozen weight's product must equal bit for bit: the same weight packed
         // for this one product, where the path has the packed kernel (`avx2` packs only
         // frozen weights, so its plain product sums in another order).
@@ -971,26 +973,10 @@ mod tests {
             let mut packed = vec![f32::NAN; n * k];
             pack_strips(&w[..n * k], n, k, &mut packed);
             let mut c = vec![f32::NAN; m * n];
-            let gemm = Gemm {
-                m,
-                n,
-                k,
-                trans_a: false,
-                trans_b: false,
-                alpha: 1.0,
-                beta: 0.0,
-            };
-            kernel.run(&gemm, a, &packed, &mut c);
+            kernel.run(&product(n, k, false), a, &packed, &mut c);
             c
         };
-        let packed_layers = |params: &[f32]| {
-            let (w1, w2) = params.split_at(n1 * k1);
-            let h = packed_forward(w1, n1, k1, &x);
-            (
-                packed_forward(w2, n2, n1, &h),
-                forward(&outside, n1, k1, &x),
-            )
-        };
+        let packed_layers = |params: &[f32]| layers(params, &packed_forward);
         let packs = || FROZEN.with_borrow(|f| f.packs.len());
         let expected = packed_layers(&params);
         let frozen = CpuBackend.with_frozen_params(&params, || {
