@@ -914,16 +914,12 @@ fn subtract_finite(delta: &mut [f32], local: &[f32]) -> Result<(), TrainerError>
     Ok(())
 }
 
-/// [`subtract_finite`]'s pass; whether a difference was NaN or infinite. On
-/// x86-64 with AVX2 the same loop runs in 256-bit registers: 1.7x the
-/// baseline's subtraction followed by a separate check (1M values, in cache).
-fn subtract_any_non_finite(delta: &mut [f32], local: &[f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked on the line above).
-        return unsafe { subtract_any_non_finite_avx2(delta, local) };
-    }
-    subtract_any_non_finite_portable(delta, local)
+fedquic_simd::avx2_dispatch! {
+    /// [`subtract_finite`]'s pass; whether a difference was NaN or infinite. On
+    /// x86-64 with AVX2 the same loop runs in 256-bit registers: 1.7x the
+    /// baseline's subtraction followed by a separate check (1M values, in cache).
+    fn subtract_any_non_finite(delta: &mut [f32], local: &[f32]) -> bool
+        => subtract_any_non_finite_portable
 }
 
 #[inline(always)]
@@ -941,13 +937,6 @@ fn subtract_any_non_finite_portable(delta: &mut [f32], local: &[f32]) -> bool {
         }
     }
     false
-}
-
-/// [`subtract_any_non_finite_portable`] compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn subtract_any_non_finite_avx2(delta: &mut [f32], local: &[f32]) -> bool {
-    subtract_any_non_finite_portable(delta, local)
 }
 
 /// Receives the model, trains, and streams the delta back. The inner

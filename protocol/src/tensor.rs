@@ -189,26 +189,15 @@ pub fn first_non_finite(values: &[f32]) -> Option<usize> {
         })
 }
 
-fn any_non_finite(block: &[f32]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked on the line above).
-        return unsafe { any_non_finite_avx2(block) };
-    }
-    any_non_finite_portable(block)
+fedquic_simd::avx2_dispatch! {
+    /// Eight values per compare with AVX2 instead of the baseline's four: every
+    /// value a peer sends passes through here.
+    fn any_non_finite(block: &[f32]) -> bool => any_non_finite_portable
 }
 
 #[inline(always)]
 fn any_non_finite_portable(block: &[f32]) -> bool {
     block.iter().fold(false, |bad, v| bad | !v.is_finite())
-}
-
-/// Eight values per compare instead of the baseline's four: every value a
-/// peer sends passes through here.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn any_non_finite_avx2(block: &[f32]) -> bool {
-    any_non_finite_portable(block)
 }
 
 /// Encodes the stream prefix and header. The body follows as
@@ -568,11 +557,7 @@ mod tests {
                     }
                     let expected = bad.is_some() && len > 0;
                     assert_eq!(any_non_finite_portable(&block), expected);
-                    #[cfg(target_arch = "x86_64")]
-                    if std::arch::is_x86_feature_detected!("avx2") {
-                        // SAFETY: the CPU has AVX2 (checked on the line above).
-                        assert_eq!(unsafe { any_non_finite_avx2(&block) }, expected);
-                    }
+                    assert_eq!(any_non_finite(&block), expected);
                 }
             }
         }

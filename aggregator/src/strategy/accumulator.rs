@@ -287,19 +287,13 @@ pub fn fedavg_batch(models: &[(&[f32], f64)]) -> Option<Vec<f32>> {
     Some(out.into_iter().map(|v| (v / total) as f32).collect())
 }
 
-/// `sum += w * delta`, widened to f64: every update's pass over the model. On
-/// x86-64 with AVX2 the same loop runs in 256-bit registers (4 f64 lanes against
-/// the baseline's two): 1.4-1.7x while the sum stays in cache (1M values: 0.26 ->
-/// 0.16 ms on a Zen 5), no gain once it spills to memory, and AVX-512 adds nothing.
-/// Rust never fuses the multiply and the add, so both paths give the same bits.
-fn add_scaled(sum: &mut [f64], delta: &[f32], w: f64) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked on the line above).
-        unsafe { add_scaled_avx2(sum, delta, w) };
-        return;
-    }
-    add_scaled_portable(sum, delta, w);
+fedquic_simd::avx2_dispatch! {
+    /// `sum += w * delta`, widened to f64: every update's pass over the model. On
+    /// x86-64 with AVX2 the same loop runs in 256-bit registers (4 f64 lanes against
+    /// the baseline's two): 1.4-1.7x while the sum stays in cache (1M values: 0.26 ->
+    /// 0.16 ms on a Zen 5), no gain once it spills to memory, and AVX-512 adds nothing.
+    /// Rust never fuses the multiply and the add, so both paths give the same bits.
+    fn add_scaled(sum: &mut [f64], delta: &[f32], w: f64) => add_scaled_portable
 }
 
 #[inline(always)]
@@ -307,13 +301,6 @@ fn add_scaled_portable(sum: &mut [f64], delta: &[f32], w: f64) {
     for (s, d) in sum.iter_mut().zip(delta) {
         *s += w * f64::from(*d);
     }
-}
-
-/// [`add_scaled_portable`] compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn add_scaled_avx2(sum: &mut [f64], delta: &[f32], w: f64) {
-    add_scaled_portable(sum, delta, w);
 }
 
 #[cfg(test)]
@@ -340,13 +327,6 @@ mod tests {
             let mut dispatched = start.clone();
             add_scaled(&mut dispatched, &delta, 0.3);
             assert_eq!(bits(&dispatched), bits(&portable));
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                let mut avx2 = start.clone();
-                // SAFETY: the CPU has AVX2 (checked on the line above).
-                unsafe { add_scaled_avx2(&mut avx2, &delta, 0.3) };
-                assert_eq!(bits(&avx2), bits(&portable));
-            }
         }
     }
 
