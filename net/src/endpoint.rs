@@ -1,8 +1,10 @@
 //! quinn endpoints on UDP sockets with large kernel buffers.
 //!
-//! With the kernel's default ~208 KiB receive buffer, bursts of handshakes
-//! (hundreds of clients connecting at once) overflow the socket and packets
-//! are dropped; [`UDP_BUFFER_BYTES`] avoids that.
+//! One UDP socket carries every connection of an endpoint: all K clients'
+//! uploads at the aggregator, all of a simulator's clients. With the kernel's
+//! default ~208 KiB receive buffer, bursts (hundreds of clients connecting at
+//! once, a round's uploads arriving together) overflow the socket and packets
+//! are dropped, which QUIC reads as congestion; [`UDP_BUFFER_BYTES`] avoids that.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -12,8 +14,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use quinn::{EndpointConfig, TokioRuntime};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// Requested size of the UDP receive and send buffers.
-pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+/// Requested size of the UDP receive and send buffers. Where TCP gives each
+/// connection a buffer of its own (autotuned up to `tcp_rmem`, 6 MiB by
+/// default), QUIC's connections share their endpoint's: at 4 MiB the
+/// overhead benchmark's K = 100, P = 100k round dropped about 300 datagrams
+/// (each a loss, a retransmission and a halved congestion window), and took
+/// 0.064-0.073 s; at 32 MiB it dropped none and took 0.046-0.048 s
+/// (BENCHMARKS.md, "Larger UDP socket buffers"). The size is a cap: the kernel
+/// only holds what is queued. Above `net.core.rmem_max` / `wmem_max` the
+/// request is forced where the process may (`CAP_NET_ADMIN`), as quic-go does,
+/// and otherwise granted at the cap with a warning.
+pub const UDP_BUFFER_BYTES: usize = 32 << 20;
 
 /// The largest UDP payload a fedquic endpoint sends or accepts, and the upper
 /// bound of path-MTU discovery (quinn's default is 1,452, Ethernet's MTU).
@@ -97,6 +108,27 @@ fn report_small_buffer(addr: SocketAddr, which: &str, granted: usize) {
     }
 }
 
+/// Where `SO_RCVBUF` / `SO_SNDBUF` stopped at the system's cap
+/// (`net.core.rmem_max` / `wmem_max`), asks again with `SO_RCVBUFFORCE` /
+/// `SO_SNDBUFFORCE`, which a process with `CAP_NET_ADMIN` may use to go past
+/// it. Without the capability the kernel refuses (`EPERM`) and the capped
+/// size stays.
+#[cfg(target_os = "linux")]
+fn force_buffers_over_the_cap(socket: &Socket, addr: SocketAddr) {
+    use rustix::net::sockopt;
+    let capped = |granted: io::Result<usize>| granted.is_ok_and(|g| g < UDP_BUFFER_BYTES);
+    if capped(socket.recv_buffer_size())
+        && let Err(e) = sockopt::set_socket_recv_buffer_size_force(socket, UDP_BUFFER_BYTES)
+    {
+        tracing::debug!(%addr, %e, "cannot force SO_RCVBUF past net.core.rmem_max");
+    }
+    if capped(socket.send_buffer_size())
+        && let Err(e) = sockopt::set_socket_send_buffer_size_force(socket, UDP_BUFFER_BYTES)
+    {
+        tracing::debug!(%addr, %e, "cannot force SO_SNDBUF past net.core.wmem_max");
+    }
+}
+
 /// A non-blocking UDP socket bound to `addr` with enlarged buffers.
 fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, EndpointError> {
     let socket_err = |source| EndpointError::Socket { addr, source };
@@ -117,6 +149,8 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, EndpointError> {
     }
     // Linux reports twice the granted size (bookkeeping overhead included),
     // so a capped request shows up as less than what was asked.
+    #[cfg(target_os = "linux")]
+    force_buffers_over_the_cap(&socket, addr);
     match socket.recv_buffer_size() {
         Ok(granted) if granted < UDP_BUFFER_BYTES => report_small_buffer(addr, "receive", granted),
         Ok(_) => {}
@@ -293,6 +327,39 @@ mod tests {
 
     const STEP: Duration = Duration::from_secs(5);
     const PAYLOAD: &[u8] = b"weights: 0.25 0.5 0.125";
+
+    /// The socket gets at least what a plain `SO_RCVBUF` / `SO_SNDBUF` request
+    /// gets, and where this process may go past the system's cap (the force
+    /// request succeeds on a probe socket), the full size.
+    #[test]
+    fn socket_buffers_reach_the_request_or_the_cap() {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let ours = socket2::Socket::from(udp_socket(addr).expect("socket"));
+        let plain = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("probe");
+        plain
+            .set_recv_buffer_size(UDP_BUFFER_BYTES)
+            .expect("SO_RCVBUF");
+        plain
+            .set_send_buffer_size(UDP_BUFFER_BYTES)
+            .expect("SO_SNDBUF");
+        let (recv, send) = (
+            ours.recv_buffer_size().unwrap(),
+            ours.send_buffer_size().unwrap(),
+        );
+        assert!(recv >= plain.recv_buffer_size().unwrap(), "{recv}");
+        assert!(send >= plain.send_buffer_size().unwrap(), "{send}");
+        #[cfg(target_os = "linux")]
+        {
+            use rustix::net::sockopt;
+            let probe = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("probe");
+            if sockopt::set_socket_recv_buffer_size_force(&probe, UDP_BUFFER_BYTES).is_ok() {
+                assert!(recv >= UDP_BUFFER_BYTES, "forcing is allowed, yet {recv}");
+            }
+            if sockopt::set_socket_send_buffer_size_force(&probe, UDP_BUFFER_BYTES).is_ok() {
+                assert!(send >= UDP_BUFFER_BYTES, "forcing is allowed, yet {send}");
+            }
+        }
+    }
 
     /// Every await of the tests goes through this, so a bug cannot hang the suite.
     async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {

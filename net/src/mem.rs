@@ -1,7 +1,7 @@
 //! An in-process network for QUIC: quinn endpoints over in-memory queues.
 //!
 //! The simulator runs up to a million virtual clients in one process;
-//! kernel UDP sockets (file descriptors, 4 MiB buffers, syscalls) do not
+//! kernel UDP sockets (file descriptors, 32 MiB buffers, syscalls) do not
 //! scale to that. [`MemSocket`] implements quinn's [`AsyncUdpSocket`] over
 //! in-memory queues, so connections are still real QUIC with real TLS
 //! (quinn and rustls unchanged): only the sockets are replaced. It is also
