@@ -90,13 +90,21 @@ pub enum EndpointError {
     },
 }
 
-/// Warn once per process about a small buffer; later occurrences go to debug.
-static WARNED_SMALL_BUFFER: AtomicBool = AtomicBool::new(false);
+/// Below this (as the kernel reports it, twice the usable size) a buffer is
+/// small enough that bursts of handshakes drop packets: the size fedquic asked
+/// for before it asked for [`UDP_BUFFER_BYTES`]. Between it and the request,
+/// bursts of a round's traffic still fit, at some cost in drops at the largest
+/// fan-ins (BENCHMARKS.md, "Larger UDP socket buffers").
+const UDP_BUFFER_WARN_BELOW: usize = 4 << 20;
+
+/// Report a small buffer once per process (warning when it is small enough to
+/// drop handshakes, info otherwise); later occurrences go to debug.
+static REPORTED_SMALL_BUFFER: AtomicBool = AtomicBool::new(false);
 
 fn report_small_buffer(addr: SocketAddr, which: &str, granted: usize) {
-    if WARNED_SMALL_BUFFER.swap(true, Ordering::Relaxed) {
+    if REPORTED_SMALL_BUFFER.swap(true, Ordering::Relaxed) {
         tracing::debug!(%addr, which, granted, "UDP buffer smaller than requested");
-    } else {
+    } else if granted < UDP_BUFFER_WARN_BELOW {
         tracing::warn!(
             %addr,
             which,
@@ -105,14 +113,19 @@ fn report_small_buffer(addr: SocketAddr, which: &str, granted: usize) {
             "the OS granted a smaller UDP {which} buffer than requested; bursts of \
              connections may drop packets (raise net.core.rmem_max / wmem_max)"
         );
+    } else {
+        tracing::info!(
+            %addr,
+            which,
+            requested = UDP_BUFFER_BYTES,
+            granted,
+            "the OS granted a smaller UDP {which} buffer than requested; many clients \
+             sending at once may drop packets (raise net.core.rmem_max / wmem_max to \
+             {UDP_BUFFER_BYTES}, or run with CAP_NET_ADMIN)"
+        );
     }
 }
 
-/// Where `SO_RCVBUF` / `SO_SNDBUF` stopped at the system's cap
-/// (`net.core.rmem_max` / `wmem_max`), asks again with `SO_RCVBUFFORCE` /
-/// `SO_SNDBUFFORCE`, which a process with `CAP_NET_ADMIN` may use to go past
-/// it. Without the capability the kernel refuses (`EPERM`) and the capped
-/// size stays.
 #[cfg(target_os = "linux")]
 fn force_buffers_over_the_cap(socket: &Socket, addr: SocketAddr) {
     use rustix::net::sockopt;
