@@ -102,26 +102,21 @@ const UDP_BUFFER_WARN_BELOW: usize = 4 << 20;
 static REPORTED_SMALL_BUFFER: AtomicBool = AtomicBool::new(false);
 
 fn report_small_buffer(addr: SocketAddr, which: &str, granted: usize) {
+    let requested = UDP_BUFFER_BYTES;
     if REPORTED_SMALL_BUFFER.swap(true, Ordering::Relaxed) {
         tracing::debug!(%addr, which, granted, "UDP buffer smaller than requested");
     } else if granted < UDP_BUFFER_WARN_BELOW {
         tracing::warn!(
-            %addr,
-            which,
-            requested = UDP_BUFFER_BYTES,
-            granted,
+            %addr, which, requested, granted,
             "the OS granted a smaller UDP {which} buffer than requested; bursts of \
              connections may drop packets (raise net.core.rmem_max / wmem_max)"
         );
     } else {
         tracing::info!(
-            %addr,
-            which,
-            requested = UDP_BUFFER_BYTES,
-            granted,
+            %addr, which, requested, granted,
             "the OS granted a smaller UDP {which} buffer than requested; many clients \
              sending at once may drop packets (raise net.core.rmem_max / wmem_max to \
-             {UDP_BUFFER_BYTES}, or run with CAP_NET_ADMIN)"
+             {requested}, or run with CAP_NET_ADMIN)"
         );
     }
 }
