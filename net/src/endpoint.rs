@@ -90,12 +90,23 @@ pub enum EndpointError {
     },
 }
 
-/// Below this (as the kernel reports it, twice the usable size) a buffer is
-/// small enough that bursts of handshakes drop packets: the size fedquic asked
-/// for before it asked for [`UDP_BUFFER_BYTES`]. Between it and the request,
-/// bursts of a round's traffic still fit, at some cost in drops at the largest
-/// fan-ins (BENCHMARKS.md, "Larger UDP socket buffers").
+/// Below this usable size a buffer is small enough that bursts of handshakes
+/// drop packets: the size fedquic asked for before it asked for
+/// [`UDP_BUFFER_BYTES`]. Between it and the request, bursts of a round's
+/// traffic still fit, at some cost in drops at the largest fan-ins
+/// (BENCHMARKS.md, "Larger UDP socket buffers").
 const UDP_BUFFER_WARN_BELOW: usize = 4 << 20;
+
+/// The bytes a socket may queue, from the size `SO_RCVBUF` / `SO_SNDBUF`
+/// report: Linux sets and reports twice what was asked, the other half being
+/// its bookkeeping allowance.
+fn usable(reported: usize) -> usize {
+    if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    }
+}
 
 /// Report a small buffer once per process (warning when it is small enough to
 /// drop handshakes, info otherwise); later occurrences go to debug.
@@ -124,7 +135,7 @@ fn report_small_buffer(addr: SocketAddr, which: &str, granted: usize) {
 #[cfg(target_os = "linux")]
 fn force_buffers_over_the_cap(socket: &Socket, addr: SocketAddr) {
     use rustix::net::sockopt;
-    let capped = |granted: io::Result<usize>| granted.is_ok_and(|g| g < UDP_BUFFER_BYTES);
+    let capped = |reported: io::Result<usize>| reported.is_ok_and(|r| usable(r) < UDP_BUFFER_BYTES);
     if capped(socket.recv_buffer_size())
         && let Err(e) = sockopt::set_socket_recv_buffer_size_force(socket, UDP_BUFFER_BYTES)
     {
@@ -155,16 +166,14 @@ fn udp_socket(addr: SocketAddr) -> Result<std::net::UdpSocket, EndpointError> {
     if let Err(e) = socket.set_send_buffer_size(UDP_BUFFER_BYTES) {
         tracing::debug!(%addr, %e, "cannot set SO_SNDBUF");
     }
-    // Linux reports twice the granted size (bookkeeping overhead included),
-    // so a capped request shows up as less than what was asked.
     #[cfg(target_os = "linux")]
     force_buffers_over_the_cap(&socket, addr);
-    match socket.recv_buffer_size() {
+    match socket.recv_buffer_size().map(usable) {
         Ok(granted) if granted < UDP_BUFFER_BYTES => report_small_buffer(addr, "receive", granted),
         Ok(_) => {}
         Err(e) => tracing::debug!(%addr, %e, "cannot read SO_RCVBUF"),
     }
-    match socket.send_buffer_size() {
+    match socket.send_buffer_size().map(usable) {
         Ok(granted) if granted < UDP_BUFFER_BYTES => report_small_buffer(addr, "send", granted),
         Ok(_) => {}
         Err(e) => tracing::debug!(%addr, %e, "cannot read SO_SNDBUF"),
@@ -350,12 +359,10 @@ mod tests {
         plain
             .set_send_buffer_size(UDP_BUFFER_BYTES)
             .expect("SO_SNDBUF");
-        let (recv, send) = (
-            ours.recv_buffer_size().unwrap(),
-            ours.send_buffer_size().unwrap(),
-        );
-        assert!(recv >= plain.recv_buffer_size().unwrap(), "{recv}");
-        assert!(send >= plain.send_buffer_size().unwrap(), "{send}");
+        let recv = usable(ours.recv_buffer_size().unwrap());
+        let send = usable(ours.send_buffer_size().unwrap());
+        assert!(recv >= usable(plain.recv_buffer_size().unwrap()), "{recv}");
+        assert!(send >= usable(plain.send_buffer_size().unwrap()), "{send}");
         #[cfg(target_os = "linux")]
         {
             use rustix::net::sockopt;
