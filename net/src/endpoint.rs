@@ -17,13 +17,13 @@ use socket2::{Domain, Protocol, Socket, Type};
 /// Requested size of the UDP receive and send buffers. Where TCP gives each
 /// connection a buffer of its own (autotuned up to `tcp_rmem`, 6 MiB by
 /// default), QUIC's connections share their endpoint's: at 4 MiB the
-/// overhead benchmark's K = 100, P = 100k round dropped about 300 datagrams
-/// (each a loss, a retransmission and a halved congestion window), and took
-/// 0.064-0.073 s; at 32 MiB it dropped none and took 0.046-0.048 s
+/// overhead benchmark's K = 100, P = 100k run dropped about 1,000 datagrams in
+/// 5 rounds (each a loss, a retransmission and a smaller congestion window),
+/// at 0.064-0.082 s a round; at 32 MiB it dropped none, at 0.047-0.057 s
 /// (BENCHMARKS.md, "Larger UDP socket buffers"). The size is a cap: the kernel
 /// only holds what is queued. Above `net.core.rmem_max` / `wmem_max` the
-/// request is forced where the process may (`CAP_NET_ADMIN`), as quic-go does,
-/// and otherwise granted at the cap with a warning.
+/// request is forced where the process may (`CAP_NET_ADMIN`), as quic-go and
+/// wireguard-go do, and otherwise granted at the cap and reported.
 pub const UDP_BUFFER_BYTES: usize = 32 << 20;
 
 /// The largest UDP payload a fedquic endpoint sends or accepts, and the upper
