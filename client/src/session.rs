@@ -237,12 +237,19 @@ async fn session(
                     }
                     e => SessionError::Transient(format!("cannot connect: {e}")),
                 })?;
-            let conn = connecting.await.map_err(|e| match e {
-                quinn::ConnectionError::LocallyClosed => {
-                    SessionError::Fatal(ClientError::EndpointClosed)
-                }
-                e => SessionError::Transient(format!("cannot connect: {e}")),
-            })?;
+            let conn = tokio::time::timeout(QUIC_HANDSHAKE_TIMEOUT, connecting)
+                .await
+                .map_err(|_| {
+                    SessionError::Transient(format!(
+                        "QUIC handshake not complete within {QUIC_HANDSHAKE_TIMEOUT:?}"
+                    ))
+                })?
+                .map_err(|e| match e {
+                    quinn::ConnectionError::LocallyClosed => {
+                        SessionError::Fatal(ClientError::EndpointClosed)
+                    }
+                    e => SessionError::Transient(format!("cannot connect: {e}")),
+                })?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(IoError::from)?;
             let hello = Hello {
                 versions: SUPPORTED_VERSIONS.to_vec(),
@@ -867,6 +874,15 @@ async fn discard_model(conn: &quinn::Connection, task_id: u64) -> Result<(), Ses
 
 /// How long a refused task's model stream is waited for.
 const DISCARD_WAIT: Duration = Duration::from_secs(30);
+
+/// The longest a connection attempt waits for its QUIC handshake before the
+/// client gives up on it and reconnects (with backoff), within
+/// `connect_timeout`. An aggregator abandons handshakes after 5 s by default
+/// (`fedquic_net::admission`), so an attempt still waiting after twice that is
+/// dead; and in a storm of thousands of connections about one attempt in 4,000
+/// that met a QUIC Retry never completed (BENCHMARKS.md, "Connections"), which
+/// without this bound cost that client its whole connect timeout.
+const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `work` on the trainer on a blocking thread, within a training slot.
 async fn run_trainer<R: Send + 'static>(
