@@ -108,6 +108,7 @@ fn options(addr: SocketAddr, tls: quinn::ClientConfig, max_attempts: u32) -> Cli
         backoff: Backoff::new(Duration::from_millis(20), Duration::from_millis(200), 1),
         max_attempts: Some(max_attempts),
         connect_timeout: Duration::from_secs(10),
+        handshake_timeout: fedquic::client::DEFAULT_HANDSHAKE_TIMEOUT,
         training_slots: None,
         endpoint: None,
         limits: Default::default(),

@@ -499,3 +499,35 @@ async fn a_closed_client_endpoint_ends_the_client() {
         "{err}"
     );
 }
+
+/// An aggregator that never completes a handshake (here: a socket that
+/// swallows every datagram) costs each attempt `handshake_timeout`, not the
+/// whole `connect_timeout`: the client gives up on the handshake, backs off
+/// and tries again, and says why when it runs out of attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_handshake_is_abandoned_after_the_handshake_timeout() {
+    let ca = CertAuthority::generate("test CA").unwrap();
+    let tls = client_tls(&ca, Some(identity(&ca, "client-001")));
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut opts = options(silent.local_addr().unwrap(), tls, 3);
+    opts.connect_timeout = Duration::from_secs(60);
+    opts.handshake_timeout = Duration::from_millis(300);
+    let started = Instant::now();
+    let err = within(
+        30,
+        fedquic::client::run_client(opts, DeltaTrainer::new(1.0, 1)),
+    )
+    .await
+    .expect_err("nothing answers");
+    let elapsed = started.elapsed();
+    match &err {
+        fedquic::client::ClientError::GaveUp { attempts, last } => {
+            assert_eq!(*attempts, 3, "{err}");
+            assert!(last.contains("handshake not complete"), "{err}");
+        }
+        other => panic!("expected GaveUp, got {other}"),
+    }
+    // Three attempts of 0.3 s plus two backoffs of at most 0.2 s each; far
+    // below one 60 s connect timeout.
+    assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
+}

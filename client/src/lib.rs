@@ -15,8 +15,8 @@ pub use backoff::Backoff;
 pub use data::{ClientData, PartitionSpec};
 pub use limits::{ClientLimits, LimitError};
 pub use session::{
-    ClientError, ClientOptions, ClientReport, CodecOptions, run_client, run_client_with_store,
-    scaffold_control,
+    ClientError, ClientOptions, ClientReport, CodecOptions, DEFAULT_HANDSHAKE_TIMEOUT, run_client,
+    run_client_with_store, scaffold_control,
 };
 pub use state::{StateStore, StateStoreError, StateVector};
 pub use trainer::{EvalOutcome, FitOutcome, LocalTrainer, Trainer, TrainerError};

@@ -65,6 +65,15 @@ struct Cli {
     /// Longest wait between reconnection attempts, in seconds.
     #[arg(long, default_value_t = 30.0)]
     max_backoff: f64,
+    /// Longest a connection attempt may take, QUIC handshake and hello
+    /// included, in seconds; then the client backs off and tries again.
+    #[arg(long, default_value_t = 15.0)]
+    connect_timeout: f64,
+    /// Longest the QUIC handshake of one attempt may take, in seconds (at most
+    /// --connect-timeout). Keep it above the aggregator's
+    /// `limits.quic_handshake_timeout_secs` (default 5).
+    #[arg(long, default_value_t = fedquic_client::DEFAULT_HANDSHAKE_TIMEOUT.as_secs_f64())]
+    handshake_timeout: f64,
     /// Threads for local training: each convolution, matrix product, pooling
     /// and activation pass is split across them (1-4; default: the number of
     /// cores, at most 4).
@@ -175,6 +184,21 @@ fn main() -> anyhow::Result<()> {
             cli.max_backoff
         );
     }
+    for (flag, value) in [
+        ("--connect-timeout", cli.connect_timeout),
+        ("--handshake-timeout", cli.handshake_timeout),
+    ] {
+        if !(value.is_finite() && (0.1..=3_600.0).contains(&value)) {
+            bail!("{flag} must be between 0.1 and 3600 seconds, got {value}");
+        }
+    }
+    if cli.handshake_timeout > cli.connect_timeout {
+        bail!(
+            "--handshake-timeout ({} s) must not exceed --connect-timeout ({} s)",
+            cli.handshake_timeout,
+            cli.connect_timeout
+        );
+    }
     let limits = ClientLimits {
         max_params: cli.max_params,
         max_epochs: cli.max_epochs,
@@ -262,7 +286,8 @@ fn main() -> anyhow::Result<()> {
                 seed_from_name(&name),
             ),
             max_attempts: cli.max_attempts,
-            connect_timeout: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs_f64(cli.connect_timeout),
+            handshake_timeout: Duration::from_secs_f64(cli.handshake_timeout),
             training_slots: None,
             endpoint: None,
             limits,

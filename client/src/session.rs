@@ -57,6 +57,11 @@ pub struct ClientOptions {
     pub max_attempts: Option<u32>,
     /// Bounds a single connection attempt, hello included.
     pub connect_timeout: Duration,
+    /// Bounds the QUIC handshake within an attempt: an attempt still
+    /// handshaking after this long is abandoned and the client reconnects
+    /// (with backoff). [`DEFAULT_HANDSHAKE_TIMEOUT`] suits an aggregator with
+    /// the default `limits.quic_handshake_timeout_secs`; raise both together.
+    pub handshake_timeout: Duration,
     /// Shared by clients in one process so training does not oversubscribe the cores.
     pub training_slots: Option<Arc<Semaphore>>,
     /// Reuse this endpoint (one UDP socket for many simulated clients);
@@ -237,11 +242,12 @@ async fn session(
                     }
                     e => SessionError::Transient(format!("cannot connect: {e}")),
                 })?;
-            let conn = tokio::time::timeout(QUIC_HANDSHAKE_TIMEOUT, connecting)
+            let conn = tokio::time::timeout(opts.handshake_timeout, connecting)
                 .await
                 .map_err(|_| {
                     SessionError::Transient(format!(
-                        "QUIC handshake not complete within {QUIC_HANDSHAKE_TIMEOUT:?}"
+                        "QUIC handshake not complete within {:?}",
+                        opts.handshake_timeout
                     ))
                 })?
                 .map_err(|e| match e {
@@ -875,14 +881,14 @@ async fn discard_model(conn: &quinn::Connection, task_id: u64) -> Result<(), Ses
 /// How long a refused task's model stream is waited for.
 const DISCARD_WAIT: Duration = Duration::from_secs(30);
 
-/// The longest a connection attempt waits for its QUIC handshake before the
-/// client gives up on it and reconnects (with backoff), within
-/// `connect_timeout`. An aggregator abandons handshakes after 5 s by default
+/// The default [`ClientOptions::handshake_timeout`]: the longest a connection
+/// attempt waits for its QUIC handshake before the client gives up on it and
+/// reconnects (with backoff), within `connect_timeout`. An aggregator abandons handshakes after 5 s by default
 /// (`fedquic_net::admission`), so an attempt still waiting after twice that is
 /// dead; and in a storm of thousands of connections about one attempt in 4,000
 /// that met a QUIC Retry never completed (BENCHMARKS.md, "Connections"), which
 /// without this bound cost that client its whole connect timeout.
-const QUIC_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `work` on the trainer on a blocking thread, within a training slot.
 async fn run_trainer<R: Send + 'static>(

@@ -466,6 +466,7 @@ impl ChildAggregator {
                     ),
                     max_attempts: Some(30),
                     connect_timeout: Duration::from_secs(60),
+                    handshake_timeout: fedquic_client::DEFAULT_HANDSHAKE_TIMEOUT,
                     training_slots: None,
                     endpoint: Some(endpoint),
                     limits: Default::default(),

@@ -798,6 +798,7 @@ impl ClientFactory {
             ),
             max_attempts: Some(20),
             connect_timeout: Duration::from_secs(30),
+            handshake_timeout: fedquic_client::DEFAULT_HANDSHAKE_TIMEOUT,
             training_slots: take_slot.then(|| Arc::clone(&self.slots)),
             endpoint: Some(endpoint),
             limits: Default::default(),
