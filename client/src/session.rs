@@ -883,11 +883,12 @@ const DISCARD_WAIT: Duration = Duration::from_secs(30);
 
 /// The default [`ClientOptions::handshake_timeout`]: the longest a connection
 /// attempt waits for its QUIC handshake before the client gives up on it and
-/// reconnects (with backoff), within `connect_timeout`. An aggregator abandons handshakes after 5 s by default
-/// (`fedquic_net::admission`), so an attempt still waiting after twice that is
-/// dead; and in a storm of thousands of connections about one attempt in 4,000
-/// that met a QUIC Retry never completed (BENCHMARKS.md, "Connections"), which
-/// without this bound cost that client its whole connect timeout.
+/// reconnects (with backoff), within `connect_timeout`. An aggregator
+/// abandons handshakes after 5 s by default (`fedquic_net::admission`), so
+/// an attempt still waiting after twice that is dead: its packets lost for
+/// good, or sent where the aggregator cannot answer them (as happened when
+/// quinn reused a live connection ID for a Retry: BENCHMARKS.md,
+/// "Connections"). Without this bound it costs the whole connect timeout.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs `work` on the trainer on a blocking thread, within a training slot.

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use quinn::{EndpointConfig, TokioRuntime};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::cid::KeyedCidGenerator;
+
 /// Requested size of the UDP receive and send buffers. Where TCP gives each
 /// connection a buffer of its own (autotuned up to `tcp_rmem`, 6 MiB by
 /// default), QUIC's connections share their endpoint's: at 4 MiB the
@@ -193,7 +195,11 @@ fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, EndpointError> {
-    endpoint_with_config(addr, server, EndpointConfig::default())
+    let endpoint_config = match server {
+        Some(_) => server_endpoint_config(),
+        None => EndpointConfig::default(),
+    };
+    endpoint_with_config(addr, server, endpoint_config)
 }
 
 fn endpoint_with_config(
@@ -290,12 +296,20 @@ pub fn reset_secret_endpoint_config(secret: &[u8]) -> EndpointConfig {
     // The connection-ID generator's key must survive the restart too: the
     // endpoint only answers packets whose connection ID it could have
     // issued, and a random key would make the old IDs look forged.
-    let mut cid_key = [0u8; 8];
-    cid_key.copy_from_slice(&digest.as_ref()[24..32]);
-    let cid_key = u64::from_le_bytes(cid_key);
-    endpoint_config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
+    let mut cid_material = b"fedquic/1 connection id key\0".to_vec();
+    cid_material.extend_from_slice(secret);
+    let cid_digest = ring::digest::digest(&ring::digest::SHA256, &cid_material);
+    let cid_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, cid_digest.as_ref());
+    endpoint_config.cid_generator(move || Box::new(KeyedCidGenerator::new(cid_key.clone())));
+    endpoint_config
+}
+
+/// The endpoint configuration of a server without a reset secret: quinn's
+/// defaults with [`KeyedCidGenerator`]'s connection IDs (random key), whose
+/// Retry IDs cannot collide with live ones.
+pub fn server_endpoint_config() -> EndpointConfig {
+    let mut endpoint_config = EndpointConfig::default();
+    endpoint_config.cid_generator(|| Box::new(KeyedCidGenerator::random()));
     endpoint_config
 }
 

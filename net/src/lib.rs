@@ -7,6 +7,7 @@
 //! the aggregator, the client and the simulator.
 
 pub mod admission;
+pub mod cid;
 pub mod endpoint;
 pub mod io;
 pub mod mem;

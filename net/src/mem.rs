@@ -781,7 +781,7 @@ pub fn mem_server_endpoint(
         net,
         Some(addr),
         None,
-        EndpointConfig::default(),
+        crate::endpoint::server_endpoint_config(),
         Some(config),
     )
 }
