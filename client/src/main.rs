@@ -70,10 +70,11 @@ struct Cli {
     #[arg(long, default_value_t = 15.0)]
     connect_timeout: f64,
     /// Longest the QUIC handshake of one attempt may take, in seconds (at most
-    /// --connect-timeout). Keep it above the aggregator's
+    /// --connect-timeout; default 10, or --connect-timeout if that is
+    /// shorter). Keep it above the aggregator's
     /// `limits.quic_handshake_timeout_secs` (default 5).
-    #[arg(long, default_value_t = fedquic_client::DEFAULT_HANDSHAKE_TIMEOUT.as_secs_f64())]
-    handshake_timeout: f64,
+    #[arg(long)]
+    handshake_timeout: Option<f64>,
     /// Threads for local training: each convolution, matrix product, pooling
     /// and activation pass is split across them (1-4; default: the number of
     /// cores, at most 4).
@@ -184,18 +185,22 @@ fn main() -> anyhow::Result<()> {
             cli.max_backoff
         );
     }
+    let handshake_timeout = cli.handshake_timeout.unwrap_or_else(|| {
+        fedquic_client::DEFAULT_HANDSHAKE_TIMEOUT
+            .as_secs_f64()
+            .min(cli.connect_timeout)
+    });
     for (flag, value) in [
         ("--connect-timeout", cli.connect_timeout),
-        ("--handshake-timeout", cli.handshake_timeout),
+        ("--handshake-timeout", handshake_timeout),
     ] {
         if !(value.is_finite() && (0.1..=3_600.0).contains(&value)) {
             bail!("{flag} must be between 0.1 and 3600 seconds, got {value}");
         }
     }
-    if cli.handshake_timeout > cli.connect_timeout {
+    if handshake_timeout > cli.connect_timeout {
         bail!(
-            "--handshake-timeout ({} s) must not exceed --connect-timeout ({} s)",
-            cli.handshake_timeout,
+            "--handshake-timeout ({handshake_timeout} s) must not exceed --connect-timeout ({} s)",
             cli.connect_timeout
         );
     }
@@ -287,7 +292,7 @@ fn main() -> anyhow::Result<()> {
             ),
             max_attempts: cli.max_attempts,
             connect_timeout: Duration::from_secs_f64(cli.connect_timeout),
-            handshake_timeout: Duration::from_secs_f64(cli.handshake_timeout),
+            handshake_timeout: Duration::from_secs_f64(handshake_timeout),
             training_slots: None,
             endpoint: None,
             limits,

@@ -413,6 +413,28 @@ fn bad_arguments_get_clear_errors() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mnist"), "{err}");
+
+    // Timeouts: bounded, the handshake's within the attempt's; a short
+    // --connect-timeout alone lowers the handshake default with it (the run
+    // then stops at the missing certificates, past the timeout checks).
+    for (args, expected) in [
+        (
+            &["--connect-timeout", "10", "--handshake-timeout", "20"][..],
+            "must not exceed --connect-timeout",
+        ),
+        (&["--connect-timeout", "0"][..], "between 0.1 and 3600"),
+        (&["--handshake-timeout", "nan"][..], "between 0.1 and 3600"),
+        (&["--connect-timeout", "5"][..], "--certs DIR --name NAME"),
+    ] {
+        let out = Command::new(client_bin())
+            .args(["--server", "127.0.0.1:1", "--data", "synthetic"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
 }
 
 #[test]
