@@ -57,6 +57,9 @@ cnn=("${cnn_base[@]}" --rounds 10)
 # dense step: top-k rows are also run at server learning rate 3 (FedAvgM with
 # momentum 0), beside f32 at the same setting.
 lr3=(--strategy fedavgm --server-lr 3 --server-momentum 0)
+# An adaptive server step (rows "@adagrad"): per-coordinate steps make up for
+# coordinates that few clients' top-k carried.
+adagrad=(--strategy fedadagrad --server-lr 0.01)
 for seed in $SEEDS; do
   for part in iid shards:2; do
     if [[ " $ONLY " == *" mlp "* ]]; then
@@ -65,6 +68,9 @@ for seed in $SEEDS; do
       done
       for codec in f32 top-k:0.01 top-k:0.01+int8; do
         run mlp "$part" "$codec" "$seed" lr3 "${mlp[@]}" "${lr3[@]}"
+      done
+      for codec in f32 top-k:0.01; do
+        run mlp "$part" "$codec" "$seed" adagrad "${mlp[@]}" "${adagrad[@]}"
       done
       # Compressed model broadcast (downlink), updates in f32.
       for down in f16 bf16; do
@@ -77,6 +83,9 @@ for seed in $SEEDS; do
       done
       for codec in f32 top-k:0.01; do
         run cnn "$part" "$codec" "$seed" lr3 "${cnn[@]}" "${lr3[@]}"
+      done
+      for codec in f32 top-k:0.01; do
+        run cnn "$part" "$codec" "$seed" adagrad "${cnn[@]}" "${adagrad[@]}"
       done
     fi
   done

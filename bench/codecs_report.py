@@ -22,6 +22,7 @@ TARGETS = {"mlp": 0.85, "cnn": 0.90}
 MODELS = {"mlp": "2NN (mlp:784-200-200-10)", "cnn": "CNN (cnn:mnist)"}
 ORDER = ["f32", "f16", "bf16", "int8", "top-k:0.01", "top-k:0.01+int8", "top-k:0.05+int8",
          "f32@lr3", "top-k:0.01@lr3", "top-k:0.01+int8@lr3", "f32@down-f16", "f32@down-bf16",
+         "f32@adagrad", "top-k:0.01@adagrad",
          "f32@r250", "top-k:0.01@r250", "f32@r30", "top-k:0.01@r30"]
 
 
@@ -75,7 +76,7 @@ def main():
     for model, part in setups:
         target = TARGETS.get(model, 0.85)
         md.append(f"### {MODELS.get(model, model)}, {part}\n")
-        md.append(f"| codec (@lr3: server lr 3) | seeds | final test accuracy (%) | vs f32 (points) | rounds to "
+        md.append(f"| codec (@lr3: server lr 3; @adagrad: FedAdagrad, lr 0.01) | seeds | final test accuracy (%) | vs f32 (points) | rounds to "
                   f"{target:.0%} | bytes up per round | vs f32 | bytes down per round | wall (s) |")
         md.append("|---|---|---|---|---|---|---|---|---|")
         def base_of(codec):
