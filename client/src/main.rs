@@ -173,29 +173,19 @@ fn main() -> anyhow::Result<()> {
         return fedquic_client::predict::run(args);
     }
     let server_address = cli.server.clone().context("--server is required")?;
-    if !(cli.max_retry_after.is_finite() && (0.0..=86_400.0).contains(&cli.max_retry_after)) {
-        bail!(
-            "--max-retry-after must be between 0 and 86400 seconds, got {}",
-            cli.max_retry_after
-        );
-    }
-    if !(cli.max_backoff.is_finite() && (0.0..=86_400.0).contains(&cli.max_backoff)) {
-        bail!(
-            "--max-backoff must be between 0 and 86400 seconds, got {}",
-            cli.max_backoff
-        );
-    }
     let handshake_timeout = cli.handshake_timeout.unwrap_or_else(|| {
         fedquic_client::DEFAULT_HANDSHAKE_TIMEOUT
             .as_secs_f64()
             .min(cli.connect_timeout)
     });
-    for (flag, value) in [
-        ("--connect-timeout", cli.connect_timeout),
-        ("--handshake-timeout", handshake_timeout),
+    for (flag, value, min, max) in [
+        ("--max-retry-after", cli.max_retry_after, 0.0, 86_400.0),
+        ("--max-backoff", cli.max_backoff, 0.0, 86_400.0),
+        ("--connect-timeout", cli.connect_timeout, 0.1, 3_600.0),
+        ("--handshake-timeout", handshake_timeout, 0.1, 3_600.0),
     ] {
-        if !(value.is_finite() && (0.1..=3_600.0).contains(&value)) {
-            bail!("{flag} must be between 0.1 and 3600 seconds, got {value}");
+        if !(value.is_finite() && (min..=max).contains(&value)) {
+            bail!("{flag} must be between {min} and {max} seconds, got {value}");
         }
     }
     if handshake_timeout > cli.connect_timeout {

@@ -46,10 +46,8 @@ impl KeyedCidGenerator {
     /// A generator whose tags verify under `key` (the same key after a
     /// restart recognises the old IDs); the nonces of each generator differ.
     pub fn new(key: hmac::Key) -> Self {
-        let mut ctx = hmac::Context::with_key(&key);
-        ctx.update(b"permutation");
-        ctx.update(&fresh_salt());
-        let permutation = hmac::Key::new(hmac::HMAC_SHA256, ctx.sign().as_ref());
+        let seed: [u8; 32] = truncated_hmac(&key, &[b"permutation", &fresh_salt()]);
+        let permutation = hmac::Key::new(hmac::HMAC_SHA256, &seed);
         KeyedCidGenerator {
             key,
             permutation,
@@ -67,24 +65,33 @@ impl KeyedCidGenerator {
     fn permute(&self, counter: u64) -> [u8; NONCE_LEN] {
         let (mut left, mut right) = ((counter >> 32) as u32, counter as u32);
         for round in 0..FEISTEL_ROUNDS {
-            let mut ctx = hmac::Context::with_key(&self.permutation);
-            ctx.update(&[round]);
-            ctx.update(&right.to_le_bytes());
-            let mut f = [0u8; 4];
-            f.copy_from_slice(&ctx.sign().as_ref()[..4]);
-            (left, right) = (right, left ^ u32::from_le_bytes(f));
+            (left, right) = (right, left ^ self.round_function(round, right));
         }
         ((u64::from(left) << 32) | u64::from(right)).to_le_bytes()
     }
 
-    fn tag(&self, nonce: &[u8]) -> [u8; TAG_LEN] {
-        let mut ctx = hmac::Context::with_key(&self.key);
-        ctx.update(b"tag");
-        ctx.update(nonce);
-        let mut tag = [0u8; TAG_LEN];
-        tag.copy_from_slice(&ctx.sign().as_ref()[..TAG_LEN]);
-        tag
+    /// The Feistel round function: a PRF of the round and the half-block.
+    fn round_function(&self, round: u8, half: u32) -> u32 {
+        u32::from_le_bytes(truncated_hmac(
+            &self.permutation,
+            &[&[round], &half.to_le_bytes()],
+        ))
     }
+
+    fn tag(&self, nonce: &[u8]) -> [u8; TAG_LEN] {
+        truncated_hmac(&self.key, &[b"tag", nonce])
+    }
+}
+
+/// The first `N` bytes (at most 32) of HMAC-SHA256 over `parts` in turn.
+fn truncated_hmac<const N: usize>(key: &hmac::Key, parts: &[&[u8]]) -> [u8; N] {
+    let mut ctx = hmac::Context::with_key(key);
+    for part in parts {
+        ctx.update(part);
+    }
+    let mut out = [0u8; N];
+    out.copy_from_slice(&ctx.sign().as_ref()[..N]);
+    out
 }
 
 impl ConnectionIdGenerator for KeyedCidGenerator {
@@ -95,8 +102,7 @@ impl ConnectionIdGenerator for KeyedCidGenerator {
         self.counter = self.counter.wrapping_add(1);
         let mut bytes = [0u8; CID_LEN];
         bytes[..NONCE_LEN].copy_from_slice(&nonce);
-        let tag = self.tag(&bytes[..NONCE_LEN]);
-        bytes[NONCE_LEN..].copy_from_slice(&tag);
+        bytes[NONCE_LEN..].copy_from_slice(&self.tag(&nonce));
         ConnectionId::new(&bytes)
     }
 
@@ -191,12 +197,7 @@ mod tests {
             let v = u64::from_le_bytes(nonce);
             let (mut left, mut right) = ((v >> 32) as u32, v as u32);
             for round in (0..FEISTEL_ROUNDS).rev() {
-                let mut ctx = hmac::Context::with_key(&generator.permutation);
-                ctx.update(&[round]);
-                ctx.update(&left.to_le_bytes());
-                let mut f = [0u8; 4];
-                f.copy_from_slice(&ctx.sign().as_ref()[..4]);
-                (left, right) = (right ^ u32::from_le_bytes(f), left);
+                (left, right) = (right ^ generator.round_function(round, left), left);
             }
             (u64::from(left) << 32) | u64::from(right)
         };

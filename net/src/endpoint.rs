@@ -288,18 +288,19 @@ pub fn server_endpoint_with_reset_secret(
 /// stateless-reset key and connection-ID generator derived from `secret`
 /// (shared with the in-memory endpoints of [`crate::mem`]).
 pub fn reset_secret_endpoint_config(secret: &[u8]) -> EndpointConfig {
-    let mut material = b"fedquic/1 stateless reset key\0".to_vec();
-    material.extend_from_slice(secret);
-    let digest = ring::digest::digest(&ring::digest::SHA256, &material);
-    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref());
-    let mut endpoint_config = EndpointConfig::new(Arc::new(key));
+    // An HMAC key per use, SHA-256(label || secret), so the two never coincide.
+    let derived = |label: &[u8]| {
+        let mut material = label.to_vec();
+        material.extend_from_slice(secret);
+        let digest = ring::digest::digest(&ring::digest::SHA256, &material);
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref())
+    };
+    let mut endpoint_config =
+        EndpointConfig::new(Arc::new(derived(b"fedquic/1 stateless reset key\0")));
     // The connection-ID generator's key must survive the restart too: the
     // endpoint only answers packets whose connection ID it could have
     // issued, and a random key would make the old IDs look forged.
-    let mut cid_material = b"fedquic/1 connection id key\0".to_vec();
-    cid_material.extend_from_slice(secret);
-    let cid_digest = ring::digest::digest(&ring::digest::SHA256, &cid_material);
-    let cid_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, cid_digest.as_ref());
+    let cid_key = derived(b"fedquic/1 connection id key\0");
     endpoint_config.cid_generator(move || Box::new(KeyedCidGenerator::new(cid_key.clone())));
     endpoint_config
 }
