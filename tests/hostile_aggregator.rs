@@ -204,3 +204,96 @@ async fn excessive_tasks_are_refused_and_retry_after_is_capped() {
         refusals[1]
     );
 }
+
+/// A model with few parameters (786k) but a 51M-value activation per example:
+/// a batch of 32 would need 20 GB of scratch memory. The client refuses the
+/// task before allocating it, and says which flag raises the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_activations_are_refused_before_anything_is_allocated() {
+    let ca = CertAuthority::generate("hostile CA").unwrap();
+    let (endpoint, addr) = hostile_endpoint(&ca);
+    let server = tokio::spawn(async move {
+        let spec = "cnn:1x28x28-c65536k1-m28-10";
+        let (conn, mut send, mut recv) = welcome(&endpoint, spec).await;
+        write_message(&mut send, &Message::FitTask(fit_task(1, 1, 32)))
+            .await
+            .unwrap();
+        let layout: ParamLayout = spec.parse().unwrap();
+        let header = TensorHeader {
+            kind: StreamKind::GlobalModel,
+            round: 1,
+            task_id: 1,
+            codec: Codec::F32,
+            tensors: layout.wire_layout(),
+            num_examples: 0,
+            metrics: Vec::new(),
+            body_len: layout.num_params() as u64 * 4,
+        };
+        let _ = send_tensors(&conn, &header, &vec![0.0; layout.num_params()]).await;
+        let refusal = match answer(&mut recv).await {
+            Message::TaskFailed { task_id: 1, reason } => reason,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        write_message(
+            &mut send,
+            &Message::Bye {
+                reason: "done".into(),
+                finished: true,
+            },
+        )
+        .await
+        .unwrap();
+        let _ = send.finish();
+        conn.closed().await;
+        refusal
+    });
+    let opts = options(addr, client_tls(&ca, Some(identity(&ca, "client-001"))), 3);
+    within(30, run_client(opts, DeltaTrainer::new(1.0, 1)))
+        .await
+        .expect("the client stays and finishes");
+    let refusal = within(10, server).await.unwrap();
+    assert!(refusal.contains("batches of 32"), "{refusal}");
+    assert!(refusal.contains("--max-training-memory"), "{refusal}");
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(largest < 64 << 20, "largest allocation {largest} bytes");
+}
+
+/// A task whose model never comes, kept alive by QUIC keep-alives: the client
+/// gives up on the session after `max_task_wait` and reconnects, instead of
+/// waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_never_comes_is_not_waited_for_forever() {
+    let ca = CertAuthority::generate("hostile CA").unwrap();
+    let (endpoint, addr) = hostile_endpoint(&ca);
+    let server = tokio::spawn(async move {
+        let spec = ParamLayout::Vector(PARAMS).to_string();
+        let (first, mut send, _recv) = welcome(&endpoint, &spec).await;
+        write_message(&mut send, &Message::FitTask(fit_task(1, 1, 10)))
+            .await
+            .unwrap();
+        // No model stream. The client must come back on a new connection.
+        let (conn, mut send, _recv) = welcome(&endpoint, &spec).await;
+        drop(first);
+        write_message(
+            &mut send,
+            &Message::Bye {
+                reason: "done".into(),
+                finished: true,
+            },
+        )
+        .await
+        .unwrap();
+        let _ = send.finish();
+        conn.closed().await;
+    });
+    let mut opts = options(addr, client_tls(&ca, Some(identity(&ca, "client-001"))), 3);
+    opts.limits = ClientLimits {
+        max_task_wait: Duration::from_secs(1),
+        ..ClientLimits::default()
+    };
+    let report = within(20, run_client(opts, DeltaTrainer::new(1.0, 1)))
+        .await
+        .expect("the client finishes when told so");
+    assert_eq!((report.sessions, report.fit_tasks), (2, 0));
+    within(10, server).await.unwrap();
+}

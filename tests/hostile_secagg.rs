@@ -219,3 +219,111 @@ async fn round_then_unmask(curious_first: bool) -> Option<Message> {
     assert_eq!(report.fit_tasks, 1);
     answers.swap_remove(0)
 }
+
+/// The aggregator drops the client from a secure-aggregation round while it
+/// trains (as it does to every client of a failed round), then hands it an
+/// ordinary task. The abandoned training keeps the trainer until it ends;
+/// the next task waits for it and is answered on the same connection (the
+/// trainer was lost before, and the client reconnected forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_abandoned_while_training_keeps_the_trainer() {
+    let ca = CertAuthority::generate("fedquic test CA").unwrap();
+    let (endpoint, addr) = hostile_endpoint(&ca);
+    let tls = client_tls(&ca, Some(identity(&ca, REAL)));
+    let mut trainer = DeltaTrainer::new(0.25, 10);
+    trainer.delay = Duration::from_millis(1500);
+    let client = tokio::spawn(run_client(options(addr, tls, 3), trainer));
+
+    let spec = format!("vector:{PARAMS}");
+    let (conn, mut send, mut recv) = welcome(&endpoint, &spec).await;
+    let config = FitInstructions {
+        epochs: 1,
+        batch_size: 1,
+        learning_rate: 0.1,
+        proximal_mu: 0.0,
+        seed: 0,
+        optimizer: Default::default(),
+    };
+    let model = |task_id| TensorHeader {
+        kind: StreamKind::GlobalModel,
+        round: task_id,
+        task_id,
+        codec: Codec::F32,
+        tensors: vec![TensorMeta::f32("params", &[PARAMS])],
+        num_examples: 0,
+        metrics: Vec::new(),
+        body_len: 4 * PARAMS as u64,
+    };
+    let secure = FitTask {
+        round: 1,
+        task_id: 1,
+        config: config.clone(),
+        initial_loss: false,
+        scaffold: None,
+        secagg: Some(SecAggTask {
+            clip_norm: 100.0,
+            weight_cap: 0,
+            bound: 100.0,
+            max_contributors: 3,
+            noise: ClientNoise::None,
+        }),
+    };
+    write_message(&mut send, &Message::FitTask(secure))
+        .await
+        .unwrap();
+    send_tensors(&conn, &model(1), &[0.0; PARAMS])
+        .await
+        .unwrap();
+    assert!(matches!(
+        expect_step(&mut recv).await,
+        SecAggStep::AdvertiseKeys(_)
+    ));
+    // Training has the model by now and sleeps in `fit`.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    write_message(
+        &mut send,
+        &Message::UpdateRejected {
+            task_id: 1,
+            reason: "the round failed".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let plain = FitTask {
+        round: 2,
+        task_id: 2,
+        config,
+        initial_loss: false,
+        scaffold: None,
+        secagg: None,
+    };
+    write_message(&mut send, &Message::FitTask(plain))
+        .await
+        .unwrap();
+    send_tensors(&conn, &model(2), &[0.0; PARAMS])
+        .await
+        .unwrap();
+    let mut update = within(20, conn.accept_uni())
+        .await
+        .expect("the update arrives on the same connection");
+    let header = read_tensor_header(&mut update, &TensorLimits::for_model(PARAMS as u64))
+        .await
+        .unwrap();
+    assert_eq!((header.kind, header.task_id), (StreamKind::Update, 2));
+    let mut delta = vec![0f32; PARAMS];
+    read_tensor_body(&mut update, &header, &mut delta)
+        .await
+        .unwrap();
+    assert!(delta.iter().all(|&d| d == 0.25), "{delta:?}");
+    write_message(
+        &mut send,
+        &Message::Bye {
+            reason: "done".into(),
+            finished: true,
+        },
+    )
+    .await
+    .unwrap();
+    let report = within(10, client).await.unwrap().unwrap();
+    assert_eq!((report.fit_tasks, report.sessions), (1, 1));
+}

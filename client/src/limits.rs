@@ -21,7 +21,23 @@ pub struct ClientLimits {
     pub max_batch_size: u32,
     /// Longest "retry after" honoured; longer requests wait this long.
     pub max_retry_after: Duration,
+    /// Most scratch memory training may take, in bytes: activations and their
+    /// gradients for a batch ([`fedquic_train::ModelSpec::training_scratch_bytes`]).
+    /// A model with few parameters can have huge activations, so this is
+    /// checked for the model (one example) and for each task's batch size.
+    pub max_training_memory: u64,
+    /// Longest the client waits on the aggregator within a task: for a model
+    /// stream to open and its header, for each secure-aggregation step once
+    /// training is done, and beyond [`MIN_TRANSFER_RATE`]'s allowance for a
+    /// model to arrive or an update to be taken. Past it the session is dropped
+    /// and the client reconnects.
+    pub max_task_wait: Duration,
 }
+
+/// Slowest transfer a model download or update upload may run at before
+/// [`ClientLimits::transfer_deadline`] gives up on it: 16 KiB/s, a poor
+/// cellular uplink.
+pub const MIN_TRANSFER_RATE: u64 = 16 * 1024;
 
 impl Default for ClientLimits {
     fn default() -> Self {
@@ -30,6 +46,8 @@ impl Default for ClientLimits {
             max_epochs: 100,
             max_batch_size: 4096,
             max_retry_after: Duration::from_secs(600),
+            max_training_memory: 1 << 30,
+            max_task_wait: Duration::from_secs(600),
         }
     }
 }
@@ -49,6 +67,14 @@ pub enum LimitError {
         "the aggregator asked for batches of {batch_size}, more than this client accepts ({max}; --max-batch-size)"
     )]
     BatchSize { batch_size: u32, max: u32 },
+    #[error(
+        "training the aggregator's model on batches of {batch_size} takes {bytes} bytes of scratch memory, more than this client accepts ({max}; --max-training-memory, in MiB)"
+    )]
+    TrainingMemory {
+        bytes: u64,
+        batch_size: u32,
+        max: u64,
+    },
 }
 
 impl ClientLimits {
@@ -76,6 +102,25 @@ impl ClientLimits {
             });
         }
         Ok(())
+    }
+
+    /// Refuses a batch whose training scratch memory (`bytes`) exceeds the limit.
+    pub fn check_training_memory(&self, bytes: u64, batch_size: u32) -> Result<(), LimitError> {
+        if bytes > self.max_training_memory {
+            return Err(LimitError::TrainingMemory {
+                bytes,
+                batch_size,
+                max: self.max_training_memory,
+            });
+        }
+        Ok(())
+    }
+
+    /// How long a transfer of `bytes` may take: [`ClientLimits::max_task_wait`]
+    /// plus the time it takes at [`MIN_TRANSFER_RATE`].
+    pub fn transfer_deadline(&self, bytes: u64) -> Duration {
+        self.max_task_wait
+            .saturating_add(Duration::from_secs(bytes / MIN_TRANSFER_RATE))
     }
 
     /// The wait for an aggregator's `retry_after_ms`, capped.
@@ -117,6 +162,21 @@ mod tests {
             limits.check_fit(1, 1 << 20),
             Err(LimitError::BatchSize { .. })
         ));
+        limits
+            .check_training_memory(25_849_344, 64)
+            .expect("cnn:mnist at batch 64");
+        let err = limits
+            .check_training_memory(20 << 30, 32)
+            .expect_err("20 GiB");
+        assert!(err.to_string().contains("--max-training-memory"), "{err}");
+        assert_eq!(
+            limits.transfer_deadline(64 << 20),
+            Duration::from_secs(600 + 4096)
+        );
+        assert_eq!(
+            limits.transfer_deadline(u64::MAX),
+            Duration::from_secs(600 + u64::MAX / 16384)
+        );
         assert_eq!(limits.retry_after(250), Duration::from_millis(250));
         assert_eq!(limits.retry_after(u64::MAX), Duration::from_secs(600));
     }

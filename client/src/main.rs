@@ -93,6 +93,16 @@ struct Cli {
     /// Longest "retry after" from the aggregator honoured, in seconds.
     #[arg(long, default_value_t = ClientLimits::default().max_retry_after.as_secs_f64())]
     max_retry_after: f64,
+    /// Refuse models and fit tasks whose training scratch memory (activations
+    /// and their gradients for one batch) exceeds this, in MiB.
+    #[arg(long, default_value_t = ClientLimits::default().max_training_memory >> 20)]
+    max_training_memory: u64,
+    /// Longest wait on the aggregator within a task, in seconds: for the model
+    /// to start arriving, for each secure-aggregation step after training,
+    /// and beyond 16 KiB/s for a model or update transfer. Then the client
+    /// reconnects.
+    #[arg(long, default_value_t = ClientLimits::default().max_task_wait.as_secs_f64())]
+    max_task_wait: f64,
     /// Training backend: cpu, wgpu (any Vulkan adapter, software ones included) or auto
     /// (a discrete or integrated GPU when there is one, else the CPU). Overrides the
     /// config file's `backend`; default cpu.
@@ -183,6 +193,7 @@ fn main() -> anyhow::Result<()> {
         ("--max-backoff", cli.max_backoff, 0.0, 86_400.0),
         ("--connect-timeout", cli.connect_timeout, 0.1, 3_600.0),
         ("--handshake-timeout", handshake_timeout, 0.1, 3_600.0),
+        ("--max-task-wait", cli.max_task_wait, 1.0, 86_400.0),
     ] {
         if !(value.is_finite() && (min..=max).contains(&value)) {
             bail!("{flag} must be between {min} and {max} seconds, got {value}");
@@ -199,6 +210,8 @@ fn main() -> anyhow::Result<()> {
         max_epochs: cli.max_epochs,
         max_batch_size: cli.max_batch_size,
         max_retry_after: Duration::from_secs_f64(cli.max_retry_after),
+        max_training_memory: cli.max_training_memory.saturating_mul(1 << 20),
+        max_task_wait: Duration::from_secs_f64(cli.max_task_wait),
     };
     let config = match &cli.config {
         Some(path) => ConfigFile::load(path)?,

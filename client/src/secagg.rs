@@ -99,3 +99,13 @@ pub fn prepare_masked_input(
     }
     Ok(body)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_skellam_mu_a_task_may_carry_can_be_sampled() {
+        assert_eq!(SecAggTask::MAX_SKELLAM_MU, dp::mechanism::MAX_POISSON_MEAN);
+    }
+}

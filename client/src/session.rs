@@ -111,6 +111,9 @@ struct Negotiated {
     uplink: Codec,
     downlink: Codec,
     run: String,
+    /// The model, when it is a network (not a bare vector): its training
+    /// memory is checked for each task's batch size.
+    model: Option<fedquic_train::ModelSpec>,
 }
 
 /// What a client did during its run.
@@ -175,7 +178,7 @@ pub async fn run_client_with_store<T: Trainer>(
         None => fedquic_net::endpoint::client_endpoint_for(opts.server, opts.tls.clone())?,
     };
     let mut backoff = opts.backoff.clone();
-    let mut trainer = Some(Box::new(trainer) as Box<dyn Trainer>);
+    let mut trainer = TrainerSlot::new(Box::new(trainer));
     let mut report = ClientReport::default();
     let mut failures = 0u32;
     loop {
@@ -222,16 +225,13 @@ pub async fn run_client_with_store<T: Trainer>(
 async fn session(
     endpoint: &quinn::Endpoint,
     opts: &ClientOptions,
-    trainer: &mut Option<Box<dyn Trainer>>,
+    trainer: &mut TrainerSlot,
     report: &mut ClientReport,
     welcomed: &mut bool,
     store: &mut StateStore,
 ) -> Result<SessionEnd, SessionError> {
     report.sessions += 1;
-    let backend = trainer
-        .as_ref()
-        .map_or("cpu", |trainer| trainer.backend())
-        .to_string();
+    let backend = trainer.backend.clone();
     let (conn, mut send, mut recv, layout, negotiated) =
         tokio::time::timeout(opts.connect_timeout, async {
             let connecting = endpoint
@@ -278,10 +278,15 @@ async fn session(
                                     e,
                                 )))
                             })?;
-                    // Before the trainer or a receive buffer allocates the model.
+                    // Before the trainer or a receive buffer allocates the model:
+                    // its parameters, and its activations for one example.
                     opts.limits
                         .check_params(layout.num_params() as u64)
                         .map_err(|e| SessionError::Fatal(e.into()))?;
+                    if let Some(spec) = layout.model_spec() {
+                        check_training_memory(&opts.limits, spec, 1)
+                            .map_err(|e| SessionError::Fatal(e.into()))?;
+                    }
                     info!(
                         client = %w.client_name,
                         model = %w.model_spec,
@@ -293,6 +298,7 @@ async fn session(
                         uplink: w.uplink,
                         downlink: w.downlink,
                         run: w.run,
+                        model: layout.model_spec().cloned(),
                     };
                     Ok((conn, send, recv, layout, negotiated))
                 }
@@ -311,14 +317,11 @@ async fn session(
         .await
         .map_err(|_| SessionError::Transient("connection attempt timed out".into()))??;
     *welcomed = true;
-    let mut t = trainer
-        .take()
-        .ok_or_else(|| SessionError::Transient("trainer lost".into()))?;
+    let mut t = trainer.take().await?;
     let prepared = t.prepare(&layout);
-    *trainer = Some(t);
+    trainer.idle = Some(t);
     prepared.map_err(|e| SessionError::Fatal(e.into()))?;
     let wire_layout = layout.wire_layout();
-    let limits = TensorLimits::for_model(layout.num_params() as u64);
     // The control stream is read by its own task: reads are not cancel-safe
     // inside select! (a secure-aggregation task listens while it trains),
     // channel receives are.
@@ -485,19 +488,20 @@ async fn session(
                     task.round,
                     task.task_id,
                     &wire_layout,
-                    &limits,
                     negotiated.downlink,
                     None,
+                    &opts.limits,
                 )
                 .await?;
                 report.bytes_down += bytes;
-                let outcome = run_trainer(trainer, opts, move |t| {
-                    t.set_parameters(&model)?;
-                    let r = t.evaluate();
-                    t.release();
-                    r
-                })
-                .await?;
+                let outcome = trainer
+                    .run(opts, move |t| {
+                        t.set_parameters(&model)?;
+                        let r = t.evaluate();
+                        t.release();
+                        r
+                    })
+                    .await?;
                 let reply = match outcome {
                     Ok(e) => Message::EvalResult(EvalResult {
                         round: task.round,
@@ -630,7 +634,7 @@ async fn secagg_fit_task(
     send: &mut quinn::SendStream,
     messages: &mut ControlMessages,
     task: &FitTask,
-    trainer: &mut Option<Box<dyn Trainer>>,
+    trainer: &mut TrainerSlot,
     opts: &ClientOptions,
     layout: &[TensorMeta],
     negotiated: &Negotiated,
@@ -642,13 +646,7 @@ async fn secagg_fit_task(
         .validate()
         .err()
         .map(|e| e.to_string())
-        .or_else(|| task.config.validate().err().map(|e| e.to_string()))
-        .or_else(|| {
-            opts.limits
-                .check_fit(task.config.epochs, task.config.batch_size)
-                .err()
-                .map(|e| e.to_string())
-        })
+        .or_else(|| task_refusal(opts, negotiated, task))
         .or_else(|| {
             task.scaffold
                 .is_some()
@@ -678,7 +676,6 @@ async fn secagg_fit_task(
         write_message(send, &message).await
     };
     say(send, SecAggStep::AdvertiseKeys(keys), &mut up).await?;
-    let limits = TensorLimits::for_model(params as u64);
     let config = task.config.clone();
     // The model's download and the training run while the key exchange goes
     // on: the control stream is served throughout.
@@ -689,38 +686,42 @@ async fn secagg_fit_task(
             task.round,
             task.task_id,
             layout,
-            &limits,
             downlink,
             None,
+            &opts.limits,
         )
         .await?;
-        let trained = run_trainer(trainer, opts, move |t| {
-            t.set_parameters(&global)?;
-            let outcome = t.fit(&config);
-            let mut delta = global;
-            let result = outcome.and_then(|o| {
-                let local = t.parameters();
-                if local.len() != delta.len() || fedquic_protocol::first_non_finite(local).is_some()
-                {
-                    return Err(TrainerError::Other(
-                        "training diverged or changed the model's size".into(),
-                    ));
-                }
-                for (d, l) in delta.iter_mut().zip(local) {
-                    *d = l - *d;
-                }
-                Ok((o, delta))
-            });
-            t.release();
-            result
-        })
-        .await?;
+        let trained = trainer
+            .run(opts, move |t| {
+                t.set_parameters(&global)?;
+                let outcome = t.fit(&config);
+                let mut delta = global;
+                let result = outcome.and_then(|o| {
+                    let local = t.parameters();
+                    if local.len() != delta.len()
+                        || fedquic_protocol::first_non_finite(local).is_some()
+                    {
+                        return Err(TrainerError::Other(
+                            "training diverged or changed the model's size".into(),
+                        ));
+                    }
+                    for (d, l) in delta.iter_mut().zip(local) {
+                        *d = l - *d;
+                    }
+                    Ok((o, delta))
+                });
+                t.release();
+                result
+            })
+            .await?;
         Ok::<_, SessionError>((trained, down))
     };
     tokio::pin!(training);
     let mut down = 0u64;
     let mut trained = None;
     let mut shares_in = false;
+    // Once training is done, the key exchange must finish within this.
+    let mut steps_deadline: Option<tokio::time::Instant> = None;
     loop {
         if shares_in && let Some(result) = trained.take() {
             let (outcome, delta) = match result {
@@ -748,7 +749,8 @@ async fn secagg_fit_task(
                 metrics: outcome.metrics,
                 body_len: body.len() as u64,
             };
-            up += send_encoded(conn, &header, body.into()).await?;
+            let deadline = opts.limits.transfer_deadline(header.body_len);
+            up += upload(deadline, send_encoded(conn, &header, body.into())).await?;
             info!(
                 round = task.round,
                 examples = header.num_examples,
@@ -767,6 +769,15 @@ async fn secagg_fit_task(
                 let (result, bytes) = result?;
                 down = bytes;
                 trained = Some(result);
+                steps_deadline = Some(tokio::time::Instant::now() + opts.limits.max_task_wait);
+            }
+            () = tokio::time::sleep_until(steps_deadline.unwrap_or_else(tokio::time::Instant::now)),
+                if steps_deadline.is_some() =>
+            {
+                return Err(SessionError::Transient(format!(
+                    "secure aggregation: the aggregator's next step did not come within {:?} of training",
+                    opts.limits.max_task_wait
+                )));
             }
             msg = messages.recv() => {
                 let msg = match msg {
@@ -826,12 +837,24 @@ async fn receive_model(
     round: u64,
     task_id: u64,
     layout: &[TensorMeta],
-    limits: &TensorLimits,
     codec: Codec,
     buffer: Option<Vec<f32>>,
+    client: &ClientLimits,
 ) -> Result<(Vec<f32>, u64), SessionError> {
-    let mut stream = conn.accept_uni().await.map_err(IoError::from)?;
-    let header = read_tensor_header(&mut stream, limits).await?;
+    let values = layout.iter().map(|t| t.elements().unwrap_or(0)).sum();
+    let limits = &TensorLimits::for_model(values);
+    let wait = client.max_task_wait;
+    let (mut stream, header) = tokio::time::timeout(wait, async {
+        let mut stream = conn.accept_uni().await.map_err(IoError::from)?;
+        let header = read_tensor_header(&mut stream, limits).await?;
+        Ok::<_, SessionError>((stream, header))
+    })
+    .await
+    .map_err(|_| {
+        SessionError::Transient(format!(
+            "the model for task {task_id} did not start arriving within {wait:?}"
+        ))
+    })??;
     if header.kind != StreamKind::GlobalModel || header.task_id != task_id || header.round != round
     {
         return Err(SessionError::Transient(format!(
@@ -858,7 +881,15 @@ async fn receive_model(
         }
         None => vec![0f32; values],
     };
-    read_tensor_body(&mut stream, &header, &mut model).await?;
+    let deadline = client.transfer_deadline(header.body_len);
+    tokio::time::timeout(deadline, read_tensor_body(&mut stream, &header, &mut model))
+        .await
+        .map_err(|_| {
+            SessionError::Transient(format!(
+                "the model for task {task_id} ({} bytes) did not arrive within {deadline:?}",
+                header.body_len
+            ))
+        })??;
     Ok((model, header.body_len))
 }
 
@@ -891,36 +922,80 @@ const DISCARD_WAIT: Duration = Duration::from_secs(30);
 /// "Connections"). Without this bound it costs the whole connect timeout.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Runs `work` on the trainer on a blocking thread, within a training slot.
-async fn run_trainer<R: Send + 'static>(
-    trainer: &mut Option<Box<dyn Trainer>>,
-    opts: &ClientOptions,
-    work: impl FnOnce(&mut dyn Trainer) -> Result<R, TrainerError> + Send + 'static,
-) -> Result<Result<R, TrainerError>, SessionError> {
-    let _slot = match &opts.training_slots {
-        Some(s) => Some(
-            s.clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| SessionError::Transient("shutting down".into()))?,
-        ),
-        None => None,
-    };
-    let mut t = trainer
-        .take()
-        .ok_or_else(|| SessionError::Transient("trainer lost".into()))?;
-    let (t, result) = tokio::task::spawn_blocking(move || {
-        let r = work(t.as_mut());
-        (t, r)
-    })
-    .await
-    .map_err(|e| {
-        SessionError::Fatal(ClientError::Incompatible(TrainerError::Other(format!(
-            "trainer panicked: {e}"
-        ))))
-    })?;
-    *trainer = Some(t);
-    Ok(result)
+/// The trainer, and the blocking run that holds it while it works. A task can
+/// be abandoned while it trains (the aggregator moves on during a
+/// secure-aggregation task); its run keeps the trainer until it ends, and the
+/// next use waits for it. So the trainer is never lost, and every wait is
+/// cancel-safe: a cancelled wait leaves the run here.
+struct TrainerSlot {
+    idle: Option<Box<dyn Trainer>>,
+    busy: Option<tokio::task::JoinHandle<Box<dyn Trainer>>>,
+    /// The trainer's backend, for the Hello (read once: it may be busy later).
+    backend: String,
+}
+
+impl TrainerSlot {
+    fn new(trainer: Box<dyn Trainer>) -> TrainerSlot {
+        TrainerSlot {
+            backend: trainer.backend().to_string(),
+            idle: Some(trainer),
+            busy: None,
+        }
+    }
+
+    /// The trainer, once any run that holds it has ended.
+    async fn take(&mut self) -> Result<Box<dyn Trainer>, SessionError> {
+        if let Some(run) = self.busy.as_mut() {
+            let trainer = run.await.map_err(trainer_panicked)?;
+            self.busy = None;
+            self.idle = Some(trainer);
+        }
+        // Only a panicked run (a fatal error, above) leaves no trainer.
+        self.idle.take().ok_or_else(|| {
+            SessionError::Fatal(ClientError::Incompatible(TrainerError::Other(
+                "the trainer was lost".into(),
+            )))
+        })
+    }
+
+    /// Runs `work` on the trainer on a blocking thread, within a training
+    /// slot (held until the work ends, even if this call is cancelled).
+    async fn run<R: Send + 'static>(
+        &mut self,
+        opts: &ClientOptions,
+        work: impl FnOnce(&mut dyn Trainer) -> Result<R, TrainerError> + Send + 'static,
+    ) -> Result<Result<R, TrainerError>, SessionError> {
+        let mut trainer = self.take().await?;
+        let permit = match &opts.training_slots {
+            Some(s) => match s.clone().acquire_owned().await {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    self.idle = Some(trainer);
+                    return Err(SessionError::Transient("shutting down".into()));
+                }
+            },
+            None => None,
+        };
+        let (result_tx, result_rx) = tokio::sync::oneshot::channel();
+        let run = self.busy.insert(tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let _ = result_tx.send(work(trainer.as_mut()));
+            trainer
+        }));
+        let trainer = run.await.map_err(trainer_panicked)?;
+        self.busy = None;
+        self.idle = Some(trainer);
+        // Sent before the run returned the trainer (a panic is caught above).
+        result_rx
+            .await
+            .map_err(|_| SessionError::Transient("the trainer's result was lost".into()))
+    }
+}
+
+fn trainer_panicked(e: tokio::task::JoinError) -> SessionError {
+    SessionError::Fatal(ClientError::Incompatible(TrainerError::Other(format!(
+        "trainer panicked: {e}"
+    ))))
 }
 
 /// Turns `delta`, which holds the received global model, into `local -
@@ -978,39 +1053,38 @@ fn subtract_any_non_finite_portable(delta: &mut [f32], local: &[f32]) -> bool {
 async fn fit_task(
     conn: &quinn::Connection,
     task: &FitTask,
-    trainer: &mut Option<Box<dyn Trainer>>,
+    trainer: &mut TrainerSlot,
     opts: &ClientOptions,
     layout: &[TensorMeta],
     state: &mut TaskState<'_>,
     negotiated: &Negotiated,
 ) -> Result<Result<(u64, u64), String>, SessionError> {
-    let refusal = match task.config.validate() {
-        Err(e) => Some(e.to_string()),
-        Ok(()) => opts
-            .limits
-            .check_fit(task.config.epochs, task.config.batch_size)
-            .err()
-            .map(|e| e.to_string())
-            .or_else(|| {
-                task.scaffold
-                    .as_ref()
-                    .and_then(|s| s.validate().err())
-                    .map(|e| e.to_string())
-            }),
-    };
-    if let Some(reason) = refusal {
-        discard_model(conn, task.task_id).await?;
-        return Ok(Err(reason));
-    }
     let params: usize = layout
         .iter()
         .map(|t| t.elements().unwrap_or(0) as usize)
         .sum();
+    let refusal = task_refusal(opts, negotiated, task).or_else(|| {
+        let scaffold = task.scaffold.as_ref()?;
+        // SCAFFOLD's stream carries the model and c: a receive buffer of twice the model.
+        scaffold
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .or_else(|| {
+                opts.limits
+                    .check_params((params as u64).saturating_mul(2))
+                    .err()
+                    .map(|e| format!("SCAFFOLD: {e}"))
+            })
+    });
+    if let Some(reason) = refusal {
+        discard_model(conn, task.task_id).await?;
+        return Ok(Err(reason));
+    }
     let (stream_layout, values) = match &task.scaffold {
         Some(_) => (with_control_layout(layout), 2 * params),
         None => (layout.to_vec(), params),
     };
-    let limits = TensorLimits::for_model(values as u64);
     // The previous update's buffer, once QUIC has let go of it (acknowledged).
     let reuse = state
         .spare_model
@@ -1021,9 +1095,9 @@ async fn fit_task(
         task.round,
         task.task_id,
         &stream_layout,
-        &limits,
         negotiated.downlink,
         reuse,
+        &opts.limits,
     )
     .await?;
     // SCAFFOLD: split off c, and find this client's c_i for the run.
@@ -1059,60 +1133,61 @@ async fn fit_task(
     let codec_seed = task.config.seed ^ task.task_id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let config = task.config.clone();
     let initial_loss = task.initial_loss;
-    let trained = run_trainer(trainer, opts, move |t| {
-        t.set_parameters(&global)?;
-        let loss_before = match initial_loss {
-            true => t.training_loss().map(Some),
-            false => Ok(None),
-        };
-        let (outcome, steps) = match (&loss_before, &control) {
-            (Err(_), _) => (Err(TrainerError::Other(String::new())), 0),
-            (Ok(_), Some((c, c_i))) => {
-                let correction: Vec<f32> = c.iter().zip(c_i).map(|(c, ci)| c - ci).collect();
-                match t.fit_corrected(&config, &correction) {
-                    Ok((outcome, steps)) => (Ok(outcome), steps),
-                    Err(e) => (Err(e), 0),
-                }
-            }
-            (Ok(_), None) => (t.fit(&config), 0),
-        };
-        // A failed loss report is the task's failure.
-        let (outcome, loss_before) = match loss_before {
-            Ok(loss) => (outcome, loss),
-            Err(e) => (Err(e), None),
-        };
-        // The delta overwrites the received copy: one model copy beyond the trainer's.
-        let mut delta = global;
-        let result = outcome.and_then(|mut o| {
-            let local = t.parameters();
-            if local.len() != delta.len() {
-                return Err(TrainerError::Other(format!(
-                    "trainer returned {} parameters, model has {}",
-                    local.len(),
-                    delta.len()
-                )));
-            }
-            subtract_finite(&mut delta, local)?;
-            if let Some(loss) = loss_before {
-                o.metrics.push((INITIAL_LOSS_METRIC.into(), loss));
-            }
-            let next_control = match control {
-                Some((c, c_i)) => {
-                    let (body, c_next) =
-                        scaffold_control(delta, &c, c_i, steps, config.learning_rate)?;
-                    delta = body;
-                    Some(c_next)
-                }
-                None => None,
+    let trained = trainer
+        .run(opts, move |t| {
+            t.set_parameters(&global)?;
+            let loss_before = match initial_loss {
+                true => t.training_loss().map(Some),
+                false => Ok(None),
             };
-            Ok((o, delta, next_control))
-        });
-        t.release();
-        let (o, delta, next_control) = result?;
-        let (body, next_residual) = encode_update(uplink, delta, residual, codec_seed)?;
-        Ok((o, body, next_control, next_residual))
-    })
-    .await?;
+            let (outcome, steps) = match (&loss_before, &control) {
+                (Err(_), _) => (Err(TrainerError::Other(String::new())), 0),
+                (Ok(_), Some((c, c_i))) => {
+                    let correction: Vec<f32> = c.iter().zip(c_i).map(|(c, ci)| c - ci).collect();
+                    match t.fit_corrected(&config, &correction) {
+                        Ok((outcome, steps)) => (Ok(outcome), steps),
+                        Err(e) => (Err(e), 0),
+                    }
+                }
+                (Ok(_), None) => (t.fit(&config), 0),
+            };
+            // A failed loss report is the task's failure.
+            let (outcome, loss_before) = match loss_before {
+                Ok(loss) => (outcome, loss),
+                Err(e) => (Err(e), None),
+            };
+            // The delta overwrites the received copy: one model copy beyond the trainer's.
+            let mut delta = global;
+            let result = outcome.and_then(|mut o| {
+                let local = t.parameters();
+                if local.len() != delta.len() {
+                    return Err(TrainerError::Other(format!(
+                        "trainer returned {} parameters, model has {}",
+                        local.len(),
+                        delta.len()
+                    )));
+                }
+                subtract_finite(&mut delta, local)?;
+                if let Some(loss) = loss_before {
+                    o.metrics.push((INITIAL_LOSS_METRIC.into(), loss));
+                }
+                let next_control = match control {
+                    Some((c, c_i)) => {
+                        let (body, c_next) =
+                            scaffold_control(delta, &c, c_i, steps, config.learning_rate)?;
+                        delta = body;
+                        Some(c_next)
+                    }
+                    None => None,
+                };
+                Ok((o, delta, next_control))
+            });
+            t.release();
+            let (o, delta, next_control) = result?;
+            let (body, next_residual) = encode_update(uplink, delta, residual, codec_seed)?;
+            Ok((o, body, next_control, next_residual))
+        })
+        .await?;
     let (outcome, body, next_control, next_residual) = match trained {
         Ok(x) => x,
         Err(e) => return Ok(Err(e.to_string())),
@@ -1127,6 +1202,19 @@ async fn fit_task(
         metrics: outcome.metrics,
         body_len: 0,
     };
+    // What this update supersedes is forgotten before it goes out (see
+    // `StateStore::forget`); a failed forget sends nothing, rather than risk
+    // the next update repeating the old residual.
+    let superseded = [
+        (next_residual.is_some(), StateVector::Residual),
+        (next_control.is_some(), StateVector::ScaffoldControl),
+    ];
+    for (_, which) in superseded.iter().filter(|(superseded, _)| *superseded) {
+        if let Err(e) = state.store.forget(*which) {
+            return Ok(Err(format!("cannot update the client's state: {e}")));
+        }
+    }
+    let deadline = opts.limits.transfer_deadline(body.len_bytes());
     let bytes = match body {
         UpdateBody::F32(delta) => {
             header.body_len = delta.len() as u64 * 4;
@@ -1134,13 +1222,17 @@ async fn fit_task(
             // one chunk, not re-encoded and copied piece by piece. Kept to
             // receive the next task's model into.
             let shared = Arc::new(delta);
-            let sent = send_shared_tensors(conn, &header, Arc::clone(&shared)).await?;
+            let sent = upload(
+                deadline,
+                send_shared_tensors(conn, &header, Arc::clone(&shared)),
+            )
+            .await?;
             state.spare_model = Some(shared);
             sent
         }
         UpdateBody::Encoded(bytes) => {
             header.body_len = bytes.len() as u64;
-            send_encoded(conn, &header, bytes.into()).await?
+            upload(deadline, send_encoded(conn, &header, bytes.into())).await?
         }
     };
     if let (Some(scaffold), Some(c_next)) = (&task.scaffold, next_control)
@@ -1169,6 +1261,42 @@ async fn fit_task(
     Ok(Ok((bytes, bytes_down)))
 }
 
+/// Why this client refuses a fit task's instructions, if it does: invalid,
+/// beyond its epoch or batch limits, or a batch whose training memory exceeds
+/// its limit.
+fn task_refusal(opts: &ClientOptions, negotiated: &Negotiated, task: &FitTask) -> Option<String> {
+    let config = &task.config;
+    config
+        .validate()
+        .err()
+        .map(|e| e.to_string())
+        .or_else(|| {
+            opts.limits
+                .check_fit(config.epochs, config.batch_size)
+                .err()
+                .map(|e| e.to_string())
+        })
+        .or_else(|| {
+            let spec = negotiated.model.as_ref()?;
+            check_training_memory(&opts.limits, spec, config.batch_size)
+                .err()
+                .map(|e| e.to_string())
+        })
+}
+
+/// Refuses a model whose training scratch memory at `batch_size` exceeds the limit.
+fn check_training_memory(
+    limits: &ClientLimits,
+    spec: &fedquic_train::ModelSpec,
+    batch_size: u32,
+) -> Result<(), LimitError> {
+    // A spec the trainer cannot plan is refused by `Trainer::prepare`, not here.
+    let Ok(bytes) = spec.training_scratch_bytes(batch_size as usize) else {
+        return Ok(());
+    };
+    limits.check_training_memory(bytes, batch_size)
+}
+
 fn log_task_received(task: &FitTask) {
     info!(
         round = task.round,
@@ -1194,6 +1322,32 @@ enum UpdateBody {
     F32(Vec<f32>),
     /// A body already encoded with a compressing codec.
     Encoded(Vec<u8>),
+}
+
+impl UpdateBody {
+    /// Its size on the wire.
+    fn len_bytes(&self) -> u64 {
+        match self {
+            UpdateBody::F32(values) => values.len() as u64 * 4,
+            UpdateBody::Encoded(bytes) => bytes.len() as u64,
+        }
+    }
+}
+
+/// Sends an update, giving up (and the session with it) if the aggregator
+/// does not take it within `deadline` (it withholds flow-control credit).
+async fn upload(
+    deadline: Duration,
+    send: impl std::future::Future<Output = Result<u64, IoError>>,
+) -> Result<u64, SessionError> {
+    tokio::time::timeout(deadline, send)
+        .await
+        .map_err(|_| {
+            SessionError::Transient(format!(
+                "the aggregator did not take the update within {deadline:?}"
+            ))
+        })?
+        .map_err(SessionError::from)
 }
 
 /// Encodes `delta` with `codec`. With a `residual` (error feedback), encodes

@@ -125,6 +125,30 @@ impl StateStore {
     }
 }
 
+impl StateStore {
+    /// Removes `which`: the next load starts from zero. Done before an update
+    /// that supersedes it goes out, so that a failed save (or a crash) after
+    /// the aggregator has the update never makes the next one repeat the old
+    /// vector.
+    pub fn forget(&mut self, which: StateVector) -> Result<(), StateStoreError> {
+        match self {
+            StateStore::Memory(map) => {
+                map.remove(&which);
+                Ok(())
+            }
+            StateStore::Dir(dir) => {
+                let path = dir.join(which.file_name());
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        Err(StateStoreError::Io { path, source: e })
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
 /// FNV-1a, 64 bits: catches torn and damaged files (not an attacker, who
 /// could rewrite the whole file anyway).
 fn checksum(bytes: &[u8]) -> u64 {
@@ -255,6 +279,30 @@ mod tests {
         assert_eq!(store.load(r, "a", 2).unwrap(), vec![0.0; 2], "its own slot");
         store.save(r, "a", vec![3.0, 4.0]).unwrap();
         assert_eq!(store.load(c, "a", 2).unwrap(), vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn a_forgotten_vector_loads_as_zeros_in_either_store() {
+        let dir = temp_dir("forget");
+        for mut store in [StateStore::default(), StateStore::in_dir(&dir).unwrap()] {
+            let r = StateVector::Residual;
+            store.forget(r).expect("forgetting nothing is fine");
+            store.save(r, "run-1", vec![1.0, 2.0]).unwrap();
+            store
+                .save(StateVector::ScaffoldControl, "run-1", vec![3.0, 4.0])
+                .unwrap();
+            store.forget(r).unwrap();
+            assert_eq!(store.load(r, "run-1", 2).unwrap(), vec![0.0; 2]);
+            assert_eq!(
+                store
+                    .load(StateVector::ScaffoldControl, "run-1", 2)
+                    .unwrap(),
+                vec![3.0, 4.0],
+                "the other vector is kept"
+            );
+        }
+        assert!(!dir.join(RESIDUAL_FILE).exists());
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

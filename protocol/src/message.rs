@@ -99,6 +99,12 @@ impl Welcome {
                 )));
             }
         }
+        if self.uplink == Codec::Ring32 || self.downlink == Codec::Ring32 {
+            return Err(ProtocolError::Malformed(
+                "welcome: ring32 is secure aggregation's masked encoding, not a negotiable codec"
+                    .into(),
+            ));
+        }
         if self.downlink.top_k_ppm().is_some() {
             return Err(ProtocolError::Malformed(
                 "welcome: models are not sent with a top-k codec".into(),
@@ -291,9 +297,10 @@ pub enum ClientNoise {
 impl SecAggTask {
     /// Largest accepted clip norm and bound (in update units).
     pub const MAX_MAGNITUDE: f64 = 1e6;
-    /// Largest accepted Skellam `mu` (integer units; its standard deviation
-    /// `sqrt(2 mu)` is then at most about 2^31).
-    pub const MAX_SKELLAM_MU: f64 = 2.3e18;
+    /// Largest accepted Skellam `mu` (integer units): the largest mean the
+    /// clients' exact Poisson sampler takes (`fedquic_privacy::dp::MAX_POISSON_MEAN`,
+    /// checked equal there), so a task that validates can be noised.
+    pub const MAX_SKELLAM_MU: f64 = 1e15;
 
     /// Checks what a client must not trust blindly: every number finite and
     /// in range, and a fixed-point scale that exists for them.

@@ -425,3 +425,32 @@ fn first_non_finite_finds_the_first_bad_value_anywhere() {
         None
     );
 }
+
+#[test]
+fn a_welcome_naming_ring32_or_an_excessive_skellam_mu_is_refused() {
+    let welcome = |uplink, downlink| Welcome {
+        version: 1,
+        uplink,
+        downlink,
+        model_spec: "mlp:784-200-200-10".into(),
+        client_name: "client-001".into(),
+        run: "run-1".into(),
+    };
+    let offered = all_codecs();
+    welcome(Codec::F32, Codec::F16).validate(&offered).unwrap();
+    for (up, down) in [(Codec::Ring32, Codec::F32), (Codec::F32, Codec::Ring32)] {
+        let err = welcome(up, down).validate(&[Codec::F32, Codec::Ring32]);
+        assert!(err.unwrap_err().to_string().contains("ring32"));
+    }
+    // Past the clients' Poisson sampler's largest mean: refused up front, not
+    // after training.
+    let task = |mu| SecAggTask {
+        clip_norm: 5.0,
+        weight_cap: 1000,
+        bound: 5.0,
+        max_contributors: 100,
+        noise: ClientNoise::Skellam { mu },
+    };
+    task(1e15).validate().unwrap();
+    assert!(task(1e16).validate().is_err());
+}

@@ -349,6 +349,27 @@ pub(crate) struct Workspace<B: Backend> {
     dropout_applied: bool,
 }
 
+impl Network {
+    /// The f32 values a [`Workspace`] for `capacity` examples allocates (as
+    /// [`Workspace::new`] lays them out), saturating: what a batch costs in
+    /// memory, known before anything is allocated.
+    pub fn workspace_values(&self, capacity: usize, purpose: Purpose) -> u64 {
+        let per_example = |lens: &[usize]| {
+            lens.iter()
+                .fold(0u64, |sum, &len| sum.saturating_add(len as u64))
+        };
+        let mut values = per_example(&self.buffer_lens).saturating_add(2); // activations, labels (device and host)
+        if purpose == Purpose::Train {
+            values = values
+                .saturating_add((self.max_len as u64).saturating_mul(2))
+                .saturating_add(per_example(&self.mask_lens));
+        }
+        values
+            .saturating_mul(capacity as u64)
+            .saturating_add(self.cols_len as u64)
+    }
+}
+
 impl<B: Backend> Workspace<B> {
     pub fn new(backend: &B, network: &Network, capacity: usize, purpose: Purpose) -> Workspace<B> {
         let train = purpose == Purpose::Train;

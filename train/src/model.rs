@@ -19,6 +19,11 @@ pub use crate::spec::{MAX_PARAMS, ModelSpec, TensorInfo};
 /// small enough that scratch buffers stay in cache-friendly sizes.
 const EVAL_BATCH: usize = 256;
 
+/// Most scratch memory an evaluation, gradient or prediction pass takes: its
+/// batch shrinks below [`EVAL_BATCH`] for a model with huge activations
+/// (cnn:mnist needs 0.2 MB an example, so 256 fit in 50 MB).
+const EVAL_WORKSPACE_BYTES: u64 = 256 << 20;
+
 /// Stream of [`derive_seed`] for dropout masks, so that adding dropout to a model does
 /// not change its shuffles.
 const DROPOUT_STREAM: u64 = 0x4452_4f50;
@@ -443,6 +448,14 @@ impl Model {
         })
     }
 
+    /// Examples per pass of an evaluation, gradient or prediction: [`EVAL_BATCH`], or
+    /// fewer where that many would take more than [`EVAL_WORKSPACE_BYTES`].
+    pub(crate) fn eval_batch(&self, purpose: Purpose) -> usize {
+        let per_example = self.network.workspace_values(1, purpose).saturating_mul(4);
+        let fit = EVAL_WORKSPACE_BYTES / per_example.max(1);
+        EVAL_BATCH.min(usize::try_from(fit.max(1)).unwrap_or(EVAL_BATCH))
+    }
+
     /// Mean softmax cross-entropy and accuracy over the examples `indices` of `data`
     /// (dropout off), on the CPU.
     pub fn evaluate(&self, data: &Dataset, indices: &[usize]) -> Result<EvalStats> {
@@ -456,7 +469,7 @@ impl Model {
         data: &Dataset,
         indices: &[usize],
     ) -> Result<EvalStats> {
-        self.evaluate_batched_on(backend, data, indices, EVAL_BATCH)
+        self.evaluate_batched_on(backend, data, indices, self.eval_batch(Purpose::Evaluate))
     }
 
     /// [`Model::evaluate_on`] with forward passes of `batch_size` examples (at least 1)
@@ -608,7 +621,13 @@ impl Model {
     /// Loss and accuracy over `indices` together with the gradient of the mean loss with
     /// respect to every parameter (flat, same layout as [`Model::parameters`]; dropout off).
     pub fn gradient(&self, data: &Dataset, indices: &[usize]) -> Result<(EvalStats, Vec<f32>)> {
-        self.loss_pass(&CpuBackend, data, indices, true, EVAL_BATCH)
+        self.loss_pass(
+            &CpuBackend,
+            data,
+            indices,
+            true,
+            self.eval_batch(Purpose::Train),
+        )
     }
 
     /// [`Model::gradient`] on `backend`.
@@ -618,7 +637,13 @@ impl Model {
         data: &Dataset,
         indices: &[usize],
     ) -> Result<(EvalStats, Vec<f32>)> {
-        self.loss_pass(backend, data, indices, true, EVAL_BATCH)
+        self.loss_pass(
+            backend,
+            data,
+            indices,
+            true,
+            self.eval_batch(Purpose::Train),
+        )
     }
 
     /// Forward passes in batches of `batch_size`, optionally accumulating the gradient.

@@ -1,10 +1,10 @@
 //! Inference on raw inputs: what an exported ONNX graph computes, for checks against
 //! other runtimes and for prediction.
 
-use super::{EVAL_BATCH, Model};
+use super::Model;
 use crate::backend::{Backend, CpuBackend};
 use crate::error::{Result, TrainError};
-use crate::layers;
+use crate::layers::{self, Purpose};
 use crate::spec::{ModelSpec, NetOutput};
 
 impl Model {
@@ -20,7 +20,7 @@ impl Model {
         }
         let mut out = Vec::with_capacity(inputs.len() / dim * self.spec.num_classes());
         CpuBackend.with_frozen_params(&self.params, || -> Result<()> {
-            for chunk in inputs.chunks(EVAL_BATCH * dim) {
+            for chunk in inputs.chunks(self.eval_batch(Purpose::Evaluate) * dim) {
                 out.extend(layers::logits(
                     &self.network,
                     &self.params,

@@ -1221,3 +1221,32 @@ fn evaluation_in_place_matches_the_copying_path() {
         assert!(model.evaluate(&data, &indices).is_err(), "{indices:?}");
     }
 }
+
+#[test]
+fn training_scratch_is_known_before_anything_is_allocated() {
+    // cnn:mnist: activations 784 + 25,088 + 6,272 + 12,544 + 3,136 + 512 + 10 and two
+    // label slots per example, two gradient buffers of the largest (25,088), and one
+    // im2col matrix of the second convolution (32 x 25 rows, 14 x 14 columns).
+    let per_example = 48_346 + 2 + 2 * 25_088;
+    assert_eq!(
+        ModelSpec::cnn_mnist().training_scratch_bytes(64).unwrap(),
+        4 * (per_example * 64 + 32 * 25 * 196)
+    );
+    // Few parameters (786k), huge activations: 51M values an example in the first
+    // convolution's output, so a batch of 32 would take 20 GB.
+    let wide: ModelSpec = "cnn:1x28x28-c65536k1-m28-10".parse().unwrap();
+    assert!(wide.num_params() < 1_000_000);
+    assert!(wide.training_scratch_bytes(32).unwrap() > 16 << 30);
+    assert_eq!(
+        wide.training_scratch_bytes(usize::MAX).unwrap(),
+        u64::MAX,
+        "saturates"
+    );
+    // Evaluations shrink their batch to stay within their scratch budget; small
+    // models keep the full batch.
+    let model = Model::new(wide, 0);
+    assert_eq!(model.eval_batch(Purpose::Evaluate), 1);
+    assert_eq!(model.eval_batch(Purpose::Train), 1);
+    let model = Model::new(ModelSpec::cnn_mnist(), 0);
+    assert_eq!(model.eval_batch(Purpose::Evaluate), EVAL_BATCH);
+}

@@ -305,6 +305,18 @@ impl ModelSpec {
         }
     }
 
+    /// Bytes of scratch memory the CPU engine takes to train this model on batches of
+    /// `batch` examples: activations, their gradients, dropout masks and one im2col
+    /// matrix, beyond the parameters and optimizer state (saturating). A model with few
+    /// parameters can still have huge activations, so a device checks this, for the
+    /// batch size it is asked for, before anything is allocated.
+    pub fn training_scratch_bytes(&self, batch: usize) -> Result<u64> {
+        let network = crate::layers::Network::new(&self.plan()?);
+        Ok(network
+            .workspace_values(batch, crate::layers::Purpose::Train)
+            .saturating_mul(4))
+    }
+
     /// Total number of parameters (saturates instead of overflowing for absurd hand-built specs).
     pub fn num_params(&self) -> usize {
         match self {

@@ -80,6 +80,13 @@ impl OnnxRunner {
             .ok_or_else(|| OnnxError::Tract("the model has no output".into()))?;
         let view = first.to_plain_array_view::<f32>().map_err(tract_error)?;
         let values: Vec<f32> = view.iter().copied().collect();
+        if values.is_empty() || !values.len().is_multiple_of(self.batch) {
+            return Err(OnnxError::UnsupportedGraph(format!(
+                "the first output has {} values, not a whole row for each of {} examples",
+                values.len(),
+                self.batch
+            )));
+        }
         let width = values.len() / self.batch;
         Ok((values, width))
     }
