@@ -68,3 +68,56 @@ async fn fedbuff_steps_without_waiting_for_the_slow_client() {
         assert!(max_staleness >= 1);
     }
 }
+
+/// A client that reconnects while an upload from its old connection is in
+/// flight can upload again on the new one: the old upload neither blocks it
+/// (as "another upload in flight") nor counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_during_an_upload_frees_the_client_to_upload_again() {
+    use fedquic::protocol::{Message, encode_f32_body, encode_header};
+    let ca = CertAuthority::generate("fedbuff CA").unwrap();
+    let mut opts = Options::new(engine(1, 1, 1, Duration::from_secs(30)));
+    opts.adjust = |setup: &mut ServerSetup| {
+        setup.fedbuff = Some(FedBuffSettings {
+            concurrency: 1,
+            buffer_size: 1,
+            max_staleness: 20,
+            staleness: Staleness::Constant,
+            checkpoint_every: 1,
+        });
+        setup.engine.updates.max_weight_share = 1.0;
+    };
+    let agg = start(&ca, opts);
+    let update = |task: &fedquic::protocol::FitTask, delta: f32| {
+        let mut bytes = encode_header(&update_header(task, 10)).unwrap();
+        encode_f32_body(&[delta; PARAMS], &mut bytes);
+        bytes
+    };
+    let mut old = raw_welcome(&ca, agg.addr, "returning").await;
+    let (task, _) = within(10, old.next_fit()).await;
+    // The old connection starts an upload (header only): the hub marks it
+    // as in flight.
+    let old_bytes = update(&task, 100.0);
+    let header_len = old_bytes.len() - PARAMS * 4;
+    let mut stalled = old.conn.open_uni().await.unwrap();
+    stalled.write_all(&old_bytes[..header_len]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The same client comes back on a new connection and gets a new task.
+    let mut new = raw_welcome(&ca, agg.addr, "returning").await;
+    // The old connection's upload completes late: it must not count.
+    let _ = stalled.write_all(&old_bytes[header_len..]).await;
+    let _ = stalled.finish();
+    let (task, _) = within(10, new.next_fit()).await;
+    let mut stream = new.conn.open_uni().await.unwrap();
+    stream.write_all(&update(&task, 1.0)).await.unwrap();
+    stream.finish().unwrap();
+    match within(10, new.next_message()).await {
+        Some(Message::UpdateAccepted { .. }) => {}
+        other => panic!("the new connection's upload was not accepted: {other:?}"),
+    }
+    let summary = within(20, agg.task).await.unwrap().unwrap();
+    assert_eq!(summary.rounds_completed, 1);
+    for v in summary.final_model.iter() {
+        assert!((v - 1.0).abs() < 1e-6, "{v}");
+    }
+}

@@ -531,3 +531,73 @@ async fn a_hanging_handshake_is_abandoned_after_the_handshake_timeout() {
     // below one 60 s connect timeout.
     assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
 }
+
+/// A raw session whose client allows the aggregator no unidirectional
+/// streams: no model can ever reach it.
+async fn raw_without_model_streams(
+    ca: &CertAuthority,
+    addr: std::net::SocketAddr,
+    name: &str,
+) -> Raw {
+    use fedquic::net::tls::{self, TransportSettings};
+    let settings = TransportSettings {
+        max_concurrent_uni_streams: 0,
+        ..TransportSettings::default()
+    };
+    let tls = tls::client_config(
+        tls::load_ca_pem(ca.cert_pem()).unwrap(),
+        Some(identity(ca, name)),
+        &settings,
+    )
+    .unwrap();
+    match open_raw(addr, tls, fedquic::protocol::SUPPORTED_VERSIONS.to_vec()).await {
+        Opened::Welcome(raw, _) => raw,
+        Opened::Refused(why) => panic!("{name} refused: {why}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_takes_its_model_is_disconnected() {
+    let ca = CertAuthority::generate("hardening CA").unwrap();
+    let mut opts = Options::new(engine(1, 1, 1, Duration::from_secs(60)));
+    // The model (256 bytes) must arrive within the upload rule: 1 s here.
+    opts.adjust = |setup| setup.upload_grace = Duration::from_secs(1);
+    let agg = start(&ca, opts);
+    let mut raw = raw_without_model_streams(&ca, agg.addr, "no-streams").await;
+    match within(10, raw.next_message()).await {
+        Some(Message::FitTask(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    let started = Instant::now();
+    // The client's keep-alives hold the connection open: only the
+    // aggregator can end it.
+    let closed = within(15, raw.conn.closed()).await;
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8), "{started:?}");
+    agg.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_do_not_pile_up_behind_a_model_the_client_does_not_take() {
+    let ca = CertAuthority::generate("hardening CA").unwrap();
+    // Every second a retried round hands the client a new task (and
+    // model), long before its first model transfer runs out of time (30 s).
+    let mut eng = engine(1, 1, 1, Duration::from_secs(1));
+    eng.max_round_retries = 50;
+    let agg = start(&ca, Options::new(eng));
+    let mut raw = raw_without_model_streams(&ca, agg.addr, "no-streams").await;
+    match within(10, raw.next_message()).await {
+        Some(Message::FitTask(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    // The third task, with two models pending, ends the session.
+    let closed = within(15, raw.conn.closed()).await;
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
+    agg.task.abort();
+}

@@ -633,6 +633,7 @@ impl Coordinator for FedBuff {
             metrics: u.metrics,
             extra: &[],
             client_lr: self.config.fit.learning_rate as f64,
+            max_update_norm: policy.max_update_norm,
             norm_median_multiple: policy.max_update_norm_median_multiple,
             reject_over_bound: policy.norm_policy == NormPolicy::Reject,
         });

@@ -1,6 +1,8 @@
 //! One task per connection: handshake checks, the session's message loop, and
 //! update streams read into pooled buffers.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -224,9 +226,10 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     }
     info!(%client, %remote, %backend, %uplink, %downlink, "client connected");
 
-    // Every task this session starts (the control-stream reader, model
-    // sends, update receivers) lives in `tasks` and is aborted when the
-    // session ends, so nothing keeps the connection alive after it.
+    // Every task this session starts (the control-stream reader, update
+    // receivers) lives in `tasks` and is aborted when the session ends, so
+    // nothing keeps the connection alive after it; model transfers are
+    // polled by the loop itself and dropped with it.
     let mut tasks = JoinSet::new();
     // The control stream is read by its own task: reads are not cancel-safe
     // inside select!, channel receives are.
@@ -241,28 +244,30 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         }
     });
 
+    // The model transfer in progress and the next one, if any: each holds
+    // a model version, so a client that does not take its models must not
+    // make them pile up (see `model_transfer`).
+    let mut transfer: Option<ModelTransfer> = None;
+    let mut waiting: Option<(TensorHeader, ModelBody)> = None;
     let end_reason: String = loop {
         tokio::select! {
             cmd = commands.recv() => match cmd {
                 Some(ToConn::Task { message, header, model }) => {
+                    if transfer.is_some() && waiting.is_some() {
+                        let reason = "client is not taking its models: a third task came \
+                                      while two model transfers were pending".to_string();
+                        warn!(%client, %reason, "closing the session");
+                        break reason;
+                    }
                     if let Err(e) = write_message(&mut send, &message).await {
                         break format!("write failed: {e}");
                     }
-                    let conn = conn.clone();
-                    let shared = Arc::clone(&shared);
-                    tasks.spawn(async move {
-                        let sent = match model {
-                            ModelBody::F32(values) => send_shared_tensors(&conn, &header, values).await,
-                            ModelBody::Encoded(body) => send_encoded(&conn, &header, body).await,
-                        };
-                        match sent {
-                            Ok(bytes) => {
-                                shared.bytes_down.fetch_add(bytes, Ordering::Relaxed);
-                                shared.metrics.add_bytes_out(bytes);
-                            }
-                            Err(e) => debug!(error = %e, "model transfer failed"),
-                        }
-                    });
+                    // Models go one at a time, in task order (the client
+                    // takes each task's model stream in turn).
+                    match transfer {
+                        None => transfer = Some(model_transfer(&conn, &shared, header, model)),
+                        Some(_) => waiting = Some((header, model)),
+                    }
                 }
                 Some(ToConn::Send(message)) => {
                     if let Err(e) = write_message(&mut send, &message).await {
@@ -316,6 +321,28 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                 }
                 Err(e) => break format!("connection lost: {e}"),
             },
+            (sent, deadline) = poll_transfer(&mut transfer), if transfer.is_some() => {
+                transfer = None;
+                match sent {
+                    Ok(Ok(bytes)) => {
+                        shared.bytes_down.fetch_add(bytes, Ordering::Relaxed);
+                        shared.metrics.add_bytes_out(bytes);
+                    }
+                    // A client may stop a refused task's model stream.
+                    Ok(Err(e)) => debug!(%client, error = %e, "model transfer failed"),
+                    Err(_) => {
+                        let reason = format!(
+                            "client did not take the model within {:.0} s",
+                            deadline.as_secs_f64()
+                        );
+                        warn!(%client, %reason, "closing the session");
+                        break reason;
+                    }
+                }
+                if let Some((header, model)) = waiting.take() {
+                    transfer = Some(model_transfer(&conn, &shared, header, model));
+                }
+            },
             // Reap finished tasks so the set does not grow over a long session.
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
         }
@@ -324,6 +351,50 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     conn.close(0u32.into(), b"session ended");
     info!(%client, reason = %sanitize(&end_reason, MAX_LOGGED_CHARS), "client disconnected");
     let _ = shared.hub.send(ToHub::Left { client, conn_id });
+}
+
+/// How a model transfer ended (`Err` when its time ran out), and the time
+/// it was given.
+type TransferEnd = (
+    Result<Result<u64, IoError>, tokio::time::error::Elapsed>,
+    Duration,
+);
+/// A model on its way to one client.
+type ModelTransfer = Pin<Box<dyn Future<Output = TransferEnd> + Send>>;
+
+/// Sends a task's model on its own stream. A client that never takes it
+/// (never reads the stream, or allows no streams at all) would pin the model
+/// for the whole session, so the transfer must finish within the upload rule
+/// applied to the model's size: the upload grace plus its size at the
+/// minimum upload rate.
+fn model_transfer(
+    conn: &quinn::Connection,
+    shared: &Shared,
+    header: TensorHeader,
+    model: ModelBody,
+) -> ModelTransfer {
+    let at_rate = Duration::try_from_secs_f64(header.body_len as f64 / shared.min_upload_rate)
+        .unwrap_or(Duration::MAX);
+    let deadline = shared.upload_grace.saturating_add(at_rate);
+    let conn = conn.clone();
+    Box::pin(async move {
+        let sent = tokio::time::timeout(deadline, async {
+            match model {
+                ModelBody::F32(values) => send_shared_tensors(&conn, &header, values).await,
+                ModelBody::Encoded(body) => send_encoded(&conn, &header, body).await,
+            }
+        })
+        .await;
+        (sent, deadline)
+    })
+}
+
+/// Awaits the transfer in progress (never resolves without one).
+async fn poll_transfer(transfer: &mut Option<ModelTransfer>) -> TransferEnd {
+    match transfer {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn reject(

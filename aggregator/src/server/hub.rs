@@ -315,6 +315,11 @@ impl Hub {
                         downlink,
                     },
                 );
+                // The new connection has no upload in flight. The old one's
+                // upload can no longer count (its Update is not current) and
+                // would otherwise stay marked until the fit epoch moves,
+                // which in FedBuff is only at the end of the run.
+                self.uploading.remove(&client);
                 let mut actions = Vec::new();
                 if let Some((_, old)) = self.clients.insert(client.clone(), (conn_id, handle)) {
                     // A reconnect replaces the old session; its task is forfeited.

@@ -56,6 +56,13 @@ pub enum ModelCheckError {
         value: f64,
         bound: f64,
     },
+    /// The strategy's own state (server momentum, moments) would not be
+    /// finite: committing it would stall training for good and leave a
+    /// checkpoint the decoder refuses.
+    StateNotFinite {
+        index: usize,
+        what: &'static str,
+    },
 }
 
 impl std::fmt::Display for ModelCheckError {
@@ -72,6 +79,10 @@ impl std::fmt::Display for ModelCheckError {
             } => write!(
                 f,
                 "new global model parameter {index} would be {value:e}, beyond the bound {bound:e}"
+            ),
+            ModelCheckError::StateNotFinite { index, what } => write!(
+                f,
+                "the server optimizer's {what} would not be finite at parameter {index}"
             ),
         }
     }

@@ -45,6 +45,27 @@ impl Strategy for FedAvgM {
         }
     }
 
+    fn check(
+        &self,
+        model: &[f32],
+        sum: &[f64],
+        inv_weight: f64,
+        max_abs: f64,
+    ) -> Result<(), super::ModelCheckError> {
+        super::check_peeked_model(self, model, sum, inv_weight, max_abs)?;
+        // With a small server learning rate the model can stay finite while
+        // the stored (f32) velocity overflows; that state must not commit.
+        for (i, s) in sum.iter().enumerate().take(model.len()) {
+            if !(self.velocity(i, s * inv_weight) as f32).is_finite() {
+                return Err(super::ModelCheckError::StateNotFinite {
+                    index: i,
+                    what: "momentum",
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn state(&self) -> Vec<u8> {
         encode_vectors(&[&self.velocity])
     }
@@ -79,5 +100,17 @@ mod tests {
         restored.restore(&s.state(), 1).unwrap();
         assert_eq!(restored.velocity, vec![3.0]);
         assert!(restored.restore(&[0u8; 3], 1).is_err());
+    }
+
+    #[test]
+    fn a_step_whose_velocity_overflows_is_refused() {
+        // v = 0.9 * 3e38 + 3e38 overflows f32; lr 1e-6 keeps the model finite.
+        let mut s = FedAvgM::new(1, 1e-6, 0.9);
+        s.velocity[0] = 3e38;
+        let err = s.check(&[0.0], &[3e38], 1.0, f64::MAX).unwrap_err();
+        assert!(
+            matches!(err, super::super::ModelCheckError::StateNotFinite { .. }),
+            "{err}"
+        );
     }
 }

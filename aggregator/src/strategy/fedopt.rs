@@ -106,7 +106,16 @@ impl Strategy for FedOpt {
         // Same arithmetic as `apply`, including the f32 rounding of moments.
         for (i, (g, s)) in model.iter().zip(sum).enumerate() {
             let (m, v) = self.moments(i, s * inv_weight);
-            let value = (*g as f64 + self.step(m as f32 as f64, v as f32 as f64)) as f32;
+            let (m, v) = (m as f32, v as f32);
+            // A moment that overflows f32 would be stored as inf: an infinite
+            // v makes every later step 0 (training silently stops) and the
+            // checkpoint unloadable, even though this step's model is finite.
+            for (value, what) in [(m, "first moment"), (v, "second moment")] {
+                if !value.is_finite() {
+                    return Err(super::ModelCheckError::StateNotFinite { index: i, what });
+                }
+            }
+            let value = (*g as f64 + self.step(m as f64, v as f64)) as f32;
             if !value.is_finite() {
                 return Err(super::ModelCheckError::NotFinite { index: i });
             }
@@ -186,6 +195,33 @@ mod tests {
         assert!((adam.v[0] as f64 - 0.99 * 0.04).abs() < 1e-7);
         assert!((yogi.v[0] as f64 - 0.04).abs() < 1e-7);
         assert!((adam.m[0] as f64 - 0.18).abs() < 1e-7);
+    }
+
+    #[test]
+    fn a_step_whose_moments_overflow_is_refused_and_changes_nothing() {
+        // Two clients sending every value at ~3e38 (finite f32): the mean
+        // delta is 3e38 and (1 - beta2) d^2 is far beyond f32, while the
+        // step m / (sqrt(inf) + tau) = 0 leaves the model itself finite.
+        for kind in [FedOptKind::Adam, FedOptKind::Yogi, FedOptKind::Adagrad] {
+            let mut s = FedOpt::new(kind, 2, &config());
+            let mut w = vec![0.5f32, -0.5];
+            s.apply(&mut w, &[0.2, -0.2], 1.0);
+            let (before_m, before_v, before_w) = (s.m.clone(), s.v.clone(), w.clone());
+            let sum = [3e38 * 2.0, 1.0];
+            let err = s.check(&w, &sum, 0.5, f64::MAX).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    super::super::ModelCheckError::StateNotFinite { index: 0, .. }
+                ),
+                "{kind:?}: {err}"
+            );
+            // The engine applies only what passed the check: the state and
+            // model it would commit are untouched, and still checkpointable.
+            assert_eq!((&s.m, &s.v, &w), (&before_m, &before_v, &before_w));
+            let mut restored = FedOpt::new(kind, 2, &config());
+            restored.restore(&s.state(), 2).unwrap();
+        }
     }
 
     #[test]

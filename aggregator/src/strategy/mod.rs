@@ -55,9 +55,11 @@ pub struct UpdateInput<'a> {
     pub extra: &'a [f32],
     /// The clients' learning rate this round.
     pub client_lr: f64,
-    /// The update gate's bound on norms as a multiple of the previous
-    /// round's median, and whether updates over a bound are refused rather
-    /// than clipped (strategies apply them to their own extra values).
+    /// The update gate's absolute bound on norms, its bound as a multiple of
+    /// the previous round's median, and whether updates over a bound are
+    /// refused rather than clipped (strategies apply them to their own extra
+    /// values).
+    pub max_update_norm: Option<f64>,
     pub norm_median_multiple: Option<f64>,
     pub reject_over_bound: bool,
 }

@@ -146,6 +146,7 @@ mod tests {
             metrics,
             extra: &[],
             client_lr: 0.5,
+            max_update_norm: None,
             norm_median_multiple: None,
             reject_over_bound: false,
         }

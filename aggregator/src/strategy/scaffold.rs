@@ -17,8 +17,11 @@
 //!
 //! Both sums stream (the engine's accumulator with weight 1 per update for
 //! `Delta y`, and `c_sum` here for `Delta c`). `Delta c` passes its own norm
-//! bound: the update gate's median multiple applied to the previous round's
-//! median `Delta c` norm, clipped or refused like updates. Memory: `c` (4
+//! bound, the smaller of two, clipped or refused like updates: the update
+//! gate's median multiple applied to the previous round's median `Delta c`
+//! norm, and, with an absolute `max_update_norm` B, what an honest client's
+//! `Delta c` can reach with `|Delta y| <= B`: `|c| + B / lr` (`K >= 1`, as
+//! `Delta c = (x - y) / (K lr) - c`). Memory: `c` (4
 //! bytes a parameter) and `c_sum` (8 bytes) on top of the accumulator. `c`
 //! and that median are the strategy's checkpointed state.
 
@@ -84,10 +87,21 @@ impl Strategy for Scaffold {
             });
         }
         let norm = crate::engine::l2_norm(u.extra);
-        let bound = u
+        // The update gate's bounds carried over to Delta c (the smaller of
+        // the two): without the absolute one, round 1 (no median yet) would
+        // let one client move c anywhere. The absolute one never clips an
+        // honest client (module docs).
+        let absolute = u
+            .max_update_norm
+            .map(|b| b / u.client_lr + crate::engine::l2_norm(&self.c));
+        let relative = u
             .norm_median_multiple
             .zip(self.control_median)
             .map(|(m, median)| m * median);
+        let bound = match (absolute, relative) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        };
         let scale = match bound {
             Some(bound) if norm > bound => {
                 if u.reject_over_bound {
@@ -201,6 +215,7 @@ mod tests {
             metrics,
             extra,
             client_lr: 0.1,
+            max_update_norm: None,
             norm_median_multiple: Some(10.0),
             reject_over_bound: false,
         }
@@ -235,6 +250,41 @@ mod tests {
         let err = s.accept(&refusing).unwrap_err();
         assert!(err.norm_bound, "{}", err.reason);
         assert!(s.accept(&input(&[1.0], &m)).is_err(), "wrong length");
+    }
+
+    #[test]
+    fn the_absolute_norm_bound_applies_to_delta_c_from_round_one() {
+        // Round 1, no median and no multiple: only max_update_norm = 0.1
+        // stands between one client and c; with lr 0.1 and c = 0, Delta c's
+        // bound is 0.1 / 0.1 + 0 = 1.
+        let m = Vec::new();
+        let mut s = Scaffold::new(2, 1.0);
+        s.begin_round(1);
+        let mut huge = input(&[3e5, 4e5], &m);
+        huge.max_update_norm = Some(0.1);
+        huge.norm_median_multiple = None;
+        s.accept(&huge).unwrap();
+        s.apply(&mut [0.0; 2], &[0.0; 2], 1.0);
+        let c = s.control_variate().unwrap();
+        assert!(
+            (c[0] - 0.6).abs() < 1e-6 && (c[1] - 0.8).abs() < 1e-6,
+            "{c:?}"
+        );
+        huge.reject_over_bound = true;
+        let err = s.accept(&huge).unwrap_err();
+        assert!(err.norm_bound, "{}", err.reason);
+        // Both bounds set: the smaller one wins (10 x the median 5e5 is not);
+        // the absolute one is now 0.1 / 0.1 + |c| = 2: (3, 4) becomes (1.2, 1.6).
+        let mut both = input(&[3.0, 4.0], &m);
+        both.max_update_norm = Some(0.1);
+        s.begin_round(1);
+        s.accept(&both).unwrap();
+        s.apply(&mut [0.0; 2], &[0.0; 2], 1.0);
+        let c = s.control_variate().unwrap();
+        assert!(
+            (c[0] - 1.8).abs() < 1e-6 && (c[1] - 2.4).abs() < 1e-6,
+            "{c:?}"
+        );
     }
 
     #[test]
