@@ -553,6 +553,21 @@ impl SecAggEngine {
         let weight = self.decoded[values];
         let within_clip = self.decoded[values + 1];
         let (sum, _) = self.decoded.split_at_mut(values);
+        let mu = match secagg.noise {
+            ClientNoise::Skellam { mu } => mu,
+            _ => 0.0,
+        };
+        if let Some(reason) = implausible_sum(
+            sum,
+            weight,
+            within_clip,
+            contributors,
+            secagg.clip_norm,
+            fixed_point.scale(),
+            mu,
+        ) {
+            return self.fail_attempt(&r, contributors, reason, now, actions);
+        }
         let mut privacy_summary: Option<PrivacySummary> = None;
         if let Some(p) = &self.privacy
             && let Err(e) = p.noise_sum(sum, mix(self.config.seed, round, 0xd9))
@@ -975,6 +990,53 @@ impl Coordinator for SecAggEngine {
     }
 }
 
+/// Why an unmasked sum cannot have come from `contributors` honest clients,
+/// if it cannot. Secure aggregation hides each client's input, so only the sum
+/// can be checked, against what honest inputs sum to: each client's weight `w`
+/// is in [0, 1] and its within-clip indicator 0 or 1, and its values are its
+/// update clipped to `clip_norm` and scaled by `w`, so the sum's norm is at most
+/// the total weight times `clip_norm`. Slack covers stochastic rounding (under
+/// one unit of `1 / scale` per value and client) and the clients' Skellam noise
+/// (`mu` each, ten standard deviations). A client that adds to its masked
+/// words can still move the mean anywhere within `clip_norm`; per-client range
+/// proofs would be needed to stop that (README, "Security model").
+fn implausible_sum(
+    sum: &[f64],
+    weight: f64,
+    within_clip: f64,
+    contributors: usize,
+    clip_norm: f64,
+    scale: f64,
+    mu: f64,
+) -> Option<String> {
+    let n = contributors as f64;
+    let rounding = n / scale;
+    let noise = (2.0 * mu * n).sqrt() / scale;
+    let slot_slack = rounding + 10.0 * noise;
+    if !(-slot_slack..=n + slot_slack).contains(&within_clip) {
+        return Some(format!(
+            "the unmasked within-clip count is {within_clip}, impossible for {contributors} clients"
+        ));
+    }
+    // NaN fails too.
+    if !(..=n + slot_slack).contains(&weight) {
+        return Some(format!(
+            "the unmasked weights sum to {weight}, more than {contributors} clients can send"
+        ));
+    }
+    let norm = sum.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let per_value = rounding + noise;
+    let allowed =
+        weight.max(0.0) * clip_norm + per_value * (sum.len() as f64).sqrt() + 10.0 * noise;
+    if !(..=allowed).contains(&norm) {
+        return Some(format!(
+            "the unmasked sum's norm {norm:.4e} exceeds what clients of total weight {weight:.4e} \
+             clipped to {clip_norm} can send ({allowed:.4e}): a client altered its masked input"
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     //! The phases driven without a network: clients are
@@ -1045,6 +1107,9 @@ mod tests {
         outcomes: Vec<RoundOutcome>,
         retries: usize,
         not_committed: usize,
+        /// c00 adds these (index, amount in update units) to its masked input:
+        /// a malicious client, whose masks still cancel.
+        tamper: Vec<(usize, f64)>,
     }
 
     impl Sim {
@@ -1058,6 +1123,7 @@ mod tests {
                 outcomes: Vec::new(),
                 retries: 0,
                 not_committed: 0,
+                tamper: Vec::new(),
             };
             for i in 0..n {
                 let actions = sim.engine.client_joined(format!("c{i:02}"), sim.now);
@@ -1122,6 +1188,13 @@ mod tests {
                                 .encode_into(&values, &mut input, i as u64)
                                 .unwrap();
                             round.mask(&mut input).unwrap();
+                            if name == "c00" {
+                                let scale = secagg.fixed_point().unwrap().scale();
+                                for &(index, amount) in &self.tamper {
+                                    let units = (amount * scale).round() as i64 as u32;
+                                    input[index] = input[index].wrapping_add(units);
+                                }
+                            }
                             let as_f32: &[f32] = bytemuck::cast_slice(&input);
                             let metrics = Vec::new();
                             let update = ReceivedUpdate {
@@ -1226,6 +1299,71 @@ mod tests {
         for v in sim.engine.global_model().iter() {
             assert!((v - expected).abs() < 1e-5, "{v}");
         }
+    }
+
+    #[test]
+    fn a_client_that_alters_its_masked_input_cannot_push_the_sum_past_honest_bounds() {
+        // Clip norm 100, three clients. Each way of tampering fails the
+        // attempt; the model does not move.
+        let weight = P;
+        let within = P + 1;
+        for tamper in [
+            // Every value +90: the sum's norm (360) exceeds 3 x 100.
+            (0..P).map(|i| (i, 90.0)).collect::<Vec<_>>(),
+            // The weights summed to almost nothing: a 1,000-fold step.
+            vec![(weight, -2.999)],
+            // More within-clip clients than there are clients.
+            vec![(within, 5.0)],
+            vec![(weight, 5.0)],
+        ] {
+            let mut sim = Sim::new(3);
+            sim.tamper = tamper.clone();
+            for _ in 0..4 {
+                sim.step(&[]);
+            }
+            assert_eq!(
+                (sim.outcomes.len(), sim.not_committed),
+                (0, 1),
+                "{tamper:?}"
+            );
+            assert!(sim.engine.global_model().iter().all(|v| *v == 0.0));
+        }
+        // Within the bounds it commits (and moves the mean, as it can: the
+        // limit of checking only the sum).
+        let mut sim = Sim::new(3);
+        sim.tamper = (0..P).map(|i| (i, 3.0)).collect();
+        for _ in 0..4 {
+            sim.step(&[]);
+        }
+        assert_eq!(sim.outcomes.len(), 1);
+        let expected = (0.1 + 0.2 + 0.3 + 3.0) / 3.0;
+        for v in sim.engine.global_model().iter() {
+            assert!((v - expected).abs() < 1e-4, "{v}");
+        }
+    }
+
+    #[test]
+    fn implausible_sums_are_told_apart_from_honest_ones_with_noise() {
+        // 100 clients, 10k values, Skellam noise of mu = 1e6 units each at
+        // scale 1e4: honest-looking sums pass, ones past the bounds fail.
+        let (n, dim, clip, scale, mu) = (100, 10_000, 1.0, 1e4, 1e6);
+        let noise = (2.0 * mu * n as f64).sqrt() / scale;
+        let honest: Vec<f64> = (0..dim)
+            .map(|i| if i % 2 == 0 { noise } else { -noise })
+            .collect();
+        assert_eq!(
+            implausible_sum(&honest, 100.0, 100.0, n, clip, scale, mu),
+            None
+        );
+        assert_eq!(
+            implausible_sum(&honest, 100.0, 0.0, n, clip, scale, mu),
+            None
+        );
+        assert!(implausible_sum(&honest, 100.0, 200.0, n, clip, scale, mu).is_some());
+        assert!(implausible_sum(&honest, 150.0, 50.0, n, clip, scale, mu).is_some());
+        let loud: Vec<f64> = honest.iter().map(|v| v * 20.0).collect();
+        assert!(implausible_sum(&loud, 100.0, 50.0, n, clip, scale, mu).is_some());
+        assert!(implausible_sum(&[f64::NAN], 1.0, 1.0, 1, clip, scale, 0.0).is_some());
     }
 
     #[test]

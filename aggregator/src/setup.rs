@@ -185,6 +185,15 @@ pub fn setup_with_crl_reload(
     }
     // A spec string, or `onnx:FILE`: then the file's canonical `net:` spec travels to
     // clients and its initializers are the initial global model.
+    if config.updates.max_update_norm <= 0.0 && !config.secure_aggregation.enabled {
+        // The median rule needs a previous round; robust strategies bound
+        // outliers their own way, but plain averaging does not.
+        warn!(
+            "updates.max_update_norm is not set: in round 1, before a median norm exists, a \
+             client's update is bounded only by max_weight_share and max_parameter_abs; set an \
+             absolute bound (a few times a typical update's norm) to bound it from the start"
+        );
+    }
     let source =
         fedquic_train::onnx::ModelSource::parse(&config.model.spec).map_err(SetupError::Onnx)?;
     let layout: ParamLayout = source.layout.clone();
