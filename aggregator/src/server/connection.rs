@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use super::hub::ToHub;
+use super::hub::{QueuedControl, ToHub};
 use crate::engine::{ClientId, RejectCause};
 use crate::logging::{MAX_LOGGED_CHARS, sanitize};
 use crate::metrics::HandshakeRefusal;
@@ -248,6 +248,7 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     // a model version, so a client that does not take its models must not
     // make them pile up (see `model_transfer`).
     let mut transfer: Option<ModelTransfer> = None;
+    let queued = Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_CONTROL));
     let mut waiting: Option<(TensorHeader, ModelBody)> = None;
     let end_reason: String = loop {
         tokio::select! {
@@ -285,10 +286,12 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
             },
             msg = messages.recv() => match msg {
                 Some(Ok(Some((Message::EvalResult(result), _)))) => {
-                    let _ = shared.hub.send(ToHub::Eval { client: client.clone(), conn_id, result });
+                    let Some(_queued) = queue_slot(&queued).await else { break "aggregator stopped".into() };
+                    let _ = shared.hub.send(ToHub::Eval { client: client.clone(), conn_id, result, _queued });
                 }
                 Some(Ok(Some((Message::TaskFailed { task_id, reason }, _)))) => {
-                    let _ = shared.hub.send(ToHub::TaskFailed { client: client.clone(), conn_id, task_id, reason });
+                    let Some(_queued) = queue_slot(&queued).await else { break "aggregator stopped".into() };
+                    let _ = shared.hub.send(ToHub::TaskFailed { client: client.clone(), conn_id, task_id, reason, _queued });
                 }
                 Some(Ok(Some((Message::SecAgg { task_id, step }, bytes)))) => {
                     if let Err(e) = step.validate() {
@@ -296,7 +299,8 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
                         reject(&conn, &mut send, &client, &reason, None).await;
                         break reason;
                     }
-                    let _ = shared.hub.send(ToHub::SecAgg { client: client.clone(), conn_id, task_id, step, bytes });
+                    let Some(_queued) = queue_slot(&queued).await else { break "aggregator stopped".into() };
+                    let _ = shared.hub.send(ToHub::SecAgg { client: client.clone(), conn_id, task_id, step, bytes, _queued });
                 }
                 Some(Ok(Some((Message::Heartbeat, _)))) => {}
                 Some(Ok(Some((Message::Bye { reason, .. }, _)))) => {
@@ -351,6 +355,23 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     conn.close(0u32.into(), b"session ended");
     info!(%client, reason = %sanitize(&end_reason, MAX_LOGGED_CHARS), "client disconnected");
     let _ = shared.hub.send(ToHub::Left { client, conn_id });
+}
+
+/// Most control messages (task failures, evaluation results, secure-aggregation
+/// steps) of one session waiting for the hub at once. An honest client has a
+/// handful in flight; past this the session stops reading its control stream
+/// until the hub catches up, so a flood waits in the client's QUIC send buffer,
+/// not in the aggregator's memory.
+const MAX_QUEUED_CONTROL: usize = 16;
+
+/// A place for one more control message in the hub's queue (see
+/// [`MAX_QUEUED_CONTROL`]); waits while the session has them all in use.
+async fn queue_slot(queued: &Arc<tokio::sync::Semaphore>) -> Option<QueuedControl> {
+    Arc::clone(queued)
+        .acquire_owned()
+        .await
+        .ok()
+        .map(QueuedControl::new)
 }
 
 /// How a model transfer ended (`Err` when its time ran out), and the time
@@ -583,5 +604,25 @@ async fn receive_update(
                 ),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_session_queues_at_most_its_share_of_control_messages() {
+        let queued = Arc::new(tokio::sync::Semaphore::new(MAX_QUEUED_CONTROL));
+        let mut held = Vec::new();
+        for _ in 0..MAX_QUEUED_CONTROL {
+            held.push(queue_slot(&queued).await.expect("a free place"));
+        }
+        // The next message waits until the hub has handled one.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), queue_slot(&queued)).await;
+        assert!(waiting.is_err(), "a 17th message was queued");
+        drop(held.pop());
+        let freed = tokio::time::timeout(Duration::from_secs(5), queue_slot(&queued)).await;
+        assert!(matches!(freed, Ok(Some(_))));
     }
 }

@@ -67,11 +67,13 @@ pub(super) enum ToHub {
         conn_id: u64,
         task_id: u64,
         reason: String,
+        _queued: QueuedControl,
     },
     Eval {
         client: ClientId,
         conn_id: u64,
         result: EvalResult,
+        _queued: QueuedControl,
     },
     /// A secure-aggregation step (validated), and its size on the wire.
     SecAgg {
@@ -80,7 +82,24 @@ pub(super) enum ToHub {
         task_id: u64,
         step: SecAggStep,
         bytes: u64,
+        _queued: QueuedControl,
     },
+}
+
+/// One of the few places a session has for a client's control messages
+/// waiting for the hub (see `MAX_QUEUED_CONTROL` in `connection`): freed when
+/// the hub has handled the message. A client that sends faster than the hub
+/// handles waits for one, and QUIC flow control holds it back, instead of its
+/// messages piling up in the hub's queue.
+pub(super) struct QueuedControl {
+    /// Held for its drop.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl QueuedControl {
+    pub(super) fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        QueuedControl { _permit: permit }
+    }
 }
 
 pub(super) struct Hub {
@@ -432,6 +451,7 @@ impl Hub {
                 conn_id,
                 task_id,
                 reason,
+                ..
             } => {
                 // Messages about tasks the client does not hold are ignored
                 // without a log line: they cost an attacker nothing.
@@ -446,6 +466,7 @@ impl Hub {
                 client,
                 conn_id,
                 result,
+                ..
             } => {
                 if !self.is_current(&client, conn_id)
                     || !self.engine.is_pending(&client, result.task_id)
@@ -460,6 +481,7 @@ impl Hub {
                 task_id,
                 step,
                 bytes,
+                ..
             } => {
                 if !self.is_current(&client, conn_id) || !self.engine.is_pending(&client, task_id) {
                     return Vec::new();
