@@ -389,12 +389,13 @@ async fn session(
                     }
                     SecAggFit::Failed(reason) => {
                         warn!(round = task.round, %reason, "secure-aggregation task failed");
-                        write_message(
+                        write_control(
                             &mut send,
                             &Message::TaskFailed {
                                 task_id: task.task_id,
                                 reason,
                             },
+                            &opts.limits,
                         )
                         .await?;
                         if task_answered(opts, report) {
@@ -436,7 +437,7 @@ async fn session(
                         };
                         report.bytes_up +=
                             fedquic_protocol::encode_message(&answer).map_or(0, |f| f.len() as u64);
-                        write_message(&mut send, &answer).await?;
+                        write_control(&mut send, &answer, &opts.limits).await?;
                     }
                     // An honest client answers nothing to a request that
                     // could unmask a neighbour's update.
@@ -468,12 +469,13 @@ async fn session(
                     }
                     Err(reason) => {
                         warn!(round = task.round, %reason, "fit task failed");
-                        write_message(
+                        write_control(
                             &mut send,
                             &Message::TaskFailed {
                                 task_id: task.task_id,
                                 reason,
                             },
+                            &opts.limits,
                         )
                         .await?;
                         if task_answered(opts, report) {
@@ -515,7 +517,7 @@ async fn session(
                         reason: e.to_string(),
                     },
                 };
-                write_message(&mut send, &reply).await?;
+                write_control(&mut send, &reply, &opts.limits).await?;
                 report.evaluate_tasks += 1;
             }
             Message::UpdateAccepted { task_id } | Message::UpdateRejected { task_id, .. }
@@ -582,14 +584,18 @@ async fn leave(
     send: &mut quinn::SendStream,
 ) -> Result<SessionEnd, SessionError> {
     info!("task quota reached; leaving the federation");
-    write_message(
-        send,
-        &Message::Bye {
-            reason: "task quota reached".into(),
-            finished: true,
-        },
-    )
-    .await?;
+    let bye = Message::Bye {
+        reason: "task quota reached".into(),
+        finished: true,
+    };
+    // Leaving needs no answer: a goodbye that cannot be written soon is dropped.
+    if tokio::time::timeout(Duration::from_secs(2), write_message(send, &bye))
+        .await
+        .is_err()
+    {
+        conn.close(0u32.into(), b"bye");
+        return Ok(SessionEnd::Finished);
+    }
     let _ = send.finish();
     if tokio::time::timeout(Duration::from_secs(2), conn.closed())
         .await
@@ -598,6 +604,25 @@ async fn leave(
         conn.close(0u32.into(), b"bye");
     }
     Ok(SessionEnd::Finished)
+}
+
+/// Writes a control message, giving up on the session if the aggregator does
+/// not take it within [`ClientLimits::max_task_wait`] (it withholds
+/// flow-control credit on the control stream).
+async fn write_control(
+    send: &mut quinn::SendStream,
+    message: &Message,
+    limits: &ClientLimits,
+) -> Result<(), SessionError> {
+    tokio::time::timeout(limits.max_task_wait, write_message(send, message))
+        .await
+        .map_err(|_| {
+            SessionError::Transient(format!(
+                "the aggregator did not take a control message within {:?}",
+                limits.max_task_wait
+            ))
+        })?
+        .map_err(SessionError::from)
 }
 
 /// Aborts a spawned task when dropped (the session's control-stream reader).
@@ -673,7 +698,7 @@ async fn secagg_fit_task(
             step,
         };
         *up += fedquic_protocol::encode_message(&message).map_or(0, |f| f.len() as u64);
-        write_message(send, &message).await
+        write_control(send, &message, &opts.limits).await
     };
     say(send, SecAggStep::AdvertiseKeys(keys), &mut up).await?;
     let config = task.config.clone();
