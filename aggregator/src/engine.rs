@@ -185,6 +185,31 @@ pub struct EngineState {
     pub median_update_norm: Option<f64>,
 }
 
+impl EngineState {
+    /// Checks a checkpointed state before a run resumes from it (its file's
+    /// checksum says it is intact, not that it is sane): round and task
+    /// counters that leave room to count on, and a median norm that can bound
+    /// updates (a negative one would flip their sign, NaN would lift the bound).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.completed_rounds > crate::config::MAX_ROUNDS {
+            return Err(format!(
+                "{} completed rounds, more than a run can have ({})",
+                self.completed_rounds,
+                crate::config::MAX_ROUNDS
+            ));
+        }
+        if self.next_task_id > u64::MAX / 2 {
+            return Err(format!("next task id {} leaves no room", self.next_task_id));
+        }
+        if let Some(median) = self.median_update_norm
+            && !(median.is_finite() && median >= 0.0)
+        {
+            return Err(format!("median update norm {median} is not a norm"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
     /// Rounds to run; rounds are numbered from 1.
@@ -581,19 +606,11 @@ impl RoundEngine {
         self.strategy
             .restore(strategy, len)
             .map_err(|e| format!("{} state: {e}", self.strategy.name()))?;
-        match (&mut self.privacy, privacy) {
-            (Some(p), Some(saved)) => {
-                p.restore(saved)?;
-                self.config.updates.max_update_norm = Some(p.clip_norm());
-                Ok(())
-            }
-            (Some(_), None) => Err(
-                "the checkpoint has no privacy accountant: it was written without \
-                 [differential_privacy], whose budget cannot be resumed from nothing"
-                    .into(),
-            ),
-            _ => Ok(()),
+        crate::privacy::restore_privacy(self.privacy.as_mut(), privacy)?;
+        if let Some(p) = &self.privacy {
+            self.config.updates.max_update_norm = Some(p.clip_norm());
         }
+        Ok(())
     }
 
     /// Central differential privacy: every update is clipped to the DP

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use fedquic_protocol::{EvalResult, EvaluateTask, FitInstructions, Metrics};
 
 use crate::engine::{
-    Action, EngineConfig, FederatedEval, MAX_EXAMPLES_PER_UPDATE, NormPolicy, RoundEngine,
-    RoundOutcome, UpdatePolicy,
+    Action, EngineConfig, EngineState, FederatedEval, MAX_EXAMPLES_PER_UPDATE, NormPolicy,
+    RoundEngine, RoundOutcome, UpdatePolicy,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -1575,4 +1575,49 @@ fn strategy_refusals_and_scaffold_sizes_are_enforced() {
         matches!(&actions[0], Action::UpdateRejected { reason, .. } if reason.contains("expected 2 (model) + 2")),
         "{actions:?}"
     );
+}
+
+#[test]
+fn a_checkpointed_engine_state_must_be_sane_to_resume_from() {
+    let good = EngineState {
+        completed_rounds: 7,
+        next_task_id: 71,
+        selection_seed: 1,
+        fit_seed: 2,
+        median_update_norm: Some(0.5),
+    };
+    good.validate().unwrap();
+    for (bad, says) in [
+        (
+            EngineState {
+                median_update_norm: Some(-1.0),
+                ..good.clone()
+            },
+            "median update norm -1",
+        ),
+        (
+            EngineState {
+                median_update_norm: Some(f64::NAN),
+                ..good.clone()
+            },
+            "median update norm NaN",
+        ),
+        (
+            EngineState {
+                completed_rounds: u64::MAX,
+                ..good.clone()
+            },
+            "completed rounds",
+        ),
+        (
+            EngineState {
+                next_task_id: u64::MAX,
+                ..good.clone()
+            },
+            "next task id",
+        ),
+    ] {
+        let err = bad.validate().unwrap_err();
+        assert!(err.contains(says), "{err}");
+    }
 }

@@ -335,6 +335,21 @@ pub fn split_state(state: &[u8]) -> Result<(&[u8], Option<&[u8]>), String> {
     Ok((strategy, Some(privacy)))
 }
 
+/// Restores the privacy accountant from a checkpoint's privacy state, if the
+/// run has differential privacy. A checkpoint without one cannot resume a run
+/// that has it: its budget would start again from nothing.
+pub fn restore_privacy(privacy: Option<&mut Privacy>, saved: Option<&[u8]>) -> Result<(), String> {
+    match (privacy, saved) {
+        (Some(p), Some(saved)) => p.restore(saved),
+        (Some(_), None) => Err(
+            "the checkpoint has no privacy accountant: it was written without \
+             [differential_privacy], whose budget cannot be resumed from nothing"
+                .into(),
+        ),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,6 +397,22 @@ mod tests {
         seeded(1).noise_sum(&mut other, 8).unwrap();
         assert_ne!(other, noise(&seeded(1)));
         assert!(!format!("{a:?}").contains(&format!("{:?}", a.noise_key.0)));
+    }
+
+    #[test]
+    fn a_run_with_privacy_never_resumes_from_a_checkpoint_without_its_accountant() {
+        let spent = {
+            let mut p = Privacy::new(config(), 100).unwrap();
+            p.account(10, 10.0, RoundNoise::Central, 1).unwrap();
+            p.state()
+        };
+        let mut p = Privacy::new(config(), 100).unwrap();
+        let err = restore_privacy(Some(&mut p), None).unwrap_err();
+        assert!(err.contains("no privacy accountant"), "{err}");
+        restore_privacy(Some(&mut p), Some(&spent)).unwrap();
+        // Without privacy, a saved accountant (DP turned off) is not an error.
+        restore_privacy(None, Some(&spent)).unwrap();
+        restore_privacy(None, None).unwrap();
     }
 
     #[test]

@@ -267,9 +267,7 @@ impl SecAggEngine {
         let mut engine = SecAggEngine::new(config, settings, privacy, model)?;
         let (strategy_state, privacy_state) = crate::privacy::split_state(strategy_state)?;
         engine.strategy.restore(strategy_state, len)?;
-        if let (Some(p), Some(s)) = (&mut engine.privacy, privacy_state) {
-            p.restore(s)?;
-        }
+        crate::privacy::restore_privacy(engine.privacy.as_mut(), privacy_state)?;
         engine.completed = state.completed_rounds;
         engine.next_task_id = state.next_task_id;
         if engine.completed >= engine.config.rounds {

@@ -280,6 +280,20 @@ pub fn setup_with_crl_reload(
                         config.strategy.name
                     )));
                 }
+                let engine = &ckpt.header.engine;
+                let consistent = engine.completed_rounds == ckpt.header.round;
+                if let Err(e) = engine.validate().and_then(|()| match consistent {
+                    true => Ok(()),
+                    false => Err(format!(
+                        "the header says round {} but the engine state {} completed rounds",
+                        ckpt.header.round, engine.completed_rounds
+                    )),
+                }) {
+                    return Err(SetupError::State(format!(
+                        "{}: {e}",
+                        store.path_for(ckpt.header.round).display()
+                    )));
+                }
                 resume = Some(ckpt.header.engine.clone());
                 strategy_state = ckpt.strategy;
                 initial_model = ckpt.model;
