@@ -124,8 +124,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             all
         }
     };
-    let bytes =
-        std::fs::read(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let bytes = fedquic_train::onnx::read_limited(&args.model)?;
     let started = std::time::Instant::now();
     let result = predict(&bytes, &data, args.batch)?;
     let seconds = started.elapsed().as_secs_f64();

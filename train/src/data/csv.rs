@@ -67,7 +67,11 @@ fn parse_csv(path: &Path, reader: impl BufRead) -> Result<Table> {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         let row = match parse_row(&fields) {
             Ok(row) => row,
-            Err(_) if is_first_content => continue, // a header line
+            // A header names its columns: some field is not a number at all. A
+            // first row of numbers that fails (a label of 300, a NaN) is an error.
+            Err(_) if is_first_content && fields.iter().any(|f| f.parse::<f64>().is_err()) => {
+                continue;
+            }
             Err(reason) => return Err(bad(line_number, reason)),
         };
         match width {
@@ -186,6 +190,10 @@ mod tests {
     #[test]
     fn only_the_first_line_may_be_a_header() {
         assert!(error_text("1,2\nlabel,x\n").contains("line 2"));
+        // A first line of numbers is data, even when it is bad data: never
+        // dropped as if it were a header.
+        assert!(error_text("300,1,2\n1,2,3\n").contains("line 1: label 300"));
+        assert!(error_text("1,nan,2\n1,2,3\n").contains("line 1: feature 1"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tract_onnx::pb::{
 
 use super::proto::{attr_float, attr_int, attr_ints, attr_string, attribute, floats, ints};
 use super::{Imported, MAX_ONNX_NODES, OnnxError, Result, read_limited};
-use crate::spec::{MAX_NET_LAYERS, ModelSpec, NetLayer, NetOutput, SpecFloat};
+use crate::spec::{MAX_NET_LAYERS, MAX_PARAMS, ModelSpec, NetLayer, NetOutput, SpecFloat};
 
 /// Where one parameter tensor of the imported model lives in the file.
 #[derive(Clone, Debug, PartialEq)]
@@ -290,6 +290,15 @@ fn input_shape(input: &tract_onnx::pb::ValueInfoProto) -> Result<Shape> {
             }
         }
     }
+    // Every later shape is computed from this one without overflow checks.
+    let values = sizes.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if values.is_none_or(|n| n > crate::spec::MAX_ACTIVATION) {
+        return Err(OnnxError::UnsupportedGraph(format!(
+            "input {:?} has more than {} values per example",
+            input.name,
+            crate::spec::MAX_ACTIVATION
+        )));
+    }
     match *sizes.as_slice() {
         [n] => Ok(Shape::Flat(n)),
         [c, h, w] => Ok(Shape::Image(c, h, w)),
@@ -479,10 +488,30 @@ impl Walk<'_> {
         })
     }
 
-    fn push(&mut self, values: Vec<f32>, source: Source, stored: (usize, usize)) {
+    /// Appends a layer's parameters. Each stored tensor may back one parameter
+    /// only: fedquic trains them separately and writes each back to its own
+    /// initializer, so tied weights would export wrong (and a tensor shared by many
+    /// nodes would be decoded once per node).
+    fn push(&mut self, values: Vec<f32>, source: Source, stored: (usize, usize)) -> Result<()> {
+        if let Source::Initializer { name, .. } | Source::Constant { name } = &source
+            && self.sources.iter().any(|used| match used {
+                Source::Initializer { name: n, .. } | Source::Constant { name: n } => n == name,
+                _ => false,
+            })
+        {
+            return Err(OnnxError::UnsupportedGraph(format!(
+                "{name:?} is used by two layers; fedquic does not train tied weights"
+            )));
+        }
+        if self.params.len().saturating_add(values.len()) > MAX_PARAMS {
+            return Err(OnnxError::Invalid(format!(
+                "the model has more than 2^31 ({MAX_PARAMS}) parameters"
+            )));
+        }
         self.params.extend(values);
         self.sources.push(source);
         self.stored.push(stored);
+        Ok(())
     }
 
     /// An optional bias input (`position`) of `len` values, zero when absent.
@@ -503,7 +532,7 @@ impl Walk<'_> {
                         format!("the bias has {} values, expected {len}", values.len()),
                     ));
                 }
-                self.push(values, source, (1, len));
+                self.push(values, source, (1, len))?;
             }
             None => {
                 let name = format!(
@@ -522,7 +551,7 @@ impl Walk<'_> {
                         input: position,
                     },
                     (1, len),
-                );
+                )?;
             }
         }
         Ok(())
@@ -597,7 +626,7 @@ impl Walk<'_> {
                 "a MatMul weight held by a Constant node; store it as an initializer".to_string(),
             ));
         }
-        self.push(values, source, stored);
+        self.push(values, source, stored)?;
         Ok(())
     }
 
@@ -641,7 +670,7 @@ impl Walk<'_> {
                     node: node_index,
                 },
                 (1, outputs),
-            );
+            )?;
             self.layers.push(NetLayer::Dense { units: outputs });
             self.shape = Shape::Flat(outputs);
             return Ok(());
@@ -659,7 +688,7 @@ impl Walk<'_> {
                 ),
             ));
         }
-        self.push(values, source, (1, outputs));
+        self.push(values, source, (1, outputs))?;
         self.layers.push(NetLayer::Dense { units: outputs });
         self.shape = Shape::Flat(outputs);
         Ok(())
@@ -684,7 +713,7 @@ impl Walk<'_> {
         };
         let (stride, padding) = self.window(node, kernel, true)?;
         let _ = (h, w);
-        self.push(floats(tensor)?, source, (out, c * kernel * kernel));
+        self.push(floats(tensor)?, source, (out, c * kernel * kernel))?;
         self.bias(node, node_index, 2, out)?;
         let layer = NetLayer::Conv {
             channels: out,
@@ -893,7 +922,7 @@ impl Walk<'_> {
                     ),
                 ));
             }
-            self.push(values, source, (1, channels));
+            self.push(values, source, (1, channels))?;
         }
         let epsilon = attr_float(node, "epsilon", 1e-5);
         self.layers.push(NetLayer::BatchNorm {

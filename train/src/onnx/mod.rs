@@ -164,7 +164,7 @@ impl ModelSource {
 }
 
 /// Reads a whole file of at most [`MAX_ONNX_BYTES`].
-pub(crate) fn read_limited(path: &Path) -> Result<Vec<u8>> {
+pub fn read_limited(path: &Path) -> Result<Vec<u8>> {
     use std::io::Read;
     let io = |source| OnnxError::Io {
         path: path.to_path_buf(),

@@ -417,3 +417,45 @@ fn model_source_exports_specs_and_imports() {
     );
     assert!(source.export(&params[1..]).is_err());
 }
+
+#[test]
+fn refuses_tied_weights_and_inputs_too_large_to_count() {
+    // Two square dense layers made to read one initializer: decoded once per
+    // node before, and exported back wrong (both layers to one tensor).
+    let bytes = export_model(&random_model("mlp:8-8-8-3", 2)).unwrap();
+    let mut model = import::decode(&bytes).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let weights: Vec<String> = graph
+        .node
+        .iter()
+        .filter(|n| matches!(n.op_type.as_str(), "Gemm" | "MatMul"))
+        .map(|n| n.input[1].clone())
+        .collect();
+    assert!(weights.len() >= 2, "{weights:?}");
+    let second = graph
+        .node
+        .iter_mut()
+        .filter(|n| matches!(n.op_type.as_str(), "Gemm" | "MatMul"))
+        .nth(1)
+        .unwrap();
+    second.input[1] = weights[0].clone();
+    let error = import_bytes(&model.encode_to_vec()).unwrap_err();
+    assert!(error.to_string().contains("tied weights"), "{error}");
+
+    // An image input of 2^22 x 2^22 x 2^22 values: the product overflowed
+    // (a panic in debug builds) in the shapes computed from it.
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value;
+    let bytes = export_model(&random_model("cnn:1x12x12-c4k3p1-m2-3", 3)).unwrap();
+    let mut model = import::decode(&bytes).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let Some(tract_onnx::pb::type_proto::Value::TensorType(tensor)) =
+        graph.input[0].r#type.as_mut().unwrap().value.as_mut()
+    else {
+        panic!("input is a tensor");
+    };
+    for dim in &mut tensor.shape.as_mut().unwrap().dim[1..] {
+        dim.value = Some(Value::DimValue(1 << 22));
+    }
+    let error = import_bytes(&model.encode_to_vec()).unwrap_err();
+    assert!(error.to_string().contains("values per example"), "{error}");
+}
