@@ -202,6 +202,11 @@ pub struct SimResult {
     pub plots: PlotReport,
 }
 
+/// Most training threads (`--threads`) a simulation takes.
+pub const MAX_SIM_THREADS: usize = 1024;
+/// Most virtual clients (`--clients`) a simulation takes.
+pub const MAX_SIM_CLIENTS: usize = 1 << 32;
+
 /// Runs the simulation. `on_round` sees each round's record as it lands
 /// (progress display); `on_ready` is called once all clients are set up.
 pub async fn simulate(
@@ -214,8 +219,18 @@ pub async fn simulate(
         bail!("--clients must be at least 1");
     }
     config.faults.validate()?;
-    if !(config.round_deadline_secs.is_finite() && config.round_deadline_secs > 0.0) {
-        bail!("--round-deadline must be a positive number of seconds");
+    let max_deadline = fedquic_aggregator::config::MAX_DURATION_SECS;
+    if !(config.round_deadline_secs.is_finite()
+        && config.round_deadline_secs > 0.0
+        && config.round_deadline_secs <= max_deadline)
+    {
+        bail!("--round-deadline must be a positive number of seconds, at most {max_deadline}");
+    }
+    if !(1..=MAX_SIM_THREADS).contains(&config.threads) {
+        bail!("--threads must be 1..={MAX_SIM_THREADS}");
+    }
+    if config.clients > MAX_SIM_CLIENTS {
+        bail!("--clients must be at most {MAX_SIM_CLIENTS}");
     }
     // A spec string or `onnx:FILE` (whose canonical `net:` spec travels to clients).
     let source = fedquic_train::onnx::ModelSource::parse(&config.model)?;

@@ -133,6 +133,28 @@ async fn bad_settings_are_clear_errors() {
             },
             "--secagg",
         ),
+        // Bounded before use (a Duration or semaphore of these sizes panicked).
+        (
+            SimConfig {
+                round_deadline_secs: 1e20,
+                ..SimConfig::default()
+            },
+            "--round-deadline",
+        ),
+        (
+            SimConfig {
+                threads: usize::MAX,
+                ..SimConfig::default()
+            },
+            "--threads",
+        ),
+        (
+            SimConfig {
+                clients: usize::MAX,
+                ..SimConfig::default()
+            },
+            "--clients",
+        ),
     ] {
         let err = simulate(config, |_| {}).await.expect_err(needle);
         assert!(
