@@ -227,12 +227,31 @@ async fn round_then_unmask(curious_first: bool) -> Option<Message> {
 /// trainer was lost before, and the client reconnected forever).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_abandoned_while_training_keeps_the_trainer() {
+    abandon_a_task_then_train(false).await;
+}
+
+/// The same, abandoned while it waits for a training slot (the simulator
+/// shares slots between its clients): the trainer stays with the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_abandoned_while_waiting_for_a_training_slot_keeps_the_trainer() {
+    abandon_a_task_then_train(true).await;
+}
+
+async fn abandon_a_task_then_train(wait_for_a_slot: bool) {
     let ca = CertAuthority::generate("fedquic test CA").unwrap();
     let (endpoint, addr) = hostile_endpoint(&ca);
     let tls = client_tls(&ca, Some(identity(&ca, REAL)));
     let mut trainer = DeltaTrainer::new(0.25, 10);
-    trainer.delay = Duration::from_millis(1500);
-    let client = tokio::spawn(run_client(options(addr, tls, 3), trainer));
+    let mut opts = options(addr, tls, 3);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+    let mut held = None;
+    if wait_for_a_slot {
+        held = Some(slots.clone().acquire_owned().await.unwrap());
+        opts.training_slots = Some(slots);
+    } else {
+        trainer.delay = Duration::from_millis(1500);
+    }
+    let client = tokio::spawn(run_client(opts, trainer));
 
     let spec = format!("vector:{PARAMS}");
     let (conn, mut send, mut recv) = welcome(&endpoint, &spec).await;
@@ -278,7 +297,7 @@ async fn a_task_abandoned_while_training_keeps_the_trainer() {
         expect_step(&mut recv).await,
         SecAggStep::AdvertiseKeys(_)
     ));
-    // Training has the model by now and sleeps in `fit`.
+    // Training has the model by now and sleeps in `fit`, or waits for the slot.
     tokio::time::sleep(Duration::from_millis(300)).await;
     write_message(
         &mut send,
@@ -289,6 +308,9 @@ async fn a_task_abandoned_while_training_keeps_the_trainer() {
     )
     .await
     .unwrap();
+    // The rejection is read before a held slot frees up.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
     let plain = FitTask {
         round: 2,
         task_id: 2,

@@ -27,10 +27,10 @@ pub struct ClientLimits {
     /// checked for the model (one example) and for each task's batch size.
     pub max_training_memory: u64,
     /// Longest the client waits on the aggregator within a task: for a model
-    /// stream to open and its header, for each secure-aggregation step once
-    /// training is done, and beyond [`MIN_TRANSFER_RATE`]'s allowance for a
-    /// model to arrive or an update to be taken. Past it the session is dropped
-    /// and the client reconnects.
+    /// stream to open and its header, for the secure-aggregation key exchange
+    /// to finish once training is done, for a control message to be taken, and
+    /// beyond [`MIN_TRANSFER_RATE`]'s allowance for a model to arrive or an update
+    /// to be taken. Past it the session is dropped and the client reconnects.
     pub max_task_wait: Duration,
 }
 
@@ -68,7 +68,7 @@ pub enum LimitError {
     )]
     BatchSize { batch_size: u32, max: u32 },
     #[error(
-        "training the aggregator's model on batches of {batch_size} takes {bytes} bytes of scratch memory, more than this client accepts ({max}; --max-training-memory, in MiB)"
+        "training the aggregator's model on batches of {batch_size} takes {} MiB of scratch memory, more than this client accepts ({} MiB; --max-training-memory)", bytes.div_ceil(1 << 20), max >> 20
     )]
     TrainingMemory {
         bytes: u64,

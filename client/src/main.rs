@@ -98,9 +98,9 @@ struct Cli {
     #[arg(long, default_value_t = ClientLimits::default().max_training_memory >> 20)]
     max_training_memory: u64,
     /// Longest wait on the aggregator within a task, in seconds: for the model
-    /// to start arriving, for each secure-aggregation step after training,
-    /// and beyond 16 KiB/s for a model or update transfer. Then the client
-    /// reconnects.
+    /// to start arriving, for the secure-aggregation key exchange to finish
+    /// after training, for a control message to be taken, and beyond 16 KiB/s
+    /// for a model or update transfer. Then the client reconnects.
     #[arg(long, default_value_t = ClientLimits::default().max_task_wait.as_secs_f64())]
     max_task_wait: f64,
     /// Training backend: cpu, wgpu (any Vulkan adapter, software ones included) or auto

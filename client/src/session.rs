@@ -970,12 +970,22 @@ impl TrainerSlot {
 
     /// The trainer, once any run that holds it has ended.
     async fn take(&mut self) -> Result<Box<dyn Trainer>, SessionError> {
+        self.wait_idle().await?;
+        self.take_idle()
+    }
+
+    /// Waits for the run that holds the trainer, if any, to give it back.
+    async fn wait_idle(&mut self) -> Result<(), SessionError> {
         if let Some(run) = self.busy.as_mut() {
             let trainer = run.await.map_err(trainer_panicked)?;
             self.busy = None;
             self.idle = Some(trainer);
         }
-        // Only a panicked run (a fatal error, above) leaves no trainer.
+        Ok(())
+    }
+
+    fn take_idle(&mut self) -> Result<Box<dyn Trainer>, SessionError> {
+        // Only a panicked run (a fatal error) leaves no trainer.
         self.idle.take().ok_or_else(|| {
             SessionError::Fatal(ClientError::Incompatible(TrainerError::Other(
                 "the trainer was lost".into(),
@@ -990,17 +1000,19 @@ impl TrainerSlot {
         opts: &ClientOptions,
         work: impl FnOnce(&mut dyn Trainer) -> Result<R, TrainerError> + Send + 'static,
     ) -> Result<Result<R, TrainerError>, SessionError> {
-        let mut trainer = self.take().await?;
+        // Every await before the trainer leaves `idle` is cancel-safe: a task
+        // abandoned while it waits for a training slot leaves the trainer here.
+        self.wait_idle().await?;
         let permit = match &opts.training_slots {
-            Some(s) => match s.clone().acquire_owned().await {
-                Ok(permit) => Some(permit),
-                Err(_) => {
-                    self.idle = Some(trainer);
-                    return Err(SessionError::Transient("shutting down".into()));
-                }
-            },
+            Some(s) => Some(
+                s.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| SessionError::Transient("shutting down".into()))?,
+            ),
             None => None,
         };
+        let mut trainer = self.take_idle()?;
         let (result_tx, result_rx) = tokio::sync::oneshot::channel();
         let run = self.busy.insert(tokio::task::spawn_blocking(move || {
             let _permit = permit;
@@ -1227,17 +1239,15 @@ async fn fit_task(
         metrics: outcome.metrics,
         body_len: 0,
     };
-    // What this update supersedes is forgotten before it goes out (see
-    // `StateStore::forget`); a failed forget sends nothing, rather than risk
-    // the next update repeating the old residual.
-    let superseded = [
-        (next_residual.is_some(), StateVector::Residual),
-        (next_control.is_some(), StateVector::ScaffoldControl),
-    ];
-    for (_, which) in superseded.iter().filter(|(superseded, _)| *superseded) {
-        if let Err(e) = state.store.forget(*which) {
-            return Ok(Err(format!("cannot update the client's state: {e}")));
-        }
+    // The residual this update supersedes is forgotten before it goes out
+    // (see `StateStore::forget`); a failed forget sends nothing, rather than
+    // risk the next update repeating the old residual. SCAFFOLD's c_i stays
+    // until the update is sent: if it is not, the server's c never saw its
+    // change, and the old c_i is the consistent one.
+    if next_residual.is_some()
+        && let Err(e) = state.store.forget(StateVector::Residual)
+    {
+        return Ok(Err(format!("cannot update the client's state: {e}")));
     }
     let deadline = opts.limits.transfer_deadline(body.len_bytes());
     let bytes = match body {
@@ -1265,7 +1275,11 @@ async fn fit_task(
             .store
             .save(StateVector::ScaffoldControl, &scaffold.run, c_next)
     {
-        warn!(error = %e, "cannot store the control variate");
+        // The server has this update's change of c; an old c_i would count it again.
+        warn!(error = %e, "cannot store the control variate; starting it from zero");
+        if let Err(e) = state.store.forget(StateVector::ScaffoldControl) {
+            warn!(error = %e, "cannot remove the stale control variate");
+        }
     }
     if let Some(residual) = next_residual
         && let Err(e) = state
