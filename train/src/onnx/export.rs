@@ -213,12 +213,18 @@ pub fn export_imported(original: &[u8], parameters: &[f32]) -> Result<Vec<u8>> {
         .ok_or_else(|| OnnxError::NotOnnx("no graph".into()))?;
     let mut offset = 0;
     let mut inserts = Vec::new();
+    let mut written = std::collections::HashSet::new();
+    let mut untied = Vec::new();
     for (source, &(rows, cols)) in mapped.sources.iter().zip(&mapped.stored) {
         let len = rows * cols;
         let values = &parameters[offset..offset + len];
         offset += len;
         match source {
-            Source::Initializer { name, transposed } => {
+            Source::Initializer {
+                name,
+                transposed,
+                reader,
+            } => {
                 // fedquic keeps [out, in]; a transposed source is stored [in, out].
                 let stored: Vec<f32> = if *transposed {
                     let (inputs, outputs) = (rows, cols);
@@ -237,7 +243,23 @@ pub fn export_imported(original: &[u8], parameters: &[f32]) -> Result<Vec<u8>> {
                     .iter_mut()
                     .find(|t| t.name == *name)
                     .ok_or_else(|| OnnxError::Invalid(format!("initializer {name:?} vanished")))?;
-                set_floats(tensor, &stored);
+                if written.insert(name.as_str()) {
+                    set_floats(tensor, &stored);
+                } else {
+                    // Shared with an earlier parameter (merged by value on export):
+                    // this reader gets its own copy, as fedquic trained them apart.
+                    let mut copy = tensor.clone();
+                    copy.name = format!("{name}.fedquic_untied{}", untied.len());
+                    set_floats(&mut copy, &stored);
+                    let (node, input) = *reader;
+                    let slot = graph
+                        .node
+                        .get_mut(node)
+                        .and_then(|n| n.input.get_mut(input))
+                        .ok_or_else(|| OnnxError::Invalid("node vanished".into()))?;
+                    *slot = copy.name.clone();
+                    untied.push(copy);
+                }
             }
             Source::Constant { name } => {
                 let node = graph
@@ -288,6 +310,7 @@ pub fn export_imported(original: &[u8], parameters: &[f32]) -> Result<Vec<u8>> {
             }
         }
     }
+    graph.initializer.extend(untied);
     // A training-mode export (PyTorch's way to keep Dropout) would make serving runtimes
     // drop values at random or refuse to run: the exported model is for inference.
     for node in graph.node.iter_mut().filter(|n| n.op_type == "Dropout") {

@@ -17,8 +17,15 @@ use crate::spec::{MAX_NET_LAYERS, MAX_PARAMS, ModelSpec, NetLayer, NetOutput, Sp
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Source {
     /// A graph initializer of this name; `transposed` when it is stored `[in, out]`
-    /// (MatMul, Gemm without transB) while fedquic keeps `[out, in]`.
-    Initializer { name: String, transposed: bool },
+    /// (MatMul, Gemm without transB) while fedquic keeps `[out, in]`. `reader` is the
+    /// (node, input) that reads it: where export points a copy when several parameters
+    /// share one initializer (PyTorch's exporter merges initializers of equal value,
+    /// such as a fresh BatchNorm's weight and running variance).
+    Initializer {
+        name: String,
+        transposed: bool,
+        reader: (usize, usize),
+    },
     /// The `value` of the Constant node that outputs this name.
     Constant { name: String },
     /// Absent (a Conv or Gemm without bias): export adds an initializer of this name as
@@ -458,6 +465,7 @@ impl Walk<'_> {
                 Source::Initializer {
                     name: name.to_string(),
                     transposed: false,
+                    reader: (0, 0),
                 },
             ));
         }
@@ -477,7 +485,17 @@ impl Walk<'_> {
             .get(position)
             .filter(|n| !n.is_empty())
             .ok_or_else(|| node_error(node, format!("input {position} is missing")))?;
-        self.constant(name).ok_or_else(|| {
+        let node_index = self
+            .graph
+            .node
+            .iter()
+            .position(|n| std::ptr::eq(n, node))
+            .unwrap_or(0);
+        let mut found = self.constant(name);
+        if let Some((_, Source::Initializer { reader, .. })) = &mut found {
+            *reader = (node_index, position);
+        }
+        found.ok_or_else(|| {
             node_error(
                 node,
                 format!(
@@ -488,19 +506,19 @@ impl Walk<'_> {
         })
     }
 
-    /// Appends a layer's parameters. Each stored tensor may back one parameter
-    /// only: fedquic trains them separately and writes each back to its own
-    /// initializer, so tied weights would export wrong (and a tensor shared by many
-    /// nodes would be decoded once per node).
+    /// Appends a layer's parameters. A stored tensor read by several parameters
+    /// becomes one parameter each (export gives each its own copy); the running
+    /// total is checked as it grows, since a shared tensor is decoded once per reader.
+    /// A Constant node's value cannot be copied that way: sharing one is refused.
     fn push(&mut self, values: Vec<f32>, source: Source, stored: (usize, usize)) -> Result<()> {
-        if let Source::Initializer { name, .. } | Source::Constant { name } = &source
-            && self.sources.iter().any(|used| match used {
-                Source::Initializer { name: n, .. } | Source::Constant { name: n } => n == name,
-                _ => false,
-            })
+        if let Source::Constant { name } = &source
+            && self
+                .sources
+                .iter()
+                .any(|used| matches!(used, Source::Constant { name: n } if n == name))
         {
             return Err(OnnxError::UnsupportedGraph(format!(
-                "{name:?} is used by two layers; fedquic does not train tied weights"
+                "constant {name:?} is read by two layers; store shared weights as initializers"
             )));
         }
         if self.params.len().saturating_add(values.len()) > MAX_PARAMS {
@@ -611,9 +629,10 @@ impl Walk<'_> {
                 }
             }
             let source = match source {
-                Source::Initializer { name, .. } => Source::Initializer {
+                Source::Initializer { name, reader, .. } => Source::Initializer {
                     name,
                     transposed: true,
+                    reader,
                 },
                 other => other,
             };
