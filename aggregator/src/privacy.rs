@@ -182,18 +182,15 @@ impl Privacy {
         .map_err(|e| e.to_string())
     }
 
-    /// Composes a finished round into the accountant and moves the adaptive
-    /// clip: `selected` clients were sampled, `within_clip` of the updates
-    /// were within the clip norm before clipping (exact: the aggregator
-    /// adds the count's noise here).
-    pub fn account(
-        &mut self,
-        selected: usize,
-        within_clip: f64,
-        noise: RoundNoise,
-        stream: u64,
-    ) -> Result<PrivacySummary, String> {
-        let q = (selected as f64 / self.population as f64).min(1.0);
+    /// The chance that a client is in a round of `selected`.
+    fn sampling_rate(&self, selected: usize) -> f64 {
+        (selected as f64 / self.population as f64).min(1.0)
+    }
+
+    /// Charges one release of a noised sum to the accountant; the noise's
+    /// standard deviation on the sum.
+    fn step_accountant(&mut self, selected: usize, noise: RoundNoise) -> Result<f64, String> {
+        let q = self.sampling_rate(selected);
         let sampling = self.config.sampling;
         let sigma = self.config.noise_multiplier;
         let noise_std = match noise {
@@ -219,6 +216,36 @@ impl Privacy {
                 (2.0 * total_mu).sqrt() / scale
             }
         };
+        Ok(noise_std)
+    }
+
+    /// A secure-aggregation round that failed after its noised sum was unmasked:
+    /// under distributed DP the aggregator has seen that sum, so the release is
+    /// charged (the adaptive clip does not move: no round was committed). Central
+    /// noise is added only to a committed round's sum, so nothing was released.
+    pub fn account_uncommitted(
+        &mut self,
+        selected: usize,
+        noise: RoundNoise,
+    ) -> Result<(), String> {
+        match noise {
+            RoundNoise::Central => Ok(()),
+            skellam => self.step_accountant(selected, skellam).map(|_| ()),
+        }
+    }
+
+    /// Composes a finished round into the accountant and moves the adaptive
+    /// clip: `selected` clients were sampled, `within_clip` of the updates
+    /// were within the clip norm before clipping (exact: the aggregator
+    /// adds the count's noise here).
+    pub fn account(
+        &mut self,
+        selected: usize,
+        within_clip: f64,
+        noise: RoundNoise,
+        stream: u64,
+    ) -> Result<PrivacySummary, String> {
+        let noise_std = self.step_accountant(selected, noise)?;
         let used_clip = self.clip;
         if let Some(adaptive) = &mut self.adaptive {
             let noisy = adaptive
@@ -238,7 +265,7 @@ impl Privacy {
             next_clip_norm: self.clip,
             noise_multiplier: self.update_sigma(),
             noise_std,
-            q,
+            q: self.sampling_rate(selected),
             epsilon,
             delta: self.config.delta,
             order,
@@ -250,7 +277,7 @@ impl Privacy {
     /// logged and the run goes on).
     pub fn stop_reason(&self, selected: usize) -> Option<String> {
         let budget = self.config.budget().ok().flatten()?;
-        let q = (selected as f64 / self.population as f64).min(1.0);
+        let q = self.sampling_rate(selected);
         let mut next = self.accountant.clone();
         let stepped = match self.config.mode {
             // Distributed rounds are accounted as the Gaussian of the same
@@ -397,6 +424,37 @@ mod tests {
         seeded(1).noise_sum(&mut other, 8).unwrap();
         assert_ne!(other, noise(&seeded(1)));
         assert!(!format!("{a:?}").contains(&format!("{:?}", a.noise_key.0)));
+    }
+
+    #[test]
+    fn an_unmasked_sum_of_a_failed_round_is_charged_under_distributed_dp_only() {
+        let skellam = RoundNoise::Skellam {
+            mu: 1e6,
+            contributors: 10,
+            scale: 1e4,
+            dim: 100,
+        };
+        let distributed = DpConfig {
+            mode: DpMode::Distributed,
+            adaptive_clipping: None,
+            ..config()
+        };
+        let mut charged = Privacy::new(distributed, 100).unwrap();
+        let clip = charged.clip_norm();
+        charged.account_uncommitted(10, skellam).unwrap();
+        let mut untouched = Privacy::new(distributed, 100).unwrap();
+        untouched
+            .account_uncommitted(10, RoundNoise::Central)
+            .unwrap();
+        // The next committed round reports what was spent so far: more after a
+        // charged failure, and the clip has not moved.
+        let after_failure = charged.account(10, 5.0, skellam, 1).unwrap();
+        let first = untouched.account(10, 5.0, skellam, 1).unwrap();
+        assert!(
+            after_failure.epsilon > first.epsilon,
+            "{after_failure:?} {first:?}"
+        );
+        assert_eq!(after_failure.clip_norm, clip);
     }
 
     #[test]

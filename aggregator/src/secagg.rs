@@ -538,14 +538,20 @@ impl SecAggEngine {
                 );
             }
         };
-        if let Err(e) = fixed_point.decode_sum(&unmasked.sum, &mut self.decoded) {
-            return self.fail_attempt(
-                &r,
+        // From here the sum is unmasked: under distributed DP the aggregator has
+        // seen it, so even an attempt that fails is charged (`fail_unmasked`).
+        let noise = match secagg.noise {
+            ClientNoise::Skellam { mu } => RoundNoise::Skellam {
+                mu,
                 contributors,
-                format!("cannot decode the sum: {e}"),
-                now,
-                actions,
-            );
+                scale: fixed_point.scale(),
+                dim: self.decoded.len(),
+            },
+            ClientNoise::None => RoundNoise::Central,
+        };
+        if let Err(e) = fixed_point.decode_sum(&unmasked.sum, &mut self.decoded) {
+            let reason = format!("cannot decode the sum: {e}");
+            return self.fail_unmasked(&r, contributors, noise, reason, now, actions);
         }
         let values = self.global.len();
         let weight = self.decoded[values];
@@ -564,19 +570,14 @@ impl SecAggEngine {
             fixed_point.scale(),
             mu,
         ) {
-            return self.fail_attempt(&r, contributors, reason, now, actions);
+            return self.fail_unmasked(&r, contributors, noise, reason, now, actions);
         }
         let mut privacy_summary: Option<PrivacySummary> = None;
         if let Some(p) = &self.privacy
             && let Err(e) = p.noise_sum(sum, mix(self.config.seed, round, 0xd9))
         {
-            return self.fail_attempt(
-                &r,
-                contributors,
-                format!("cannot add the DP noise: {e}"),
-                now,
-                actions,
-            );
+            let reason = format!("cannot add the DP noise: {e}");
+            return self.fail_unmasked(&r, contributors, noise, reason, now, actions);
         }
         // Equal weights under DP: the mean is over the contributors.
         let divisor = match self.privacy.is_some() {
@@ -584,13 +585,8 @@ impl SecAggEngine {
             false => weight,
         };
         if !(divisor.is_finite() && divisor > 0.5 / SecAggTask::MAX_MAGNITUDE) {
-            return self.fail_attempt(
-                &r,
-                contributors,
-                format!("the unmasked weights sum to {weight}: nothing to average"),
-                now,
-                actions,
-            );
+            let reason = format!("the unmasked weights sum to {weight}: nothing to average");
+            return self.fail_unmasked(&r, contributors, noise, reason, now, actions);
         }
         let inv = self.strategy.sum_scale(divisor);
         if let Err(e) = self.strategy.check(
@@ -599,20 +595,12 @@ impl SecAggEngine {
             inv,
             self.config.updates.max_parameter_abs,
         ) {
-            return self.fail_attempt(&r, contributors, not_committed(&e), now, actions);
+            let reason = not_committed(&e);
+            return self.fail_unmasked(&r, contributors, noise, reason, now, actions);
         }
         let global = Arc::make_mut(&mut self.global);
         self.strategy.apply(global, sum, inv);
         if let Some(p) = &mut self.privacy {
-            let noise = match secagg.noise {
-                ClientNoise::Skellam { mu } => RoundNoise::Skellam {
-                    mu,
-                    contributors,
-                    scale: fixed_point.scale(),
-                    dim: self.decoded.len(),
-                },
-                ClientNoise::None => RoundNoise::Central,
-            };
             match p.account(
                 r.selected,
                 within_clip,
@@ -700,6 +688,31 @@ impl SecAggEngine {
 
     /// Ends attempt `r` without a commit: its clients are told, and the
     /// round starts again with a new selection (or the run gives up).
+    /// [`Self::fail_attempt`] for an attempt whose sum was unmasked: its release
+    /// is charged to the accountant first (`Privacy::account_uncommitted`); a
+    /// run that cannot account for it stops.
+    fn fail_unmasked(
+        &mut self,
+        r: &Round,
+        answered: usize,
+        noise: RoundNoise,
+        reason: String,
+        now: Instant,
+        actions: &mut Vec<Action>,
+    ) {
+        let selected = r.selected;
+        if let Some(p) = &mut self.privacy
+            && let Err(e) = p.account_uncommitted(selected, noise)
+        {
+            actions.push(Action::Aborted {
+                reason: format!("privacy accounting failed: {e}"),
+            });
+            self.stage = Stage::Aborted;
+            return;
+        }
+        self.fail_attempt(r, answered, reason, now, actions)
+    }
+
     fn fail_attempt(
         &mut self,
         r: &Round,

@@ -185,7 +185,11 @@ pub fn setup_with_crl_reload(
     }
     // A spec string, or `onnx:FILE`: then the file's canonical `net:` spec travels to
     // clients and its initializers are the initial global model.
-    if config.updates.max_update_norm <= 0.0 && !config.secure_aggregation.enabled {
+    // Secure aggregation and differential privacy clip every update themselves.
+    if config.updates.max_update_norm <= 0.0
+        && !config.secure_aggregation.enabled
+        && !config.differential_privacy.enabled
+    {
         // The median rule needs a previous round; robust strategies bound
         // outliers their own way, but plain averaging does not.
         warn!(

@@ -383,6 +383,15 @@ type TransferEnd = (
 /// A model on its way to one client.
 type ModelTransfer = Pin<Box<dyn Future<Output = TransferEnd> + Send>>;
 
+/// How long a transfer of `bytes` either way may take: the upload grace plus
+/// its size at the minimum upload rate (`limits.upload_grace_secs`,
+/// `limits.min_upload_bytes_per_sec`).
+fn transfer_deadline(shared: &Shared, bytes: u64) -> Duration {
+    let at_rate =
+        Duration::try_from_secs_f64(bytes as f64 / shared.min_upload_rate).unwrap_or(Duration::MAX);
+    shared.upload_grace.saturating_add(at_rate)
+}
+
 /// Sends a task's model on its own stream. A client that never takes it
 /// (never reads the stream, or allows no streams at all) would pin the model
 /// for the whole session, so the transfer must finish within the upload rule
@@ -394,9 +403,7 @@ fn model_transfer(
     header: TensorHeader,
     model: ModelBody,
 ) -> ModelTransfer {
-    let at_rate = Duration::try_from_secs_f64(header.body_len as f64 / shared.min_upload_rate)
-        .unwrap_or(Duration::MAX);
-    let deadline = shared.upload_grace.saturating_add(at_rate);
+    let deadline = transfer_deadline(shared, header.body_len);
     let conn = conn.clone();
     Box::pin(async move {
         let sent = tokio::time::timeout(deadline, async {
@@ -559,8 +566,7 @@ async fn receive_update(
             return;
         }
     };
-    let deadline = shared.upload_grace
-        + Duration::from_secs_f64(header.body_len as f64 / shared.min_upload_rate);
+    let deadline = transfer_deadline(&shared, header.body_len);
     let body = tokio::select! {
         body = tokio::time::timeout(deadline, read_tensor_body_with_norm(&mut stream, &header, &mut delta.buf)) => body,
         _ = &mut closed => {
