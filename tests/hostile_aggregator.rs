@@ -168,16 +168,7 @@ async fn excessive_tasks_are_refused_and_retry_after_is_capped() {
         .await
         .unwrap();
         let (conn, mut send, _recv) = welcome(&endpoint, &spec).await;
-        write_message(
-            &mut send,
-            &Message::Bye {
-                reason: "done".into(),
-                finished: true,
-            },
-        )
-        .await
-        .unwrap();
-        let _ = send.finish();
+        say_the_run_is_over(&mut send).await;
         // The client closes the connection once it has read the goodbye.
         conn.closed().await;
         refusals
@@ -234,16 +225,7 @@ async fn huge_activations_are_refused_before_anything_is_allocated() {
             Message::TaskFailed { task_id: 1, reason } => reason,
             other => panic!("expected a refusal, got {other:?}"),
         };
-        write_message(
-            &mut send,
-            &Message::Bye {
-                reason: "done".into(),
-                finished: true,
-            },
-        )
-        .await
-        .unwrap();
-        let _ = send.finish();
+        say_the_run_is_over(&mut send).await;
         conn.closed().await;
         refusal
     });
@@ -274,16 +256,7 @@ async fn a_model_that_never_comes_is_not_waited_for_forever() {
         // No model stream. The client must come back on a new connection.
         let (conn, mut send, _recv) = welcome(&endpoint, &spec).await;
         drop(first);
-        write_message(
-            &mut send,
-            &Message::Bye {
-                reason: "done".into(),
-                finished: true,
-            },
-        )
-        .await
-        .unwrap();
-        let _ = send.finish();
+        say_the_run_is_over(&mut send).await;
         conn.closed().await;
     });
     let mut opts = options(addr, client_tls(&ca, Some(identity(&ca, "client-001"))), 3);

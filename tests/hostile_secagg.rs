@@ -206,15 +206,7 @@ async fn round_then_unmask(curious_first: bool) -> Option<Message> {
         assert_eq!(answers[1], None, "a second request is never answered");
     }
     // Still in the federation: it leaves cleanly when told the run is over.
-    write_message(
-        &mut send,
-        &Message::Bye {
-            reason: "done".into(),
-            finished: true,
-        },
-    )
-    .await
-    .unwrap();
+    say_the_run_is_over(&mut send).await;
     let report = within(10, client).await.unwrap().unwrap();
     assert_eq!(report.fit_tasks, 1);
     answers.swap_remove(0)
@@ -337,15 +329,7 @@ async fn abandon_a_task_then_train(wait_for_a_slot: bool) {
         .await
         .unwrap();
     assert!(delta.iter().all(|&d| d == 0.25), "{delta:?}");
-    write_message(
-        &mut send,
-        &Message::Bye {
-            reason: "done".into(),
-            finished: true,
-        },
-    )
-    .await
-    .unwrap();
+    say_the_run_is_over(&mut send).await;
     let report = within(10, client).await.unwrap().unwrap();
     assert_eq!((report.fit_tasks, report.sessions), (1, 1));
 }

@@ -370,6 +370,21 @@ pub fn hostile_endpoint(ca: &CertAuthority) -> (quinn::Endpoint, SocketAddr) {
     (endpoint, addr)
 }
 
+/// Tells a client the run is complete (a finished `Bye`) and closes the
+/// control stream; the client then leaves.
+pub async fn say_the_run_is_over(send: &mut quinn::SendStream) {
+    write_message(
+        send,
+        &Message::Bye {
+            reason: "done".into(),
+            finished: true,
+        },
+    )
+    .await
+    .unwrap();
+    let _ = send.finish();
+}
+
 /// Accepts one client session: returns its connection and control stream
 /// after answering its Hello with a Welcome for `model_spec`.
 pub async fn welcome(
