@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use common::*;
 use fedquic::client::{ClientError, ClientLimits, LimitError, run_client};
-use fedquic::net::io::{read_message, read_tensor_header, send_tensors, write_message};
+use fedquic::net::io::{
+    read_message, read_tensor_body, read_tensor_header, send_tensors, write_message,
+};
 use fedquic::net::pki::CertAuthority;
 use fedquic::protocol::{
     Codec, FitInstructions, FitTask, Message, Reject, StreamKind, TensorHeader, TensorLimits,
@@ -201,6 +203,23 @@ async fn excessive_tasks_are_refused_and_retry_after_is_capped() {
 /// task before allocating it, and says which flag raises the limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_activations_are_refused_before_anything_is_allocated() {
+    let refusal = train_a_wide_model(None).await.expect_err("refused");
+    assert!(refusal.contains("batches of 32"), "{refusal}");
+    assert!(refusal.contains("--max-training-memory"), "{refusal}");
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(largest < 64 << 20, "largest allocation {largest} bytes");
+}
+
+/// The same task for a client with one local example: its batches hold one
+/// example (0.6 GB of scratch), within the limit, so it trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_check_counts_the_examples_a_batch_can_hold() {
+    train_a_wide_model(Some(1)).await.expect("trained");
+}
+
+/// Sends the wide model's task (batch 32) to a client with `local_examples`;
+/// the refusal's reason, or Ok when an update came back.
+async fn train_a_wide_model(local_examples: Option<usize>) -> Result<(), String> {
     let ca = CertAuthority::generate("hostile CA").unwrap();
     let (endpoint, addr) = hostile_endpoint(&ca);
     let server = tokio::spawn(async move {
@@ -221,23 +240,32 @@ async fn huge_activations_are_refused_before_anything_is_allocated() {
             body_len: layout.num_params() as u64 * 4,
         };
         let _ = send_tensors(&conn, &header, &vec![0.0; layout.num_params()]).await;
-        let refusal = match answer(&mut recv).await {
-            Message::TaskFailed { task_id: 1, reason } => reason,
-            other => panic!("expected a refusal, got {other:?}"),
+        let outcome = tokio::select! {
+            message = answer(&mut recv) => match message {
+                Message::TaskFailed { task_id: 1, reason } => Err(reason),
+                other => panic!("expected a refusal or an update, got {other:?}"),
+            },
+            update = conn.accept_uni() => {
+                let mut update = update.unwrap();
+                let limits = TensorLimits::for_model(layout.num_params() as u64);
+                let header = read_tensor_header(&mut update, &limits).await.unwrap();
+                assert_eq!((header.kind, header.task_id), (StreamKind::Update, 1));
+                let mut delta = vec![0f32; layout.num_params()];
+                read_tensor_body(&mut update, &header, &mut delta).await.unwrap();
+                Ok(())
+            }
         };
         say_the_run_is_over(&mut send).await;
         conn.closed().await;
-        refusal
+        outcome
     });
     let opts = options(addr, client_tls(&ca, Some(identity(&ca, "client-001"))), 3);
-    within(30, run_client(opts, DeltaTrainer::new(1.0, 1)))
+    let mut trainer = DeltaTrainer::new(1.0, 1);
+    trainer.local_examples = local_examples;
+    within(30, run_client(opts, trainer))
         .await
         .expect("the client stays and finishes");
-    let refusal = within(10, server).await.unwrap();
-    assert!(refusal.contains("batches of 32"), "{refusal}");
-    assert!(refusal.contains("--max-training-memory"), "{refusal}");
-    let largest = LARGEST.load(Ordering::Relaxed);
-    assert!(largest < 64 << 20, "largest allocation {largest} bytes");
+    within(10, server).await.unwrap()
 }
 
 /// A task whose model never comes, kept alive by QUIC keep-alives: the client

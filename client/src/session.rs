@@ -671,7 +671,7 @@ async fn secagg_fit_task(
         .validate()
         .err()
         .map(|e| e.to_string())
-        .or_else(|| task_refusal(opts, negotiated, task))
+        .or_else(|| task_refusal(opts, negotiated, task, trainer.training_examples))
         .or_else(|| {
             task.scaffold
                 .is_some()
@@ -955,14 +955,17 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 struct TrainerSlot {
     idle: Option<Box<dyn Trainer>>,
     busy: Option<tokio::task::JoinHandle<Box<dyn Trainer>>>,
-    /// The trainer's backend, for the Hello (read once: it may be busy later).
+    /// The trainer's backend, for the Hello, and the most examples a batch can
+    /// hold (read once: the trainer may be busy later).
     backend: String,
+    training_examples: Option<usize>,
 }
 
 impl TrainerSlot {
     fn new(trainer: Box<dyn Trainer>) -> TrainerSlot {
         TrainerSlot {
             backend: trainer.backend().to_string(),
+            training_examples: trainer.training_examples(),
             idle: Some(trainer),
             busy: None,
         }
@@ -1100,7 +1103,7 @@ async fn fit_task(
         .iter()
         .map(|t| t.elements().unwrap_or(0) as usize)
         .sum();
-    let refusal = task_refusal(opts, negotiated, task).or_else(|| {
+    let refusal = task_refusal(opts, negotiated, task, trainer.training_examples).or_else(|| {
         let scaffold = task.scaffold.as_ref()?;
         // SCAFFOLD's stream carries the model and c: a receive buffer of twice the model.
         scaffold
@@ -1302,8 +1305,13 @@ async fn fit_task(
 
 /// Why this client refuses a fit task's instructions, if it does: invalid,
 /// beyond its epoch or batch limits, or a batch whose training memory exceeds
-/// its limit.
-fn task_refusal(opts: &ClientOptions, negotiated: &Negotiated, task: &FitTask) -> Option<String> {
+/// its limit (a batch holds at most `examples`, when the trainer knows it).
+fn task_refusal(
+    opts: &ClientOptions,
+    negotiated: &Negotiated,
+    task: &FitTask,
+    examples: Option<usize>,
+) -> Option<String> {
     let config = &task.config;
     config
         .validate()
@@ -1317,7 +1325,12 @@ fn task_refusal(opts: &ClientOptions, negotiated: &Negotiated, task: &FitTask) -
         })
         .or_else(|| {
             let spec = negotiated.model.as_ref()?;
-            check_training_memory(&opts.limits, spec, config.batch_size)
+            let batch = examples.map_or(config.batch_size, |n| {
+                config
+                    .batch_size
+                    .min(u32::try_from(n.max(1)).unwrap_or(u32::MAX))
+            });
+            check_training_memory(&opts.limits, spec, batch)
                 .err()
                 .map(|e| e.to_string())
         })

@@ -74,6 +74,12 @@ pub trait Trainer: Send + 'static {
     fn backend(&self) -> &str {
         "cpu"
     }
+    /// How many examples a training batch can hold at most, when known: a batch
+    /// never exceeds the local training set, so the training-memory check uses
+    /// `min(batch_size, this)`.
+    fn training_examples(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// The built-in trainer: a fedquic-train model over this client's share of
@@ -210,6 +216,10 @@ impl Trainer for LocalTrainer {
 
     fn backend(&self) -> &str {
         self.engine.name()
+    }
+
+    fn training_examples(&self) -> Option<usize> {
+        Some(self.train_indices.len())
     }
 }
 

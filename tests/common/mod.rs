@@ -161,6 +161,8 @@ pub struct DeltaTrainer {
     /// Time "training" takes.
     pub delay: Duration,
     pub params: Vec<f32>,
+    /// Local training examples, as a real trainer reports them (None: unknown).
+    pub local_examples: Option<usize>,
 }
 
 impl DeltaTrainer {
@@ -171,6 +173,7 @@ impl DeltaTrainer {
             examples,
             delay: Duration::ZERO,
             params: Vec::new(),
+            local_examples: None,
         }
     }
 }
@@ -202,6 +205,9 @@ impl Trainer for DeltaTrainer {
             loss: 1.0,
             accuracy: 0.5,
         })
+    }
+    fn training_examples(&self) -> Option<usize> {
+        self.local_examples
     }
 }
 
