@@ -25,6 +25,29 @@ use fedquic::protocol::{
 
 const REAL: &str = "client-001";
 
+/// One epoch of batches of one: the test trainers ignore it.
+fn one_step() -> FitInstructions {
+    FitInstructions {
+        epochs: 1,
+        batch_size: 1,
+        learning_rate: 0.1,
+        proximal_mu: 0.0,
+        seed: 0,
+        optimizer: Default::default(),
+    }
+}
+
+/// Secure aggregation for up to three clients, no noise.
+fn three_clients() -> SecAggTask {
+    SecAggTask {
+        clip_norm: 100.0,
+        weight_cap: 0,
+        bound: 100.0,
+        max_contributors: 3,
+        noise: ClientNoise::None,
+    }
+}
+
 async fn expect_step(recv: &mut quinn::RecvStream) -> SecAggStep {
     match tokio::time::timeout(Duration::from_secs(20), read_message(recv))
         .await
@@ -68,24 +91,11 @@ async fn round_then_unmask(curious_first: bool) -> Option<Message> {
 
     let spec = format!("vector:{PARAMS}");
     let (conn, mut send, mut recv) = welcome(&endpoint, &spec).await;
-    let task = SecAggTask {
-        clip_norm: 100.0,
-        weight_cap: 0,
-        bound: 100.0,
-        max_contributors: 3,
-        noise: ClientNoise::None,
-    };
+    let task = three_clients();
     let fit = FitTask {
         round: 1,
         task_id: 1,
-        config: FitInstructions {
-            epochs: 1,
-            batch_size: 1,
-            learning_rate: 0.1,
-            proximal_mu: 0.0,
-            seed: 0,
-            optimizer: Default::default(),
-        },
+        config: one_step(),
         initial_loss: false,
         scaffold: None,
         secagg: Some(task.clone()),
@@ -247,14 +257,7 @@ async fn abandon_a_task_then_train(wait_for_a_slot: bool) {
 
     let spec = format!("vector:{PARAMS}");
     let (conn, mut send, mut recv) = welcome(&endpoint, &spec).await;
-    let config = FitInstructions {
-        epochs: 1,
-        batch_size: 1,
-        learning_rate: 0.1,
-        proximal_mu: 0.0,
-        seed: 0,
-        optimizer: Default::default(),
-    };
+    let config = one_step();
     let model = |task_id| TensorHeader {
         kind: StreamKind::GlobalModel,
         round: task_id,
@@ -271,13 +274,7 @@ async fn abandon_a_task_then_train(wait_for_a_slot: bool) {
         config: config.clone(),
         initial_loss: false,
         scaffold: None,
-        secagg: Some(SecAggTask {
-            clip_norm: 100.0,
-            weight_cap: 0,
-            bound: 100.0,
-            max_contributors: 3,
-            noise: ClientNoise::None,
-        }),
+        secagg: Some(three_clients()),
     };
     write_message(&mut send, &Message::FitTask(secure))
         .await
