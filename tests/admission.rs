@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use fedquic::net::pki::{self, CertAuthority};
-use fedquic::net::tls::{self, Identity};
+use fedquic::net::tls::Identity;
 use fedquic::protocol::SUPPORTED_VERSIONS;
 
 fn files(dirs: &pki::PkiDirs, name: &str) -> Identity {
@@ -39,7 +39,7 @@ async fn only_valid_unrevoked_allowlisted_clients_get_in() {
         pki::revoke(&dirs, "client-003"),
         Err(pki::PkiError::AlreadyRevoked(_))
     ));
-    let crls = tls::load_crl_file(&crl_path).unwrap();
+    let crls = fedquic::net::revocation::load_crl_file(&crl_path).unwrap();
     let now = SystemTime::now();
     let expired = ca
         .issue_client_with_validity(

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedquic_net::revocation;
 use fedquic_net::tls::{self, Identity, TransportSettings};
 use fedquic_train::layout::ParamLayout;
 use fedquic_train::{DataSpec, Model};
@@ -117,14 +118,16 @@ pub fn setup_from_config(
 #[derive(Clone, Debug)]
 pub struct CrlReload {
     pub path: std::path::PathBuf,
-    reloader: tls::CrlReloader,
+    reloader: revocation::CrlReloader,
 }
 
 impl CrlReload {
-    /// Reloads the CRL file into the running server; new handshakes use it.
-    /// On any error (missing, empty or malformed file) the lists in force
-    /// stay. Returns the number of CRLs loaded.
-    pub fn reload(&self) -> Result<usize, tls::TlsError> {
+    /// Reloads the CRL file into the running server: new handshakes use
+    /// it, and connected clients whose certificates it revokes are closed.
+    /// On any error (missing, empty, malformed file, a CRL not signed by
+    /// the CA or older than the one in force) the lists in force stay.
+    /// Blocks on file I/O: from async code, call it on a blocking thread.
+    pub fn reload(&self) -> Result<revocation::Reloaded, tls::TlsError> {
         self.reloader.reload_file(&self.path)
     }
 }
@@ -139,10 +142,18 @@ pub fn reload_crl_on_sighup(crl: CrlReload) -> std::io::Result<tokio::task::Join
     let mut hangups = signal(SignalKind::hangup())?;
     Ok(tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            match crl.reload() {
-                Ok(count) => info!(
+            let reload = crl.clone();
+            let outcome = match tokio::task::spawn_blocking(move || reload.reload()).await {
+                Ok(outcome) => outcome,
+                Err(e) => Err(tls::TlsError::CrlRefused(format!(
+                    "the reload task failed: {e}"
+                ))),
+            };
+            match outcome {
+                Ok(reloaded) => info!(
                     path = %crl.path.display(),
-                    crls = count,
+                    crls = reloaded.crls,
+                    closed = reloaded.closed.len(),
                     "SIGHUP: certificate revocation list reloaded"
                 ),
                 Err(e) => warn!(
@@ -212,16 +223,21 @@ pub fn setup_with_crl_reload(
     };
     let crl_path = config.crl_path();
     let crls = if crl_path.exists() {
-        let crls = tls::load_crl_file(&crl_path)?;
+        let crls = revocation::load_crl_file(&crl_path)?;
         info!(path = %crl_path.display(), "certificate revocation list loaded");
         crls
     } else {
+        warn!(
+            path = %crl_path.display(),
+            "no certificate revocation list: every certificate the CA signed is accepted; \
+             `fedquic-aggregator certs revoke` writes one, SIGHUP loads it"
+        );
         Vec::new()
     };
     let (server_tls, reloader) = tls::server_config_reloadable(roots, identity, crls, &transport)?;
     let crl_reload = CrlReload {
         path: crl_path,
-        reloader,
+        reloader: reloader.clone(),
     };
 
     std::fs::create_dir_all(&config.state.dir).map_err(|source| SetupError::StateDir {
@@ -382,6 +398,7 @@ pub fn setup_with_crl_reload(
             .map_err(SetupError::InvalidConfig)?,
         mem_network: None,
         metrics: crate::metrics::Metrics::new(),
+        revocation: Some(reloader),
     };
     Ok((setup, crl_reload))
 }

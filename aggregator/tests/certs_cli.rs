@@ -233,8 +233,21 @@ fn aggregator_refuses_a_certs_dir_holding_the_ca_key() {
     assert!(err.contains("no certificate revocation list"), "{err}");
 }
 
-/// Hello over QUIC with mutual TLS using a client bundle; true when welcomed.
-async fn welcomed(addr: std::net::SocketAddr, bundle: &std::path::Path, name: &str) -> bool {
+/// A client's open session.
+struct Session {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    /// The control stream: dropping it would end the session.
+    _control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// A session over QUIC with mutual TLS using a client bundle, once the
+/// aggregator answered Hello with Welcome; `None` when it refused.
+async fn session(
+    addr: std::net::SocketAddr,
+    bundle: &std::path::Path,
+    name: &str,
+) -> Option<Session> {
     use fedquic_net::tls::{self, Identity, TransportSettings};
     use fedquic_protocol::{Codec, Hello, Message, SUPPORTED_VERSIONS};
     let identity = Identity::from_files(
@@ -263,14 +276,34 @@ async fn welcomed(addr: std::net::SocketAddr, bundle: &std::path::Path, name: &s
             .await
             .ok()?;
         let answer = fedquic_net::io::read_message(&mut recv).await.ok()?;
-        conn.close(0u32.into(), b"probe done");
-        Some(matches!(answer, Some(Message::Welcome(_))))
+        matches!(answer, Some(Message::Welcome(_))).then_some((conn, (send, recv)))
     };
-    let result = tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
+    let welcomed = tokio::time::timeout(std::time::Duration::from_secs(10), attempt)
         .await
         .expect("the probe ends in time");
-    endpoint.wait_idle().await;
-    result.unwrap_or(false)
+    match welcomed {
+        Some((conn, control)) => Some(Session {
+            endpoint,
+            conn,
+            _control: control,
+        }),
+        None => {
+            endpoint.wait_idle().await;
+            None
+        }
+    }
+}
+
+/// Hello over QUIC with mutual TLS using a client bundle; true when welcomed.
+async fn welcomed(addr: std::net::SocketAddr, bundle: &std::path::Path, name: &str) -> bool {
+    match session(addr, bundle, name).await {
+        Some(session) => {
+            session.conn.close(0u32.into(), b"probe done");
+            session.endpoint.wait_idle().await;
+            true
+        }
+        None => false,
+    }
 }
 
 #[cfg(unix)]
@@ -291,6 +324,13 @@ async fn sighup_reloads_the_crl_without_a_restart() {
     let bundle = |name: &str| certs.join("clients").join(name);
     assert!(welcomed(addr, &bundle("client-001"), "client-001").await);
     assert!(welcomed(addr, &bundle("client-002"), "client-002").await);
+    // Sessions that stay connected across the reload.
+    let held1 = session(addr, &bundle("client-001"), "client-001")
+        .await
+        .expect("client-001 welcomed");
+    let held2 = session(addr, &bundle("client-002"), "client-002")
+        .await
+        .expect("client-002 welcomed");
 
     run_ok(
         aggregator()
@@ -306,6 +346,20 @@ async fn sighup_reloads_the_crl_without_a_restart() {
         .unwrap();
     assert!(status.success());
     running.wait_for_log("certificate revocation list reloaded");
+    // The revoked client's open session is closed at the reload, not at its
+    // next reconnect; the other one stays.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), held1.conn.closed())
+        .await
+        .expect("the revoked client's session is closed");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == fedquic_net::revocation::CERTIFICATE_CLOSE_CODE.into()),
+        "{closed:?}"
+    );
+    assert!(
+        held2.conn.close_reason().is_none(),
+        "the other client was closed too"
+    );
     assert!(
         !welcomed(addr, &bundle("client-001"), "client-001").await,
         "the revoked client got in after the reload"

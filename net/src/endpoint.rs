@@ -753,7 +753,7 @@ mod tests {
         );
 
         let crl = pki::revoke(&dirs, "client-001").expect("revoke");
-        assert_eq!(reloader.reload_file(&crl).expect("reload"), 1);
+        assert_eq!(reloader.reload_file(&crl).expect("reload").crls, 1);
         // A new connection by the revoked client fails; a fresh endpoint
         // each time, so no TLS session state could carry it through.
         let result = round_trip(&client_of("client-001"), server.addr).await;

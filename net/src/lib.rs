@@ -9,7 +9,9 @@
 pub mod admission;
 pub mod cid;
 pub mod endpoint;
+pub mod files;
 pub mod io;
 pub mod mem;
 pub mod pki;
+pub mod revocation;
 pub mod tls;

@@ -33,6 +33,8 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::x509::X509Name;
 
+use crate::files;
+
 /// File names inside a PKI directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
 /// The CA's private key file.
@@ -95,6 +97,11 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PkiError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Reads a PEM certificate or key file (at most [`files::MAX_PEM_BYTES`]).
+fn read_pem(path: &Path) -> Result<String, PkiError> {
+    files::read_text_bounded(path, files::MAX_PEM_BYTES).map_err(io_err(path))
 }
 
 /// A freshly issued certificate and its private key, both PEM text.
@@ -283,8 +290,8 @@ impl CertAuthority {
     pub fn from_dir(dir: &Path) -> Result<Self, PkiError> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
-        let cert = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-        let key = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let cert = read_pem(&cert_path)?;
+        let key = read_pem(&key_path)?;
         Self::from_pem(&cert, &key)
     }
 
@@ -741,7 +748,7 @@ pub fn parse_serial(text: &str) -> Result<Vec<u8>, PkiError> {
 pub fn revoke(dirs: &PkiDirs, name: &str) -> Result<PathBuf, PkiError> {
     validate_client_name(name)?;
     let [_, cert_path, _] = dirs.client_files(name);
-    let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+    let cert_pem = read_pem(&cert_path)?;
     let serial = cert_serial(&cert_pem)?;
     match revoke_serial_as(dirs, &serial, name) {
         Err(PkiError::SerialAlreadyRevoked(_)) => Err(PkiError::AlreadyRevoked(name.to_string())),
@@ -752,9 +759,10 @@ pub fn revoke(dirs: &PkiDirs, name: &str) -> Result<PathBuf, PkiError> {
 /// Revokes the certificate with this serial number (for instance an older
 /// certificate of a name that was re-issued): records it in the CA's
 /// `revoked.txt` and rewrites the certs directory's `crl.pem`, signed by
-/// the CA. The aggregator loads `crl.pem` at start and again on SIGHUP, and
-/// refuses revoked certificates in the TLS handshake. Revoking twice is an
-/// error.
+/// the CA. The aggregator loads `crl.pem` at start and again on SIGHUP,
+/// refuses revoked certificates in the TLS handshake and closes connections
+/// that present them. Revoking twice is an error, unless the first time
+/// recorded the serial but failed to write the CRL: then this finishes it.
 pub fn revoke_serial(dirs: &PkiDirs, serial: &[u8]) -> Result<PathBuf, PkiError> {
     revoke_serial_as(dirs, serial, "-")
 }
@@ -762,45 +770,97 @@ pub fn revoke_serial(dirs: &PkiDirs, serial: &[u8]) -> Result<PathBuf, PkiError>
 fn revoke_serial_as(dirs: &PkiDirs, serial: &[u8], name: &str) -> Result<PathBuf, PkiError> {
     let ca = CertAuthority::from_dir(&dirs.ca)?;
     let record_path = dirs.ca.join(REVOKED_FILE);
-    let record = match fs::read_to_string(&record_path) {
+    let record = match files::read_text_bounded(&record_path, files::MAX_CRL_BYTES) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(io_err(&record_path)(e)),
     };
+    let mut revoked = parse_record(&record, &record_path)?;
     let wanted = serial_hex(serial);
-    let mut revoked = Vec::new();
-    for (i, line) in record
+    let crl_path = dirs.crl_path();
+    let current = read_crl(&crl_path);
+    let recorded = revoked.iter().any(|(s, _)| serial_hex(s) == wanted);
+    if recorded {
+        // Recorded but missing from the CRL: an earlier revocation whose
+        // CRL write failed. Finish it instead of refusing it.
+        if current
+            .as_ref()
+            .is_some_and(|crl| crl.serials.contains(&wanted))
+        {
+            return Err(PkiError::SerialAlreadyRevoked(wanted));
+        }
+    } else {
+        revoked.push((serial.to_vec(), SystemTime::now()));
+    }
+    // The aggregator refuses a CRL whose number is lower than the one it
+    // has: never go back, whatever happened to the record.
+    let number = current
+        .and_then(|crl| crl.number)
+        .map_or(0, |n| n.saturating_add(1))
+        .max(revoked.len() as u64);
+    let crl = ca.issue_crl(&revoked, number)?;
+    fs::create_dir_all(&dirs.certs).map_err(io_err(&dirs.certs))?;
+    // The CRL first, replaced atomically: if writing it fails, the record
+    // does not have the serial yet either, and the revocation can simply
+    // be run again. If the record's write fails after it, the CRL is
+    // already in force and the next run records it.
+    files::replace_file(&crl_path, crl.as_bytes()).map_err(io_err(&crl_path))?;
+    if !recorded {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let record = format!("{record}{wanted} {name} {unix}\n");
+        files::replace_file(&record_path, record.as_bytes()).map_err(io_err(&record_path))?;
+    }
+    Ok(crl_path)
+}
+
+/// The revoked serials and times of `revoked.txt` (one line per
+/// certificate: `SERIAL_HEX NAME UNIX_TIME`).
+fn parse_record(record: &str, path: &Path) -> Result<Vec<(Vec<u8>, SystemTime)>, PkiError> {
+    record
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let bad = || PkiError::MalformedRecord {
-            path: record_path.clone(),
-            line: i + 1,
-        };
-        let mut fields = line.split_whitespace();
-        let hex = fields.next().ok_or_else(bad)?;
-        let _name = fields.next().ok_or_else(bad)?;
-        let at: u64 = fields.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
-        let bytes = parse_serial(hex).map_err(|_| bad())?;
-        if serial_hex(&bytes) == wanted {
-            return Err(PkiError::SerialAlreadyRevoked(wanted));
-        }
-        revoked.push((bytes, UNIX_EPOCH + Duration::from_secs(at)));
-    }
-    let now = SystemTime::now();
-    revoked.push((serial.to_vec(), now));
-    let crl = ca.issue_crl(&revoked, revoked.len() as u64)?;
-    let unix = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let record = format!("{record}{wanted} {name} {unix}\n");
-    write_file(&record_path, &record, false, true)?;
-    fs::create_dir_all(&dirs.certs).map_err(io_err(&dirs.certs))?;
-    let crl_path = dirs.crl_path();
-    write_file(&crl_path, &crl, false, true)?;
-    Ok(crl_path)
+        .map(|(i, line)| {
+            let bad = || PkiError::MalformedRecord {
+                path: path.to_path_buf(),
+                line: i + 1,
+            };
+            let mut fields = line.split_whitespace();
+            let hex = fields.next().ok_or_else(bad)?;
+            let _name = fields.next().ok_or_else(bad)?;
+            let at: u64 = fields.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
+            let at = UNIX_EPOCH
+                .checked_add(Duration::from_secs(at))
+                .ok_or_else(bad)?;
+            let bytes = parse_serial(hex).map_err(|_| bad())?;
+            Ok((bytes, at))
+        })
+        .collect()
+}
+
+/// What the current CRL file says, as far as revoking goes.
+struct CurrentCrl {
+    /// Revoked serials, as [`serial_hex`] spells them.
+    serials: Vec<String>,
+    number: Option<u64>,
+}
+
+/// Reads the CRL file; `None` when it is missing or unreadable (it is then
+/// rebuilt from the record).
+fn read_crl(path: &Path) -> Option<CurrentCrl> {
+    let pem = files::read_bounded(path, files::MAX_CRL_BYTES).ok()?;
+    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_slice(&pem).ok()?;
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).ok()?;
+    Some(CurrentCrl {
+        serials: crl
+            .iter_revoked_certificates()
+            .map(|revoked| serial_hex(revoked.raw_serial()))
+            .collect(),
+        number: crl.crl_number().and_then(|n| u64::try_from(n).ok()),
+    })
 }
 
 #[cfg(test)]
@@ -1142,7 +1202,7 @@ mod tests {
             revoke(&dirs, "client-001"),
             Err(PkiError::AlreadyRevoked(_))
         ));
-        let crls = crate::tls::load_crl_file(&crl_path).expect("crl");
+        let crls = crate::revocation::load_crl_file(&crl_path).expect("crl");
         let roots = crate::tls::load_ca_file(&dirs.certs.join("ca.pem")).expect("roots");
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             std::sync::Arc::new(roots),
@@ -1163,5 +1223,63 @@ mod tests {
         let record = fs::read_to_string(dirs.ca.join(REVOKED_FILE)).expect("record");
         assert_eq!(record.lines().count(), 2);
         assert!(record.contains(&serial_hex(&old_serial)));
+    }
+
+    #[test]
+    fn an_interrupted_revocation_is_finished_and_crl_numbers_only_grow() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dirs = PkiDirs::new(&tmp.path().join("certs"), None);
+        init_dir(&dirs, &["localhost".to_string()], 2, false).expect("init");
+        let number = || {
+            read_crl(&dirs.crl_path())
+                .and_then(|crl| crl.number)
+                .expect("a CRL with a number")
+        };
+        let crl_path = revoke(&dirs, "client-001").expect("revoke");
+        assert_eq!(number(), 1);
+        // The CRL write of a revocation failed (an older version wrote the
+        // record first): the record has client-002, the CRL does not.
+        let serial =
+            cert_serial(&fs::read_to_string(&dirs.client_files("client-002")[1]).expect("read"))
+                .expect("serial");
+        let record_path = dirs.ca.join(REVOKED_FILE);
+        let mut record = fs::read_to_string(&record_path).expect("record");
+        record.push_str(&format!("{} client-002 1700000000\n", serial_hex(&serial)));
+        fs::write(&record_path, &record).expect("write");
+        revoke(&dirs, "client-002").expect("finished, not refused");
+        let crl = read_crl(&crl_path).expect("CRL");
+        assert!(crl.serials.contains(&serial_hex(&serial)));
+        assert_eq!(crl.serials.len(), 2);
+        assert!(crl.number.expect("number") > 1);
+        assert_eq!(
+            fs::read_to_string(&record_path).expect("record"),
+            record,
+            "recorded once"
+        );
+        assert!(matches!(
+            revoke(&dirs, "client-002"),
+            Err(PkiError::AlreadyRevoked(_))
+        ));
+
+        // A lost CRL is rebuilt from the record, with a number that does not
+        // go back below the one the aggregator may hold.
+        let before = number();
+        let ca = CertAuthority::from_dir(&dirs.ca).expect("CA");
+        let extra = ca.issue_client("client-003").expect("issue");
+        fs::write(&crl_path, ca.issue_crl(&[], 40).expect("CRL")).expect("write");
+        revoke_serial(&dirs, &cert_serial(&extra.cert_pem).expect("serial")).expect("revoke");
+        assert!(number() > 40 && number() > before);
+        assert_eq!(read_crl(&crl_path).expect("CRL").serials.len(), 3);
+
+        // A record whose time overflows is malformed, not a panic.
+        fs::write(
+            &record_path,
+            format!("{} x 18446744073709551615\n", serial_hex(&serial)),
+        )
+        .expect("write");
+        assert!(matches!(
+            revoke(&dirs, "client-001"),
+            Err(PkiError::MalformedRecord { line: 1, .. })
+        ));
     }
 }

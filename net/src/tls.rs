@@ -6,7 +6,7 @@
 //! protocol is [`ALPN`].
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quinn::congestion::CubicConfig;
@@ -14,14 +14,13 @@ use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerCo
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 /// The trust store `load_ca_pem` returns and the config builders take.
 pub use rustls::RootCertStore;
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::VerifierBuilderError;
 use x509_parser::extensions::GeneralName;
+
+use crate::revocation::{CrlReloader, ReloadableClientVerifier};
 
 /// The application protocol negotiated with ALPN.
 pub const ALPN: &[u8] = b"fedquic/1";
@@ -57,14 +56,18 @@ pub enum TlsError {
     Certificate(String),
     #[error("certificate has neither a common name nor a DNS name")]
     NoName,
+    #[error("certificate revocation list refused: {0}")]
+    CrlRefused(String),
     #[error("{} holds no certificate revocation list (an empty or truncated file is refused: a CRL that revokes nothing would pass unnoticed)", .0.display())]
     EmptyCrl(PathBuf),
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
+    crate::files::read_text_bounded(path, crate::files::MAX_PEM_BYTES).map_err(|source| {
+        TlsError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -312,124 +315,6 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
-/// Reads every CRL in a PEM file (as written by [`crate::pki::revoke`]).
-/// A file without any CRL is an error: it can only be a mistake (an
-/// empty or truncated write, a wrong file), and loading it would silently
-/// un-revoke everyone.
-pub fn load_crl_file(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
-    let pem = std::fs::read(path).map_err(|source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
-            what: format!("certificate revocation list {}", path.display()),
-            source,
-        })?;
-    if crls.is_empty() {
-        return Err(TlsError::EmptyCrl(path.to_path_buf()));
-    }
-    Ok(crls)
-}
-
-/// A client-certificate verifier whose revocation lists can be replaced
-/// while the server runs (on SIGHUP): each handshake uses the lists current
-/// when it starts. The trusted CA does not change.
-#[derive(Debug)]
-struct ReloadableClientVerifier {
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-    root_hints: Vec<DistinguishedName>,
-    current: RwLock<Arc<dyn ClientCertVerifier>>,
-}
-
-impl ReloadableClientVerifier {
-    fn build(
-        roots: &Arc<RootCertStore>,
-        provider: &Arc<CryptoProvider>,
-        crls: Vec<CertificateRevocationListDer<'static>>,
-    ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
-        Ok(
-            WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), Arc::clone(provider))
-                .with_crls(crls)
-                .build()?,
-        )
-    }
-
-    fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        match self.current.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
-    }
-}
-
-impl ClientCertVerifier for ReloadableClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &self.root_hints
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current()
-            .verify_client_cert(end_entity, intermediates, now)
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current().verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current().verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.current().supported_verify_schemes()
-    }
-}
-
-/// Replaces the revocation lists of a running server's client-certificate
-/// verifier (see [`server_config_reloadable`]). Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct CrlReloader(Arc<ReloadableClientVerifier>);
-
-impl CrlReloader {
-    /// Installs `crls`; new handshakes use them. Established connections
-    /// are not re-checked.
-    pub fn reload(&self, crls: Vec<CertificateRevocationListDer<'static>>) -> Result<(), TlsError> {
-        let verifier = ReloadableClientVerifier::build(&self.0.roots, &self.0.provider, crls)?;
-        match self.0.current.write() {
-            Ok(mut guard) => *guard = verifier,
-            Err(poisoned) => *poisoned.into_inner() = verifier,
-        }
-        Ok(())
-    }
-
-    /// Reloads from a CRL file ([`load_crl_file`]); on any error the lists
-    /// in force stay as they were. Returns how many CRLs were loaded.
-    pub fn reload_file(&self, path: &Path) -> Result<usize, TlsError> {
-        let crls = load_crl_file(path)?;
-        let count = crls.len();
-        self.reload(crls)?;
-        Ok(count)
-    }
-}
-
 /// The aggregator's configuration: TLS 1.3 only, a client certificate
 /// signed by one of `roots` is required, ALPN [`ALPN`].
 pub fn server_config(
@@ -457,7 +342,8 @@ pub fn server_config_with_crls(
 pub const MAX_QUEUED_INCOMING: usize = 4096;
 
 /// [`server_config_with_crls`] plus a handle that replaces the CRLs while
-/// the server runs.
+/// the server runs and closes connections whose certificates they revoke.
+/// The CRLs are checked against the CA (see [`crate::revocation`]).
 pub fn server_config_reloadable(
     roots: RootCertStore,
     identity: Identity,
@@ -465,14 +351,7 @@ pub fn server_config_reloadable(
     transport: &TransportSettings,
 ) -> Result<(quinn::ServerConfig, CrlReloader), TlsError> {
     let provider = provider();
-    let roots = Arc::new(roots);
-    let initial = ReloadableClientVerifier::build(&roots, &provider, crls)?;
-    let verifier = Arc::new(ReloadableClientVerifier {
-        root_hints: initial.root_hint_subjects().to_vec(),
-        roots,
-        provider: Arc::clone(&provider),
-        current: RwLock::new(initial),
-    });
+    let verifier = ReloadableClientVerifier::new(roots, Arc::clone(&provider), crls)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier.clone())
@@ -523,11 +402,15 @@ pub fn client_config(
 /// client connection whose server sent no certificate cannot exist) or the
 /// certificate carries no usable name.
 pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
-    let chain = conn
-        .peer_identity()?
+    cert_name(peer_certificates(conn)?.first()?).ok()
+}
+
+/// The certificate chain the peer presented over `conn`, end entity first.
+pub(crate) fn peer_certificates(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
-    cert_name(chain.first()?).ok()
+        .ok()
+        .map(|chain| *chain)
 }
 
 fn parse_x509<'a>(
@@ -643,21 +526,6 @@ mod tests {
             .expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/c.pem"), "{err}");
         assert!(cert_name(&CertificateDer::from(vec![1, 2, 3])).is_err());
-    }
-
-    #[test]
-    fn a_crl_file_without_any_crl_is_an_error() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let path = tmp.path().join("crl.pem");
-        for text in ["", "not a CRL at all\n"] {
-            std::fs::write(&path, text).expect("write");
-            let err = load_crl_file(&path).expect_err("no CRL");
-            assert!(matches!(err, TlsError::EmptyCrl(_)), "{err}");
-            assert!(err.to_string().contains("crl.pem"), "{err}");
-        }
-        // A truncated CRL (begin line, no end) is malformed PEM.
-        std::fs::write(&path, "-----BEGIN X509 CRL-----\nMIIB\n").expect("write");
-        assert!(load_crl_file(&path).is_err());
     }
 
     #[test]

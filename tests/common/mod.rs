@@ -119,7 +119,7 @@ pub fn start_with(
 fn bind(ca: &CertAuthority, opts: Options, listen: SocketAddr) -> Server {
     let layout = ParamLayout::Vector(PARAMS);
     let server_cert = ca.issue_server(&["localhost".to_string()]).unwrap();
-    let tls = tls::server_config_with_crls(
+    let (tls, revocation) = tls::server_config_reloadable(
         tls::load_ca_pem(ca.cert_pem()).unwrap(),
         Identity::from_pem(&server_cert.cert_pem, &server_cert.key_pem).unwrap(),
         opts.crls,
@@ -132,6 +132,7 @@ fn bind(ca: &CertAuthority, opts: Options, listen: SocketAddr) -> Server {
         handshake_timeout: Duration::from_secs(5),
         allowlist: opts.allowlist,
         admission: opts.admission,
+        revocation: Some(revocation),
         ..ServerSetup::new(listen, tls, opts.engine, &layout, vec![0.0; PARAMS])
     };
     (opts.adjust)(&mut setup);

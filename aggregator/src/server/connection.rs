@@ -107,6 +107,9 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
         conn.close(1u32.into(), b"certificate has no name");
         return;
     };
+    // Until the session ends: a CRL reload that revokes the certificate, or
+    // its expiry, closes the connection.
+    let _watch = shared.revocation.as_ref().map(|r| r.watch(&conn));
     let (mut send, mut recv, (backend, (uplink, downlink))) = match tokio::time::timeout(
         shared.handshake_timeout,
         async {

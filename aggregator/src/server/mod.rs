@@ -119,6 +119,11 @@ pub struct ServerSetup {
     /// Prometheus metrics the run updates; keep a clone to serve them
     /// (`crate::metrics::MetricsEndpoint`) or read them.
     pub metrics: crate::metrics::Metrics,
+    /// The handle that replaces `tls`'s CRLs (see
+    /// `fedquic_net::tls::server_config_reloadable`): every session is
+    /// watched, so a reload closes the connections it revokes and a
+    /// connection ends when its certificate expires. `None`: neither.
+    pub revocation: Option<fedquic_net::revocation::CrlReloader>,
 }
 
 impl ServerSetup {
@@ -164,6 +169,7 @@ impl ServerSetup {
             privacy: None,
             mem_network: None,
             metrics: crate::metrics::Metrics::new(),
+            revocation: None,
         }
     }
 }
@@ -214,6 +220,7 @@ struct Shared {
     /// Every update is a masked input (codec `ring32`, two extra values).
     secure_aggregation: bool,
     metrics: crate::metrics::Metrics,
+    revocation: Option<fedquic_net::revocation::CrlReloader>,
 }
 
 pub struct Server {
@@ -409,6 +416,7 @@ impl Server {
             secure_aggregation,
             run_id: setup.run_id.clone(),
             metrics: setup.metrics.clone(),
+            revocation: setup.revocation.clone(),
         });
         setup.metrics.watch_admission(Arc::clone(&setup.admission));
         info!(

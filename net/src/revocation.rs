@@ -1,0 +1,668 @@
+//! Certificate revocation on the aggregator.
+//!
+//! - CRL files ([`load_crl_file`]), checked against the trusted CA before
+//!   they are installed: each CRL must be issued and signed by the CA, carry
+//!   a CRL number, and a reload may not go back to a lower number (an old
+//!   copy would un-revoke certificates).
+//! - A client-certificate verifier whose CRLs are replaced while the server
+//!   runs (on SIGHUP): each handshake uses the lists current when it starts.
+//! - The live connections ([`CrlReloader::watch`]): a reload checks their
+//!   certificates again and closes those that no longer verify, and each is
+//!   closed when its certificate expires. A revoked client is out at the
+//!   reload, not when it next reconnects.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use tracing::warn;
+use x509_parser::num_bigint::BigUint;
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use crate::files::MAX_CRL_BYTES;
+use crate::tls::{TlsError, cert_name, cert_not_after};
+
+/// The QUIC application close code of a connection closed because its
+/// client certificate was revoked (at a CRL reload) or expired.
+pub const CERTIFICATE_CLOSE_CODE: u32 = 4;
+
+/// Longest single wait of the expiry timer: tokio's timers do not reach
+/// years ahead, and the wall clock may be set while a connection lives.
+const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Reads every CRL in a PEM file (as written by [`crate::pki::revoke`]), at
+/// most [`MAX_CRL_BYTES`]. A file without any CRL is an error: it can only be
+/// a mistake (an empty or truncated write, a wrong file), and loading it
+/// would silently un-revoke everyone. The CRLs are checked against the CA
+/// when a server installs them.
+pub fn load_crl_file(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let pem = crate::files::read_bounded(path, MAX_CRL_BYTES).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|source| TlsError::Pem {
+            what: format!("certificate revocation list {}", path.display()),
+            source,
+        })?;
+    if crls.is_empty() {
+        return Err(TlsError::EmptyCrl(path.to_path_buf()));
+    }
+    Ok(crls)
+}
+
+/// The CRL number in force per issuing CA (the issuer's DER name).
+type CrlNumbers = HashMap<Vec<u8>, BigUint>;
+
+/// `contents` as a DER SEQUENCE: webpki keeps a trust anchor's subject and
+/// key without their outer SEQUENCE, x509-parser wants them whole.
+fn der_sequence(contents: &[u8]) -> Vec<u8> {
+    let len = contents.len();
+    let mut der = vec![0x30];
+    if len < 0x80 {
+        der.push(len as u8);
+    } else {
+        let bytes = len.to_be_bytes();
+        let skip = bytes.iter().take_while(|&&b| b == 0).count();
+        der.push(0x80 | (bytes.len() - skip) as u8);
+        der.extend_from_slice(&bytes[skip..]);
+    }
+    der.extend_from_slice(contents);
+    der
+}
+
+/// Checks CRLs against the trusted CAs: each parses, is issued by one of
+/// them, is signed by its key, carries a CRL number, and no CA has two.
+/// Returns each issuer's CRL number.
+fn check_crls(
+    roots: &RootCertStore,
+    crls: &[CertificateRevocationListDer<'_>],
+) -> Result<CrlNumbers, TlsError> {
+    let mut numbers = CrlNumbers::new();
+    for (i, der) in crls.iter().enumerate() {
+        let refused =
+            |why: String| TlsError::CrlRefused(format!("CRL {} of {}: {why}", i + 1, crls.len()));
+        let (rest, crl) = x509_parser::parse_x509_crl(der.as_ref())
+            .map_err(|e| refused(format!("cannot parse it: {e}")))?;
+        if !rest.is_empty() {
+            return Err(refused("trailing bytes after it".into()));
+        }
+        let issuer = crl.issuer().as_raw();
+        let anchor = roots
+            .roots
+            .iter()
+            .find(|anchor| der_sequence(anchor.subject.as_ref()) == issuer)
+            .ok_or_else(|| {
+                refused(format!(
+                    "issued by \"{}\", which is not the trusted CA",
+                    crl.issuer()
+                ))
+            })?;
+        let spki_der = der_sequence(anchor.subject_public_key_info.as_ref());
+        let (_, spki) = SubjectPublicKeyInfo::from_der(&spki_der)
+            .map_err(|e| refused(format!("cannot read the CA's public key: {e}")))?;
+        crl.verify_signature(&spki).map_err(|e| {
+            refused(format!(
+                "its signature does not verify with the CA's key ({e})"
+            ))
+        })?;
+        let number = crl.crl_number().cloned().ok_or_else(|| {
+            refused(
+                "it has no CRL number, so an older list could replace a newer one unnoticed".into(),
+            )
+        })?;
+        if numbers.insert(issuer.to_vec(), number).is_some() {
+            return Err(refused(
+                "a second CRL from the same CA: keep exactly one, the newest".into(),
+            ));
+        }
+    }
+    Ok(numbers)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A connection whose client certificate is checked again at each reload.
+#[derive(Debug)]
+struct Watched {
+    conn: quinn::Connection,
+    /// The certificate chain the client presented, end entity first.
+    chain: Vec<CertificateDer<'static>>,
+}
+
+#[derive(Debug, Default)]
+struct LiveConnections {
+    next_id: u64,
+    by_id: HashMap<u64, Watched>,
+}
+
+/// A client-certificate verifier whose revocation lists can be replaced
+/// while the server runs. The trusted CA does not change.
+#[derive(Debug)]
+pub(crate) struct ReloadableClientVerifier {
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    root_hints: Vec<DistinguishedName>,
+    current: RwLock<Arc<dyn ClientCertVerifier>>,
+    /// The CRL numbers in force; reloads take turns on this lock.
+    numbers: Mutex<CrlNumbers>,
+    live: Mutex<LiveConnections>,
+}
+
+impl ReloadableClientVerifier {
+    /// A verifier trusting `roots` and refusing what `crls` revoke (none
+    /// when empty: a server without a CRL file).
+    pub(crate) fn new(
+        roots: RootCertStore,
+        provider: Arc<CryptoProvider>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let numbers = check_crls(&roots, &crls)?;
+        let roots = Arc::new(roots);
+        let initial = Self::build(&roots, &provider, crls)?;
+        Ok(Arc::new(Self {
+            root_hints: initial.root_hint_subjects().to_vec(),
+            roots,
+            provider,
+            current: RwLock::new(initial),
+            numbers: Mutex::new(numbers),
+            live: Mutex::default(),
+        }))
+    }
+
+    fn build(
+        roots: &Arc<RootCertStore>,
+        provider: &Arc<CryptoProvider>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+        Ok(
+            WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), Arc::clone(provider))
+                .with_crls(crls)
+                .build()?,
+        )
+    }
+
+    fn current(&self) -> Arc<dyn ClientCertVerifier> {
+        match self.current.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Checks every live connection's certificate with `verifier` and
+    /// closes those that fail. Returns the names of the closed ones.
+    fn recheck(&self, verifier: &Arc<dyn ClientCertVerifier>) -> Vec<String> {
+        let watched: Vec<_> = lock(&self.live)
+            .by_id
+            .values()
+            .map(|w| (w.conn.clone(), w.chain.clone()))
+            .collect();
+        let now = UnixTime::now();
+        let mut closed = Vec::new();
+        for (conn, chain) in watched {
+            let verdict = match chain.split_first() {
+                Some((leaf, intermediates)) => verifier
+                    .verify_client_cert(leaf, intermediates, now)
+                    .map(|_| ()),
+                None => Err(rustls::Error::NoCertificatesPresented),
+            };
+            if let Err(error) = verdict {
+                let name = chain
+                    .first()
+                    .and_then(|leaf| cert_name(leaf).ok())
+                    .unwrap_or_else(|| "(unnamed)".to_owned());
+                warn!(
+                    client = %name,
+                    remote = %conn.remote_address(),
+                    %error,
+                    "closing a connection: its client certificate no longer verifies"
+                );
+                conn.close(CERTIFICATE_CLOSE_CODE.into(), b"certificate revoked");
+                closed.push(name);
+            }
+        }
+        closed
+    }
+}
+
+impl ClientCertVerifier for ReloadableClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.root_hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.current()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.current().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.current().supported_verify_schemes()
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// CRLs now in force.
+    pub crls: usize,
+    /// Names of the connected clients closed because their certificate no
+    /// longer verifies.
+    pub closed: Vec<String>,
+}
+
+/// Replaces the revocation lists of a running server's client-certificate
+/// verifier (see [`crate::tls::server_config_reloadable`]) and watches its
+/// connections. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CrlReloader(pub(crate) Arc<ReloadableClientVerifier>);
+
+impl CrlReloader {
+    /// Installs `crls` after checking them against the CA (issuer,
+    /// signature, a CRL number not lower than the one in force, one CRL per
+    /// CA, none dropped); new handshakes use them, and every watched
+    /// connection whose certificate they revoke is closed. On any error the
+    /// lists in force stay.
+    pub fn reload(
+        &self,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Result<Reloaded, TlsError> {
+        let inner = &self.0;
+        if crls.is_empty() {
+            return Err(TlsError::CrlRefused(
+                "no CRL given: an empty list would un-revoke every certificate".into(),
+            ));
+        }
+        let mut numbers = lock(&inner.numbers);
+        let fresh = check_crls(&inner.roots, &crls)?;
+        for (issuer, in_force) in numbers.iter() {
+            match fresh.get(issuer) {
+                None => {
+                    return Err(TlsError::CrlRefused(
+                        "no CRL from a CA that had one: its revocations would be lost".into(),
+                    ));
+                }
+                Some(number) if number < in_force => {
+                    return Err(TlsError::CrlRefused(format!(
+                        "CRL number {number} is lower than the {in_force} in force: an older \
+                         list would un-revoke certificates"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let count = crls.len();
+        let verifier = ReloadableClientVerifier::build(&inner.roots, &inner.provider, crls)?;
+        match inner.current.write() {
+            Ok(mut guard) => *guard = Arc::clone(&verifier),
+            Err(poisoned) => *poisoned.into_inner() = Arc::clone(&verifier),
+        }
+        *numbers = fresh;
+        drop(numbers);
+        let closed = inner.recheck(&verifier);
+        Ok(Reloaded {
+            crls: count,
+            closed,
+        })
+    }
+
+    /// [`CrlReloader::reload`] from a CRL file ([`load_crl_file`]).
+    pub fn reload_file(&self, path: &Path) -> Result<Reloaded, TlsError> {
+        self.reload(load_crl_file(path)?)
+    }
+
+    /// Watches a connection this server accepted until the returned guard
+    /// is dropped: each reload checks its client certificate again and
+    /// closes it when revoked, and it is closed when the certificate
+    /// expires (that timer needs a tokio runtime; outside one there is
+    /// none).
+    pub fn watch(&self, conn: &quinn::Connection) -> ConnectionWatch {
+        let chain = crate::tls::peer_certificates(conn).unwrap_or_default();
+        let expiry = chain
+            .first()
+            .and_then(|leaf| cert_not_after(leaf).ok())
+            .and_then(|not_after| {
+                let runtime = tokio::runtime::Handle::try_current().ok()?;
+                Some(
+                    runtime
+                        .spawn(close_at_expiry(conn.clone(), not_after))
+                        .abort_handle(),
+                )
+            });
+        let mut live = lock(&self.0.live);
+        let id = live.next_id;
+        live.next_id += 1;
+        live.by_id.insert(
+            id,
+            Watched {
+                conn: conn.clone(),
+                chain,
+            },
+        );
+        ConnectionWatch {
+            verifier: Arc::clone(&self.0),
+            id,
+            expiry,
+        }
+    }
+
+    /// Connections being watched now.
+    pub fn watched(&self) -> usize {
+        lock(&self.0.live).by_id.len()
+    }
+}
+
+/// Closes `conn` once its certificate's `not_after` has passed (or returns
+/// when the connection closes first).
+async fn close_at_expiry(conn: quinn::Connection, not_after: SystemTime) {
+    loop {
+        let left = match not_after.duration_since(SystemTime::now()) {
+            Ok(left) if !left.is_zero() => left,
+            _ => break,
+        };
+        tokio::select! {
+            () = tokio::time::sleep(left.min(EXPIRY_CHECK_INTERVAL)) => {}
+            _ = conn.closed() => return,
+        }
+    }
+    warn!(
+        remote = %conn.remote_address(),
+        "closing a connection: its client certificate expired"
+    );
+    conn.close(CERTIFICATE_CLOSE_CODE.into(), b"certificate expired");
+}
+
+/// Keeps a connection watched (see [`CrlReloader::watch`]); dropping it
+/// stops the watch.
+#[derive(Debug)]
+pub struct ConnectionWatch {
+    verifier: Arc<ReloadableClientVerifier>,
+    id: u64,
+    expiry: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for ConnectionWatch {
+    fn drop(&mut self) {
+        lock(&self.verifier.live).by_id.remove(&self.id);
+        if let Some(expiry) = &self.expiry {
+            expiry.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::pki::{CertAuthority, Issued, cert_serial};
+    use crate::tls::{Identity, TransportSettings, load_ca_pem, server_config_reloadable};
+
+    fn crl(
+        ca: &CertAuthority,
+        revoked: &[&Issued],
+        number: u64,
+    ) -> CertificateRevocationListDer<'static> {
+        let revoked: Vec<_> = revoked
+            .iter()
+            .map(|issued| {
+                (
+                    cert_serial(&issued.cert_pem).expect("serial"),
+                    SystemTime::now(),
+                )
+            })
+            .collect();
+        let pem = ca.issue_crl(&revoked, number).expect("CRL");
+        CertificateRevocationListDer::from_pem_slice(pem.as_bytes()).expect("PEM")
+    }
+
+    fn reloader_for(ca: &CertAuthority) -> (quinn::ServerConfig, CrlReloader) {
+        let server = ca.issue_server(&["localhost".into()]).expect("server");
+        server_config_reloadable(
+            load_ca_pem(ca.cert_pem()).expect("roots"),
+            Identity::from_pem(&server.cert_pem, &server.key_pem).expect("identity"),
+            Vec::new(),
+            &TransportSettings::default(),
+        )
+        .expect("config")
+    }
+
+    #[test]
+    fn a_crl_file_without_any_crl_is_an_error() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("crl.pem");
+        for text in ["", "not a CRL at all\n"] {
+            std::fs::write(&path, text).expect("write");
+            let err = load_crl_file(&path).expect_err("no CRL");
+            assert!(matches!(err, TlsError::EmptyCrl(_)), "{err}");
+            assert!(err.to_string().contains("crl.pem"), "{err}");
+        }
+        // A truncated CRL (begin line, no end) is malformed PEM.
+        std::fs::write(&path, "-----BEGIN X509 CRL-----\nMIIB\n").expect("write");
+        assert!(load_crl_file(&path).is_err());
+        // A directory is not read at all.
+        let err = load_crl_file(tmp.path()).expect_err("a directory");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn only_the_cas_own_newest_crl_is_installed() {
+        let ca = CertAuthority::generate("revocation CA").expect("CA");
+        let alice = ca.issue_client("alice").expect("alice");
+        let (_, reloader) = reloader_for(&ca);
+        let refused = |crls: Vec<CertificateRevocationListDer<'static>>, why: &str| {
+            let err = reloader.reload(crls).expect_err(why);
+            assert!(matches!(err, TlsError::CrlRefused(_)), "{err}");
+            assert!(err.to_string().contains(why), "{err}");
+        };
+        refused(Vec::new(), "un-revoke every certificate");
+        // Another CA's list, and a forgery under the same name.
+        let other = CertAuthority::generate("other CA").expect("CA");
+        refused(vec![crl(&other, &[&alice], 5)], "not the trusted CA");
+        let forger = CertAuthority::generate("revocation CA").expect("CA");
+        refused(
+            vec![crl(&forger, &[], 9)],
+            "does not verify with the CA's key",
+        );
+        refused(
+            vec![crl(&ca, &[&alice], 2), crl(&ca, &[], 3)],
+            "a second CRL from the same CA",
+        );
+        // A tampered byte breaks the signature (or the parse).
+        let mut tampered = crl(&ca, &[&alice], 2).as_ref().to_vec();
+        let at = tampered.len() / 2;
+        tampered[at] ^= 0x01;
+        assert!(reloader.reload(vec![tampered.into()]).is_err());
+
+        let installed = reloader
+            .reload(vec![crl(&ca, &[&alice], 2)])
+            .expect("CA's own");
+        assert_eq!(
+            installed,
+            Reloaded {
+                crls: 1,
+                closed: Vec::new()
+            }
+        );
+        // The same number again is fine (a re-issue); a lower one is a rollback.
+        reloader
+            .reload(vec![crl(&ca, &[&alice], 2)])
+            .expect("same number");
+        refused(vec![crl(&ca, &[], 1)], "lower than the 2 in force");
+        reloader
+            .reload(vec![crl(&ca, &[&alice], 3)])
+            .expect("newer");
+
+        // The same checks at start.
+        let server = ca.issue_server(&["localhost".into()]).expect("server");
+        let err = server_config_reloadable(
+            load_ca_pem(ca.cert_pem()).expect("roots"),
+            Identity::from_pem(&server.cert_pem, &server.key_pem).expect("identity"),
+            vec![crl(&forger, &[], 1)],
+            &TransportSettings::default(),
+        )
+        .expect_err("forged CRL at start");
+        assert!(matches!(err, TlsError::CrlRefused(_)), "{err}");
+    }
+
+    /// A client connection and the server's side of it.
+    async fn connect(
+        server: &quinn::Endpoint,
+        ca: &CertAuthority,
+        issued: &Issued,
+    ) -> Result<(quinn::Endpoint, quinn::Connection, quinn::Connection), String> {
+        let addr: SocketAddr = server.local_addr().map_err(|e| e.to_string())?;
+        let config = crate::tls::client_config(
+            load_ca_pem(ca.cert_pem()).map_err(|e| e.to_string())?,
+            Some(Identity::from_pem(&issued.cert_pem, &issued.key_pem).map_err(|e| e.to_string())?),
+            &TransportSettings::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        let endpoint =
+            crate::endpoint::client_endpoint_for(addr, config).map_err(|e| e.to_string())?;
+        let connecting = endpoint
+            .connect(addr, "localhost")
+            .map_err(|e| e.to_string())?;
+        let both = async {
+            let accepted = async {
+                let incoming = server.accept().await.ok_or("server endpoint closed")?;
+                incoming.await.map_err(|e| e.to_string())
+            };
+            let (client, accepted) = tokio::join!(connecting, accepted);
+            let client = client.map_err(|e| e.to_string())?;
+            // TLS 1.3 finishes on the client before the server has checked
+            // its certificate: a refused client learns it on its first read.
+            Ok::<_, String>((client, accepted?))
+        };
+        let (client, accepted) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .map_err(|_| "handshake timed out".to_owned())??;
+        Ok((endpoint, client, accepted))
+    }
+
+    async fn closed_with(conn: &quinn::Connection) -> Option<Vec<u8>> {
+        match tokio::time::timeout(Duration::from_secs(5), conn.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == CERTIFICATE_CLOSE_CODE.into() =>
+            {
+                Some(close.reason.to_vec())
+            }
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reload_closes_the_connections_it_revokes() {
+        let ca = CertAuthority::generate("revocation CA").expect("CA");
+        let (config, reloader) = reloader_for(&ca);
+        let server =
+            crate::endpoint::server_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+                .expect("server endpoint");
+        let alice = ca.issue_client("alice").expect("alice");
+        let bob = ca.issue_client("bob").expect("bob");
+        let (_alice_endpoint, alice_client, alice_server) =
+            connect(&server, &ca, &alice).await.expect("alice connects");
+        let (_bob_endpoint, bob_client, bob_server) =
+            connect(&server, &ca, &bob).await.expect("bob connects");
+        let alice_watch = reloader.watch(&alice_server);
+        let _bob_watch = reloader.watch(&bob_server);
+        assert_eq!(reloader.watched(), 2);
+
+        let reloaded = reloader
+            .reload(vec![crl(&ca, &[&alice], 1)])
+            .expect("reload");
+        assert_eq!(reloaded.closed, vec!["alice".to_owned()]);
+        assert_eq!(
+            closed_with(&alice_client).await.as_deref(),
+            Some(&b"certificate revoked"[..])
+        );
+        // Bob is untouched, and still talks.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(bob_client.close_reason().is_none());
+        let mut send = bob_client.open_uni().await.expect("bob opens a stream");
+        send.write_all(b"still here").await.expect("bob writes");
+        send.finish().expect("finish");
+        let mut recv = bob_server.accept_uni().await.expect("server accepts");
+        assert_eq!(recv.read_to_end(64).await.expect("read"), b"still here");
+
+        // A dropped watch is forgotten.
+        drop(alice_watch);
+        assert_eq!(reloader.watched(), 1);
+        // Alice cannot come back: the new handshake is refused.
+        match connect(&server, &ca, &alice).await {
+            Err(_) => {}
+            Ok((_endpoint, client, _)) => {
+                assert!(
+                    tokio::time::timeout(Duration::from_secs(5), client.closed())
+                        .await
+                        .is_ok(),
+                    "the revoked client's new connection stayed open"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_closed_when_its_certificate_expires() {
+        let ca = CertAuthority::generate("expiry CA").expect("CA");
+        let (config, reloader) = reloader_for(&ca);
+        let server =
+            crate::endpoint::server_endpoint(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+                .expect("server endpoint");
+        let now = SystemTime::now();
+        let short = ca
+            .issue_client_with_validity(
+                "short",
+                now - Duration::from_secs(60),
+                now + Duration::from_secs(2),
+            )
+            .expect("short-lived");
+        let (_endpoint, client, accepted) = connect(&server, &ca, &short).await.expect("connects");
+        let _watch = reloader.watch(&accepted);
+        assert!(client.close_reason().is_none());
+        let closed = tokio::time::timeout(Duration::from_secs(10), client.closed())
+            .await
+            .expect("closed at expiry");
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(close)
+                if close.reason.as_ref() == b"certificate expired"),
+            "{closed:?}"
+        );
+    }
+}
