@@ -85,6 +85,28 @@ async fn only_valid_unrevoked_allowlisted_clients_get_in() {
         !why.contains("reject"),
         "a revoked certificate fails in TLS: {why}"
     );
+    // A real client with a revoked or expired certificate stops with a
+    // clear error instead of reconnecting for ever.
+    for (identity, why) in [
+        (files(&dirs, "client-003"), "certificate revoked"),
+        (
+            Identity::from_pem(&expired.cert_pem, &expired.key_pem).unwrap(),
+            "certificate expired",
+        ),
+    ] {
+        let tls = client_tls(&ca, Some(identity));
+        let ended = within(
+            20,
+            fedquic::client::run_client(options(agg.addr, tls, 1000), DeltaTrainer::new(1.0, 4)),
+        )
+        .await;
+        match ended {
+            Err(fedquic::client::ClientError::CertificateRefused(reason)) => {
+                assert_eq!(reason, why)
+            }
+            other => panic!("expected the certificate to be refused ({why}), got {other:?}"),
+        }
+    }
     let why = refusal(agg.addr, &ca, Some(files(&dirs, "client-002"))).await;
     assert!(
         why.contains("not on the aggregator's allowlist") && why.contains("retry None"),

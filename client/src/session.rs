@@ -10,6 +10,7 @@ use fedquic_net::io::{
     IoError, read_message, read_tensor_body, read_tensor_header, send_encoded, send_shared_tensors,
     write_message,
 };
+use fedquic_net::revocation::certificate_refused;
 use fedquic_privacy::secagg::ClientRound;
 use fedquic_protocol::{
     BodyDecoder, Codec, EvalResult, FitTask, Hello, INITIAL_LOSS_METRIC, Message,
@@ -38,6 +39,13 @@ pub enum ClientError {
     Endpoint(#[from] fedquic_net::endpoint::EndpointError),
     #[error("refusing the aggregator's demand: {0}")]
     Limit(#[from] LimitError),
+    /// The aggregator refused this client's certificate for good (revoked
+    /// or expired): reconnecting with it cannot help.
+    #[error(
+        "the aggregator refused this client's certificate ({0}); ask the federation's operator \
+         for a new one"
+    )]
+    CertificateRefused(String),
     /// The client's own QUIC endpoint was closed (by the process sharing it,
     /// e.g. the simulator at the end of a run): no attempt can succeed.
     #[error("the client's endpoint was closed")]
@@ -152,7 +160,10 @@ enum SessionError {
 
 impl From<IoError> for SessionError {
     fn from(e: IoError) -> Self {
-        SessionError::Transient(e.to_string())
+        match e.connection_error().and_then(certificate_refused) {
+            Some(why) => SessionError::Fatal(ClientError::CertificateRefused(why)),
+            None => SessionError::Transient(e.to_string()),
+        }
     }
 }
 
@@ -254,7 +265,10 @@ async fn session(
                     quinn::ConnectionError::LocallyClosed => {
                         SessionError::Fatal(ClientError::EndpointClosed)
                     }
-                    e => SessionError::Transient(format!("cannot connect: {e}")),
+                    e => match certificate_refused(&e) {
+                        Some(why) => SessionError::Fatal(ClientError::CertificateRefused(why)),
+                        None => SessionError::Transient(format!("cannot connect: {e}")),
+                    },
                 })?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(IoError::from)?;
             let hello = Hello {
@@ -810,7 +824,7 @@ async fn secagg_fit_task(
                     Some(Ok(None)) | None => {
                         return Err(SessionError::Transient("aggregator closed the session".into()));
                     }
-                    Some(Err(e)) => return Err(SessionError::Transient(e.to_string())),
+                    Some(Err(e)) => return Err(e.into()),
                 };
                 match msg {
                     Message::SecAgg { task_id, step } if task_id == task.task_id => {

@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Most bytes of a PEM certificate chain or key file (a chain of a few
 /// certificates is a few KiB).
@@ -54,40 +54,33 @@ pub fn read_text_bounded(path: &Path, limit: u64) -> io::Result<String> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
-/// Replaces `path` with `contents` atomically: writes and syncs a temporary
-/// file beside it, then renames it over `path` and syncs the directory.
-/// Readers see the old file or the new one, never a part; on any error the
-/// old file stays and the temporary one is removed. The new file has mode
-/// 0644 (these files are public: certificates, CRLs, records).
+/// Replaces `path` with `contents` atomically: writes and syncs a new
+/// temporary file beside it (a fresh random name, created exclusively, so
+/// concurrent writers never share one), then renames it over `path` and
+/// syncs the directory. Readers see the old file or the new one, never a
+/// part; on any error the old file stays and the temporary one is removed.
+/// The new file has mode 0644 (these files are public: certificates, CRLs,
+/// records).
 pub fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(".tmp");
-    let tmp: PathBuf = path.with_file_name(tmp_name);
-    let written = (|| {
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o644);
-        }
-        let mut file = options.open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // The rename itself survives a crash once the directory is synced.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && let Ok(dir) = fs::File::open(dir)
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(contents)?;
+    #[cfg(unix)]
     {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o644))?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    // The rename itself survives a crash once the directory is synced.
+    if let Ok(dir) = fs::File::open(dir) {
         let _ = dir.sync_all();
     }
     Ok(())
@@ -125,6 +118,12 @@ mod tests {
         replace_file(&path, b"first").expect("create");
         replace_file(&path, b"second").expect("replace");
         assert_eq!(fs::read(&path).expect("read"), b"second");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).expect("metadata").permissions().mode();
+            assert_eq!(mode & 0o777, 0o644);
+        }
         // No temporary file is left behind.
         let names: Vec<_> = fs::read_dir(tmp.path())
             .expect("list")
@@ -138,6 +137,11 @@ mod tests {
         fs::write(dir.join("inside"), b"x").expect("write");
         assert!(replace_file(&dir, b"new").is_err());
         assert!(dir.join("inside").exists());
-        assert!(!tmp.path().join(".taken.tmp").exists());
+        let mut names: Vec<_> = fs::read_dir(tmp.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["crl.pem", "taken"], "no temporary file left");
     }
 }

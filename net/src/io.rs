@@ -27,6 +27,18 @@ pub enum IoError {
     ClosedStream,
 }
 
+impl IoError {
+    /// The connection's error, when this failure is the connection's end.
+    pub fn connection_error(&self) -> Option<&quinn::ConnectionError> {
+        match self {
+            IoError::Connection(e)
+            | IoError::Read(quinn::ReadError::ConnectionLost(e))
+            | IoError::Write(quinn::WriteError::ConnectionLost(e)) => Some(e),
+            _ => None,
+        }
+    }
+}
+
 /// `read_exact` that names what was cut short when the stream ends early.
 async fn read_exact_named(
     recv: &mut quinn::RecvStream,

@@ -8,7 +8,7 @@
 //! On disk ([`PkiDirs`]) the CA is kept apart from everything deployable:
 //!
 //! ```text
-//! certs-ca/                 the CA: ca.pem, ca.key, revoked.txt (keep offline)
+//! certs-ca/                 the CA: ca.pem, ca.key, revoked.txt, crlnumber (keep offline)
 //! certs/                    the aggregator's --certs: ca.pem, server.pem, server.key, crl.pem
 //! certs/clients/NAME/       one device's bundle: ca.pem, NAME.pem, NAME.key
 //! ```
@@ -84,6 +84,11 @@ pub enum PkiError {
     SerialAlreadyRevoked(String),
     #[error("{}: line {line} is malformed", path.display())]
     MalformedRecord { path: PathBuf, line: usize },
+    #[error(
+        "cannot read the CRL {}: {reason}; it is not written over (move it away to rebuild it \
+         from the CA's revoked.txt)", path.display()
+    )]
+    UnreadableCrl { path: PathBuf, reason: String },
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -659,6 +664,10 @@ pub const CRL_FILE: &str = "crl.pem";
 /// The record of revocations the CRL is rebuilt from: one line per
 /// revoked certificate, `SERIAL_HEX NAME UNIX_TIME`.
 pub const REVOKED_FILE: &str = "revoked.txt";
+/// The highest CRL number issued, in the CA directory: CRL numbers only grow.
+pub const CRL_NUMBER_FILE: &str = "crlnumber";
+/// Lock file in the CA directory that makes revocations take turns.
+const REVOKE_LOCK_FILE: &str = ".revoke.lock";
 /// How long a CRL is valid; re-run `certs revoke` (or any revocation) before then.
 pub const CRL_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -769,51 +778,114 @@ pub fn revoke_serial(dirs: &PkiDirs, serial: &[u8]) -> Result<PathBuf, PkiError>
 
 fn revoke_serial_as(dirs: &PkiDirs, serial: &[u8], name: &str) -> Result<PathBuf, PkiError> {
     let ca = CertAuthority::from_dir(&dirs.ca)?;
+    // One revocation at a time: each reads, extends and rewrites the
+    // record, the CRL number and the CRL.
+    let _lock = lock_ca_dir(&dirs.ca)?;
     let record_path = dirs.ca.join(REVOKED_FILE);
-    let record = match files::read_text_bounded(&record_path, files::MAX_CRL_BYTES) {
+    let old_record = match files::read_text_bounded(&record_path, files::MAX_CRL_BYTES) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(io_err(&record_path)(e)),
     };
-    let mut revoked = parse_record(&record, &record_path)?;
-    let wanted = serial_hex(serial);
+    let mut revoked = parse_record(&old_record, &record_path)?;
+    let mut record = old_record.clone();
     let crl_path = dirs.crl_path();
-    let current = read_crl(&crl_path);
-    let recorded = revoked.iter().any(|(s, _)| serial_hex(s) == wanted);
-    if recorded {
-        // Recorded but missing from the CRL: an earlier revocation whose
-        // CRL write failed. Finish it instead of refusing it.
-        if current
-            .as_ref()
-            .is_some_and(|crl| crl.serials.contains(&wanted))
-        {
-            return Err(PkiError::SerialAlreadyRevoked(wanted));
+    let current = read_crl(&crl_path)?;
+    let listed = |revoked: &[(Vec<u8>, SystemTime)], hex: &str| {
+        revoked.iter().any(|(s, _)| serial_hex(s) == hex)
+    };
+    // Serials the published CRL has and the record lacks (a record write
+    // that failed after its CRL went out) are kept, and recorded now: a new
+    // CRL never drops a revocation.
+    if let Some(crl) = &current {
+        for (serial, at) in &crl.revoked {
+            let hex = serial_hex(serial);
+            if !listed(&revoked, &hex) {
+                record.push_str(&record_line(&hex, "-", *at));
+                revoked.push((serial.clone(), *at));
+            }
         }
-    } else {
-        revoked.push((serial.to_vec(), SystemTime::now()));
+    }
+    let wanted = serial_hex(serial);
+    let in_crl = current
+        .as_ref()
+        .is_some_and(|crl| crl.revoked.iter().any(|(s, _)| serial_hex(s) == wanted));
+    if in_crl {
+        write_record_if_changed(&record_path, &old_record, &record)?;
+        return Err(PkiError::SerialAlreadyRevoked(wanted));
+    }
+    // Recorded but not in the CRL: an earlier revocation whose CRL write
+    // failed. It is finished now instead of refused.
+    if !listed(&revoked, &wanted) {
+        let now = SystemTime::now();
+        record.push_str(&record_line(&wanted, name, now));
+        revoked.push((serial.to_vec(), now));
     }
     // The aggregator refuses a CRL whose number is lower than the one it
-    // has: never go back, whatever happened to the record.
-    let number = current
-        .and_then(|crl| crl.number)
-        .map_or(0, |n| n.saturating_add(1))
+    // has: the number only grows, whatever happened to the files. It is
+    // saved before the CRL goes out, so a CRL is never published with a
+    // number a later one could repeat.
+    let number_path = dirs.ca.join(CRL_NUMBER_FILE);
+    let number = read_crl_number(&number_path)?
+        .max(current.and_then(|crl| crl.number).unwrap_or(0))
+        .checked_add(1)
+        .ok_or_else(|| PkiError::MalformedRecord {
+            path: number_path.clone(),
+            line: 1,
+        })?
         .max(revoked.len() as u64);
+    files::replace_file(&number_path, format!("{number}\n").as_bytes())
+        .map_err(io_err(&number_path))?;
     let crl = ca.issue_crl(&revoked, number)?;
     fs::create_dir_all(&dirs.certs).map_err(io_err(&dirs.certs))?;
     // The CRL first, replaced atomically: if writing it fails, the record
-    // does not have the serial yet either, and the revocation can simply
-    // be run again. If the record's write fails after it, the CRL is
-    // already in force and the next run records it.
+    // does not have the serial yet either, and the revocation can be run
+    // again. If the record's write fails after it, the next revocation
+    // takes the serial from the CRL.
     files::replace_file(&crl_path, crl.as_bytes()).map_err(io_err(&crl_path))?;
-    if !recorded {
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let record = format!("{record}{wanted} {name} {unix}\n");
-        files::replace_file(&record_path, record.as_bytes()).map_err(io_err(&record_path))?;
-    }
+    write_record_if_changed(&record_path, &old_record, &record)?;
     Ok(crl_path)
+}
+
+/// Holds the CA directory's revocation lock until dropped (an advisory
+/// lock on a file in it: `certs revoke` runs one at a time).
+fn lock_ca_dir(ca_dir: &Path) -> Result<fs::File, PkiError> {
+    let path = ca_dir.join(REVOKE_LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    file.lock().map_err(io_err(&path))?;
+    Ok(file)
+}
+
+fn record_line(hex: &str, name: &str, at: SystemTime) -> String {
+    let unix = at
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{hex} {name} {unix}\n")
+}
+
+fn write_record_if_changed(path: &Path, old: &str, new: &str) -> Result<(), PkiError> {
+    if old == new {
+        return Ok(());
+    }
+    files::replace_file(path, new.as_bytes()).map_err(io_err(path))
+}
+
+/// The highest CRL number issued so far (0 before the first).
+fn read_crl_number(path: &Path) -> Result<u64, PkiError> {
+    match files::read_text_bounded(path, 64) {
+        Ok(text) => text.trim().parse().map_err(|_| PkiError::MalformedRecord {
+            path: path.to_path_buf(),
+            line: 1,
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(io_err(path)(e)),
+    }
 }
 
 /// The revoked serials and times of `revoked.txt` (one line per
@@ -843,24 +915,45 @@ fn parse_record(record: &str, path: &Path) -> Result<Vec<(Vec<u8>, SystemTime)>,
 
 /// What the current CRL file says, as far as revoking goes.
 struct CurrentCrl {
-    /// Revoked serials, as [`serial_hex`] spells them.
-    serials: Vec<String>,
+    /// Revoked serials (raw, as in certificates) and when.
+    revoked: Vec<(Vec<u8>, SystemTime)>,
     number: Option<u64>,
 }
 
-/// Reads the CRL file; `None` when it is missing or unreadable (it is then
-/// rebuilt from the record).
-fn read_crl(path: &Path) -> Option<CurrentCrl> {
-    let pem = files::read_bounded(path, files::MAX_CRL_BYTES).ok()?;
-    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_slice(&pem).ok()?;
-    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).ok()?;
-    Some(CurrentCrl {
-        serials: crl
+/// Reads the CRL file: `None` when there is none. A file that is there but
+/// cannot be read is an error, not something to write over: its
+/// revocations would be lost.
+fn read_crl(path: &Path) -> Result<Option<CurrentCrl>, PkiError> {
+    let unreadable = |reason: String| PkiError::UnreadableCrl {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = match files::read_bounded(path, files::MAX_CRL_BYTES) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(unreadable(e.to_string())),
+    };
+    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_slice(&pem)
+        .map_err(|e| unreadable(format!("no PEM CRL: {e}")))?;
+    let (_, crl) =
+        x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| unreadable(e.to_string()))?;
+    let number = match crl.crl_number() {
+        Some(n) => Some(u64::try_from(n).map_err(|_| unreadable("CRL number too large".into()))?),
+        None => None,
+    };
+    Ok(Some(CurrentCrl {
+        revoked: crl
             .iter_revoked_certificates()
-            .map(|revoked| serial_hex(revoked.raw_serial()))
+            .map(|revoked| {
+                let secs = revoked.revocation_date.timestamp().max(0) as u64;
+                let at = UNIX_EPOCH
+                    .checked_add(Duration::from_secs(secs))
+                    .unwrap_or(UNIX_EPOCH);
+                (revoked.raw_serial().to_vec(), at)
+            })
             .collect(),
-        number: crl.crl_number().and_then(|n| u64::try_from(n).ok()),
-    })
+        number,
+    }))
 }
 
 #[cfg(test)]
@@ -1226,55 +1319,91 @@ mod tests {
     }
 
     #[test]
-    fn an_interrupted_revocation_is_finished_and_crl_numbers_only_grow() {
+    fn interrupted_revocations_are_finished_and_never_dropped() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dirs = PkiDirs::new(&tmp.path().join("certs"), None);
-        init_dir(&dirs, &["localhost".to_string()], 2, false).expect("init");
-        let number = || {
-            read_crl(&dirs.crl_path())
-                .and_then(|crl| crl.number)
-                .expect("a CRL with a number")
+        init_dir(&dirs, &["localhost".to_string()], 3, false).expect("init");
+        let crl_path = dirs.crl_path();
+        let crl = || read_crl(&crl_path).expect("readable").expect("a CRL");
+        let number = || crl().number.expect("a CRL number");
+        let serials =
+            || -> Vec<String> { crl().revoked.iter().map(|(s, _)| serial_hex(s)).collect() };
+        let serial_of = |name: &str| {
+            serial_hex(
+                &cert_serial(&fs::read_to_string(&dirs.client_files(name)[1]).expect("read"))
+                    .expect("serial"),
+            )
         };
-        let crl_path = revoke(&dirs, "client-001").expect("revoke");
-        assert_eq!(number(), 1);
-        // The CRL write of a revocation failed (an older version wrote the
-        // record first): the record has client-002, the CRL does not.
-        let serial =
-            cert_serial(&fs::read_to_string(&dirs.client_files("client-002")[1]).expect("read"))
-                .expect("serial");
         let record_path = dirs.ca.join(REVOKED_FILE);
-        let mut record = fs::read_to_string(&record_path).expect("record");
-        record.push_str(&format!("{} client-002 1700000000\n", serial_hex(&serial)));
-        fs::write(&record_path, &record).expect("write");
-        revoke(&dirs, "client-002").expect("finished, not refused");
-        let crl = read_crl(&crl_path).expect("CRL");
-        assert!(crl.serials.contains(&serial_hex(&serial)));
-        assert_eq!(crl.serials.len(), 2);
-        assert!(crl.number.expect("number") > 1);
-        assert_eq!(
-            fs::read_to_string(&record_path).expect("record"),
-            record,
-            "recorded once"
+        let record = || fs::read_to_string(&record_path).expect("record");
+
+        revoke(&dirs, "client-001").expect("revoke");
+        assert_eq!(number(), 1);
+
+        // The CRL write of a revocation failed after its record was written
+        // (older versions wrote the record first): the re-run finishes it.
+        let with_002 = format!(
+            "{}{} client-002 1700000000\n",
+            record(),
+            serial_of("client-002")
         );
+        fs::write(&record_path, &with_002).expect("write");
+        revoke(&dirs, "client-002").expect("finished, not refused");
+        assert!(serials().contains(&serial_of("client-002")));
+        assert_eq!(record(), with_002, "recorded once");
         assert!(matches!(
             revoke(&dirs, "client-002"),
             Err(PkiError::AlreadyRevoked(_))
         ));
 
-        // A lost CRL is rebuilt from the record, with a number that does not
-        // go back below the one the aggregator may hold.
+        // The record write failed after the CRL went out: the record lacks
+        // client-002. Revoking someone else keeps client-002 in the CRL and
+        // records it.
+        let without_002: String = record()
+            .lines()
+            .filter(|l| !l.starts_with(&serial_of("client-002")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        fs::write(&record_path, &without_002).expect("write");
         let before = number();
+        revoke(&dirs, "client-003").expect("revoke");
+        let listed = serials();
+        for name in ["client-001", "client-002", "client-003"] {
+            assert!(
+                listed.contains(&serial_of(name)),
+                "{name} dropped from the CRL"
+            );
+            assert!(record().contains(&serial_of(name)), "{name} not recorded");
+        }
+        assert!(number() > before);
+
+        // A lost CRL is rebuilt from the record, with a number above any
+        // issued before (the aggregator may hold the last one).
+        let before = number();
+        fs::remove_file(&crl_path).expect("remove");
         let ca = CertAuthority::from_dir(&dirs.ca).expect("CA");
-        let extra = ca.issue_client("client-003").expect("issue");
-        fs::write(&crl_path, ca.issue_crl(&[], 40).expect("CRL")).expect("write");
+        let extra = ca.issue_client("extra").expect("issue");
         revoke_serial(&dirs, &cert_serial(&extra.cert_pem).expect("serial")).expect("revoke");
-        assert!(number() > 40 && number() > before);
-        assert_eq!(read_crl(&crl_path).expect("CRL").serials.len(), 3);
+        assert!(number() > before);
+        assert_eq!(serials().len(), 4);
+
+        // A CRL file that is there but unreadable is not written over.
+        fs::write(
+            &crl_path,
+            "-----BEGIN X509 CRL-----\ngarbage\n-----END X509 CRL-----\n",
+        )
+        .expect("write");
+        let other = ca.issue_client("other").expect("issue");
+        let err = revoke_serial(&dirs, &cert_serial(&other.cert_pem).expect("serial"))
+            .expect_err("unreadable CRL");
+        assert!(matches!(err, PkiError::UnreadableCrl { .. }), "{err}");
+        assert!(err.to_string().contains("move it away"), "{err}");
 
         // A record whose time overflows is malformed, not a panic.
+        fs::remove_file(&crl_path).expect("remove");
         fs::write(
             &record_path,
-            format!("{} x 18446744073709551615\n", serial_hex(&serial)),
+            format!("{} x 18446744073709551615\n", serial_of("client-001")),
         )
         .expect("write");
         assert!(matches!(

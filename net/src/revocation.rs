@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -34,6 +35,38 @@ use crate::tls::{TlsError, cert_name, cert_not_after};
 /// The QUIC application close code of a connection closed because its
 /// client certificate was revoked (at a CRL reload) or expired.
 pub const CERTIFICATE_CLOSE_CODE: u32 = 4;
+
+/// TLS alerts (RFC 8446) a server sends when it refuses a client's
+/// certificate for good: `certificate_revoked` and `certificate_expired`.
+const ALERT_CERTIFICATE_REVOKED: u8 = 44;
+const ALERT_CERTIFICATE_EXPIRED: u8 = 45;
+
+/// Whether `error` says the peer refused this side's certificate for good:
+/// revoked or expired, in the TLS handshake (a QUIC crypto error carrying the
+/// alert) or afterwards ([`CERTIFICATE_CLOSE_CODE`]). Returns why. Another
+/// attempt with the same certificate cannot succeed, so a client stops
+/// instead of reconnecting. Both come in packets only the peer could have
+/// sent (handshake or 1-RTT keys).
+pub fn certificate_refused(error: &quinn::ConnectionError) -> Option<String> {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == CERTIFICATE_CLOSE_CODE.into() =>
+        {
+            Some(String::from_utf8_lossy(&close.reason).into_owned())
+        }
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::crypto(ALERT_CERTIFICATE_REVOKED) =>
+        {
+            Some("certificate revoked".to_owned())
+        }
+        quinn::ConnectionError::ConnectionClosed(close)
+            if close.error_code == quinn::TransportErrorCode::crypto(ALERT_CERTIFICATE_EXPIRED) =>
+        {
+            Some("certificate expired".to_owned())
+        }
+        _ => None,
+    }
+}
 
 /// Longest single wait of the expiry timer: tokio's timers do not reach
 /// years ahead, and the wall clock may be set while a connection lives.
@@ -61,8 +94,9 @@ pub fn load_crl_file(path: &Path) -> Result<Vec<CertificateRevocationListDer<'st
     Ok(crls)
 }
 
-/// The CRL number in force per issuing CA (the issuer's DER name).
-type CrlNumbers = HashMap<Vec<u8>, BigUint>;
+/// Per issuing CA (the issuer's DER name), the CRL number in force and the
+/// CRL itself.
+type CrlNumbers = HashMap<Vec<u8>, (BigUint, Vec<u8>)>;
 
 /// `contents` as a DER SEQUENCE: webpki keeps a trust anchor's subject and
 /// key without their outer SEQUENCE, x509-parser wants them whole.
@@ -98,30 +132,41 @@ fn check_crls(
             return Err(refused("trailing bytes after it".into()));
         }
         let issuer = crl.issuer().as_raw();
-        let anchor = roots
+        // Every trusted CA of that name (a re-keyed CA may sit beside the
+        // old one): the CRL must verify with one of their keys.
+        let mut candidates = roots
             .roots
             .iter()
-            .find(|anchor| der_sequence(anchor.subject.as_ref()) == issuer)
-            .ok_or_else(|| {
-                refused(format!(
-                    "issued by \"{}\", which is not the trusted CA",
-                    crl.issuer()
-                ))
-            })?;
-        let spki_der = der_sequence(anchor.subject_public_key_info.as_ref());
-        let (_, spki) = SubjectPublicKeyInfo::from_der(&spki_der)
-            .map_err(|e| refused(format!("cannot read the CA's public key: {e}")))?;
-        crl.verify_signature(&spki).map_err(|e| {
-            refused(format!(
-                "its signature does not verify with the CA's key ({e})"
-            ))
-        })?;
+            .filter(|anchor| der_sequence(anchor.subject.as_ref()) == issuer)
+            .peekable();
+        if candidates.peek().is_none() {
+            return Err(refused(format!(
+                "issued by \"{}\", which is not the trusted CA",
+                crl.issuer()
+            )));
+        }
+        let mut last_error = String::new();
+        let signed = candidates.any(|anchor| {
+            let spki_der = der_sequence(anchor.subject_public_key_info.as_ref());
+            let verified = SubjectPublicKeyInfo::from_der(&spki_der)
+                .map_err(|e| format!("cannot read the CA's public key: {e}"))
+                .and_then(|(_, spki)| crl.verify_signature(&spki).map_err(|e| e.to_string()));
+            verified.map_err(|e| last_error = e).is_ok()
+        });
+        if !signed {
+            return Err(refused(format!(
+                "its signature does not verify with the CA's key ({last_error})"
+            )));
+        }
         let number = crl.crl_number().cloned().ok_or_else(|| {
             refused(
                 "it has no CRL number, so an older list could replace a newer one unnoticed".into(),
             )
         })?;
-        if numbers.insert(issuer.to_vec(), number).is_some() {
+        if numbers
+            .insert(issuer.to_vec(), (number, der.as_ref().to_vec()))
+            .is_some()
+        {
             return Err(refused(
                 "a second CRL from the same CA: keep exactly one, the newest".into(),
             ));
@@ -161,6 +206,9 @@ pub(crate) struct ReloadableClientVerifier {
     /// The CRL numbers in force; reloads take turns on this lock.
     numbers: Mutex<CrlNumbers>,
     live: Mutex<LiveConnections>,
+    /// Reloads so far: a connection registered after one may have passed
+    /// its handshake under the lists before it.
+    reloads: AtomicU64,
 }
 
 impl ReloadableClientVerifier {
@@ -181,6 +229,7 @@ impl ReloadableClientVerifier {
             current: RwLock::new(initial),
             numbers: Mutex::new(numbers),
             live: Mutex::default(),
+            reloads: AtomicU64::new(0),
         }))
     }
 
@@ -212,31 +261,40 @@ impl ReloadableClientVerifier {
             .map(|w| (w.conn.clone(), w.chain.clone()))
             .collect();
         let now = UnixTime::now();
-        let mut closed = Vec::new();
-        for (conn, chain) in watched {
-            let verdict = match chain.split_first() {
-                Some((leaf, intermediates)) => verifier
-                    .verify_client_cert(leaf, intermediates, now)
-                    .map(|_| ()),
-                None => Err(rustls::Error::NoCertificatesPresented),
-            };
-            if let Err(error) = verdict {
-                let name = chain
-                    .first()
-                    .and_then(|leaf| cert_name(leaf).ok())
-                    .unwrap_or_else(|| "(unnamed)".to_owned());
-                warn!(
-                    client = %name,
-                    remote = %conn.remote_address(),
-                    %error,
-                    "closing a connection: its client certificate no longer verifies"
-                );
-                conn.close(CERTIFICATE_CLOSE_CODE.into(), b"certificate revoked");
-                closed.push(name);
-            }
-        }
-        closed
+        watched
+            .iter()
+            .filter_map(|(conn, chain)| close_unless_valid(verifier.as_ref(), conn, chain, now))
+            .collect()
     }
+}
+
+/// Closes `conn` unless `verifier` accepts its client certificate `chain`
+/// at `now`; returns the closed client's name.
+fn close_unless_valid(
+    verifier: &dyn ClientCertVerifier,
+    conn: &quinn::Connection,
+    chain: &[CertificateDer<'static>],
+    now: UnixTime,
+) -> Option<String> {
+    let verdict = match chain.split_first() {
+        Some((leaf, intermediates)) => verifier
+            .verify_client_cert(leaf, intermediates, now)
+            .map(|_| ()),
+        None => Err(rustls::Error::NoCertificatesPresented),
+    };
+    let error = verdict.err()?;
+    let name = chain
+        .first()
+        .and_then(|leaf| cert_name(leaf).ok())
+        .unwrap_or_else(|| "(unnamed)".to_owned());
+    warn!(
+        client = %name,
+        remote = %conn.remote_address(),
+        %error,
+        "closing a connection: its client certificate no longer verifies"
+    );
+    conn.close(CERTIFICATE_CLOSE_CODE.into(), b"certificate revoked");
+    Some(name)
 }
 
 impl ClientCertVerifier for ReloadableClientVerifier {
@@ -311,17 +369,23 @@ impl CrlReloader {
         }
         let mut numbers = lock(&inner.numbers);
         let fresh = check_crls(&inner.roots, &crls)?;
-        for (issuer, in_force) in numbers.iter() {
+        for (issuer, (in_force, in_force_der)) in numbers.iter() {
             match fresh.get(issuer) {
                 None => {
                     return Err(TlsError::CrlRefused(
                         "no CRL from a CA that had one: its revocations would be lost".into(),
                     ));
                 }
-                Some(number) if number < in_force => {
+                Some((number, _)) if number < in_force => {
                     return Err(TlsError::CrlRefused(format!(
                         "CRL number {number} is lower than the {in_force} in force: an older \
                          list would un-revoke certificates"
+                    )));
+                }
+                Some((number, der)) if number == in_force && der != in_force_der => {
+                    return Err(TlsError::CrlRefused(format!(
+                        "a different CRL with the number {number} in force: a new list must \
+                         have a higher number"
                     )));
                 }
                 Some(_) => {}
@@ -335,6 +399,9 @@ impl CrlReloader {
         }
         *numbers = fresh;
         drop(numbers);
+        // Before the snapshot of the live connections: one registered after
+        // the snapshot sees this count and checks itself (see `watch`).
+        inner.reloads.fetch_add(1, Ordering::SeqCst);
         let closed = inner.recheck(&verifier);
         Ok(Reloaded {
             crls: count,
@@ -365,21 +432,31 @@ impl CrlReloader {
                         .abort_handle(),
                 )
             });
-        let mut live = lock(&self.0.live);
-        let id = live.next_id;
-        live.next_id += 1;
-        live.by_id.insert(
-            id,
-            Watched {
-                conn: conn.clone(),
-                chain,
-            },
-        );
-        ConnectionWatch {
-            verifier: Arc::clone(&self.0),
-            id,
-            expiry,
+        let watch = {
+            let mut live = lock(&self.0.live);
+            let id = live.next_id;
+            live.next_id += 1;
+            live.by_id.insert(
+                id,
+                Watched {
+                    conn: conn.clone(),
+                    chain: chain.clone(),
+                },
+            );
+            ConnectionWatch {
+                verifier: Arc::clone(&self.0),
+                id,
+                expiry,
+            }
+        };
+        // The handshake may have run under lists a reload has replaced
+        // since, after that reload's re-check had taken its snapshot: check
+        // against the lists in force now. (Registered first, so a reload
+        // that comes later re-checks it.)
+        if self.0.reloads.load(Ordering::SeqCst) > 0 {
+            close_unless_valid(self.0.current().as_ref(), conn, &chain, UnixTime::now());
         }
+        watch
     }
 
     /// Connections being watched now.
@@ -508,7 +585,10 @@ mod tests {
         let mut tampered = crl(&ca, &[&alice], 2).as_ref().to_vec();
         let at = tampered.len() / 2;
         tampered[at] ^= 0x01;
-        assert!(reloader.reload(vec![tampered.into()]).is_err());
+        let err = reloader
+            .reload(vec![tampered.into()])
+            .expect_err("tampered CRL");
+        assert!(matches!(err, TlsError::CrlRefused(_)), "{err}");
 
         let installed = reloader
             .reload(vec![crl(&ca, &[&alice], 2)])
@@ -520,14 +600,13 @@ mod tests {
                 closed: Vec::new()
             }
         );
-        // The same number again is fine (a re-issue); a lower one is a rollback.
-        reloader
-            .reload(vec![crl(&ca, &[&alice], 2)])
-            .expect("same number");
-        refused(vec![crl(&ca, &[], 1)], "lower than the 2 in force");
-        reloader
-            .reload(vec![crl(&ca, &[&alice], 3)])
-            .expect("newer");
+        // The same CRL again is fine (a second SIGHUP); another one with the
+        // same number, or a lower number, is not.
+        let newer = crl(&ca, &[&alice], 5);
+        reloader.reload(vec![newer.clone()]).expect("newer");
+        reloader.reload(vec![newer]).expect("the same CRL again");
+        refused(vec![crl(&ca, &[], 5)], "a different CRL with the number 5");
+        refused(vec![crl(&ca, &[], 1)], "lower than the 5 in force");
 
         // The same checks at start.
         let server = ca.issue_server(&["localhost".into()]).expect("server");
@@ -539,6 +618,18 @@ mod tests {
         )
         .expect_err("forged CRL at start");
         assert!(matches!(err, TlsError::CrlRefused(_)), "{err}");
+    }
+
+    #[test]
+    fn a_crl_may_come_from_any_trusted_ca_of_its_name() {
+        // A re-keyed CA under the old name, both trusted during the change.
+        let old = CertAuthority::generate("rekeyed CA").expect("CA");
+        let new = CertAuthority::generate("rekeyed CA").expect("CA");
+        let roots = load_ca_pem(&format!("{}{}", old.cert_pem(), new.cert_pem())).expect("roots");
+        let alice = new.issue_client("alice").expect("alice");
+        let numbers = check_crls(&roots, &[crl(&new, &[&alice], 1)]).expect("the new key's CRL");
+        assert_eq!(numbers.len(), 1);
+        check_crls(&roots, &[crl(&old, &[], 1)]).expect("the old key's CRL");
     }
 
     /// A client connection and the server's side of it.
@@ -624,6 +715,20 @@ mod tests {
         // A dropped watch is forgotten.
         drop(alice_watch);
         assert_eq!(reloader.watched(), 1);
+        // A connection whose handshake passed before a reload but that is
+        // watched only after it (the reload's re-check missed it) is closed
+        // when it is watched.
+        let carol = ca.issue_client("carol").expect("carol");
+        let (_carol_endpoint, carol_client, carol_server) =
+            connect(&server, &ca, &carol).await.expect("carol connects");
+        reloader
+            .reload(vec![crl(&ca, &[&alice, &carol], 2)])
+            .expect("reload");
+        let _carol_watch = reloader.watch(&carol_server);
+        assert_eq!(
+            closed_with(&carol_client).await.as_deref(),
+            Some(&b"certificate revoked"[..])
+        );
         // Alice cannot come back: the new handshake is refused.
         match connect(&server, &ca, &alice).await {
             Err(_) => {}
