@@ -265,10 +265,12 @@ async fn session(
                     quinn::ConnectionError::LocallyClosed => {
                         SessionError::Fatal(ClientError::EndpointClosed)
                     }
-                    e => match certificate_refused(&e) {
-                        Some(why) => SessionError::Fatal(ClientError::CertificateRefused(why)),
-                        None => SessionError::Transient(format!("cannot connect: {e}")),
-                    },
+                    // Not checked for a certificate refusal: before the
+                    // handshake completes, a close can be forged (Initial
+                    // packets are readable by anyone on the path). The
+                    // server's verdict on this client's certificate comes
+                    // after, on the first read, authenticated.
+                    e => SessionError::Transient(format!("cannot connect: {e}")),
                 })?;
             let (mut send, mut recv) = conn.open_bi().await.map_err(IoError::from)?;
             let hello = Hello {
@@ -371,12 +373,7 @@ async fn session(
                         reason: "aggregator closed the session".into(),
                     });
                 }
-                Some(Err(e)) => {
-                    return Ok(SessionEnd::Retry {
-                        after: None,
-                        reason: e.to_string(),
-                    });
-                }
+                Some(Err(e)) => return Err(e.into()),
             },
         };
         match msg {

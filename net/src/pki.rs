@@ -777,10 +777,10 @@ pub fn revoke_serial(dirs: &PkiDirs, serial: &[u8]) -> Result<PathBuf, PkiError>
 }
 
 fn revoke_serial_as(dirs: &PkiDirs, serial: &[u8], name: &str) -> Result<PathBuf, PkiError> {
-    let ca = CertAuthority::from_dir(&dirs.ca)?;
     // One revocation at a time: each reads, extends and rewrites the
     // record, the CRL number and the CRL.
     let _lock = lock_ca_dir(&dirs.ca)?;
+    let ca = CertAuthority::from_dir(&dirs.ca)?;
     let record_path = dirs.ca.join(REVOKED_FILE);
     let old_record = match files::read_text_bounded(&record_path, files::MAX_CRL_BYTES) {
         Ok(text) => text,
@@ -790,7 +790,7 @@ fn revoke_serial_as(dirs: &PkiDirs, serial: &[u8], name: &str) -> Result<PathBuf
     let mut revoked = parse_record(&old_record, &record_path)?;
     let mut record = old_record.clone();
     let crl_path = dirs.crl_path();
-    let current = read_crl(&crl_path)?;
+    let current = read_crl(&crl_path, &ca)?;
     let listed = |revoked: &[(Vec<u8>, SystemTime)], hex: &str| {
         revoked.iter().any(|(s, _)| serial_hex(s) == hex)
     };
@@ -821,6 +821,11 @@ fn revoke_serial_as(dirs: &PkiDirs, serial: &[u8], name: &str) -> Result<PathBuf
         record.push_str(&record_line(&wanted, name, now));
         revoked.push((serial.to_vec(), now));
     }
+    // The record first: every serial a CRL ever lists is in it, so a CRL
+    // rebuilt from it (after crl.pem was lost) drops nothing. If a later
+    // step fails, the next run finds the serial recorded but not published
+    // and finishes it.
+    write_record_if_changed(&record_path, &old_record, &record)?;
     // The aggregator refuses a CRL whose number is lower than the one it
     // has: the number only grows, whatever happened to the files. It is
     // saved before the CRL goes out, so a CRL is never published with a
@@ -838,12 +843,7 @@ fn revoke_serial_as(dirs: &PkiDirs, serial: &[u8], name: &str) -> Result<PathBuf
         .map_err(io_err(&number_path))?;
     let crl = ca.issue_crl(&revoked, number)?;
     fs::create_dir_all(&dirs.certs).map_err(io_err(&dirs.certs))?;
-    // The CRL first, replaced atomically: if writing it fails, the record
-    // does not have the serial yet either, and the revocation can be run
-    // again. If the record's write fails after it, the next revocation
-    // takes the serial from the CRL.
     files::replace_file(&crl_path, crl.as_bytes()).map_err(io_err(&crl_path))?;
-    write_record_if_changed(&record_path, &old_record, &record)?;
     Ok(crl_path)
 }
 
@@ -920,10 +920,10 @@ struct CurrentCrl {
     number: Option<u64>,
 }
 
-/// Reads the CRL file: `None` when there is none. A file that is there but
-/// cannot be read is an error, not something to write over: its
-/// revocations would be lost.
-fn read_crl(path: &Path) -> Result<Option<CurrentCrl>, PkiError> {
+/// Reads the CRL file, which must be this CA's: `None` when there is none.
+/// A file that is there but cannot be read, or is not signed by `ca`, is an
+/// error, not something to write over or take serials from.
+fn read_crl(path: &Path, ca: &CertAuthority) -> Result<Option<CurrentCrl>, PkiError> {
     let unreadable = |reason: String| PkiError::UnreadableCrl {
         path: path.to_path_buf(),
         reason,
@@ -937,6 +937,18 @@ fn read_crl(path: &Path) -> Result<Option<CurrentCrl>, PkiError> {
         .map_err(|e| unreadable(format!("no PEM CRL: {e}")))?;
     let (_, crl) =
         x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| unreadable(e.to_string()))?;
+    let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())
+        .map_err(|e| PkiError::InvalidCaCert(format!("not a PEM certificate: {e}")))?;
+    let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der)
+        .map_err(|e| PkiError::InvalidCaCert(format!("cannot parse certificate: {e}")))?;
+    if crl.issuer().as_raw() != ca_cert.subject().as_raw() {
+        return Err(unreadable(format!(
+            "issued by \"{}\", not by this CA",
+            crl.issuer()
+        )));
+    }
+    crl.verify_signature(ca_cert.public_key())
+        .map_err(|e| unreadable(format!("not signed by this CA's key ({e})")))?;
     let number = match crl.crl_number() {
         Some(n) => Some(u64::try_from(n).map_err(|_| unreadable("CRL number too large".into()))?),
         None => None,
@@ -1324,7 +1336,8 @@ mod tests {
         let dirs = PkiDirs::new(&tmp.path().join("certs"), None);
         init_dir(&dirs, &["localhost".to_string()], 3, false).expect("init");
         let crl_path = dirs.crl_path();
-        let crl = || read_crl(&crl_path).expect("readable").expect("a CRL");
+        let ca = CertAuthority::from_dir(&dirs.ca).expect("CA");
+        let crl = || read_crl(&crl_path, &ca).expect("readable").expect("a CRL");
         let number = || crl().number.expect("a CRL number");
         let serials =
             || -> Vec<String> { crl().revoked.iter().map(|(s, _)| serial_hex(s)).collect() };
@@ -1381,7 +1394,6 @@ mod tests {
         // issued before (the aggregator may hold the last one).
         let before = number();
         fs::remove_file(&crl_path).expect("remove");
-        let ca = CertAuthority::from_dir(&dirs.ca).expect("CA");
         let extra = ca.issue_client("extra").expect("issue");
         revoke_serial(&dirs, &cert_serial(&extra.cert_pem).expect("serial")).expect("revoke");
         assert!(number() > before);
@@ -1398,6 +1410,16 @@ mod tests {
             .expect_err("unreadable CRL");
         assert!(matches!(err, PkiError::UnreadableCrl { .. }), "{err}");
         assert!(err.to_string().contains("move it away"), "{err}");
+        // So is another CA's CRL (its serials and number are not taken).
+        let stranger = CertAuthority::generate("fedquic CA").expect("CA");
+        fs::write(
+            &crl_path,
+            stranger.issue_crl(&[], u64::MAX / 2).expect("CRL"),
+        )
+        .expect("write");
+        let err = revoke_serial(&dirs, &cert_serial(&other.cert_pem).expect("serial"))
+            .expect_err("foreign CRL");
+        assert!(err.to_string().contains("not signed by this CA"), "{err}");
 
         // A record whose time overflows is malformed, not a panic.
         fs::remove_file(&crl_path).expect("remove");

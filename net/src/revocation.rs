@@ -42,17 +42,31 @@ const ALERT_CERTIFICATE_REVOKED: u8 = 44;
 const ALERT_CERTIFICATE_EXPIRED: u8 = 45;
 
 /// Whether `error` says the peer refused this side's certificate for good:
-/// revoked or expired, in the TLS handshake (a QUIC crypto error carrying the
-/// alert) or afterwards ([`CERTIFICATE_CLOSE_CODE`]). Returns why. Another
-/// attempt with the same certificate cannot succeed, so a client stops
-/// instead of reconnecting. Both come in packets only the peer could have
-/// sent (handshake or 1-RTT keys).
+/// revoked or expired, by a TLS alert (a QUIC crypto error) or by
+/// [`CERTIFICATE_CLOSE_CODE`]. Returns why (the peer's reason, made
+/// printable and short). Another attempt with the same certificate cannot
+/// succeed, so a client stops instead of reconnecting.
+///
+/// Only for errors of an established connection: before the handshake
+/// completes, a close can come in Initial packets, whose keys anyone on the
+/// path can derive, so a forged one would stop an honest client. With TLS
+/// 1.3 the server judges the client's certificate after the client's
+/// handshake is complete, so its genuine verdict arrives authenticated.
 pub fn certificate_refused(error: &quinn::ConnectionError) -> Option<String> {
     match error {
         quinn::ConnectionError::ApplicationClosed(close)
             if close.error_code == CERTIFICATE_CLOSE_CODE.into() =>
         {
-            Some(String::from_utf8_lossy(&close.reason).into_owned())
+            let reason: String = String::from_utf8_lossy(&close.reason)
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(80)
+                .collect();
+            Some(if reason.is_empty() {
+                "certificate refused".to_owned()
+            } else {
+                reason
+            })
         }
         quinn::ConnectionError::ConnectionClosed(close)
             if close.error_code == quinn::TransportErrorCode::crypto(ALERT_CERTIFICATE_REVOKED) =>
@@ -132,32 +146,34 @@ fn check_crls(
             return Err(refused("trailing bytes after it".into()));
         }
         let issuer = crl.issuer().as_raw();
-        // Every trusted CA of that name (a re-keyed CA may sit beside the
-        // old one): the CRL must verify with one of their keys.
-        let mut candidates = roots
+        let mut named = roots
             .roots
             .iter()
-            .filter(|anchor| der_sequence(anchor.subject.as_ref()) == issuer)
-            .peekable();
-        if candidates.peek().is_none() {
-            return Err(refused(format!(
+            .filter(|anchor| der_sequence(anchor.subject.as_ref()) == issuer);
+        let anchor = named.next().ok_or_else(|| {
+            refused(format!(
                 "issued by \"{}\", which is not the trusted CA",
+                crl.issuer()
+            ))
+        })?;
+        // webpki takes the first CRL of a certificate's issuer name and checks
+        // it with that issuer's key: with two trusted CAs of one name, one
+        // CA's CRL would fail every certificate of the other.
+        if named.next().is_some() {
+            return Err(refused(format!(
+                "several trusted CAs are named \"{}\": their CRLs cannot be told apart; \
+                 trust one of them",
                 crl.issuer()
             )));
         }
-        let mut last_error = String::new();
-        let signed = candidates.any(|anchor| {
-            let spki_der = der_sequence(anchor.subject_public_key_info.as_ref());
-            let verified = SubjectPublicKeyInfo::from_der(&spki_der)
-                .map_err(|e| format!("cannot read the CA's public key: {e}"))
-                .and_then(|(_, spki)| crl.verify_signature(&spki).map_err(|e| e.to_string()));
-            verified.map_err(|e| last_error = e).is_ok()
-        });
-        if !signed {
-            return Err(refused(format!(
-                "its signature does not verify with the CA's key ({last_error})"
-            )));
-        }
+        let spki_der = der_sequence(anchor.subject_public_key_info.as_ref());
+        let (_, spki) = SubjectPublicKeyInfo::from_der(&spki_der)
+            .map_err(|e| refused(format!("cannot read the CA's public key: {e}")))?;
+        crl.verify_signature(&spki).map_err(|e| {
+            refused(format!(
+                "its signature does not verify with the CA's key ({e})"
+            ))
+        })?;
         let number = crl.crl_number().cloned().ok_or_else(|| {
             refused(
                 "it has no CRL number, so an older list could replace a newer one unnoticed".into(),
@@ -621,15 +637,15 @@ mod tests {
     }
 
     #[test]
-    fn a_crl_may_come_from_any_trusted_ca_of_its_name() {
-        // A re-keyed CA under the old name, both trusted during the change.
+    fn a_crl_is_refused_when_two_trusted_cas_share_its_name() {
+        // A re-keyed CA under the old name, both trusted.
         let old = CertAuthority::generate("rekeyed CA").expect("CA");
         let new = CertAuthority::generate("rekeyed CA").expect("CA");
         let roots = load_ca_pem(&format!("{}{}", old.cert_pem(), new.cert_pem())).expect("roots");
-        let alice = new.issue_client("alice").expect("alice");
-        let numbers = check_crls(&roots, &[crl(&new, &[&alice], 1)]).expect("the new key's CRL");
-        assert_eq!(numbers.len(), 1);
-        check_crls(&roots, &[crl(&old, &[], 1)]).expect("the old key's CRL");
+        let err = check_crls(&roots, &[crl(&new, &[], 1)]).expect_err("ambiguous issuer");
+        assert!(err.to_string().contains("several trusted CAs"), "{err}");
+        // Without a CRL both CAs work as before.
+        check_crls(&roots, &[]).expect("no CRL");
     }
 
     /// A client connection and the server's side of it.

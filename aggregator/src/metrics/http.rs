@@ -3,12 +3,15 @@
 //! The scraper is untrusted (the port may be reachable by more than
 //! Prometheus), so every connection is bounded: the request head must fit in
 //! [`MAX_REQUEST_HEAD`] bytes and arrive within [`REQUEST_TIMEOUT`], at most
-//! [`MAX_CONNECTIONS`] are served at once (more are closed at once), and each
-//! connection answers one request and closes. Nothing a client sends can
+//! [`MAX_CONNECTIONS`] are served at once and at most
+//! [`MAX_CONNECTIONS_PER_ADDRESS`] from one IP address (more are closed at
+//! once, so one peer holding idle sockets cannot lock the scraper out), and
+//! each connection answers one request and closes. Nothing a client sends can
 //! reach the aggregator's state: the endpoint only reads the metrics.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -21,10 +24,49 @@ use super::{CONTENT_TYPE, Metrics};
 
 /// Longest request line plus headers accepted (Prometheus sends ~300 bytes).
 pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
-/// Time a client has to send its request head, and to read the answer.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to send its request head, and to read the answer
+/// (a scraper sends its ~300 bytes at once).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Scrapes served at once; a scraper needs one.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Scrapes served at once to one IP address.
+pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 2;
+
+/// Connections open per peer address; a slot is given back when dropped.
+#[derive(Default)]
+struct PerAddress(Mutex<HashMap<IpAddr, usize>>);
+
+struct AddressSlot {
+    counts: Arc<PerAddress>,
+    ip: IpAddr,
+}
+
+impl PerAddress {
+    fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(ip).or_insert(0);
+        if *count >= MAX_CONNECTIONS_PER_ADDRESS {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            counts: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
 /// The only path served.
 pub const METRICS_PATH: &str = "/metrics";
 
@@ -59,6 +101,7 @@ impl MetricsEndpoint {
     /// Serves scrapes until the task is dropped or aborted.
     pub async fn serve(self) {
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let per_address = Arc::new(PerAddress::default());
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(accepted) => accepted,
@@ -70,6 +113,10 @@ impl MetricsEndpoint {
                     continue;
                 }
             };
+            let Some(slot) = per_address.take(peer.ip()) else {
+                debug!(%peer, "metrics endpoint: too many connections from this address");
+                continue;
+            };
             let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
                 debug!(%peer, "metrics endpoint busy: connection closed");
                 continue;
@@ -77,7 +124,7 @@ impl MetricsEndpoint {
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 answer(stream, &metrics).await;
-                drop(permit);
+                drop((permit, slot));
             });
         }
     }
@@ -226,5 +273,44 @@ mod tests {
         ] {
             assert_eq!(first_line(&respond(request, &m)), want, "{request:?}");
         }
+    }
+
+    async fn scrape(addr: SocketAddr) -> Vec<u8> {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        // The peer may close first (refused); that is an empty answer.
+        let _ = stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        answer
+    }
+
+    #[tokio::test]
+    async fn one_address_cannot_hold_every_slot() {
+        let endpoint = MetricsEndpoint::bind(SocketAddr::from(([127, 0, 0, 1], 0)), Metrics::new())
+            .await
+            .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let server = endpoint.spawn();
+        // Two idle connections from this address take its two slots.
+        let idle: Vec<_> = idle_connections(addr).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            scrape(addr).await.is_empty(),
+            "a third connection is closed unanswered"
+        );
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(first_line(&scrape(addr).await), "HTTP/1.1 200 OK");
+        server.abort();
+    }
+
+    async fn idle_connections(addr: SocketAddr) -> Vec<TcpStream> {
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS_PER_ADDRESS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        idle
     }
 }
