@@ -91,7 +91,7 @@ async fn only_valid_unrevoked_allowlisted_clients_get_in() {
         (files(&dirs, "client-003"), "certificate revoked"),
         (
             Identity::from_pem(&expired.cert_pem, &expired.key_pem).unwrap(),
-            "certificate expired",
+            "certificate expired or not yet valid",
         ),
     ] {
         let tls = client_tls(&ca, Some(identity));

@@ -272,6 +272,16 @@ async fn session(
                     // after, on the first read, authenticated.
                     e => SessionError::Transient(format!("cannot connect: {e}")),
                 })?;
+            // Closed already, in the same packets that completed the
+            // handshake: the close may have come in an Initial packet (keys
+            // anyone on the path can derive) and is not trusted as a verdict
+            // on our certificate; the aggregator's genuine one needs our
+            // Finished first, which is not out yet.
+            if let Some(reason) = conn.close_reason() {
+                return Err(SessionError::Transient(format!(
+                    "connection closed during the handshake: {reason}"
+                )));
+            }
             let (mut send, mut recv) = conn.open_bi().await.map_err(IoError::from)?;
             let hello = Hello {
                 versions: SUPPORTED_VERSIONS.to_vec(),

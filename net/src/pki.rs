@@ -933,10 +933,20 @@ fn read_crl(path: &Path, ca: &CertAuthority) -> Result<Option<CurrentCrl>, PkiEr
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(unreadable(e.to_string())),
     };
-    let der = rustls::pki_types::CertificateRevocationListDer::from_pem_slice(&pem)
-        .map_err(|e| unreadable(format!("no PEM CRL: {e}")))?;
-    let (_, crl) =
+    let ders = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| unreadable(format!("malformed PEM: {e}")))?;
+    let [der] = ders.as_slice() else {
+        return Err(unreadable(format!(
+            "{} CRLs where this CA writes exactly one",
+            ders.len()
+        )));
+    };
+    let (rest, crl) =
         x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| unreadable(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(unreadable("trailing bytes after the CRL".into()));
+    }
     let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes())
         .map_err(|e| PkiError::InvalidCaCert(format!("not a PEM certificate: {e}")))?;
     let (_, ca_cert) = x509_parser::parse_x509_certificate(&ca_der)

@@ -33,8 +33,12 @@ use crate::files::MAX_CRL_BYTES;
 use crate::tls::{TlsError, cert_name, cert_not_after};
 
 /// The QUIC application close code of a connection closed because its
-/// client certificate was revoked (at a CRL reload) or expired.
+/// client certificate was revoked (at a CRL reload) or expired: final, a
+/// client stops.
 pub const CERTIFICATE_CLOSE_CODE: u32 = 4;
+/// The close code of a connection whose certificate stopped verifying for
+/// another reason at a reload (a client may try again).
+pub const CERTIFICATE_UNVERIFIED_CLOSE_CODE: u32 = 5;
 
 /// TLS alerts (RFC 8446) a server sends when it refuses a client's
 /// certificate for good: `certificate_revoked` and `certificate_expired`.
@@ -76,7 +80,8 @@ pub fn certificate_refused(error: &quinn::ConnectionError) -> Option<String> {
         quinn::ConnectionError::ConnectionClosed(close)
             if close.error_code == quinn::TransportErrorCode::crypto(ALERT_CERTIFICATE_EXPIRED) =>
         {
-            Some("certificate expired".to_owned())
+            // rustls sends this alert for a certificate not valid yet too.
+            Some("certificate expired or not yet valid".to_owned())
         }
         _ => None,
     }
@@ -186,6 +191,22 @@ fn check_crls(
             return Err(refused(
                 "a second CRL from the same CA: keep exactly one, the newest".into(),
             ));
+        }
+    }
+    // With any CRL, rustls refuses certificates whose revocation status is
+    // unknown: a trusted CA without a CRL would lock all its clients out.
+    if !crls.is_empty() {
+        for anchor in &roots.roots {
+            let subject = der_sequence(anchor.subject.as_ref());
+            if !numbers.contains_key(&subject) {
+                let name = x509_parser::x509::X509Name::from_der(&subject)
+                    .map(|(_, name)| name.to_string())
+                    .unwrap_or_default();
+                return Err(TlsError::CrlRefused(format!(
+                    "the trusted CA \"{name}\" has no CRL: with revocation checked, all its \
+                     clients would be refused; give every trusted CA a CRL"
+                )));
+            }
         }
     }
     Ok(numbers)
@@ -309,7 +330,21 @@ fn close_unless_valid(
         %error,
         "closing a connection: its client certificate no longer verifies"
     );
-    conn.close(CERTIFICATE_CLOSE_CODE.into(), b"certificate revoked");
+    // Only revocation and expiry are final for the client; anything else
+    // (a CA without a CRL, say) may be the operator's to fix.
+    let (code, reason): (u32, &[u8]) = match &error {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked) => {
+            (CERTIFICATE_CLOSE_CODE, b"certificate revoked")
+        }
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        ) => (CERTIFICATE_CLOSE_CODE, b"certificate expired"),
+        _ => (
+            CERTIFICATE_UNVERIFIED_CLOSE_CODE,
+            b"certificate no longer verifies",
+        ),
+    };
+    conn.close(code.into(), reason);
     Some(name)
 }
 
@@ -646,6 +681,16 @@ mod tests {
         assert!(err.to_string().contains("several trusted CAs"), "{err}");
         // Without a CRL both CAs work as before.
         check_crls(&roots, &[]).expect("no CRL");
+
+        // Two CAs of different names: each needs its CRL.
+        let other = CertAuthority::generate("second CA").expect("CA");
+        let roots = load_ca_pem(&format!("{}{}", old.cert_pem(), other.cert_pem())).expect("roots");
+        let err = check_crls(&roots, &[crl(&old, &[], 1)]).expect_err("second CA uncovered");
+        assert!(
+            err.to_string().contains("\"CN=second CA\" has no CRL"),
+            "{err}"
+        );
+        check_crls(&roots, &[crl(&old, &[], 1), crl(&other, &[], 1)]).expect("both covered");
     }
 
     /// A client connection and the server's side of it.

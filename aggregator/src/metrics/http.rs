@@ -29,7 +29,7 @@ pub const MAX_REQUEST_HEAD: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// Scrapes served at once; a scraper needs one.
 pub const MAX_CONNECTIONS: usize = 16;
-/// Scrapes served at once to one IP address.
+/// Scrapes served at once to one IPv4 address or IPv6 /64.
 pub const MAX_CONNECTIONS_PER_ADDRESS: usize = 2;
 
 /// Connections open per peer address; a slot is given back when dropped.
@@ -42,7 +42,21 @@ struct AddressSlot {
 }
 
 impl PerAddress {
+    /// The peer a connection counts against: its IPv4 address, or its IPv6
+    /// /64 (one host commonly holds a whole /64).
+    fn peer_key(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let mut segments = v6.segments();
+                segments[4..].fill(0);
+                IpAddr::V6(segments.into())
+            }
+            v4 => v4,
+        }
+    }
+
     fn take(self: &Arc<Self>, ip: IpAddr) -> Option<AddressSlot> {
+        let ip = Self::peer_key(ip);
         let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(ip).or_insert(0);
         if *count >= MAX_CONNECTIONS_PER_ADDRESS {
@@ -284,6 +298,15 @@ mod tests {
         let mut answer = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
         answer
+    }
+
+    #[test]
+    fn ipv6_peers_count_by_their_64() {
+        let key = |ip: &str| PerAddress::peer_key(ip.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::2"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:192.0.2.7"), key("192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
     }
 
     #[tokio::test]
