@@ -272,11 +272,11 @@ async fn session(
                     // after, on the first read, authenticated.
                     e => SessionError::Transient(format!("cannot connect: {e}")),
                 })?;
-            // Closed already, in the same packets that completed the
-            // handshake: the close may have come in an Initial packet (keys
-            // anyone on the path can derive) and is not trusted as a verdict
-            // on our certificate; the aggregator's genuine one needs our
-            // Finished first, which is not out yet.
+            // Closed already when the handshake completed: the close may
+            // have come in an Initial packet (keys anyone on the path can
+            // derive) and is not trusted as a verdict on our certificate.
+            // A genuine verdict that raced in this early (a late-woken task)
+            // costs one retry; the next attempt gets it authenticated.
             if let Some(reason) = conn.close_reason() {
                 return Err(SessionError::Transient(format!(
                     "connection closed during the handshake: {reason}"

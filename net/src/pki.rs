@@ -1420,7 +1420,14 @@ mod tests {
             .expect_err("unreadable CRL");
         assert!(matches!(err, PkiError::UnreadableCrl { .. }), "{err}");
         assert!(err.to_string().contains("move it away"), "{err}");
-        // So is another CA's CRL (its serials and number are not taken).
+        // So is a file of two CRLs (this CA writes one; the second would
+        // be dropped), and another CA's CRL (its serials and number are not
+        // taken).
+        let own = ca.issue_crl(&[], 1).expect("CRL");
+        fs::write(&crl_path, format!("{own}{own}")).expect("write");
+        let err = revoke_serial(&dirs, &cert_serial(&other.cert_pem).expect("serial"))
+            .expect_err("two CRLs");
+        assert!(err.to_string().contains("2 CRLs"), "{err}");
         let stranger = CertAuthority::generate("fedquic CA").expect("CA");
         fs::write(
             &crl_path,
