@@ -79,13 +79,14 @@ pub(super) async fn accept_loop(
     while let Some(incoming) = endpoint.accept().await {
         // Retry, the handshake cap, the handshake timeout and rate-limited
         // refusal logs live in net's Admission; a flood spawns no task.
+        let started = shared.revocation.as_ref().map(|r| r.handshake_start());
         let Some(handshake) = admission.screen(incoming) else {
             continue;
         };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
             if let Some(conn) = handshake.complete().await {
-                serve_connection(conn, shared).await;
+                serve_connection(conn, shared, started).await;
             }
         });
     }
@@ -99,7 +100,11 @@ impl Drop for ConnectedGuard<'_> {
     }
 }
 
-async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
+async fn serve_connection(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    started: Option<fedquic_net::revocation::HandshakeStart>,
+) {
     let remote = conn.remote_address();
     let Some(client) = fedquic_net::tls::peer_name(&conn) else {
         warn!(%remote, "refused connection: client certificate has no usable name");
@@ -109,7 +114,11 @@ async fn serve_connection(conn: quinn::Connection, shared: Arc<Shared>) {
     };
     // Until the session ends: a CRL reload that revokes the certificate, or
     // its expiry, closes the connection.
-    let _watch = shared.revocation.as_ref().map(|r| r.watch(&conn));
+    let _watch = shared
+        .revocation
+        .as_ref()
+        .zip(started)
+        .map(|(r, started)| r.watch(&conn, started));
     let (mut send, mut recv, (backend, (uplink, downlink))) = match tokio::time::timeout(
         shared.handshake_timeout,
         async {
