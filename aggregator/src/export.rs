@@ -113,11 +113,7 @@ pub fn keep_original(state_dir: &Path, original: Option<&[u8]>) -> Result<(), Ex
         source,
     };
     match original {
-        Some(bytes) => {
-            let temporary = state_dir.join(format!("{ORIGINAL_ONNX}.tmp"));
-            std::fs::write(&temporary, bytes).map_err(io)?;
-            std::fs::rename(&temporary, &path).map_err(io)
-        }
+        Some(bytes) => fedquic_net::files::replace_file(&path, bytes).map_err(io),
         None => match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
             _ => Ok(()),
@@ -125,17 +121,12 @@ pub fn keep_original(state_dir: &Path, original: Option<&[u8]>) -> Result<(), Ex
     }
 }
 
-/// Writes `bytes` to `path` atomically (a temporary file renamed into place).
+/// Writes `bytes` to `path` atomically ([`fedquic_net::files::replace_file`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
-    let io = |source| ExportError::Io {
+    fedquic_net::files::replace_file(path, bytes).map_err(|source| ExportError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".tmp");
-    let temporary = PathBuf::from(temporary);
-    std::fs::write(&temporary, bytes).map_err(io)?;
-    std::fs::rename(&temporary, path).map_err(io)
+    })
 }
 
 #[cfg(test)]

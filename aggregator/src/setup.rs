@@ -537,9 +537,8 @@ fn reconcile_metrics(path: &Path, round: u64, checkpoint_line: &str) -> Result<(
         let backup = path.with_extension(format!("jsonl.before-resume-{round}"));
         fs::copy(path, &backup).map_err(|e| state_err("cannot back up", path, e))?;
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    fs::write(&tmp, out).map_err(|e| state_err("cannot write", &tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| state_err("cannot replace", path, e))?;
+    fedquic_net::files::replace_file(path, out.as_bytes())
+        .map_err(|e| state_err("cannot replace", path, e))?;
     info!(
         path = %path.display(),
         restored_round = restored.then_some(round),

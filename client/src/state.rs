@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -235,21 +234,12 @@ fn read_file(path: &Path, len: usize) -> Result<Option<(String, Vec<f32>)>, Stat
 }
 
 fn write_atomically(path: &Path, run: &str, values: &[f32]) -> Result<(), StateStoreError> {
-    let io = |source| StateStoreError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("bin.tmp");
-    let mut file = fs::File::create(&tmp).map_err(io)?;
-    file.write_all(&encode(run, values)).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(io)?;
-    if let Some(dir) = path.parent() {
-        // The rename is durable once the directory is.
-        fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-    }
-    Ok(())
+    fedquic_net::files::replace_file(path, &encode(run, values)).map_err(|source| {
+        StateStoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    })
 }
 
 #[cfg(test)]
